@@ -1,0 +1,227 @@
+"""Functional entry points: ``plan``, ``token_mask`` and ``attention``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+from vidsparse.layout import VideoLayout
+from vidsparse.patterns import Pattern, make_pattern
+from vidsparse.plan import DEFAULT_BLOCK_SIZE, BlockSparsePlan, PlanCache, build_static_plan
+
+_PLANS = PlanCache(maxsize=64)
+_BACKEND_MODULES = {
+    "torch": "vidsparse.kernels.reference",
+    "flex": "vidsparse.kernels.flex",
+    "triton": "vidsparse.kernels.triton_backend",
+}
+_warned: set[str] = set()
+
+
+def _as_pattern(pattern: Pattern | str) -> Pattern:
+    if isinstance(pattern, str):
+        return make_pattern(pattern)
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be a vidsparse pattern (e.g. vidsparse.Radial()) or a name, got {type(pattern).__name__}."
+        )
+    return pattern
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two (e.g. 64 or 128), got {block_size!r}.")
+
+
+def plan(
+    pattern: Pattern | str,
+    layout: VideoLayout,
+    num_heads: int = 1,
+    layer: int = 0,
+    device: torch.device | str = "cpu",
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> BlockSparsePlan:
+    """The block-sparse plan of a pattern on a layout.
+
+    Static plans are cached by value (pattern, layout, heads, layer if the pattern uses it,
+    block size, device); dynamic patterns (VMoBA) need ``q`` and ``k`` [B, S, H, D] and are
+    planned per call.
+    """
+    pattern = _as_pattern(pattern)
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
+    _check_block_size(block_size)
+    if pattern.dynamic:
+        if q is None or k is None:
+            raise ValueError(
+                f"{type(pattern).__name__} depends on the queries and keys: pass q= and k= "
+                "([B, S, H, D]) to vidsparse.plan / token_mask."
+            )
+        return pattern.dynamic_plan(layout, q, k, layer, block_size)
+    device = torch.device(device)
+    key = (
+        pattern,
+        layout,
+        int(num_heads),
+        layer if getattr(pattern, "uses_layer", False) else None,
+        block_size,
+        str(device),
+    )
+    return _PLANS.get_or_build(
+        key, lambda: build_static_plan(pattern, layout, num_heads, layer, block_size, device)
+    )
+
+
+def clear_plan_cache() -> None:
+    _PLANS.clear()
+
+
+def plan_to_token_mask(p: BlockSparsePlan) -> torch.Tensor:
+    """Expand a plan to bool [Bp*, Hp, S, S] in the caller's token order (small sizes only)."""
+    from vidsparse.kernels.reference import block_row_mask
+
+    nb = p.num_blocks
+    cols = torch.arange(nb, device=p.device)
+    B = p.query_select.shape[0] if p.query_select is not None else p.kv_counts.shape[0]
+    rows = [block_row_mask(p, qb, cols, None, B) for qb in range(nb)]
+    full = torch.cat(rows, dim=2)  # [B|1, H|1, S_pad, S_pad]
+    sc = p.order.scatter.to(full.device)
+    return full[:, :, sc][:, :, :, sc]
+
+
+def token_mask(
+    pattern: Pattern | str,
+    layout: VideoLayout,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    layer: int = 0,
+    block_size: int = 16,
+) -> torch.Tensor:
+    """The reference semantics: bool [heads or 1, S, S] in natural token order.
+
+    True where query i may attend key j (text padding, given at call time, is not part
+    of it). For dynamic patterns with a batch of several samples the result is
+    [B, heads, S, S]. Materialises S x S: for small grids and tests.
+    """
+    pattern = _as_pattern(pattern)
+    num_heads = q.shape[2] if q is not None else 1
+    p = plan(pattern, layout, num_heads=num_heads, layer=layer, q=q, k=k, block_size=block_size,
+             device=q.device if q is not None else "cpu")
+    m = plan_to_token_mask(p)
+    return m[0] if m.shape[0] == 1 else m
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """Name of the backend that runs these inputs ("auto" picks triton on CUDA, else torch)."""
+    if backend not in ("auto", *_BACKEND_MODULES):
+        raise ValueError(f"Unknown backend {backend!r}. Expected 'auto' or one of {sorted(_BACKEND_MODULES)}.")
+    if backend != "auto":
+        return backend
+    if q.is_cuda:
+        try:
+            mod = importlib.import_module(_BACKEND_MODULES["triton"])
+        except ImportError as exc:
+            _warn_once("auto-triton-import", f"vidsparse: triton backend unavailable ({exc}); using flex.")
+            return "flex"
+        reason = mod.unsupported_reason(q)
+        if reason is None:
+            return "triton"
+        _warn_once(f"auto-{reason}", f"vidsparse: triton backend cannot run this call ({reason}); using flex.")
+        return "flex"
+    return "torch"
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _check_inputs(q, k, v, layout: VideoLayout, text_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, S, H, D], got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, S, H, D] (diffusers' layout), got shape {tuple(t.shape)}.")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (fp32, fp16 or bf16), got {t.dtype}.")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must have the same shape [B, S, H, D] (self-attention); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them first.")
+    if q.device != k.device or k.device != v.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    layout.check_seq_len(q.shape[1])
+    if text_mask is not None:
+        if layout.text_len == 0:
+            raise ValueError("text_mask was given but the layout has no text span (text_len=0).")
+        if tuple(text_mask.shape) != (q.shape[0], layout.text_len):
+            raise ValueError(
+                f"text_mask must be [B, text_len] = [{q.shape[0]}, {layout.text_len}], got {tuple(text_mask.shape)}."
+            )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VideoLayout,
+    pattern: Pattern | str,
+    backend: str = "auto",
+    layer: int = 0,
+    text_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Sparse self-attention of q, k, v [B, S, H, D] under ``pattern`` -> [B, S, H, D].
+
+    Exactly softmax attention restricted to ``token_mask(pattern, layout)`` (and to the valid
+    text tokens of ``text_mask`` [B, text_len]), whatever the backend.
+    """
+    pattern = _as_pattern(pattern)
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
+    _check_inputs(q, k, v, layout, text_mask)
+    name = resolve_backend(backend, q)
+    mod = importlib.import_module(_BACKEND_MODULES[name])
+    if hasattr(mod, "unsupported_reason") and backend != "auto":
+        reason = mod.unsupported_reason(q)
+        if reason is not None:
+            raise ValueError(
+                f"backend={name!r} cannot run this call: {reason}. Use backend='torch' (any device, exact) "
+                "or 'flex', or backend='auto' to pick one."
+            )
+    bs = block_size or getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+    B, S, H, D = q.shape
+    p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, q=q, k=k, block_size=bs)
+    if hasattr(mod, "attention"):
+        # Backends that fuse the permutation (and register a custom op) take the caller layout.
+        return mod.attention(q, k, v, p, text_mask=text_mask, scale=scale)
+    return run_permuted(mod.run, q, k, v, p, text_mask, scale)
+
+
+def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale) -> torch.Tensor:
+    """Gather into kernel order, run a backend, scatter back to [B, S, H, D]."""
+    B = q.shape[0]
+    order = p.order
+    if order.identity:
+        qk, kk, vk = (t.transpose(1, 2) for t in (q, k, v))
+    else:
+        g = order.gather
+        qk, kk, vk = (t[:, g].transpose(1, 2) for t in (q, k, v))
+    key_valid = p.key_valid(text_mask, B)
+    if key_valid is None and not bool(order.token_valid.all()):
+        key_valid = None  # static padding is already in the plan's element masks
+    out, _ = run(qk, kk, vk, p, key_valid=key_valid, scale=scale)
+    out = out.transpose(1, 2)
+    if not order.identity:
+        out = out[:, order.scatter]
+    return out

@@ -1,0 +1,93 @@
+"""FlexAttention backend: the plan becomes a BlockMask (full blocks skip the mask_mod)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from vidsparse.plan import BlockSparsePlan
+
+
+def _split_full_partial(plan: BlockSparsePlan, dynamic_text: bool):
+    """Per row, the computed blocks that need the mask_mod and those that do not."""
+    counts, idx, mids = plan.kv_counts.long(), plan.kv_indices.long(), plan.mask_ids
+    slot = torch.arange(idx.shape[-1], device=idx.device)
+    listed = slot < counts.unsqueeze(-1)
+    needs_mask = mids >= 0
+    if dynamic_text:
+        needs_mask = needs_mask | plan.text_blocks[idx]
+    if plan.query_select is not None:
+        needs_mask = torch.ones_like(needs_mask)
+    partial = listed & needs_mask
+    full = listed & ~needs_mask
+
+    def compact(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = sel.sum(-1).to(torch.int32)
+        # Stable sort keeps listed blocks first, in ascending order.
+        key = (~sel).to(torch.int64) * (idx.shape[-1] + 1) + slot
+        order = torch.argsort(key, dim=-1)
+        return n, torch.gather(idx, -1, order).to(torch.int32)
+
+    pn, pi = compact(partial)
+    fn, fi = compact(full)
+    return pn, pi, fn, fi
+
+
+def block_mask_from_plan(
+    plan: BlockSparsePlan, key_valid: torch.Tensor | None = None, batch: int = 1
+) -> BlockMask:
+    """A FlexAttention BlockMask equal to the plan's semantics (kernel-order sequences)."""
+    bs = plan.block_size
+    nb = plan.num_blocks
+    pn, pi, fn, fi = _split_full_partial(plan, key_valid is not None)
+    Bp, Hp = plan.kv_counts.shape[:2]
+    # -2: block not computed, -1: whole block, >= 0: element mask id.
+    table = torch.full((Bp, Hp, nb, nb), -2, dtype=torch.int32, device=plan.device)
+    slot = torch.arange(plan.kv_indices.shape[-1], device=plan.device)
+    listed = slot < plan.kv_counts.long().unsqueeze(-1)
+    b_i, h_i, q_i, s_i = torch.nonzero(listed, as_tuple=True)
+    table[b_i, h_i, q_i, plan.kv_indices[b_i, h_i, q_i, s_i].long()] = plan.mask_ids[b_i, h_i, q_i, s_i]
+    masks = plan.block_masks
+    if masks.shape[0] == 0:
+        masks = torch.ones(1, bs, bs, dtype=torch.bool, device=plan.device)
+    qsel, kgroup = plan.query_select, plan.key_group
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        bb = b if Bp > 1 else torch.zeros_like(b)
+        hh = h if Hp > 1 else torch.zeros_like(h)
+        mid = table[bb, hh, q_idx // bs, kv_idx // bs]
+        keep = torch.where(mid >= 0, masks[mid.clamp_min(0), q_idx % bs, kv_idx % bs], mid == -1)
+        if key_valid is not None:
+            keep = keep & key_valid[b, kv_idx]
+        if qsel is not None:
+            keep = keep & qsel[b, h, q_idx, kgroup[kv_idx // bs]]
+        return keep
+
+    return BlockMask.from_kv_blocks(
+        pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(plan.padded_len, plan.padded_len)
+    )
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsePlan,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_mask: BlockMask | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, S_pad, D] in kernel order -> (out, lse fp32 [B, H, S_pad])."""
+    if block_mask is None:
+        block_mask = block_mask_from_plan(plan, key_valid, q.shape[0])
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+    # Rows with no visible key: flex returns lse=-inf and out 0 (kept as is).
+    return out, lse.float()

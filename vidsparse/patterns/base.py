@@ -1,0 +1,99 @@
+"""The pattern contract: what a sparse spatiotemporal pattern tells the plan builder.
+
+A pattern defines *which video token attends which video token* (``video_mask``) and,
+optionally, *in which order the kernel should see the tokens* (``video_order``) so that
+the attended pairs form dense blocks. Text tokens are handled once, in the plan builder,
+for every pattern alike (see ``vidsparse.plan``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from vidsparse.layout import VideoLayout
+
+if TYPE_CHECKING:
+    from vidsparse.plan import BlockSparsePlan
+
+
+class Pattern:
+    """Base class of all patterns (frozen dataclasses in the subclasses).
+
+    Static patterns implement ``video_mask`` (and optionally ``video_order`` and
+    ``block_candidates`` for speed). Dynamic patterns (``dynamic = True``, e.g. VMoBA)
+    depend on q/k and implement ``dynamic_plan`` instead.
+    """
+
+    name: ClassVar[str] = "pattern"
+    dynamic: ClassVar[bool] = False
+
+    # -- validation ------------------------------------------------------------------
+    def validate(self, layout: VideoLayout) -> None:
+        """Raise ValueError when the pattern cannot run on this grid."""
+
+    # -- static patterns -------------------------------------------------------------
+    def video_order(self, layout: VideoLayout, block_size: int) -> torch.Tensor | None:
+        """Kernel order of video tokens: int64 [Sv_pad], natural video index or -1 for padding.
+
+        ``None`` keeps natural raster order. Padding slots let tiles (or frames) start on
+        block boundaries; the plan builder masks them out.
+        """
+        return None
+
+    def video_mask(
+        self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
+        """Element semantics: bool, broadcast of ``qi`` and ``ki`` (natural video indices)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define video_mask")
+
+    def block_candidates(
+        self,
+        layout: VideoLayout,
+        order: torch.Tensor,
+        block_size: int,
+        layer: int = 0,
+    ) -> torch.Tensor | None:
+        """Optional bool [NQ, NK] superset of video blocks with any attended pair.
+
+        ``order`` is the padded kernel order of video tokens (int64 [NQ * block_size],
+        natural video index or -1), i.e. ``video_order`` padded to whole blocks.
+
+        Returning ``None`` makes the builder evaluate ``video_mask`` on every pair (fine for
+        small grids; patterns override it so big grids plan in linear time).
+        """
+        return None
+
+    # -- dynamic patterns ------------------------------------------------------------
+    def dynamic_plan(
+        self,
+        layout: VideoLayout,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        layer: int,
+        block_size: int,
+    ) -> BlockSparsePlan:
+        """Plan for one call from q, k [B, S, H, D] (dynamic patterns only)."""
+        raise NotImplementedError(f"{type(self).__name__} is static; use vidsparse.plan")
+
+    # -- description -----------------------------------------------------------------
+    def describe(self) -> str:
+        return repr(self)
+
+
+def per_axis(value: int | tuple[int, ...] | list[int], name: str, minimum: int = 1) -> tuple[int, int, int]:
+    """Normalise an int or a 3-sequence to a (t, h, w) tuple of ints >= ``minimum``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a (t, h, w) tuple of ints, got a bool.")
+    if isinstance(value, int):
+        values = (value, value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        values = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or a (t, h, w) tuple of 3 ints, got {value!r}.")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}.")
+    return values  # type: ignore[return-value]

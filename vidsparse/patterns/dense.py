@@ -1,0 +1,27 @@
+"""Dense attention expressed as a pattern: every token attends every token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vidsparse.layout import VideoLayout
+from vidsparse.patterns.base import Pattern
+
+
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Full attention. The baseline every sparse pattern is compared with."""
+
+    name: ClassVar[str] = "dense"
+
+    def video_mask(
+        self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0
+    ) -> torch.Tensor:
+        return torch.ones(torch.broadcast_shapes(qi.shape, ki.shape), dtype=torch.bool, device=qi.device)
+
+    def block_candidates(self, layout, order, block_size, layer=0):
+        n = order.numel() // block_size
+        return torch.ones(n, n, dtype=torch.bool)
