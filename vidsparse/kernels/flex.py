@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+try:  # torch >= 2.9 returns auxiliary outputs through AuxRequest
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
 
 from vidsparse.plan import BlockSparsePlan
 
@@ -88,6 +94,13 @@ def run(
     if block_mask is None:
         block_mask = block_mask_from_plan(plan, key_valid, q.shape[0])
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+    with warnings.catch_warnings():
+        # Eager flex on CPU materialises scores; that is expected for this exact CPU path.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if AuxRequest is not None:
+            out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+            lse = aux.lse
+        else:  # pragma: no cover
+            out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
     # Rows with no visible key: flex returns lse=-inf and out 0 (kept as is).
     return out, lse.float()
