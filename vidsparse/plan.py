@@ -184,16 +184,17 @@ class _MaskTable:
     def add(self, masks: torch.Tensor) -> torch.Tensor:
         """Return ids for bool masks [n, bs, bs]."""
         packed = np.packbits(masks.reshape(masks.shape[0], -1).cpu().numpy(), axis=1)
-        ids = torch.empty(masks.shape[0], dtype=torch.int32)
-        for i, row in enumerate(packed):
+        uniq, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+        local = np.empty(len(uniq), dtype=np.int32)
+        for u, row in enumerate(uniq):
             key = row.tobytes()
             mid = self.index.get(key)
             if mid is None:
                 mid = len(self.masks)
                 self.index[key] = mid
-                self.masks.append(masks[i].cpu())
-            ids[i] = mid
-        return ids
+                self.masks.append(masks[int(first[u])].cpu())
+            local[u] = mid
+        return torch.from_numpy(local[inverse.reshape(-1)])
 
     def tensor(self) -> torch.Tensor:
         bs = self.block_size
@@ -244,8 +245,8 @@ def build_static_plan(
 
     cand = pattern.block_candidates(layout, vidx, bs, layer)
     if cand is None:
-        cand = torch.ones(nvb, nvb, dtype=torch.bool)
-    cand = cand.to(torch.bool).cpu()
+        cand = torch.ones(nvb, nvb, dtype=torch.int8)
+    cand = cand.cpu().to(torch.int8)  # bool True -> 1 (evaluate); 2 = known whole (skip evaluation)
     if cand.shape != (nvb, nvb):
         raise RuntimeError(
             f"{type(pattern).__name__}.block_candidates returned shape {tuple(cand.shape)}, "
@@ -265,11 +266,26 @@ def build_static_plan(
         col_ok = torch.arange(bs) < text_tail
         text_mids[-1] = int(table.add(col_ok.expand(bs, bs).unsqueeze(0))[0])
 
+    # Blocks the pattern declares whole: only key padding can make them partial.
+    pad_col_mid: dict[int, int] = {}
+
+    def whole_blocks(qb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kw = known_whole[qb]
+        mw = torch.full((kw.numel(),), -1, dtype=torch.int32)
+        for j, kb in enumerate(kw.tolist()):
+            if not block_full_valid[kb]:
+                if kb not in pad_col_mid:
+                    col_ok = vvalid[kb].expand(bs, bs)
+                    pad_col_mid[kb] = int(table.add(col_ok.unsqueeze(0))[0])
+                mw[j] = pad_col_mid[kb]
+        return kw, mw
+
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     video_blocks_computed = 0
     pairs_per_chunk = max(1, _CHUNK_ELEMENTS // (bs * bs))
     qb_list = list(range(nvb))
-    pending: list[tuple[int, torch.Tensor]] = [(qb, torch.nonzero(cand[qb]).flatten()) for qb in qb_list]
+    pending: list[tuple[int, torch.Tensor]] = [(qb, torch.nonzero(cand[qb] == 1).flatten()) for qb in qb_list]
+    known_whole = [torch.nonzero(cand[qb] == 2).flatten() for qb in qb_list]
     i = 0
     while i < len(pending):
         # Collect a chunk of query blocks whose candidate pairs fit the element budget.
@@ -280,7 +296,9 @@ def build_static_plan(
             i += 1
         if npairs == 0:
             for qb, _ in chunk:
-                rows.append(_video_row(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32), text_cols, text_mids))
+                kw, mw = whole_blocks(qb)
+                rows.append(_video_row(kw, mw, text_cols, text_mids))
+                video_blocks_computed += kw.numel()
             continue
         qbs = torch.cat([torch.full((c.numel(),), qb, dtype=torch.int64) for qb, c in chunk])
         kbs = torch.cat([c for _, c in chunk])
@@ -301,8 +319,9 @@ def build_static_plan(
         for qb, c in chunk:
             sl = slice(start, start + c.numel())
             keep = any_[sl]
-            rows.append(_video_row(kbs[sl][keep], mids[sl][keep], text_cols, text_mids))
-            video_blocks_computed += int(keep.sum())
+            kw, mw = whole_blocks(qb)
+            rows.append(_video_row(torch.cat([kbs[sl][keep], kw]), torch.cat([mids[sl][keep], mw]), text_cols, text_mids))
+            video_blocks_computed += int(keep.sum()) + kw.numel()
             start += c.numel()
 
     # Text query blocks attend every valid key.

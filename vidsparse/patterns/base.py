@@ -55,7 +55,11 @@ class Pattern:
         block_size: int,
         layer: int = 0,
     ) -> torch.Tensor | None:
-        """Optional bool [NQ, NK] superset of video blocks with any attended pair.
+        """Optional [NQ, NK] superset of video blocks with any attended pair.
+
+        bool, or int8 with 0 = empty, 1 = evaluate ``video_mask`` on the block, 2 = every
+        valid (query, key) pair of the block is attended (the builder then skips element
+        evaluation and only masks key padding). Marking 2 is what makes big grids plan fast.
 
         ``order`` is the padded kernel order of video tokens (int64 [NQ * block_size],
         natural video index or -1), i.e. ``video_order`` padded to whole blocks.
