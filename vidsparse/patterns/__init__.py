@@ -2,9 +2,10 @@
 
 from vidsparse.patterns.base import Pattern
 from vidsparse.patterns.dense import Dense
+from vidsparse.patterns.dual_scope import DualScope
 
 # name -> class, for configs, the CLI and ``vidsparse.make_pattern``.
-PATTERNS: dict[str, type[Pattern]] = {"dense": Dense}
+PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope}
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
@@ -23,4 +24,4 @@ def make_pattern(name: str, **options) -> Pattern:
         raise TypeError(f"Bad options for pattern {key!r}: {exc}") from None
 
 
-__all__ = ["PATTERNS", "Dense", "Pattern", "make_pattern", "register_pattern"]
+__all__ = ["PATTERNS", "Dense", "DualScope", "Pattern", "make_pattern", "register_pattern"]
