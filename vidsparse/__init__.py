@@ -2,7 +2,7 @@
 
 from vidsparse.attention import attention, clear_plan_cache, plan, token_mask
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns import PATTERNS, Dense, DualScope, Pattern, make_pattern
+from vidsparse.patterns import PATTERNS, Dense, DualScope, Pattern, Radial, make_pattern
 from vidsparse.plan import BlockSparsePlan
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "Dense",
     "DualScope",
     "Pattern",
+    "Radial",
     "VideoLayout",
     "attention",
     "clear_plan_cache",

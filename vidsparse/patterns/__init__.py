@@ -3,9 +3,10 @@
 from vidsparse.patterns.base import Pattern
 from vidsparse.patterns.dense import Dense
 from vidsparse.patterns.dual_scope import DualScope
+from vidsparse.patterns.radial import Radial
 
 # name -> class, for configs, the CLI and ``vidsparse.make_pattern``.
-PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope}
+PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope, "radial": Radial}
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
@@ -24,4 +25,4 @@ def make_pattern(name: str, **options) -> Pattern:
         raise TypeError(f"Bad options for pattern {key!r}: {exc}") from None
 
 
-__all__ = ["PATTERNS", "Dense", "DualScope", "Pattern", "make_pattern", "register_pattern"]
+__all__ = ["PATTERNS", "Dense", "DualScope", "Pattern", "Radial", "make_pattern", "register_pattern"]
