@@ -1,0 +1,444 @@
+"""The ``vidsparse`` command: one argparse shell, one module per subcommand.
+
+Each subcommand module exposes ``add_arguments(parser)``, ``run(args) -> int`` and a module
+docstring (first line: the summary in ``vidsparse --help``; the whole: the description in
+``vidsparse <command> --help``). Modules are imported only when their command runs, so
+``vidsparse --help`` stays fast and a subcommand whose module is missing or broken does not
+take the others down. User errors (``ValueError``/``TypeError`` from vidsparse's validation)
+print one clear message and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+import textwrap
+import traceback
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# command -> module. Order is the order in ``vidsparse --help``.
+COMMANDS: dict[str, str] = {
+    "generate": "vidsparse.generate",
+    "inspect": "vidsparse.inspect_cli",
+    "bench": "vidsparse.bench",
+    "train-lora": "vidsparse.lora.cli",
+}
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """An error caused by the command line itself (bad value, missing file): no traceback."""
+
+
+def _module_docstring(module: str) -> str | None:
+    """A module's docstring read from its source without importing it (imports torch)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    try:
+        with open(spec.origin, encoding="utf-8") as fh:
+            return ast.get_docstring(ast.parse(fh.read())) or ""
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return ""
+
+
+def _summary(doc: str | None, module: str) -> str:
+    if doc is None:
+        return f"(unavailable: module {module} is not installed)"
+    first = doc.strip().splitlines()[0] if doc.strip() else ""
+    return first.rstrip(".") or f"(see vidsparse {module} --help)"
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser; only ``command``'s subparser gets its full arguments."""
+    parser = argparse.ArgumentParser(
+        prog="vidsparse",
+        description="Sparse spatiotemporal attention for diffusers video models.",
+        epilog="Run 'vidsparse <command> --help' for the flags of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    from vidsparse import __version__
+
+    parser.add_argument("--version", action="version", version=f"vidsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    for name, module in COMMANDS.items():
+        doc = _module_docstring(module)
+        subparsers[name] = sub.add_parser(
+            name,
+            help=_summary(doc, module),
+            description=doc or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        subparsers[name].add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors"
+        )
+    return parser, subparsers
+
+
+def _find_command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+        if not arg.startswith("-"):
+            return None
+    return None
+
+
+def _load(command: str):
+    module = COMMANDS[command]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            raise UserError(
+                f"The '{command}' command is not available in this installation: module {module} is missing. "
+                "Reinstall vidsparse (pip install -e .) or use another command (vidsparse --help)."
+            ) from None
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vidsparse`` console script and ``python -m vidsparse``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    command = _find_command(argv)
+    try:
+        parser, subparsers = build_parser(command)
+        module = None
+        if command is not None:
+            module = _load(command)
+            module.add_arguments(subparsers[command])
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USER_ERROR
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("vidsparse: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+        if debug:
+            traceback.print_exc()
+        prog = f"vidsparse {command}" if command else "vidsparse"
+        hint = "" if debug or isinstance(exc, UserError) else " (run with --debug for the traceback)"
+        print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
+
+
+
+# -- pattern options as flags -----------------------------------------------------------
+#
+# Every init field of every registered pattern dataclass becomes one flag (decay_factor ->
+# --decay-factor). A flag shared by several patterns is parsed per pattern, with that
+# pattern's field type, once the pattern is known. Fields whose flag a command already
+# uses for itself (e.g. radial's block_size vs inspect's --block-size) get a "pattern-"
+# prefix (--pattern-block-size).
+
+_OPT_PREFIX = "pattern_opt__"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one dataclass field of one pattern is read from the command line."""
+
+    pattern: str
+    field: str
+    kind: str  # bool | int | float | str | ints | floats | int_or_ints | float_or_floats
+    default: Any
+    optional: bool = False  # "none" means None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def describe(self) -> str:
+        shape = {
+            "bool": "on/off",
+            "int": "int",
+            "float": "float",
+            "str": "text",
+            "ints": "ints a,b,c",
+            "floats": "floats a,b,c",
+            "int_or_ints": "int or t,h,w",
+            "float_or_floats": "float or t,h,w",
+        }[self.kind]
+        if self.choices:
+            shape = "|".join(self.choices)
+        if self.optional:
+            shape += " or none"
+        default = self.default
+        if isinstance(default, tuple):
+            default = ",".join(str(v) for v in default)
+        text = f"{self.pattern}: {shape}, default {default}"
+        return f"{text}. {self.help}" if self.help else text
+
+    def parse(self, raw: Any, flag: str) -> Any:
+        """Convert the raw command-line value (a str, or a bool for switches)."""
+        text = str(raw).strip()
+        if self.kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"{flag} {text!r} is not valid for --pattern {self.pattern}: expected true or false.")
+        if self.optional and text.lower() == "none":
+            return None
+        try:
+            if self.kind == "int":
+                return int(text)
+            if self.kind == "float":
+                return float(text)
+            if self.kind == "str":
+                if self.choices and text not in self.choices:
+                    raise ValueError
+                return text
+            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+            if not parts:
+                raise ValueError
+            cast = int if self.kind in ("ints", "int_or_ints") else float
+            values = tuple(cast(p) for p in parts)
+            if self.kind.endswith("_or_ints") or self.kind.endswith("_or_floats"):
+                return values[0] if len(values) == 1 else values
+            return values
+        except ValueError:
+            raise UserError(
+                f"{flag} {text!r} is not valid for --pattern {self.pattern}: expected {self.describe()}. "
+                f"Example: {flag} {self._example()}"
+            ) from None
+
+    def _example(self) -> str:
+        if self.choices:
+            return self.choices[0]
+        return {
+            "int": "4",
+            "float": "0.5",
+            "str": "value",
+            "ints": "4,4,8",
+            "floats": "0.5,0.5,0.5",
+            "int_or_ints": "3 or 3,5,5",
+            "float_or_floats": "0.5 or 0.5,1,1",
+        }.get(self.kind, "")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = tuple(a for a in args if a is not type(None))
+        return (rest[0] if len(rest) == 1 else typing.Union[rest]), True  # noqa: UP007
+    return tp, False
+
+
+def _kind_of(tp: Any) -> tuple[str, tuple[str, ...] | None] | None:
+    """Map a field annotation to a flag kind, or None when it has no command-line form."""
+    if tp is bool:
+        return "bool", None
+    if tp is int:
+        return "int", None
+    if tp is float:
+        return "float", None
+    if tp is str:
+        return "str", None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal and all(isinstance(a, str) for a in args):
+        return "str", tuple(args)
+    if origin is tuple and args:
+        elems = {a for a in args if a is not Ellipsis}
+        if elems == {int}:
+            return "ints", None
+        if elems <= {int, float}:
+            return "floats", None
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_kind_of(a)[0] if _kind_of(a) else None for a in args}
+        if kinds == {"int", "ints"}:
+            return "int_or_ints", None
+        if kinds <= {"int", "float", "ints", "floats"} and None not in kinds:
+            return ("float_or_floats" if kinds & {"ints", "floats"} else "float"), None
+    return None
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field descriptions: ``metadata["help"]``, attribute docstrings, trailing comments, or
+    ``name: text`` lines of the class docstring (first one found wins)."""
+    docs: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        text = f.metadata.get("help") if f.metadata else None
+        if text:
+            docs[f.name] = str(text)
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        tree, source = None, ""
+    if tree is not None and tree.body and isinstance(tree.body[0], ast.ClassDef):
+        body = tree.body[0].body
+        lines = source.splitlines()
+        for i, node in enumerate(body):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            name = node.target.id
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs.setdefault(name, " ".join(nxt.value.value.split()))
+            line = lines[node.lineno - 1] if node.lineno - 1 < len(lines) else ""
+            if "#" in line and node.end_lineno == node.lineno:
+                comment = line.split("#", 1)[1].strip()
+                if comment and not comment.startswith(("noqa", "type:")):
+                    docs.setdefault(name, comment)
+    doc = inspect.getdoc(cls) or ""
+    for line in doc.splitlines():
+        m = re.match(r"^\s*[-*]?\s*`{0,2}(\w+)`{0,2}\s*(?:\([^)]*\))?\s*:\s+(\S.*)$", line)
+        if m:
+            docs.setdefault(m.group(1), m.group(2).strip())
+    # Last resort: the first clause of the class docstring that names the field.
+    for text in (doc,):
+        clauses = re.split(r"(?<=[.;])\s+|\n\s*\n", " ".join(text.split()))
+        for f in dataclasses.fields(cls):
+            if f.name in docs:
+                continue
+            for clause in clauses:
+                if f"``{f.name}``" in clause:
+                    docs[f.name] = _shorten(clause.replace("``", "").rstrip(";"))
+                    break
+    return docs
+
+
+def _shorten(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rsplit(" ", 1)[0] + "..."
+
+
+def pattern_field_specs(cls: type) -> dict[str, FieldSpec]:
+    """Command-line specs of a pattern class's init fields (fields with no CLI form are left out)."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolved forward references: fall back to the raw annotations
+        hints = {}
+    docs = _field_docs(cls)
+    name = getattr(cls, "name", cls.__name__.lower())
+    specs: dict[str, FieldSpec] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        tp = hints.get(f.name, f.type)
+        if isinstance(tp, str):
+            continue
+        tp, optional = _unwrap_optional(tp)
+        kind = _kind_of(tp)
+        if kind is None:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        specs[f.name] = FieldSpec(name, f.name, kind[0], default, optional, kind[1], docs.get(f.name, ""))
+    return specs
+
+
+def _flag_name(field: str, reserved: set[str]) -> str:
+    flag = "--" + field.replace("_", "-")
+    return "--pattern-" + field.replace("_", "-") if flag in reserved else flag
+
+
+def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """Add ``--pattern`` and one flag per field of every registered pattern to ``parser``.
+
+    Call it after the command's own flags, so a clashing field flag gets the ``pattern-`` prefix.
+    """
+    from vidsparse.patterns import PATTERNS
+
+    reserved = set(parser._option_string_actions)
+    names = sorted(PATTERNS)
+    group = parser.add_argument_group(
+        "pattern", "The sparse attention pattern and its options (each option names the patterns it applies to)."
+    )
+    group.add_argument(
+        "--pattern",
+        default=default,
+        required=default is None,
+        metavar="NAME",
+        help=f"sparse attention pattern, one of: {', '.join(names)}" + (f" (default {default})" if default else ""),
+    )
+    by_field: dict[str, list[FieldSpec]] = {}
+    for pname in names:
+        for spec in pattern_field_specs(PATTERNS[pname]).values():
+            by_field.setdefault(spec.field, []).append(spec)
+    for field, specs in sorted(by_field.items()):
+        flag = _flag_name(field, reserved)
+        desc = "; ".join(s.describe() for s in specs).replace("%", "%%")
+        if all(s.kind == "bool" for s in specs):
+            group.add_argument(
+                flag, dest=_OPT_PREFIX + field, action=argparse.BooleanOptionalAction, default=None, help=desc
+            )
+        else:
+            metavar = field.upper()
+            group.add_argument(flag, dest=_OPT_PREFIX + field, default=None, metavar=metavar, help=desc)
+    parser.set_defaults(_pattern_flags={f: _flag_name(f, reserved) for f in by_field})
+
+
+def pattern_options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(pattern name, constructor options) from parsed flags; errors name the valid flags."""
+    from vidsparse.patterns import PATTERNS
+
+    raw_name = str(args.pattern)
+    name = raw_name.strip().lower().replace("_", "-")
+    if name not in PATTERNS:
+        raise UserError(f"Unknown --pattern {raw_name!r}. Expected one of: {', '.join(sorted(PATTERNS))}.")
+    specs = pattern_field_specs(PATTERNS[name])
+    flags: dict[str, str] = getattr(args, "_pattern_flags", {})
+    options: dict[str, Any] = {}
+    for field, flag in flags.items():
+        raw = getattr(args, _OPT_PREFIX + field, None)
+        if raw is None:
+            continue
+        if field not in specs:
+            valid = ", ".join(flags[f] for f in specs if f in flags) or "(none)"
+            raise UserError(f"{flag} does not apply to --pattern {name}; its options are: {valid}.")
+        spec = specs[field]
+        if spec.kind != "bool" and isinstance(raw, bool):
+            raise UserError(f"{flag} needs a value for --pattern {name}: {spec.describe()}.")
+        options[field] = spec.parse(raw, flag)
+    return name, options
+
+
+def pattern_from_args(args: argparse.Namespace):
+    """Build the pattern the flags describe (its own validation errors stay ValueError/TypeError)."""
+    from vidsparse.patterns import make_pattern
+
+    name, options = pattern_options_from_args(args)
+    return make_pattern(name, **options)
+
+
+__all__ = [
+    "COMMANDS",
+    "FieldSpec",
+    "UserError",
+    "add_pattern_arguments",
+    "build_parser",
+    "main",
+    "pattern_field_specs",
+    "pattern_from_args",
+    "pattern_options_from_args",
+]

@@ -1,0 +1,201 @@
+"""Video files: atomic writing of generated frames (mp4 via ffmpeg, gif via Pillow).
+
+A generated video is the product of minutes of GPU time, and an output path is often a
+file the user already has. So a video is written to a temporary file in the destination
+directory, flushed and fsynced, then moved over the destination with ``os.replace`` (atomic
+on POSIX and Windows). If anything fails or the user presses Ctrl-C, the temporary file is
+removed and an existing file at the destination is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def as_uint8_frames(video) -> np.ndarray:
+    """Frames as uint8 [T, H, W, 3] from what pipelines return.
+
+    Accepts a numpy array or torch tensor [T, H, W, C] (uint8, or float in [0, 1] as
+    diffusers' ``output_type="np"`` gives), a leading batch dimension of 1, one or three
+    channels, or a list of PIL images.
+    """
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise ValueError("The video has no frames; expected at least one frame.")
+        video = np.stack([np.asarray(frame) for frame in video])
+    if hasattr(video, "detach"):  # torch tensor, without importing torch here
+        video = video.detach().float().cpu().numpy() if video.is_floating_point() else video.cpu().numpy()
+    arr = np.asarray(video)
+    if arr.ndim == 5 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3:  # [T, H, W] grayscale
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"Expected video frames shaped [T, H, W, C] with C in (1, 3, 4), got shape {arr.shape}. "
+            "Pass one video (not a batch) in channels-last layout."
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise ValueError(f"The video is empty (shape {arr.shape}); expected at least one 1x1 frame.")
+    if arr.dtype == np.uint8:
+        out = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("The video contains NaN or inf values; the generation diverged (try --dtype float32).")
+        out = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer):
+        out = np.clip(arr, 0, 255).astype(np.uint8)
+    else:
+        raise TypeError(f"Video frames must be uint8, integer or float in [0, 1], got dtype {arr.dtype}.")
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    elif out.shape[-1] == 4:
+        out = out[..., :3]
+    return np.ascontiguousarray(out)
+
+
+def check_video_path(path: str | os.PathLike) -> Path:
+    """Validate an output path before any heavy work: known suffix, existing writable directory."""
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(
+            f"Unsupported video file type {p.suffix or '(none)'!r} for {str(p)!r}; expected a path ending in "
+            f"{' or '.join(VIDEO_SUFFIXES)}, e.g. outputs/video.mp4."
+        )
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"Output path {str(p)!r} is a directory; give a file name such as {str(p / 'video.mp4')!r}.")
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"Output directory {str(parent)!r} is a file; choose another output path.")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ValueError(f"Output directory {str(parent)!r} is not writable; choose another output path.")
+    return p
+
+
+def write_video(path: str | os.PathLike, frames, fps: int = 16, quality: int = 8) -> Path:
+    """Write frames ([T, H, W, 3] uint8 or float in [0, 1]) to ``path`` (.mp4 or .gif), atomically.
+
+    The parent directory is created if needed. Returns the final path. mp4 uses H.264 (yuv420p,
+    so odd heights/widths are padded by one replicated row/column); gif loops forever.
+    """
+    p = check_video_path(path)
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}.")
+    video = as_uint8_frames(frames)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(p) as tmp:
+        if p.suffix.lower() == ".gif":
+            _write_gif(tmp, video, fps)
+        else:
+            _write_mp4(tmp, video, fps, quality)
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync and move it over ``path``.
+
+    On any exception (KeyboardInterrupt included) the temporary file is deleted and the
+    exception propagates; ``path`` is never left partially written.
+    """
+    dest = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent or ".")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the permissions a normal write would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _even(video: np.ndarray) -> np.ndarray:
+    """Pad H and W to even sizes by replicating the last row/column (H.264 yuv420p needs it)."""
+    pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
+    if pad_h or pad_w:
+        video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return video
+
+
+def _write_mp4(tmp: Path, video: np.ndarray, fps: float, quality: int) -> None:
+    import imageio.v2 as imageio
+
+    writer = imageio.get_writer(
+        str(tmp),
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        quality=quality,
+        pixelformat="yuv420p",
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+    )
+    try:
+        for frame in _even(video):
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+def _write_gif(tmp: Path, video: np.ndarray, fps: float) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(frame) for frame in video]
+    duration_ms = max(20, int(round(1000.0 / fps)))  # browsers clamp below 20 ms
+    images[0].save(
+        tmp,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=duration_ms,
+        loop=0,
+        optimize=False,
+    )
+
+
+def psnr(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 videos of the same shape (inf if equal)."""
+    x, y = as_uint8_frames(a).astype(np.float64), as_uint8_frames(b).astype(np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"PSNR needs two videos of the same shape, got {x.shape} and {y.shape}.")
+    mse = float(np.mean((x - y) ** 2))
+    if mse == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(255.0**2 / mse))
+
+
+__all__ = ["VIDEO_SUFFIXES", "as_uint8_frames", "atomic_output", "check_video_path", "psnr", "write_video"]
