@@ -155,3 +155,216 @@ def run_tiny_pipeline(
         **kwargs,
     )
     return out.frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny transformers of every supported family, with matching forward kwargs.
+# ---------------------------------------------------------------------------------------------
+
+#: Families ``tiny_transformer`` can build. "wan-i2v" has image cross-attention (Wan 2.1 I2V);
+#: "cogvideox-1.5" patchifies time by 2 and uses RoPE; "hunyuan-i2v" is the token-replace variant.
+TINY_FAMILIES = ("wan", "wan-i2v", "hunyuan", "hunyuan-i2v", "cogvideox", "cogvideox-1.5", "ltx", "mochi")
+
+_TINY_HEADS = 2
+_TINY_HEAD_DIM = 8
+
+
+def _tiny_config(family: str) -> tuple[str, dict[str, Any]]:
+    heads, hd, text = _TINY_HEADS, _TINY_HEAD_DIM, TINY_TEXT_DIM
+    if family == "wan":
+        return "WanTransformer3DModel", _wan_transformer_kwargs()
+    if family == "wan-i2v":
+        # Latent + image condition + mask channels, as Wan I2V concatenates them.
+        return "WanTransformer3DModel", _wan_transformer_kwargs(
+            in_channels=3 * TINY_LATENT_CHANNELS, image_dim=text, added_kv_proj_dim=heads * hd
+        )
+    if family in ("hunyuan", "hunyuan-i2v"):
+        return "HunyuanVideoTransformer3DModel", dict(
+            in_channels=TINY_LATENT_CHANNELS,
+            out_channels=TINY_LATENT_CHANNELS,
+            num_attention_heads=heads,
+            attention_head_dim=hd,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=2,
+            patch_size_t=1,
+            text_embed_dim=text,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 4),
+            image_condition_type="token_replace" if family == "hunyuan-i2v" else None,
+        )
+    if family in ("cogvideox", "cogvideox-1.5"):
+        v15 = family == "cogvideox-1.5"
+        # CogVideoX's 3-D RoPE splits the head dim 1/4 : 3/8 : 3/8 into even parts: 16 minimum.
+        return "CogVideoXTransformer3DModel", dict(
+            num_attention_heads=heads,
+            attention_head_dim=16,
+            in_channels=TINY_LATENT_CHANNELS,
+            out_channels=TINY_LATENT_CHANNELS,
+            time_embed_dim=8,
+            text_embed_dim=text,
+            num_layers=2,
+            sample_width=16,
+            sample_height=16,
+            sample_frames=9,
+            patch_size=2,
+            patch_size_t=2 if v15 else None,
+            max_text_seq_length=TINY_TEXT_LEN,
+            use_rotary_positional_embeddings=True,
+        )
+    if family == "ltx":
+        return "LTXVideoTransformer3DModel", dict(
+            in_channels=TINY_LATENT_CHANNELS,
+            out_channels=TINY_LATENT_CHANNELS,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=heads,
+            attention_head_dim=hd,
+            cross_attention_dim=heads * hd,
+            num_layers=2,
+            caption_channels=text,
+        )
+    if family == "mochi":
+        return "MochiTransformer3DModel", dict(
+            patch_size=2,
+            num_attention_heads=heads,
+            attention_head_dim=hd,
+            num_layers=2,
+            pooled_projection_dim=16,
+            in_channels=TINY_LATENT_CHANNELS,
+            text_embed_dim=text,
+            time_embed_dim=16,
+            max_sequence_length=TINY_TEXT_LEN,
+        )
+    raise ValueError(f"Unknown tiny family {family!r}. Expected one of: {', '.join(TINY_FAMILIES)}.")
+
+
+def tiny_transformer(family: str = "wan", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny random-init diffusers video transformer of ``family`` (see ``TINY_FAMILIES``).
+
+    ``overrides`` replace config entries (e.g. ``num_layers=3``). Parameters that diffusers
+    initialises to exactly zero (e.g. Mochi's RoPE frequencies) get small random values so
+    that every code path (RoPE, gates) affects the output and tests can see a mistake.
+    """
+    import diffusers
+
+    cls_name, kw = _tiny_config(family)
+    kw.update(overrides)
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = getattr(diffusers, cls_name)(**kw)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.numel() and not bool(p.any()):
+                    p.normal_(0.0, 0.5)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model.eval()
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model
+
+
+def tiny_inputs(
+    family: str,
+    transformer,
+    frames: int = 3,
+    height: int = 4,
+    width: int = 4,
+    batch: int = 1,
+    *,
+    text_len: int = TINY_TEXT_LEN,
+    pad_text: bool = True,
+    timestep: float = 500.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Forward kwargs for ``transformer(**inputs)`` of a tiny model of ``family``.
+
+    ``frames, height, width`` are the *latent* sizes before patchify (height/width must be
+    divisible by the spatial patch, 2 except LTX). With ``pad_text`` and ``batch > 1``, samples
+    after the first get a shorter valid prompt (padding mask) where the family takes one
+    (HunyuanVideo, Mochi, LTX), so text padding is exercised.
+    """
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = transformer.dtype
+    cfg = transformer.config
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    text_dim = cfg.get("text_dim") or cfg.get("text_embed_dim") or cfg.get("caption_channels")
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    if pad_text:
+        for b in range(1, batch):
+            mask[b, max(1, text_len - 2 * b) :] = False
+    t = torch.full((batch,), float(timestep))
+    c = cfg.in_channels
+
+    if family in ("wan", "wan-i2v"):
+        inputs: dict[str, Any] = dict(
+            hidden_states=randn(batch, c, frames, height, width),
+            timestep=t,
+            encoder_hidden_states=randn(batch, text_len, text_dim),
+        )
+        if family == "wan-i2v":
+            # WanAttnProcessor splits the context at a hard-coded 512 text tokens.
+            inputs["encoder_hidden_states"] = randn(batch, 512, text_dim)
+            inputs["encoder_hidden_states_image"] = randn(batch, 4, cfg.image_dim)
+        return inputs
+    if family in ("hunyuan", "hunyuan-i2v"):
+        return dict(
+            hidden_states=randn(batch, c, frames, height, width),
+            timestep=t,
+            encoder_hidden_states=randn(batch, text_len, text_dim),
+            encoder_attention_mask=mask.to(dtype),
+            pooled_projections=randn(batch, cfg.pooled_projection_dim),
+            guidance=torch.full((batch,), 6000.0, dtype=dtype),
+        )
+    if family in ("cogvideox", "cogvideox-1.5"):
+        p, p_t = cfg.patch_size, cfg.patch_size_t
+        gh, gw = height // p, width // p
+        if p_t is None:
+            rope = get_3d_rotary_pos_embed(
+                embed_dim=cfg.attention_head_dim,
+                crops_coords=((0, 0), (gh, gw)),
+                grid_size=(gh, gw),
+                temporal_size=frames,
+            )
+        else:
+            rope = get_3d_rotary_pos_embed(
+                embed_dim=cfg.attention_head_dim,
+                crops_coords=None,
+                grid_size=(gh, gw),
+                temporal_size=(frames + p_t - 1) // p_t,
+                grid_type="slice",
+                max_size=(cfg.sample_height // p, cfg.sample_width // p),
+            )
+        return dict(
+            hidden_states=randn(batch, frames, c, height, width),
+            encoder_hidden_states=randn(batch, text_len, text_dim),
+            timestep=t.long(),
+            image_rotary_emb=tuple(r.to(dtype) for r in rope),
+        )
+    if family == "ltx":
+        return dict(
+            hidden_states=randn(batch, frames * height * width, c),
+            encoder_hidden_states=randn(batch, text_len, text_dim),
+            timestep=t,
+            encoder_attention_mask=mask.long(),
+            num_frames=frames,
+            height=height,
+            width=width,
+            rope_interpolation_scale=(1.0, 32.0, 32.0),
+        )
+    if family == "mochi":
+        return dict(
+            hidden_states=randn(batch, c, frames, height, width),
+            encoder_hidden_states=randn(batch, text_len, text_dim),
+            timestep=t,
+            encoder_attention_mask=mask,
+        )
+    raise ValueError(f"Unknown tiny family {family!r}. Expected one of: {', '.join(TINY_FAMILIES)}.")
