@@ -34,7 +34,13 @@ def _split_full_partial(plan: BlockSparsePlan, dynamic_text: bool):
         # Stable sort keeps listed blocks first, in ascending order.
         key = (~sel).to(torch.int64) * (idx.shape[-1] + 1) + slot
         order = torch.argsort(key, dim=-1)
-        return n, torch.gather(idx, -1, order).to(torch.int32)
+        out = torch.gather(idx, -1, order).to(torch.int32)
+        # BlockMask.from_kv_blocks reads the last dim of kv_indices as the number of key
+        # blocks; plans pack rows only MAXK wide, so pad to the full block count.
+        nb = plan.num_blocks
+        if out.shape[-1] < nb:
+            out = torch.nn.functional.pad(out, (0, nb - out.shape[-1]))
+        return n, out
 
     pn, pi = compact(partial)
     fn, fi = compact(full)
