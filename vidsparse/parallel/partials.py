@@ -1,0 +1,114 @@
+"""Attention over part of the keys, with its log-sum-exp, and the exact merge of such parts.
+
+Softmax attention over a key set K = K1 u K2 (disjoint) equals the LSE-weighted mix of the
+attentions over K1 and K2: ``out = (e^{l1} o1 + e^{l2} o2) / (e^{l1} + e^{l2})``. Clip
+parallelism computes the own-clip part while remote keys are in flight, then merges.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+
+from vidsparse.attention import _BACKEND_MODULES, plan, resolve_backend
+from vidsparse.layout import VideoLayout
+from vidsparse.patterns.base import Pattern
+from vidsparse.plan import DEFAULT_BLOCK_SIZE
+
+
+def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None):
+    """Merge (out [..., D], lse [...]) pairs over disjoint key sets -> (out, lse).
+
+    Rows with no key in any part (all lse = -inf) give out 0 and lse -inf.
+    """
+    if not parts:
+        raise ValueError("merge_partials needs at least one (out, lse) pair.")
+    dtype = dtype or parts[0][0].dtype
+    acc_t = torch.promote_types(parts[0][0].dtype, torch.float32)
+    lse = torch.stack([p[1].to(acc_t) for p in parts])
+    m = lse.amax(dim=0)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m_safe)  # exp(-inf) = 0 for empty parts
+    den = w.sum(dim=0)
+    acc = sum(w[i].unsqueeze(-1) * parts[i][0].to(acc_t) for i in range(len(parts)))
+    out = torch.where(den.unsqueeze(-1) > 0, acc / den.clamp_min(1e-30).unsqueeze(-1), torch.zeros_like(acc))
+    total = torch.where(den > 0, m_safe + torch.log(den.clamp_min(1e-30)), torch.full_like(den, float("-inf")))
+    return out.to(dtype), total
+
+
+def dense_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Sq, H, D] against every (valid) key of k, v [B, Sk, H, D] -> (out, lse [B, Sq, H]).
+
+    Keys are processed in chunks with an online softmax, so memory is Sq x chunk per head.
+    ``key_valid`` is bool [B, Sk].
+    """
+    B, Sq, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    acc_t = torch.promote_types(q.dtype, torch.float32)
+    qh = q.transpose(1, 2).to(acc_t)
+    parts = []
+    for start in range(0, k.shape[1], chunk):
+        kc = k[:, start : start + chunk].transpose(1, 2).to(acc_t)
+        vc = v[:, start : start + chunk].transpose(1, 2).to(acc_t)
+        s = torch.matmul(qh, kc.transpose(-1, -2)) * scale  # [B, H, Sq, C]
+        if key_valid is not None:
+            s = s.masked_fill(~key_valid[:, None, None, start : start + chunk], float("-inf"))
+        mx = s.amax(dim=-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        p = torch.exp(s - mx)
+        den = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, vc) / den.clamp_min(1e-30)
+        lse = torch.where(den > 0, mx + torch.log(den.clamp_min(1e-30)), torch.full_like(den, float("-inf")))
+        parts.append((o.transpose(1, 2), lse.squeeze(-1).transpose(1, 2)))
+    if not parts:
+        return torch.zeros_like(q), torch.full((B, Sq, H), float("-inf"), device=q.device)
+    out, lse = merge_partials(parts, dtype=acc_t)
+    return out.to(q.dtype), lse
+
+
+def sparse_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VideoLayout,
+    pattern: Pattern,
+    backend: str = "auto",
+    layer: int = 0,
+    text_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vidsparse.attention`` that also returns the per-row LSE [B, S, H] (float32, or float64 for float64 inputs).
+
+    Uses the backend's ``run(q, k, v, plan, key_valid, scale) -> (out, lse)``; a backend
+    without it (a fused custom op) is replaced by flex on CUDA and torch elsewhere.
+    """
+    name = resolve_backend(backend, q)
+    mod = importlib.import_module(_BACKEND_MODULES[name])
+    if not hasattr(mod, "run"):
+        mod = importlib.import_module(_BACKEND_MODULES["flex" if q.is_cuda else "torch"])
+    bs = block_size or getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+    B, S, H, _ = q.shape
+    layout.check_seq_len(S)
+    p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, block_size=bs)
+    order = p.order
+    if order.identity:
+        qk, kk, vk = (t.transpose(1, 2) for t in (q, k, v))
+    else:
+        g = order.gather
+        qk, kk, vk = (t[:, g].transpose(1, 2) for t in (q, k, v))
+    out, lse = mod.run(qk, kk, vk, p, key_valid=p.key_valid(text_mask, B), scale=scale)
+    lse_t = torch.promote_types(q.dtype, torch.float32)
+    out, lse = out.transpose(1, 2), lse.to(lse_t).transpose(1, 2)
+    if not order.identity:
+        out, lse = out[:, order.scatter], lse[:, order.scatter]
+    return out, lse
