@@ -1,0 +1,211 @@
+"""``vidsparse.apply`` / ``vidsparse.remove``: patch a diffusers pipeline or transformer.
+
+Built like diffusers' own accelerators (``apply_first_block_cache``): a config dataclass, a
+stateful ``ModelHook`` on the transformer (``hooks.VidsparseHook``) and ``set_processor`` on
+the self-attention modules only. No diffusers class is modified; ``remove`` unregisters the
+hook and puts the original processor objects back, so the model computes exactly what it
+computed before.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from vidsparse.config import SparseConfig
+from vidsparse.patterns import PATTERNS, Pattern
+from vidsparse.pipelines.families import FamilySpec, default_schedule, family_of
+from vidsparse.pipelines.hooks import HOOK_NAME, SparseState, StepTracker, VidsparseHook, get_hook
+from vidsparse.pipelines.processors import PROCESSORS
+
+_TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+
+
+def _as_config(config: SparseConfig | Pattern | str) -> SparseConfig:
+    if isinstance(config, SparseConfig):
+        return config
+    if isinstance(config, (Pattern, str)):
+        return SparseConfig(config)
+    raise TypeError(
+        "vidsparse.apply expects a SparseConfig, a pattern object or a pattern name (e.g. 'radial'), "
+        f"got {type(config).__name__}."
+    )
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return not isinstance(obj, torch.nn.Module) and hasattr(obj, "components")
+
+
+def transformers_of(target: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(attribute name, transformer) pairs of a pipeline, or [("transformer", target)]."""
+    if isinstance(target, torch.nn.Module):
+        return [("transformer", target)]
+    if _is_pipeline(target):
+        found = [(a, getattr(target, a)) for a in _TRANSFORMER_ATTRS if getattr(target, a, None) is not None]
+        if not found:
+            raise ValueError(
+                f"{type(target).__name__} holds no transformer (pipe.transformer / pipe.transformer_2 are None); "
+                "vidsparse patches video diffusion transformers."
+            )
+        return found
+    raise TypeError(
+        "vidsparse.apply / remove expect a diffusers pipeline or a transformer (torch.nn.Module), "
+        f"got {type(target).__name__}."
+    )
+
+
+def _resolve_layers(layers: tuple[int, ...], num_layers: int, what: str) -> frozenset[int]:
+    out = set()
+    for layer in layers:
+        idx = layer + num_layers if layer < 0 else layer
+        if not 0 <= idx < num_layers:
+            raise ValueError(
+                f"SparseConfig.{what} has layer {layer}, but the transformer has {num_layers} self-attention "
+                f"layers (valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)."
+            )
+        out.add(idx)
+    return frozenset(out)
+
+
+def _check_pattern_runs(pattern: Pattern | str, family: FamilySpec) -> None:
+    """Reject patterns this family cannot run, before any forward. A pattern class may declare
+    ``families`` (family names) or ``text_positions`` ("none", "before", "after") it supports."""
+    cls = PATTERNS[pattern] if isinstance(pattern, str) else type(pattern)
+    if not cls.dynamic and cls.video_mask is Pattern.video_mask:
+        raise ValueError(
+            f"{cls.__name__} defines neither video_mask (static patterns) nor dynamic=True with dynamic_plan; "
+            "vidsparse cannot plan it."
+        )
+    families = getattr(cls, "families", None)
+    if families is not None and family.name not in families:
+        raise ValueError(
+            f"{cls.__name__} supports the model families {tuple(families)}, not {family.name!r}. "
+            "Pick another pattern for this model."
+        )
+    positions = getattr(cls, "text_positions", None)
+    if positions is not None and family.text_position not in positions:
+        raise ValueError(
+            f"{cls.__name__} handles text spans {tuple(positions)}, but {family.name} attends "
+            f"{'text ' + family.text_position + ' the video' if family.text_position != 'none' else 'video only'} "
+            "in self-attention. Pick another pattern for this model."
+        )
+
+
+def _check_processors(family: FamilySpec, paths: list[tuple[str, torch.nn.Module, int]]) -> None:
+    for path, module, _ in paths:
+        proc = getattr(module, "processor", None)
+        name = type(proc).__name__
+        if name not in family.processor_names:
+            raise ValueError(
+                f"{path} uses the attention processor {name}, but vidsparse mirrors diffusers' "
+                f"{' / '.join(family.processor_names)} for {family.name}. Restore the default processors "
+                "(e.g. transformer.set_default_attn_processor() or the other plugin's remove) first."
+            )
+
+
+def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
+    """Make the self-attention of every transformer in ``target`` sparse; returns ``target``.
+
+    ``target`` is a diffusers pipeline (``transformer`` and, for Wan 2.2, ``transformer_2``
+    are patched) or one transformer. ``config`` is a ``SparseConfig``, a pattern object or a
+    pattern name (family defaults). Applying again replaces the previous configuration.
+    All checks run here, before any forward: unsupported transformers, unknown pattern
+    names, patterns the family cannot run, bad layer indices, missing step counts.
+    """
+    cfg = _as_config(config)
+    pipeline = target if _is_pipeline(target) else None
+    found = transformers_of(target)
+    plans = []
+    for attr, transformer in found:
+        family = family_of(transformer)
+        paths = family.attention_paths(transformer)
+        num_layers = len(paths)
+        if get_hook(transformer) is None:
+            _check_processors(family, paths)
+        dense_layers = cfg.dense_layers
+        if dense_layers is None:
+            dense_layers = default_schedule(cfg.pattern_name, family)[1]
+        dense = _resolve_layers(tuple(dense_layers), num_layers, "dense_layers")
+        _resolve_layers(tuple(cfg.layer_patterns), num_layers, "layer_patterns")
+        for pattern in (cfg.pattern, *cfg.layer_patterns.values()):
+            _check_pattern_runs(pattern, family)
+        explicit_fraction = any(isinstance(v, float) and v > 0 for v in (cfg.dense_first_steps, cfg.dense_last_steps))
+        if pipeline is None and cfg.num_inference_steps is None and (cfg.dense_last_steps or explicit_fraction):
+            raise ValueError(
+                "vidsparse was applied to a bare transformer, so the number of denoising steps is unknown, but "
+                f"dense_last_steps={cfg.dense_last_steps!r} / dense_first_steps={cfg.dense_first_steps!r} need "
+                "it. Pass SparseConfig(num_inference_steps=...) or apply vidsparse to the pipeline."
+            )
+        plans.append((attr, transformer, family, paths, dense))
+
+    tracker = StepTracker()
+    pipe_ref = weakref.ref(pipeline) if pipeline is not None else None
+    two_stage = pipeline is not None and getattr(pipeline, "transformer_2", None) is not None
+    for _, transformer, family, paths, dense in plans:
+        remove_from(transformer)
+        state = SparseState(
+            config=cfg,
+            family=family,
+            num_layers=len(paths),
+            dense_layers=dense,
+            tracker=tracker,
+            pipeline_ref=pipe_ref,
+            two_stage=two_stage,
+        )
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(VidsparseHook(state), HOOK_NAME)
+        proc_cls = PROCESSORS[family.name]
+        for path, module, layer in paths:
+            original = module.processor
+            state.original_processors[path] = original
+            _set_processor(module, proc_cls(original, layer, state))
+    return target
+
+
+def _set_processor(module: torch.nn.Module, processor: Any) -> None:
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:  # MochiAttention has no set_processor
+        module.processor = processor
+
+
+def remove_from(transformer: torch.nn.Module) -> bool:
+    """Undo ``apply`` on one transformer; True if it was patched."""
+    hook = get_hook(transformer)
+    if hook is None:
+        return False
+    modules = dict(transformer.named_modules())
+    for path, original in hook.state.original_processors.items():
+        _set_processor(modules[path], original)
+    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    return True
+
+
+def remove(target: Any) -> Any:
+    """Give every transformer of ``target`` back its original processors and forward."""
+    for _, transformer in transformers_of(target):
+        remove_from(transformer)
+    return target
+
+
+def get_state(transformer: torch.nn.Module) -> SparseState:
+    """The ``SparseState`` of a patched transformer (``attention_fn``, ``discover_layout``, counters)."""
+    hook = get_hook(transformer)
+    if hook is None:
+        raise ValueError(f"This {type(transformer).__name__} is not patched by vidsparse; call vidsparse.apply first.")
+    return hook.state
+
+
+def reset_state(target: Any) -> None:
+    """Forget step counters (a new generation starts at step 0); pipelines do it after each call."""
+    for _, transformer in transformers_of(target):
+        hook = get_hook(transformer)
+        if hook is not None:
+            hook.reset_state(transformer)
+
+
+def is_applied(target: Any) -> bool:
+    return any(get_hook(t) is not None for _, t in transformers_of(target))

@@ -1,0 +1,334 @@
+"""Per-transformer state and the diffusers ``ModelHook`` that fills it on every forward.
+
+The hook (``VidsparseHook``, registered as ``"vidsparse"`` on the transformer through
+``diffusers.hooks.HookRegistry``) runs before each transformer forward and records in
+``SparseState.current`` (a ``CallInfo``): the ``VideoLayout`` of the call (grid after
+patchify, text span), the denoising step of the current CFG branch, and the pattern of
+every layer for that step (``None`` = the model's own dense attention). The self-attention
+processors (``processors.py``) read it; nothing is a class attribute, so two pipelines,
+two resolutions or two transformers never share state.
+
+Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "cond",
+"uncond", "cond_uncond"; "default" without one):
+
+1. a ``cache_context(..., step_index=i)`` (WanPipeline sets it) is taken as is;
+2. otherwise the largest timestep value of the call is compared with the branch's previous
+   call: equal -> same step (sequential CFG without contexts calls twice per step); moved in
+   the run's direction -> next step; moved the other way, or back to the run's first value
+   -> a new run, step 0;
+3. counters reset at the end of every pipeline call (diffusers calls ``reset_state`` from
+   ``maybe_free_model_hooks``) and on ``vidsparse.reset_state(pipe)``.
+
+A pipeline's transformers share one step tracker, so Wan 2.2's ``transformer_2`` keeps
+counting where ``transformer`` stopped. The total number of steps (for fractions and
+``dense_last_steps``) comes from the cache context, else ``len(pipe.scheduler.timesteps)``,
+else ``SparseConfig.num_inference_steps``.
+
+Extension points (used by ``vidsparse.parallel``):
+
+- ``state.attention_fn``: every sparse attention call goes through it, with
+  ``vidsparse.attention``'s signature ``(q, k, v, layout, pattern, backend=, layer=,
+  text_mask=, block_size=)``, q/k/v [B, S, H, D]; default ``vidsparse.attention``.
+- ``state.discover_layout(transformer, kwargs) -> VideoLayout | None``: the one function
+  that reads the layout from the transformer's forward arguments (bound by name); ``None``
+  runs that forward dense. Replace it to describe a different (e.g. per-rank) token layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from vidsparse.attention import attention as _vidsparse_attention
+from vidsparse.config import SparseConfig, steps_from
+from vidsparse.layout import VideoLayout
+from vidsparse.patterns import Pattern, make_pattern
+from vidsparse.pipelines.families import (
+    FamilySpec,
+    auto_block_size,
+    default_pattern_options,
+    default_schedule,
+)
+
+HOOK_NAME = "vidsparse"
+
+
+class _NoState(BaseState):
+    """diffusers sets the cache context on a hook's StateManager; vidsparse keeps its own state."""
+
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What one transformer forward looks like to the self-attention processors."""
+
+    layout: VideoLayout | None  # None: unknown grid, every layer runs dense
+    step: int
+    total_steps: int | None
+    branch: str
+    batch: int
+    patterns: tuple[Pattern | None, ...]  # per layer; None = the model's own dense attention
+    block_size: int | None
+
+
+class StepTracker:
+    """Step index per CFG branch from timestep values (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._branches: dict[str, list[float | int | None]] = {}
+
+    def reset(self) -> None:
+        self._branches.clear()
+
+    def step(self, branch: str, t: float) -> int:
+        # [first value, last value, step, direction (+1/-1/0)]
+        rec = self._branches.get(branch)
+        if rec is None:
+            self._branches[branch] = [t, t, 0, 0]
+            return 0
+        first, last, step, direction = rec
+        if t == last:
+            return int(step)
+        move = 1 if t > last else -1
+        if t == first or (direction and move != direction):
+            self._branches[branch] = [t, t, 0, 0]
+            return 0
+        rec[1], rec[2], rec[3] = t, step + 1, move
+        return int(step) + 1
+
+    def set(self, branch: str, step: int, t: float | None) -> None:
+        """Record an authoritative step (from a cache context)."""
+        self._branches[branch] = [t, t, step, 0] if step == 0 else [None, t, step, 0]
+
+
+@dataclass
+class SparseState:
+    """Everything vidsparse keeps for one patched transformer."""
+
+    config: SparseConfig
+    family: FamilySpec
+    num_layers: int
+    dense_layers: frozenset[int]
+    tracker: StepTracker
+    pipeline_ref: Callable[[], Any] | None = None  # weak reference to the pipeline, if any
+    two_stage: bool = False
+    attention_fn: Callable[..., torch.Tensor] = _vidsparse_attention
+    discover_layout: Callable[[torch.nn.Module, dict[str, Any]], VideoLayout | None] = None  # type: ignore[assignment]
+    current: CallInfo | None = None
+    calls: Counter = field(default_factory=Counter)  # "sparse" / "dense" self-attention calls
+    original_processors: dict[str, Any] = field(default_factory=dict)
+    _patterns: OrderedDict = field(default_factory=OrderedDict)
+    _warned: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.discover_layout is None:
+            self.discover_layout = self.default_discover_layout
+
+    # -- layout --------------------------------------------------------------------------
+    def default_discover_layout(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> VideoLayout | None:
+        """The family's rule: grid from the latent shape and patch size, text from the prompt."""
+        grid = self.family.grid(transformer, kwargs)
+        if grid is None:
+            self.warn_once(
+                "grid",
+                f"vidsparse: could not read the token grid of this {type(transformer).__name__} call "
+                "(e.g. LTX-Video with conditioning tokens); it runs with dense attention.",
+            )
+            return None
+        text_len = self.family.text_len(transformer, kwargs)
+        return VideoLayout(*grid, text_len=text_len, text_position=self.family.text_position if text_len else "none")
+
+    # -- patterns ------------------------------------------------------------------------
+    def _resolve(self, spec: Pattern | str, layout: VideoLayout, block_size: int | None) -> Pattern:
+        if isinstance(spec, Pattern):
+            return spec
+        opts = default_pattern_options(self.family, spec, layout, block_size, self.two_stage)
+        opts.update(self.config.pattern_options)
+        return make_pattern(spec, **opts)
+
+    def layer_patterns(self, layout: VideoLayout, block_size: int | None) -> tuple[Pattern | None, ...]:
+        """Pattern per layer on this layout (cached per layout), validated once."""
+        key = (layout, block_size)
+        hit = self._patterns.get(key)
+        if hit is not None:
+            self._patterns.move_to_end(key)
+            return hit
+        cfg = self.config
+        out: list[Pattern | None] = []
+        for layer in range(self.num_layers):
+            if layer in self.dense_layers:
+                out.append(None)
+                continue
+            spec = cfg.layer_patterns.get(layer, cfg.pattern)
+            pattern = self._resolve(spec, layout, block_size)
+            out.append(pattern)
+        for pattern in {p for p in out if p is not None}:
+            try:
+                pattern.validate(layout)
+            except ValueError as exc:
+                raise ValueError(
+                    f"vidsparse: {pattern!r} cannot run on this {self.family.name} call "
+                    f"(token grid {layout}): {exc}"
+                ) from None
+        result = tuple(out)
+        self._patterns[key] = result
+        while len(self._patterns) > 16:
+            self._patterns.popitem(last=False)
+        return result
+
+    # -- steps ---------------------------------------------------------------------------
+    def total_steps(self, context: Any) -> int | None:
+        n = getattr(context, "num_inference_steps", None)
+        if n:
+            return int(n)
+        pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        if timesteps is not None and len(timesteps):
+            return len(timesteps)
+        return self.config.num_inference_steps
+
+    def dense_step(self, step: int, total: int | None) -> bool:
+        cfg = self.config
+        first = cfg.dense_first_steps
+        if first is None:
+            first = default_schedule(cfg.pattern_name, self.family)[0]
+            if isinstance(first, float) and total is None:
+                self.warn_once(
+                    "total",
+                    "vidsparse: the number of denoising steps is unknown (bare transformer without "
+                    "SparseConfig(num_inference_steps=...)), so the family's dense warm-up "
+                    f"({first:.0%} of the steps) is skipped.",
+                )
+                first = 0
+        n_first = steps_from(first, total, "dense_first_steps")
+        if step < n_first:
+            return True
+        if cfg.dense_last_steps:
+            n_last = steps_from(cfg.dense_last_steps, total, "dense_last_steps")
+            if total is None:
+                raise ValueError(
+                    "SparseConfig.dense_last_steps needs the number of denoising steps: apply vidsparse to the "
+                    "pipeline or pass SparseConfig(num_inference_steps=...)."
+                )
+            if step >= total - n_last:
+                return True
+        return False
+
+    # -- per forward ---------------------------------------------------------------------
+    def begin_call(self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any) -> CallInfo:
+        branch = getattr(context, "name", None) or "default"
+        timestep = kwargs.get("timestep")
+        t = float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else timestep
+        ctx_step = getattr(context, "step_index", None)
+        if ctx_step is not None:
+            step = int(ctx_step)
+            self.tracker.set(branch, step, t)
+        elif t is None:
+            step = 0
+        else:
+            step = self.tracker.step(branch, float(t))
+        total = self.total_steps(context)
+        layout = self.discover_layout(transformer, kwargs)
+        hs = kwargs.get("hidden_states")
+        batch = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
+        if layout is None:
+            patterns: tuple[Pattern | None, ...] = (None,) * self.num_layers
+            block = None
+        else:
+            block = self.config.block_size or auto_block_size(layout)
+            patterns = self.layer_patterns(layout, block)
+            if self.dense_step(step, total):
+                patterns = (None,) * self.num_layers
+        info = CallInfo(layout, step, total, branch, batch, patterns, block)
+        self.current = info
+        return info
+
+    def pattern_for(self, layer: int) -> Pattern | None:
+        info = self.current
+        if info is None:
+            self.warn_once(
+                "outside",
+                "vidsparse: a patched self-attention ran outside a transformer forward (no layout known); "
+                "it uses the model's own dense attention.",
+            )
+            return None
+        return info.patterns[layer]
+
+    def attend(
+        self, q, k, v, layout: VideoLayout, pattern: Pattern, layer: int, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One sparse self-attention call, through the replaceable ``attention_fn``."""
+        info = self.current
+        self.calls["sparse"] += 1
+        return self.attention_fn(
+            q,
+            k,
+            v,
+            layout,
+            pattern,
+            backend=self.config.backend,
+            layer=layer,
+            text_mask=text_mask,
+            block_size=info.block_size,
+        )
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+
+class VidsparseHook(ModelHook):
+    """Stateful transformer hook: fills ``SparseState.current`` before every forward."""
+
+    _is_stateful = True
+
+    def __init__(self, state: SparseState) -> None:
+        super().__init__()
+        self.state = state
+        # diffusers' cache_context sets the context on every StateManager attribute of a stateful hook.
+        self.context_manager = StateManager(_NoState)
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    @torch.compiler.disable
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = self._signature.bind(module, *args, **kwargs).arguments
+        except TypeError:
+            bound = dict(kwargs)
+        self.state.begin_call(module, bound, self.context_manager._context)
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self._begin(module, args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.state.current = None
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.tracker.reset()
+        self.state.current = None
+        return module
+
+
+def get_hook(transformer: torch.nn.Module) -> VidsparseHook | None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if not isinstance(registry, HookRegistry):
+        return None
+    hook = registry.get_hook(HOOK_NAME)
+    return hook if isinstance(hook, VidsparseHook) else None
