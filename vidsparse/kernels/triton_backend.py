@@ -1,0 +1,307 @@
+"""Triton backend: block-sparse flash attention on a ``BlockSparsePlan`` (forward + backward).
+
+``attention`` takes caller-order q/k/v [B, S, H, D] and fuses the plan's token permutation
+into the kernels' loads and stores (no gather/scatter pass). ``run`` takes kernel-order
+[B, H, S_pad, D] tensors like the other backends. Both go through one
+``torch.library.custom_op`` (``vidsparse::block_sparse_attention``) whose arguments are the
+plan's own tensors, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque op.
+Kernel-side views of the plan (masked-first lists, the transposed plan for dK/dV, uint8
+masks) are built on the device once per plan and cached; a static plan costs no host-device
+synchronisation per call.
+
+CPU tensors run in Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is
+imported): slow, for tests only.
+"""
+
+from typing import Optional
+
+import torch
+
+from vidsparse.kernels import triton_kernels as tk
+from vidsparse.kernels.triton_plan import CACHE, BlockLists, kernel_rows, mask_table, split_lists, transpose_lists
+from vidsparse.plan import BlockSparsePlan
+
+DEFAULT_BLOCK_SIZE = 128
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+Tensor = torch.Tensor
+
+
+def unsupported_reason(q: Tensor) -> Optional[str]:
+    """Why this backend cannot run ``q`` (None when it can)."""
+    if q.device.type == "cpu":
+        if not tk.INTERPRETED:
+            return (
+                "CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "vidsparse.kernels.triton_backend is first imported (tests only; it is slow)"
+            )
+    elif q.device.type != "cuda":
+        return f"tensors on {q.device.type} are not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
+    elif not tk.INTERPRETED and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper, ...)"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32)"
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        return f"head dim {d} is not supported (a power of two from 16 to 256)"
+    return None
+
+
+# -- plan views (cached) -------------------------------------------------------------------
+
+
+def _is_dynamic(query_select: Optional[Tensor]) -> bool:
+    return query_select is not None
+
+
+def _cached(tag, sources, build, dynamic: bool, extra=()):
+    return build() if dynamic else CACHE.get(tag, sources, build, extra)
+
+
+def _plan_args(
+    q: Tensor,
+    kv_counts: Tensor,
+    kv_indices: Tensor,
+    mask_ids: Tensor,
+    block_masks: Tensor,
+    text_blocks: Tensor,
+    gather: Optional[Tensor],
+    token_valid: Optional[Tensor],
+    key_valid: Optional[Tensor],
+    query_select: Optional[Tensor],
+    key_group: Optional[Tensor],
+    block_size: int,
+) -> tk.PlanArgs:
+    B, S, H, _ = q.shape
+    dyn = _is_dynamic(query_select)
+    padded = gather.shape[0] if gather is not None else S
+    with_kv = key_valid is not None
+    lists = _cached(
+        "lists",
+        (kv_counts, kv_indices, mask_ids, text_blocks),
+        lambda: split_lists(kv_counts, kv_indices, mask_ids, text_blocks if with_kv else None),
+        dyn,
+        (with_kv,),
+    )
+    rows = None
+    if gather is not None:
+        rows = _cached("rows", (gather, token_valid), lambda: kernel_rows(gather, token_valid), False)
+    masks = _cached("masks", (block_masks,), lambda: mask_table(block_masks, block_size), dyn, (block_size,))
+    qs = kg = None
+    if query_select is not None:
+        qs = query_select.to(torch.uint8).expand(B, H, padded, query_select.shape[-1])
+        kg = key_group.to(torch.int32).contiguous()
+    kv = None if key_valid is None else key_valid.to(torch.uint8).expand(B, padded).contiguous()
+    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded)
+
+
+def _transposed(kv_counts, kv_indices, mask_ids, num_blocks: int, dynamic: bool) -> BlockLists:
+    return _cached(
+        "transposed",
+        (kv_counts, kv_indices, mask_ids),
+        lambda: transpose_lists(kv_counts, kv_indices, mask_ids, num_blocks),
+        dynamic,
+        (num_blocks,),
+    )
+
+
+def _d_contig(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# -- custom ops ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vidsparse::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_counts: Tensor,
+    kv_indices: Tensor,
+    mask_ids: Tensor,
+    block_masks: Tensor,
+    text_blocks: Tensor,
+    gather: Optional[Tensor],
+    token_valid: Optional[Tensor],
+    key_valid: Optional[Tensor],
+    query_select: Optional[Tensor],
+    key_group: Optional[Tensor],
+    scale: float,
+    block_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention of q, k, v [B, S, H, D] -> (out [B, S, H, D], lse fp32 [B, H, S_pad]).
+
+    With ``gather`` (int64 [S_pad], caller token per kernel position) and ``token_valid``
+    the kernels read and write caller order; without, kernel order is caller order.
+    """
+    q, k, v = _d_contig(q), _d_contig(k), _d_contig(v)
+    p = _plan_args(q, kv_counts, kv_indices, mask_ids, block_masks, text_blocks, gather, token_valid,
+                   key_valid, query_select, key_group, block_size)  # fmt: skip
+    return tk.forward(q, k, v, p, scale)
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, kv_counts, kv_indices, mask_ids, block_masks, text_blocks, gather, token_valid, key_valid,
+      query_select, key_group, scale, block_size):  # fmt: skip
+    B, S, H, _ = q.shape
+    padded = gather.shape[0] if gather is not None else S
+    return q.new_empty(q.shape), q.new_empty((B, H, padded), dtype=torch.float32)
+
+
+@torch.library.custom_op("vidsparse::block_sparse_attention_backward", mutates_args=())
+def block_sparse_attention_backward(
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_counts: Tensor,
+    kv_indices: Tensor,
+    mask_ids: Tensor,
+    block_masks: Tensor,
+    text_blocks: Tensor,
+    gather: Optional[Tensor],
+    token_valid: Optional[Tensor],
+    key_valid: Optional[Tensor],
+    query_select: Optional[Tensor],
+    key_group: Optional[Tensor],
+    scale: float,
+    block_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``block_sparse_attention`` (FlashAttention-2 style, two passes)."""
+    q, k, v, out, grad_out = (_d_contig(t) for t in (q, k, v, out, grad_out))
+    p = _plan_args(q, kv_counts, kv_indices, mask_ids, block_masks, text_blocks, gather, token_valid,
+                   key_valid, query_select, key_group, block_size)  # fmt: skip
+    t_lists = _transposed(kv_counts, kv_indices, mask_ids, p.padded_len // block_size, _is_dynamic(query_select))
+    dlse = None if grad_lse is None else grad_lse.float().contiguous()
+    return tk.backward(grad_out, dlse, q, k, v, out, lse.contiguous(), p, t_lists, scale)
+
+
+@block_sparse_attention_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *plan_tensors, scale, block_size = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *plan_tensors)
+    ctx.scale = scale
+    ctx.block_size = block_size
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, *plan_tensors = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = block_sparse_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, *plan_tensors, ctx.scale, ctx.block_size
+    )
+    return (dq, dk, dv) + (None,) * (len(plan_tensors) + 2)
+
+
+block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public entry points -------------------------------------------------------------------
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan, seq_len: int, what: str) -> None:
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"The triton backend cannot run this call: {reason}.")
+    if q.shape != k.shape or k.shape != v.shape or q.dim() != 4:
+        raise ValueError(
+            f"q, k, v must share one 4-D shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if plan.block_size < 16:
+        raise ValueError(
+            f"The triton backend needs block_size >= 16 (tensor-core tiles), the plan has {plan.block_size}. "
+            "Plan with block_size=64 or 128 (the default)."
+        )
+    if q.shape[1] != seq_len:
+        raise ValueError(f"{what} must have {seq_len} tokens for this plan, got {q.shape[1]}.")
+    if plan.device != q.device:
+        raise ValueError(f"The plan lives on {plan.device} but q is on {q.device}; build it with device=q.device.")
+    B, H = q.shape[0], q.shape[2]
+    Bp, Hp = plan.kv_counts.shape[:2]
+    if Bp not in (1, B) or Hp not in (1, H):
+        raise ValueError(
+            f"The plan is for batch {Bp} x heads {Hp}, the inputs have batch {B} x heads {H}; "
+            "plan with num_heads equal to the heads of q (or 1)."
+        )
+    if plan.query_select is not None and plan.query_select.shape[0] not in (1, B):
+        raise ValueError(
+            f"The plan's query selection is for batch {plan.query_select.shape[0]}, the inputs have batch {B}."
+        )
+
+
+def _op_args(plan: BlockSparsePlan, fused_order: bool):
+    order = plan.order
+    fuse = fused_order and not order.identity
+    return (
+        plan.kv_counts,
+        plan.kv_indices,
+        plan.mask_ids,
+        plan.block_masks,
+        plan.text_blocks,
+        order.gather if fuse else None,
+        order.token_valid if fuse else None,
+    )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: BlockSparsePlan,
+    text_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Caller-order q, k, v [B, S, H, D] -> out [B, S, H, D]; the permutation is fused in the kernels."""
+    _check(q, k, v, plan, plan.layout.seq_len, "q, k, v (caller order)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    key_valid = plan.key_valid(text_mask, q.shape[0])
+    out, _ = block_sparse_attention(
+        q, k, v, *_op_args(plan, True), key_valid, plan.query_select, plan.key_group, scale, plan.block_size
+    )
+    return out
+
+
+def run(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: BlockSparsePlan,
+    key_valid: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """Kernel-order q, k, v [B, H, S_pad, D] -> (out [B, H, S_pad, D], lse fp32 [B, H, S_pad])."""
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+    _check(qs, ks, vs, plan, plan.padded_len, "q, k, v (kernel order, dim 2)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = block_sparse_attention(
+        qs, ks, vs, *_op_args(plan, False), key_valid, plan.query_select, plan.key_group, scale, plan.block_size
+    )
+    return out.transpose(1, 2), lse
+
+
+def clear_cache() -> None:
+    """Drop the cached kernel-side plan views (they are rebuilt on the next call)."""
+    CACHE.clear()
+
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "attention",
+    "block_sparse_attention",
+    "clear_cache",
+    "run",
+    "unsupported_reason",
+]

@@ -1,0 +1,611 @@
+"""Triton block-sparse flash attention: forward, and FlashAttention-2 style backward.
+
+One kernel family serves every pattern. A program owns ``BLOCK_M`` query rows of one plan
+query block and walks that block's key list (``BlockLists``): first the blocks that need a
+mask (element mask, run-time key validity in text blocks, per-query selection), then the
+whole blocks with no mask arithmetic. ``BLOCK_N`` may split a plan block into sub-tiles.
+
+Tokens are read and written in the caller's order through ``Rows`` (kernel position ->
+caller token, -1 = padding), so the tile-major permutation costs no extra pass; with
+``GATHER=False`` the kernel order is the caller order. Softmax runs in base 2
+(``exp2`` with a log2(e)-scaled scale); the stored log-sum-exp is natural-log.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# -- per-tile bodies ------------------------------------------------------------------------
+# One jitted call per tile and nothing nested inside: Triton's CPU interpreter pays a large
+# fixed cost per nested call, and on the GPU everything is inlined anyway.
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr,
+    Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of one query tile with key sub-tile ``it`` of its list."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    j = it // SUB
+    c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kb = tl.load(Idx + lst + j)
+    offs_n = kb.to(tl.int64) * BLOCK + c_in
+    if GATHER:
+        k_row = tl.load(Rows + offs_n)
+        k_ok = k_row >= 0
+        k_row = tl.maximum(k_row, 0).to(tl.int64)
+    else:
+        k_row = offs_n
+        k_ok = offs_n >= 0
+    kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+    v = tl.load(v_base + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    if MASKED:
+        mid = tl.load(Mid + lst + j)
+        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
+        has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0  # tensor-shaped (interpreter)
+        keep = tl.load(m_ptr, mask=has, other=1) != 0
+        if HAS_KV:
+            keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
+        if HAS_QSEL:
+            keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None]
+    elif HAS_QSEL:
+        keep = (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None] & k_ok[None, :]
+    if MASKED or HAS_QSEL:
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr,
+    Rows, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
+    MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list."""
+    SUB: tl.constexpr = BLOCK // BLOCK_M
+    j = it // SUB
+    r_in = (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qb = tl.load(Idx + lst + j)
+    offs_m = qb.to(tl.int64) * BLOCK + r_in
+    if GATHER:
+        q_row = tl.load(Rows + offs_m)
+        q_ok = q_row >= 0
+        q_row = tl.maximum(q_row, 0).to(tl.int64)
+    else:
+        q_row = offs_m
+        q_ok = offs_m >= 0
+    qT = tl.load(q_base + q_row[None, :] * s_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+    do = tl.load(do_base + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
+    m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
+    di = tl.load(Delta + row_base + offs_m)
+    pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
+    if MASKED:
+        mid = tl.load(Mid + lst + j)
+        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[None, :] * BLOCK + c_in[:, None]
+        has = (r_in[None, :] * 0 + c_in[:, None] * 0 + mid) >= 0
+        keepT = tl.load(m_ptr, mask=has, other=1) != 0
+        if HAS_QSEL:
+            keepT = keepT & (tl.load(qs_ptr + offs_m * s_ss) != 0)[None, :]
+        pT = tl.where(keepT, pT, 0.0)
+    elif HAS_QSEL:
+        keepT = (tl.load(qs_ptr + offs_m * s_ss) != 0)[None, :] & (c_in >= 0)[:, None]
+        pT = tl.where(keepT, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - di[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr,
+    Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ contribution of key sub-tile ``it`` of a query tile's list."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    j = it // SUB
+    c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kb = tl.load(Idx + lst + j)
+    offs_n = kb.to(tl.int64) * BLOCK + c_in
+    if GATHER:
+        k_row = tl.load(Rows + offs_n)
+        k_ok = k_row >= 0
+        k_row = tl.maximum(k_row, 0).to(tl.int64)
+    else:
+        k_row = offs_n
+        k_ok = offs_n >= 0
+    kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+    vT = tl.load(v_base + k_row[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+    p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
+    if MASKED:
+        mid = tl.load(Mid + lst + j)
+        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
+        has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0
+        keep = tl.load(m_ptr, mask=has, other=1) != 0
+        if HAS_KV:
+            keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
+        if HAS_QSEL:
+            keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None]
+        p = tl.where(keep, p, 0.0)
+    elif HAS_QSEL:
+        keep = (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None] & k_ok[None, :]
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - di[:, None])
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Rows,
+    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup,
+    sm_scale,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
+    H, S_PAD,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Output and log-sum-exp of BLOCK_M query rows."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // BLOCK
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if GATHER:
+        q_row = tl.load(Rows + offs_m)
+        q_ok = q_row >= 0
+        q_row = tl.maximum(q_row, 0).to(tl.int64)
+    else:
+        q_row = offs_m.to(tl.int64)
+        q_ok = offs_m >= 0
+    q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    lst = b * s_ib + h * s_ih + qb * s_iq
+    cnt = b * s_nb + h * s_nh + qb
+    n_mask = tl.load(NMask + cnt)
+    n_all = tl.load(NAll + cnt)
+    qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
+    kv_ptr = KeyValid + b * s_kvb
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Blocks under a mask first (element mask, run-time key validity), then whole blocks.
+    for it in range(0, n_mask * SUB):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
+            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC,
+        )  # fmt: skip
+    for it in range(n_mask * SUB, n_all * SUB):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
+            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC,
+        )  # fmt: skip
+
+    seen = l_i > 0.0  # rows with no visible key: out 0, lse -inf
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * S_PAD + offs_m, lse)
+    o_ptr = Out + b * s_ob + h * s_oh + q_row[:, None] * s_os + offs_d[None, :]
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=q_ok[:, None])
+
+
+@triton.jit
+def _bwd_preprocess(
+    O, DO, DLse, Delta, Rows,
+    s_ob, s_os, s_oh, s_db, s_ds, s_dh,
+    H, S_PAD,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr, HAS_DLSE: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) - dLSE in kernel order; 0 on padding rows."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if GATHER:
+        row = tl.load(Rows + offs_m)
+        ok = row >= 0
+        row = tl.maximum(row, 0).to(tl.int64)
+    else:
+        row = offs_m.to(tl.int64)
+        ok = offs_m >= 0
+    o = tl.load(O + b * s_ob + h * s_oh + row[:, None] * s_os + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + pid_bh.to(tl.int64) * S_PAD + offs_m)
+    delta = tl.where(ok, delta, 0.0)
+    tl.store(Delta + pid_bh.to(tl.int64) * S_PAD + offs_m, delta)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, Rows,
+    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup,
+    sm_scale,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
+    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
+    H, S_PAD,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of BLOCK_N keys, walking the transposed plan (query blocks listing this key block)."""
+    SUB: tl.constexpr = BLOCK // BLOCK_M
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    kb = start_n // BLOCK
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    c_in = start_n % BLOCK + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if GATHER:
+        k_row = tl.load(Rows + offs_n)
+        k_ok = k_row >= 0
+        k_row = tl.maximum(k_row, 0).to(tl.int64)
+    else:
+        k_row = offs_n.to(tl.int64)
+        k_ok = offs_n >= 0
+    k = tl.load(K + b * s_kb + h * s_kh + k_row[:, None] * s_ks + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    row_base = pid_bh.to(tl.int64) * S_PAD
+    lst = b * s_ib + h * s_ih + kb * s_iq
+    cnt = b * s_nb + h * s_nh + kb
+    n_mask = tl.load(NMask + cnt)
+    n_all = tl.load(NAll + cnt)
+    if HAS_QSEL:
+        qs_ptr = QSel + b * s_sb + h * s_sh + tl.load(KGroup + kb)
+    else:
+        qs_ptr = QSel
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for it in range(0, n_mask * SUB):
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr, Rows, Idx, Mid, Masks, Lse, Delta,
+            s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC,
+        )  # fmt: skip
+    for it in range(n_mask * SUB, n_all * SUB):
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr, Rows, Idx, Mid, Masks, Lse, Delta,
+            s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC,
+        )  # fmt: skip
+
+    dk *= sm_scale
+    if HAS_KV:
+        # A key masked out at run time gets exactly zero gradient: masking its whole column.
+        kv = (tl.load(KeyValid + b * s_kvb + offs_n) != 0)[:, None]
+        dk = tl.where(kv, dk, 0.0)
+        dv = tl.where(kv, dv, 0.0)
+    g_off = b * s_gb + h * s_gh + k_row[:, None] * s_gs + offs_d[None, :]
+    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, Rows,
+    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup,
+    sm_scale,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
+    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
+    H, S_PAD,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ of BLOCK_M queries, walking the forward key lists."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // BLOCK
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if GATHER:
+        q_row = tl.load(Rows + offs_m)
+        q_ok = q_row >= 0
+        q_row = tl.maximum(q_row, 0).to(tl.int64)
+    else:
+        q_row = offs_m.to(tl.int64)
+        q_ok = offs_m >= 0
+    q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    row_base = pid_bh.to(tl.int64) * S_PAD
+    m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
+    m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
+    di = tl.load(Delta + row_base + offs_m)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    lst = b * s_ib + h * s_ih + qb * s_iq
+    cnt = b * s_nb + h * s_nh + qb
+    n_mask = tl.load(NMask + cnt)
+    n_all = tl.load(NAll + cnt)
+    qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
+    kv_ptr = KeyValid + b * s_kvb
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for it in range(0, n_mask * SUB):
+        dq = _dq_tile(
+            dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
+            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC,
+        )  # fmt: skip
+    for it in range(n_mask * SUB, n_all * SUB):
+        dq = _dq_tile(
+            dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
+            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC,
+        )  # fmt: skip
+
+    dq *= sm_scale
+    g_off = b * s_gb + h * s_gh + q_row[:, None] * s_gs + offs_d[None, :]
+    tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+# -- configurations ------------------------------------------------------------------------
+
+INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch knobs of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def kwargs(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per head dim, after the Triton tutorial and FlexAttention's
+# H100 defaults; BLOCK_M/BLOCK_N above the plan block size are pruned at launch.
+_FWD_SPACE = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+    256: [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 3)],
+}
+# dK/dV walks query tiles (BLOCK_M) for a fixed key tile (BLOCK_N); dQ the other way round.
+_DKDV_SPACE = {
+    64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+    128: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
+    256: [(32, 64, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)],
+}
+_DQ_SPACE = {
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    256: [(64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)],
+}
+
+
+def _space_for(space: dict, head_dim: int) -> list[tuple[int, int, int, int]]:
+    return space[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
+
+
+def _fit(cfg: tuple[int, int, int, int], block: int, itemsize: int) -> TileConfig:
+    bm, bn, w, s = cfg
+    if itemsize >= 4:  # fp32 (ieee dots) needs twice the shared memory: halve the tiles
+        bm, bn = max(16, bm // 2), max(16, bn // 2)
+    return TileConfig(min(bm, block), min(bn, block), w, s)
+
+
+def candidates(space: dict, head_dim: int, block: int, itemsize: int) -> list[TileConfig]:
+    """Distinct tile configs of a search space that fit the plan block size (in order)."""
+    out: list[TileConfig] = []
+    for cfg in _space_for(space, head_dim):
+        c = _fit(cfg, block, itemsize)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _prune(space: dict):
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        block = named_args.get("BLOCK", kwargs.get("BLOCK"))
+        head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+        allowed = set(candidates(space, head_dim, block, q.element_size()))
+        kept = [
+            c
+            for c in configs
+            if TileConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed
+        ]
+        return kept or configs[:1]
+
+    return prune
+
+
+def _all_configs(space: dict) -> list[triton.Config]:
+    seen, out = set(), []
+    for head_dim in (64, 128, 256):
+        for block in (16, 32, 64, 128, 256):
+            for itemsize in (2, 4):
+                for c in candidates(space, head_dim, block, itemsize):
+                    if c not in seen:
+                        seen.add(c)
+                        out.append(
+                            triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+                        )
+    return out
+
+
+_KEY = ["HEAD_DIM", "BLOCK", "GATHER", "HAS_KV", "HAS_QSEL", "S_PAD"]
+
+
+def _tuned(kernel, space):
+    return triton.autotune(configs=_all_configs(space), key=_KEY, prune_configs_by={"early_config_prune": _prune(space)})(kernel)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, _FWD_SPACE)
+_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_SPACE)
+_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_SPACE)
+
+
+def autotune_enabled() -> bool:
+    """Autotune on real GPUs unless VIDSPARSE_TRITON_AUTOTUNE=0 (the interpreter never tunes)."""
+    return not INTERPRETED and os.environ.get("VIDSPARSE_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _launch(kernel, tuned, space, grid_rows: int, bh: int, args: tuple, consts: dict, q: torch.Tensor, block: int,
+            config: TileConfig | None, tile_of_grid: str):
+    head_dim = consts["HEAD_DIM"]
+    if config is None and autotune_enabled():
+        tuned[lambda meta: (grid_rows // meta[tile_of_grid], bh)](*args, **consts)
+        return
+    if config is None:
+        config = candidates(space, head_dim, block, q.element_size())[0]
+        if INTERPRETED:  # the interpreter is fastest with the biggest tiles
+            config = TileConfig(min(block, 64), min(block, 64))
+    tile = config.block_m if tile_of_grid == "BLOCK_M" else config.block_n
+    kernel[(grid_rows // tile, bh)](*args, **consts, **config.kwargs())
+
+
+# -- launchers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PlanArgs:
+    """Device tensors a launch needs besides q/k/v (see ``triton_backend``)."""
+
+    rows: torch.Tensor | None  # int32 [S_pad] or None (kernel order = caller order)
+    lists: object  # BlockLists, query-major
+    masks: torch.Tensor  # uint8 [P, bs, bs]
+    key_valid: torch.Tensor | None  # uint8 [B, S_pad]
+    query_select: torch.Tensor | None  # uint8 [B, H, S_pad, G] (any strides, G contiguous)
+    key_group: torch.Tensor | None  # int32 [NK]
+    block: int
+    padded_len: int
+
+
+def _list_strides(lists) -> tuple[int, int, int, int, int]:
+    idx, n = lists.idx, lists.n_total
+    sb = idx.stride(0) if idx.shape[0] > 1 else 0
+    sh = idx.stride(1) if idx.shape[1] > 1 else 0
+    nb = n.stride(0) if n.shape[0] > 1 else 0
+    nh = n.stride(1) if n.shape[1] > 1 else 0
+    return sb, sh, idx.stride(2), nb, nh
+
+
+def _common(p: PlanArgs, lists, dummy: torch.Tensor):
+    kv = p.key_valid if p.key_valid is not None else dummy
+    qs = p.query_select if p.query_select is not None else dummy
+    kg = p.key_group if p.key_group is not None else dummy
+    rows = p.rows if p.rows is not None else dummy
+    s_kvb = kv.stride(0) if p.key_valid is not None else 0
+    if p.query_select is not None:
+        s_sb, s_sh, s_ss = qs.stride(0), qs.stride(1), qs.stride(2)
+    else:
+        s_sb = s_sh = s_ss = 0
+    tensors = (lists.idx, lists.mid, lists.n_masked, lists.n_total, p.masks, kv, qs, kg)
+    strides = (*_list_strides(lists), s_kvb, s_sb, s_sh, s_ss)
+    return rows, tensors, strides
+
+
+def _flags(q: torch.Tensor, p: PlanArgs) -> dict:
+    return {
+        "HEAD_DIM": q.shape[-1],
+        "BLOCK": p.block,
+        "GATHER": p.rows is not None,
+        "HAS_KV": p.key_valid is not None,
+        "HAS_QSEL": p.query_select is not None,
+        "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, sequence, head) strides of a [B, S, H, D] tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def forward(q, k, v, p: PlanArgs, scale: float, config: TileConfig | None = None):
+    """q, k, v [B, S, H, D] (D contiguous) -> out [B, S, H, D], lse fp32 [B, H, S_pad]."""
+    B, _, H, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, p.padded_len, dtype=torch.float32, device=q.device)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    rows, tensors, strides = _common(p, p.lists, dummy)
+    args = (q, k, v, out, lse, rows, *tensors, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H, p.padded_len)
+    _launch(_fwd_kernel, _fwd_tuned, _FWD_SPACE, p.padded_len, B * H, args, _flags(q, p), q, p.block, config, "BLOCK_M")
+    return out, lse
+
+
+def backward(do, dlse, q, k, v, out, lse, p: PlanArgs, t_lists, scale: float,
+             dkdv_config: TileConfig | None = None, dq_config: TileConfig | None = None):
+    """Gradients (dq, dk, dv) [B, S, H, D]; ``t_lists`` is the transposed (key-major) plan."""
+    B, _, H, D = q.shape
+    S_pad = p.padded_len
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    rows = p.rows if p.rows is not None else dummy
+    delta = torch.empty(B, H, S_pad, dtype=torch.float32, device=q.device)
+    pre_m = min(64, p.block)
+    _bwd_preprocess[(S_pad // pre_m, B * H)](
+        out, do, dlse if dlse is not None else dummy, delta, rows, *_bsh(out), *_bsh(do), H, S_pad,
+        HEAD_DIM=D, BLOCK_M=pre_m, GATHER=p.rows is not None, HAS_DLSE=dlse is not None,
+    )  # fmt: skip
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    flags = _flags(q, p)
+    base = (*_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq))
+
+    _, tensors, strides = _common(p, t_lists, dummy)
+    args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_SPACE, S_pad, B * H, args, flags, q, p.block, dkdv_config, "BLOCK_N")
+
+    _, tensors, strides = _common(p, p.lists, dummy)
+    args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
+    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, flags, q, p.block, dq_config, "BLOCK_M")
+    return dq, dk, dv
