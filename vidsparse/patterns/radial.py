@@ -176,7 +176,7 @@ class Radial(Pattern):
         return out
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=8)
 def _radial_block_mask(frames: int, t: int, b: int, decay: float, sink: bool, threshold: int) -> torch.Tensor:
     """The radial block matrix, built from one [nb, nb] tile per band width (cached by value)."""
     p = 2 ** t.bit_length()
