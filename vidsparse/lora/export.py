@@ -1,0 +1,132 @@
+"""Save a trained LoRA in diffusers' format and load it back into a pipeline.
+
+The weights file is what diffusers' own LoRA training scripts write: PEFT-style keys
+(``transformer.blocks.0.attn1.to_q.lora_A.weight``) through the pipeline class's
+``save_lora_weights``, with the adapter config (rank, alpha, targets) in the safetensors
+metadata so that ``pipe.load_lora_weights(path)`` restores the exact ``alpha / rank`` scale.
+A small ``vidsparse_lora.json`` beside it records how it was trained (pattern, frames, size),
+so ``vidsparse generate --lora`` can tell the user what the LoRA expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vidsparse.lora.atomic import fsync_dir, write_json
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+INFO_NAME = "vidsparse_lora.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def lora_state_dict(transformer: torch.nn.Module, dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """The adapter weights of ``transformer`` with PEFT keys (no ``transformer.`` prefix)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"save dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    sd = get_peft_model_state_dict(unwrap(transformer))
+    return {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in sd.items()}
+
+
+def save_lora(
+    output_dir: str | os.PathLike,
+    pipeline_class: type,
+    transformer: torch.nn.Module,
+    info: dict[str, Any] | None = None,
+    dtype: str = "fp32",
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (+ ``vidsparse_lora.json``) atomically; returns the file."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = unwrap(transformer)
+    if not getattr(model, "peft_config", None):
+        raise ValueError("The transformer has no LoRA adapter to save; add one with transformer.add_adapter(...).")
+    adapter = next(iter(model.peft_config))
+    metadata = {"transformer_lora_adapter_metadata": model.peft_config[adapter].to_dict()}
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
+    try:
+        pipeline_class.save_lora_weights(
+            tmp_dir, transformer_lora_layers=lora_state_dict(model, dtype), weight_name=LORA_WEIGHT_NAME, **metadata
+        )
+        with open(tmp_dir / LORA_WEIGHT_NAME, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_dir / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    if info is not None:
+        write_json(out / INFO_NAME, info)
+    return out / LORA_WEIGHT_NAME
+
+
+def resolve_lora_path(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """(folder or file for ``load_lora_weights``, weight_name) from a folder or a .safetensors path."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ValueError(f"LoRA file {str(p)!r} is not a .safetensors file; pass the file or its folder.")
+        return p.parent, p.name
+    if p.is_dir():
+        if (p / LORA_WEIGHT_NAME).is_file():
+            return p, LORA_WEIGHT_NAME
+        files = sorted(f.name for f in p.glob("*.safetensors"))
+        if len(files) == 1:
+            return p, files[0]
+        raise ValueError(
+            f"LoRA folder {str(p)!r} has no {LORA_WEIGHT_NAME}"
+            + (f" and several .safetensors files ({', '.join(files)}); pass the file itself." if files else ".")
+        )
+    raise ValueError(f"LoRA path {str(p)!r} does not exist; pass a train-lora output folder or a .safetensors file.")
+
+
+def read_lora_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``vidsparse_lora.json`` beside a LoRA (None for LoRAs trained elsewhere)."""
+    folder, _ = resolve_lora_path(path)
+    info = folder / INFO_NAME
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, adapter_name: str = "vidsparse") -> str:
+    """Load a LoRA into ``pipe`` with ``pipe.load_lora_weights`` and set its scale; returns the adapter name."""
+    if not hasattr(pipe, "load_lora_weights"):
+        raise TypeError(f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights); pass a diffusers pipeline.")
+    folder, weight_name = resolve_lora_path(path)
+    existing = set()
+    if hasattr(pipe, "get_list_adapters"):
+        for names in pipe.get_list_adapters().values():
+            existing.update(names)
+    name, i = adapter_name, 1
+    while name in existing:
+        i += 1
+        name = f"{adapter_name}_{i}"
+    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    if scale != 1.0:
+        pipe.set_adapters([name], [float(scale)])
+    return name
+
+
+__all__ = ["INFO_NAME", "LORA_WEIGHT_NAME", "load_lora", "lora_state_dict", "read_lora_info", "resolve_lora_path", "save_lora"]

@@ -1,0 +1,254 @@
+"""What training needs from a diffusers video pipeline, per model family.
+
+A ``TrainableVideoModel`` knows how its family turns pixels into normalized latents, captions
+into the transformer's text conditioning, and (noisy latents, timestep, text) into the
+transformer's prediction. The training loop and the cache only talk to this interface, so a new
+family is one subclass here.
+
+Supported now: Wan 2.1-style text-to-video (``WanPipeline`` with one transformer), which is the
+family Radial Attention's long-video LoRA recipe targets, and ``--model tiny`` (a tiny
+random-init ``WanPipeline`` from ``vidsparse.models.tiny``, for offline runs and tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from vidsparse.lora.data import ClipSpec
+
+TINY_MODEL = "tiny"
+
+
+def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str:
+    """A short, stable identity of a module: class, config, parameter shapes and a weight sample.
+
+    Hashing every weight of a multi-billion-parameter text encoder would take minutes, so each
+    tensor contributes its name, shape, dtype and up to 256 evenly spaced values: different
+    checkpoints differ there, while the same checkpoint always hashes the same.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    if module is None:
+        h.update(b"<none>")
+        return h.hexdigest()[:16]
+    h.update(type(module).__qualname__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        cfg = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("name_or_path", "transformers_version")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // 256)
+            h.update(flat[::step][:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TrainableVideoModel:
+    """Base of the family adapters. Subclasses implement the encode/predict methods."""
+
+    family: ClassVar[str] = "base"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    default_target_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pipe, model_id: str):
+        self.pipe = pipe
+        self.model_id = model_id
+        self._vae_id: str | None = None
+        self._text_id: str | None = None
+
+    # -- identity (cache keys) --------------------------------------------------------
+    def vae_identity(self) -> str:
+        if self._vae_id is None:
+            self._vae_id = module_fingerprint(self.pipe.vae, {"family": self.family, "role": "vae"})
+        return self._vae_id
+
+    def text_identity(self) -> str:
+        if self._text_id is None:
+            self._text_id = self._compute_text_identity()
+        return self._text_id
+
+    def _compute_text_identity(self) -> str:
+        raise NotImplementedError
+
+    # -- model pieces -------------------------------------------------------------------
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
+
+    def default_flow_shift(self) -> float:
+        """The shift of the pipeline's own flow-matching scheduler (1.0 if it has none)."""
+        cfg = self.pipe.scheduler.config
+        for key in ("flow_shift", "shift"):
+            value = getattr(cfg, key, None) if not isinstance(cfg, dict) else cfg.get(key)
+            if isinstance(value, (int, float)) and value > 0:
+                return float(value)
+        return 1.0
+
+    def check_flow_matching(self) -> None:
+        """Refuse schedulers whose training target is not the flow velocity ``noise - x0``."""
+        sched = self.pipe.scheduler
+        cfg = sched.config
+        pred = cfg.get("prediction_type") if isinstance(cfg, dict) else getattr(cfg, "prediction_type", None)
+        is_flow = "FlowMatch" in type(sched).__name__ or pred == "flow_prediction" or bool(
+            getattr(cfg, "use_flow_sigmas", False)
+        )
+        if not is_flow:
+            raise ValueError(
+                f"{self.model_id}: scheduler {type(sched).__name__} (prediction_type={pred!r}) is not a "
+                "flow-matching scheduler; vidsparse train-lora trains flow models (x_t = (1 - s) x0 + s noise, "
+                "target noise - x0). Use a flow-matching pipeline such as Wan."
+            )
+
+    def validate_clip(self, spec: ClipSpec) -> None:
+        raise NotImplementedError
+
+    def encoders_to(self, device: torch.device | str) -> None:
+        """Move the VAE and text encoder (used only while building the cache)."""
+        for name in ("vae", "text_encoder"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to(device)
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] in [-1, 1] -> normalized latents [B, C, f, h, w] (float32)."""
+        raise NotImplementedError
+
+    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        """One caption -> the transformer's text conditioning (tensors without batch dim)."""
+        raise NotImplementedError
+
+    def predict(
+        self, transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's flow prediction for a batch (``text`` tensors batched)."""
+        raise NotImplementedError
+
+
+class WanModel(TrainableVideoModel):
+    """Wan 2.1 text-to-video (and the tiny Wan pipeline). Latents: (z - mean) / std per channel."""
+
+    family = "wan"
+    pipeline_classes = ("WanPipeline",)
+    default_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+    max_sequence_length = 512
+
+    def __init__(self, pipe, model_id: str):
+        super().__init__(pipe, model_id)
+        if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is not None:
+            raise ValueError(
+                f"{model_id}: this is a two-expert Wan 2.2 pipeline (transformer + transformer_2); "
+                "vidsparse train-lora supports single-transformer Wan pipelines (Wan 2.1 T2V 1.3B/14B) for now."
+            )
+        self.check_flow_matching()
+        self._tiny = getattr(pipe, "text_encoder", None) is None
+
+    def _compute_text_identity(self) -> str:
+        if self._tiny:
+            from vidsparse.models import tiny
+
+            return module_fingerprint(
+                None,
+                {"encoder": "vidsparse.models.tiny.encode_prompt_tiny", "dim": self.transformer.config.text_dim,
+                 "len": tiny.TINY_TEXT_LEN},
+            )
+        tok = getattr(self.pipe, "tokenizer", None)
+        extra = {"tokenizer": type(tok).__name__, "vocab": getattr(tok, "vocab_size", None),
+                 "max_len": self.max_sequence_length}
+        return module_fingerprint(self.pipe.text_encoder, extra)
+
+    def validate_clip(self, spec: ClipSpec) -> None:
+        t = int(getattr(self.pipe, "vae_scale_factor_temporal", 4))
+        s = int(getattr(self.pipe, "vae_scale_factor_spatial", 8))
+        p = self.transformer.config.patch_size
+        mult_h, mult_w = s * p[1], s * p[2]
+        if (spec.num_frames - 1) % t:
+            lo = (spec.num_frames - 1) // t * t + 1
+            raise ValueError(
+                f"Wan needs num_frames = {t}k + 1 (the VAE compresses time {t}x after the first frame), "
+                f"got {spec.num_frames}; use {lo} or {lo + t}."
+            )
+        if spec.height % mult_h or spec.width % mult_w:
+            raise ValueError(
+                f"Wan needs height and width divisible by {mult_h} and {mult_w} (VAE {s}x times patch "
+                f"{p[1]}x{p[2]}), got {spec.height}x{spec.width}; e.g. "
+                f"{spec.height // mult_h * mult_h}x{spec.width // mult_w * mult_w}."
+            )
+
+    def _vae_stats(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        param = next(vae.parameters())
+        z = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode().float()
+        mean, std = self._vae_stats(z.device, z.dtype)
+        return (z - mean) / std
+
+    @torch.no_grad()
+    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        if self._tiny:
+            from vidsparse.models.tiny import encode_prompt_tiny
+
+            emb = encode_prompt_tiny(caption, dim=self.transformer.config.text_dim)
+        else:
+            device = next(self.pipe.text_encoder.parameters()).device
+            emb, _ = self.pipe.encode_prompt(
+                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                max_sequence_length=self.max_sequence_length, device=device,
+            )
+        return {"prompt_embeds": emb[0].detach().cpu()}
+
+    def predict(self, transformer, noisy, timesteps, text):
+        emb = text["prompt_embeds"].to(device=noisy.device, dtype=noisy.dtype)
+        return transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+FAMILIES: tuple[type[TrainableVideoModel], ...] = (WanModel,)
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
+    """The adapter for ``model``: ``"tiny"``, a hub id or a local diffusers pipeline folder."""
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"--model must be 'tiny', a hub id or a pipeline folder, got {model!r}.")
+    if model == TINY_MODEL:
+        from vidsparse.models.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(seed=0, dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        if Path(model).expanduser().exists():
+            model = str(Path(model).expanduser())
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    return adapter_for(pipe, model)
+
+
+def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
+    name = type(pipe).__name__
+    for cls in FAMILIES:
+        if name in cls.pipeline_classes:
+            return cls(pipe, model_id)
+    supported = ", ".join(n for cls in FAMILIES for n in cls.pipeline_classes)
+    raise ValueError(
+        f"{model_id}: pipeline {name} is not supported by vidsparse train-lora yet; supported: {supported} "
+        "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or --model tiny."
+    )
+
+
+__all__ = ["FAMILIES", "TINY_MODEL", "TrainableVideoModel", "WanModel", "adapter_for", "load_model", "module_fingerprint"]

@@ -1,0 +1,83 @@
+"""Training under the sparse pattern: ``vidsparse.apply`` on the transformer being tuned.
+
+The LoRA must learn the model the sampler will run, so training uses the same ``SparseConfig``
+semantics as inference: a pattern *name* takes the model family's defaults adapted to the
+training grid (e.g. Radial's decay and attention sink on Wan), ``dense_layers=None`` the
+family's dense layers. Only the step schedule differs: training draws random noise levels
+instead of walking denoising steps, so there are no dense warm-up or final steps, and every
+forward runs the pattern.
+
+Gradient checkpointing needs care: vidsparse's hook publishes the call's layout and per-layer
+patterns only while the transformer forward runs, but checkpointed blocks are recomputed
+later, during backward. ``enable_gradient_checkpointing`` therefore gives each checkpointed
+block the call information of its original forward back while it is recomputed; without it the
+recomputation would run dense attention and the gradients would be wrong.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+
+
+def sparse_config(cfg: Any):
+    """The ``SparseConfig`` a ``TrainConfig`` trains under."""
+    from vidsparse.config import SparseConfig
+
+    dense_layers = None if cfg.dense_layers is None else tuple(range(cfg.dense_layers))
+    options = dict(cfg.pattern_options)
+    if options and not isinstance(cfg.pattern, str):
+        raise ValueError("pattern_options apply only when the pattern is given by name (e.g. 'radial').")
+    return SparseConfig(
+        cfg.pattern,
+        dense_first_steps=0,
+        dense_last_steps=0,
+        dense_layers=dense_layers,
+        backend=cfg.attention_backend,
+        pattern_options=options,
+    )
+
+
+def enable_sparse(transformer: torch.nn.Module, cfg: Any) -> None:
+    """Patch ``transformer``'s self-attention with the training pattern (validated here, before any step)."""
+    from vidsparse.pipelines import apply
+
+    apply(transformer, sparse_config(cfg))
+
+
+def enable_gradient_checkpointing(transformer: torch.nn.Module) -> None:
+    """diffusers gradient checkpointing whose recomputation sees the same sparse pattern as the forward."""
+    from vidsparse.pipelines.hooks import get_hook
+
+    ref = weakref.ref(transformer)
+
+    def checkpoint(block: torch.nn.Module, *args):
+        owner = ref()
+        hook = get_hook(owner) if owner is not None else None
+        if hook is None:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        state, info = hook.state, hook.state.current
+
+        def run(*inner):
+            previous = state.current
+            state.current = info  # the forward's layout/patterns, also during the backward recompute
+            try:
+                return block(*inner)
+            finally:
+                state.current = previous
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    transformer.enable_gradient_checkpointing(checkpoint)
+
+
+def disable_sparse(transformer: torch.nn.Module) -> None:
+    from vidsparse.pipelines import remove
+
+    remove(transformer)
+
+
+__all__ = ["disable_sparse", "enable_gradient_checkpointing", "enable_sparse", "sparse_config"]

@@ -1,0 +1,354 @@
+"""The LoRA training loop: flow matching under the sparse pattern, with exact resume.
+
+One optimizer step on each process: ``gradient_accumulation_steps`` micro-batches of
+``batch_size`` cached clips; for each, a noise level ``s`` and Gaussian noise from the trainer's
+own generator, ``x_s = (1 - s) x0 + s noise``, the transformer's prediction at timestep
+``1000 s`` (the sparse pattern active in its self-attention) regressed onto ``noise - x0``.
+Only the LoRA weights train; the base model stays frozen (in bf16 under mixed precision).
+
+Exact resume: the sample order is a pure function of (seed, global sample index)
+(``sample_order``), and every other source of randomness (noise, noise levels, LoRA dropout)
+comes from RNG states saved in the checkpoint, so a run resumed from step k makes the same
+updates as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vidsparse.lora.atomic import atomic_path, write_json
+from vidsparse.lora.cache import CachedSample, CacheReport, LatentCache, load_latents, load_text
+from vidsparse.lora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vidsparse.lora.config import RESUME_KEYS, TrainConfig
+from vidsparse.lora.data import ClipSpec, scan_dataset
+from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
+from vidsparse.lora.flow import NoiseSampler, add_noise
+from vidsparse.lora.models import TrainableVideoModel, load_model
+from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_CACHE_DIRNAME = ".vidsparse-cache"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the LoRA file, the last step, this run's losses and the cache report."""
+
+    lora_path: Path
+    output_dir: Path
+    final_step: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    cache: CacheReport | None = None
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return tuple(torch.randperm(n, generator=gen).tolist())
+
+
+def sample_order(n: int, seed: int, index: int) -> tuple[int, int]:
+    """(sample, epoch) of the ``index``-th sample drawn: a fresh shuffle of all ``n`` each epoch."""
+    epoch, pos = divmod(index, n)
+    return _epoch_permutation(n, seed, epoch)[pos], epoch
+
+
+def flow_loss(
+    adapter: TrainableVideoModel,
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Flow-matching MSE of ``model`` on clean latents ``x0`` [B, C, f, h, w] at noise levels ``sigma`` [B]."""
+    device = torch.device(device) if device is not None else x0.device
+    noisy, target = add_noise(x0, noise, sigma)
+    timesteps = (sigma * adapter.num_train_timesteps).to(device)
+    pred = adapter.predict(model, noisy.to(device, dtype), timesteps, text)
+    return F.mse_loss(pred.float(), target.to(device).float())
+
+
+def _resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _collate_text(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    keys = items[0].keys()
+    out = {}
+    for k in keys:
+        shapes = {tuple(it[k].shape) for it in items}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"Cached text tensors {k!r} have different shapes {sorted(shapes)} in one batch; "
+                "use --batch-size 1 or re-cache with a fixed max sequence length."
+            )
+        out[k] = torch.stack([it[k] for it in items])
+    return out
+
+
+def _read_metrics(path: Path, keep_until: int) -> list[str]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= keep_until:
+                rows.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption
+    return rows
+
+
+def _check_resume(state: dict[str, Any], cfg: TrainConfig, data_id: str, path: Path) -> None:
+    saved = state.get("config", {})
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in cfg.resume_view().items()
+        if k in RESUME_KEYS and json.dumps(saved.get(k), default=str) != json.dumps(v, default=str)
+    ]
+    if diffs:
+        raise ValueError(
+            f"Cannot resume from {str(path)!r}: these settings differ from the run that wrote it: "
+            + "; ".join(diffs)
+            + ". Use the same settings, or start a new run in another --output-dir."
+        )
+    if state.get("data_id") != data_id:
+        logger.warning("vidsparse: the dataset changed since %s; the sample order will differ from the original run.", path)
+    if state.get("max_train_steps") != cfg.max_train_steps and cfg.lr_scheduler != "constant":
+        logger.warning(
+            "vidsparse: max_train_steps changed (%s -> %s); the %s LR schedule continues on the new length.",
+            state.get("max_train_steps"), cfg.max_train_steps, cfg.lr_scheduler,
+        )
+
+
+def _lora_config(cfg: TrainConfig, adapter: TrainableVideoModel):
+    from peft import LoraConfig
+
+    targets = list(cfg.target_modules or adapter.default_target_modules)
+    names = [n for n, _ in adapter.transformer.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        examples = sorted({n.split(".", 2)[-1] for n in names if n.count(".") >= 2 and "attn" in n})[:12]
+        raise ValueError(
+            f"LoRA target modules {missing} match no module of the {adapter.family} transformer; "
+            f"module names look like {examples}. Pass --target-modules with such names."
+        )
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
+                      init_lora_weights=True, target_modules=targets)
+
+
+def prepare_cache(
+    cfg: TrainConfig, adapter: TrainableVideoModel, *, device: torch.device, rank: int = 0, world_size: int = 1,
+    barrier=None,
+) -> CacheReport:
+    """Scan the dataset and bring the latent/text cache up to date (encoders on ``device``)."""
+    spec = ClipSpec(cfg.num_frames, cfg.height, cfg.width, cfg.frame_stride)
+    adapter.validate_clip(spec)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cfg.data_dir).expanduser() / DEFAULT_CACHE_DIRNAME
+    scan = scan_dataset(cfg.data_dir, cfg.caption_column, exclude=[cache_dir, Path(cfg.output_dir)])
+    adapter.encoders_to(device)
+    try:
+        report = LatentCache(cache_dir).prepare(
+            scan.samples, spec, adapter, rank=rank, world_size=world_size, barrier=barrier,
+            progress=cfg.progress and rank == 0,
+        )
+    finally:
+        adapter.encoders_to("cpu")
+    report.skipped = list(scan.skipped) + report.skipped
+    if rank == 0:
+        for rel, reason in report.skipped:
+            logger.warning("vidsparse: skipped %s: %s", rel, reason)
+    if not report.samples:
+        details = "; ".join(f"{r}: {why}" for r, why in report.skipped[:10]) or "no video files found"
+        raise ValueError(
+            f"No usable training videos in {cfg.data_dir!r} ({details}). Expected video files "
+            "(mp4, webm, gif) with captions (same-name .txt or metadata.jsonl) and at least "
+            f"{spec.source_frames} frames each."
+        )
+    return report
+
+
+def train_lora(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir).expanduser()
+    precision = _resolve_precision(cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if precision == "bf16" and device.type == "cpu":
+        logger.warning("vidsparse: bf16 mixed precision on CPU is slow; use --mixed-precision no for CPU runs.")
+
+    resume_path = resolve_resume(cfg.resume, out) if cfg.resume else None
+    if cfg.resume == "latest" and resume_path is None and main:
+        logger.info("vidsparse: no checkpoint in %s yet; starting from step 0.", out)
+
+    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    adapter = load_model(cfg.model, dtype=weight_dtype)
+    report = prepare_cache(cfg, adapter, device=device, rank=rank, world_size=world,
+                           barrier=accelerator.wait_for_everyone)
+    samples: list[CachedSample] = report.samples
+    data_id = json.dumps(sorted(s.latent_file.name + s.text_file.name for s in samples))
+    if main:
+        logger.info("vidsparse: %s", report.summary())
+
+    # -- model: frozen base, LoRA adapters in fp32, sparse attention ----------------------
+    set_seed(cfg.seed)
+    transformer = adapter.transformer
+    transformer.requires_grad_(False)
+    transformer.to(device)  # already in weight_dtype (load_model), with diffusers' fp32-kept modules
+    transformer.add_adapter(_lora_config(cfg, adapter))
+    for p in transformer.parameters():
+        if p.requires_grad:  # LoRA weights train in fp32 under bf16 autocast
+            p.data = p.data.float()
+    enable_sparse(transformer, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(transformer)
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+
+    start_step = 0
+    if resume_path is not None:
+        state, lora = load_checkpoint(resume_path, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      generator=generator, rank=rank, world_size=world)
+        _check_resume(state, cfg, data_id, resume_path)
+        missing = [n for n in names if n not in lora]
+        if missing:
+            raise ValueError(f"Checkpoint {str(resume_path)!r} lacks LoRA weights {missing[:3]}...; it belongs to another run.")
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(lora[n].to(p.device, p.dtype))
+        start_step = int(state["step"])
+        if main:
+            logger.info("vidsparse: resumed from %s at step %d.", resume_path, start_step)
+
+    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
+    shift = sampler.resolved_shift(adapter.default_flow_shift())
+    metrics_path = out / METRICS_FILE
+    if main:
+        rows = _read_metrics(metrics_path, start_step) if start_step else []
+        with atomic_path(metrics_path) as tmp:
+            tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        write_json(out / "train_config.json", {**cfg.to_dict(), "resolved_mixed_precision": precision,
+                                               "resolved_flow_shift": shift, "num_samples": len(samples),
+                                               "world_size": world})
+
+    checkpoint_state = {"config": cfg.resume_view(), "data_id": data_id, "max_train_steps": cfg.max_train_steps}
+    per_step = cfg.gradient_accumulation_steps * world * cfg.batch_size
+    losses: list[float] = []
+    bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train-lora", unit="step",
+               disable=not (cfg.progress and main))
+    t0 = time.perf_counter()
+    with bar, open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
+        for step in range(start_step, cfg.max_train_steps):
+            step_loss = torch.zeros((), device=device)
+            epoch = 0
+            for micro in range(cfg.gradient_accumulation_steps):
+                base = step * per_step + (micro * world + rank) * cfg.batch_size
+                picks = [sample_order(len(samples), cfg.seed, base + j) for j in range(cfg.batch_size)]
+                epoch = picks[-1][1]
+                batch = [samples[i] for i, _ in picks]
+                x0 = torch.stack([load_latents(s.latent_file) for s in batch])
+                text = _collate_text([load_text(s.text_file) for s in batch])
+                sigma = sampler.sample(len(batch), generator, shift)
+                noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+                last = micro == cfg.gradient_accumulation_steps - 1
+                sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    loss = flow_loss(adapter, model, x0, text, sigma, noise, dtype=weight_dtype, device=device)
+                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                step_loss += loss.detach() / cfg.gradient_accumulation_steps
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"Loss became {mean_loss} at step {step + 1}; lower --learning-rate or use --mixed-precision no."
+                )
+            losses.append(mean_loss)
+            done = step + 1
+            if main:
+                row = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "elapsed_s": round(time.perf_counter() - t0, 3)}
+                if device.type == "cuda":
+                    row["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == cfg.max_train_steps:
+                    bar.write(f"step {done}/{cfg.max_train_steps}  loss {mean_loss:.5f}  lr {lr:.3e}  epoch {epoch}")
+            if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
+                lora_state = {n: p.detach().float().cpu() for n, p in zip(names, params)}
+                save_checkpoint(out, done, lora_state=lora_state, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                generator=generator, state=checkpoint_state, rank=rank, world_size=world,
+                                barrier=accelerator.wait_for_everyone, keep=cfg.checkpoints_total_limit)
+
+    accelerator.wait_for_everyone()
+    final_step = max(start_step, cfg.max_train_steps)
+    lora_path = out / "pytorch_lora_weights.safetensors"
+    if main:
+        info = {
+            "format": "vidsparse-lora/1",
+            "model": cfg.model,
+            "family": adapter.family,
+            "pattern": cfg.resume_view()["pattern"],
+            "num_frames": cfg.num_frames,
+            "height": cfg.height,
+            "width": cfg.width,
+            "rank": cfg.rank,
+            "alpha": cfg.lora_alpha,
+            "target_modules": list(cfg.target_modules or adapter.default_target_modules),
+            "steps": final_step,
+        }
+        lora_path = save_lora(out, type(adapter.pipe), unwrap(model), info=info, dtype=cfg.save_dtype)
+        bar.write(f"vidsparse: LoRA saved to {lora_path} ({INFO_NAME} beside it).")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(lora_path=lora_path, output_dir=out, final_step=final_step, start_step=start_step,
+                       losses=losses, cache=report)
+
+
+__all__ = ["METRICS_FILE", "TrainResult", "flow_loss", "prepare_cache", "sample_order", "train_lora"]
+
