@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 
 import torch
@@ -115,6 +116,13 @@ def token_mask(
     return m[0] if m.shape[0] == 1 else m
 
 
+def _backend_module(name: str):
+    """The backend's module. A ``sys.modules`` hit keeps torch.compile (dynamo) out of importlib."""
+    path = _BACKEND_MODULES[name]
+    mod = sys.modules.get(path)
+    return mod if mod is not None else importlib.import_module(path)
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Name of the backend that runs these inputs ("auto" picks triton on CUDA, else torch)."""
     if backend not in ("auto", *_BACKEND_MODULES):
@@ -123,7 +131,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         return backend
     if q.is_cuda:
         try:
-            mod = importlib.import_module(_BACKEND_MODULES["triton"])
+            mod = _backend_module("triton")
         except ImportError as exc:
             _warn_once("auto-triton-import", f"vidsparse: triton backend unavailable ({exc}); using flex.")
             return "flex"
@@ -190,7 +198,7 @@ def attention(
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_inputs(q, k, v, layout, text_mask)
     name = resolve_backend(backend, q)
-    mod = importlib.import_module(_BACKEND_MODULES[name])
+    mod = _backend_module(name)
     if hasattr(mod, "unsupported_reason") and backend != "auto":
         reason = mod.unsupported_reason(q)
         if reason is not None:

@@ -371,6 +371,10 @@ class PlanCache:
         self._lock = threading.Lock()
 
     def get_or_build(self, key: tuple, build) -> BlockSparsePlan:
+        if torch.compiler.is_compiling():  # dynamo cannot enter a lock; a cached plan needs none
+            hit = self._data.get(key)
+            if hit is not None:
+                return hit
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
