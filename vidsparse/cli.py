@@ -72,7 +72,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         epilog="Run 'vidsparse <command> --help' for the flags of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors (also after a command)")
     from vidsparse import __version__
 
     parser.add_argument("--version", action="version", version=f"vidsparse {__version__}")
@@ -137,12 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         prog = f"vidsparse {command}" if command else "vidsparse"
-        hint = "" if debug or isinstance(exc, UserError) else " (run with --debug for the traceback)"
-        print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
-
 
 
 # -- pattern options as flags -----------------------------------------------------------
@@ -167,8 +165,9 @@ class FieldSpec:
     optional: bool = False  # "none" means None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    arity: int | None = None  # length of a fixed-size tuple field
 
-    def describe(self) -> str:
+    def describe(self, full: bool = True) -> str:
         shape = {
             "bool": "on/off",
             "int": "int",
@@ -176,9 +175,13 @@ class FieldSpec:
             "str": "text",
             "ints": "ints a,b,c",
             "floats": "floats a,b,c",
-            "int_or_ints": "int or t,h,w",
-            "float_or_floats": "float or t,h,w",
+            "int_or_ints": "int or ints a,b,c",
+            "float_or_floats": "float or floats a,b,c",
+            "bools": "bools a,b,c",
+            "bool_or_bools": "on/off, or one per axis like true,false,false",
         }[self.kind]
+        if self.arity and self.kind in ("ints", "floats", "bools"):
+            shape = f"{self.kind[:-1]}s " + ",".join("abcdefgh"[: self.arity])
         if self.choices:
             shape = "|".join(self.choices)
         if self.optional:
@@ -187,19 +190,20 @@ class FieldSpec:
         if isinstance(default, tuple):
             default = ",".join(str(v) for v in default)
         text = f"{self.pattern}: {shape}, default {default}"
-        return f"{text}. {self.help}" if self.help else text
+        return f"{text}. {self.help.rstrip('.')}" if self.help and full else text
 
     def parse(self, raw: Any, flag: str) -> Any:
         """Convert the raw command-line value (a str, or a bool for switches)."""
         text = str(raw).strip()
-        if self.kind == "bool":
+        if self.kind in ("bool", "bools", "bool_or_bools"):
             if isinstance(raw, bool):
-                return raw
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"{flag} {text!r} is not valid for --pattern {self.pattern}: expected true or false.")
+                return raw if self.kind != "bools" else (raw, raw, raw)
+            values = tuple(_parse_bool(p) for p in text.split(","))
+            if None in values or (self.kind == "bool" and len(values) != 1):
+                raise UserError(
+                    f"{flag} {text!r} is not valid for --pattern {self.pattern}: expected {self.describe(False)}."
+                )
+            return values[0] if len(values) == 1 and self.kind != "bools" else values
         if self.optional and text.lower() == "none":
             return None
         try:
@@ -211,8 +215,8 @@ class FieldSpec:
                 if self.choices and text not in self.choices:
                     raise ValueError
                 return text
-            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-            if not parts:
+            parts = re.split(r"[,x]", text.lower())
+            if not all(p.strip() for p in parts):
                 raise ValueError
             cast = int if self.kind in ("ints", "int_or_ints") else float
             values = tuple(cast(p) for p in parts)
@@ -221,7 +225,7 @@ class FieldSpec:
             return values
         except ValueError:
             raise UserError(
-                f"{flag} {text!r} is not valid for --pattern {self.pattern}: expected {self.describe()}. "
+                f"{flag} {text!r} is not valid for --pattern {self.pattern}: expected {self.describe(False)}. "
                 f"Example: {flag} {self._example()}"
             ) from None
 
@@ -234,9 +238,18 @@ class FieldSpec:
             "str": "value",
             "ints": "4,4,8",
             "floats": "0.5,0.5,0.5",
-            "int_or_ints": "3 or 3,5,5",
-            "float_or_floats": "0.5 or 0.5,1,1",
+            "int_or_ints": "3 (or 3,5,5)",
+            "float_or_floats": "0.5 (or 0.5,1,1)",
         }.get(self.kind, "")
+
+
+def _parse_bool(text: str) -> bool | None:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    return None
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -263,12 +276,16 @@ def _kind_of(tp: Any) -> tuple[str, tuple[str, ...] | None] | None:
         return "str", tuple(args)
     if origin is tuple and args:
         elems = {a for a in args if a is not Ellipsis}
+        if elems == {bool}:
+            return "bools", None
         if elems == {int}:
             return "ints", None
         if elems <= {int, float}:
             return "floats", None
     if origin in (typing.Union, types.UnionType):
         kinds = {_kind_of(a)[0] if _kind_of(a) else None for a in args}
+        if kinds == {"bool", "bools"}:
+            return "bool_or_bools", None
         if kinds == {"int", "ints"}:
             return "int_or_ints", None
         if kinds <= {"int", "float", "ints", "floats"} and None not in kinds:
@@ -305,10 +322,17 @@ def _field_docs(cls: type) -> dict[str, str]:
                 if comment and not comment.startswith(("noqa", "type:")):
                     docs.setdefault(name, comment)
     doc = inspect.getdoc(cls) or ""
-    for line in doc.splitlines():
-        m = re.match(r"^\s*[-*]?\s*`{0,2}(\w+)`{0,2}\s*(?:\([^)]*\))?\s*:\s+(\S.*)$", line)
-        if m:
-            docs.setdefault(m.group(1), m.group(2).strip())
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)[-*]?\s*`{0,2}(\w+)`{0,2}\s*(?:\([^)]*\))?\s*:\s+(\S.*)$", line)
+        if not m:
+            continue
+        indent, text = len(m.group(1)), [m.group(3).strip()]
+        for cont in lines[i + 1 :]:  # continuation lines are indented deeper
+            if not cont.strip() or len(cont) - len(cont.lstrip()) <= indent:
+                break
+            text.append(cont.strip())
+        docs.setdefault(m.group(2), _shorten(" ".join(text).replace("``", "")))
     # Last resort: the first clause of the class docstring that names the field.
     for text in (doc,):
         clauses = re.split(r"(?<=[.;])\s+|\n\s*\n", " ".join(text.split()))
@@ -353,7 +377,10 @@ def pattern_field_specs(cls: type) -> dict[str, FieldSpec]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
-        specs[f.name] = FieldSpec(name, f.name, kind[0], default, optional, kind[1], docs.get(f.name, ""))
+        arity = None
+        if typing.get_origin(tp) is tuple and Ellipsis not in typing.get_args(tp):
+            arity = len(typing.get_args(tp))
+        specs[f.name] = FieldSpec(name, f.name, kind[0], default, optional, kind[1], docs.get(f.name, ""), arity)
     return specs
 
 
@@ -392,6 +419,11 @@ def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None =
             group.add_argument(
                 flag, dest=_OPT_PREFIX + field, action=argparse.BooleanOptionalAction, default=None, help=desc
             )
+        elif any(s.kind in ("bool", "bool_or_bools") for s in specs):
+            # A bare switch means true; a value gives per-axis flags or another pattern's value.
+            group.add_argument(
+                flag, dest=_OPT_PREFIX + field, nargs="?", const="true", default=None, metavar="VALUE", help=desc
+            )
         else:
             metavar = field.upper()
             group.add_argument(flag, dest=_OPT_PREFIX + field, default=None, metavar=metavar, help=desc)
@@ -418,7 +450,7 @@ def pattern_options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, 
             raise UserError(f"{flag} does not apply to --pattern {name}; its options are: {valid}.")
         spec = specs[field]
         if spec.kind != "bool" and isinstance(raw, bool):
-            raise UserError(f"{flag} needs a value for --pattern {name}: {spec.describe()}.")
+            raise UserError(f"{flag} needs a value for --pattern {name}: {spec.describe(False)}.")
         options[field] = spec.parse(raw, flag)
     return name, options
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -136,15 +137,29 @@ def plot_plan(
 
     # -- block matrix ----------------------------------------------------------------------
     ax = left.add_subplot(1, 1, 1)
-    ax.imshow(
-        matrix,
-        cmap=ListedColormap(BLOCK_COLORS),
-        vmin=0,
-        vmax=2,
-        interpolation="nearest",
-        extent=(0, nb, nb, 0),
-        aspect="equal",
-    )
+    selection = selection_matrix(plan, head)
+    if selection is None:
+        ax.imshow(
+            matrix,
+            cmap=ListedColormap(BLOCK_COLORS),
+            vmin=0,
+            vmax=2,
+            interpolation="nearest",
+            extent=(0, nb, nb, 0),
+            aspect="equal",
+        )
+    else:
+        img = ax.imshow(
+            np.where(matrix > 0, selection, np.nan),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+            extent=(0, nb, nb, 0),
+            aspect="equal",
+        )
+        ax.set_facecolor(BLOCK_COLORS[0])
+        left.colorbar(img, ax=ax, shrink=0.7, label="fraction of the query block's rows that keep the key block")
     lines, ticks = _frame_boundaries(plan)
     lw = 0.6 if nb < 200 else 0.35
     for x in lines:
@@ -161,12 +176,21 @@ def plot_plan(
     ax.set_xlabel(f"key block (kernel order, {bs} tokens each); grey lines: frame boundaries")
     ax.set_ylabel("query block (kernel order)")
     computed = matrix > 0
-    ax.set_title(
-        f"Block matrix, head {head}: {computed.mean():.1%} of {nb}x{nb} blocks computed\n"
-        f"({(matrix == 2).mean():.1%} whole, {(matrix == 1).mean():.1%} partial)",
-        fontsize=10,
-    )
-    handles = [Patch(facecolor=c, edgecolor="#555555", label=label) for c, label in zip(BLOCK_COLORS, BLOCK_LABELS)]
+    if selection is None:
+        ax.set_title(
+            f"Block matrix, head {head}: {computed.mean():.1%} of {nb}x{nb} blocks computed\n"
+            f"({(matrix == 2).mean():.1%} whole, {(matrix == 1).mean():.1%} partial)",
+            fontsize=10,
+        )
+        handles = [Patch(facecolor=c, edgecolor="#555555", label=label) for c, label in zip(BLOCK_COLORS, BLOCK_LABELS)]
+    else:
+        kept = float(np.nansum(np.where(computed, selection, 0.0)) / matrix.size)
+        ax.set_title(
+            f"Dynamic selection, head {head}: {computed.mean():.1%} of {nb}x{nb} blocks listed;\n"
+            f"each query row keeps its own subset ({kept:.1%} of block rows on average)",
+            fontsize=10,
+        )
+        handles = [Patch(facecolor=BLOCK_COLORS[0], edgecolor="#555555", label="skipped block (no row keeps it)")]
     if layout.text_len:
         handles.append(Patch(facecolor="none", edgecolor="#2ca02c", label=f"text span ({layout.text_len} tokens)"))
 
@@ -207,12 +231,26 @@ def plot_plan(
         )
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=7, frameon=False)
     if title:
-        left.suptitle(title, fontsize=10)
+        wrapped = "\n".join(textwrap.fill(line, 110) for line in title.splitlines())
+        left.suptitle(wrapped, fontsize=9)
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(p) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return p
+
+
+def selection_matrix(plan: BlockSparsePlan, head: int = 0, batch: int = 0) -> np.ndarray | None:
+    """float [NQ, NK] for dynamic plans: the fraction of each query block's valid rows whose
+    per-query selection keeps each key block (None for static plans)."""
+    if plan.query_select is None or plan.key_group is None:
+        return None
+    bs, nb = plan.block_size, plan.num_blocks
+    sel = plan.query_select[min(batch, plan.query_select.shape[0] - 1), min(head, plan.query_select.shape[1] - 1)]
+    sel = sel.cpu().view(nb, bs, -1).double()  # [NQ, bs, G]
+    valid = plan.order.token_valid.cpu().view(nb, bs, 1).double()
+    frac = (sel * valid).sum(1) / valid.sum(1).clamp_min(1)  # [NQ, G]
+    return frac[:, plan.key_group.cpu().long()].numpy()  # [NQ, NK]
 
 
 def block_matrix_summary(matrix: np.ndarray) -> dict[str, float]:
@@ -225,4 +263,4 @@ def block_matrix_summary(matrix: np.ndarray) -> dict[str, float]:
     }
 
 
-__all__ = ["BLOCK_COLORS", "block_matrix_summary", "plot_plan", "query_index", "query_row"]
+__all__ = ["BLOCK_COLORS", "block_matrix_summary", "plot_plan", "query_index", "query_row", "selection_matrix"]
