@@ -3,7 +3,7 @@
 from vidsparse.attention import attention, clear_plan_cache, plan, token_mask
 from vidsparse.config import SparseConfig
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns import PATTERNS, Dense, DualScope, Pattern, Radial, make_pattern
+from vidsparse.patterns import PATTERNS, Dense, DualScope, Pattern, Radial, VMoBA, make_pattern
 from vidsparse.plan import BlockSparsePlan
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "DualScope",
     "Pattern",
     "Radial",
+    "VMoBA",
     "VideoLayout",
     "apply",
     "attention",

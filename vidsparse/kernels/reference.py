@@ -42,7 +42,7 @@ def block_row_mask(
         mask = mask & key_valid[:, key_pos].view(batch, 1, 1, -1)
     if plan.query_select is not None:
         rows = slice(qb * bs, (qb + 1) * bs)
-        groups = plan.key_group[key_pos].long()  # [C * bs]
+        groups = plan.key_group[key_pos // bs].long()  # [C * bs]: group of each key token
         sel = plan.query_select[:, :, rows][..., groups]  # [B, H, bs, C * bs]
         mask = mask & sel
     return mask

@@ -4,9 +4,10 @@ from vidsparse.patterns.base import Pattern
 from vidsparse.patterns.dense import Dense
 from vidsparse.patterns.dual_scope import DualScope
 from vidsparse.patterns.radial import Radial
+from vidsparse.patterns.vmoba import VMoBA
 
 # name -> class, for configs, the CLI and ``vidsparse.make_pattern``.
-PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope, "radial": Radial}
+PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope, "radial": Radial, "vmoba": VMoBA}
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
@@ -25,4 +26,4 @@ def make_pattern(name: str, **options) -> Pattern:
         raise TypeError(f"Bad options for pattern {key!r}: {exc}") from None
 
 
-__all__ = ["PATTERNS", "Dense", "DualScope", "Pattern", "Radial", "make_pattern", "register_pattern"]
+__all__ = ["PATTERNS", "Dense", "DualScope", "Pattern", "Radial", "VMoBA", "make_pattern", "register_pattern"]
