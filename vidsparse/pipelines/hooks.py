@@ -97,6 +97,9 @@ class StepTracker:
             self._branches[branch] = [t, t, 0, 0]
             return 0
         first, last, step, direction = rec
+        if last is None:  # the previous call's step came from a cache context
+            self._branches[branch] = [None, t, step, 0]
+            return int(step)
         if t == last:
             return int(step)
         move = 1 if t > last else -1
@@ -106,9 +109,9 @@ class StepTracker:
         rec[1], rec[2], rec[3] = t, step + 1, move
         return int(step) + 1
 
-    def set(self, branch: str, step: int, t: float | None) -> None:
+    def set(self, branch: str, step: int) -> None:
         """Record an authoritative step (from a cache context)."""
-        self._branches[branch] = [t, t, step, 0] if step == 0 else [None, t, step, 0]
+        self._branches[branch] = [None, None, step, 0]
 
 
 @dataclass
@@ -227,16 +230,18 @@ class SparseState:
     # -- per forward ---------------------------------------------------------------------
     def begin_call(self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any) -> CallInfo:
         branch = getattr(context, "name", None) or "default"
-        timestep = kwargs.get("timestep")
-        t = float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else timestep
         ctx_step = getattr(context, "step_index", None)
-        if ctx_step is not None:
+        if ctx_step is not None:  # no need to read the timestep (a host sync)
             step = int(ctx_step)
-            self.tracker.set(branch, step, t)
-        elif t is None:
-            step = 0
+            self.tracker.set(branch, step)
         else:
-            step = self.tracker.step(branch, float(t))
+            timestep = kwargs.get("timestep")
+            if isinstance(timestep, torch.Tensor):
+                step = self.tracker.step(branch, float(timestep.detach().max()))
+            elif isinstance(timestep, (int, float)):
+                step = self.tracker.step(branch, float(timestep))
+            else:
+                step = 0
         total = self.total_steps(context)
         layout = self.discover_layout(transformer, kwargs)
         hs = kwargs.get("hidden_states")
