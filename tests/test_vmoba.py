@@ -101,20 +101,37 @@ def oracle_select(gates, ids, G, mode, scope, tau, k):
     return keep
 
 
-def oracle_mask(layout, q, k, layer, mode, scope, tau=0.25, topk=2, chunks=SMALL):
-    """bool [B, H, S, S]: video rows keep their blocks plus all text; text rows keep everything."""
+def oracle_tiles(ids, G, tile):
+    """Selecting units: single queries, or each block's tokens (raster order) cut into ``tile`` rows."""
+    if tile is None:
+        return [[i] for i in range(len(ids))]
+    units = []
+    for j in range(G):
+        members = [t for t, b in enumerate(ids) if b == j]
+        units += [members[i : i + tile] for i in range(0, len(members), tile)]
+    return units
+
+
+def oracle_mask(layout, q, k, layer, mode, scope, tau=0.25, topk=2, chunks=SMALL, tile=None):
+    """bool [B, H, S, S]: video rows keep their blocks plus all text; text rows keep everything.
+
+    With ``tile`` (granularity="tile"), each unit of ``tile`` rows selects with its mean query."""
     B, S, H, _ = q.shape
     ids, G = oracle_blocks(layout, chunks, layer)
+    units = oracle_tiles(ids, G, tile)
     vo, Sv = layout.video_offset, layout.video_len
     out = torch.ones(B, H, S, S, dtype=torch.bool)
     member = torch.tensor(ids)
     for b in range(B):
         for h in range(H):
-            gates = oracle_gates(q[b, vo : vo + Sv, h], k[b, vo : vo + Sv, h], ids, G)
-            keep = oracle_select(gates, ids, G, mode, scope, tau, topk)
-            for i in range(Sv):
-                kept = torch.tensor(sorted(keep[i]))
-                out[b, h, vo + i, vo : vo + Sv] = torch.isin(member, kept)
+            qv = q[b, vo : vo + Sv, h].double()
+            qu = torch.stack([qv[u].mean(dim=0) for u in units])
+            gates = oracle_gates(qu, k[b, vo : vo + Sv, h], ids, G)
+            keep = oracle_select(gates, [ids[u[0]] for u in units], G, mode, scope, tau, topk)
+            for u, kept in zip(units, keep):
+                row = torch.isin(member, torch.tensor(sorted(kept)))
+                for i in u:
+                    out[b, h, vo + i, vo : vo + Sv] = row
     return out
 
 
@@ -139,6 +156,26 @@ def test_selection_equals_oracle(layout, mode, scope):
         got = natural_mask(p, layout, q, k, layer)
         want = oracle_mask(layout, q, k, layer, mode, scope, tau=0.3, topk=p.layer_topk(layer))
         assert torch.equal(got, want), f"layer {layer}: {int((got != want).sum())} entries differ"
+
+
+@pytest.mark.parametrize(
+    "mode,scope", [("threshold", "query"), ("threshold", "head"), ("topk", "query"), ("topk", "head")]
+)
+def test_tile_granularity_equals_oracle_and_lists_are_exact(mode, scope):
+    """One selection per kernel query tile (mean query): equals the oracle on tiles, and the
+    kernel's key lists compute exactly the kept pairs (no per-row mask left)."""
+    layout, bs = LAYOUTS[1], 8
+    q, k, _ = random_qkv(layout, batch=1, heads=2, dim=8, dtype=torch.float64)
+    vo, Sv = layout.video_offset, layout.video_len
+    for layer in (0, 1, 2):
+        p = pattern(mode, scope, topk=3, threshold=0.3, granularity="tile")
+        got = natural_mask(p, layout, q, k, layer, block_size=bs)
+        want = oracle_mask(layout, q, k, layer, mode, scope, tau=0.3, topk=3, tile=bs)
+        assert torch.equal(got, want), f"layer {layer}: {int((got != want).sum())} entries differ"
+        plan = p.dynamic_plan(layout, q, k, layer, bs)
+        assert plan.query_select is None and plan.key_group is None
+        kept = got[:, :, vo : vo + Sv, vo : vo + Sv].double().mean(dim=(-1, -2))
+        torch.testing.assert_close(selection_density(plan), kept)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +235,8 @@ def test_threshold_one_or_k_all_blocks_is_dense(layout, scope):
 BACKEND_CASES = [
     (backend, layout, layer) for backend in ("torch", "flex") for layout in LAYOUTS[1:] for layer in (0, 1, 2)
 ] + [("triton", LAYOUTS[2], 1), ("triton", LAYOUTS[1], 2)]  # the interpreter is slow: two cases
-LAYER_MODES = {0: ("threshold", "query"), 1: ("topk", "head"), 2: ("threshold", "head")}
+BACKEND_CASES += [(backend, LAYOUTS[1], 3) for backend in ("torch", "flex", "triton")]  # 3: tile granularity
+LAYER_MODES = {0: ("threshold", "query"), 1: ("topk", "head"), 2: ("threshold", "head"), 3: ("threshold", "query")}
 
 
 @pytest.mark.parametrize("backend,layout,layer", BACKEND_CASES, ids=str)
@@ -211,7 +249,7 @@ def test_backends_equal_masked_attention(backend, layout, layer):
         if reason is not None:
             pytest.skip(reason)
     tm = random_text_mask(layout, 2)
-    p = pattern(*LAYER_MODES[layer], topk=2, temporal_chunk=1)
+    p = pattern(*LAYER_MODES[layer], topk=2, temporal_chunk=1, granularity="tile" if layer == 3 else "token")
     mask = natural_mask(p, layout, q, k, layer)
     assert not bool(mask.all())
     out = vs.attention(q, k, v, layout, p, backend=backend, layer=layer, text_mask=tm, block_size=16)
@@ -295,6 +333,8 @@ def test_selection_has_static_shapes_and_runs_on_meta():
         plan = p.dynamic_plan(lay, qm, torch.empty_like(qm), 2, 16)
         assert plan.kv_indices.is_meta and plan.query_select.is_meta
         assert tuple(plan.kv_indices.shape) == indices and tuple(plan.query_select.shape) == qsel
+    tiled = pattern("topk", "head", granularity="tile").dynamic_plan(lay, qm, torch.empty_like(qm), 1, 16)
+    assert tiled.kv_counts.is_meta and tuple(tiled.kv_indices.shape) == indices
 
 
 def test_partition_cycle_and_wan_block_counts():
@@ -345,6 +385,7 @@ def test_selection_density_is_consistent_with_mask():
         (dict(topk=0), ValueError, "topk"),
         (dict(scope="global"), ValueError, "scope"),
         (dict(layer_cycle=(0, 0, 0)), ValueError, "layer_cycle"),
+        (dict(granularity="row"), ValueError, "granularity"),
     ],
 )
 def test_bad_options_raise(kwargs, exc, match):

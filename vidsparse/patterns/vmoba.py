@@ -97,6 +97,13 @@ class VMoBA(Pattern):
     ``layer_cycle`` = consecutive temporal, spatial and spatio-temporal layers (FastVideo's
     ``first_full_layer`` and ``temporal_layer/spatial_layer/st_layer``); (1, 0, 1) gives the
     paper's 1-3D ablation.
+
+    ``granularity="token"`` is the published rule: every query row selects for itself, so a
+    kernel query tile computes the union of its rows' blocks under a per-row mask (with random
+    q/k that union is nearly every block: correct, but no kernel speedup). ``"tile"`` selects
+    once per kernel query tile (``block_size`` rows of one VMoBA block) with the tile's mean
+    query (= the mean of its rows' gates, the gate being linear in q): the kernel then skips
+    exactly what the mask drops, but the mask depends on ``block_size``.
     """
 
     name: ClassVar[str] = "vmoba"
@@ -112,6 +119,7 @@ class VMoBA(Pattern):
     scope: str = "query"
     layer_offset: int = 0
     layer_cycle: tuple[int, int, int] = (1, 1, 1)
+    granularity: str = "token"
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -149,6 +157,11 @@ class VMoBA(Pattern):
         if sum(cycle) < 1:
             raise ValueError(f"VMoBA.layer_cycle needs at least one layer in the cycle, got {cycle}; e.g. (1, 1, 1).")
         set_("layer_cycle", cycle)
+        if self.granularity not in ("token", "tile"):
+            raise ValueError(
+                f"VMoBA.granularity must be 'token' (per-query selection, published) or 'tile' (one "
+                f"selection per kernel query tile), got {self.granularity!r}."
+            )
 
     # -- per-layer partition -----------------------------------------------------------
     def partition(self, layer: int) -> str:
@@ -199,26 +212,35 @@ class VMoBA(Pattern):
         acc = torch.promote_types(q.dtype, torch.float32)
         vo = layout.video_offset
         select = self._selector(layer, Gv)
+        tiles = self.granularity == "tile"
 
-        qs = blk.row_template.expand(B, H, *blk.row_template.shape).clone()
+        if tiles:
+            qs = None
+            group_any = blk.tile_template.expand(B, H, *blk.tile_template.shape).clone()  # [B, H, NQ, G]
+        else:
+            qs = blk.row_template.expand(B, H, *blk.row_template.shape).clone()  # [B, H, S_pad, G]
         with torch.no_grad():
             hc = max(1, min(H, _SELECT_ELEMENTS // max(1, Sv * Gv)))
             rows = Sv if (self.scope == "head" or hc > 1) else max(1, _SELECT_ELEMENTS // Gv)
             for b in range(B):
                 for h0 in range(0, H, hc):
                     h1 = min(H, h0 + hc)
-                    kv = k[b, vo : vo + Sv, h0:h1].detach().to(acc)  # [Sv, hc, D]
-                    means = torch.zeros(Gv, h1 - h0, D, dtype=acc, device=device)
-                    means.index_add_(0, blk.token_group, kv)
-                    means /= blk.group_size.to(acc).view(Gv, 1, 1)
-                    del kv
+                    means = _segment_mean(k[b, vo : vo + Sv, h0:h1], blk.token_group, blk.group_size, acc)
+                    if tiles:
+                        qt = _segment_mean(q[b, vo : vo + Sv, h0:h1], blk.tile_of, blk.tile_size, acc)
+                        gate = torch.einsum("thd,ghd->htg", qt, means)  # [hc, NQv, Gv]
+                        own = blk.tile_group[:, None] == blk.group_ids[None, :]
+                        group_any[b, h0:h1, : blk.tile_group.numel(), :Gv] = select(gate, own)
+                        continue
                     for r0 in range(0, Sv, rows):
                         r1 = min(Sv, r0 + rows)
                         qv = q[b, vo + r0 : vo + r1, h0:h1].detach().to(acc)  # [rows, hc, D]
                         gate = torch.einsum("rhd,ghd->hrg", qv, means)  # [hc, rows, Gv]
                         own = blk.token_group[r0:r1, None] == blk.group_ids[None, :]  # [rows, Gv]
                         qs[b, h0:h1, blk.video_pos[r0:r1], :Gv] = select(gate, own)
-        counts, indices, mids = _pack_union(qs, blk)
+        if qs is not None:
+            group_any = qs.view(B, H, blk.key_group.numel(), block_size, qs.shape[-1]).any(dim=3)
+        counts, indices, mids = _pack_union(group_any, blk)
         return BlockSparsePlan(
             layout=layout,
             block_size=block_size,
@@ -230,7 +252,7 @@ class VMoBA(Pattern):
             block_masks=blk.block_masks,
             text_blocks=blk.text_blocks,
             query_select=qs,
-            key_group=blk.key_group,
+            key_group=None if tiles else blk.key_group,
             pattern_name=self.name,
         )
 
@@ -302,6 +324,13 @@ def _topk_head(gate: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
     return kept.view(U, G, N).transpose(1, 2) | own
 
 
+def _segment_mean(x: torch.Tensor, segment: torch.Tensor, size: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Mean of the rows of x [N, h, D] per segment id -> [n_segments, h, D] in ``acc``."""
+    out = torch.zeros(size.numel(), *x.shape[1:], dtype=acc, device=x.device)
+    out.index_add_(0, segment, x.detach().to(acc))
+    return out.div_(size.to(acc).view(-1, 1, 1))
+
+
 # -- static structure per (layout, block shape, kernel block, device) ---------------------
 @dataclass(frozen=True, eq=False)
 class _Blocks:
@@ -316,6 +345,10 @@ class _Blocks:
     block_masks: torch.Tensor  # bool [P, bs, bs]
     text_blocks: torch.Tensor  # bool [NK]
     row_template: torch.Tensor  # bool [S_pad, G]: text rows keep all, video rows keep text
+    tile_of: torch.Tensor  # int64 [Sv]: kernel query tile of each natural video token
+    tile_size: torch.Tensor  # int64 [NQv]: valid rows per video tile
+    tile_group: torch.Tensor  # int64 [NQv]: VMoBA block of each video tile
+    tile_template: torch.Tensor  # bool [NQ, G]: row_template per tile
 
 
 @functools.lru_cache(maxsize=32)
@@ -358,13 +391,15 @@ def _block_structure(layout: VideoLayout, shape: tuple[int, int, int], bs: int, 
     if has_text:
         row_template[: order.text_start, G] = order.token_valid[: order.text_start]
         row_template[order.text_start : order.text_start + layout.text_len] = True
+    video_pos = order.scatter[layout.video_offset + torch.arange(Sv)]
+    tile_of = video_pos // bs
     dev = torch.device(device)
     return _Blocks(
         num_groups=G,
         token_group=group.to(dev),
         group_ids=torch.arange(G, device=dev),
         group_size=size.to(dev),
-        video_pos=order.scatter[layout.video_offset + torch.arange(Sv)].to(dev),
+        video_pos=video_pos.to(dev),
         order=KernelOrder(
             gather=order.gather.to(dev),
             scatter=order.scatter.to(dev),
@@ -379,19 +414,20 @@ def _block_structure(layout: VideoLayout, shape: tuple[int, int, int], bs: int, 
         block_masks=block_masks.to(dev),
         text_blocks=text_blocks.to(dev),
         row_template=row_template.to(dev),
+        tile_of=tile_of.to(dev),
+        tile_size=torch.bincount(tile_of, minlength=nvb).to(dev),
+        tile_group=key_group[:nvb].long().to(dev),
+        tile_template=row_template.view(nk, bs, -1).any(dim=1).to(dev),
     )
 
 
-def _pack_union(qs: torch.Tensor, blk: _Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (b, h, query block): ascending key blocks of every group any of its rows keeps."""
-    B, H, S_pad, G = qs.shape
+def _pack_union(group_any: torch.Tensor, blk: _Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ascending key blocks of every group kept by a query block (bool [B, H, NQ, G])."""
     nk = blk.key_group.numel()
-    bs = S_pad // nk
-    group_any = qs.view(B, H, nk, bs, G).any(dim=3)  # [B, H, NQ, G]
     listed = group_any.index_select(-1, blk.key_group.long())  # [B, H, NQ, NK]
     counts = listed.sum(dim=-1, dtype=torch.int32)
     order = torch.argsort((~listed).to(torch.int8), dim=-1, stable=True)
-    live = torch.arange(nk, device=qs.device) < counts.unsqueeze(-1)
+    live = torch.arange(nk, device=listed.device) < counts.unsqueeze(-1)
     indices = torch.where(live, order, 0).to(torch.int32)
     mids = torch.where(live, blk.col_mid[order], -1).to(torch.int32)
     return counts, indices, mids
@@ -416,12 +452,13 @@ def _check_qk(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, block_size:
 
 def selection_density(plan: BlockSparsePlan) -> torch.Tensor:
     """float [B, H]: fraction of (video query, video key) pairs a VMoBA plan keeps (no host sync)."""
-    if plan.query_select is None or plan.key_group is None:
-        raise ValueError("selection_density needs a dynamic plan with query_select (e.g. from VMoBA).")
     bs, order = plan.block_size, plan.order
-    nk = plan.key_group.numel()
-    video_kb = ~plan.text_blocks
-    per_block = order.token_valid.view(nk, bs).sum(dim=1).double() * video_kb
+    nk = plan.num_blocks
+    per_block = order.token_valid.view(nk, bs).sum(dim=1).double() * ~plan.text_blocks  # video tokens
+    if plan.query_select is None:  # granularity="tile": the key lists are the selection
+        live = torch.arange(plan.kv_indices.shape[-1], device=plan.device) < plan.kv_counts.unsqueeze(-1)
+        keys = (per_block[plan.kv_indices.long()] * live).sum(dim=-1)  # [B, H, NQ]
+        return (keys * per_block).sum(dim=-1) / plan.layout.video_len**2
     size = torch.zeros(plan.query_select.shape[-1], dtype=torch.float64, device=per_block.device)
     size.index_add_(0, plan.key_group.long(), per_block)
     rows = order.token_valid.clone()
