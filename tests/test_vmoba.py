@@ -333,7 +333,7 @@ def test_selection_has_static_shapes_and_runs_on_meta():
         plan = p.dynamic_plan(lay, qm, torch.empty_like(qm), 2, 16)
         assert plan.kv_indices.is_meta and plan.query_select.is_meta
         assert tuple(plan.kv_indices.shape) == indices and tuple(plan.query_select.shape) == qsel
-    tiled = pattern("topk", "head", granularity="tile").dynamic_plan(lay, qm, torch.empty_like(qm), 1, 16)
+    tiled = pattern("topk", "head", granularity="tile").dynamic_plan(lay, qm, torch.empty_like(qm), 2, 16)
     assert tiled.kv_counts.is_meta and tuple(tiled.kv_indices.shape) == indices
 
 
