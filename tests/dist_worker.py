@@ -1,0 +1,205 @@
+"""Rank-side checks for tests/test_parallel.py (runs inside ``vidsparse.parallel.spawn`` ranks).
+
+One spawned group runs many checks (process start-up dominates on CPU), collecting numbers
+that the test process asserts on. Every rank computes the single-process reference itself
+(tiny shapes), so a rank compares its own rows of the distributed result with it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+
+def _qkv(layout, heads: int, dim: int = 8, batch: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, layout.seq_len, heads, dim, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _text_mask(layout, batch: int):
+    if not layout.text_len:
+        return None
+    tm = torch.ones(batch, layout.text_len, dtype=torch.bool)
+    tm[1:, layout.text_len - 2 :] = False
+    return tm
+
+
+def attention_cases(world: int):
+    import vidsparse as vs
+
+    L = vs.VideoLayout
+    cases = [
+        # (mode, layout, pattern, heads)
+        ("clip", L(7, 3, 5), vs.DualScope(1, 3), 2),
+        ("clip", L(5, 2, 3, text_len=5, text_position="after"), vs.DualScope(2, 4), 3),
+        ("clip", L(8, 2, 4, text_len=6, text_position="before"), vs.DualScope(0, 0), 2),
+        ("clip", L(7, 2, 3), vs.DualScope(3, 0), 1),  # halos reach past the neighbour on short clips
+        ("clip", L(6, 3, 4), vs.Dense(), 2),  # generic path: every frame exchanged
+        ("clip", L(7, 4, 4), vs.make_pattern("radial", block_size=16), 2),  # generic reach from the plan
+        ("ulysses", L(7, 3, 5), vs.DualScope(1, 3), 3),  # 3 heads: padded on 2 ranks
+        ("ulysses", L(5, 2, 3, text_len=5, text_position="after"), vs.Dense(), 2),
+        ("ulysses", L(8, 2, 4, text_len=6, text_position="before"), vs.DualScope(1, 2), 1),  # 1 head
+        ("ulysses", L(6, 4, 4), vs.make_pattern("radial", block_size=16), 4),
+        ("ulysses", L(4, 4, 4), vs.make_pattern("vmoba"), 2),  # dynamic pattern
+    ]
+    return [c for c in cases if c[1].frames >= world]
+
+
+def _check_attention(rt) -> list[tuple[str, str, float]]:
+    import vidsparse as vs
+    from vidsparse.parallel import FramePartition, clip_attention, ulysses_attention
+
+    out = []
+    for mode, layout, pattern, heads in attention_cases(rt.world_size):
+        q, k, v = _qkv(layout, heads)
+        tm = _text_mask(layout, q.shape[0])
+        ref = vs.attention(q, k, v, layout, pattern, backend="torch", text_mask=tm, block_size=16)
+        part = FramePartition(layout.frames, rt.world_size)
+        ql, kl, vl = (part.shard(t, layout, rt.rank) for t in (q, k, v))
+        fn = clip_attention if mode == "clip" else ulysses_attention
+        got = fn(ql, kl, vl, layout, pattern, rt, backend="torch", text_mask=tm, block_size=16)
+        err = (got - part.shard(ref, layout, rt.rank)).abs().max().item()
+        out.append((mode, f"{layout} {pattern.describe()} H={heads}", err))
+    return out
+
+
+def _check_primitives(rt) -> dict[str, Any]:
+    from vidsparse.parallel.comm import all_gather_uneven, exchange, heads_to_seq, seq_to_heads
+
+    n, r = rt.world_size, rt.rank
+    sizes = [2 + i for i in range(n)]  # uneven shards
+    total = sum(sizes)
+    full = torch.arange(2 * total * n * 3, dtype=torch.float32).view(2, total, n, 3)  # [B, S, H=n, D]
+    start = sum(sizes[:r])
+    mine = full[:, start : start + sizes[r]]
+    heads = seq_to_heads(mine, sizes, rt)
+    back = heads_to_seq(heads, sizes, rt)
+    gathered = all_gather_uneven(torch.full((sizes[r], 2), float(r)), sizes, rt)
+    peer = (r + 1) % n
+    src = (r - 1) % n
+    got = exchange({peer: torch.full((r + 1, 2), float(r))}, {src: (src + 1, 2)}, rt, torch.float32).wait()
+    return {
+        "seq_to_heads": bool(torch.equal(heads, full[:, :, r : r + 1])),
+        "round_trip": bool(torch.equal(back, mine)),
+        "all_gather": all(torch.equal(t, torch.full((sizes[j], 2), float(j))) for j, t in enumerate(gathered)),
+        "exchange": bool(torch.equal(got[src], torch.full((src + 1, 2), float(src)))),
+    }
+
+
+def _check_refusals(rt) -> dict[str, str]:
+    import vidsparse as vs
+    from vidsparse.parallel import ConfigMismatchError, FramePartition, check_same_config, clip_attention
+
+    out = {}
+    layout = vs.VideoLayout(4, 2, 2)
+    q = torch.zeros(1, FramePartition(4, rt.world_size).local_layout(layout, rt.rank).seq_len, 1, 8)
+    try:
+        clip_attention(q, q, q, layout, vs.make_pattern("vmoba"), rt)
+    except ValueError as exc:
+        out["dynamic"] = str(exc)
+    try:
+        check_same_config(rt, {"seed": 0, "steps": 4 + rt.rank})
+    except ConfigMismatchError as exc:
+        out["mismatch"] = str(exc)
+    out["same"] = check_same_config(rt, {"seed": 0, "pattern": vs.DualScope(1, 2)})
+    return out
+
+
+def _check_pipeline(rt, frames: int) -> dict[str, Any]:
+    import vidsparse.pipelines as vsp
+    from vidsparse.config import SparseConfig
+    from vidsparse.models.tiny import build_tiny_pipeline, encode_prompt_tiny, run_tiny_pipeline
+    from vidsparse.parallel.pipeline import run_parallel
+
+    pipe = build_tiny_pipeline()
+    res: dict[str, Any] = {}
+    steps = 3
+    cases = {
+        "clip": SparseConfig(vs_dual(), dense_first_steps=0, backend="torch"),
+        # Ulysses with a sparse pattern and a dense warm-up step (Dense runs distributed too).
+        "ulysses": SparseConfig("radial", dense_first_steps=1, backend="torch"),
+    }
+    dense = run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps)
+    for mode, cfg in cases.items():
+        vsp.apply(pipe, cfg)
+        ref = run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps)
+        vsp.remove(pipe)
+        kwargs = dict(
+            prompt_embeds=encode_prompt_tiny("a tiny cat"),
+            negative_prompt_embeds=encode_prompt_tiny(""),
+            num_frames=frames, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+        out = run_parallel(pipe, kwargs, cfg, mode, rt, output_type="latent")
+        res[mode] = {
+            "err": (out.latents - ref).abs().max().item(),
+            "sparse_vs_dense": (ref - dense).abs().max().item(),
+            "bytes_per_step": out.bytes_per_step,
+            "restored": (run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps) - dense).abs().max().item(),
+        }
+    # Decode per clip: exact with full context, and the video only on rank 0.
+    cfg = cases["clip"]
+    vsp.apply(pipe, cfg)
+    ref_video = run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=2, output_type="np")
+    vsp.remove(pipe)
+    kwargs = dict(
+        prompt_embeds=encode_prompt_tiny("a tiny cat"), negative_prompt_embeds=encode_prompt_tiny(""),
+        num_frames=frames, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    out = run_parallel(pipe, kwargs, cfg, "clip", rt, output_type="np", vae_overlap=None)
+    if rt.rank == 0:
+        res["video_shape"] = tuple(out.video.shape)
+        res["video_err"] = float(abs(out.video - ref_video).max())
+    else:
+        res["video_is_none"] = out.video is None
+    return res
+
+
+def vs_dual():
+    import vidsparse as vs
+
+    return vs.DualScope(local_frames=1, global_stride=3)
+
+
+def suite(frames: int, failure: str) -> dict[str, Any]:
+    """All checks of one world size, then a failure scenario ("die" or "hang")."""
+    torch.set_num_threads(1)
+    from vidsparse.parallel import DistributedError, init_distributed
+
+    rt = init_distributed(timeout_s=120)
+    res: dict[str, Any] = {"rank": rt.rank, "world": rt.world_size}
+    res["primitives"] = _check_primitives(rt)
+    res["attention"] = _check_attention(rt)
+    res["stats"] = rt.stats.snapshot()
+    res["refusals"] = _check_refusals(rt)
+    res["pipeline"] = _check_pipeline(rt, frames)
+    # Failure: the last rank dies (or hangs) before a collective; the others must stop with a
+    # DistributedError on their own, quickly, not hang.
+    import torch.distributed as dist
+
+    from vidsparse.parallel import ParallelRuntime
+
+    short = dist.new_group(list(range(rt.world_size)), timeout=datetime.timedelta(seconds=3))
+    frt = ParallelRuntime(rt.rank, rt.world_size, rt.local_rank, rt.device, rt.backend, 3.0, group=short)
+    last = rt.world_size - 1
+    if rt.rank == last:
+        if failure == "die":
+            os._exit(17)
+        time.sleep(8)  # hang past the peers' timeout, then try the collective anyway
+    import vidsparse as vs
+    from vidsparse.parallel import clip_attention
+
+    layout = vs.VideoLayout(rt.world_size * 2, 2, 2)
+    q = torch.randn(1, 8, 1, 8)
+    t0 = time.monotonic()
+    try:
+        clip_attention(q, q, q, layout, vs.DualScope(1, 2), frt)
+        res["failure"] = ("no error", time.monotonic() - t0)
+    except DistributedError as exc:
+        res["failure"] = (str(exc), time.monotonic() - t0)
+    return res

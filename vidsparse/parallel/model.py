@@ -1,0 +1,289 @@
+"""Run a diffusers video transformer across ranks: shard tokens by clip, parallel self-attention.
+
+``parallelize(pipe, config, mode, runtime)`` prepares every transformer of a pipeline:
+
+- diffusers ``ModelHook``s cut the token sequence into the rank's clip where the model's
+  blocks start (and the RoPE tables with it) and all-gather the output projection, as
+  diffusers' own ``_cp_plan`` does, but on frame boundaries with uneven clips allowed. So
+  patch embedding, norms, FFN and cross-attention run on the rank's own tokens only;
+- ``vidsparse.apply`` patches the self-attention processors, and its ``SparseState``
+  extension points are replaced: ``discover_layout`` reports the rank's clip (what the
+  processors see) and records the whole-video layout; ``attention_fn`` runs
+  ``clip_attention`` or ``ulysses_attention`` on the whole-video pattern.
+
+Dense steps and dense layers of the ``SparseConfig`` run ``Dense()`` through the same
+distributed path (the model's own processor would only see the rank's clip). ``unparallelize``
+removes everything and gives the model back its original forward and processors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from vidsparse.config import SparseConfig
+from vidsparse.layout import VideoLayout
+from vidsparse.parallel.clip import clip_attention
+from vidsparse.parallel.comm import all_gather_uneven
+from vidsparse.parallel.partition import FramePartition
+from vidsparse.parallel.runtime import ParallelRuntime
+from vidsparse.parallel.ulysses import ulysses_attention
+from vidsparse.patterns import Dense, Pattern
+
+MODES = ("clip", "ulysses")
+_SHARD_HOOK = "vidsparse_parallel_shard"
+_GATHER_HOOK = "vidsparse_parallel_gather"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims)."""
+
+    dim: int
+    ndim: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where a transformer family's token sequence is cut and re-assembled.
+
+    ``inputs``: module path -> {argument name: Shard}, cut before the module runs;
+    ``outputs``: module path -> {output index: Shard}, cut after it runs (RoPE tables);
+    ``gather``: module path -> Shard, its output all-gathered back to the whole video.
+    The path "" is the transformer itself.
+    """
+
+    inputs: Mapping[str, Mapping[str, Shard]]
+    outputs: Mapping[str, Mapping[int, Shard]]
+    gather: Mapping[str, Shard]
+
+
+SHARD_PLANS: dict[str, ShardPlan] = {
+    # WanTransformer3DModel._cp_plan, on frame boundaries: RoPE (cos, sin) [1, S, 1, D],
+    # the token sequence entering blocks.0, Wan 2.2 TI2V's per-token timestep [B, S].
+    "wan": ShardPlan(
+        inputs={"blocks.0": {"hidden_states": Shard(1, 3)}, "": {"timestep": Shard(1, 2)}},
+        outputs={"rope": {0: Shard(1, 4), 1: Shard(1, 4)}},
+        gather={"proj_out": Shard(1, 3)},
+    ),
+}
+
+
+@dataclass
+class ParallelContext:
+    """Per-transformer state of a parallel run (the whole-video layout of the current call)."""
+
+    mode: str
+    runtime: ParallelRuntime
+    layout: VideoLayout | None = None
+
+    def partition(self) -> FramePartition:
+        if self.layout is None:
+            raise RuntimeError(
+                "vidsparse.parallel: a sharded module ran outside a transformer forward (no layout known)."
+            )
+        return FramePartition(self.layout.frames, self.runtime.world_size)
+
+    def cut(self, x: Any, spec: Shard) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() != spec.ndim:
+            return x
+        layout = self.layout
+        n = x.shape[spec.dim]
+        if n != layout.video_len:
+            raise ValueError(
+                f"vidsparse.parallel: expected {layout.video_len} video tokens ({layout}) along dim {spec.dim}, "
+                f"got a tensor of shape {tuple(x.shape)}. This model's token sequence does not match its grid."
+            )
+        a, b = self.partition().bounds[self.runtime.rank]
+        hw = layout.tokens_per_frame
+        return x.narrow(spec.dim, a * hw, (b - a) * hw)
+
+    def join(self, x: torch.Tensor, spec: Shard) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != spec.ndim:
+            return x
+        sizes = list(self.partition().video_token_counts(self.layout))
+        parts = all_gather_uneven(x, sizes, self.runtime, dim=spec.dim, op="gather_output")
+        return torch.cat(parts, dim=spec.dim)
+
+
+class _ShardHook(ModelHook):
+    """Cuts named inputs before a module runs and indexed outputs after it."""
+
+    def __init__(self, ctx: ParallelContext, inputs: Mapping[str, Shard], outputs: Mapping[int, Shard]) -> None:
+        super().__init__()
+        self.ctx, self.inputs, self.outputs = ctx, dict(inputs), dict(outputs)
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        if not self.inputs:
+            return args, kwargs
+        bound = self._signature.bind_partial(*args, **kwargs)
+        for name, spec in self.inputs.items():
+            if name in bound.arguments:
+                bound.arguments[name] = self.ctx.cut(bound.arguments[name], spec)
+        return bound.args, bound.kwargs
+
+    def post_forward(self, module, output):
+        if not self.outputs:
+            return output
+        if isinstance(output, torch.Tensor):
+            return self.ctx.cut(output, self.outputs[0]) if 0 in self.outputs else output
+        items = list(output)
+        for i, spec in self.outputs.items():
+            items[i] = self.ctx.cut(items[i], spec)
+        return type(output)(items) if isinstance(output, tuple) else items
+
+
+class _GatherHook(ModelHook):
+    def __init__(self, ctx: ParallelContext, spec: Shard) -> None:
+        super().__init__()
+        self.ctx, self.spec = ctx, spec
+
+    def post_forward(self, module, output):
+        return self.ctx.join(output, self.spec)
+
+
+class ParallelAttention:
+    """``SparseState.attention_fn`` of a parallel run: whole-video pattern, distributed kernel."""
+
+    def __init__(self, ctx: ParallelContext, state, user_config: SparseConfig, dense_layers: frozenset[int]) -> None:
+        from vidsparse.pipelines.hooks import SparseState, StepTracker
+
+        self.ctx, self.state, self.dense_layers = ctx, state, dense_layers
+        # The user's schedule decides dense steps; the patched state itself never runs dense.
+        self.schedule = SparseState(
+            config=user_config,
+            family=state.family,
+            num_layers=state.num_layers,
+            dense_layers=dense_layers,
+            tracker=StepTracker(),
+            pipeline_ref=state.pipeline_ref,
+            two_stage=state.two_stage,
+        )
+
+    def pattern(self, layer: int, layout: VideoLayout) -> tuple[Pattern, int | None]:
+        from vidsparse.pipelines.families import auto_block_size
+
+        info = self.state.current
+        block = self.state.config.block_size or auto_block_size(layout)
+        if layer in self.dense_layers or self.schedule.dense_step(info.step, info.total_steps):
+            return Dense(), block
+        return self.state.layer_patterns(layout, block)[layer], block
+
+    def __call__(self, q, k, v, layout, pattern, backend="auto", layer=0, text_mask=None, block_size=None, scale=None):
+        whole = self.ctx.layout
+        pat, block = self.pattern(layer, whole)
+        fn = clip_attention if self.ctx.mode == "clip" else ulysses_attention
+        return fn(
+            q, k, v, whole, pat, self.ctx.runtime,
+            backend=backend, layer=layer, text_mask=text_mask, scale=scale, block_size=block,
+        )
+
+
+def _resolve_dense_layers(config: SparseConfig, family, num_layers: int) -> frozenset[int]:
+    from vidsparse.pipelines.families import default_schedule
+
+    layers = config.dense_layers
+    if layers is None:
+        layers = default_schedule(config.pattern_name, family)[1]
+    out = set()
+    for layer in layers:
+        idx = layer + num_layers if layer < 0 else layer
+        if 0 <= idx < num_layers:
+            out.add(idx)
+    return frozenset(out)
+
+
+def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    if not path:
+        return root
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"vidsparse.parallel: {type(root).__name__} has no submodule {path!r}.") from None
+
+
+def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, runtime: ParallelRuntime) -> Any:
+    """Prepare every transformer of ``target`` (pipeline or transformer) for ``mode`` on ``runtime``.
+
+    ``config`` is what ``vidsparse.apply`` takes. Every rank must call this with the same
+    arguments, then run the same pipeline call with the same seed.
+    """
+    from vidsparse.pipelines import apply, get_state, remove, transformers_of
+    from vidsparse.pipelines.apply import _as_config
+    from vidsparse.pipelines.families import family_of
+
+    if mode not in MODES:
+        raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}.")
+    user_cfg = _as_config(config)
+    found = transformers_of(target)
+    for _, transformer in found:
+        family = family_of(transformer)
+        if family.name not in SHARD_PLANS:
+            raise ValueError(
+                f"vidsparse.parallel supports the {', '.join(sorted(SHARD_PLANS))} transformer families; "
+                f"{type(transformer).__name__} ({family.name}) is not supported yet. Run it on one GPU."
+            )
+    unparallelize(target)
+    remove(target)
+    contexts = {}
+    for attr, transformer in found:
+        ctx = ParallelContext(mode, runtime)
+        contexts[attr] = ctx
+        plan = SHARD_PLANS[family_of(transformer).name]
+        paths = set(plan.inputs) | set(plan.outputs)
+        for path in sorted(paths):
+            module = _submodule(transformer, path)
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(_ShardHook(ctx, plan.inputs.get(path, {}), plan.outputs.get(path, {})), _SHARD_HOOK)
+        for path, spec in plan.gather.items():
+            registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, path))
+            registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
+    # Every step and layer goes through the distributed attention; the user's dense schedule is
+    # applied inside it (ParallelAttention) with Dense().
+    all_sparse = dataclasses.replace(user_cfg, dense_first_steps=0, dense_last_steps=0, dense_layers=())
+    apply(target, all_sparse)
+    for attr, transformer in found:
+        state = get_state(transformer)
+        ctx = contexts[attr]
+        dense = _resolve_dense_layers(user_cfg, state.family, state.num_layers)
+        state.attention_fn = ParallelAttention(ctx, state, user_cfg, dense)
+        default = state.default_discover_layout
+
+        def discover(module, kwargs, _ctx=ctx, _default=default):
+            whole = _default(module, kwargs)
+            if whole is None:
+                raise ValueError(
+                    f"vidsparse.parallel: could not read the token grid of this {type(module).__name__} call, "
+                    "so it cannot be split across ranks."
+                )
+            _ctx.layout = whole
+            return FramePartition(whole.frames, _ctx.runtime.world_size).local_layout(whole, _ctx.runtime.rank)
+
+        state.discover_layout = discover
+    return target
+
+
+def unparallelize(target: Any) -> Any:
+    """Remove the sharding hooks and vidsparse's processors from every transformer of ``target``."""
+    from vidsparse.pipelines import remove, transformers_of
+
+    for _, transformer in transformers_of(target):
+        for _, module in transformer.named_modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if isinstance(registry, HookRegistry):
+                for name in (_SHARD_HOOK, _GATHER_HOOK):
+                    if registry.get_hook(name) is not None:
+                        registry.remove_hook(name, recurse=False)
+    remove(target)
+    return target

@@ -1,0 +1,90 @@
+"""One parallel generation on a diffusers pipeline: shard, denoise, decode per clip, assemble.
+
+Every rank runs the same pipeline call with the same seed (the initial noise is drawn
+whole, so it does not depend on the number of ranks); the transformers are parallelized
+(``model.parallelize``), the latents come back identical on every rank, the VAE decodes
+one clip per rank (``vae.decode_parallel``) and rank 0 alone holds the finished video.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vidsparse.config import SparseConfig
+from vidsparse.parallel.model import parallelize, unparallelize
+from vidsparse.parallel.runtime import ParallelRuntime
+from vidsparse.parallel.vae import decode_parallel
+from vidsparse.patterns import Pattern
+
+
+@dataclass
+class ParallelResult:
+    """What a parallel generation returns on each rank (``video`` on rank 0 only)."""
+
+    video: Any  # np.ndarray [B, T, H, W, C] in [0, 1] (output_type "np"), latents, or None off rank 0
+    latents: torch.Tensor
+    mode: str
+    world_size: int
+    steps: int
+    denoise_seconds: float
+    decode_seconds: float
+    comm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.comm.get("total_bytes", 0) / max(1, self.steps)
+
+
+def _wan_latents_for_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Undo Wan's latent normalisation exactly as ``WanPipeline.__call__`` does before decoding."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, dtype=vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    return latents / inv_std + mean
+
+
+def run_parallel(
+    pipe,
+    call_kwargs: Mapping[str, Any],
+    config: SparseConfig | Pattern | str,
+    mode: str,
+    runtime: ParallelRuntime,
+    *,
+    output_type: str = "np",
+    vae_overlap: int | None = 4,
+) -> ParallelResult:
+    """Run ``pipe(**call_kwargs)`` with ``mode`` parallelism; rank 0 gets the decoded video.
+
+    ``call_kwargs`` must not contain ``output_type`` (decoding is done per clip here);
+    ``output_type="latent"`` skips decoding and returns the latents on every rank.
+    """
+    if "output_type" in call_kwargs:
+        raise ValueError("run_parallel decodes per clip itself; pass output_type= to run_parallel, not in call_kwargs.")
+    if type(pipe).__name__ not in ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"):
+        raise ValueError(
+            f"vidsparse.parallel decodes Wan pipelines (WanPipeline, WanImageToVideoPipeline); got {type(pipe).__name__}."
+        )
+    parallelize(pipe, config, mode, runtime)
+    try:
+        runtime.stats.reset()
+        t0 = time.perf_counter()
+        latents = pipe(**call_kwargs, output_type="latent").frames
+        denoise = time.perf_counter() - t0
+        comm = runtime.stats.snapshot()
+    finally:
+        unparallelize(pipe)
+    steps = int(call_kwargs.get("num_inference_steps", 0) or len(getattr(pipe.scheduler, "timesteps", [])) or 1)
+    if output_type == "latent":
+        return ParallelResult(latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm)
+    t1 = time.perf_counter()
+    video = decode_parallel(pipe.vae, _wan_latents_for_decode(pipe, latents), runtime, overlap=vae_overlap)
+    if video is not None:
+        video = pipe.video_processor.postprocess_video(video, output_type=output_type)
+    decode = time.perf_counter() - t1
+    return ParallelResult(video, latents, mode, runtime.world_size, steps, denoise, decode, comm)
