@@ -13,7 +13,6 @@ CPU tensors run in Triton's interpreter (``TRITON_INTERPRET=1`` set before this 
 imported): slow, for tests only.
 """
 
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 Tensor = torch.Tensor
 
 
-def unsupported_reason(q: Tensor) -> Optional[str]:
+def unsupported_reason(q: Tensor) -> str | None:
     """Why this backend cannot run ``q`` (None when it can)."""
     if q.device.type == "cpu":
         if not tk.INTERPRETED:
@@ -40,6 +39,8 @@ def unsupported_reason(q: Tensor) -> Optional[str]:
         return "the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper, ...)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32)"
+    if tk.INTERPRETED and q.dtype == torch.bfloat16:
+        return "Triton's CPU interpreter computes bfloat16 dots wrongly; use float16 or float32 there"
     d = q.shape[-1]
     if d < 16 or d > 256 or d & (d - 1):
         return f"head dim {d} is not supported (a power of two from 16 to 256)"
@@ -49,7 +50,7 @@ def unsupported_reason(q: Tensor) -> Optional[str]:
 # -- plan views (cached) -------------------------------------------------------------------
 
 
-def _is_dynamic(query_select: Optional[Tensor]) -> bool:
+def _is_dynamic(query_select: Tensor | None) -> bool:
     return query_select is not None
 
 
@@ -64,11 +65,11 @@ def _plan_args(
     mask_ids: Tensor,
     block_masks: Tensor,
     text_blocks: Tensor,
-    gather: Optional[Tensor],
-    token_valid: Optional[Tensor],
-    key_valid: Optional[Tensor],
-    query_select: Optional[Tensor],
-    key_group: Optional[Tensor],
+    gather: Tensor | None,
+    token_valid: Tensor | None,
+    key_valid: Tensor | None,
+    query_select: Tensor | None,
+    key_group: Tensor | None,
     block_size: int,
 ) -> tk.PlanArgs:
     B, S, H, _ = q.shape
@@ -88,10 +89,15 @@ def _plan_args(
     masks = _cached("masks", (block_masks,), lambda: mask_table(block_masks, block_size), dyn, (block_size,))
     qs = kg = None
     if query_select is not None:
-        qs = query_select.to(torch.uint8).expand(B, H, padded, query_select.shape[-1])
+        qs = _as_u8(query_select).expand(B, H, padded, query_select.shape[-1])
         kg = key_group.to(torch.int32).contiguous()
-    kv = None if key_valid is None else key_valid.to(torch.uint8).expand(B, padded).contiguous()
+    kv = None if key_valid is None else _as_u8(key_valid).expand(B, padded).contiguous()
     return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded)
+
+
+def _as_u8(t: Tensor) -> Tensor:
+    """A uint8 view of a bool tensor (no copy), or a uint8 copy of anything else."""
+    return t.view(torch.uint8) if t.dtype == torch.bool else (t != 0).to(torch.uint8)
 
 
 def _transposed(kv_counts, kv_indices, mask_ids, num_blocks: int, dynamic: bool) -> BlockLists:
@@ -121,11 +127,11 @@ def block_sparse_attention(
     mask_ids: Tensor,
     block_masks: Tensor,
     text_blocks: Tensor,
-    gather: Optional[Tensor],
-    token_valid: Optional[Tensor],
-    key_valid: Optional[Tensor],
-    query_select: Optional[Tensor],
-    key_group: Optional[Tensor],
+    gather: Tensor | None,
+    token_valid: Tensor | None,
+    key_valid: Tensor | None,
+    query_select: Tensor | None,
+    key_group: Tensor | None,
     scale: float,
     block_size: int,
 ) -> tuple[Tensor, Tensor]:
@@ -151,7 +157,7 @@ def _(q, k, v, kv_counts, kv_indices, mask_ids, block_masks, text_blocks, gather
 @torch.library.custom_op("vidsparse::block_sparse_attention_backward", mutates_args=())
 def block_sparse_attention_backward(
     grad_out: Tensor,
-    grad_lse: Optional[Tensor],
+    grad_lse: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -162,11 +168,11 @@ def block_sparse_attention_backward(
     mask_ids: Tensor,
     block_masks: Tensor,
     text_blocks: Tensor,
-    gather: Optional[Tensor],
-    token_valid: Optional[Tensor],
-    key_valid: Optional[Tensor],
-    query_select: Optional[Tensor],
-    key_group: Optional[Tensor],
+    gather: Tensor | None,
+    token_valid: Tensor | None,
+    key_valid: Tensor | None,
+    query_select: Tensor | None,
+    key_group: Tensor | None,
     scale: float,
     block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -261,10 +267,12 @@ def attention(
     k: Tensor,
     v: Tensor,
     plan: BlockSparsePlan,
-    text_mask: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    text_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Caller-order q, k, v [B, S, H, D] -> out [B, S, H, D]; the permutation is fused in the kernels."""
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
     _check(q, k, v, plan, plan.layout.seq_len, "q, k, v (caller order)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     key_valid = plan.key_valid(text_mask, q.shape[0])
@@ -279,10 +287,12 @@ def run(
     k: Tensor,
     v: Tensor,
     plan: BlockSparsePlan,
-    key_valid: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel-order q, k, v [B, H, S_pad, D] -> (out [B, H, S_pad, D], lse fp32 [B, H, S_pad])."""
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
     _check(qs, ks, vs, plan, plan.padded_len, "q, k, v (kernel order, dim 2)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

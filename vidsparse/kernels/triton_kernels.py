@@ -13,6 +13,7 @@ caller token, -1 = padding), so the tile-major permutation costs no extra pass; 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -235,7 +236,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess(
-    O, DO, DLse, Delta, Rows,
+    Out, DO, DLse, Delta, Rows,
     s_ob, s_os, s_oh, s_db, s_ds, s_dh,
     H, S_PAD,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -254,7 +255,7 @@ def _bwd_preprocess(
     else:
         row = offs_m.to(tl.int64)
         ok = offs_m >= 0
-    o = tl.load(O + b * s_ob + h * s_oh + row[:, None] * s_os + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(Out + b * s_ob + h * s_oh + row[:, None] * s_os + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
@@ -499,9 +500,27 @@ def autotune_enabled() -> bool:
     return not INTERPRETED and os.environ.get("VIDSPARSE_TRITON_AUTOTUNE", "1") != "0"
 
 
+_FORCED: dict[str, TileConfig] = {}
+
+
+@contextlib.contextmanager
+def force_configs(fwd: TileConfig | None = None, dkdv: TileConfig | None = None, dq: TileConfig | None = None):
+    """Run the kernels with fixed tiles inside the block (tests of sub-tiling, manual tuning)."""
+    saved = dict(_FORCED)
+    _FORCED.update({k: v for k, v in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)) if v is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
 def _launch(kernel, tuned, space, grid_rows: int, bh: int, args: tuple, consts: dict, q: torch.Tensor, block: int,
-            config: TileConfig | None, tile_of_grid: str):
+            config: TileConfig | None, tile_of_grid: str, role: str):
     head_dim = consts["HEAD_DIM"]
+    config = config or _FORCED.get(role)
+    if config is not None and (block % config.block_m or block % config.block_n):
+        raise ValueError(f"Tile {config} does not divide the plan block size {block}.")
     if config is None and autotune_enabled():
         tuned[lambda meta: (grid_rows // meta[tile_of_grid], bh)](*args, **consts)
         return
@@ -578,7 +597,7 @@ def forward(q, k, v, p: PlanArgs, scale: float, config: TileConfig | None = None
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     rows, tensors, strides = _common(p, p.lists, dummy)
     args = (q, k, v, out, lse, rows, *tensors, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H, p.padded_len)
-    _launch(_fwd_kernel, _fwd_tuned, _FWD_SPACE, p.padded_len, B * H, args, _flags(q, p), q, p.block, config, "BLOCK_M")
+    _launch(_fwd_kernel, _fwd_tuned, _FWD_SPACE, p.padded_len, B * H, args, _flags(q, p), q, p.block, config, "BLOCK_M", "fwd")
     return out, lse
 
 
@@ -603,9 +622,9 @@ def backward(do, dlse, q, k, v, out, lse, p: PlanArgs, t_lists, scale: float,
 
     _, tensors, strides = _common(p, t_lists, dummy)
     args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_SPACE, S_pad, B * H, args, flags, q, p.block, dkdv_config, "BLOCK_N")
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_SPACE, S_pad, B * H, args, flags, q, p.block, dkdv_config, "BLOCK_N", "dkdv")
 
     _, tensors, strides = _common(p, p.lists, dummy)
     args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
-    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, flags, q, p.block, dq_config, "BLOCK_M")
+    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, flags, q, p.block, dq_config, "BLOCK_M", "dq")
     return dq, dk, dv

@@ -1,0 +1,326 @@
+"""Triton backend (CPU interpreter): every pattern, fwd + all grads vs the torch reference,
+sub-tiling, empty rows, kernel-order API, torch.compile / opcheck, plan views, the benchmark."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere below
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from oracle import masked_attention, random_qkv, random_text_mask  # noqa: E402
+
+import vidsparse as vs  # noqa: E402
+from vidsparse.kernels import reference  # noqa: E402
+
+pytest.importorskip("triton")
+from vidsparse.kernels import triton_backend as tb  # noqa: E402
+from vidsparse.kernels import triton_kernels as tk  # noqa: E402
+from vidsparse.kernels.triton_plan import CACHE, split_lists, transpose_lists  # noqa: E402
+
+if tb.unsupported_reason(torch.zeros(1, 1, 1, 16)) is not None:
+    pytest.skip(
+        "triton_backend was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True
+    )
+
+# Small settings per pattern, so that tiny grids are valid and really masked.
+SMALL = {
+    "dense": {},
+    "radial": dict(decay_factor=0.5, block_size=16, sink=True),
+    "dual-scope": dict(local_frames=1, global_stride=2),
+    "vmoba": dict(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 2, 3)),
+    "tile": dict(tile=(1, 2, 3), window=(3, 1, 3)),
+    "gna": dict(kernel_size=(3, 3, 5), stride=(1, 1, 2)),
+    "attention-tile": dict(global_frames=1),
+}
+# (layout, head dim, layer): no text; ragged with text after; text before. Padding in every one.
+CASES = [
+    (vs.VideoLayout(2, 4, 6), 32, 0),
+    (vs.VideoLayout(3, 3, 5, text_len=9, text_position="after"), 16, 1),
+    (vs.VideoLayout(3, 3, 5, text_len=7, text_position="before"), 64, 2),
+]
+ATOL = RTOL = 2e-5  # fp32 in the interpreter: exact dots, only summation order differs
+
+
+def make(name: str):
+    return vs.make_pattern(name, **SMALL.get(name, {}))
+
+
+def run_both(layout, pattern, *, batch=2, heads=2, dim=16, layer=0, block_size=16, text_mask="random", dtype=torch.float32):
+    """(triton out, grads), (torch out, grads) for the same inputs and output gradient."""
+    q, k, v = random_qkv(layout, batch=batch, heads=heads, dim=dim, dtype=dtype, requires_grad=True)
+    tm = random_text_mask(layout, batch) if text_mask == "random" else text_mask
+    g = torch.randn(batch, layout.seq_len, heads, dim, dtype=dtype)
+    results = []
+    for backend in ("triton", "torch"):
+        ins = (q, k, v) if backend == "triton" else tuple(t.detach().float().requires_grad_(True) for t in (q, k, v))
+        out = vs.attention(*ins, layout, pattern, backend=backend, layer=layer, text_mask=tm, block_size=block_size)
+        out.backward(g.to(out.dtype))
+        results.append((out.detach(), [t.grad for t in ins]))
+    return results
+
+
+def assert_match(tri, ref, atol=ATOL, rtol=RTOL):
+    (o, grads), (ro, rgrads) = tri, ref
+    torch.testing.assert_close(o.float(), ro, atol=atol, rtol=rtol)
+    for name, gt, gr in zip("qkv", grads, rgrads):
+        assert torch.isfinite(gt).all(), f"d{name} has non-finite values"
+        torch.testing.assert_close(gt.float(), gr, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# -- every registered pattern --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-layer{c[2]}")
+@pytest.mark.parametrize("name", sorted(vs.PATTERNS))
+def test_pattern_forward_and_grads_match_torch(name, case):
+    layout, dim, layer = case
+    pattern = make(name)
+    try:
+        pattern.validate(layout)
+    except ValueError as exc:
+        if name in SMALL:
+            raise
+        pytest.skip(f"{name} at default settings does not fit the tiny grid {layout}: {exc}")
+    assert_match(*run_both(layout, pattern, dim=dim, layer=layer))
+
+
+@pytest.mark.parametrize(
+    "layout,max_density",
+    [(vs.VideoLayout(12, 2, 8), 0.3), (vs.VideoLayout(8, 4, 8, text_len=5, text_position="after"), 0.8)],
+    ids=["radial-sparse", "radial-text"],
+)
+def test_skipped_blocks_and_sub_tiles(layout, max_density):
+    """Plan blocks of 32 walked in 16-wide tiles (the GPU configs split plan blocks the same way)."""
+    pattern = vs.make_pattern("radial", decay_factor=0.5, block_size=32)
+    p = vs.plan(pattern, layout, block_size=32)
+    listed = torch.arange(p.kv_indices.shape[-1]) < p.kv_counts.unsqueeze(-1)
+    assert p.density < max_density  # whole blocks are skipped
+    assert bool((listed & (p.mask_ids >= 0)).any())  # and some are computed under an element mask
+    with tk.force_configs(fwd=tk.TileConfig(16, 16), dkdv=tk.TileConfig(16, 32), dq=tk.TileConfig(32, 16)):
+        assert_match(*run_both(layout, pattern, batch=1, heads=1, dim=16, block_size=32))
+
+
+# -- semantics corner cases ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HalfBlind(vs.Pattern):
+    """Video queries with index % 3 == 0 see no key at all; the others a local window."""
+
+    name: ClassVar[str] = "half-blind"
+
+    def video_mask(self, layout, qi, ki, layer=0):
+        return (qi % 3 != 0) & ((qi - ki).abs() <= 9)
+
+
+def test_rows_without_keys_give_zero_output_and_finite_grads():
+    layout = vs.VideoLayout(2, 4, 6)
+    tri, ref = run_both(layout, HalfBlind(), batch=1, heads=2, dim=16)
+    blind = torch.arange(layout.video_len) % 3 == 0
+    assert tri[0][:, blind].abs().max() == 0
+    assert_match(tri, ref)
+    mask = vs.token_mask(HalfBlind(), layout)
+    q, k, v = random_qkv(layout, heads=2, dim=16)
+    torch.testing.assert_close(
+        vs.attention(q, k, v, layout, HalfBlind(), backend="triton", block_size=16).double(),
+        masked_attention(q, k, v, mask, layout),
+        atol=ATOL,
+        rtol=RTOL,
+    )
+
+
+def test_fully_padded_text_sample():
+    """A sample whose whole text span is padding still matches (text rows see only video)."""
+    layout = vs.VideoLayout(2, 3, 5, text_len=6, text_position="before")
+    tm = torch.ones(2, 6, dtype=torch.bool)
+    tm[1] = False
+    assert_match(*run_both(layout, make("radial"), text_mask=tm))
+
+
+def test_float16_close_to_fp32_reference():
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    tri, ref = run_both(layout, make("radial"), dim=32, dtype=torch.float16)
+    assert tri[0].dtype == torch.float16
+    assert_match(tri, ref, atol=3e-3, rtol=3e-3)
+
+
+def test_run_kernel_order_matches_reference_out_and_lse():
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    p = vs.plan(make("radial"), layout, num_heads=2, block_size=16)
+    q, k, v = (torch.randn(2, 2, p.padded_len, 16) for _ in range(3))
+    key_valid = p.key_valid(random_text_mask(layout, 2), 2)
+    out, lse = tb.run(q, k, v, p, key_valid=key_valid, scale=0.3)
+    rout, rlse = reference.run(q, k, v, p, key_valid=key_valid, scale=0.3)
+    assert out.shape == q.shape and lse.shape == (2, 2, p.padded_len) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, rout, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, rlse, atol=ATOL, rtol=RTOL)
+
+
+# -- torch.compile and the custom op --------------------------------------------------------
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layout = vs.VideoLayout(2, 3, 5, text_len=9, text_position="after")
+    pattern = make("radial")
+    tm = random_text_mask(layout, 2)
+
+    def f(q, k, v, tm):
+        return vs.attention(q, k, v, layout, pattern, backend="triton", text_mask=tm, block_size=16) * 2
+
+    q, k, v = random_qkv(layout, batch=2, heads=2, dim=16, requires_grad=True)
+    eager = f(q, k, v, tm)  # also caches the plan: a compiled graph only looks it up
+    eager.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, tm)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(t.grad, g)
+
+
+def test_custom_op_opcheck():
+    layout = vs.VideoLayout(2, 2, 4, text_len=3, text_position="after")
+    p = vs.plan(make("dense"), layout, num_heads=1, block_size=16)
+    q, k, v = random_qkv(layout, batch=1, heads=1, dim=16, requires_grad=True)
+    tm = torch.tensor([[True, True, False]])
+    args = (q, k, v, *tb._op_args(p, True), p.key_valid(tm, 1), None, None, 0.25, 16)
+    torch.library.opcheck(tb.block_sparse_attention, args)
+
+
+# -- plan views and caching ------------------------------------------------------------------
+
+
+def test_plan_views_cover_exactly_the_plan():
+    layout = vs.VideoLayout(12, 2, 8, text_len=7, text_position="before")
+    p = vs.plan(vs.make_pattern("radial", decay_factor=0.5, block_size=16), layout, block_size=32)
+    listed = {
+        (qb, int(kb), int(mid))
+        for qb in range(p.num_blocks)
+        for kb, mid in zip(p.kv_indices[0, 0, qb, : p.kv_counts[0, 0, qb]], p.mask_ids[0, 0, qb, : p.kv_counts[0, 0, qb]])
+    }
+    fwd = split_lists(p.kv_counts, p.kv_indices, p.mask_ids, p.text_blocks)
+    t = transpose_lists(p.kv_counts, p.kv_indices, p.mask_ids, p.num_blocks)
+    got_fwd, got_t = set(), set()
+    for blk in range(p.num_blocks):
+        nm, na = int(fwd.n_masked[0, 0, blk]), int(fwd.n_total[0, 0, blk])
+        idx, mid = fwd.idx[0, 0, blk], fwd.mid[0, 0, blk]
+        # masked part: element mask or a text block; whole part: neither
+        assert all(int(m) >= 0 or bool(p.text_blocks[int(i)]) for i, m in zip(idx[:nm], mid[:nm]))
+        assert all(int(m) < 0 and not bool(p.text_blocks[int(i)]) for i, m in zip(idx[nm:na], mid[nm:na]))
+        got_fwd |= {(blk, int(i), int(m)) for i, m in zip(idx[:na], mid[:na])}
+        tn, ta = int(t.n_masked[0, 0, blk]), int(t.n_total[0, 0, blk])
+        assert all(int(m) >= 0 for m in t.mid[0, 0, blk, :tn]) and all(int(m) < 0 for m in t.mid[0, 0, blk, tn:ta])
+        got_t |= {(int(qb), blk, int(m)) for qb, m in zip(t.idx[0, 0, blk, :ta], t.mid[0, 0, blk, :ta])}
+    assert got_fwd == listed and got_t == listed
+    assert any(m >= 0 for _, _, m in listed) and any(m < 0 for _, _, m in listed)
+
+
+def test_plan_views_are_cached_per_plan():
+    layout = vs.VideoLayout(2, 4, 6)
+    q, k, v = random_qkv(layout, heads=2, dim=16)
+    CACHE.clear()
+    vs.attention(q, k, v, layout, make("radial"), backend="triton", block_size=16)
+    n = len(CACHE)
+    vs.attention(q, k, v, layout, make("radial"), backend="triton", block_size=16)
+    assert n > 0 and len(CACHE) == n
+
+
+# -- clear errors ----------------------------------------------------------------------------
+
+
+def test_unsupported_reason_and_errors():
+    assert tb.unsupported_reason(torch.zeros(1, 4, 2, 32)) is None
+    assert "dtype" in tb.unsupported_reason(torch.zeros(1, 4, 2, 32, dtype=torch.float64))
+    assert "head dim" in tb.unsupported_reason(torch.zeros(1, 4, 2, 24))
+    assert "head dim" in tb.unsupported_reason(torch.zeros(1, 4, 2, 512))
+    layout = vs.VideoLayout(2, 3, 4)
+    q, k, v = random_qkv(layout, heads=2, dim=24)
+    with pytest.raises(ValueError, match="head dim 24"):
+        vs.attention(q, k, v, layout, "dense", backend="triton", block_size=16)
+    q, k, v = random_qkv(layout, heads=2, dim=16)
+    with pytest.raises(ValueError, match="block_size >= 16"):
+        vs.attention(q, k, v, layout, "dense", backend="triton", block_size=8)
+    p = vs.plan(make("dense"), layout, num_heads=2, block_size=16)
+    with pytest.raises(ValueError, match="tokens for this plan"):
+        tb.attention(q[:, :-1], k[:, :-1], v[:, :-1], p)
+    with pytest.raises(TypeError, match="BlockSparsePlan"):
+        tb.attention(q, k, v, "dense")
+    with pytest.raises(ValueError, match="does not divide"), tk.force_configs(fwd=tk.TileConfig(32, 16)):
+        tb.attention(q, k, v, p)
+
+
+# -- benchmark smoke run ---------------------------------------------------------------------
+
+REQUIRED_TOP = {"schema", "device", "torch", "triton", "git_commit", "dtype", "shapes", "results"}
+REQUIRED_ROW = {"shape", "pattern", "density", "backend", "direction", "ms", "tflops"}
+
+
+def test_bench_cpu_quick_smoke(tmp_path, capsys):
+    from vidsparse import bench
+
+    argv = ["--device", "cpu", "--quick", "--out-dir", str(tmp_path), "--patterns", "radial",
+            "--densities", "50", "--backends", "triton,sdpa", "--directions", "fwd,fwd+bwd"]  # fmt: skip
+    assert bench.main(argv) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")
+    rep = json.loads((tmp_path / files[0]).read_text())
+    assert set(rep) >= REQUIRED_TOP and rep["schema"] == bench.SCHEMA and rep["triton_interpret"]
+    assert rep["shapes"]["tiny"]["seq_len"] == bench.SHAPES["tiny"].layout.seq_len
+    rows = rep["results"]
+    assert all(set(r) >= REQUIRED_ROW for r in rows)
+    timed = {(r["pattern"], r["backend"], r["direction"]) for r in rows if r["ms"] is not None}
+    for pattern in ("radial", "random-50%"):
+        for direction in ("fwd", "fwd+bwd"):
+            assert (pattern, "triton", direction) in timed
+        assert (pattern, "plan", "build") in timed
+    assert ("dense", "sdpa", "fwd+bwd") in timed
+    tri = [r for r in rows if r["backend"] == "triton"]
+    assert all(r["tflops"] > 0 and r["flops"] > 0 and 0 < r["density"] <= 1 for r in tri)
+    fwd = next(r for r in tri if r["pattern"] == "radial" and r["direction"] == "fwd")
+    both = next(r for r in tri if r["pattern"] == "radial" and r["direction"] == "fwd+bwd")
+    assert both["flops"] == pytest.approx(2.5 * fwd["flops"])
+    assert "| radial |" in (tmp_path / files[1]).read_text()
+
+
+def test_bench_refuses_without_gpu_or_quick(tmp_path, capsys):
+    from vidsparse import bench
+
+    assert bench.main(["--device", "cpu", "--out-dir", str(tmp_path)]) == 2
+    assert "--device cpu --quick" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--out-dir", str(tmp_path)]) == 2
+        assert "No CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown shape"):
+        bench.settings_from_args(_bench_args(shapes="wan-99b"))
+    with pytest.raises(ValueError, match="densities"):
+        bench.settings_from_args(_bench_args(densities="150"))
+    assert not list(tmp_path.iterdir())
+
+
+def _bench_args(**overrides):
+    import argparse
+
+    from vidsparse import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--quick"])
+    return argparse.Namespace(**{**vars(args), **overrides})
+
+
+def test_random_blocks_pattern_density():
+    from vidsparse.bench import RandomBlocks
+
+    layout = vs.VideoLayout(4, 8, 8)
+    p = vs.plan(RandomBlocks(0.25, seed=3), layout, block_size=16)
+    assert p.video_density == pytest.approx(0.25)
+    assert all(bool((p.dense_block_matrix()[i, i]) == 2) for i in range(p.num_blocks))
+    assert dataclasses.is_dataclass(RandomBlocks)

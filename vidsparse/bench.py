@@ -1,0 +1,712 @@
+"""Time sparse attention kernels on real video-model shapes and write JSON + Markdown.
+
+For each shape (Wan2.1-1.3B 480p, Wan2.1-14B 720p, HunyuanVideo 720p), each pattern at its
+default settings and synthetic random block plans at given densities, it times the
+vidsparse Triton kernel, torch SDPA (best of flash / cuDNN / efficient; dense), FlexAttention
+compiled with the same BlockMask, and NATTEN for GNA when installed; forward and
+forward+backward (CUDA events, warmup, median of --repeats). Plan building, the Triton
+kernel's plan views and the token permutation other backends need are timed separately.
+
+TFLOP/s count the work a backend does: 4*bs*bs*D per computed block per head for sparse
+backends, 4*S*S*D per head for SDPA, times 2.5 for forward+backward.
+
+Results go to <out-dir>/attention_<device>_<date>.json (schema: benchmarks/README.md) and a
+Markdown table beside it. Needs a CUDA GPU; '--device cpu --quick' is a tiny smoke run
+(the Triton kernel then needs TRITON_INTERPRET=1 in the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+import vidsparse as vs
+from vidsparse.layout import VideoLayout
+from vidsparse.patterns.base import Pattern
+from vidsparse.plan import BlockSparsePlan, build_static_plan
+
+SCHEMA = "vidsparse.bench.attention/1"
+BACKENDS = ("triton", "sdpa", "flex", "natten")
+DIRECTIONS = ("fwd", "fwd+bwd")
+BWD_FACTOR = 2.5  # FLOPs of forward+backward relative to forward (FlashAttention convention)
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One attention call of a model: latent grid after patchify, heads, head dim, text span."""
+
+    name: str
+    frames: int
+    height: int
+    width: int
+    heads: int
+    head_dim: int = 128
+    text_len: int = 0
+    text_position: str = "none"
+    batch: int = 1
+
+    @property
+    def layout(self) -> VideoLayout:
+        return VideoLayout(self.frames, self.height, self.width, self.text_len, self.text_position)  # type: ignore[arg-type]
+
+
+SHAPES: dict[str, BenchShape] = {
+    # Wan2.1-T2V-1.3B, 81 x 480 x 832: 32,760 tokens, 12 heads.
+    "wan-1.3b": BenchShape("wan-1.3b", 21, 30, 52, heads=12),
+    # Wan2.1-T2V-14B, 81 x 720 x 1280: 75,600 tokens, 40 heads.
+    "wan-14b": BenchShape("wan-14b", 21, 45, 80, heads=40),
+    # HunyuanVideo, 129 x 720 x 1280: 118,800 video tokens + 256 text tokens after, 24 heads.
+    "hunyuan": BenchShape("hunyuan", 33, 45, 80, heads=24, text_len=256, text_position="after"),
+    # CPU smoke run (--device cpu --quick).
+    "tiny": BenchShape("tiny", 2, 4, 6, heads=2, head_dim=16, text_len=8, text_position="after"),
+}
+QUICK_GPU_SHAPES = ("wan-1.3b",)
+
+
+@dataclass(frozen=True)
+class RandomBlocks(Pattern):
+    """Synthetic pattern: each video query block keeps ``density`` of the video key blocks
+    (its own block always included, the others at random), all whole blocks.
+
+    Text rows and columns follow the core semantics (always attended).
+    """
+
+    density: float = 0.25
+    seed: int = 0
+
+    name: ClassVar[str] = "random-blocks"
+
+    def video_mask(self, layout, qi, ki, layer=0):  # only whole (2) or empty (0) candidates
+        return torch.ones(torch.broadcast_shapes(qi.shape, ki.shape), dtype=torch.bool, device=qi.device)
+
+    def block_candidates(self, layout, order, block_size, layer=0):
+        n = order.numel() // block_size
+        keep = min(n, max(1, round(self.density * n)))
+        g = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(n, n, generator=g)
+        scores.fill_diagonal_(-1.0)
+        chosen = torch.topk(scores, keep, dim=1, largest=False).indices
+        cand = torch.zeros(n, n, dtype=torch.int8)
+        cand.scatter_(1, chosen, 2)
+        return cand
+
+
+@dataclass
+class Row:
+    """One measurement (see benchmarks/README.md)."""
+
+    shape: str
+    pattern: str
+    density: float
+    backend: str
+    direction: str
+    ms: float | None
+    tflops: float | None
+    flops: float | None = None
+    nominal_density: float | None = None
+    note: str = ""
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- arguments -----------------------------------------------------------------------------
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: the three model shapes; quick: wan-1.3b, or tiny on CPU)")
+    parser.add_argument("--patterns", default=None, help="comma list of registered patterns at default settings, or 'none' (default: all registered; CPU quick: dense)")
+    parser.add_argument("--densities", default=None, help="synthetic random-block densities in %% (default 10,25,50,100; CPU quick: 50), or 'none'")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)} (default: all)")
+    parser.add_argument("--directions", default=",".join(DIRECTIONS), help="comma list of fwd, fwd+bwd (default: both)")
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16; fp32 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median reported (default 20; quick 5; CPU 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; CPU 0)")
+    parser.add_argument("--block-size", type=int, default=128, help="plan block size (default 128; CPU quick: 16)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; e.g. 2 for classifier-free guidance)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (only with --quick)")
+    parser.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and Markdown go (default benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, densities and repeats (the only mode on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of inputs and random block plans")
+
+
+@dataclass(frozen=True)
+class Settings:
+    shapes: tuple[BenchShape, ...]
+    patterns: tuple[str, ...]
+    densities: tuple[float, ...]
+    backends: tuple[str, ...]
+    directions: tuple[str, ...]
+    dtype: torch.dtype
+    repeats: int
+    warmup: int
+    block_size: int
+    device: torch.device
+    out_dir: Path
+    quick: bool
+    seed: int
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Validate the flags (ValueError with the fix on bad input)."""
+    cpu = args.device == "cpu"
+    if cpu and not args.quick:
+        raise ValueError(
+            "vidsparse bench times GPU kernels; on CPU only a smoke run is possible: pass --device cpu --quick."
+        )
+    if not cpu and not torch.cuda.is_available():
+        raise ValueError(
+            "No CUDA GPU is available: vidsparse bench measures GPU kernels. Run it on a CUDA machine, "
+            "or pass --device cpu --quick for a tiny smoke run."
+        )
+    if args.shapes:
+        names = _csv(args.shapes)
+    else:
+        names = ["tiny"] if cpu else list(QUICK_GPU_SHAPES if args.quick else ("wan-1.3b", "wan-14b", "hunyuan"))
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise ValueError(f"Unknown shape(s) {unknown}; expected some of {', '.join(SHAPES)}.")
+    batch = args.batch or 1
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}.")
+    shapes = tuple(BenchShape(**{**asdict(SHAPES[n]), "batch": batch}) for n in names)
+
+    if args.patterns is None:
+        patterns = ["dense"] if cpu else list(vs.PATTERNS)
+    elif args.patterns.strip().lower() == "none":
+        patterns = []
+    else:
+        patterns = [p.lower().replace("_", "-") for p in _csv(args.patterns)]
+    bad = [p for p in patterns if p not in vs.PATTERNS]
+    if bad:
+        raise ValueError(f"Unknown pattern(s) {bad}; registered: {', '.join(sorted(vs.PATTERNS))}.")
+
+    if args.densities is None:
+        dens = [50.0] if cpu else ([25.0, 100.0] if args.quick else [10.0, 25.0, 50.0, 100.0])
+    elif args.densities.strip().lower() == "none":
+        dens = []
+    else:
+        try:
+            dens = [float(d) for d in _csv(args.densities)]
+        except ValueError:
+            raise ValueError(f"--densities must be numbers in percent like 10,25,50,100, got {args.densities!r}.") from None
+    if any(not 0 < d <= 100 for d in dens):
+        raise ValueError(f"--densities are percentages in (0, 100], got {dens}.")
+
+    backends = [b.lower() for b in _csv(args.backends)]
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        raise ValueError(f"--backends must be a comma list of {', '.join(BACKENDS)}, got {args.backends!r}.")
+    aliases = {"fwd": "fwd", "forward": "fwd", "fwd+bwd": "fwd+bwd", "fwdbwd": "fwd+bwd", "bwd": "fwd+bwd", "train": "fwd+bwd"}
+    directions = []
+    for d in _csv(args.directions):
+        if d.lower() not in aliases:
+            raise ValueError(f"--directions must be a comma list of fwd, fwd+bwd, got {args.directions!r}.")
+        directions.append(aliases[d.lower()])
+    dtype = _DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
+    repeats = args.repeats if args.repeats is not None else (1 if cpu else 5 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (0 if cpu else 3)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}.")
+    block = 16 if cpu and args.block_size == 128 else args.block_size
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"--block-size must be a power of two >= 16 (64 or 128 on GPUs), got {block}.")
+    return Settings(
+        shapes=shapes,
+        patterns=tuple(dict.fromkeys(patterns)),
+        densities=tuple(dict.fromkeys(dens)),
+        backends=tuple(dict.fromkeys(backends)),
+        directions=tuple(dict.fromkeys(directions)),
+        dtype=dtype,
+        repeats=repeats,
+        warmup=warmup,
+        block_size=block,
+        device=torch.device(args.device),
+        out_dir=Path(args.out_dir),
+        quick=bool(args.quick),
+        seed=args.seed,
+    )
+
+
+# -- timing --------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def wall_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Wall-clock milliseconds of one call (host work such as plan building), and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def step():
+        with torch.no_grad():
+            return fn()
+
+    return step
+
+
+def _with_backward(fwd: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, ...], grad: torch.Tensor):
+    def step():
+        for t in leaves:
+            t.grad = None
+        fwd().backward(grad)
+
+    return step
+
+
+# -- FLOPs ---------------------------------------------------------------------------------
+
+
+def computed_blocks(plan: BlockSparsePlan, batch: int, heads: int) -> float:
+    """Blocks a sparse kernel computes over all (batch, head) pairs."""
+    Bp, Hp = plan.kv_counts.shape[:2]
+    return float(plan.kv_counts.double().sum().item()) * (batch // Bp) * (heads // Hp)
+
+
+def sparse_flops(plan: BlockSparsePlan, shape: BenchShape, direction: str) -> float:
+    f = 4.0 * plan.block_size**2 * shape.head_dim * computed_blocks(plan, shape.batch, shape.heads)
+    return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
+
+
+def dense_flops(shape: BenchShape, direction: str) -> float:
+    s = shape.layout.seq_len
+    f = 4.0 * shape.batch * shape.heads * s * s * shape.head_dim
+    return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
+
+
+def _tflops(flops: float, ms: float | None) -> float | None:
+    return None if not ms else flops / (ms * 1e-3) / 1e12
+
+
+# -- backends ------------------------------------------------------------------------------
+
+
+def _inputs(shape: BenchShape, s: Settings, grad: bool) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=s.device).manual_seed(s.seed)
+    dims = (shape.batch, shape.layout.seq_len, shape.heads, shape.head_dim)
+    q, k, v, do = (torch.randn(dims, generator=g, device=s.device, dtype=s.dtype) for _ in range(4))
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v, do
+
+
+def _sdpa_candidates(device: torch.device):
+    from torch.nn.attention import SDPBackend
+
+    if device.type != "cuda":
+        return [("math", SDPBackend.MATH)]
+    return [
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ]
+
+
+def bench_sdpa(shape: BenchShape, s: Settings, direction: str) -> Row:
+    """Dense SDPA, best of the fused kernels available (which one is in ``note``)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    grad = direction == "fwd+bwd"
+    q, k, v, do = _inputs(shape, s, grad)
+    qt, kt, vt, dot = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v, do))
+    if grad:
+        for t in (qt, kt, vt):
+            t.requires_grad_(True)
+    best, errors = None, []
+    for name, backend in _sdpa_candidates(s.device):
+        try:
+            with sdpa_kernel([backend]):
+                fwd = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+                fn = _with_backward(fwd, (qt, kt, vt), dot) if grad else _no_grad(fwd)
+                ms = time_ms(fn, s.device, s.warmup, s.repeats)
+            if best is None or ms < best[1]:
+                best = (name, ms)
+        except Exception as exc:  # a backend that refuses this shape/dtype/GPU
+            errors.append(f"{name}: {_short(exc)}")
+            _free(s.device)
+    flops = dense_flops(shape, direction)
+    if best is None:
+        return Row(shape.name, "dense", 1.0, "sdpa", direction, None, None, flops, error="; ".join(errors))
+    return Row(shape.name, "dense", 1.0, "sdpa", direction, best[1], _tflops(flops, best[1]), flops, note=best[0])
+
+
+def bench_triton(q, k, v, do, plan: BlockSparsePlan, s: Settings, direction: str) -> float:
+    from vidsparse.kernels import triton_backend as tb
+
+    reason = tb.unsupported_reason(q)
+    if reason is not None:
+        raise RuntimeError(reason)
+    fwd = lambda: tb.attention(q, k, v, plan)  # noqa: E731
+    fn = _with_backward(fwd, (q, k, v), do) if direction == "fwd+bwd" else _no_grad(fwd)
+    return time_ms(fn, s.device, s.warmup, s.repeats)
+
+
+def bench_flex(q, k, v, do, plan: BlockSparsePlan, s: Settings, direction: str) -> float:
+    """FlexAttention on kernel-order tensors with the plan's BlockMask (permutation not timed)."""
+    from vidsparse.kernels import flex
+
+    g = plan.order.gather
+    qk, kk, vk, dok = (t.detach()[:, g].transpose(1, 2).contiguous() for t in (q, k, v, do))
+    grad = direction == "fwd+bwd"
+    if grad:
+        for t in (qk, kk, vk):
+            t.requires_grad_(True)
+    bm = flex.block_mask_from_plan(plan, None, q.shape[0])
+    fwd = lambda: flex.run(qk, kk, vk, plan, block_mask=bm)[0]  # noqa: E731
+    fn = _with_backward(fwd, (qk, kk, vk), dok) if grad else _no_grad(fwd)
+    return time_ms(fn, s.device, s.warmup, s.repeats)
+
+
+def natten_available() -> bool:
+    try:
+        import natten  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_natten(q, k, v, do, pattern: Pattern, shape: BenchShape, s: Settings, direction: str) -> float:
+    """NATTEN na3d with the GNA pattern's parameters (natural token order, video only)."""
+    import natten
+
+    if shape.text_len:
+        raise RuntimeError("NATTEN's na3d runs video-only grids; this shape has a text span")
+    layout = shape.layout
+    kernel = pattern.resolved_kernel(layout)
+    dims = (shape.batch, *layout.grid, shape.heads, shape.head_dim)
+    q5, k5, v5, do5 = (t.detach().reshape(dims).contiguous() for t in (q, k, v, do))
+    grad = direction == "fwd+bwd"
+    if grad:
+        for t in (q5, k5, v5):
+            t.requires_grad_(True)
+
+    def fwd():
+        return natten.na3d(
+            q5, k5, v5, kernel_size=kernel, stride=pattern.stride, dilation=pattern.dilation, is_causal=pattern.is_causal
+        )
+
+    fn = _with_backward(fwd, (q5, k5, v5), do5) if grad else _no_grad(fwd)
+    return time_ms(fn, s.device, s.warmup, s.repeats)
+
+
+def permute_ms(q, k, v, plan: BlockSparsePlan, s: Settings) -> float:
+    """Gather q, k, v into kernel order and scatter an output back (what unfused backends pay)."""
+    g, sc = plan.order.gather, plan.order.scatter
+
+    def fn():
+        qk, kk, vk = (t[:, g] for t in (q, k, v))
+        return qk[:, sc], kk, vk
+
+    with torch.no_grad():
+        return time_ms(fn, s.device, s.warmup, s.repeats)
+
+
+def prep_ms(plan: BlockSparsePlan, s: Settings) -> float:
+    """Build the Triton kernel's plan views (masked-first lists and the transposed plan)."""
+    from vidsparse.kernels.triton_plan import split_lists, transpose_lists
+
+    def fn():
+        split_lists(plan.kv_counts, plan.kv_indices, plan.mask_ids)
+        transpose_lists(plan.kv_counts, plan.kv_indices, plan.mask_ids, plan.num_blocks)
+
+    return wall_ms(fn, s.device)[0]
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text[:300]
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _plan_for(pattern: Pattern, shape: BenchShape, s: Settings, q, k) -> tuple[BlockSparsePlan, float]:
+    layout = shape.layout
+    if pattern.dynamic:
+        with torch.no_grad():
+            ms, plan = wall_ms(lambda: pattern.dynamic_plan(layout, q.detach(), k.detach(), 0, s.block_size), s.device)
+        return plan, ms
+    ms, plan = wall_ms(lambda: build_static_plan(pattern, layout, shape.heads, 0, s.block_size, s.device), s.device)
+    return plan, ms
+
+
+def bench_pattern(label: str, pattern: Pattern, shape: BenchShape, s: Settings, nominal: float | None, log) -> list[Row]:
+    """All rows of one (shape, pattern): plan build, plan views, permutation, each backend x direction."""
+    rows: list[Row] = []
+
+    def add(backend, direction, ms, flops=None, density=float("nan"), note="", error=None, extra=None):
+        rows.append(
+            Row(shape.name, label, density, backend, direction, ms, _tflops(flops, ms) if flops else None, flops,
+                nominal, note, error, extra or {})
+        )  # fmt: skip
+        tf = rows[-1].tflops
+        shown = f"{ms:9.3f} ms" if ms is not None else "    failed"
+        log(f"  {shape.name:9s} {label:18s} {backend:12s} {direction:8s} {shown}"
+            + (f" {tf:7.1f} TFLOP/s" if tf else "") + (f"  [{error}]" if error else ""))  # fmt: skip
+
+    q, k, v, do = _inputs(shape, s, True)
+    try:
+        pattern.validate(shape.layout)
+        plan, build = _plan_for(pattern, shape, s, q, k)
+    except Exception as exc:
+        add("plan", "build", None, error=_short(exc))
+        return rows
+    density = plan.density
+    add("plan", "build", build, density=density, note="dynamic" if pattern.dynamic else "static",
+        extra={"video_density": plan.video_density, "block_size": plan.block_size})  # fmt: skip
+    if "triton" in s.backends:
+        try:
+            add("triton-prep", "build", prep_ms(plan, s), density=density)
+        except Exception as exc:
+            add("triton-prep", "build", None, density=density, error=_short(exc))
+    if not plan.order.identity:
+        add("permute", "fwd", permute_ms(q.detach(), k.detach(), v.detach(), plan, s), density=density,
+            note="gather q,k,v + scatter out (fused in the triton kernel)")  # fmt: skip
+
+    for backend in s.backends:
+        if backend == "sdpa":
+            continue  # dense, measured once per shape
+        if backend == "natten" and not (getattr(pattern, "name", "") == "gna" and natten_available()):
+            continue
+        for direction in s.directions:
+            flops = sparse_flops(plan, shape, direction)
+            try:
+                if backend == "triton":
+                    ms = bench_triton(q, k, v, do, plan, s, direction)
+                elif backend == "flex":
+                    ms = bench_flex(q, k, v, do, plan, s, direction)
+                else:
+                    ms = bench_natten(q, k, v, do, pattern, shape, s, direction)
+                add(backend, direction, ms, flops, density)
+            except Exception as exc:
+                add(backend, direction, None, flops, density, error=_short(exc))
+                _free(s.device)
+    del q, k, v, do
+    _free(s.device)
+    return rows
+
+
+def run_benchmarks(s: Settings, log=print) -> list[Row]:
+    rows: list[Row] = []
+    for shape in s.shapes:
+        log(f"shape {shape.name}: grid {shape.frames}x{shape.height}x{shape.width}"
+            f"{f' + {shape.text_len} text {shape.text_position}' if shape.text_len else ''}, "
+            f"{shape.layout.seq_len} tokens, batch {shape.batch}, {shape.heads} heads x {shape.head_dim}")  # fmt: skip
+        if "sdpa" in s.backends:
+            for direction in s.directions:
+                rows.append(bench_sdpa(shape, s, direction))
+                r = rows[-1]
+                log(f"  {shape.name:9s} {'dense':18s} {'sdpa':12s} {direction:8s} "
+                    + (f"{r.ms:9.3f} ms {r.tflops:7.1f} TFLOP/s ({r.note})" if r.ms else f"failed [{r.error}]"))  # fmt: skip
+                _free(s.device)
+        for name in s.patterns:
+            try:
+                pattern = vs.make_pattern(name)
+            except Exception as exc:
+                rows.append(Row(shape.name, name, float("nan"), "plan", "build", None, None, error=_short(exc)))
+                continue
+            rows.extend(bench_pattern(name, pattern, shape, s, None, log))
+        for d in s.densities:
+            label = f"random-{d:g}%"
+            rows.extend(bench_pattern(label, RandomBlocks(d / 100.0, s.seed), shape, s, d / 100.0, log))
+    return rows
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _git_commit() -> tuple[str, bool | None]:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown", None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        return commit.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}".strip()
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def report(rows: list[Row], s: Settings) -> dict:
+    commit, dirty = _git_commit()
+    return _clean(
+        {
+            "schema": SCHEMA,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(s.device),
+            "device_type": s.device.type,
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "natten": _version("natten"),
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "dtype": str(s.dtype).replace("torch.", ""),
+            "block_size": s.block_size,
+            "repeats": s.repeats,
+            "warmup": s.warmup,
+            "quick": s.quick,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+            "shapes": {
+                sh.name: {
+                    "grid": [sh.frames, sh.height, sh.width],
+                    "text_len": sh.text_len,
+                    "text_position": sh.text_position,
+                    "seq_len": sh.layout.seq_len,
+                    "batch": sh.batch,
+                    "heads": sh.heads,
+                    "head_dim": sh.head_dim,
+                }
+                for sh in s.shapes
+            },
+            "results": [asdict(r) for r in rows],
+        }
+    )
+
+
+def markdown(rep: dict) -> str:
+    """A Markdown table of the results, with speedup over dense SDPA per shape and direction."""
+    sdpa = {(r["shape"], r["direction"]): r["ms"] for r in rep["results"] if r["backend"] == "sdpa" and r["ms"]}
+    lines = [
+        f"# vidsparse attention benchmark: {rep['device']}",
+        "",
+        f"{rep['created']}, torch {rep['torch']}, triton {rep['triton']}, commit {rep['git_commit'][:12]}"
+        f"{' (dirty)' if rep['git_dirty'] else ''}, {rep['dtype']}, block {rep['block_size']}, "
+        f"median of {rep['repeats']} after {rep['warmup']} warmup.",
+        "",
+        "| shape | pattern | density | backend | direction | ms | TFLOP/s | vs SDPA | note |",
+        "|---|---|---:|---|---|---:|---:|---:|---|",
+    ]
+    for r in rep["results"]:
+        ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
+        tf = f"{r['tflops']:.1f}" if r["tflops"] is not None else "-"
+        base = sdpa.get((r["shape"], r["direction"]))
+        timed = r["backend"] in ("triton", "flex", "natten", "sdpa")
+        speed = f"{base / r['ms']:.2f}x" if base and r["ms"] and timed else ""
+        dens = f"{100 * r['density']:.1f}%" if r["density"] is not None else "-"
+        note = r["error"] and f"error: {r['error']}" or r["note"]
+        lines.append(f"| {r['shape']} | {r['pattern']} | {dens} | {r['backend']} | {r['direction']} | {ms} | {tf} | {speed} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rep: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", rep["device"].lower()).strip("-") or "device"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = out_dir / f"attention_{slug}_{stamp}"
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    json_path.write_text(json.dumps(rep, indent=1) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(rep), encoding="utf-8")
+    return json_path, md_path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``vidsparse bench``: measure, print, write JSON + Markdown."""
+    s = settings_from_args(args)
+    torch.manual_seed(s.seed)
+    rows = run_benchmarks(s, log=lambda m: print(m, flush=True))
+    rep = report(rows, s)
+    json_path, md_path = write(rep, s.out_dir)
+    print(f"wrote {json_path} and {md_path}")
+    failed = sum(1 for r in rows if r.error)
+    if failed:
+        print(f"{failed} measurement(s) failed; see the 'error' fields.", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vidsparse.bench`` / benchmarks/attention.py."""
+    parser = argparse.ArgumentParser(prog="vidsparse bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError) as exc:
+        print(f"vidsparse bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
