@@ -34,15 +34,17 @@ blocks, so a kernel block belongs to exactly one VMoBA block (``key_group``); te
 one extra group that is always kept. ``query_select[b, h, row, g]`` carries the per-query choice
 and ``kv_indices`` the union over each kernel query block, built on the device with fixed shapes
 (MAXK = number of key blocks): no ``.item()``, ``nonzero`` or ``unique`` in the per-call path.
+``granularity="tile"`` selects once per kernel query tile instead (no ``query_select``).
 
-Memory per call (S = video tokens, G = VMoBA blocks, B batch, H heads, NK kernel blocks):
-outputs ``query_select`` B*H*S_pad*(G+1) bytes and ``kv_indices``/``mask_ids`` 8*B*H*NK^2 bytes
-(+ 8*B*H*NK^2 transient for the sort); selection temporaries about 40 bytes per gate entry for
-E = min(S*G*H, _SELECT_ELEMENTS) entries at a time with ``scope="query"`` (heads and query rows
-are chunked), E = S*G (one head) with ``scope="head"``. At Wan 480p (S = 32,760, H = 12,
-G = 72) that is 28 MB of ``query_select`` and about 170 MB of temporaries, where the released
-code holds several G*H*S fp32 tensors plus an int64 sort index (about 0.5 GB at G = 72, 2.3 GB
-at FastVideo's G = 325).
+Memory per call (S = video tokens, G = VMoBA blocks, B batch, H heads, NK kernel blocks, D head
+dim): outputs ``query_select`` B*H*S_pad*(G+1) bytes (none for "tile") and ``kv_indices`` plus
+``mask_ids`` 8*B*H*NK^2 bytes (+ 8*B*H*NK^2 transient for the sort); fp32 copies of one head
+chunk of q and k (2*4*S*hc*D); selection temporaries of about 40 bytes per gate entry for
+E = min(S*G*H, _SELECT_ELEMENTS) entries at a time with ``scope="query"`` (heads, then query
+rows, are chunked) and E = S*G (one head) with ``scope="head"`` ("tile": E = NK*G per head).
+At Wan 480p (S = 32,760, H = 12, G = 72) that is 28 MB of ``query_select`` and about 100 MB of
+temporaries; the released code holds several G*H*S fp32 tensors (113 MB each at G = 72,
+0.5 GB at FastVideo's G = 325) plus an int64 sort index of twice that size.
 """
 
 from __future__ import annotations
