@@ -16,6 +16,7 @@ from vidsparse.lora.models import load_model
 from vidsparse.lora.train import prepare_cache, sample_order
 
 SPEC = ClipSpec(num_frames=17, height=48, width=48)
+SMALL = ClipSpec(num_frames=9, height=32, width=32)  # cache tests: cheaper VAE encodes
 
 
 def moving_ball(n, h, w, seed):
@@ -166,31 +167,31 @@ def test_cache_reuse_and_invalidation(tmp_path, dataset, tiny):
     shutil.copytree(dataset, data)
     cache = LatentCache(tmp_path / "cache")
     samples = scan_dataset(data).samples
-    first = cache.prepare(samples, SPEC, tiny, progress=False)
+    first = cache.prepare(samples, SMALL, tiny, progress=False)
     assert (first.latents_computed, first.text_computed, len(first.samples)) == (3, 3, 3)
     from vidsparse.lora.cache import load_latents, load_text
 
     z = load_latents(first.samples[0].latent_file)
-    assert z.shape == (4, 5, 6, 6)  # 17 frames -> 5 latent frames, 48 px -> 6 latents
+    assert z.shape == (4, 3, 4, 4)  # 9 frames -> 3 latent frames, 32 px -> 4 latents
     assert load_text(first.samples[0].text_file)["prompt_embeds"].shape == (8, 16)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert len(manifest["latents"]) == 3 and {v["video"] for v in manifest["latents"].values()} == {
         "a.mp4", "b.gif", "c.webm"}
 
-    again = cache.prepare(samples, SPEC, tiny, progress=False)
+    again = cache.prepare(samples, SMALL, tiny, progress=False)
     assert (again.latents_computed, again.text_computed) == (0, 0)
     assert (again.latents_reused, again.text_reused) == (3, 3)
     assert [s.latent_file for s in again.samples] == [s.latent_file for s in first.samples]
 
     # a different frame count re-encodes every latent but reuses every text embedding
-    shorter = cache.prepare(samples, ClipSpec(13, 48, 48), tiny, progress=False)
+    shorter = cache.prepare(samples, ClipSpec(5, 32, 32), tiny, progress=False)
     assert (shorter.latents_computed, shorter.text_computed, shorter.text_reused) == (3, 0, 3)
     # a changed caption re-encodes only its text; an edited video only its latents
     (data / "c.txt").write_text("a yellow ball")
     import imageio.v3 as iio
 
     iio.imwrite(data / "a.mp4", moving_ball(20, 40, 56, 9), fps=8, macro_block_size=1)
-    changed = cache.prepare(scan_dataset(data).samples, SPEC, tiny, progress=False)
+    changed = cache.prepare(scan_dataset(data).samples, SMALL, tiny, progress=False)
     assert (changed.latents_computed, changed.latents_reused) == (1, 2)
     assert (changed.text_computed, changed.text_reused) == (1, 2)
 
@@ -198,7 +199,7 @@ def test_cache_reuse_and_invalidation(tmp_path, dataset, tiny):
 def test_corrupt_video_is_skipped_and_cache_kept(tmp_path, dataset, tiny, caplog):
     data = tmp_path / "d"
     shutil.copytree(dataset, data)
-    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "out"), num_frames=17, height=48, width=48,
+    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "out"), num_frames=9, height=32, width=32,
                       cache_dir=str(tmp_path / "cache"), progress=False)
     prepare_cache(cfg, tiny, device=torch.device("cpu"))
     before = _snapshot(tmp_path / "cache")
@@ -217,13 +218,24 @@ def test_corrupt_video_is_skipped_and_cache_kept(tmp_path, dataset, tiny, caplog
     only_bad.mkdir()
     shutil.copy(data / "broken.mp4", only_bad / "broken.mp4")
     shutil.copy(data / "broken.txt", only_bad / "broken.txt")
-    bad_cfg = TrainConfig(data_dir=str(only_bad), output_dir=str(tmp_path / "o2"), num_frames=17, height=48,
-                          width=48, cache_dir=str(tmp_path / "cache"), progress=False)
+    bad_cfg = TrainConfig(data_dir=str(only_bad), output_dir=str(tmp_path / "o2"), num_frames=9, height=32,
+                          width=32, cache_dir=str(tmp_path / "cache"), progress=False)
     with pytest.raises(ValueError, match=r"No usable training videos.*broken\.mp4: cannot be decoded"):
         prepare_cache(bad_cfg, tiny, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="4k \\+ 1"):
-        prepare_cache(TrainConfig(data_dir=str(data), output_dir="o", num_frames=16, height=48, width=48), tiny,
+        prepare_cache(TrainConfig(data_dir=str(data), output_dir="o", num_frames=16, height=32, width=32), tiny,
                       device=torch.device("cpu"))
+
+
+def test_distributed_cache_shares_do_not_depend_on_timing(tmp_path, dataset, tiny):
+    """Each rank's share is fixed by the sample list, not by which files exist when it looks."""
+    cache = LatentCache(tmp_path / "cache")
+    samples = scan_dataset(dataset).samples
+    ahead = cache.prepare(samples, SMALL, tiny, rank=1, world_size=2, progress=False)  # runs ahead of rank 0
+    assert (ahead.latents_computed, ahead.text_computed) == (1, 1)
+    late = cache.prepare(samples, SMALL, tiny, rank=0, world_size=2, progress=False)
+    assert (late.latents_computed, late.text_computed) == (2, 2)
+    assert len(late.samples) == 3 and not late.skipped
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -287,3 +299,23 @@ def test_train_config_rejects_bad_values():
         with pytest.raises(ValueError, match=match):
             TrainConfig(**base, **kwargs)
     assert TrainConfig(**base, rank=16).lora_alpha == 16.0
+
+
+def test_cli_flags_build_the_config():
+    from vidsparse.cli import build_parser
+    from vidsparse.lora import cli
+
+    parser, subs = build_parser("train-lora")
+    cli.add_arguments(subs["train-lora"])
+    args = parser.parse_args([
+        "train-lora", "--model", "tiny", "--data-dir", "d", "--output-dir", "o", "--num-frames", "33",
+        "--pattern", "radial", "--decay-factor", "0.5", "--dense-layers", "0-1,-1", "--target-modules",
+        "attn1.to_q, attn1.to_v", "--resume", "--checkpoints-total-limit", "0", "--lr", "3e-4",
+    ])
+    cfg = cli.config_from_args(args)
+    assert (cfg.num_frames, cfg.pattern, dict(cfg.pattern_options)) == (33, "radial", {"decay_factor": 0.5})
+    assert cfg.dense_layers == (-1, 0, 1) and cfg.target_modules == ("attn1.to_q", "attn1.to_v")
+    assert (cfg.resume, cfg.checkpoints_total_limit, cfg.learning_rate) == ("latest", None, 3e-4)
+    assert cli.parse_layers("none") == ()
+    with pytest.raises(ValueError, match="--dense-layers expects"):
+        cli.parse_layers("first")

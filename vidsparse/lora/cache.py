@@ -152,8 +152,9 @@ class LatentCache:
     ) -> CacheReport:
         """Encode what is missing (this rank's share when distributed) and list the usable samples.
 
-        Each rank encodes the missing entries ``i % world_size == rank``; after ``barrier`` every
-        rank sees the same files, and rank 0 writes the manifest.
+        Rank ``r`` encodes the missing entries among samples ``i % world_size == r`` (its counts
+        in the report cover that share); after ``barrier`` every rank sees the same files, and
+        rank 0 writes the manifest.
         """
         from tqdm.auto import tqdm
 
@@ -171,12 +172,15 @@ class LatentCache:
             tk, tinfo = text_key(s.caption, text_id)
             plan.append((s, lk, linfo, tk, tinfo))
 
-        todo_lat = [p for p in plan if not self.latent_path(p[1]).is_file()]
-        todo_txt = {p[3]: p for p in plan if not self.text_path(p[3]).is_file()}
-        report.latents_reused = len(plan) - len(todo_lat)
-        report.text_reused = len({p[3] for p in plan}) - len(todo_txt)
-        mine_lat = [p for i, p in enumerate(todo_lat) if i % world_size == rank]
-        mine_txt = [p for i, p in enumerate(todo_txt.values()) if i % world_size == rank]
+        # Shares depend only on the sample list, never on which files exist yet: another rank
+        # may already be writing its share while this one looks.
+        texts = list({p[3]: p for p in plan}.values())
+        share_lat = [p for i, p in enumerate(plan) if i % world_size == rank]
+        share_txt = [p for i, p in enumerate(texts) if i % world_size == rank]
+        mine_lat = [p for p in share_lat if not self.latent_path(p[1]).is_file()]
+        mine_txt = [p for p in share_txt if not self.text_path(p[3]).is_file()]
+        report.latents_reused = len(share_lat) - len(mine_lat)
+        report.text_reused = len(share_txt) - len(mine_txt)
         failed: dict[str, str] = {}
         bar = tqdm(total=len(mine_lat) + len(mine_txt), desc="caching latents/text", unit="item",
                    disable=not progress or not (mine_lat or mine_txt))

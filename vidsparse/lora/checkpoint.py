@@ -64,6 +64,11 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint folder (step, settings, world size)."""
+    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+
+
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     state = {
         "python": random.getstate(),
@@ -147,7 +152,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    state = read_state(path)
     saved_world = int(state.get("world_size", 1))
     if saved_world != world_size:
         raise ValueError(
@@ -166,6 +171,7 @@ __all__ = [
     "checkpoint_name",
     "list_checkpoints",
     "load_checkpoint",
+    "read_state",
     "resolve_resume",
     "save_checkpoint",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from vidsparse.lora.config import LR_SCHEDULERS, MIXED_PRECISIONS, SAVE_DTYPES, TrainConfig
 from vidsparse.lora.flow import TIMESTEP_SAMPLINGS
@@ -103,12 +104,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sparse.add_argument("--attention-backend", choices=("auto", "torch", "flex", "triton"),
                         default=_default("attention_backend"),
                         help="auto: Triton kernel on GPU, exact torch reference on CPU")
-    sparse.add_argument("--dense-layers", type=int, default=None,
-                        help="keep the first N transformer blocks dense (default: the family's, as at "
-                             "inference; Radial on Wan keeps block 0 dense)")
+    sparse.add_argument("--dense-layers", default=None, metavar="LAYERS",
+                        help="blocks that stay dense, as for vidsparse generate: 0,1,2 or 0-3 (negative counts "
+                             "from the end), 'none' for no dense block (default: the family's; Radial on Wan keeps "
+                             "block 0 dense). Use the same value at inference.")
     from vidsparse.cli import add_pattern_arguments
 
     add_pattern_arguments(parser, default="radial")
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"0,1"``, ``"0-3"``, ``"-1"`` or ``"none"`` -> block indices (the ``vidsparse generate`` syntax)."""
+    if text.strip().lower() in ("none", ""):
+        return ()
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m and int(m.group(1)) <= int(m.group(2)):
+            layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            layers.append(int(part))
+        else:
+            raise ValueError(
+                f"--dense-layers expects block indices like 0,1,2 or ranges like 0-3 (negative counts from the end, "
+                f"'none' for no dense block), got {text!r}."
+            )
+    return tuple(layers)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -124,7 +145,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         caption_column=args.caption_column, num_frames=args.num_frames, height=args.height, width=args.width,
         frame_stride=args.frame_stride, pattern=pattern, pattern_options=tuple(options.items()),
         attention_backend=args.attention_backend,
-        dense_layers=args.dense_layers, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
+        dense_layers=None if args.dense_layers is None else parse_layers(args.dense_layers), rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
         target_modules=targets, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
         max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
@@ -145,5 +166,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("vidsparse").setLevel(logging.INFO)
     result = train_lora(cfg)
-    print(f"LoRA: {result.lora_path}  (steps {result.start_step} -> {result.final_step})")
+    if result.is_main_process:
+        print(f"LoRA: {result.lora_path}  (steps {result.start_step} -> {result.final_step})")
     return 0

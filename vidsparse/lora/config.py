@@ -34,7 +34,7 @@ class TrainConfig:
     ``pattern`` is a vidsparse pattern object or a registry name (``"radial"``, ``"dense"``, ...);
     a name takes the model family's defaults (as ``vidsparse.apply`` at inference), overridden by
     ``pattern_options`` as (name, value) pairs. ``dense_layers=None`` keeps the family's dense
-    first layers (Radial on Wan: layer 0), N keeps layers 0..N-1 dense. ``alpha=None`` means alpha = rank (scale 1).
+    layers (Radial on Wan: block 0), a tuple lists the blocks that stay dense. ``alpha=None`` means alpha = rank (scale 1).
     ``target_modules=None`` takes the model family's self-attention q/k/v/o projections.
     """
 
@@ -50,7 +50,7 @@ class TrainConfig:
     pattern: Any = "radial"
     pattern_options: tuple[tuple[str, Any], ...] = ()
     attention_backend: str = "auto"
-    dense_layers: int | None = None
+    dense_layers: tuple[int, ...] | None = None
     rank: int = 128
     alpha: float | None = None
     dropout: float = 0.0
@@ -93,7 +93,15 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "seed"):
             positive_int(name, allow_zero=True)
         if self.dense_layers is not None:
-            positive_int("dense_layers", allow_zero=True)
+            layers = self.dense_layers
+            if isinstance(layers, (list, range)):
+                layers = tuple(layers)
+            if not isinstance(layers, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(
+                    f"dense_layers must be a tuple of block indices such as (0, 1) (negative counts from the end), "
+                    f"or None for the family default, got {self.dense_layers!r}."
+                )
+            object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
         if self.checkpoints_total_limit is not None:
             positive_int("checkpoints_total_limit")
         if not self.learning_rate > 0:

@@ -235,7 +235,12 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideo
 
         if Path(model).expanduser().exists():
             model = str(Path(model).expanduser())
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        # Video VAEs encode in fp32 (Wan's and HunyuanVideo's model cards); the rest in ``dtype``.
+        dtypes = {"default": dtype, "vae": torch.float32}
+        import diffusers.utils.deprecation_utils as dep
+
+        key = "dtype" if hasattr(dep, "_resolve_dtype") else "torch_dtype"  # torch_dtype is deprecated in 0.42
+        pipe = DiffusionPipeline.from_pretrained(model, **{key: dtypes})
     return adapter_for(pipe, model)
 
 

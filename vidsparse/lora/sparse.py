@@ -27,7 +27,7 @@ def sparse_config(cfg: Any):
     """The ``SparseConfig`` a ``TrainConfig`` trains under."""
     from vidsparse.config import SparseConfig
 
-    dense_layers = None if cfg.dense_layers is None else tuple(range(cfg.dense_layers))
+    dense_layers = cfg.dense_layers
     options = dict(cfg.pattern_options)
     if options and not isinstance(cfg.pattern, str):
         raise ValueError("pattern_options apply only when the pattern is given by name (e.g. 'radial').")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from vidsparse.lora.atomic import atomic_path, write_json
 from vidsparse.lora.cache import CachedSample, CacheReport, LatentCache, load_latents, load_text
-from vidsparse.lora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vidsparse.lora.checkpoint import load_checkpoint, read_state, resolve_resume, save_checkpoint
 from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
@@ -54,6 +54,7 @@ class TrainResult:
     start_step: int
     losses: list[float] = field(default_factory=list)
     cache: CacheReport | None = None
+    is_main_process: bool = True
 
 
 @lru_cache(maxsize=4)
@@ -120,7 +121,7 @@ def _read_metrics(path: Path, keep_until: int) -> list[str]:
     return rows
 
 
-def _check_resume(state: dict[str, Any], cfg: TrainConfig, data_id: str, path: Path) -> None:
+def _check_resume(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     saved = state.get("config", {})
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
@@ -133,8 +134,6 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, data_id: str, path: P
             + "; ".join(diffs)
             + ". Use the same settings, or start a new run in another --output-dir."
         )
-    if state.get("data_id") != data_id:
-        logger.warning("vidsparse: the dataset changed since %s; the sample order will differ from the original run.", path)
     if state.get("max_train_steps") != cfg.max_train_steps and cfg.lr_scheduler != "constant":
         logger.warning(
             "vidsparse: max_train_steps changed (%s -> %s); the %s LR schedule continues on the new length.",
@@ -198,7 +197,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
 
     out = Path(cfg.output_dir).expanduser()
     precision = _resolve_precision(cfg.mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision)
+    # cpu=True on CPU-only hosts, so torchrun / accelerate launch there gives gloo data parallelism
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     main = accelerator.is_main_process
@@ -212,19 +212,16 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         logger.info("vidsparse: no checkpoint in %s yet; starting from step 0.", out)
 
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if resume_path is not None:  # refuse a mismatched resume before any (possibly long) encoding
+        _check_resume(read_state(resume_path), cfg, resume_path)
     adapter = load_model(cfg.model, dtype=weight_dtype)
-    report = prepare_cache(cfg, adapter, device=device, rank=rank, world_size=world,
-                           barrier=accelerator.wait_for_everyone)
-    samples: list[CachedSample] = report.samples
-    data_id = json.dumps(sorted(s.latent_file.name + s.text_file.name for s in samples))
-    if main:
-        logger.info("vidsparse: %s", report.summary())
 
     # -- model: frozen base, LoRA adapters in fp32, sparse attention ----------------------
+    # Set up (and validated: targets, pattern) before the cache, so a bad flag fails in seconds;
+    # the transformer moves to the device only after the encoders have left it.
     set_seed(cfg.seed)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
-    transformer.to(device)  # already in weight_dtype (load_model), with diffusers' fp32-kept modules
     transformer.add_adapter(_lora_config(cfg, adapter))
     for p in transformer.parameters():
         if p.requires_grad:  # LoRA weights train in fp32 under bf16 autocast
@@ -232,6 +229,19 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     enable_sparse(transformer, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
+
+    report = prepare_cache(cfg, adapter, device=device, rank=rank, world_size=world,
+                           barrier=accelerator.wait_for_everyone)
+    if world > 1:  # each process handled its share: report the totals
+        counts = [report.latents_computed, report.latents_reused, report.text_computed, report.text_reused]
+        counts = accelerator.reduce(torch.tensor(counts, device=device), "sum").tolist()
+        report.latents_computed, report.latents_reused, report.text_computed, report.text_reused = map(int, counts)
+    samples: list[CachedSample] = report.samples
+    data_id = json.dumps(sorted(s.latent_file.name + s.text_file.name for s in samples))
+    if main:
+        logger.info("vidsparse: %s", report.summary())
+
+    transformer.to(device)  # already in weight_dtype (load_model), with diffusers' fp32-kept modules
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
@@ -247,7 +257,9 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     if resume_path is not None:
         state, lora = load_checkpoint(resume_path, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       generator=generator, rank=rank, world_size=world)
-        _check_resume(state, cfg, data_id, resume_path)
+        if state.get("data_id") != data_id and main:
+            logger.warning("vidsparse: the dataset changed since %s; the sample order differs from the original run.",
+                           resume_path)
         missing = [n for n in names if n not in lora]
         if missing:
             raise ValueError(f"Checkpoint {str(resume_path)!r} lacks LoRA weights {missing[:3]}...; it belongs to another run.")
@@ -347,7 +359,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(lora_path=lora_path, output_dir=out, final_step=final_step, start_step=start_step,
-                       losses=losses, cache=report)
+                       losses=losses, cache=report, is_main_process=main)
 
 
 __all__ = ["METRICS_FILE", "TrainResult", "flow_loss", "prepare_cache", "sample_order", "train_lora"]
