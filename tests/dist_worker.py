@@ -160,13 +160,49 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
     return res
 
 
+def _check_cli(rt, out_dir: str) -> dict[str, Any]:
+    """`vidsparse generate --parallel clip` on every rank (what torchrun runs), and a rank
+    started with a different seed (every rank must exit with the config-mismatch error)."""
+    import contextlib
+    import io
+
+    from vidsparse.cli import main
+    from vidsparse.generate import GenerateOptions, generate
+
+    res: dict[str, Any] = {}
+    path = os.path.join(out_dir, "video.gif")
+    args = ["generate", "--model", "tiny", "--parallel", "clip", "--pattern", "dual-scope", "--local-frames", "1",
+            "--global-stride", "3", "--frames", "17", "--height", "32", "--width", "32", "--steps", "2",
+            "--dense-first-steps", "0", "--backend", "torch", "--no-progress"]  # fmt: skip
+    stdout, stderr = io.StringIO(), io.StringIO()
+    real = os.sys.stdout
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        res["rc"] = main([*args, "--out", path])
+        res["rc_mismatch"] = main([*args, "--out", path, "--seed", str(rt.rank)])
+    os.sys.stdout = real
+    res["stdout"], res["stderr"] = stdout.getvalue(), stderr.getvalue()
+    if rt.rank == 0:
+        import imageio.v3 as iio
+
+        from vidsparse.video_io import psnr
+
+        single = generate(GenerateOptions(model="tiny", pattern="dual-scope", pattern_options={"local_frames": 1, "global_stride": 3},
+                                          frames=17, height=32, width=32, steps=2, dense_first_steps=0, backend="torch",
+                                          out=os.path.join(out_dir, "..", "single.gif"), progress=False))  # fmt: skip
+        written = iio.imread(path)
+        res["psnr_vs_single"] = psnr(written[..., :3], iio.imread(single.out)[..., :3])
+        res["frames"] = written.shape[0]
+    res["files"] = sorted(os.listdir(out_dir))
+    return res
+
+
 def vs_dual():
     import vidsparse as vs
 
     return vs.DualScope(local_frames=1, global_stride=3)
 
 
-def suite(frames: int, failure: str) -> dict[str, Any]:
+def suite(frames: int, failure: str, out_dir: str | None = None) -> dict[str, Any]:
     """All checks of one world size, then a failure scenario ("die" or "hang")."""
     torch.set_num_threads(1)
     from vidsparse.parallel import DistributedError, init_distributed
@@ -178,6 +214,8 @@ def suite(frames: int, failure: str) -> dict[str, Any]:
     res["stats"] = rt.stats.snapshot()
     res["refusals"] = _check_refusals(rt)
     res["pipeline"] = _check_pipeline(rt, frames)
+    if out_dir is not None:
+        res["cli"] = _check_cli(rt, out_dir)
     # Failure: the last rank dies (or hangs) before a collective; the others must stop with a
     # DistributedError on their own, quickly, not hang.
     import torch.distributed as dist

@@ -139,9 +139,9 @@ def test_per_clip_decode_with_full_context_is_exact_and_context_reduces_the_seam
 
 
 # -- multi process ------------------------------------------------------------------------------
-def _run_suite(world: int, frames: int, failure: str):
+def _run_suite(world: int, frames: int, failure: str, out_dir=None):
     t0 = time.monotonic()
-    results = spawn(suite, world, (frames, failure), timeout_s=300)
+    results = spawn(suite, world, (frames, failure, out_dir), timeout_s=300)
     return results, time.monotonic() - t0
 
 
@@ -177,9 +177,19 @@ def _check_suite(results, world: int, failure: str):
         assert dead.status == "died" and dead.exitcode == 17
 
 
-def test_two_ranks_equal_single_process_and_a_hung_rank_times_out():
-    results, _ = _run_suite(2, 17, "hang")
+def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
+    (tmp_path / "parallel").mkdir()
+    results, _ = _run_suite(2, 17, "hang", str(tmp_path / "parallel"))
     _check_suite(results, 2, "hang")
+    cli = [r.value["cli"] for r in results]
+    # `vidsparse generate --parallel clip`: rank 0 alone prints the summary and writes the video,
+    # which matches the single-process run; different settings stop every rank with exit status 2.
+    assert cli[0]["rc"] == 0 and cli[1]["rc"] == 0
+    assert "wrote" in cli[0]["stdout"] and cli[1]["stdout"] == ""
+    assert cli[0]["frames"] == 17 and cli[0]["psnr_vs_single"] > 40, cli[0]
+    assert cli[0]["files"] == ["video.gif"]
+    for c in cli:
+        assert c["rc_mismatch"] == 2 and "different settings" in c["stderr"] and "seed" in c["stderr"], c["stderr"]
     # The hung rank itself ends with a clear error once it tries to communicate.
     assert "failed" in results[1].value["failure"][0]
 

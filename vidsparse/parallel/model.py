@@ -160,6 +160,7 @@ class ParallelAttention:
         from vidsparse.pipelines.hooks import SparseState, StepTracker
 
         self.ctx, self.state, self.dense_layers = ctx, state, dense_layers
+        self.used: dict[int, tuple[Pattern, int | None]] = {}  # layer -> (pattern, block), sparse preferred
         # The user's schedule decides dense steps; the patched state itself never runs dense.
         self.schedule = SparseState(
             config=user_config,
@@ -183,6 +184,8 @@ class ParallelAttention:
     def __call__(self, q, k, v, layout, pattern, backend="auto", layer=0, text_mask=None, block_size=None, scale=None):
         whole = self.ctx.layout
         pat, block = self.pattern(layer, whole)
+        if layer not in self.used or isinstance(self.used[layer][0], Dense):
+            self.used[layer] = (pat, block)
         fn = clip_attention if self.ctx.mode == "clip" else ulysses_attention
         return fn(
             q, k, v, whole, pat, self.ctx.runtime,

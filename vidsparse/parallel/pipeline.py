@@ -20,6 +20,7 @@ from vidsparse.parallel.model import parallelize, unparallelize
 from vidsparse.parallel.runtime import ParallelRuntime
 from vidsparse.parallel.vae import decode_parallel
 from vidsparse.patterns import Pattern
+from vidsparse.pipelines import get_state, transformers_of
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ParallelResult:
     denoise_seconds: float
     decode_seconds: float
     comm: dict[str, Any] = field(default_factory=dict)
+    patterns: dict[int, Any] = field(default_factory=dict)  # layer -> (pattern, block) of its sparse steps
 
     @property
     def bytes_per_step(self) -> float:
@@ -77,14 +79,15 @@ def run_parallel(
         latents = pipe(**call_kwargs, output_type="latent").frames
         denoise = time.perf_counter() - t0
         comm = runtime.stats.snapshot()
+        patterns = dict(get_state(transformers_of(pipe)[0][1]).attention_fn.used)
     finally:
         unparallelize(pipe)
     steps = int(call_kwargs.get("num_inference_steps", 0) or len(getattr(pipe.scheduler, "timesteps", [])) or 1)
     if output_type == "latent":
-        return ParallelResult(latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm)
+        return ParallelResult(latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm, patterns)
     t1 = time.perf_counter()
     video = decode_parallel(pipe.vae, _wan_latents_for_decode(pipe, latents), runtime, overlap=vae_overlap)
     if video is not None:
         video = pipe.video_processor.postprocess_video(video, output_type=output_type)
     decode = time.perf_counter() - t1
-    return ParallelResult(video, latents, mode, runtime.world_size, steps, denoise, decode, comm)
+    return ParallelResult(video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns)

@@ -1,0 +1,217 @@
+"""``vidsparse generate --parallel clip|ulysses``: one video on several processes.
+
+Launched by torchrun or accelerate (one process per GPU; gloo on CPU), every rank runs
+``generate_parallel(options)`` with the same options: the settings are compared across
+ranks first (a mismatch stops every rank with ``ConfigMismatchError``), each rank builds the
+pipeline and runs the same seeded call, the video is decoded per clip and assembled on rank
+0, and only rank 0 writes the file. Every rank returns a ``GenerateResult`` with the same
+summary (rank 0's numbers; ``frames`` is the real video on rank 0 and a zero-copy
+placeholder of the same shape elsewhere). Output printed by the other ranks is silenced.
+
+Settings without a ``GenerateOptions`` field are read from the options if present, else from
+the environment: ``vae_overlap`` / ``VIDSPARSE_VAE_OVERLAP`` (latent frames of context per
+clip for the VAE, ``all`` = decode from frame 0, exact; default 4) and ``dist_timeout`` /
+``VIDSPARSE_DIST_TIMEOUT`` (seconds a collective may wait; default 600).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidsparse.parallel.runtime import ParallelRuntime, check_same_config, init_distributed
+
+DEFAULT_VAE_OVERLAP = 4
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def _setting(options: Any, name: str, env: str, default: Any) -> Any:
+    value = getattr(options, name, None)
+    if value is None:
+        value = os.environ.get(env)
+    return default if value is None or value == "" else value
+
+
+def _vae_overlap(options: Any) -> int | None:
+    value = _setting(options, "vae_overlap", "VIDSPARSE_VAE_OVERLAP", DEFAULT_VAE_OVERLAP)
+    if isinstance(value, str):
+        if value.strip().lower() in ("all", "full", "none"):
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"VIDSPARSE_VAE_OVERLAP must be an int >= 1 or 'all', got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"vae_overlap must be an int >= 1 latent frames or 'all', got {value!r}.")
+    return value
+
+
+def _timeout(options: Any) -> float:
+    value = _setting(options, "dist_timeout", "VIDSPARSE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"dist_timeout must be a number of seconds, got {value!r}.") from None
+    if not value > 0:
+        raise ValueError(f"dist_timeout must be > 0 seconds, got {value!r}.")
+    return value
+
+
+def _refuse_unsupported(options: Any, plan: Any) -> None:
+    if plan.info.family != "wan":
+        raise ValueError(
+            f"--parallel {options.parallel} runs Wan pipelines (Wan 2.1 / 2.2, and --model tiny); "
+            f"{plan.info.source} is a {plan.info.family} model. Run it with --parallel none."
+        )
+    for flag, on in (("--compare-dense", options.compare_dense), ("--cpu-offload", options.cpu_offload), ("--compile", options.compile)):
+        if on:
+            raise ValueError(f"{flag} is not supported with --parallel {options.parallel}; drop it or use --parallel none.")
+
+
+class _StepClock:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.marks = device, []
+
+    def callback(self, pipe, step, timestep, callback_kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append(time.perf_counter())
+        return callback_kwargs
+
+
+def generate_parallel(options: Any):
+    """Run ``vidsparse generate`` with ``options.parallel`` in ("clip", "ulysses") on every rank."""
+    from vidsparse.config import SparseConfig
+    from vidsparse.generate import GenerateResult, load_pipeline, prepare
+    from vidsparse.parallel.pipeline import run_parallel
+    from vidsparse.video_io import as_uint8_frames, write_video
+
+    t_start = time.perf_counter()
+    if options.parallel not in ("clip", "ulysses"):
+        raise ValueError(f"generate_parallel runs --parallel clip or ulysses, got {options.parallel!r}.")
+    plan = prepare(options)
+    _refuse_unsupported(options, plan)
+    vae_overlap = _vae_overlap(options)
+    backend = "nccl" if plan.device.type == "cuda" else "gloo"
+    runtime: ParallelRuntime = init_distributed(backend=backend, timeout_s=_timeout(options))
+    if runtime.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 prints the summary
+    settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "progress"}
+    settings.update(world_size=runtime.world_size, vae_overlap=vae_overlap, vidsparse=_version())
+    check_same_config(runtime, settings)
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(plan, options.seed)
+    if plan.lora is not None:
+        from vidsparse.generate import _load_lora
+
+        _load_lora(pipe, plan.lora, options.lora_scale)
+    pipe.to(runtime.device)
+    pipe.set_progress_bar_config(disable=not (options.progress and runtime.is_main), desc="denoising", leave=False)
+    load_s = time.perf_counter() - t0
+
+    config = plan.sparse_config or SparseConfig("dense", backend=options.backend, block_size=options.block_size)
+    clock = _StepClock(runtime.device)
+    kwargs: dict[str, Any] = dict(
+        num_frames=plan.frames,
+        height=plan.height,
+        width=plan.width,
+        num_inference_steps=plan.steps,
+        guidance_scale=plan.guidance,
+        generator=torch.Generator(device="cpu").manual_seed(options.seed),
+        callback_on_step_end=clock.callback,
+    )
+    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    if plan.info.kind == "tiny":
+        from vidsparse.models.tiny import encode_prompt_tiny
+
+        emb = dict(dim=transformer.config.text_dim, device=runtime.device, dtype=transformer.dtype)
+        kwargs["prompt_embeds"] = encode_prompt_tiny(options.prompt, **emb)
+        kwargs["negative_prompt_embeds"] = encode_prompt_tiny(options.negative_prompt, **emb)
+    else:
+        kwargs["prompt"] = options.prompt
+        if options.negative_prompt:
+            kwargs["negative_prompt"] = options.negative_prompt
+
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        result = run_parallel(pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap)
+    marks = [t1, *clock.marks]
+    step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
+    grid = plan.grid
+
+    summary: dict[str, Any] = {}
+    if runtime.is_main:
+        frames = as_uint8_frames(result.video[0])
+        written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
+        densities, work = _densities(result.patterns, grid)
+        summary = dict(shape=frames.shape, out=written, densities=densities, work=work, load_s=load_s,
+                       step_times=step_times, decode_s=result.decode_seconds, comm=result.comm)  # fmt: skip
+    summary = _broadcast(summary, runtime)
+    frames_out = frames if runtime.is_main else np.broadcast_to(np.zeros((), np.uint8), summary["shape"])
+    steps = summary["step_times"]
+    return GenerateResult(
+        frames=frames_out,
+        fps=plan.fps,
+        out=summary["out"],
+        model=plan.info.source,
+        family=plan.info.family,
+        pattern=f"{plan.pattern_name or 'dense'} ({options.parallel} x{runtime.world_size})",
+        grid=grid,
+        steps=plan.steps,
+        wall_s=time.perf_counter() - t_start,
+        load_s=summary["load_s"],
+        denoise_s=float(sum(steps)),
+        step_times_s=tuple(steps),
+        time_per_step_s=float(statistics.median(steps)) if steps else 0.0,
+        sparse_steps=plan.steps,
+        densities=summary["densities"],
+        attention_work=summary["work"],
+    )
+
+
+def _densities(patterns: dict[int, Any], grid: tuple[int, int, int]) -> tuple[Any, float]:
+    """Per layer-group density of the whole-video patterns the run used (as ``generate`` reports)."""
+    import vidsparse as vs
+    from vidsparse.generate import LayerGroupDensity
+    from vidsparse.inspect_cli import token_density
+    from vidsparse.layout import VideoLayout
+
+    layout = VideoLayout(*grid)
+    groups: list[Any] = []
+    for layer in sorted(patterns):
+        pattern, block = patterns[layer]
+        p = vs.plan(pattern, layout, block_size=block or 128)
+        bd, td = float(p.density), float(token_density(p).mean())
+        name = "dense" if pattern.name == "dense" else repr(pattern)
+        last = groups[-1] if groups else None
+        if last and last.pattern == name and last.layers[-1] == layer - 1:
+            groups[-1] = dataclasses.replace(last, layers=(*last.layers, layer))
+        else:
+            groups.append(LayerGroupDensity((layer,), name, bd, td))
+    work = sum(g.block_density * len(g.layers) for g in groups) / max(1, sum(len(g.layers) for g in groups))
+    return tuple(groups), work
+
+
+def _broadcast(obj: dict[str, Any], runtime: ParallelRuntime) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from vidsparse.parallel.runtime import guard
+
+    box = [obj]
+    with guard(runtime, "broadcast of the summary from rank 0"):
+        dist.broadcast_object_list(box, src=0, group=runtime.group)
+    return box[0]
+
+
+def _version() -> str:
+    from vidsparse import __version__
+
+    return __version__
