@@ -95,14 +95,69 @@ class ClipView(Pattern):
         return m & (fq < self.query_frames) & (fk >= self.key_start)
 
     def block_candidates(self, layout: VideoLayout, order: torch.Tensor, block_size: int, layer: int = 0):
-        frame_mask = getattr(self.inner, "frame_mask", None)
-        if frame_mask is None:
-            return None  # evaluate video_mask on every pair of this (small) sub-sequence
-        a = torch.tensor(self.frames, dtype=torch.int64)
         n = len(self.frames)
-        fm = frame_mask(self.layout, a.view(-1, 1), a.view(1, -1))
-        fm = fm & (torch.arange(n) < self.query_frames).view(-1, 1) & (torch.arange(n) >= self.key_start).view(1, -1)
-        return frame_block_candidates(fm, order, block_size, layout.tokens_per_frame)
+        a = torch.tensor(self.frames, dtype=torch.int64)
+        rows = (torch.arange(n) < self.query_frames).view(-1, 1)
+        cols = (torch.arange(n) >= self.key_start).view(1, -1)
+        fm_fn = frame_mask_of(self.inner)
+        if fm_fn is not None:
+            fm = fm_fn(self.layout, a.view(-1, 1), a.view(1, -1)) & rows & cols
+            return frame_block_candidates(fm, order, block_size, layout.tokens_per_frame)
+        # Any static pattern: a sub-block pair is a candidate when the whole-video plan lists a
+        # block pair covering some of its tokens (a superset; elements are then evaluated).
+        hw = layout.tokens_per_frame
+        valid = order >= 0
+        sub = order.clamp_min(0)
+        absolute = a[sub // hw] * hw + sub % hw
+        gblock = _global_block_of(self.inner, self.layout, layer, block_size)[absolute]
+        listed = _global_listed(self.inner, self.layout, layer, block_size)
+        nsb = order.numel() // block_size
+        touch = torch.zeros(nsb, listed.shape[0])
+        sb = torch.arange(order.numel()) // block_size
+        touch[sb[valid], gblock[valid]] = 1.0
+        cand = (touch @ listed @ touch.T) > 0
+        fsub = torch.where(valid, sub // hw, -1).view(nsb, block_size)
+        q_ok = ((fsub >= 0) & (fsub < self.query_frames)).any(dim=1)
+        k_ok = (fsub >= self.key_start).any(dim=1)
+        return cand & q_ok.view(-1, 1) & k_ok.view(1, -1)
+
+
+def frame_mask_of(pattern: Pattern):
+    """``frame_mask(layout, fq, fk)`` of patterns whose mask depends on frames only, else None."""
+    from vidsparse.patterns import Dense
+
+    if isinstance(pattern, Dense):
+        return lambda layout, fq, fk: torch.ones(torch.broadcast_shapes(fq.shape, fk.shape), dtype=torch.bool)
+    return getattr(pattern, "frame_mask", None)
+
+
+def _global_plan(pattern: Pattern, layout: VideoLayout, layer: int, block_size: int):
+    from vidsparse.attention import plan
+
+    return plan(pattern, VideoLayout(layout.frames, layout.height, layout.width), layer=layer, block_size=block_size)
+
+
+def _global_block_of(pattern: Pattern, layout: VideoLayout, layer: int, block_size: int) -> torch.Tensor:
+    """int64 [video_len]: the whole-video plan's block of each natural video token."""
+    p = _global_plan(pattern, layout, layer, block_size)
+    vidx = p.order.video_index.cpu()
+    out = torch.empty(layout.video_len, dtype=torch.int64)
+    pos = torch.nonzero(vidx >= 0).flatten()
+    out[vidx[pos]] = pos // block_size
+    return out
+
+
+def _global_listed(pattern: Pattern, layout: VideoLayout, layer: int, block_size: int) -> torch.Tensor:
+    """float [NB, NB]: 1 where the whole-video plan computes a (query block, key block) pair."""
+    p = _global_plan(pattern, layout, layer, block_size)
+    nb = p.num_blocks
+    counts, idx = p.kv_counts.cpu().long(), p.kv_indices.cpu().long()
+    listed = torch.arange(idx.shape[-1]).view(1, 1, 1, -1) < counts.unsqueeze(-1)
+    out = torch.zeros(nb, nb)
+    _, _, qb, slot = torch.nonzero(listed, as_tuple=True)
+    b, h = torch.nonzero(listed, as_tuple=True)[:2]
+    out[qb, idx[b, h, qb, slot]] = 1.0
+    return out
 
 
 def frame_reach(pattern: Pattern, layout: VideoLayout, layer: int = 0, block_size: int = 128) -> torch.Tensor:
@@ -123,26 +178,14 @@ def frame_reach(pattern: Pattern, layout: VideoLayout, layer: int = 0, block_siz
 
 def _frame_reach(pattern: Pattern, video: VideoLayout, layer: int, block_size: int) -> torch.Tensor:
     frames = torch.arange(video.frames)
-    frame_mask = getattr(pattern, "frame_mask", None)
+    frame_mask = frame_mask_of(pattern)
     if frame_mask is not None:
         return frame_mask(video, frames.view(-1, 1), frames.view(1, -1)).to(torch.bool)
-    from vidsparse.attention import plan
-
-    p = plan(pattern, video, num_heads=1, layer=layer, block_size=block_size)
-    vidx = p.order.video_index.cpu()
-    nvb = vidx.numel() // block_size
-    blocks = vidx.view(nvb, block_size)
-    onehot = torch.zeros(nvb, video.frames)
-    valid = blocks >= 0
-    rows = torch.arange(nvb).view(-1, 1).expand_as(blocks)[valid]
-    onehot[rows, (blocks[valid] // video.tokens_per_frame)] = 1.0
-    counts = p.kv_counts.cpu().long()
-    idx = p.kv_indices.cpu().long()
-    listed = torch.arange(idx.shape[-1]).view(1, 1, 1, -1) < counts.unsqueeze(-1)
-    blk = torch.zeros(nvb, nvb)
-    b, h, qb, slot = torch.nonzero(listed & (idx < nvb), as_tuple=True)
-    blk[qb, idx[b, h, qb, slot]] = 1.0
-    return (onehot.T @ blk @ onehot) > 0
+    blocks = _global_block_of(pattern, video, layer, block_size)
+    listed = _global_listed(pattern, video, layer, block_size)
+    onehot = torch.zeros(video.frames, listed.shape[0])
+    onehot[torch.arange(video.video_len) // video.tokens_per_frame, blocks] = 1.0
+    return (onehot @ listed @ onehot.T) > 0
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,28 @@ output rows all-gathered, so text never goes through the all-to-all.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vidsparse.attention import attention
 from vidsparse.layout import VideoLayout
 from vidsparse.parallel.comm import all_gather_uneven, heads_to_seq, seq_to_heads
 from vidsparse.parallel.partition import FramePartition
 from vidsparse.parallel.runtime import ParallelRuntime
+from vidsparse.patterns import Dense
 from vidsparse.patterns.base import Pattern
+
+
+def _dense(q, k, v, layout: VideoLayout, text_mask, scale) -> torch.Tensor:
+    """Dense steps and layers: the fused SDPA kernels (flash / cuDNN on GPU), text padding as a key mask."""
+    mask = None
+    if text_mask is not None:
+        valid = torch.ones(q.shape[0], layout.seq_len, dtype=torch.bool, device=q.device)
+        valid[:, layout.text_offset : layout.text_offset + layout.text_len] = text_mask.to(torch.bool)
+        mask = valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)
 
 
 def heads_per_rank(num_heads: int, world_size: int) -> int:
@@ -76,10 +91,13 @@ def ulysses_attention(
     out = full.new_zeros(full.shape[1:])  # [B, S, h, D]
     if real:
         sel = full[:, :, :, :real]
-        out[:, :, :real] = attention(
-            sel[0], sel[1], sel[2], layout, pattern, backend=backend, layer=layer,
-            text_mask=text_mask, scale=scale, block_size=block_size,
-        )
+        if isinstance(pattern, Dense):
+            out[:, :, :real] = _dense(sel[0], sel[1], sel[2], layout, text_mask, scale)
+        else:
+            out[:, :, :real] = attention(
+                sel[0], sel[1], sel[2], layout, pattern, backend=backend, layer=layer,
+                text_mask=text_mask, scale=scale, block_size=block_size,
+            )
     gvo = layout.video_offset
     out_video = heads_to_seq(out[:, gvo : gvo + layout.video_len], seq_sizes, runtime, op="ulysses_out")[:, :, :H]
     if not layout.text_len:
