@@ -52,6 +52,7 @@ def attention_cases(world: int):
 def _check_attention(rt) -> list[tuple[str, str, float]]:
     import vidsparse as vs
     from vidsparse.parallel import FramePartition, clip_attention, ulysses_attention
+    from vidsparse.parallel.estimate import attention_bytes
 
     out = []
     for mode, layout, pattern, heads in attention_cases(rt.world_size):
@@ -61,9 +62,14 @@ def _check_attention(rt) -> list[tuple[str, str, float]]:
         part = FramePartition(layout.frames, rt.world_size)
         ql, kl, vl = (part.shard(t, layout, rt.rank) for t in (q, k, v))
         fn = clip_attention if mode == "clip" else ulysses_attention
+        before = dict(rt.stats.bytes_sent)
         got = fn(ql, kl, vl, layout, pattern, rt, backend="torch", text_mask=tm, block_size=16)
         err = (got - part.shard(ref, layout, rt.rank)).abs().max().item()
-        out.append((mode, f"{layout} {pattern.describe()} H={heads}", err))
+        sent = {op: n - before.get(op, 0) for op, n in rt.stats.bytes_sent.items() if n - before.get(op, 0) or op not in before}
+        predicted = attention_bytes(mode, layout, pattern, heads, q.shape[-1], rt.world_size, 8, q.shape[0])[rt.rank]
+        predicted = {op: n for op, n in predicted.items() if n or op in sent}
+        sent = {op: n for op, n in sent.items() if n or op in predicted}
+        out.append((mode, f"{layout} {pattern.describe()} H={heads}", err, sent, predicted))
     return out
 
 

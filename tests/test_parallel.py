@@ -152,8 +152,9 @@ def _check_suite(results, world: int, failure: str):
     for r in survivors:
         res = r.value
         assert all(res["primitives"].values()), res["primitives"]
-        for mode, what, err in res["attention"]:
+        for mode, what, err, sent, predicted in res["attention"]:
             assert err < 1e-12, f"{mode} {what}: {err}"
+            assert sent == predicted, f"{mode} {what}: measured {sent} != estimated {predicted}"
         ref = res["refusals"]
         assert "dynamic" in ref["dynamic"] and "ulysses" in ref["dynamic"]
         assert "different settings" in ref["mismatch"] and "steps" in ref["mismatch"]
@@ -169,6 +170,16 @@ def _check_suite(results, world: int, failure: str):
             assert pipe["video_is_none"]
         stats = res["stats"]["bytes_sent"]
         assert stats["clip_halo"] > 0 and stats["clip_global"] > 0 and stats["ulysses_qkv"] > 0
+        if r.rank == 0:
+            # The busiest rank's bytes per step are what the estimator (used by the benchmark) predicts:
+            # tiny Wan, 17 frames 32x32 -> 5x2x2 tokens, 2 heads x 8, 2 layers, 2 CFG forwards, fp32.
+            from vidsparse.parallel.estimate import step_bytes
+
+            for mode, pattern in (("clip", vs.DualScope(1, 3)), ("ulysses", vs.Dense())):
+                measured = max(x.value["pipeline"][mode]["bytes_per_step"] for x in survivors)
+                if len(survivors) == world:
+                    vol = step_bytes(mode, vs.VideoLayout(5, 2, 2), pattern, 2, 8, 2, world, 16, element_size=4)
+                    assert measured == vol.total, (mode, measured, vol)
         message, seconds = res["failure"]
         assert "failed" in message and "rank" in message, message
         assert seconds < 60, seconds

@@ -315,18 +315,8 @@ def clip_attention(
     if missing:  # pragma: no cover - guarded by exchange_plan
         raise RuntimeError(f"clip_attention: frames {missing} were not received on rank {rank}.")
 
-    q_vid = q[:, vo : vo + nv]
-    out_vid, lse_vid = out_a[:, vo : vo + nv], lse_a[:, vo : vo + nv]
-    if ex.remote:
-        remote_kv = torch.cat([received[f] for f in ex.remote], dim=2)  # [2, B, nr * hw, H, D]
-        n_rem = len(ex.remote)
-        sub = VideoLayout(n_own + n_rem, layout.height, layout.width)
-        view = ClipView(pattern, _video_only(layout), tuple(range(a, b)) + ex.remote, n_own, n_own)
-        q_b = torch.cat([q_vid, q_vid.new_zeros(B, n_rem * hw, H, D)], dim=1)
-        k_b = torch.cat([k_vid, remote_kv[0]], dim=1)
-        v_b = torch.cat([v_vid, remote_kv[1]], dim=1)
-        out_b, lse_b = sparse_attention_lse(q_b, k_b, v_b, sub, view, backend, layer, None, scale, block_size)
-        out_vid, _ = merge_partials([(out_vid, lse_vid), (out_b[:, :nv], lse_b[:, :nv])], dtype=q.dtype)
+    remote_kv = torch.cat([received[f] for f in ex.remote], dim=2) if ex.remote else None
+    out_vid = _with_remote(q, k_vid, v_vid, out_a, lse_a, remote_kv, ex, layout, local, pattern, backend, layer, scale, block_size)
 
     if not layout.text_len:
         return out_vid.to(q.dtype)
@@ -346,6 +336,64 @@ def clip_attention(
     out_txt, _ = merge_partials([(p[..., :D], p[..., D]) for p in parts], dtype=q.dtype)
     pieces = [out_txt, out_vid.to(q.dtype)] if layout.text_position == "before" else [out_vid.to(q.dtype), out_txt]
     return torch.cat(pieces, dim=1)
+
+
+def _with_remote(q, k_vid, v_vid, out_a, lse_a, remote_kv, ex, layout, local, pattern, backend, layer, scale, block_size):
+    """Own-clip rows merged with the attention over the received frames ``remote_kv`` [2, B, nr*hw, H, D]."""
+    hw = layout.tokens_per_frame
+    a, b = ex.own
+    n_own = b - a
+    vo, nv = local.video_offset, n_own * hw
+    out_vid, lse_vid = out_a[:, vo : vo + nv], lse_a[:, vo : vo + nv]
+    if remote_kv is None:
+        return out_vid
+    B, _, H, D = q.shape
+    q_vid = q[:, vo : vo + nv]
+    n_rem = len(ex.remote)
+    sub = VideoLayout(n_own + n_rem, layout.height, layout.width)
+    view = ClipView(pattern, _video_only(layout), tuple(range(a, b)) + ex.remote, n_own, n_own)
+    q_b = torch.cat([q_vid, q_vid.new_zeros(B, n_rem * hw, H, D)], dim=1)
+    k_b = torch.cat([k_vid, remote_kv[0]], dim=1)
+    v_b = torch.cat([v_vid, remote_kv[1]], dim=1)
+    out_b, lse_b = sparse_attention_lse(q_b, k_b, v_b, sub, view, backend, layer, None, scale, block_size)
+    out, _ = merge_partials([(out_vid, lse_vid), (out_b[:, :nv], lse_b[:, :nv])], dtype=q.dtype)
+    return out
+
+
+def clip_compute(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VideoLayout,
+    pattern: Pattern,
+    rank: int,
+    world_size: int,
+    *,
+    backend: str = "auto",
+    layer: int = 0,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """The attention work rank ``rank`` does in ``clip_attention``, without communicating.
+
+    For timing one rank on one device (benchmarks): the received frames are stand-ins (the
+    rank's own keys repeated), so the output is not the attention's; the work is the same.
+    q, k, v are the rank's [B, S_r, H, D] (video only).
+    """
+    if layout.text_len:
+        raise ValueError("clip_compute times video-only layouts; pass a layout without text.")
+    partition = FramePartition(layout.frames, world_size)
+    local = partition.local_layout(layout, rank)
+    ex = exchange_plan(pattern, layout, partition, rank, layer)
+    own_view = ClipView(pattern, _video_only(layout), tuple(range(*ex.own)), ex.own[1] - ex.own[0], 0)
+    out_a, lse_a = sparse_attention_lse(q, k, v, local, own_view, backend, layer, None, scale, block_size)
+    remote = None
+    if ex.remote:
+        hw = layout.tokens_per_frame
+        need = len(ex.remote) * hw
+        reps = -(-need // k.shape[1])
+        remote = torch.stack([k.repeat(1, reps, 1, 1)[:, :need], v.repeat(1, reps, 1, 1)[:, :need]])
+    return _with_remote(q, k, v, out_a, lse_a, remote, ex, layout, local, pattern, backend, layer, scale, block_size)
 
 
 def _video_only(layout: VideoLayout) -> VideoLayout:

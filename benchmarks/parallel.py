@@ -1,0 +1,342 @@
+"""Multi-GPU benchmark: clip parallelism and Ulysses on Wan shapes; scaling estimates on one GPU.
+
+Three ways to run it (results: benchmarks/results/parallel_<device>_<date>.json + .md):
+
+    torchrun --nproc-per-node 4 benchmarks/parallel.py    # measured on 4 GPUs (NCCL)
+    python benchmarks/parallel.py                          # one GPU: baseline + per-rank work
+    python benchmarks/parallel.py --quick                  # CPU smoke: 2 gloo ranks, tiny shape
+
+Every run reports, for each shape, mode and world size N, the bytes the busiest rank sends per
+denoising step (all self-attention layers, both CFG branches, the output all-gather), computed
+from the same exchange plans the code runs (tests check them against measured counters). On
+several GPUs it times one self-attention call on every rank (slowest rank reported, like the
+step it holds up). On one GPU it times the single-device attention of the whole video
+(baseline) and, for every N, the attention work of each rank without communication
+(``clip_compute``; Ulysses: the whole video with ceil(H/N) heads); an estimated per-call time is
+that compute plus bytes / --bandwidth-gbps (no overlap assumed, so it is pessimistic for clip
+mode, which overlaps the own-clip attention with the exchange).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vidsparse as vs
+from vidsparse.layout import VideoLayout
+
+SCHEMA = "vidsparse.bench.parallel/1"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One Wan transformer at one video size: latent grid after patchify and model sizes."""
+
+    name: str
+    frames: int
+    height: int
+    width: int
+    heads: int
+    head_dim: int
+    layers: int
+    out_features: int = 64  # Wan: out_channels 16 x patch 1x2x2
+
+    @property
+    def layout(self) -> VideoLayout:
+        return VideoLayout(self.frames, self.height, self.width)
+
+
+SHAPES = {
+    "wan-1.3b": Shape("wan-1.3b", 21, 30, 52, heads=12, head_dim=128, layers=30),  # 81 x 480 x 832
+    "wan-14b": Shape("wan-14b", 21, 45, 80, heads=40, head_dim=128, layers=40),  # 81 x 720 x 1280
+    "wan-1.3b-long": Shape("wan-1.3b-long", 81, 30, 52, heads=12, head_dim=128, layers=30),  # 321 frames
+    "tiny": Shape("tiny", 6, 4, 4, heads=2, head_dim=16, layers=2, out_features=16),
+}
+
+
+def _pattern(args: argparse.Namespace, mode: str):
+    name = args.clip_pattern if mode == "clip" else args.ulysses_pattern
+    if name == "dual-scope":
+        return vs.DualScope(args.local_frames, args.global_stride)
+    return vs.make_pattern(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` calls."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _qkv(batch: int, seq: int, heads: int, dim: int, device, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(batch, seq, heads, dim, generator=g).to(device, dtype) for _ in range(3)]
+
+
+def volume_rows(args, shapes) -> list[dict[str, Any]]:
+    from vidsparse.parallel.estimate import step_bytes
+
+    rows = []
+    for shape in shapes:
+        for mode in args.modes:
+            pattern = _pattern(args, mode)
+            for n in args.world_sizes:
+                if n > shape.frames:
+                    continue
+                vol = step_bytes(
+                    mode, shape.layout, pattern, shape.heads, shape.head_dim, shape.layers, n,
+                    shape.out_features, element_size=2, forwards=2,
+                )
+                rows.append(dict(
+                    kind="volume", shape=shape.name, mode=mode, world_size=n, pattern=repr(pattern),
+                    step_bytes=vol.total, attention_bytes=vol.attention, gather_bytes=vol.output_gather,
+                    step_ms_at_bandwidth=vol.total / (args.bandwidth_gbps * 1e9) * 1e3,
+                ))  # fmt: skip
+    return rows
+
+
+def single_device_rows(args, shapes, device, dtype) -> list[dict[str, Any]]:
+    """Baseline and per-rank attention work for every N, measured on one device."""
+    from vidsparse.parallel.clip import clip_compute
+    from vidsparse.parallel.estimate import attention_bytes
+    from vidsparse.parallel.partition import FramePartition
+    from vidsparse.parallel.ulysses import heads_per_rank
+
+    rows = []
+    el = torch.tensor([], dtype=dtype).element_size()
+    for shape in shapes:
+        lay = shape.layout
+        q, k, v = _qkv(1, lay.seq_len, shape.heads, shape.head_dim, device, dtype)
+        for mode in args.modes:
+            pattern = _pattern(args, mode)
+            base = _time(partial(vs.attention, q, k, v, lay, pattern, backend=args.backend), device, args.warmup, args.repeats)
+            rows.append(dict(kind="baseline", shape=shape.name, mode=mode, world_size=1, pattern=repr(pattern), ms=base))
+            for n in args.world_sizes:
+                if n > lay.frames:
+                    continue
+                part = FramePartition(lay.frames, n)
+                if mode == "clip":
+                    per_rank = []
+                    for r in range(n):
+                        ql, kl, vl = (part.shard(t, lay, r) for t in (q, k, v))
+                        work = partial(clip_compute, ql, kl, vl, lay, pattern, r, n, backend=args.backend)
+                        per_rank.append(_time(work, device, args.warmup, args.repeats))
+                    compute = max(per_rank)
+                else:
+                    h = heads_per_rank(shape.heads, n)
+                    qh, kh, vh = (t[:, :, :h].contiguous() for t in (q, k, v))
+                    work = partial(vs.attention, qh, kh, vh, lay, pattern, backend=args.backend)
+                    compute = _time(work, device, args.warmup, args.repeats)
+                sent = max(sum(d.values()) for d in attention_bytes(mode, lay, pattern, shape.heads, shape.head_dim, n, el))
+                comm_ms = sent / (args.bandwidth_gbps * 1e9) * 1e3
+                rows.append(dict(
+                    kind="estimate", shape=shape.name, mode=mode, world_size=n, pattern=repr(pattern),
+                    compute_ms=compute, bytes_per_call=sent, comm_ms=comm_ms, ms=compute + comm_ms,
+                    speedup_vs_baseline=base / (compute + comm_ms),
+                ))  # fmt: skip
+    return rows
+
+
+def distributed_rows(args, shapes, runtime, dtype) -> list[dict[str, Any]]:
+    """Time clip_attention / ulysses_attention on every rank (slowest rank), measured bytes."""
+    import torch.distributed as dist
+
+    from vidsparse.parallel import FramePartition, clip_attention, ulysses_attention
+
+    rows = []
+    n, device = runtime.world_size, runtime.device
+    for shape in shapes:
+        lay = shape.layout
+        if n > lay.frames:
+            continue
+        part = FramePartition(lay.frames, n)
+        full = _qkv(1, lay.seq_len, shape.heads, shape.head_dim, "cpu", dtype)
+        ql, kl, vl = (part.shard(t, lay, runtime.rank).to(device) for t in full)
+        for mode in args.modes:
+            pattern = _pattern(args, mode)
+            fn = clip_attention if mode == "clip" else ulysses_attention
+            call = partial(fn, ql, kl, vl, lay, pattern, runtime, backend=args.backend)
+            runtime.stats.reset()
+            call()
+            sent = runtime.stats.total_bytes
+            dist.barrier()
+            ms = torch.tensor([_time(call, device, args.warmup, args.repeats)], device=device)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+            mx = torch.tensor([float(sent)], device=device)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            rows.append(dict(
+                kind="measured", shape=shape.name, mode=mode, world_size=n, pattern=repr(pattern),
+                ms=float(ms.item()), bytes_per_call=int(mx.item()), backend=runtime.backend,
+            ))  # fmt: skip
+    return rows
+
+
+def _quick_worker(argv: list[str]) -> list[dict[str, Any]]:
+    """One rank of the --quick smoke run (spawned)."""
+    torch.set_num_threads(1)
+    from vidsparse.parallel import init_distributed, shutdown
+
+    args = parse_args(argv)
+    runtime = init_distributed(backend="gloo", timeout_s=120)
+    try:
+        return distributed_rows(args, [SHAPES["tiny"]], runtime, torch.float32)
+    finally:
+        shutdown(runtime)
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    gb = 1e9
+    lines = [f"# Parallel benchmark ({report['device']}, {report['created']})", ""]
+    lines.append(f"torch {report['torch']}, commit {report['git_commit'][:12]}, dtype {report['dtype']}, "
+                 f"bandwidth assumed {report['bandwidth_gbps']} GB/s per rank, quick={report['quick']}")  # fmt: skip
+    vol = [r for r in report["results"] if r["kind"] == "volume"]
+    if vol:
+        lines += ["", "## Bytes sent per denoising step by the busiest rank (bf16, CFG = 2 forwards)", "",
+                  "| shape | mode | N | attention GB | output gather GB | total GB | ms at bandwidth |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in vol:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['world_size']} | {r['attention_bytes'] / gb:.3f} | "
+                         f"{r['gather_bytes'] / gb:.4f} | {r['step_bytes'] / gb:.3f} | {r['step_ms_at_bandwidth']:.1f} |")  # fmt: skip
+    timed = [r for r in report["results"] if r["kind"] != "volume"]
+    if timed:
+        lines += ["", "## One self-attention call", "",
+                  "| shape | mode | N | kind | ms | compute ms | comm ms | MB per call | speedup vs 1 |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in timed:
+            def f(key, fmt="{:.2f}", r=r):
+                return fmt.format(r[key]) if r.get(key) is not None else ""
+            mb = f"{r['bytes_per_call'] / 1e6:.2f}" if r.get("bytes_per_call") is not None else ""
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['world_size']} | {r['kind']} | {f('ms')} | {f('compute_ms')} | "
+                         f"{f('comm_ms')} | {mb} | {f('speedup_vs_baseline')} |")  # fmt: skip
+    lines += ["", f"Patterns: clip {report['patterns']['clip']}; ulysses {report['patterns']['ulysses']}.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all but tiny; --quick: tiny)")
+    p.add_argument("--modes", default="clip,ulysses", help="comma list: clip, ulysses")
+    p.add_argument("--world-sizes", default="2,4,8", help="N for volumes and one-device estimates (default 2,4,8)")
+    p.add_argument("--clip-pattern", default="dual-scope", help="pattern of clip mode (default dual-scope)")
+    p.add_argument("--ulysses-pattern", default="dual-scope", help="pattern of Ulysses mode (default dual-scope)")
+    p.add_argument("--local-frames", type=int, default=2, help="DualScope window per side (default 2)")
+    p.add_argument("--global-stride", type=int, default=8, help="DualScope global frame stride (default 8)")
+    p.add_argument("--backend", default="auto", help="attention backend (default auto)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--bandwidth-gbps", type=float, default=100.0,
+                   help="per-rank link bandwidth for estimates, GB/s (default 100: NVLink-class all-to-all)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 gloo ranks on the tiny shape, volumes of all shapes")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in ("clip", "ulysses")]
+    if bad:
+        p.error(f"--modes: unknown {bad}; use clip, ulysses")
+    args.world_sizes = [int(x) for x in args.world_sizes.split(",") if x.strip()]
+    default = "tiny" if args.quick else "wan-1.3b,wan-14b,wan-1.3b-long"
+    names = [s.strip() for s in (args.shapes or default).split(",") if s.strip()]
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
+    args.shape_names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    shapes = [SHAPES[s] for s in args.shape_names]
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    results: list[dict[str, Any]] = []
+    device_name = "cpu"
+    if args.quick:
+        from vidsparse.parallel import check_results, spawn
+
+        dtype = torch.float32
+        results += single_device_rows(args, [SHAPES["tiny"]], torch.device("cpu"), dtype)
+        for rows in check_results(spawn(_quick_worker, 2, (argv,), timeout_s=300))[:1]:
+            results += rows
+        results += volume_rows(args, [SHAPES[s] for s in ("wan-1.3b", "wan-14b", "wan-1.3b-long")])
+        device_name = f"CPU {platform.machine()} (gloo)"
+    elif distributed:
+        from vidsparse.parallel import init_distributed, shutdown
+
+        runtime = init_distributed(timeout_s=600)
+        results += distributed_rows(args, shapes, runtime, dtype)
+        results += volume_rows(args, shapes)
+        if runtime.device.type == "cuda":
+            device_name = f"{runtime.world_size} x {torch.cuda.get_device_name(runtime.device)}"
+        rank = runtime.rank
+        shutdown(runtime)
+        if rank != 0:
+            return 0
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks/parallel.py: no CUDA GPU; run with --quick for the CPU smoke run.", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        device_name = torch.cuda.get_device_name(device)
+        results += single_device_rows(args, shapes, device, dtype)
+        results += volume_rows(args, shapes)
+    report = dict(
+        schema=SCHEMA,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        device=device_name,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        git_commit=_git(),
+        dtype=str(dtype).replace("torch.", ""),
+        quick=args.quick,
+        bandwidth_gbps=args.bandwidth_gbps,
+        patterns={m: repr(_pattern(args, m)) for m in ("clip", "ulysses")},
+        shapes={s.name: asdict(s) for s in (shapes if not args.quick else [SHAPES[n] for n in SHAPES])},
+        results=results,
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if args.quick else ("cuda" if torch.cuda.is_available() else "cpu")
+    stem = out / f"parallel_{tag}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
