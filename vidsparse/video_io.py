@@ -65,6 +65,8 @@ def as_uint8_frames(video) -> np.ndarray:
 def check_video_path(path: str | os.PathLike) -> Path:
     """Validate an output path before any heavy work: known suffix, existing writable directory."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"Output path {str(p)!r} is a directory; give a file name such as {str(p / 'video.mp4')!r}.")
     suffix = p.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
         raise ValueError(
@@ -72,8 +74,6 @@ def check_video_path(path: str | os.PathLike) -> Path:
             f"{' or '.join(VIDEO_SUFFIXES)}, e.g. outputs/video.mp4."
         )
     parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise ValueError(f"Output path {str(p)!r} is a directory; give a file name such as {str(p / 'video.mp4')!r}.")
     if parent.exists() and not parent.is_dir():
         raise ValueError(f"Output directory {str(parent)!r} is a file; choose another output path.")
     if parent.exists() and not os.access(parent, os.W_OK):
@@ -85,7 +85,8 @@ def write_video(path: str | os.PathLike, frames, fps: int = 16, quality: int = 8
     """Write frames ([T, H, W, 3] uint8 or float in [0, 1]) to ``path`` (.mp4 or .gif), atomically.
 
     The parent directory is created if needed. Returns the final path. mp4 uses H.264 (yuv420p,
-    so odd heights/widths are padded by one replicated row/column); gif loops forever.
+    so odd heights/widths are padded by one replicated row/column); gif loops forever (Pillow
+    merges consecutive identical frames into one longer frame).
     """
     p = check_video_path(path)
     if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
