@@ -184,7 +184,10 @@ class _MaskTable:
     def add(self, masks: torch.Tensor) -> torch.Tensor:
         """Return ids for bool masks [n, bs, bs]."""
         packed = np.packbits(masks.reshape(masks.shape[0], -1).cpu().numpy(), axis=1)
-        uniq, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+        # One opaque bytes item per row: np.unique(axis=0) on wide rows is orders slower.
+        rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+        _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        uniq = packed[first]
         local = np.empty(len(uniq), dtype=np.int32)
         for u, row in enumerate(uniq):
             key = row.tobytes()
@@ -254,6 +257,12 @@ def build_static_plan(
         )
 
     table = _MaskTable(bs)
+    # Optional: element masks the pattern already knows for its 1-blocks (skips evaluation).
+    given = pattern.block_masks(layout, vidx, bs, layer)
+    if given is not None:
+        given_ids = given[0].cpu().to(torch.int32)
+        given_map = table.add(given[1].cpu().to(torch.bool)) if given[1].shape[0] else torch.zeros(0, dtype=torch.int32)
+        cand = torch.where((cand == 1) & (given_ids >= 0), torch.full_like(cand, 3), cand)
     vblocks = vidx.view(nvb, bs)
     vvalid = vblocks >= 0
     safe = vblocks.clamp_min(0)
@@ -278,6 +287,9 @@ def build_static_plan(
                     col_ok = vvalid[kb].expand(bs, bs)
                     pad_col_mid[kb] = int(table.add(col_ok.unsqueeze(0))[0])
                 mw[j] = pad_col_mid[kb]
+        if given is not None:
+            kg = torch.nonzero(cand[qb] == 3).flatten()
+            kw, mw = torch.cat([kw, kg]), torch.cat([mw, given_map[given_ids[qb, kg].long()]])
         return kw, mw
 
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -69,6 +69,22 @@ class Pattern:
         """
         return None
 
+    def block_masks(
+        self,
+        layout: VideoLayout,
+        order: torch.Tensor,
+        block_size: int,
+        layer: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional element masks of candidate blocks, so the builder need not evaluate them.
+
+        ``(ids, masks)``: int32 [NQ, NK] and bool [P, bs, bs]. Where ``block_candidates`` is 1
+        and ``ids >= 0``, ``masks[ids]`` is the block's exact element mask in kernel order
+        (False on padding keys; padding query rows are don't-care). Patterns whose blocks are
+        products of a few per-axis shapes (neighborhood attention) plan large grids this way.
+        """
+        return None
+
     # -- dynamic patterns ------------------------------------------------------------
     def dynamic_plan(
         self,
