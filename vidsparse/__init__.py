@@ -3,19 +3,33 @@
 from vidsparse.attention import attention, clear_plan_cache, plan, token_mask
 from vidsparse.config import SparseConfig
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns import PATTERNS, Dense, DualScope, Pattern, Radial, VMoBA, make_pattern
+from vidsparse.patterns import (
+    GNA,
+    PATTERNS,
+    AttentionTile,
+    Dense,
+    DualScope,
+    Pattern,
+    Radial,
+    Tile,
+    VMoBA,
+    make_pattern,
+)
 from vidsparse.plan import BlockSparsePlan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GNA",
     "PATTERNS",
+    "AttentionTile",
     "SparseConfig",
     "BlockSparsePlan",
     "Dense",
     "DualScope",
     "Pattern",
     "Radial",
+    "Tile",
     "VMoBA",
     "VideoLayout",
     "apply",

@@ -1,13 +1,17 @@
 """Sparse spatiotemporal attention patterns. Each is a frozen dataclass; see ``base.Pattern``."""
 
+from vidsparse.patterns.attention_tile import AttentionTile
 from vidsparse.patterns.base import Pattern
 from vidsparse.patterns.dense import Dense
 from vidsparse.patterns.dual_scope import DualScope
+from vidsparse.patterns.gna import GNA
 from vidsparse.patterns.radial import Radial
+from vidsparse.patterns.tile import Tile
 from vidsparse.patterns.vmoba import VMoBA
 
 # name -> class, for configs, the CLI and ``vidsparse.make_pattern``.
 PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope, "radial": Radial, "vmoba": VMoBA}
+PATTERNS.update({"attention-tile": AttentionTile, "gna": GNA, "tile": Tile})
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
@@ -26,4 +30,16 @@ def make_pattern(name: str, **options) -> Pattern:
         raise TypeError(f"Bad options for pattern {key!r}: {exc}") from None
 
 
-__all__ = ["PATTERNS", "Dense", "DualScope", "Pattern", "Radial", "VMoBA", "make_pattern", "register_pattern"]
+__all__ = [
+    "GNA",
+    "PATTERNS",
+    "AttentionTile",
+    "Dense",
+    "DualScope",
+    "Pattern",
+    "Radial",
+    "Tile",
+    "VMoBA",
+    "make_pattern",
+    "register_pattern",
+]

@@ -1,0 +1,199 @@
+"""Generalized Neighborhood Attention (GNA): NATTEN's ``na3d`` mask as a vidsparse pattern.
+
+Per axis (t, h, w), with kernel ``k``, stride ``s``, dilation ``d`` and causal flag ``c``
+(``natten/backends/flex.py::get_na_flex_mask``, NATTEN 0.21):
+
+- dilation splits the axis into ``d`` residue classes; a query only sees keys of its own
+  class, and the window lives on the class's sub-grid ``x // d`` of extent ``n_g``;
+- stride groups queries into runs of ``s``; a group shares the window of its *leader*:
+  the centre query ``min(s * (x // s) + s // 2, n_g - 1)`` (right centre for even ``s``), or
+  for causal axes the last query ``min(s * (x // s) + s - 1, n_g - 1)``;
+- non-causal window: ``[c - k // 2, c + (k - 1) // 2]`` with the centre ``c`` = leader
+  clamped into ``[k // 2, n_g - 1 - (k - 1) // 2]``, so every window holds ``k`` keys (an even
+  ``k = 2r`` puts ``r`` keys left, ``r - 1`` right);
+- causal window: ``[leader - k + 1, x]`` (keys after the query itself are never seen).
+
+``stride = 1`` is neighborhood attention, ``stride = kernel`` blocked (Swin-style) attention,
+and ``GNA(kernel=w * T, stride=T)`` is Sliding Tile Attention with tile ``T``, ``w`` tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+
+from vidsparse.layout import VideoLayout
+from vidsparse.patterns.tiling import (
+    SeparableTiledPattern,
+    TileGrid,
+    Triple,
+    ceil_div,
+    next_power_of_two,
+    power_of_two_shapes,
+)
+
+AXES = ("t", "h", "w")
+# Weight of a partially masked block relative to a whole one in the tile choice (mask
+# load and select in the kernel; the FLOPs are the same).
+_PARTIAL_BLOCK_COST = 0.25
+
+
+def _triple(value, name: str, minimum: int, allow_full: bool = False) -> Triple:
+    """An int or a (t, h, w) sequence of ints -> tuple; ``-1`` (full axis) only if allowed."""
+    hint = " or -1 for the full axis" if allow_full else ""
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+        raise TypeError(f"{name} must be an int or a (t, h, w) tuple of 3 ints, got {value!r}.")
+    values = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(
+            f"{name} must be an int or a (t, h, w) tuple of 3 ints (one per axis: frames, height, "
+            f"width), got {value!r}."
+        )
+    for axis, v in zip(AXES, values):
+        if v < minimum and not (allow_full and v == -1):
+            raise ValueError(f"{name} must be >= {minimum}{hint} on every axis, got {values} (axis {axis}).")
+    return values  # type: ignore[return-value]
+
+
+def _causal_triple(value) -> tuple[bool, bool, bool]:
+    if isinstance(value, bool):
+        return (value,) * 3  # type: ignore[return-value]
+    if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, bool) for v in value):
+        return tuple(value)  # type: ignore[return-value]
+    raise TypeError(f"is_causal must be a bool or a (t, h, w) tuple of 3 bools, got {value!r}.")
+
+
+def window_bounds(
+    x: torch.Tensor, extent: int, kernel: int, stride: int = 1, dilation: int = 1, causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive key window ``(start, end)`` of query coordinates ``x`` along one axis.
+
+    Bounds are on the residue-class sub-grid: key ``y`` is attended iff ``y % dilation ==
+    x % dilation`` and ``start <= y // dilation <= end``. Used by the element mask and by the
+    analytic block relations alike, so both agree by construction.
+    """
+    g, xd = x % dilation, x // dilation
+    n_g = (extent - g + dilation - 1) // dilation  # members of x's residue class
+    group = (xd // stride) * stride
+    if causal:
+        leader = torch.minimum(group + stride - 1, n_g - 1)
+        return (leader - kernel + 1).clamp_min(0), xd
+    leader = torch.minimum(group + stride // 2, n_g - 1)
+    left, right = kernel // 2, (kernel - 1) // 2
+    centre = torch.minimum(leader.clamp_min(left), n_g - 1 - right)  # = torch.clamp(leader, left, hi)
+    return centre - left, centre + right
+
+
+@dataclass(frozen=True)
+class GNA(SeparableTiledPattern):
+    """Generalized Neighborhood Attention with NATTEN's exact semantics (see module doc).
+
+    Args:
+        kernel_size: window per axis (t, h, w); ``-1`` = the whole axis (Cosmos-Predict2's
+            convention). Default (9, 25, 41), the token budget of the ``Tile`` default: 28 %
+            of the pairs of a Wan 480p grid (21x30x52), 12 % at 720p (21x45x80).
+        stride: queries per window-sharing group (1 = sliding window, = kernel = blocked).
+        dilation: residue classes per axis; ``kernel * dilation`` must fit the axis.
+        is_causal: per axis, keys after the query are masked (e.g. causal in time).
+        tile: kernel tile shape; ``None`` picks, per grid and block size, the power-of-two
+            tile of one block that computes the fewest blocks (a tile dividing the stride
+            makes the pattern perfectly block-sparse, as in the GNA paper).
+    """
+
+    kernel_size: int | Triple = (9, 25, 41)
+    stride: int | Triple = 1
+    dilation: int | Triple = 1
+    is_causal: bool | tuple[bool, bool, bool] = False
+    tile: Triple | None = None
+
+    name: ClassVar[str] = "gna"
+
+    def __post_init__(self) -> None:
+        kernel = _triple(self.kernel_size, "GNA kernel_size", 1, allow_full=True)
+        stride = _triple(self.stride, "GNA stride", 1)
+        dilation = _triple(self.dilation, "GNA dilation", 1)
+        causal = _causal_triple(self.is_causal)
+        tile = None if self.tile is None else _triple(self.tile, "GNA tile", 1)
+        for axis, k, s in zip(AXES, kernel, stride):
+            if k != -1 and s > k:
+                raise ValueError(
+                    f"GNA stride must not exceed kernel_size on any axis (NATTEN's rule), got "
+                    f"stride={stride}, kernel_size={kernel} (axis {axis}). Use stride <= kernel_size; "
+                    "stride == kernel_size is blocked attention."
+                )
+        for field_name, value in (
+            ("kernel_size", kernel),
+            ("stride", stride),
+            ("dilation", dilation),
+            ("is_causal", causal),
+            ("tile", tile),
+        ):
+            object.__setattr__(self, field_name, value)
+
+    # -- parameters on a grid --------------------------------------------------------
+    def resolved_kernel(self, layout: VideoLayout) -> Triple:
+        """kernel_size with -1 replaced by the axis' residue-class extent."""
+        return tuple(  # type: ignore[return-value]
+            ceil_div(n, d) if k == -1 else k for k, n, d in zip(self.kernel_size, layout.grid, self.dilation)
+        )
+
+    def validate(self, layout: VideoLayout) -> None:
+        kernel = self.resolved_kernel(layout)
+        for axis, n, k, s, d in zip(AXES, layout.grid, kernel, self.stride, self.dilation):
+            if k * d > n:
+                what = f"kernel_size {k} x dilation {d} = {k * d}" if d > 1 else f"kernel_size {k}"
+                raise ValueError(
+                    f"GNA {what} exceeds the {n} tokens of axis {axis} of the grid {layout.grid} "
+                    f"(kernel_size={self.kernel_size}, dilation={self.dilation}). Pass kernel_size * "
+                    f"dilation <= {n} on that axis, or kernel_size=-1 there for the whole axis."
+                )
+            if s > k:
+                raise ValueError(
+                    f"GNA stride {s} exceeds the kernel_size {k} that -1 resolves to on axis {axis} "
+                    f"of the grid {layout.grid}; use stride <= {k}."
+                )
+
+    # -- semantics -------------------------------------------------------------------
+    def axis_mask(self, layout: VideoLayout, axis: int, qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+        n, d = layout.grid[axis], self.dilation[axis]
+        k = self.resolved_kernel(layout)[axis]
+        start, end = window_bounds(qx, n, k, self.stride[axis], d, self.is_causal[axis])
+        kd = kx // d
+        return (kx % d == qx % d) & (kd >= start) & (kd <= end)
+
+    # -- kernel order ----------------------------------------------------------------
+    def tile_grid(self, layout: VideoLayout, block_size: int) -> TileGrid:
+        tile = self.tile if self.tile is not None else _auto_tile(self, layout, block_size)
+        return TileGrid(layout.grid, tile, self.dilation)
+
+    def tile_cost(self, layout: VideoLayout, tile: Triple) -> tuple[int, int]:
+        """(non-empty, partial) tile pairs of the tile-major order with ``tile`` (per block if
+        a tile is one block): counted per axis, as the mask is a product over axes."""
+        tg = TileGrid(layout.grid, tile, self.dilation)
+        nonempty, whole = 1, 1
+        for axis in range(3):
+            any_, full, valid = tg.tile_relation(axis, self.axis_table(layout, axis))
+            nonempty *= int(any_.sum())
+            whole *= int((any_ & full).sum())
+        return nonempty, nonempty - whole
+
+
+@lru_cache(maxsize=256)
+def _auto_tile(pattern: GNA, layout: VideoLayout, block_size: int) -> Triple:
+    """The power-of-two tile of ``block_size`` tokens (fewer on tiny grids) with the lowest
+    block cost; ties prefer wider tiles along w, then h (longer contiguous raster runs)."""
+    sub = [ceil_div(n, d) for n, d in zip(layout.grid, pattern.dilation)]
+    caps: Triple = tuple(next_power_of_two(m) for m in sub)  # type: ignore[assignment]
+    volume = min(1 << (block_size.bit_length() - 1), math.prod(caps))  # a power of two
+    best, best_key = None, None
+    for tile in power_of_two_shapes(volume, caps):
+        nonempty, partial = pattern.tile_cost(layout, tile)
+        key = (nonempty + _PARTIAL_BLOCK_COST * partial, -tile[2], -tile[1])
+        if best_key is None or key < best_key:
+            best, best_key = tile, key
+    assert best is not None
+    return best
