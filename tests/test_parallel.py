@@ -197,6 +197,7 @@ def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
     # which matches the single-process run; different settings stop every rank with exit status 2.
     assert cli[0]["rc"] == 0 and cli[1]["rc"] == 0
     assert "wrote" in cli[0]["stdout"] and cli[1]["stdout"] == ""
+    assert "sent per step by the busiest rank" in cli[0]["stdout"] and "clip_global" in cli[0]["stdout"]
     assert cli[0]["frames"] == 17 and cli[0]["psnr_vs_single"] > 40, cli[0]
     assert cli[0]["files"] == ["video.gif"]
     for c in cli:

@@ -147,13 +147,16 @@ def generate_parallel(options: Any):
     step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
     grid = plan.grid
 
+    comms = _gather_objects(result.comm, runtime)
     summary: dict[str, Any] = {}
     if runtime.is_main:
+        print(format_comm(comms, plan.steps, options.parallel), flush=True)
         frames = as_uint8_frames(result.video[0])
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
         densities, work = _densities(result.patterns, grid)
         summary = dict(shape=frames.shape, out=written, densities=densities, work=work, load_s=load_s,
-                       step_times=step_times, decode_s=result.decode_seconds, comm=result.comm)  # fmt: skip
+                       step_times=step_times, decode_s=result.decode_seconds, comm=result.comm,
+                       sparse_steps=result.sparse_steps)  # fmt: skip
     summary = _broadcast(summary, runtime)
     frames_out = frames if runtime.is_main else np.broadcast_to(np.zeros((), np.uint8), summary["shape"])
     steps = summary["step_times"]
@@ -171,7 +174,7 @@ def generate_parallel(options: Any):
         denoise_s=float(sum(steps)),
         step_times_s=tuple(steps),
         time_per_step_s=float(statistics.median(steps)) if steps else 0.0,
-        sparse_steps=plan.steps,
+        sparse_steps=summary["sparse_steps"],
         densities=summary["densities"],
         attention_work=summary["work"],
     )
@@ -198,6 +201,31 @@ def _densities(patterns: dict[int, Any], grid: tuple[int, int, int]) -> tuple[An
             groups.append(LayerGroupDensity((layer,), name, bd, td))
     work = sum(g.block_density * len(g.layers) for g in groups) / max(1, sum(len(g.layers) for g in groups))
     return tuple(groups), work
+
+
+def format_comm(comms: list[dict[str, Any]], steps: int, mode: str) -> str:
+    """One summary line: bytes sent per denoising step (busiest rank, all ranks) by operation."""
+    per_rank = [c.get("total_bytes", 0) / max(1, steps) for c in comms]
+    ops: dict[str, int] = {}
+    for c in comms:
+        for op, n in c.get("bytes_sent", {}).items():
+            ops[op] = ops.get(op, 0) + n
+    detail = ", ".join(f"{op} {n / max(1, steps) / 1e6:.3g} MB" for op, n in sorted(ops.items()))
+    return (
+        f"parallel   {mode} x{len(comms)}: {max(per_rank) / 1e6:.3g} MB sent per step by the busiest rank, "
+        f"{sum(per_rank) / 1e6:.3g} MB by all ranks ({detail})"
+    )
+
+
+def _gather_objects(obj: Any, runtime: ParallelRuntime) -> list[Any]:
+    import torch.distributed as dist
+
+    from vidsparse.parallel.runtime import guard
+
+    out: list[Any] = [None] * runtime.world_size
+    with guard(runtime, "all_gather of the communication counters"):
+        dist.all_gather_object(out, obj, group=runtime.group)
+    return out
 
 
 def _broadcast(obj: dict[str, Any], runtime: ParallelRuntime) -> dict[str, Any]:

@@ -161,6 +161,7 @@ class ParallelAttention:
 
         self.ctx, self.state, self.dense_layers = ctx, state, dense_layers
         self.used: dict[int, tuple[Pattern, int | None]] = {}  # layer -> (pattern, block), sparse preferred
+        self.sparse_steps: set[int] = set()  # step indices with at least one sparse layer
         # The user's schedule decides dense steps; the patched state itself never runs dense.
         self.schedule = SparseState(
             config=user_config,
@@ -179,6 +180,7 @@ class ParallelAttention:
         block = self.state.config.block_size or auto_block_size(layout)
         if layer in self.dense_layers or self.schedule.dense_step(info.step, info.total_steps):
             return Dense(), block
+        self.sparse_steps.add(info.step)
         return self.state.layer_patterns(layout, block)[layer], block
 
     def __call__(self, q, k, v, layout, pattern, backend="auto", layer=0, text_mask=None, block_size=None, scale=None):

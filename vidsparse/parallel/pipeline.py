@@ -36,6 +36,7 @@ class ParallelResult:
     decode_seconds: float
     comm: dict[str, Any] = field(default_factory=dict)
     patterns: dict[int, Any] = field(default_factory=dict)  # layer -> (pattern, block) of its sparse steps
+    sparse_steps: int = 0  # denoising steps with at least one sparse self-attention layer
 
     @property
     def bytes_per_step(self) -> float:
@@ -79,15 +80,17 @@ def run_parallel(
         latents = pipe(**call_kwargs, output_type="latent").frames
         denoise = time.perf_counter() - t0
         comm = runtime.stats.snapshot()
-        patterns = dict(get_state(transformers_of(pipe)[0][1]).attention_fn.used)
+        fns = [get_state(t).attention_fn for _, t in transformers_of(pipe)]
+        patterns = dict(fns[0].used)
+        sparse_steps = len(set().union(*(fn.sparse_steps for fn in fns)))
     finally:
         unparallelize(pipe)
     steps = int(call_kwargs.get("num_inference_steps", 0) or len(getattr(pipe.scheduler, "timesteps", [])) or 1)
     if output_type == "latent":
-        return ParallelResult(latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm, patterns)
+        return ParallelResult(latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm, patterns, sparse_steps)
     t1 = time.perf_counter()
     video = decode_parallel(pipe.vae, _wan_latents_for_decode(pipe, latents), runtime, overlap=vae_overlap)
     if video is not None:
         video = pipe.video_processor.postprocess_video(video, output_type=output_type)
     decode = time.perf_counter() - t1
-    return ParallelResult(video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns)
+    return ParallelResult(video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps)
