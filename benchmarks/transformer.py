@@ -152,7 +152,7 @@ def build_transformer(case: ModelCase, device: torch.device, dtype: torch.dtype,
             model = cls(**case.config)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to(dtype)
+    # Parameters were created in ``dtype`` (no .to(): diffusers warns about its fp32 modules).
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     if keep and dtype != torch.float32:
         for name, param in model.named_parameters():

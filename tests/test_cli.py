@@ -345,3 +345,44 @@ def test_parallel_mode_is_handed_to_vidsparse_parallel(monkeypatch):
     monkeypatch.setitem(sys.modules, "vidsparse.parallel", fake)
     options = GenerateOptions(parallel="ulysses", **SMALL_OPTS)
     assert generate(options) == "done" and seen == [options]
+
+
+# -- transformer benchmark ------------------------------------------------------------------------
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_transformer", os.path.join(ROOT, "benchmarks", "transformer.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transformer_benchmark_quick_smoke(tmp_path, capsys):
+    import json
+
+    bench = _load_benchmark()
+    argv = ["--quick", "--models", "wan-tiny", "--patterns", "radial,vmoba", "--repeats", "1", "--warmup", "0"]
+    assert bench.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("transformer_*.json")
+    rep = json.loads(path.read_text())
+    assert rep["schema"] == "vidsparse.bench.transformer/1" and rep["quick"] is True
+    assert rep["git_commit"] and rep["torch"] == torch.__version__
+    rows = {r["pattern"]: r for r in rep["results"]}
+    assert set(rows) == {"dense", "radial", "vmoba"}
+    assert all(r["error"] is None and r["forward_ms"] > 0 for r in rows.values())
+    assert rows["radial"]["dense_layers"] == [0]  # Wan's Radial default keeps layer 0 dense
+    assert 0 < rows["radial"]["block_density"] < 1 and rows["dense"]["speedup"] == 1.0
+    assert "Radial(" in rows["radial"]["resolved"]
+    assert (tmp_path / path.name.replace(".json", ".md")).read_text().startswith("# vidsparse transformer benchmark")
+
+
+def test_transformer_benchmark_refuses_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the refusal path does not apply")
+    assert _load_benchmark().main(["--models", "wan-1.3b"]) == 2
+    assert "--quick" in capsys.readouterr().err
