@@ -34,7 +34,7 @@ SMALL = {
     "dual-scope": dict(local_frames=1, global_stride=2),
     "vmoba": dict(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 2, 3)),
     "tile": dict(tile=(1, 2, 3), window=(3, 1, 3)),
-    "gna": dict(kernel_size=(3, 3, 5), stride=(1, 1, 2)),
+    "gna": dict(kernel_size=(2, 3, 2), stride=(1, 2, 1), dilation=(1, 1, 2)),
     "attention-tile": dict(global_frames=1),
 }
 # (layout, head dim, layer): no text; ragged with text after; text before. Padding in every one.
