@@ -51,6 +51,24 @@ def _setup(family, batch=2, **overrides):
     return model, inputs
 
 
+_SHARED: dict = {}
+
+
+@pytest.fixture
+def shared():
+    """(model, inputs, unpatched output) per family, built once per module; unpatched after use."""
+
+    def get(family):
+        if family not in _SHARED:
+            model, inputs = _setup(family)
+            _SHARED[family] = (model, inputs, _run(model, inputs))
+        return _SHARED[family]
+
+    yield get
+    for model, _, _ in _SHARED.values():
+        vs.remove(model)
+
+
 def _config(pattern, **kw):
     kw.setdefault("backend", "torch")
     kw.setdefault("dense_first_steps", 0)
@@ -175,9 +193,8 @@ def test_local_patterns_keep_tokens_local(family):
 
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
 @pytest.mark.parametrize("name", sorted(n for n in vs.PATTERNS if n != "dense"))
-def test_sparse_patterns_run_and_differ_from_dense(family, name):
-    model, inputs = _setup(family, batch=2)
-    ref = _run(model, inputs)
+def test_sparse_patterns_run_and_differ_from_dense(family, name, shared):
+    model, inputs, ref = shared(family)
     options = SPARSE_OPTIONS.get(name, {})
     pattern = vs.make_pattern(name, **options)
     layout = vs.VideoLayout(4, 4, 4, *TEXT[family])
@@ -191,20 +208,19 @@ def test_sparse_patterns_run_and_differ_from_dense(family, name):
 
 
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
-def test_gna_window_covering_the_grid_equals_unpatched(family):
+def test_gna_window_covering_the_grid_equals_unpatched(family, shared):
     if "gna" not in vs.PATTERNS:
         pytest.skip("GNA pattern not registered")
-    model, inputs = _setup(family)
-    ref = _run(model, inputs)
+    model, inputs, ref = shared(family)
     vs.apply(model, _config(vs.make_pattern("gna", kernel_size=(4, 4, 4))))
     torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
 @pytest.mark.parametrize("name", sorted(vs.PATTERNS))
-def test_family_defaults_run_on_tiny_grids(family, name):
+def test_family_defaults_run_on_tiny_grids(family, name, shared):
     """A pattern *name* gets family defaults adapted to the grid: any registered pattern runs."""
-    model, inputs = _setup(family, batch=1)
+    model, inputs, _ = shared(family)
     vs.apply(model, _config(name, block_size=16))
     out = _run(model, inputs)
     assert bool(torch.isfinite(out).all())

@@ -183,15 +183,23 @@ def test_context_step_index_wins_and_dense_last_on_bare_transformer():
 
 # -- compile, hooks, re-apply ------------------------------------------------------------------
 def test_torch_compile_of_patched_transformer():
-    model = tiny_transformer("wan")
+    """Compiling the patched transformer (or patching the compiled one) works from a cold plan
+    cache: the hook builds the plans eagerly, the compiled graph only looks them up."""
+    model = tiny_transformer("wan", num_layers=1)
     inputs = tiny_inputs("wan", model, 3, 4, 4)
+    radial = vs.make_pattern("radial", block_size=16, decay_factor=0.2)
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
-        vs.apply(model, _cfg(dense_first_steps=0))
+        vs.apply(model, _cfg(radial, dense_first_steps=0, dense_layers=()))
+        eager = model(**inputs, return_dict=False)[0]
+        assert (eager - ref).abs().max() > 1e-4
+        vs.remove(model)
+        vs.clear_plan_cache()
         compiled = torch.compile(model, backend="eager")
+        vs.apply(compiled, _cfg(radial, dense_first_steps=0, dense_layers=()))
         out = compiled(**inputs, return_dict=False)[0]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert get_state(model).calls["sparse"] == 2
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert get_state(model).calls["sparse"] == 1 and get_state(compiled) is get_state(model)
 
 
 def test_reapply_replaces_the_configuration_and_positional_call():

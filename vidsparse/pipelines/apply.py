@@ -39,12 +39,19 @@ def _is_pipeline(obj: Any) -> bool:
     return not isinstance(obj, torch.nn.Module) and hasattr(obj, "components")
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module under ``torch.compile``'s wrapper (hooks and processors live on it)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def transformers_of(target: Any) -> list[tuple[str, torch.nn.Module]]:
     """(attribute name, transformer) pairs of a pipeline, or [("transformer", target)]."""
     if isinstance(target, torch.nn.Module):
-        return [("transformer", target)]
+        return [("transformer", _unwrap(target))]
     if _is_pipeline(target):
-        found = [(a, getattr(target, a)) for a in _TRANSFORMER_ATTRS if getattr(target, a, None) is not None]
+        found = [
+            (a, _unwrap(getattr(target, a))) for a in _TRANSFORMER_ATTRS if getattr(target, a, None) is not None
+        ]
         if not found:
             raise ValueError(
                 f"{type(target).__name__} holds no transformer (pipe.transformer / pipe.transformer_2 are None); "

@@ -37,6 +37,7 @@ Extension points (used by ``vidsparse.parallel``):
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -47,7 +48,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from vidsparse.attention import _BACKEND_MODULES
 from vidsparse.attention import attention as _vidsparse_attention
+from vidsparse.attention import plan as _vidsparse_plan
 from vidsparse.config import SparseConfig, steps_from
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns import Pattern, make_pattern
@@ -57,6 +60,7 @@ from vidsparse.pipelines.families import (
     default_pattern_options,
     default_schedule,
 )
+from vidsparse.plan import DEFAULT_BLOCK_SIZE
 
 HOOK_NAME = "vidsparse"
 
@@ -250,13 +254,30 @@ class SparseState:
             patterns: tuple[Pattern | None, ...] = (None,) * self.num_layers
             block = None
         else:
-            block = self.config.block_size or auto_block_size(layout)
+            block = self.config.block_size or auto_block_size(layout) or _default_block(self.config.backend, hs)
             patterns = self.layer_patterns(layout, block)
             if self.dense_step(step, total):
                 patterns = (None,) * self.num_layers
         info = CallInfo(layout, step, total, branch, batch, patterns, block)
         self.current = info
         return info
+
+    def prebuild_plans(self, num_heads: int, device: torch.device) -> None:
+        """Build this call's static plans now, outside any torch.compile region: a compiled
+        graph can only look plans up (``vidsparse.plan`` is host-side work)."""
+        info = self.current
+        if info is None or info.layout is None or self.attention_fn is not _vidsparse_attention:
+            return
+        seen = set()
+        for layer, pattern in enumerate(info.patterns):
+            if pattern is None or pattern.dynamic:
+                continue
+            key = (pattern, layer if getattr(pattern, "uses_layer", False) else None)
+            if key not in seen:
+                seen.add(key)
+                _vidsparse_plan(
+                    pattern, info.layout, num_heads=num_heads, layer=layer, device=device, block_size=info.block_size
+                )
 
     def pattern_for(self, layer: int) -> Pattern | None:
         info = self.current
@@ -310,15 +331,21 @@ class VidsparseHook(ModelHook):
         return module
 
     @torch.compiler.disable
-    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict, compiling: bool) -> None:
         try:
             bound = self._signature.bind(module, *args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
         self.state.begin_call(module, bound, self.context_manager._context)
+        heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        hs = bound.get("hidden_states")
+        if compiling and heads and isinstance(hs, torch.Tensor):
+            self.state.prebuild_plans(int(heads), hs.device)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self._begin(module, args, kwargs)
+        # Under torch.compile this flag is traced as True: the (eager) bookkeeping then also
+        # builds the plans the compiled attention calls will look up.
+        self._begin(module, args, kwargs, torch.compiler.is_compiling())
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -331,7 +358,16 @@ class VidsparseHook(ModelHook):
         return module
 
 
+def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
+    """The block size ``vidsparse.attention`` would pick for this backend (128 for all today)."""
+    cuda = isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda
+    name = backend if backend != "auto" else ("triton" if cuda else "torch")
+    mod = sys.modules.get(_BACKEND_MODULES.get(name, ""))
+    return int(getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
+
+
 def get_hook(transformer: torch.nn.Module) -> VidsparseHook | None:
+    transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile wrapper
     registry = getattr(transformer, "_diffusers_hook", None)
     if not isinstance(registry, HookRegistry):
         return None
