@@ -247,3 +247,25 @@ def test_bf16_dense_matches_unpatched():
     out = _run(model, inputs)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+
+
+def test_ltx_grid_from_video_coords():
+    """LTX-Video's conditioning pipeline passes only video_coords: a full frame-major grid is
+    recognised (any scaling), anything else (extra conditioning tokens) runs dense with a warning."""
+    model, inputs = _setup("ltx", batch=1)
+    f, h, w = torch.meshgrid(torch.arange(4), torch.arange(4), torch.arange(4), indexing="ij")
+    coords = torch.stack([f.flatten() * 8.0 - 7.0, h.flatten() * 32.0, w.flatten() * 32.0])[None]
+    by_coords = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width", "rope_interpolation_scale")}
+    by_coords["video_coords"] = coords
+    plain = _run(model, by_coords)
+    vs.apply(model, _config("dense"))
+    state = get_state(model)
+    seen = []
+    attention = state.attention_fn
+    state.attention_fn = lambda q, k, v, layout, pattern, **kw: seen.append(layout) or attention(q, k, v, layout, pattern, **kw)
+    torch.testing.assert_close(_run(model, by_coords), plain, atol=2e-5, rtol=1e-5)
+    assert seen == [vs.VideoLayout(4, 4, 4)] * 2
+    shuffled = {**by_coords, "video_coords": coords[:, :, torch.randperm(64)]}
+    with pytest.warns(UserWarning, match="could not read the token grid"):
+        _run(model, shuffled)
+    assert state.calls["dense"] == 2 and len(seen) == 2
