@@ -32,6 +32,11 @@ Extension points (used by ``vidsparse.parallel``):
 - ``state.discover_layout(transformer, kwargs) -> VideoLayout | None``: the one function
   that reads the layout from the transformer's forward arguments (bound by name); ``None``
   runs that forward dense. Replace it to describe a different (e.g. per-rank) token layout.
+
+torch.compile: the bookkeeping runs eagerly (``torch.compiler.disable``, one graph break per
+forward); when the transformer runs compiled, it also builds the call's static plans there,
+so the compiled attention calls only look them up. Reading the timestep (rule 2) is one
+host sync per forward; rule 1 needs none.
 """
 
 from __future__ import annotations
