@@ -287,6 +287,16 @@ def test_local_pipeline_folder_is_resolved_from_its_configs(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_local_pipeline_folder_loads_with_from_pretrained(tmp_path):
+    from vidsparse.models.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipe")  # no text encoder: saved as [null, null]
+    info = resolve_model(str(tmp_path / "pipe"))
+    assert info.kind == "local" and info.family == "wan" and set(info.absent_components) >= {"text_encoder"}
+    local = generate(GenerateOptions(**{**SMALL_OPTS, "model": str(tmp_path / "pipe")}))
+    assert np.array_equal(local.frames, generate(GenerateOptions(**SMALL_OPTS)).frames)
+
+
 def test_unreachable_hub_id_is_a_clear_error(tmp_path):
     cmd = [sys.executable, "-m", "vidsparse", "generate", "--model", "no-such-org/no-such-model", "--out", "x.mp4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)

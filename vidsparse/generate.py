@@ -121,8 +121,11 @@ class LayerGroupDensity:
 
 @dataclass(frozen=True)
 class DenseComparison:
+    """The same generation with the model's own dense attention (same seed, same prompt)."""
+
     frames: np.ndarray
-    wall_s: float
+    denoise_s: float
+    call_s: float
     time_per_step_s: float
     speedup: float  # dense denoising time / sparse denoising time
     psnr_db: float  # sparse video vs dense video
@@ -149,6 +152,9 @@ class GenerateResult:
     densities: tuple[LayerGroupDensity, ...]
     attention_work: float  # over all self-attention calls, computed / dense (1.0 = dense)
     dense: DenseComparison | None = None
+    prepare_s: float = 0.0  # option checks and config reading (imports included)
+    call_s: float = 0.0  # the whole pipeline call: text encoding, denoising, VAE decode
+    write_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -161,8 +167,11 @@ class GenerateResult:
             "fps": self.fps,
             "steps": self.steps,
             "wall_s": self.wall_s,
+            "prepare_s": self.prepare_s,
             "load_s": self.load_s,
+            "call_s": self.call_s,
             "denoise_s": self.denoise_s,
+            "write_s": self.write_s,
             "time_per_step_s": self.time_per_step_s,
             "step_times_s": list(self.step_times_s),
             "sparse_steps": self.sparse_steps,
@@ -179,7 +188,8 @@ class GenerateResult:
         }
         if self.dense is not None:
             out["dense"] = {
-                "wall_s": self.dense.wall_s,
+                "denoise_s": self.dense.denoise_s,
+                "call_s": self.dense.call_s,
                 "time_per_step_s": self.dense.time_per_step_s,
                 "speedup": self.dense.speedup,
                 "psnr_db": None if math.isinf(self.dense.psnr_db) else self.dense.psnr_db,
@@ -200,6 +210,7 @@ class ModelInfo:
     grid: FamilyGrid
     defaults: Mapping[str, Any]
     two_stage: bool = False
+    absent_components: tuple[str, ...] = ()  # model_index entries saved as [null, null]
 
     @property
     def family(self) -> str:
@@ -316,7 +327,8 @@ def resolve_model(model: str) -> ModelInfo:
     grid = _family_from_class(class_name, tcfg)
     t2 = index.get("transformer_2")
     two_stage = isinstance(t2, (list, tuple)) and any(x is not None for x in t2)
-    return ModelInfo(kind, model, class_name, grid, _call_defaults(class_name), two_stage)
+    absent = tuple(k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple)) and not any(v))
+    return ModelInfo(kind, model, class_name, grid, _call_defaults(class_name), two_stage, absent)
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -509,10 +521,15 @@ def load_pipeline(plan: _Plan, seed: int = 0):
     else:
         from diffusers import DiffusionPipeline
 
+        # diffusers >= 0.42 names the argument ``dtype`` (``torch_dtype`` is deprecated there).
+        doc = DiffusionPipeline.from_pretrained.__doc__ or ""
+        kwargs: dict[str, Any] = {"dtype" if "    dtype (" in doc else "torch_dtype": plan.dtype}
+        # Components saved as [null, null] (e.g. a pipeline without text encoder) must be passed as None.
+        kwargs.update({name: None for name in info.absent_components})
         try:
-            pipe = DiffusionPipeline.from_pretrained(info.source, torch_dtype=plan.dtype)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"Could not load the pipeline {info.source!r}: {exc}") from None
+            pipe = DiffusionPipeline.from_pretrained(info.source, **kwargs)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"Could not load the pipeline {info.source!r}: {_brief(exc)}.") from None
     return pipe
 
 
@@ -594,21 +611,21 @@ class _StepClock:
         return tuple(b - a for a, b in zip(marks, marks[1:]))
 
 
-def _run_pipeline(pipe, plan: _Plan, options: GenerateOptions, on_step=None) -> tuple[np.ndarray, tuple[float, ...]]:
-    """One pipeline call; returns (uint8 frames [T, H, W, 3], step times)."""
-    clock = _StepClock(pipe, plan.device, on_step)
+def _call_kwargs(pipe, plan: _Plan, options: GenerateOptions, steps: int, output_type: str, callback) -> dict:
+    """Keyword arguments of one pipeline call (prompt embedded by hashing for text-encoder-free Wan)."""
     device = plan.device if plan.device.type != "cuda" or not options.cpu_offload else torch.device("cpu")
     kwargs: dict[str, Any] = dict(
         num_frames=plan.frames,
         height=plan.height,
         width=plan.width,
-        num_inference_steps=plan.steps,
+        num_inference_steps=steps,
         guidance_scale=plan.guidance,
         generator=torch.Generator(device=device).manual_seed(options.seed),
-        output_type="np",
-        callback_on_step_end=clock.callback,
+        output_type=output_type,
+        callback_on_step_end=callback,
     )
-    if plan.info.kind == TINY:
+    if plan.info.kind == TINY or (getattr(pipe, "text_encoder", "absent") is None and plan.info.family == "wan"):
+        # The tiny pipeline (also once saved to a folder) has no text encoder: hash the prompt.
         from vidsparse.models.tiny import encode_prompt_tiny
 
         transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
@@ -622,14 +639,30 @@ def _run_pipeline(pipe, plan: _Plan, options: GenerateOptions, on_step=None) -> 
     accepted = inspect.signature(pipe.__call__).parameters
     if "num_frames" not in accepted:
         raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+
+
+def _run_pipeline(pipe, plan: _Plan, options: GenerateOptions, on_step=None) -> tuple[np.ndarray, tuple, float]:
+    """One pipeline call; returns (uint8 frames [T, H, W, 3], step times, whole call seconds)."""
+    clock = _StepClock(pipe, plan.device, on_step)
+    kwargs = _call_kwargs(pipe, plan, options, plan.steps, "np", clock.callback)
+    t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             output = pipe(**kwargs)
     finally:
         clock.close()
+    call_s = time.perf_counter() - t0
     frames = output.frames if hasattr(output, "frames") else output[0]
-    return as_uint8_frames(frames[0] if isinstance(frames, (list, tuple)) else frames), clock.step_times
+    video = as_uint8_frames(frames[0] if isinstance(frames, (list, tuple)) else frames)
+    return video, clock.step_times, call_s
+
+
+def _warmup(pipe, plan: _Plan, options: GenerateOptions) -> None:
+    """One untimed denoising step without VAE decode: lazy initialisation, kernel compilation and
+    plan building happen here, so the timed dense and sparse runs compare like with like."""
+    with torch.inference_mode():
+        pipe(**_call_kwargs(pipe, plan, options, 1, "latent", None))
 
 
 class _DensityRecorder:
@@ -694,6 +727,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
     plan = prepare(options)
     if options.parallel != "none":
         return _generate_parallel(options)
+    prepare_s = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
     pipe = load_pipeline(plan, options.seed)
@@ -706,22 +740,30 @@ def generate(options: GenerateOptions) -> GenerateResult:
     pipe.set_progress_bar_config(disable=not options.progress, desc="denoising", leave=False)
     load_s = time.perf_counter() - t0
 
-    dense_run = _run_pipeline(pipe, plan, options) if options.compare_dense else None
+    dense_run = None
+    if options.compare_dense:  # the dense baseline first, on the unpatched pipeline
+        if options.compile:
+            _compile(pipe)
+        _warmup(pipe, plan, options)
+        dense_run = _run_pipeline(pipe, plan, options)
 
     if plan.sparse_config is not None:
         import vidsparse as vs
 
+        if options.compare_dense:  # warm the sparse kernels too: one step with every layer sparse
+            vs.apply(pipe, replace(plan.sparse_config, dense_first_steps=0, dense_last_steps=0))
+            _warmup(pipe, plan, options)
         vs.apply(pipe, plan.sparse_config)
         meter = _SparseMeter(pipe)
-        if options.compile:
+        if options.compile and not options.compare_dense:
             _compile(pipe)
-        frames, step_times = _run_pipeline(pipe, plan, options, on_step=meter.tick)
+        frames, step_times, call_s = _run_pipeline(pipe, plan, options, on_step=meter.tick)
         densities, attention_work = meter.summary()
         sparse_steps = meter.sparse_steps
     else:
         if options.compile:
             _compile(pipe)
-        frames, step_times = _run_pipeline(pipe, plan, options)
+        frames, step_times, call_s = _run_pipeline(pipe, plan, options)
         n = _num_layers(pipe)
         densities = (LayerGroupDensity(tuple(range(n)), "dense", 1.0, 1.0),) if n else ()
         attention_work, sparse_steps = 1.0, 0
@@ -730,16 +772,19 @@ def generate(options: GenerateOptions) -> GenerateResult:
     per_step = float(statistics.median(step_times)) if step_times else 0.0
     comparison = None
     if dense_run is not None:
-        dense_frames, dense_steps = dense_run
+        dense_frames, dense_steps, dense_call_s = dense_run
         dense_s = float(sum(dense_steps))
         comparison = DenseComparison(
             frames=dense_frames,
-            wall_s=dense_s,
+            denoise_s=dense_s,
+            call_s=dense_call_s,
             time_per_step_s=float(statistics.median(dense_steps)) if dense_steps else 0.0,
             speedup=dense_s / denoise_s if denoise_s > 0 else float("nan"),
             psnr_db=psnr(frames, dense_frames),
         )
+    t_write = time.perf_counter()
     written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
+    write_s = time.perf_counter() - t_write
     return GenerateResult(
         frames=frames,
         fps=plan.fps,
@@ -758,6 +803,9 @@ def generate(options: GenerateOptions) -> GenerateResult:
         densities=densities,
         attention_work=attention_work,
         dense=comparison,
+        prepare_s=prepare_s,
+        call_s=call_s,
+        write_s=write_s,
     )
 
 
@@ -1029,8 +1077,9 @@ def format_summary(result: GenerateResult) -> str:
         f"video      {t} frames {w}x{h} -> token grid {f}x{gh}x{gw} ({f * gh * gw} tokens), {result.steps} steps",
         f"pattern    {result.pattern}"
         + (f"; sparse in {result.sparse_steps} of {result.steps} steps" if result.pattern != "dense" else ""),
-        f"time       {result.wall_s:.1f} s total (load {result.load_s:.1f} s, denoise {result.denoise_s:.1f} s); "
-        f"{result.time_per_step_s:.3f} s/step (median)",
+        f"time       {result.wall_s:.1f} s total: setup {result.prepare_s:.1f} s, load {result.load_s:.1f} s, "
+        f"pipeline {result.call_s:.1f} s (denoise {result.denoise_s:.1f} s, {result.time_per_step_s:.3f} s/step median), "
+        f"write {result.write_s:.1f} s",
     ]
     if result.densities:
         lines.append("density    block = kernel work, token = attended pairs (first sparse step)")
@@ -1043,7 +1092,7 @@ def format_summary(result: GenerateResult) -> str:
         d = result.dense
         quality = "identical" if math.isinf(d.psnr_db) else f"{d.psnr_db:.2f} dB"
         lines.append(
-            f"dense      {d.wall_s:.1f} s denoise, {d.time_per_step_s:.3f} s/step; speedup {d.speedup:.2f}x; "
+            f"dense      denoise {d.denoise_s:.1f} s, {d.time_per_step_s:.3f} s/step; speedup {d.speedup:.2f}x; "
             f"PSNR sparse vs dense {quality}"
         )
     if result.out is not None:
