@@ -51,8 +51,9 @@ def query_row(plan: BlockSparsePlan, index: int, head: int = 0, batch: int = 0) 
     return row[plan.order.scatter.to(row.device)].cpu()
 
 
-def _frame_boundaries(plan: BlockSparsePlan) -> tuple[list[float], list[tuple[float, str]]]:
-    """Frame boundary positions (in block units) and tick labels along the kernel order."""
+def _frame_boundaries(plan: BlockSparsePlan) -> tuple[list[float], list[tuple[float, str]], bool]:
+    """Frame boundary positions (in block units), tick labels along the kernel order, and
+    whether the order is frame-major (else the lines separate groups of frames, e.g. tiles)."""
     layout, bs = plan.layout, plan.block_size
     vidx = plan.order.video_index.cpu()
     valid = vidx >= 0
@@ -62,7 +63,8 @@ def _frame_boundaries(plan: BlockSparsePlan) -> tuple[list[float], list[tuple[fl
     fseq = frames[pos]
     lines: list[float] = []
     ticks: list[tuple[float, str]] = []
-    if fseq.numel() and bool((fseq[1:] >= fseq[:-1]).all()):
+    frame_major = bool(fseq.numel()) and bool((fseq[1:] >= fseq[:-1]).all())
+    if frame_major:
         # Frame-major kernel order (possibly padded): exact boundaries at each frame's first token.
         starts = [float(pos[torch.searchsorted(fseq, f)]) / bs for f in range(layout.frames)]
         ends = starts[1:] + [float(pos[-1] + 1) / bs]
@@ -89,7 +91,7 @@ def _frame_boundaries(plan: BlockSparsePlan) -> tuple[list[float], list[tuple[fl
         if len(ticks) > 16:
             step = math.ceil(len(ticks) / 16)
             ticks = ticks[::step]
-    return lines, ticks
+    return lines, ticks, frame_major
 
 
 def plot_plan(
@@ -160,7 +162,7 @@ def plot_plan(
         )
         ax.set_facecolor(BLOCK_COLORS[0])
         left.colorbar(img, ax=ax, shrink=0.7, label="fraction of the query block's rows that keep the key block")
-    lines, ticks = _frame_boundaries(plan)
+    lines, ticks, frame_major = _frame_boundaries(plan)
     lw = 0.6 if nb < 200 else 0.35
     for x in lines:
         ax.axvline(x, color="#888888", lw=lw)
@@ -173,7 +175,8 @@ def plot_plan(
     if ticks:
         ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], rotation=90, fontsize=7)
         ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=7)
-    ax.set_xlabel(f"key block (kernel order, {bs} tokens each); grey lines: frame boundaries")
+    what = "frame boundaries" if frame_major else "boundaries between groups of frames (tile order)"
+    ax.set_xlabel(f"key block (kernel order, {bs} tokens each); grey lines: {what}")
     ax.set_ylabel("query block (kernel order)")
     computed = matrix > 0
     if selection is None:
