@@ -233,6 +233,28 @@ def test_plan_views_are_cached_per_plan():
     assert n > 0 and len(CACHE) == n
 
 
+def test_static_plan_hot_path_has_no_host_sync(monkeypatch):
+    """Once a static plan and its kernel views are cached, a forward + backward call reads no
+    tensor value on the host (each such read is a device synchronisation on a GPU)."""
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    pattern = make("radial")
+    q, k, v = random_qkv(layout, batch=2, heads=2, dim=16, requires_grad=True)
+    tm = random_text_mask(layout, 2)
+    vs.attention(q, k, v, layout, pattern, backend="triton", text_mask=tm, block_size=16).sum().backward()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    vs.attention(q, k, v, layout, pattern, backend="triton", text_mask=tm, block_size=16).sum().backward()
+    monkeypatch.undo()
+    assert reads == []
+
+
 # -- clear errors ----------------------------------------------------------------------------
 
 

@@ -9,10 +9,11 @@ Kernel-side views of the plan (masked-first lists, the transposed plan for dK/dV
 masks) are built on the device once per plan and cached; a static plan costs no host-device
 synchronisation per call.
 
+On a GPU the kernels autotune their tiles per (head dim, block size, flags, sequence length)
+on first use; ``VIDSPARSE_TRITON_AUTOTUNE=0`` skips that and uses the first (default) config.
 CPU tensors run in Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is
 imported): slow, for tests only.
 """
-
 
 import torch
 
