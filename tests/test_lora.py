@@ -119,6 +119,16 @@ def test_loss_decreases_and_lora_loads_into_pipeline(run):
         load_lora(fresh, root / "missing")
 
 
+def test_vidsparse_generate_loads_the_lora(run):
+    from vidsparse.generate import GenerateOptions, generate
+
+    _, _, out = run
+    opts = dict(model="tiny", frames=17, height=48, width=48, steps=2, backend="torch", progress=False)
+    base = generate(GenerateOptions(**opts)).frames
+    tuned = generate(GenerateOptions(**opts, lora=str(out))).frames
+    assert base.shape == tuned.shape and (base.astype(int) - tuned.astype(int)).__abs__().max() > 0
+
+
 def test_resume_reproduces_the_uninterrupted_run(run):
     root, data, out = run
     out_b = root / "run_b"

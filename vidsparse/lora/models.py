@@ -63,6 +63,7 @@ class TrainableVideoModel:
         self.model_id = model_id
         self._vae_id: str | None = None
         self._text_id: str | None = None
+        self.encode_device = torch.device("cpu")
 
     # -- identity (cache keys) --------------------------------------------------------
     def vae_identity(self) -> str:
@@ -115,11 +116,23 @@ class TrainableVideoModel:
         raise NotImplementedError
 
     def encoders_to(self, device: torch.device | str) -> None:
-        """Move the VAE and text encoder (used only while building the cache)."""
-        for name in ("vae", "text_encoder"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                module.to(device)
+        """Where the VAE and text encoder run while the cache is built.
+
+        They move there on first use, so a run whose cache is complete never loads them onto
+        the GPU; ``encoders_to("cpu")`` sends them back at once.
+        """
+        self.encode_device = torch.device(device)
+        if self.encode_device.type == "cpu":
+            for name in ("vae", "text_encoder"):
+                module = getattr(self.pipe, name, None)
+                if module is not None:
+                    module.to("cpu")
+
+    def _ready(self, module: torch.nn.Module) -> torch.nn.Module:
+        param = next(module.parameters(), None)
+        if param is not None and param.device != self.encode_device:
+            module.to(self.encode_device)
+        return module
 
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, F, H, W] in [-1, 1] -> normalized latents [B, C, f, h, w] (float32)."""
@@ -194,7 +207,7 @@ class WanModel(TrainableVideoModel):
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
+        vae = self._ready(self.pipe.vae)
         param = next(vae.parameters())
         z = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode().float()
         mean, std = self._vae_stats(z.device, z.dtype)
@@ -207,7 +220,7 @@ class WanModel(TrainableVideoModel):
 
             emb = encode_prompt_tiny(caption, dim=self.transformer.config.text_dim)
         else:
-            device = next(self.pipe.text_encoder.parameters()).device
+            device = next(self._ready(self.pipe.text_encoder).parameters()).device
             emb, _ = self.pipe.encode_prompt(
                 prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
                 max_sequence_length=self.max_sequence_length, device=device,

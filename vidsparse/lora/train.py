@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from vidsparse.lora.atomic import atomic_path, write_json
 from vidsparse.lora.cache import CachedSample, CacheReport, LatentCache, load_latents, load_text
-from vidsparse.lora.checkpoint import load_checkpoint, read_state, resolve_resume, save_checkpoint
+from vidsparse.lora.checkpoint import list_checkpoints, load_checkpoint, read_state, resolve_resume, save_checkpoint
 from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
@@ -208,6 +208,11 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
         logger.warning("vidsparse: bf16 mixed precision on CPU is slow; use --mixed-precision no for CPU runs.")
 
     resume_path = resolve_resume(cfg.resume, out) if cfg.resume else None
+    if resume_path is None and main and list_checkpoints(out):
+        logger.warning(
+            "vidsparse: %s already has checkpoints; this run starts from step 0 and replaces its files. "
+            "Pass --resume to continue the earlier run instead.", out,
+        )
     if cfg.resume == "latest" and resume_path is None and main:
         logger.info("vidsparse: no checkpoint in %s yet; starting from step 0.", out)
 
