@@ -186,6 +186,15 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
         res["rc"] = main([*args, "--out", path])
         res["rc_mismatch"] = main([*args, "--out", path, "--seed", str(rt.rank)])
     os.sys.stdout = real
+    # An option only one rank rejects stops every rank (generate_parallel checks collectively).
+    from vidsparse.parallel import generate_parallel
+
+    bad = GenerateOptions(model="tiny", parallel="clip", steps=0 if rt.rank == 1 else 2, out=None, progress=False)
+    try:
+        generate_parallel(bad)
+    except ValueError as exc:
+        res["invalid"] = str(exc)
+    os.sys.stdout = real
     res["stdout"], res["stderr"] = stdout.getvalue(), stderr.getvalue()
     if rt.rank == 0:
         import imageio.v3 as iio

@@ -200,6 +200,8 @@ def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
     assert "sent per step by the busiest rank" in cli[0]["stdout"] and "clip_global" in cli[0]["stdout"]
     assert cli[0]["frames"] == 17 and cli[0]["psnr_vs_single"] > 40, cli[0]
     assert cli[0]["files"] == ["video.gif"]
+    assert "rank(s) [1] rejected the options" in cli[0]["invalid"]
+    assert "--steps must be a positive integer" in cli[1]["invalid"]
     for c in cli:
         assert c["rc_mismatch"] == 2 and "different settings" in c["stderr"] and "seed" in c["stderr"], c["stderr"]
     # The hung rank itself ends with a clear error once it tries to communicate.

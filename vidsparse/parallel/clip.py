@@ -55,6 +55,8 @@ class _LRU:
 
 
 _REACH = _LRU()
+_EXCHANGES = _LRU()
+_INDICES = _LRU()
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,12 @@ def exchange_plan(
 ) -> ClipExchange:
     """The frames rank ``rank`` exchanges (identical on every rank, computed without communication)."""
     partition.check_layout(layout)
+    video = _video_only(layout)
+    key = (pattern, video, partition, rank, layer if getattr(pattern, "uses_layer", False) else None)
+    return _EXCHANGES.get(key, lambda: _exchange_plan(pattern, video, partition, rank, layer))
+
+
+def _exchange_plan(pattern: Pattern, layout: VideoLayout, partition: FramePartition, rank: int, layer: int) -> ClipExchange:
     reach = frame_reach(pattern, layout, layer)
     bounds = partition.bounds
     need = []
@@ -236,10 +244,17 @@ def exchange_plan(
     return ClipExchange(rank, (a, b), tuple(recv), tuple(send), gathered, tuple(sorted(need[rank])))
 
 
-def _frame_tokens(frames: tuple[int, ...] | list[int], start: int, hw: int, device) -> torch.Tensor:
-    """Local video-token indices of absolute ``frames`` in a clip starting at frame ``start``."""
-    f = torch.tensor(frames, dtype=torch.int64, device=device) - start
-    return (f.view(-1, 1) * hw + torch.arange(hw, device=device).view(1, -1)).flatten()
+def _frame_tokens(frames: tuple[int, ...], start: int, hw: int, device) -> torch.Tensor:
+    """Local video-token indices of absolute ``frames`` in a clip starting at frame ``start``.
+
+    Cached per device, so steady-state calls copy nothing from the host.
+    """
+
+    def build() -> torch.Tensor:
+        f = torch.tensor(frames, dtype=torch.int64) - start
+        return (f.view(-1, 1) * hw + torch.arange(hw).view(1, -1)).flatten().to(device)
+
+    return _INDICES.get((tuple(frames), start, hw, str(torch.device(device))), build)
 
 
 def clip_attention(

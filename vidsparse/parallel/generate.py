@@ -96,11 +96,23 @@ def generate_parallel(options: Any):
     t_start = time.perf_counter()
     if options.parallel not in ("clip", "ulysses"):
         raise ValueError(f"generate_parallel runs --parallel clip or ulysses, got {options.parallel!r}.")
-    plan = prepare(options)
-    _refuse_unsupported(options, plan)
-    vae_overlap = _vae_overlap(options)
-    backend = "nccl" if plan.device.type == "cuda" else "gloo"
-    runtime: ParallelRuntime = init_distributed(backend=backend, timeout_s=_timeout(options))
+    device = str(getattr(options, "device", "auto"))
+    use_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    runtime: ParallelRuntime = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=_timeout(options))
+    # Validate on every rank, then agree: one rank's bad option stops all ranks at once.
+    plan, error = None, None
+    try:
+        plan = prepare(options)
+        _refuse_unsupported(options, plan)
+        vae_overlap = _vae_overlap(options)
+    except (ValueError, TypeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    errors = _gather_objects(error, runtime, "the option checks")
+    if error is not None:
+        raise ValueError(error.split(": ", 1)[1])
+    if any(errors):
+        failed = [r for r, e in enumerate(errors) if e]
+        raise ValueError(f"rank(s) {failed} rejected the options ({errors[failed[0]]}); every rank stops.")
     if runtime.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 prints the summary
     settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "progress"}
@@ -147,7 +159,7 @@ def generate_parallel(options: Any):
     step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
     grid = plan.grid
 
-    comms = _gather_objects(result.comm, runtime)
+    comms = _gather_objects(result.comm, runtime, "the communication counters")
     summary: dict[str, Any] = {}
     if runtime.is_main:
         print(format_comm(comms, plan.steps, options.parallel), flush=True)
@@ -217,13 +229,13 @@ def format_comm(comms: list[dict[str, Any]], steps: int, mode: str) -> str:
     )
 
 
-def _gather_objects(obj: Any, runtime: ParallelRuntime) -> list[Any]:
+def _gather_objects(obj: Any, runtime: ParallelRuntime, what: str) -> list[Any]:
     import torch.distributed as dist
 
     from vidsparse.parallel.runtime import guard
 
     out: list[Any] = [None] * runtime.world_size
-    with guard(runtime, "all_gather of the communication counters"):
+    with guard(runtime, f"all_gather of {what}"):
         dist.all_gather_object(out, obj, group=runtime.group)
     return out
 
