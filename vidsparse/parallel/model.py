@@ -180,8 +180,10 @@ class ParallelAttention:
         block = self.state.config.block_size or auto_block_size(layout)
         if layer in self.dense_layers or self.schedule.dense_step(info.step, info.total_steps):
             return Dense(), block
-        self.sparse_steps.add(info.step)
-        return self.state.layer_patterns(layout, block)[layer], block
+        pattern = self.state.layer_patterns(layout, block)[layer]
+        if not isinstance(pattern, Dense):
+            self.sparse_steps.add(info.step)
+        return pattern, block
 
     def __call__(self, q, k, v, layout, pattern, backend="auto", layer=0, text_mask=None, block_size=None, scale=None):
         whole = self.ctx.layout
