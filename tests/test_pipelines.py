@@ -322,3 +322,26 @@ def test_pattern_that_does_not_fit_the_grid_fails_before_attention():
     with pytest.raises(ValueError, match="cannot run on this wan call \\(token grid 3x2x2\\)"):
         _call(model, 500.0)
     assert log == []
+
+
+def test_plain_gradient_checkpointing_recomputes_under_the_same_pattern():
+    """diffusers' own enable_gradient_checkpointing recomputes blocks in backward, after the
+    forward returned: the sparse pattern must still be the forward's."""
+    inputs = None
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_transformer("wan", num_layers=2)
+        if inputs is None:
+            inputs = tiny_inputs("wan", model, 3, 4, 4)
+        vs.apply(model, _cfg(vs.make_pattern("radial", block_size=16, decay_factor=0.2), dense_first_steps=0, dense_layers=()))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        out = model(**inputs, return_dict=False)[0]
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert get_state(model).calls["sparse"] >= 2
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)

@@ -354,7 +354,9 @@ class VidsparseHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.state.current = None
+        # ``current`` stays set until the next forward or reset: gradient checkpointing
+        # recomputes blocks during backward, after this forward returned, and must see the
+        # same layout and patterns (otherwise the recompute saves different tensors).
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
