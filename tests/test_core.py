@@ -130,3 +130,15 @@ def test_large_grid_runs_memory_bounded():
     q = torch.randn(1, lay.seq_len, 2, 16)
     out = vs.attention(q, q, q, lay, "dense", backend="torch", block_size=128)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_compiled_attention_builds_a_cold_plan_outside_the_graph():
+    vs.clear_plan_cache()
+    lay = vs.VideoLayout(2, 4, 4)
+
+    def f(q, k, v):
+        return vs.attention(q, k, v, lay, "dense", backend="torch", block_size=16) * 2
+
+    q, k, v = random_qkv(lay)
+    out = torch.compile(f, backend="eager")(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))

@@ -224,9 +224,7 @@ def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale) -> torch.Te
     else:
         g = order.gather
         qk, kk, vk = (t[:, g].transpose(1, 2) for t in (q, k, v))
-    key_valid = p.key_valid(text_mask, B)
-    if key_valid is None and not bool(order.token_valid.all()):
-        key_valid = None  # static padding is already in the plan's element masks
+    key_valid = p.key_valid(text_mask, B)  # static padding is already in the element masks
     out, _ = run(qk, kk, vk, p, key_valid=key_valid, scale=scale)
     out = out.transpose(1, 2)
     if not order.identity:

@@ -387,6 +387,14 @@ class PlanCache:
             hit = self._data.get(key)
             if hit is not None:
                 return hit
+            return self._build_outside_graph(key, build)  # a cold cache costs one graph break
+        return self._lookup_or_build(key, build)
+
+    @torch.compiler.disable
+    def _build_outside_graph(self, key: tuple, build) -> BlockSparsePlan:
+        return self._lookup_or_build(key, build)
+
+    def _lookup_or_build(self, key: tuple, build) -> BlockSparsePlan:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
