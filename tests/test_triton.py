@@ -273,6 +273,8 @@ def test_unsupported_reason_and_errors():
     p = vs.plan(make("dense"), layout, num_heads=2, block_size=16)
     with pytest.raises(ValueError, match="tokens for this plan"):
         tb.attention(q[:, :-1], k[:, :-1], v[:, :-1], p)
+    with pytest.raises(ValueError, match="key_valid must be"):
+        tb.run(*(t.transpose(1, 2) for t in (q, k, v)), p, key_valid=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="BlockSparsePlan"):
         tb.attention(q, k, v, "dense")
     with pytest.raises(ValueError, match="does not divide"), tk.force_configs(fwd=tk.TileConfig(32, 16)):

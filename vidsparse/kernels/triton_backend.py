@@ -296,6 +296,11 @@ def run(
         raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
     _check(qs, ks, vs, plan, plan.padded_len, "q, k, v (kernel order, dim 2)")
+    if key_valid is not None and tuple(key_valid.shape) != (q.shape[0], plan.padded_len):
+        raise ValueError(
+            f"key_valid must be bool [B, S_pad] = [{q.shape[0]}, {plan.padded_len}] in kernel order "
+            f"(plan.key_valid(text_mask, B) builds it), got {tuple(key_valid.shape)}."
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = block_sparse_attention(
         qs, ks, vs, *_op_args(plan, False), key_valid, plan.query_select, plan.key_group, scale, plan.block_size
