@@ -274,7 +274,8 @@ def test_unsupported_reason_and_errors():
     with pytest.raises(ValueError, match="tokens for this plan"):
         tb.attention(q[:, :-1], k[:, :-1], v[:, :-1], p)
     with pytest.raises(ValueError, match="key_valid must be"):
-        tb.run(*(t.transpose(1, 2) for t in (q, k, v)), p, key_valid=torch.ones(1, 3, dtype=torch.bool))
+        qk = torch.randn(1, 2, p.padded_len, 16)
+        tb.run(qk, qk, qk, p, key_valid=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="BlockSparsePlan"):
         tb.attention(q, k, v, "dense")
     with pytest.raises(ValueError, match="does not divide"), tk.force_configs(fwd=tk.TileConfig(32, 16)):
