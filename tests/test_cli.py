@@ -178,31 +178,28 @@ def test_prompt_and_seed_determine_the_video():
 
 
 def test_compare_dense_reports_speedup_and_psnr():
-    result = generate(GenerateOptions(compare_dense=True, dense_first_steps=1, **{**SMALL_OPTS, "steps": 4}))
+    from vidsparse.generate import format_summary
+
+    result = generate(GenerateOptions(compare_dense=True, dense_first_steps=1, **{**SMALL_OPTS, "steps": 3}))
     assert result.dense is not None and result.dense.speedup > 0
+    assert result.dense.speedup == pytest.approx(result.dense.denoise_s / result.denoise_s)
     assert result.dense.frames.shape == result.frames.shape
     assert result.dense.psnr_db == pytest.approx(video_io.psnr(result.frames, result.dense.frames))
-    assert result.sparse_steps == 3  # 4 steps, the first one dense
-
-
-def test_compare_dense_cli_prints_psnr(tmp_path, capsys):
-    argv = ["generate", *SMALL, "--compare-dense", "--dense-first-steps", "0", "--out", str(tmp_path / "v.mp4")]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "PSNR sparse vs dense" in out and "speedup" in out
+    assert result.sparse_steps == 2  # 3 steps, the first one dense
+    summary = format_summary(result)
+    assert "PSNR sparse vs dense" in summary and "speedup" in summary
 
 
 def test_dense_pattern_runs_the_model_unpatched():
-    result = generate(GenerateOptions(pattern="dense", **SMALL_OPTS))
+    result = generate(GenerateOptions(pattern="dense", **{**SMALL_OPTS, "steps": 1}))
     assert result.pattern == "dense" and result.attention_work == 1.0 and result.sparse_steps == 0
 
 
-def test_dense_schedule_flags_reach_the_config(capsys):
-    result = generate(GenerateOptions(dense_first_steps=0, dense_layers=(), **SMALL_OPTS))
-    assert result.sparse_steps == 2
-    assert all(d.pattern != "dense" for d in result.densities)
+def test_dense_schedule_flags_reach_the_config():
     result = generate(GenerateOptions(dense_first_steps=0, dense_layers=(1,), **SMALL_OPTS))
-    assert [d.pattern for d in result.densities if 1 in d.layers] == ["dense"]
+    assert result.sparse_steps == 2  # no dense warm-up step
+    assert [d.pattern == "dense" for d in result.densities] == [False, True]  # layer 0 sparse, layer 1 dense
+    assert result.densities[0].layers == (0,) and 0 < result.attention_work < 1
 
 
 @pytest.mark.parametrize("error", [RuntimeError("encoder crashed"), KeyboardInterrupt()])
@@ -216,10 +213,10 @@ def test_failure_while_writing_leaves_old_file_untouched(tmp_path, monkeypatch, 
         raise error
 
     monkeypatch.setattr(video_io, "_write_mp4", broken)
-    rc = main(["generate", *SMALL, "--out", str(out)]) if isinstance(error, KeyboardInterrupt) else None
+    rc = main(["generate", *SMALL, "--steps", "1", "--out", str(out)]) if isinstance(error, KeyboardInterrupt) else None
     if rc is None:
         with pytest.raises(RuntimeError, match="encoder crashed"):
-            generate(GenerateOptions(out=str(out), **SMALL_OPTS))
+            generate(GenerateOptions(out=str(out), **{**SMALL_OPTS, "steps": 1}))
     else:
         assert rc == 130
         assert "interrupted" in capsys.readouterr().err

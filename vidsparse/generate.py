@@ -50,8 +50,8 @@ DTYPES = {
 PARALLEL_MODES = ("none", "clip", "ulysses")
 # Output frame rates of the families' reference pipelines (export_to_video calls in their docs).
 FAMILY_FPS = {"wan": 16, "hunyuan": 15, "cogvideox": 8, "cogvideox1.5": 16, "ltx": 24, "mochi": 30}
-# Small enough for 2 CPU cores in well under 30 s, big enough (9x4x4 latent tokens) for sparsity.
-TINY_DEFAULTS = {"frames": 33, "height": 64, "width": 64, "steps": 8, "guidance": 5.0}
+# A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
+TINY_DEFAULTS = {"frames": 33, "height": 96, "width": 160, "steps": 8, "guidance": 5.0}
 # Pipeline class name prefix -> family.
 _PIPELINE_FAMILIES = (
     ("HunyuanVideo", "hunyuan"),
@@ -69,7 +69,7 @@ _PIPELINE_FAMILIES = (
 class GenerateOptions:
     """Everything ``generate`` needs; the CLI fills it from flags, tests and scripts directly.
 
-    ``None`` sizes, steps and guidance take the pipeline's defaults (tiny: 33 frames, 64x64,
+    ``None`` sizes, steps and guidance take the pipeline's defaults (tiny: 33 frames, 96x160,
     8 steps, guidance 5). ``pattern`` is a name (family defaults, then ``pattern_options``)
     or a pattern object. ``dense_first_steps`` ``None`` = the family default (25 % of the steps
     for sparse patterns); ints are steps, floats in [0, 1) fractions of the steps.
@@ -675,10 +675,15 @@ class _DensityRecorder:
         self.sparse_calls = 0
 
     def __call__(self, q, k, v, layout, pattern, *args, layer: int = 0, block_size: int | None = None, **kwargs):
+        self._record(q, k, layout, pattern, layer, block_size, kwargs.get("backend", "auto"))
+        return self.inner(q, k, v, layout, pattern, *args, layer=layer, block_size=block_size, **kwargs)
+
+    @torch.compiler.disable
+    def _record(self, q, k, layout, pattern, layer, block_size, backend) -> None:
+        """Host-side bookkeeping, kept out of torch.compile graphs (--compile)."""
         self.sparse_calls += 1
         if layer not in self.layers:
-            self.layers[layer] = self._measure(q, k, layout, pattern, layer, block_size, kwargs.get("backend", "auto"))
-        return self.inner(q, k, v, layout, pattern, *args, layer=layer, block_size=block_size, **kwargs)
+            self.layers[layer] = self._measure(q, k, layout, pattern, layer, block_size, backend)
 
     @staticmethod
     @torch.no_grad()
@@ -951,8 +956,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)")
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=None, help="number of frames (default: the pipeline's; tiny 33)")
-    video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 64)")
-    video.add_argument("--width", type=int, default=None, help="width in pixels (default: the pipeline's; tiny 64)")
+    video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 96)")
+    video.add_argument("--width", type=int, default=None, help="width in pixels (default: the pipeline's; tiny 160)")
     video.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's; tiny 8)")
     video.add_argument(
         "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the pipeline's; tiny 5)"
@@ -1074,7 +1079,8 @@ def format_summary(result: GenerateResult) -> str:
     f, gh, gw = result.grid
     lines = [
         f"model      {result.model} ({result.family})",
-        f"video      {t} frames {w}x{h} -> token grid {f}x{gh}x{gw} ({f * gh * gw} tokens), {result.steps} steps",
+        f"video      {t} frames of {w}x{h} pixels (WxH) -> token grid {f}x{gh}x{gw} (FxHxW, {f * gh * gw} tokens), "
+        f"{result.steps} steps",
         f"pattern    {result.pattern}"
         + (f"; sparse in {result.sparse_steps} of {result.steps} steps" if result.pattern != "dense" else ""),
         f"time       {result.wall_s:.1f} s total: setup {result.prepare_s:.1f} s, load {result.load_s:.1f} s, "
@@ -1085,7 +1091,7 @@ def format_summary(result: GenerateResult) -> str:
         lines.append("density    block = kernel work, token = attended pairs (first sparse step)")
         for d in result.densities:
             lines.append(
-                f"           {d.label:<13} {d.pattern:<60.60} block {d.block_density:6.1%}  token {d.token_density:6.1%}"
+                f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}  {d.pattern}"
             )
         lines.append(f"           attention work over all steps and layers: {result.attention_work:.1%} of dense")
     if result.dense is not None:
@@ -1096,7 +1102,7 @@ def format_summary(result: GenerateResult) -> str:
             f"PSNR sparse vs dense {quality}"
         )
     if result.out is not None:
-        lines.append(f"wrote      {result.out} ({t} frames, {w}x{h}, {result.fps} fps)")
+        lines.append(f"wrote      {result.out} ({t} frames, {w}x{h} pixels, {result.fps} fps)")
     return "\n".join(lines)
 
 

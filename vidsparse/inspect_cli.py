@@ -267,17 +267,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grid.add_argument(
         "--family",
-        default="wan",
+        default=None,
         metavar="NAME",
-        help=f"model family for --video: {', '.join(FAMILIES)} (default wan); also sets the text span of "
-        "joint-attention families (hunyuan, cogvideox, mochi)",
+        help=f"model family: {', '.join(FAMILIES)}; gives --video its VAE and patch factors (default wan) and "
+        "adds the text span of joint-attention families (hunyuan, cogvideox, mochi), also to --grid",
     )
     grid.add_argument(
         "--text-len",
         type=int,
         default=None,
         metavar="N",
-        help="text tokens in the self-attention sequence (default: the family's for --video, 0 for --grid)",
+        help="text tokens in the self-attention sequence (default: the --family's, else 0)",
     )
     grid.add_argument(
         "--text-position",
@@ -339,12 +339,13 @@ def _layout_from_args(args) -> tuple[Any, str]:
             "Give exactly one of --grid FxHxW (latent token grid, e.g. 21x30x52) or --video FRAMESxHEIGHTxWIDTH "
             "(e.g. 81x480x832, with --family)."
         )
-    text_len, text_pos = 0, "none"
+    fam = family_grid(args.family) if args.family is not None else None
+    text_len, text_pos = (fam.text_len, fam.text_position) if fam is not None else (0, "none")
     if args.grid is not None:
         f, h, w = parse_triple(args.grid, "--grid", "21x30x52")
-        origin = f"grid {f}x{h}x{w}"
+        origin = f"grid {f}x{h}x{w}" + (f", {fam.name} text span" if fam is not None and fam.text_len else "")
     else:
-        fam = family_grid(args.family)
+        fam = fam or FAMILIES["wan"]
         frames, height, width = parse_triple(args.video, "--video", "81x480x832")
         f, h, w = fam.latent_grid(frames, height, width)
         text_len, text_pos = fam.text_len, fam.text_position
