@@ -512,7 +512,11 @@ def prepare(options: GenerateOptions) -> _Plan:
 
 
 def load_pipeline(plan: _Plan, seed: int = 0):
-    """The diffusers pipeline of ``plan`` on its device and dtype (tiny: built in memory)."""
+    """The diffusers pipeline of ``plan`` in its dtype, on the CPU (placement is the caller's).
+
+    The tiny pipeline is built in memory with fixed weights (seed 0 whatever ``seed`` is), so
+    that ``--seed`` changes only the noise, as it does for a real checkpoint.
+    """
     info = plan.info
     if info.kind == TINY:
         from vidsparse.models.tiny import build_tiny_pipeline
@@ -1074,6 +1078,16 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
     )
 
 
+def _time_parts(result: GenerateResult) -> list[str]:
+    """The timing breakdown; parts a producer did not measure (0) are left out."""
+    denoise = f"denoise {result.denoise_s:.1f} s, {result.time_per_step_s:.3f} s/step median"
+    parts = [f"{name} {value:.1f} s" for name, value in (("setup", result.prepare_s), ("load", result.load_s)) if value]
+    parts.append(f"pipeline {result.call_s:.1f} s ({denoise})" if result.call_s else denoise)
+    if result.write_s:
+        parts.append(f"write {result.write_s:.1f} s")
+    return parts
+
+
 def format_summary(result: GenerateResult) -> str:
     t, h, w = result.frames.shape[:3]
     f, gh, gw = result.grid
@@ -1083,9 +1097,7 @@ def format_summary(result: GenerateResult) -> str:
         f"{result.steps} steps",
         f"pattern    {result.pattern}"
         + (f"; sparse in {result.sparse_steps} of {result.steps} steps" if result.pattern != "dense" else ""),
-        f"time       {result.wall_s:.1f} s total: setup {result.prepare_s:.1f} s, load {result.load_s:.1f} s, "
-        f"pipeline {result.call_s:.1f} s (denoise {result.denoise_s:.1f} s, {result.time_per_step_s:.3f} s/step median), "
-        f"write {result.write_s:.1f} s",
+        f"time       {result.wall_s:.1f} s total: " + ", ".join(_time_parts(result)),
     ]
     if result.densities:
         lines.append("density    block = kernel work, token = attended pairs (first sparse step)")
