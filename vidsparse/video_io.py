@@ -1,21 +1,21 @@
 """Video files: atomic writing of generated frames (mp4 via ffmpeg, gif via Pillow).
 
 A generated video is the product of minutes of GPU time, and an output path is often a
-file the user already has. So a video is written to a temporary file in the destination
-directory, flushed and fsynced, then moved over the destination with ``os.replace`` (atomic
-on POSIX and Windows). If anything fails or the user presses Ctrl-C, the temporary file is
-removed and an existing file at the destination is left untouched.
+file the user already has. So a video is written through :func:`vidsparse.atomic.atomic_path`
+(here also exported as ``atomic_output``): a temporary file in the destination directory,
+fsynced, then moved over the destination with ``os.replace``. If anything fails or the user
+presses Ctrl-C, the temporary file is removed and an existing file is left untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vidsparse.atomic import atomic_path as atomic_output  # re-exported: callers write reports with it
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -99,48 +99,6 @@ def write_video(path: str | os.PathLike, frames, fps: int = 16, quality: int = 8
         else:
             _write_mp4(tmp, video, fps, quality)
     return p
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync and move it over ``path``.
-
-    On any exception (KeyboardInterrupt included) the temporary file is deleted and the
-    exception propagates; ``path`` is never left partially written.
-    """
-    dest = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent or ".")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the file the permissions a normal write would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _even(video: np.ndarray) -> np.ndarray:
