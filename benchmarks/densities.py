@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import vidsparse as vs
-from vidsparse.bench import _git_commit
+from vidsparse.benchmeta import git_commit
 from vidsparse.pipelines.families import FAMILIES, default_pattern_options
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(shape, name, args.block_size)
             print(f"{shape.name:28s} {name:15s} block density {row['block_density']:.3f}", flush=True)
             rows.append(row)
-    commit, dirty = _git_commit()
+    commit, dirty = git_commit()
     meta = dict(torch=torch.__version__, vidsparse=vs.__version__, commit=commit, dirty=dirty)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

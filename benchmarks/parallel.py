@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 import vidsparse as vs
+from vidsparse.benchmeta import git_commit
 from vidsparse.layout import VideoLayout
 
 SCHEMA = "vidsparse.bench.parallel/1"
@@ -210,14 +210,6 @@ def _quick_worker(argv: list[str]) -> list[dict[str, Any]]:
         shutdown(runtime)
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(report: dict[str, Any]) -> str:
     gb = 1e9
     lines = [f"# Parallel benchmark ({report['device']}, {report['created']})", ""]
@@ -319,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device_name,
         torch=torch.__version__,
         python=platform.python_version(),
-        git_commit=_git(),
+        git_commit=git_commit()[0],
         dtype=str(dtype).replace("torch.", ""),
         quick=args.quick,
         bandwidth_gbps=args.bandwidth_gbps,

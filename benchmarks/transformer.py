@@ -22,7 +22,6 @@ import math
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
 
 SCHEMA = "vidsparse.bench.transformer/1"
 
@@ -313,53 +314,17 @@ def bench_model(case: ModelCase, patterns: list[str], args: argparse.Namespace, 
 # -- report ----------------------------------------------------------------------------------
 
 
-def _git() -> tuple[str, bool | None]:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown", None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
-        return head.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", None
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}".strip()
-
-
 def report(rows: list[Row], cases: list[ModelCase], args: argparse.Namespace, device, dtype) -> dict[str, Any]:
-    commit, dirty = _git()
-    return _clean(
+    commit, dirty = git_commit()
+    return json_safe(
         {
             "schema": SCHEMA,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(device),
             "device_type": device.type,
             "torch": torch.__version__,
-            "triton": _version("triton"),
-            "diffusers": _version("diffusers"),
+            "triton": package_version("triton"),
+            "diffusers": package_version("diffusers"),
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "git_commit": commit,

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from typing import ClassVar
 import torch
 
 import vidsparse as vs
+from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import Pattern
 from vidsparse.plan import BlockSparsePlan, build_static_plan
@@ -570,54 +569,17 @@ def run_benchmarks(s: Settings, log=print) -> list[Row]:
 # -- output --------------------------------------------------------------------------------
 
 
-def _git_commit() -> tuple[str, bool | None]:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return "unknown", None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
-        return commit.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}".strip()
-
-
-def _version(mod: str) -> str | None:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
-
-
-def _clean(x):
-    """JSON-safe: NaN/inf -> None, recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def report(rows: list[Row], s: Settings) -> dict:
-    commit, dirty = _git_commit()
-    return _clean(
+    commit, dirty = git_commit()
+    return json_safe(
         {
             "schema": SCHEMA,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(s.device),
             "device_type": s.device.type,
             "torch": torch.__version__,
-            "triton": _version("triton"),
-            "natten": _version("natten"),
+            "triton": package_version("triton"),
+            "natten": package_version("natten"),
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "git_commit": commit,
