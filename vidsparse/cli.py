@@ -384,6 +384,29 @@ def pattern_field_specs(cls: type) -> dict[str, FieldSpec]:
     return specs
 
 
+def parse_dense_layers(text: str, *, error: type[Exception] = UserError, noun: str = "layer") -> tuple[int, ...]:
+    """``--dense-layers`` syntax: ``"0,1"``, ``"0-3"``, ``"-1"`` (from the end) or ``"none"`` -> indices.
+
+    Shared by ``vidsparse generate`` and ``vidsparse train-lora`` so both accept the same values;
+    ``error`` is the exception type a bad value raises, ``noun`` what an index counts in its message.
+    """
+    if text.strip().lower() in ("none", ""):
+        return ()
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m and int(m.group(1)) <= int(m.group(2)):
+            layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            layers.append(int(part))
+        else:
+            raise error(
+                f"--dense-layers expects {noun} indices like 0,1,2 or ranges like 0-3 (negative counts from the end, "
+                f"'none' for no dense {noun}), got {text!r}."
+            )
+    return tuple(layers)
+
+
 def _flag_name(field: str, reserved: set[str]) -> str:
     flag = "--" + field.replace("_", "-")
     return "--pattern-" + field.replace("_", "-") if flag in reserved else flag
@@ -469,6 +492,7 @@ __all__ = [
     "UserError",
     "add_pattern_arguments",
     "build_parser",
+    "parse_dense_layers",
     "main",
     "pattern_field_specs",
     "pattern_from_args",

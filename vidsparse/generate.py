@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidsparse.cli import UserError, add_pattern_arguments, pattern_options_from_args
+from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
 from vidsparse.inspect_cli import FAMILIES, FamilyGrid, token_density
 from vidsparse.video_io import as_uint8_frames, check_video_path, psnr, write_video
 
@@ -921,25 +921,6 @@ def _parse_steps(text: str, flag: str) -> int | float:
     return value
 
 
-def _parse_layers(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("none", ""):
-        return ()
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m and int(m.group(1)) <= int(m.group(2)):
-            layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            layers.append(int(part))
-        else:
-            raise UserError(
-                f"--dense-layers expects layer indices like 0,1,2 or ranges like 0-3 (negative counts from the end, "
-                f"'none' for no dense layer), got {text!r}."
-            )
-    return tuple(layers)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and prompt")
     model.add_argument(
@@ -1067,7 +1048,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         dense_last_steps=0
         if args.dense_last_steps is None
         else _parse_steps(args.dense_last_steps, "--dense-last-steps"),
-        dense_layers=None if args.dense_layers is None else _parse_layers(args.dense_layers),
+        dense_layers=None if args.dense_layers is None else parse_dense_layers(args.dense_layers),
         backend=args.backend,
         block_size=args.block_size,
         parallel=args.parallel,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 
 from vidsparse.lora.config import LR_SCHEDULERS, MIXED_PRECISIONS, SAVE_DTYPES, TrainConfig
 from vidsparse.lora.flow import TIMESTEP_SAMPLINGS
@@ -114,22 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,1"``, ``"0-3"``, ``"-1"`` or ``"none"`` -> block indices (the ``vidsparse generate`` syntax)."""
-    if text.strip().lower() in ("none", ""):
-        return ()
-    layers: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m and int(m.group(1)) <= int(m.group(2)):
-            layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            layers.append(int(part))
-        else:
-            raise ValueError(
-                f"--dense-layers expects block indices like 0,1,2 or ranges like 0-3 (negative counts from the end, "
-                f"'none' for no dense block), got {text!r}."
-            )
-    return tuple(layers)
+    """``"0,1"``, ``"0-3"``, ``"-1"`` or ``"none"`` -> block indices (the ``vidsparse generate`` syntax).
+
+    Raises ValueError (the CLI prints it as a usage error) for anything else.
+    """
+    from vidsparse.cli import parse_dense_layers
+
+    return parse_dense_layers(text, error=ValueError, noun="block")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
