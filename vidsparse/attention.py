@@ -215,8 +215,12 @@ def attention(
     return run_permuted(mod.run, q, k, v, p, text_mask, scale)
 
 
-def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale) -> torch.Tensor:
-    """Gather into kernel order, run a backend, scatter back to [B, S, H, D]."""
+def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale, *, return_lse: bool = False):
+    """Gather into kernel order, run a backend, scatter back to [B, S, H, D].
+
+    ``return_lse=True`` also returns the backend's per-row log-sum-exp scattered to [B, S, H]
+    (as the backend computed it); clip parallelism merges partial attentions with it.
+    """
     B = q.shape[0]
     order = p.order
     if order.identity:
@@ -225,8 +229,11 @@ def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale) -> torch.Te
         g = order.gather
         qk, kk, vk = (t[:, g].transpose(1, 2) for t in (q, k, v))
     key_valid = p.key_valid(text_mask, B)  # static padding is already in the element masks
-    out, _ = run(qk, kk, vk, p, key_valid=key_valid, scale=scale)
+    out, lse = run(qk, kk, vk, p, key_valid=key_valid, scale=scale)
     out = out.transpose(1, 2)
     if not order.identity:
         out = out[:, order.scatter]
-    return out
+    if not return_lse:
+        return out
+    lse = lse.transpose(1, 2)
+    return out, (lse if order.identity else lse[:, order.scatter])

@@ -280,13 +280,7 @@ def clip_attention(
     partition = FramePartition(layout.frames, runtime.world_size)
     pattern.validate(layout)
     rank = runtime.rank
-    local = partition.local_layout(layout, rank)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4 or t.shape[1] != local.seq_len:
-            raise ValueError(
-                f"clip_attention: {name} must be [B, {local.seq_len}, H, D] on rank {rank} (frames "
-                f"{partition.bounds[rank]} of {layout}), got {tuple(t.shape)}."
-            )
+    local = partition.check_local_qkv("clip_attention", layout, rank, q, k, v)
     ex = exchange_plan(pattern, layout, partition, rank, layer)
     hw = layout.tokens_per_frame
     a, b = ex.own

@@ -7,12 +7,11 @@ parallelism computes the own-clip part while remote keys are in flight, then mer
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 
-from vidsparse.attention import _BACKEND_MODULES, plan, resolve_backend
+from vidsparse.attention import _backend_module, plan, resolve_backend, run_permuted
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import Pattern
 from vidsparse.plan import DEFAULT_BLOCK_SIZE
@@ -93,22 +92,12 @@ def sparse_attention_lse(
     without it (a fused custom op) is replaced by flex on CUDA and torch elsewhere.
     """
     name = resolve_backend(backend, q)
-    mod = importlib.import_module(_BACKEND_MODULES[name])
+    mod = _backend_module(name)
     if not hasattr(mod, "run"):
-        mod = importlib.import_module(_BACKEND_MODULES["flex" if q.is_cuda else "torch"])
+        mod = _backend_module("flex" if q.is_cuda else "torch")
     bs = block_size or getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
-    B, S, H, _ = q.shape
+    _, S, H, _ = q.shape
     layout.check_seq_len(S)
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, block_size=bs)
-    order = p.order
-    if order.identity:
-        qk, kk, vk = (t.transpose(1, 2) for t in (q, k, v))
-    else:
-        g = order.gather
-        qk, kk, vk = (t[:, g].transpose(1, 2) for t in (q, k, v))
-    out, lse = mod.run(qk, kk, vk, p, key_valid=p.key_valid(text_mask, B), scale=scale)
-    lse_t = torch.promote_types(q.dtype, torch.float32)
-    out, lse = out.transpose(1, 2), lse.to(lse_t).transpose(1, 2)
-    if not order.identity:
-        out, lse = out[:, order.scatter], lse[:, order.scatter]
-    return out, lse
+    out, lse = run_permuted(mod.run, q, k, v, p, text_mask, scale, return_lse=True)
+    return out, lse.to(torch.promote_types(q.dtype, torch.float32))

@@ -77,6 +77,20 @@ class FramePartition:
         layout.check_seq_len(x.shape[dim])
         return x.index_select(dim, self.local_token_index(layout, rank).to(x.device))
 
+    def check_local_qkv(self, who: str, layout: VideoLayout, rank: int, q, k, v) -> VideoLayout:
+        """Rank ``rank``'s local layout, once q, k, v are checked to be its [B, S_r, H, D] tokens.
+
+        ``who`` names the calling function in the error (clip and Ulysses attention share this check).
+        """
+        local = self.local_layout(layout, rank)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[1] != local.seq_len:
+                raise ValueError(
+                    f"{who}: {name} must be [B, {local.seq_len}, H, D] on rank {rank} (frames "
+                    f"{self.bounds[rank]} of {layout}), got {tuple(t.shape)}."
+                )
+        return local
+
     def check_layout(self, layout: VideoLayout) -> None:
         if layout.frames != self.frames:
             raise ValueError(

@@ -62,13 +62,7 @@ def ulysses_attention(
     """
     n, rank = runtime.world_size, runtime.rank
     partition = FramePartition(layout.frames, n)
-    local = partition.local_layout(layout, rank)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4 or t.shape[1] != local.seq_len:
-            raise ValueError(
-                f"ulysses_attention: {name} must be [B, {local.seq_len}, H, D] on rank {rank} (frames "
-                f"{partition.bounds[rank]} of {layout}), got {tuple(t.shape)}."
-            )
+    local = partition.check_local_qkv("ulysses_attention", layout, rank, q, k, v)
     B, _, H, D = q.shape
     h = heads_per_rank(H, n)
     hp = h * n
