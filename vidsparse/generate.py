@@ -615,16 +615,33 @@ class _StepClock:
         return tuple(b - a for a, b in zip(marks, marks[1:]))
 
 
-def _call_kwargs(pipe, plan: _Plan, options: GenerateOptions, steps: int, output_type: str, callback) -> dict:
-    """Keyword arguments of one pipeline call (prompt embedded by hashing for text-encoder-free Wan)."""
-    device = plan.device if plan.device.type != "cuda" or not options.cpu_offload else torch.device("cpu")
+def _call_kwargs(
+    pipe,
+    plan: _Plan,
+    options: GenerateOptions,
+    steps: int,
+    output_type: str | None,
+    callback,
+    *,
+    device: torch.device | None = None,
+    generator_device: torch.device | str | None = None,
+) -> dict:
+    """Keyword arguments of one pipeline call (prompt embedded by hashing for text-encoder-free Wan).
+
+    ``device`` holds hashed prompt embeddings (default ``plan.device``); the seeded generator is
+    on ``generator_device`` (default: that device, or the CPU under --cpu-offload). ``None``
+    values (e.g. ``output_type``) are left out. Also used by ``vidsparse.parallel.generate``.
+    """
+    device = plan.device if device is None else device
+    if generator_device is None:
+        generator_device = device if device.type != "cuda" or not options.cpu_offload else torch.device("cpu")
     kwargs: dict[str, Any] = dict(
         num_frames=plan.frames,
         height=plan.height,
         width=plan.width,
         num_inference_steps=steps,
         guidance_scale=plan.guidance,
-        generator=torch.Generator(device=device).manual_seed(options.seed),
+        generator=torch.Generator(device=generator_device).manual_seed(options.seed),
         output_type=output_type,
         callback_on_step_end=callback,
     )
@@ -633,7 +650,7 @@ def _call_kwargs(pipe, plan: _Plan, options: GenerateOptions, steps: int, output
         from vidsparse.models.tiny import encode_prompt_tiny
 
         transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
-        emb = dict(dim=transformer.config.text_dim, device=plan.device, dtype=transformer.dtype)
+        emb = dict(dim=transformer.config.text_dim, device=device, dtype=transformer.dtype)
         kwargs["prompt_embeds"] = encode_prompt_tiny(options.prompt, **emb)
         kwargs["negative_prompt_embeds"] = encode_prompt_tiny(options.negative_prompt, **emb)
     else:

@@ -89,7 +89,7 @@ class _StepClock:
 def generate_parallel(options: Any):
     """Run ``vidsparse generate`` with ``options.parallel`` in ("clip", "ulysses") on every rank."""
     from vidsparse.config import SparseConfig
-    from vidsparse.generate import GenerateResult, load_pipeline, prepare
+    from vidsparse.generate import GenerateResult, _call_kwargs, load_pipeline, prepare
     from vidsparse.parallel.pipeline import run_parallel
     from vidsparse.video_io import as_uint8_frames, write_video
 
@@ -131,26 +131,9 @@ def generate_parallel(options: Any):
 
     config = plan.sparse_config or SparseConfig("dense", backend=options.backend, block_size=options.block_size)
     clock = _StepClock(runtime.device)
-    kwargs: dict[str, Any] = dict(
-        num_frames=plan.frames,
-        height=plan.height,
-        width=plan.width,
-        num_inference_steps=plan.steps,
-        guidance_scale=plan.guidance,
-        generator=torch.Generator(device="cpu").manual_seed(options.seed),
-        callback_on_step_end=clock.callback,
-    )
-    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
-    if plan.info.kind == "tiny":
-        from vidsparse.models.tiny import encode_prompt_tiny
-
-        emb = dict(dim=transformer.config.text_dim, device=runtime.device, dtype=transformer.dtype)
-        kwargs["prompt_embeds"] = encode_prompt_tiny(options.prompt, **emb)
-        kwargs["negative_prompt_embeds"] = encode_prompt_tiny(options.negative_prompt, **emb)
-    else:
-        kwargs["prompt"] = options.prompt
-        if options.negative_prompt:
-            kwargs["negative_prompt"] = options.negative_prompt
+    # The same call as single-process generate; a CPU generator gives every rank the same noise.
+    kwargs = _call_kwargs(pipe, plan, options, plan.steps, None, clock.callback, device=runtime.device,
+                          generator_device="cpu")  # fmt: skip
 
     t1 = time.perf_counter()
     with torch.inference_mode():
