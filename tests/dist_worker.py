@@ -183,7 +183,9 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
     stdout, stderr = io.StringIO(), io.StringIO()
     real = os.sys.stdout
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        res["rc"] = main([*args, "--out", path])
+        # --json names a per-rank file: only rank 0's may appear (the flags reach generate_parallel)
+        res["rc"] = main([*args, "--out", path, "--json", os.path.join(out_dir, f"summary{rt.rank}.json"),
+                          "--vae-overlap", "4", "--dist-timeout", "300"])  # fmt: skip
         res["rc_mismatch"] = main([*args, "--out", path, "--seed", str(rt.rank)])
     os.sys.stdout = real
     # An option only one rank rejects stops every rank (generate_parallel checks collectively).

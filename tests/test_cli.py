@@ -352,6 +352,23 @@ def test_parallel_mode_is_handed_to_vidsparse_parallel(monkeypatch):
     monkeypatch.setitem(sys.modules, "vidsparse.parallel", fake)
     options = GenerateOptions(parallel="ulysses", **SMALL_OPTS)
     assert generate(options) == "done" and seen == [options]
+    # handed over before any check: generate_parallel validates on every rank; flags pass through
+    assert generate(GenerateOptions(parallel="clip", steps=0)) == "done"
+    from vidsparse.generate import options_from_args
+
+    args = _full_parser("generate").parse_args([*SMALL, "--parallel", "clip", "--vae-overlap", "all", "--dist-timeout", "90"])
+    assert generate(options_from_args(args)) == "done"
+    assert (seen[-1].vae_overlap, seen[-1].dist_timeout) == ("all", 90.0)
+
+
+def test_parallel_only_flags(capsys):
+    for argv, match in (
+        (["--vae-overlap", "2"], "--vae-overlap applies to --parallel clip or ulysses"),
+        (["--parallel", "clip", "--vae-overlap", "0"], "--vae-overlap expects"),
+        (["--parallel", "clip", "--dist-timeout", "soon"], "--dist-timeout expects a number of seconds"),
+    ):
+        assert main(["generate", *SMALL, *argv]) == 2
+        assert match in capsys.readouterr().err
 
 
 # -- transformer benchmark ------------------------------------------------------------------------

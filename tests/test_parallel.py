@@ -199,7 +199,7 @@ def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
     assert "wrote" in cli[0]["stdout"] and cli[1]["stdout"] == ""
     assert "sent per step by the busiest rank" in cli[0]["stdout"] and "clip_global" in cli[0]["stdout"]
     assert cli[0]["frames"] == 17 and cli[0]["psnr_vs_single"] > 40, cli[0]
-    assert cli[0]["files"] == ["video.gif"]
+    assert cli[0]["files"] == ["summary0.json", "video.gif"]  # --json too is written by rank 0 only
     assert "rank(s) [1] rejected the options" in cli[0]["invalid"]
     assert "--steps must be a positive integer" in cli[1]["invalid"]
     for c in cli:

@@ -98,6 +98,9 @@ class GenerateOptions:
     backend: str = "auto"
     block_size: int | None = None
     parallel: str = "none"
+    # --parallel only (None: the environment variable, else the default of vidsparse.parallel.generate):
+    vae_overlap: int | str | None = None  # latent frames of VAE context per clip, or "all" (exact); VIDSPARSE_VAE_OVERLAP, 4
+    dist_timeout: float | None = None  # seconds a collective may wait; VIDSPARSE_DIST_TIMEOUT, 600
     compare_dense: bool = False
     out: str | None = None
     fps: int | None = None
@@ -471,6 +474,10 @@ def prepare(options: GenerateOptions) -> _Plan:
         raise TypeError(f"generate expects GenerateOptions, got {type(options).__name__}.")
     if options.parallel not in PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {options.parallel!r}.")
+    if options.parallel == "none":
+        for flag, value in (("--vae-overlap", options.vae_overlap), ("--dist-timeout", options.dist_timeout)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --parallel clip or ulysses; drop it or choose a --parallel mode.")
     if not isinstance(options.prompt, str) or not isinstance(options.negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings.")
     out = check_video_path(options.out) if options.out is not None else None
@@ -750,9 +757,11 @@ def _group_densities(num_layers: int, dense_layers: frozenset[int], seen: dict[i
 def generate(options: GenerateOptions) -> GenerateResult:
     """Generate one video (see the module docstring); the file, if any, is written atomically."""
     t_start = time.perf_counter()
-    plan = prepare(options)
-    if options.parallel != "none":
+    if isinstance(options, GenerateOptions) and options.parallel in PARALLEL_MODES and options.parallel != "none":
+        # Before prepare(): generate_parallel checks the options on every rank and then lets all
+        # ranks agree, so an option one rank rejects stops every rank instead of leaving peers hanging.
         return _generate_parallel(options)
+    plan = prepare(options)
     prepare_s = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -924,6 +933,26 @@ __all__ = [
 # -- command line -----------------------------------------------------------------------------
 
 
+def _parse_vae_overlap(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise UserError(
+            f"--vae-overlap expects latent frames of context (an integer >= 1, e.g. 4) or 'all' (exact), got {text!r}."
+        )
+    return int(text)
+
+
+def _parse_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"--dist-timeout expects a number of seconds > 0 (e.g. 600), got {text!r}.")
+    return value
+
+
 def _parse_steps(text: str, flag: str) -> int | float:
     try:
         value = float(text)
@@ -1010,6 +1039,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PARALLEL_MODES,
         help="multi-GPU mode: none, clip (Video-Infinity clip parallelism) or ulysses (sequence parallel heads)",
     )
+    run_group.add_argument(
+        "--vae-overlap",
+        default=None,
+        metavar="N|all",
+        help="--parallel: latent frames of context each rank decodes before its clip, or 'all' (from frame 0, "
+        "exact, slower); default: $VIDSPARSE_VAE_OVERLAP, else 4",
+    )
+    run_group.add_argument(
+        "--dist-timeout",
+        default=None,
+        metavar="SECONDS",
+        help="--parallel: seconds a collective may wait for the other ranks before every rank stops with an error; "
+        "default: $VIDSPARSE_DIST_TIMEOUT, else 600",
+    )
     schedule = parser.add_argument_group("sparse schedule")
     schedule.add_argument(
         "--dense-first-steps",
@@ -1069,6 +1112,8 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         backend=args.backend,
         block_size=args.block_size,
         parallel=args.parallel,
+        vae_overlap=None if args.vae_overlap is None else _parse_vae_overlap(args.vae_overlap),
+        dist_timeout=None if args.dist_timeout is None else _parse_timeout(args.dist_timeout),
         compare_dense=args.compare_dense,
         out=args.out,
         fps=args.fps,
@@ -1116,8 +1161,17 @@ def format_summary(result: GenerateResult) -> str:
     return "\n".join(lines)
 
 
+def _is_main_rank() -> bool:
+    """False only on ranks other than 0 of an initialized process group (``--parallel``)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def run(args: argparse.Namespace) -> int:
     result = generate(options_from_args(args))
+    if not _is_main_rank():
+        return 0  # --parallel: rank 0 prints the summary and writes --json
     print(format_summary(result), flush=True)
     if args.json:
         from vidsparse.video_io import atomic_output

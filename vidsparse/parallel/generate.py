@@ -8,10 +8,11 @@ pipeline and runs the same seeded call, the video is decoded per clip and assemb
 summary (rank 0's numbers; ``frames`` is the real video on rank 0 and a zero-copy
 placeholder of the same shape elsewhere). Output printed by the other ranks is silenced.
 
-Settings without a ``GenerateOptions`` field are read from the options if present, else from
-the environment: ``vae_overlap`` / ``VIDSPARSE_VAE_OVERLAP`` (latent frames of context per
-clip for the VAE, ``all`` = decode from frame 0, exact; default 4) and ``dist_timeout`` /
-``VIDSPARSE_DIST_TIMEOUT`` (seconds a collective may wait; default 600).
+Two settings of this path only, each from its ``GenerateOptions`` field (the ``--vae-overlap``
+and ``--dist-timeout`` flags) when set, else from the environment: ``vae_overlap`` /
+``VIDSPARSE_VAE_OVERLAP`` (latent frames of context per clip for the VAE, ``all`` = decode from
+frame 0, exact; default 4) and ``dist_timeout`` / ``VIDSPARSE_DIST_TIMEOUT`` (seconds a
+collective may wait; default 600).
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def _vae_overlap(options: Any) -> int | None:
         try:
             value = int(value)
         except ValueError:
-            raise ValueError(f"VIDSPARSE_VAE_OVERLAP must be an int >= 1 or 'all', got {value!r}.") from None
+            raise ValueError(
+                f"--vae-overlap / VIDSPARSE_VAE_OVERLAP must be an int >= 1 or 'all', got {value!r}."
+            ) from None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"vae_overlap must be an int >= 1 latent frames or 'all', got {value!r}.")
+        raise ValueError(f"vae_overlap (--vae-overlap) must be an int >= 1 latent frames or 'all', got {value!r}.")
     return value
 
 
@@ -58,9 +61,9 @@ def _timeout(options: Any) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"dist_timeout must be a number of seconds, got {value!r}.") from None
+        raise ValueError(f"dist_timeout (--dist-timeout) must be a number of seconds, got {value!r}.") from None
     if not value > 0:
-        raise ValueError(f"dist_timeout must be > 0 seconds, got {value!r}.")
+        raise ValueError(f"dist_timeout (--dist-timeout) must be > 0 seconds, got {value!r}.")
     return value
 
 
@@ -98,13 +101,22 @@ def generate_parallel(options: Any):
         raise ValueError(f"generate_parallel runs --parallel clip or ulysses, got {options.parallel!r}.")
     device = str(getattr(options, "device", "auto"))
     use_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
-    runtime: ParallelRuntime = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=_timeout(options))
+    timeout_s = _timeout(options)
+
+    def check_options():
+        plan = prepare(options)
+        _refuse_unsupported(options, plan)
+        return plan, _vae_overlap(options)
+
+    try:
+        runtime: ParallelRuntime = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=timeout_s)
+    except RuntimeError:
+        check_options()  # e.g. not launched by torchrun: a bad option is reported first, then how to launch
+        raise
     # Validate on every rank, then agree: one rank's bad option stops all ranks at once.
     plan, error = None, None
     try:
-        plan = prepare(options)
-        _refuse_unsupported(options, plan)
-        vae_overlap = _vae_overlap(options)
+        plan, vae_overlap = check_options()
     except (ValueError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     errors = _gather_objects(error, runtime, "the option checks")
