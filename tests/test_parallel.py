@@ -211,3 +211,19 @@ def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
 def test_three_ranks_uneven_frames_and_a_dying_rank_stops_the_others():
     results, _ = _run_suite(3, 17, "die")  # 5 latent frames over 3 ranks: (2, 2, 1)
     _check_suite(results, 3, "die")
+
+
+def test_parallel_without_a_launcher_is_a_clear_user_error(tmp_path):
+    """--parallel in a plain process: one line naming torchrun/accelerate, exit code 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vidsparse", "generate", "--model", "tiny", "--parallel", "clip",
+         "--pattern", "dual-scope", "--out", str(tmp_path / "x.mp4")],
+        capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "torchrun" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.mp4").exists()

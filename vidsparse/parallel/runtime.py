@@ -105,7 +105,7 @@ def init_distributed(
     else:
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         if rank is None or world is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise RuntimeError(f"vidsparse parallel inference found no distributed environment. {_ENV_HINT}")
+            raise ValueError(f"vidsparse parallel inference found no distributed environment. {_ENV_HINT}")
         local_rank = _env_int("LOCAL_RANK")
         local_rank = rank if local_rank is None else local_rank
         if backend is None:
