@@ -172,7 +172,25 @@ class HunyuanVideoModel(_TextEncodersMixin, TrainableVideoModel):
         )[0]
 
 
-class LTXVideoModel(_TextEncodersMixin, TrainableVideoModel):
+class _T5TextMixin(_TextEncodersMixin):
+    """T5 prompt embeddings + attention mask, as LTX-Video's and Mochi's pipelines encode them."""
+
+    @torch.no_grad()
+    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        if self.tiny_text:
+            from vidsparse.models import tiny
+
+            emb, mask = tiny_text(caption, tiny.TINY_TEXT_LEN, self._text_dim())
+        else:
+            emb, mask, _, _ = self.pipe.encode_prompt(
+                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                max_sequence_length=self.max_sequence_length, device=self._text_device(),
+            )
+            emb, mask = emb[0], mask[0].bool()
+        return {"prompt_embeds": emb.detach().float().cpu(), "prompt_attention_mask": mask.cpu()}
+
+
+class LTXVideoModel(_T5TextMixin, TrainableVideoModel):
     """LTX-Video T2V (``LTXPipeline``): normalized latents packed to tokens, T5 text with mask."""
 
     family = "ltx"
@@ -205,20 +223,6 @@ class LTXVideoModel(_TextEncodersMixin, TrainableVideoModel):
         return LTXPipeline._normalize_latents(z, vae.latents_mean.float(), vae.latents_std.float(),
                                               float(vae.config.scaling_factor))
 
-    @torch.no_grad()
-    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
-        if self.tiny_text:
-            from vidsparse.models import tiny
-
-            emb, mask = tiny_text(caption, tiny.TINY_TEXT_LEN, self._text_dim())
-        else:
-            emb, mask, _, _ = self.pipe.encode_prompt(
-                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length, device=self._text_device(),
-            )
-            emb, mask = emb[0], mask[0].bool()
-        return {"prompt_embeds": emb.detach().float().cpu(), "prompt_attention_mask": mask.cpu()}
-
     def predict(self, transformer, noisy, timesteps, text):
         from diffusers import LTXPipeline
 
@@ -239,7 +243,7 @@ class LTXVideoModel(_TextEncodersMixin, TrainableVideoModel):
         return LTXPipeline._unpack_latents(out, f // pt, h // p, w // p, p, pt)
 
 
-class MochiModel(_TextEncodersMixin, TrainableVideoModel):
+class MochiModel(_T5TextMixin, TrainableVideoModel):
     """Mochi 1 (``MochiPipeline``): normalized latents, T5 text with mask, inverted time and output."""
 
     family = "mochi"
@@ -275,20 +279,6 @@ class MochiModel(_TextEncodersMixin, TrainableVideoModel):
         mean = torch.tensor(cfg.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
         return (z - mean) * float(cfg.scaling_factor) / std  # inverse of the pipeline's decode
-
-    @torch.no_grad()
-    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
-        if self.tiny_text:
-            from vidsparse.models import tiny
-
-            emb, mask = tiny_text(caption, tiny.TINY_TEXT_LEN, self._text_dim())
-        else:
-            emb, mask, _, _ = self.pipe.encode_prompt(
-                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length, device=self._text_device(),
-            )
-            emb, mask = emb[0], mask[0].bool()
-        return {"prompt_embeds": emb.detach().float().cpu(), "prompt_attention_mask": mask.cpu()}
 
     def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return (1.0 - sigma) * self.num_train_timesteps
