@@ -42,7 +42,6 @@ host sync per forward; rule 1 needs none.
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -53,14 +52,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from vidsparse.attention import _BACKEND_MODULES
 from vidsparse.attention import attention as _vidsparse_attention
 from vidsparse.attention import plan as _vidsparse_plan
 from vidsparse.config import SparseConfig, steps_from
 from vidsparse.families import Family
+from vidsparse.kernels.backends import AUTO, get_backend
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.patterns import Pattern, make_pattern
-from vidsparse.plan import DEFAULT_BLOCK_SIZE
 
 HOOK_NAME = "vidsparse"
 
@@ -361,11 +359,10 @@ class VidsparseHook(ModelHook):
 
 
 def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
-    """The block size ``vidsparse.attention`` would pick for this backend (128 for all today)."""
+    """The block size ``vidsparse.attention`` would pick for this backend (its record's ``default_block``)."""
     cuda = isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda
-    name = backend if backend != "auto" else ("triton" if cuda else "torch")
-    mod = sys.modules.get(_BACKEND_MODULES.get(name, ""))
-    return int(getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
+    name = backend if backend != AUTO else ("triton" if cuda else "torch")
+    return get_backend(name).default_block
 
 
 def get_hook(transformer: torch.nn.Module) -> VidsparseHook | None:
