@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from vidsparse.errors import brief
-from vidsparse.families import VideoGeometry, family_of_pipeline, pipeline_prefixes, video_geometry
+from vidsparse.families import (
+    Family,
+    VideoGeometry,
+    family_of_geometry,
+    family_of_pipeline,
+    pipeline_prefixes,
+    video_geometry,
+)
 
 TINY = "tiny"
 # A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
@@ -39,7 +46,13 @@ class ModelInfo:
 
     @property
     def family(self) -> str:
+        """The geometry's name ("cogvideox1.5" for CogVideoX 1.5): what summaries report."""
         return self.grid.name
+
+    @property
+    def model_family(self) -> Family:
+        """The family record serving this model (``vidsparse.families``)."""
+        return family_of_geometry(self.grid)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
