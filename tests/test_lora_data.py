@@ -283,6 +283,22 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="this run has 2"):
         ckpt.load_checkpoint(tmp_path / ckpt.checkpoint_name(9), optimizer=opt, lr_scheduler=sched,
                              generator=gen2, world_size=2)
+    # numpy's and python's streams come back too
+    import random
+
+    import numpy as np
+
+    np.random.seed(5)
+    random.seed(5)
+    ckpt.save_checkpoint(tmp_path, 12, lora_state={"w": torch.ones(1)}, optimizer=opt, lr_scheduler=sched,
+                         generator=gen, state={})
+    expected = (np.random.rand(2), random.random())
+    ckpt.load_checkpoint(tmp_path / ckpt.checkpoint_name(12), optimizer=opt, lr_scheduler=sched, generator=gen2)
+    assert np.array_equal(np.random.rand(2), expected[0]) and random.random() == expected[1]
+    # a checkpoint holding arbitrary pickled objects is refused, never unpickled
+    torch.save({"evil": ValueError("runs code")}, tmp_path / ckpt.checkpoint_name(12) / "optimizer.pt")
+    with pytest.raises(ValueError, match="Refusing to resume .* could run code"):
+        ckpt.load_checkpoint(tmp_path / ckpt.checkpoint_name(12), optimizer=opt, lr_scheduler=sched, generator=gen2)
 
 
 def test_train_config_rejects_bad_values():

@@ -37,6 +37,8 @@ def _sta_formula(grid, tile, window) -> torch.Tensor:
         ((4, 6, 8), (2, 2, 4), (1, 3, 1)),
         ((3, 5, 7), (2, 2, 4), (1, 3, 1)),  # no axis divisible: padded tiles
         ((5, 4, 9), (2, 4, 2), (3, 5, 3)),  # window wider than the tile grid on h
+        ((6, 8, 10), (1, 2, 2), (2, 2, 4)),  # even windows: STA's half-width w // 2, so w acts as w + 1
+        ((5, 6, 12), (1, 1, 2), (1, 4, 2)),  # even window one short of the axis (covers it)
     ],
 )
 def test_tile_matches_sta_formula(grid, tile, window):
@@ -88,7 +90,6 @@ def test_tile_axis_shorter_than_tile_is_one_tile():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(window=(3, 2, 3)), ValueError, "must be odd"),
         (dict(window=(3, 3)), TypeError, r"\(t, h, w\) tuple of 3 ints"),
         (dict(tile=(2, 0, 8)), ValueError, "tile must be >= 1"),
         (dict(tile=2.0), TypeError, "tile"),
@@ -171,3 +172,13 @@ def test_registry_names_and_defaults():
     assert vs.make_pattern("attention_tile", global_frames=1) == vs.AttentionTile(1)
     assert vs.PATTERNS["attention-tile"] is vs.AttentionTile and vs.PATTERNS["tile"] is vs.Tile
     assert vs.Tile(4, 3) == vs.Tile((4, 4, 4), (3, 3, 3))
+
+
+def test_tile_accepts_sta_even_windows():
+    """STA's shipped/searched HunyuanVideo windows include even ones such as (5, 6, 10) and (1, 6, 10)."""
+    layout = vs.VideoLayout(10, 12, 20)
+    for even, odd in (((5, 6, 10), (5, 7, 11)), ((1, 6, 10), (1, 7, 11))):
+        tile = (1, 1, 1)
+        got = vs.token_mask(vs.Tile(tile, even), layout, block_size=16)
+        assert torch.equal(got, vs.token_mask(vs.Tile(tile, odd), layout, block_size=16))
+    assert vs.Tile(window=(5, 6, 10)).window == (5, 6, 10)  # kept as given

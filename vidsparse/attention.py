@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Any
 
 import torch
 
@@ -25,8 +27,15 @@ def _as_pattern(pattern: Pattern | str) -> Pattern:
     return pattern
 
 
+def _check_layer(layer: Any) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int (the transformer block index, 0-based), got {type(layer).__name__} {layer!r}.")
+    if layer < 0:
+        raise ValueError(f"layer must be >= 0 (the transformer block index, 0-based), got {layer}.")
+
+
 def _check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two (e.g. 64 or 128), got {block_size!r}.")
 
 
@@ -50,6 +59,7 @@ def plan(
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_block_size(block_size)
+    _check_layer(layer)
     if pattern.dynamic:
         if q is None or k is None:
             raise ValueError(
@@ -157,14 +167,36 @@ def _check_inputs(q, k, v, layout: VideoLayout, text_mask) -> None:
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them first.")
     if q.device != k.device or k.device != v.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    for dim, size in zip("BSHD", q.shape):
+        if size < 1:
+            raise ValueError(
+                f"q, k, v [B, S, H, D] must have every dimension >= 1, got {dim}={size} (shape {tuple(q.shape)})."
+            )
     layout.check_seq_len(q.shape[1])
     if text_mask is not None:
+        if not isinstance(text_mask, torch.Tensor):
+            raise TypeError(
+                f"text_mask must be a bool torch.Tensor [B, text_len] (True = real text token), got "
+                f"{type(text_mask).__name__}; e.g. torch.as_tensor(mask, dtype=torch.bool, device=q.device)."
+            )
         if layout.text_len == 0:
             raise ValueError("text_mask was given but the layout has no text span (text_len=0).")
         if tuple(text_mask.shape) != (q.shape[0], layout.text_len):
             raise ValueError(
                 f"text_mask must be [B, text_len] = [{q.shape[0]}, {layout.text_len}], got {tuple(text_mask.shape)}."
             )
+
+
+def _check_call_options(scale: Any, block_size: Any) -> None:
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(
+                f"scale must be None (1/sqrt(head_dim)) or a positive float, got {type(scale).__name__} {scale!r}."
+            )
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite float > 0 (softmax temperature), got {scale!r}.")
+    if block_size is not None:
+        _check_block_size(block_size)
 
 
 def attention(
@@ -188,6 +220,7 @@ def attention(
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_inputs(q, k, v, layout, text_mask)
+    _check_call_options(scale, block_size)
     chosen = backend_for(backend, q)
     if backend != AUTO:
         reason = chosen.can_run(q, k, v)
@@ -196,7 +229,7 @@ def attention(
                 f"backend={chosen.name!r} cannot run this call: {reason}. Use backend='torch' (any device, exact) "
                 "or 'flex', or backend='auto' to pick one."
             )
-    bs = block_size or chosen.default_block
+    bs = chosen.default_block if block_size is None else block_size
     B, S, H, D = q.shape
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, q=q, k=k, block_size=bs)
     if chosen.fused:

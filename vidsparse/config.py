@@ -9,6 +9,7 @@ dense first layer, while every explicit value is used as given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,22 @@ def _check_steps(value: Any, name: str, allow_none: bool) -> int | float | None:
     if value < 0:
         raise ValueError(f"SparseConfig.{name} must be >= 0 steps, got {value}.")
     return value
+
+
+def _check_option_names(options: Mapping[str, Any], names: list[str]) -> None:
+    """Every key of ``pattern_options`` must be an option of a named pattern; caught here, at
+    ``SparseConfig``/``vs.apply`` time, instead of at the first forward. Values are checked when the
+    pattern is built with the family defaults (they may depend on them, e.g. GNA stride vs kernel)."""
+    if not options or not names:
+        return
+    known = {f.name for name in names for f in dataclasses.fields(PATTERNS[name])}
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise ValueError(
+            f"SparseConfig.pattern_options has {', '.join(repr(k) for k in unknown)}, which "
+            f"{'is not an option' if len(unknown) == 1 else 'are not options'} of "
+            f"{' / '.join(sorted(set(names)))}. Valid options: {', '.join(sorted(known)) or '(none)'}."
+        )
 
 
 def steps_from(value: int | float, total: int | None, name: str) -> int:
@@ -156,6 +173,7 @@ class SparseConfig:
                 "already carry their options. Pass the name (e.g. 'radial') with pattern_options, or set the "
                 "options on the object."
             )
+        _check_option_names(self.pattern_options, [p for p in (self.pattern, *lp.values()) if isinstance(p, str)])
         set_(self, "pattern_options", MappingProxyType(dict(self.pattern_options)))
 
     def __hash__(self) -> int:

@@ -34,7 +34,7 @@ class VideoLayout:
                     f"VideoLayout.{name} must be a positive int (latent grid after patchify), "
                     f"got {value!r}."
                 )
-        if not isinstance(self.text_len, int) or self.text_len < 0:
+        if not isinstance(self.text_len, int) or isinstance(self.text_len, bool) or self.text_len < 0:
             raise ValueError(f"VideoLayout.text_len must be an int >= 0, got {self.text_len!r}.")
         if self.text_position not in _TEXT_POSITIONS:
             raise ValueError(

@@ -25,12 +25,14 @@ class DensityRecorder:
         self.sparse_calls = 0
 
     def __call__(self, q, k, v, layout, pattern, *args, layer: int = 0, block_size: int | None = None, **kwargs):
-        self._record(q, k, layout, pattern, layer, block_size, kwargs.get("backend", "auto"))
+        record = self._record
+        if torch.compiler.is_compiling():  # host-side bookkeeping stays out of the graph (--compile)
+            record = torch.compiler.disable(record)  # made here: a decorator would import dynamo at import
+        record(q, k, layout, pattern, layer, block_size, kwargs.get("backend", "auto"))
         return self.inner(q, k, v, layout, pattern, *args, layer=layer, block_size=block_size, **kwargs)
 
-    @torch.compiler.disable
     def _record(self, q, k, layout, pattern, layer, block_size, backend) -> None:
-        """Host-side bookkeeping, kept out of torch.compile graphs (--compile)."""
+        """Host-side bookkeeping (the caller keeps it out of torch.compile graphs)."""
         self.sparse_calls += 1
         if layer not in self.layers:
             self.layers[layer] = self._measure(q, k, layout, pattern, layer, block_size, backend)

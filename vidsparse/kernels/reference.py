@@ -53,12 +53,16 @@ def _attend_block(q_blk, k_sel, v_sel, mask, scale):
     s = torch.matmul(q_blk.to(acc), k_sel.to(acc).transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # Only empty rows (all keys masked, m = -inf) are special: they output 0 with lse -inf. A NaN
+    # in q or in an attended key/value propagates to the rows that see it, as in torch SDPA and
+    # the flex/triton backends (a NaN max or sum is left as it is, never turned into 0).
+    empty = m == float("-inf")
+    m = torch.where(empty, torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v_sel.to(acc)) / denom.clamp_min(1e-30)
+    out = torch.matmul(p, v_sel.to(acc)) / torch.where(empty, torch.ones_like(denom), denom)
     lse = (m + torch.log(denom)).squeeze(-1)  # -inf for empty rows
-    out = torch.where(denom > 0, out, torch.zeros_like(out))
+    out = torch.where(empty, torch.zeros_like(out), out)
     return out, lse
 
 

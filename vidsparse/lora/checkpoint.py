@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -70,9 +71,12 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG stream as plain values and tensors only, so ``torch.load(weights_only=True)``
+    reads it back (numpy's key array is stored as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.random.get_rng_state(),
         "generator": generator.get_state(),
         "generator_device": str(generator.device),
@@ -84,7 +88,8 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.random.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -160,10 +165,23 @@ def load_checkpoint(
             "resume with the same number of processes (the data order and RNG streams are per process)."
         )
     lora = load_file(str(path / "lora.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=False))
-    set_rng_state(torch.load(path / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False), generator)
+    optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+    lr_scheduler.load_state_dict(_load_plain(path / "lr_scheduler.pt"))
+    set_rng_state(_load_plain(path / f"rng-rank{rank}.pt"), generator)
     return state, lora
+
+
+def _load_plain(path: Path) -> Any:
+    """``torch.load`` that unpickles tensors and plain Python values only (``weights_only=True``):
+    a checkpoint folder from elsewhere must not be able to run code on resume."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"Refusing to resume from {str(path)!r}: it holds objects other than tensors and plain values "
+            f"({str(exc).splitlines()[0][:160]}), and unpickling them could run code. Resume only from "
+            "checkpoints this version of vidsparse wrote, or start a fresh run without --resume."
+        ) from None
 
 
 __all__ = [

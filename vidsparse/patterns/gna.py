@@ -156,8 +156,10 @@ class GNA(SeparableTiledPattern):
 
     def validate(self, layout: VideoLayout) -> None:
         kernel = self.resolved_kernel(layout)
-        for axis, n, k, s, d in zip(AXES, layout.grid, kernel, self.stride, self.dilation):
-            if k * d > n:
+        for axis, n, k, s, d, given in zip(AXES, layout.grid, kernel, self.stride, self.dilation, self.kernel_size):
+            # -1 is the whole residue class of the query, which fits any axis whatever the dilation
+            # (with n % d != 0 the classes differ in size by one; each query sees all of its own).
+            if given != -1 and k * d > n:
                 what = f"kernel_size {k} x dilation {d} = {k * d}" if d > 1 else f"kernel_size {k}"
                 raise ValueError(
                     f"GNA {what} exceeds the {n} tokens of axis {axis} of the grid {layout.grid} "

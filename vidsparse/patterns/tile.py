@@ -6,9 +6,10 @@ window // 2, n_tiles - 1 - window // 2)``. Every token of a query tile sees the 
 so each (query tile, key tile) pair is wholly attended or skipped, and every window holds the
 same number of tiles (centre clamped at the borders). Grids the tile does not divide are
 padded to whole tiles (the last tile of an axis holds fewer real tokens); a window of at least
-``n_tiles`` tiles covers the whole axis.
+``n_tiles`` tiles covers the whole axis. As in STA, an even window ``w`` has half-width ``w // 2``
+and so spans ``w + 1`` tiles.
 
-On grids the tile divides, ``Tile(tile=T, window=w)`` equals ``GNA(kernel_size=w * T,
+On grids the tile divides, ``Tile(tile=T, window=w)`` (odd ``w``) equals ``GNA(kernel_size=w * T,
 stride=T)``.
 """
 
@@ -52,14 +53,14 @@ class Tile(SeparableTiledPattern):
     def __post_init__(self) -> None:
         tile = _triple(self.tile, "Tile tile", 1)
         window = _triple(self.window, "Tile window", 1)
-        even = [axis for axis, w in zip(AXES, window) if w % 2 == 0]
-        if even:
-            raise ValueError(
-                f"Tile windows must be odd (centred on the query tile, as in STA), got window={window} "
-                f"(even on axis {', '.join(even)}). Use e.g. {tuple(w + (w % 2 == 0) for w in window)}."
-            )
         object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "window", window)
+
+    def span(self, axis: int) -> int:
+        """Tiles a window really spans on ``axis``: STA's half-width is ``window // 2`` on both
+        sides of the centre tile, so an even window ``w`` acts as ``w + 1`` (as in STA's shipped
+        and searched HunyuanVideo windows such as (5, 6, 10))."""
+        return self.window[axis] | 1
 
     def tiles(self, layout: VideoLayout) -> Triple:
         """Tile-grid extent per axis (the last tile of an axis may be padded)."""
@@ -68,7 +69,7 @@ class Tile(SeparableTiledPattern):
     def axis_mask(self, layout: VideoLayout, axis: int, qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
         t, nt = self.tile[axis], self.tiles(layout)[axis]
         # STA's window is neighborhood attention on tile coordinates (stride 1, odd kernel).
-        start, end = window_bounds(qx // t, nt, min(self.window[axis], nt))
+        start, end = window_bounds(qx // t, nt, min(self.span(axis), nt))
         kb = kx // t
         return (kb >= start) & (kb <= end)
 
