@@ -209,6 +209,11 @@ def attention(
     bs = block_size or getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
     B, S, H, D = q.shape
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, q=q, k=k, block_size=bs)
+    if p.group_spans is not None and name in ("torch", "triton"):
+        # Key-block-major plan (per-query VMoBA): only the rows that chose each key block are computed.
+        from vidsparse.kernels import keyblock
+
+        return keyblock.attention(q, k, v, p, text_mask=text_mask, scale=scale, backend=name)
     if hasattr(mod, "attention"):
         # Backends that fuse the permutation (and register a custom op) take the caller layout.
         return mod.attention(q, k, v, p, text_mask=text_mask, scale=scale)

@@ -68,6 +68,7 @@ _EPS = 1e-6
 PARTITIONS = ("temporal", "spatial", "spatiotemporal")
 _SCOPES = {"query": "query", "query_head": "query", "head": "head", "head_global": "head"}
 _MODES = ("threshold", "topk")
+_PATHS = ("auto", "key_block", "query_tile")
 
 
 def _int_tuple(value, n: int, name: str, minimum: int, example: str) -> tuple[int, ...]:
@@ -122,6 +123,7 @@ class VMoBA(Pattern):
     layer_offset: int = 0
     layer_cycle: tuple[int, int, int] = (1, 1, 1)
     granularity: str = "token"
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -164,6 +166,23 @@ class VMoBA(Pattern):
                 f"VMoBA.granularity must be 'token' (per-query selection, published) or 'tile' (one "
                 f"selection per kernel query tile), got {self.granularity!r}."
             )
+        if self.path not in _PATHS:
+            raise ValueError(
+                f"VMoBA.path must be one of {_PATHS} ('key_block': per key block, only the queries that chose it; "
+                f"'query_tile': per query tile, the union of its rows' blocks), got {self.path!r}."
+            )
+        if self.path == "key_block" and self.granularity == "tile":
+            raise ValueError(
+                "VMoBA.path='key_block' computes per-query selections; granularity='tile' already gives exact "
+                "query-tile lists. Use path='query_tile' (or 'auto') with granularity='tile'."
+            )
+
+    @property
+    def kernel_path(self) -> str:
+        """'key_block' or 'query_tile': the path ``path='auto'`` resolves to (key_block for per-query selection)."""
+        if self.path != "auto":
+            return self.path
+        return "key_block" if self.granularity == "token" else "query_tile"
 
     # -- per-layer partition -----------------------------------------------------------
     def partition(self, layer: int) -> str:
@@ -255,6 +274,7 @@ class VMoBA(Pattern):
             text_blocks=blk.text_blocks,
             query_select=qs,
             key_group=None if tiles else blk.key_group,
+            group_spans=blk.group_spans if self.kernel_path == "key_block" else None,
             pattern_name=self.name,
         )
 
@@ -351,6 +371,7 @@ class _Blocks:
     tile_size: torch.Tensor  # int64 [NQv]: valid rows per video tile
     tile_group: torch.Tensor  # int64 [NQv]: VMoBA block of each video tile
     tile_template: torch.Tensor  # bool [NQ, G]: row_template per tile
+    group_spans: torch.Tensor  # int32 [G, 2]: first kernel position and number of keys per group
 
 
 @functools.lru_cache(maxsize=32)
@@ -420,7 +441,16 @@ def _block_structure(layout: VideoLayout, shape: tuple[int, int, int], bs: int, 
         tile_size=torch.bincount(tile_of, minlength=nvb).to(dev),
         tile_group=key_group[:nvb].long().to(dev),
         tile_template=row_template.view(nk, bs, -1).any(dim=1).to(dev),
+        group_spans=_group_spans(offset, size, order.text_start, layout.text_len).to(dev),
     )
+
+
+def _group_spans(offset: torch.Tensor, size: torch.Tensor, text_start: int, text_len: int) -> torch.Tensor:
+    """int32 [G (+1 text), 2]: (kernel position of the first key, keys) of each group."""
+    spans = torch.stack([offset, size], dim=1)
+    if text_len:
+        spans = torch.cat([spans, torch.tensor([[text_start, text_len]])])
+    return spans.to(torch.int32)
 
 
 def _pack_union(group_any: torch.Tensor, blk: _Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
