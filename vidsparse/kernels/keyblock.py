@@ -140,7 +140,9 @@ def pack(plan: BlockSparsePlan, block_m: int) -> Packing:
     )
 
 
-def computed_pairs(plan: BlockSparsePlan, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
+def computed_pairs(
+    plan: BlockSparsePlan, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N
+) -> torch.Tensor:
     """float64 [B, H]: query-key pairs the key-block-major kernels compute, padding included."""
     check_plan(plan)
     counts = row_counts(plan).double()
@@ -218,7 +220,9 @@ def _torch_tiles(qf, kf, vf, rows, bh, grp, gkeys, gkpos, key_valid, B, S, H, sc
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     o = torch.einsum("ntl,nld->ntd", p, vf[ki]) / denom.clamp_min(torch.finfo(acc).tiny)
-    lse = torch.where(denom > 0, m + torch.log(denom.clamp_min(torch.finfo(acc).tiny)), torch.full_like(m, float("-inf")))
+    lse = torch.where(
+        denom > 0, m + torch.log(denom.clamp_min(torch.finfo(acc).tiny)), torch.full_like(m, float("-inf"))
+    )
     return o.reshape(n * T, -1), lse.reshape(n * T)
 
 
@@ -279,7 +283,7 @@ def attention(
     if q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"q, k, v must share one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     B, S, H, _ = q.shape
-    if S != plan.layout.seq_len:
+    if plan.layout.seq_len != S:
         raise ValueError(f"q, k, v must have {plan.layout.seq_len} tokens for this plan, got {S}.")
     if tuple(plan.query_select.shape[:2]) != (B, H):
         raise ValueError(

@@ -36,6 +36,14 @@ and ``kv_indices`` the union over each kernel query block, built on the device w
 (MAXK = number of key blocks): no ``.item()``, ``nonzero`` or ``unique`` in the per-call path.
 ``granularity="tile"`` selects once per kernel query tile instead (no ``query_select``).
 
+Kernel paths (``path``). Per-query selections run by default key-block-major
+(``vidsparse.kernels.keyblock``, the released code's packing): the plan also carries
+``group_spans`` (each group's keys in kernel order), and for each (head, key block) only the
+query rows that chose it are computed, then merged exactly by log-sum-exp. That work is close
+to the selection's token density (``vidsparse.work.plan_work``). ``path="query_tile"`` keeps
+the query-major lists only: fixed shapes and no host sync, but each 128-row tile computes
+the union of its rows' blocks, which at Wan 480p is every block (block density 1.0).
+
 Memory per call (S = video tokens, G = VMoBA blocks, B batch, H heads, NK kernel blocks, D head
 dim): outputs ``query_select`` B*H*S_pad*(G+1) bytes (none for "tile") and ``kv_indices`` plus
 ``mask_ids`` 8*B*H*NK^2 bytes (+ 8*B*H*NK^2 transient for the sort); fp32 copies of one head
@@ -107,6 +115,9 @@ class VMoBA(Pattern):
     once per kernel query tile (``block_size`` rows of one VMoBA block) with the tile's mean
     query (= the mean of its rows' gates, the gate being linear in q): the kernel then skips
     exactly what the mask drops, but the mask depends on ``block_size``.
+
+    ``path``: ``"auto"`` (key-block-major for ``"token"``, query-tile for ``"tile"``),
+    ``"key_block"`` or ``"query_tile"``; the mask is the same on either path.
     """
 
     name: ClassVar[str] = "vmoba"
