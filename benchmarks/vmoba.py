@@ -92,12 +92,12 @@ def measure_work(shape: Shape, structured: bool, layers=(0, 1, 2), block_size: i
     rows = []
     for layer in layers:
         pattern = VMoBA()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         plan = pattern.dynamic_plan(layout, q, k, layer, block_size)
-        plan_s = time.perf_counter() - start
-        start = time.perf_counter()
+        plan_s, plan_cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
         pk = keyblock.pack(plan, keyblock.DEFAULT_BLOCK_M)
-        pack_s = time.perf_counter() - start
+        pack_s, pack_cpu = time.perf_counter() - start, time.process_time() - cpu
         kb_work = plan_work(plan, "key_block")
         qt_work = plan_work(plan, "query_tile")
         density = float(selection_density(plan).mean())
@@ -122,15 +122,17 @@ def measure_work(shape: Shape, structured: bool, layers=(0, 1, 2), block_size: i
                 key_block_tiles=pk.num_tiles,
                 query_tile_fraction=qt_work.computed_fraction,
                 query_tile_block_density=plan.density,
-                selection_cpu_s=round(plan_s, 3),
-                pack_cpu_s=round(pack_s, 3),
+                selection_wall_s=round(plan_s, 3),
+                selection_process_cpu_s=round(plan_cpu, 3),
+                pack_wall_s=round(pack_s, 3),
+                pack_process_cpu_s=round(pack_cpu, 3),
             )
         )
         print(
             f"{shape.name:24s} {rows[-1]['inputs']:10s} layer {layer} ({rows[-1]['partition']:14s}) "
             f"token {kb_work.token_density:.3f}  key-block {kb_work.computed_fraction:.3f} "
             f"({rows[-1]['key_block_over_token']:.2f}x)  query-tile {qt_work.computed_fraction:.3f}  "
-            f"select {plan_s:.2f}s pack {pack_s:.2f}s",
+            f"select {plan_s:.2f}s wall / {plan_cpu:.2f}s cpu, pack {pack_s:.2f}s / {pack_cpu:.2f}s",
             flush=True,
         )
     return rows
@@ -241,19 +243,21 @@ def _markdown(report: dict) -> str:
         f"`{report['git_commit'][:12]}`{' (dirty)' if report['git_dirty'] else ''}, torch {report['torch']}.",
         "",
         "Work = query-key pairs computed / dense pairs (S^2), padding included; key-block tiles 128 rows x 64 keys, "
-        "query-tile blocks 128 x 128. Selection = one `VMoBA.dynamic_plan` call on CPU at the heads measured "
-        "(scales with heads), pack = `keyblock.pack` on CPU. No attention timings.",
+        "query-tile blocks 128 x 128. Selection = one `VMoBA.dynamic_plan` call (gates, threshold, plan lists) "
+        "at the heads measured (cost scales with heads), pack = `keyblock.pack`; both on CPU, given as wall-clock "
+        "seconds / process CPU seconds (all threads) on a shared machine: indicative only, the GPU stage times "
+        "them on the device. No attention timings.",
         "",
         "| shape | inputs | layer | partition | blocks | token density | key-block work | key-block / token "
-        "| query-tile work | selection s (heads) | pack s |",
+        "| query-tile work | selection wall / cpu s (heads) | pack wall / cpu s |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["work"]:
         lines.append(
             f"| {r['shape']} | {r['inputs']} | {r['layer']} | {r['partition']} | {r['key_blocks']} "
             f"| {r['token_density']:.3f} | {r['key_block_fraction']:.3f} | {r['key_block_over_token']:.2f} "
-            f"| {r['query_tile_fraction']:.3f} | {r['selection_cpu_s']:.2f} ({r['measured_heads']}/{r['heads']}) "
-            f"| {r['pack_cpu_s']:.2f} |"
+            f"| {r['query_tile_fraction']:.3f} | {r['selection_wall_s']:.1f} / {r['selection_process_cpu_s']:.1f} "
+            f"({r['measured_heads']}/{r['heads']}) | {r['pack_wall_s']:.1f} / {r['pack_process_cpu_s']:.1f} |"
         )
     acc = report["accuracy"]
     if acc:
