@@ -21,6 +21,14 @@ v = h Wv with random Gaussian projections, so nearby tokens have similar, correl
     python benchmarks/vmoba.py [--out-dir benchmarks/results] [--quick]
 
 ``time_paths`` is the GPU stage's entry point (CUDA events; not run here).
+
+Output ``<out-dir>/vmoba.json`` (``schema`` = ``"vidsparse.bench.vmoba/1"``; ``vmoba_quick`` with
+``--quick``) and ``.md``: provenance (``created``, ``device``, ``torch``, ``triton``, ``python``,
+``vidsparse``, ``git_commit``, ``git_dirty``, ``cpu_threads``), ``work``: one row per (shape, inputs,
+layer) with ``token_density``, ``key_block_fraction`` / ``query_tile_fraction`` (pairs computed /
+S^2), ``key_block_over_token``, ``selection_wall_s``, ``selection_process_cpu_s``, ``pack_wall_s``,
+``pack_process_cpu_s``; ``accuracy``: one row per layer with ``token_vs_dense``,
+``tile{64,128}_vs_dense``, ``tile{64,128}_vs_token`` (relative L2) and the densities.
 """
 
 from __future__ import annotations

@@ -309,6 +309,7 @@ __all__ = [
     "Packing",
     "attention",
     "check_plan",
+    "chunks",
     "computed_pairs",
     "merge",
     "pack",
