@@ -241,3 +241,24 @@ def test_paths_options_and_bad_inputs():
     mask = natural_mask(VMoBA(**SMALL), lay, q, k, 1)
     out = vs.attention(q, k, v, lay, VMoBA(**SMALL), backend="flex", layer=1, block_size=16)
     torch.testing.assert_close(out.double(), masked_attention(q, k, v, mask, lay), atol=2e-5, rtol=1e-4)
+
+
+def test_benchmark_measures_work_and_accuracy_at_a_tiny_shape():
+    """benchmarks/vmoba.py's CPU stages on a tiny grid: fractions consistent with plan_work and the mask."""
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "vmoba.py")
+    spec = importlib.util.spec_from_file_location("bench_vmoba", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_vmoba"] = bench
+    spec.loader.exec_module(bench)
+    shape = bench.Shape("tiny", (4, 8, 12), heads=2, measured_heads=2, head_dim=16)
+    (row,) = bench.measure_work(shape, structured=True, layers=(2,), block_size=16)
+    assert 0 < row["token_density"] <= row["key_block_fraction"] and row["key_block_tiles"] > 0
+    assert row["key_block_over_token"] == pytest.approx(row["key_block_fraction"] / row["token_density"])
+    (acc,) = bench.measure_accuracy(bench.QUICK_ACCURACY, layers=(2,))
+    assert 0 < acc["token_vs_dense"] < 1 and acc["tile64_vs_token"] >= 0
+    md = bench._markdown(dict(created="t", device="cpu", vidsparse="0", git_commit="x" * 12, git_dirty=False,
+                              torch="t", work=[row], accuracy=[acc]))  # fmt: skip
+    assert "| tiny | structured | 2 |" in md
