@@ -232,6 +232,11 @@ def attention(
     bs = chosen.default_block if block_size is None else block_size
     B, S, H, D = q.shape
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, q=q, k=k, block_size=bs)
+    if p.group_spans is not None and chosen.key_block:
+        # Key-block-major plan (per-query VMoBA): only the rows that chose each key block are computed.
+        from vidsparse.kernels import keyblock
+
+        return keyblock.attention(q, k, v, p, text_mask=text_mask, scale=scale, backend=chosen.name)
     if chosen.fused:
         # Backends that fuse the permutation (and register a custom op) take the caller layout.
         return chosen.attention(q, k, v, p, text_mask=text_mask, scale=scale)

@@ -12,6 +12,14 @@ Two run-time masks complete it:
 - ``query_select`` [B, H, S_pad, G] (dynamic patterns such as VMoBA: query row r keeps
   key block kb only if ``query_select[..., r, key_group[kb]]``).
 
+Optional key-block-major extension (per-query selections): ``group_spans`` int32 [G, 2]
+gives, for each selection group g (the last dim of ``query_select``), the kernel position
+of its first key and its number of keys; a group's keys are contiguous there. A plan that
+carries it asks backends that implement the key-block-major path
+(``vidsparse.kernels.keyblock``: torch, triton) to compute, per group, only the query rows
+that select it and merge the partials exactly. The query-major lists stay complete and
+valid, so every other backend runs the same plan, same result, by the query-tile path.
+
 Padding query rows are "don't care": their output is dropped by ``scatter``. A kernel
 must return zeros (not NaN) for a row whose keys are all masked.
 """
@@ -94,6 +102,7 @@ class BlockSparsePlan:
     text_blocks: torch.Tensor  # bool [NK]
     query_select: torch.Tensor | None = None  # bool [B, H, S_pad, G]
     key_group: torch.Tensor | None = None  # int32 [NK]
+    group_spans: torch.Tensor | None = None  # int32 [G, 2]: (first kernel position, keys) per group
     video_density: float = field(default=float("nan"))
     pattern_name: str = "custom"
 
@@ -142,6 +151,7 @@ class BlockSparsePlan:
             text_blocks=self.text_blocks.to(device),
             query_select=mv(self.query_select),
             key_group=mv(self.key_group),
+            group_spans=mv(self.group_spans),
         )
 
     def dense_block_matrix(self, batch: int = 0, head: int = 0) -> torch.Tensor:

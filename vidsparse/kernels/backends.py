@@ -8,7 +8,9 @@ module with ``hasattr``:
   caller's [B, S, H, D] layout (it fuses the permutation, e.g. a registered custom op);
 - ``can_run(q, k, v, plan)``: ``None`` or the reason this backend cannot run these inputs
   (the module's ``unsupported_reason(q)`` where ``checks_inputs``);
-- ``default_block``: the block size ``vidsparse.attention`` plans with when none is given.
+- ``default_block``: the block size ``vidsparse.attention`` plans with when none is given;
+- ``key_block``: it runs key-block-major plans (``plan.group_spans``, per-query VMoBA) by
+  ``vidsparse.kernels.keyblock`` with this backend name, computing only the selected rows.
 
 Modules load on first use (``load``; a ``sys.modules`` hit keeps torch.compile out of importlib),
 so ``import vidsparse`` never imports Triton. ``register_backend`` adds one; ``backend_names``
@@ -41,6 +43,7 @@ class Backend:
     default_block: int = DEFAULT_BLOCK
     fused: bool = False
     checks_inputs: bool = False
+    key_block: bool = False
 
     def load(self) -> ModuleType:
         mod = sys.modules.get(self.module)
@@ -103,6 +106,7 @@ register_backend(
         "torch",
         "vidsparse.kernels.reference",
         "exact block-by-block torch reference, any device",
+        key_block=True,
     )
 )
 register_backend(
@@ -120,6 +124,7 @@ register_backend(
         default_block=128,
         fused=True,
         checks_inputs=True,
+        key_block=True,
     )
 )
 

@@ -22,7 +22,7 @@ import torch
 
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import as_triple
-from vidsparse.patterns.gna import AXES, _triple, window_bounds
+from vidsparse.patterns.gna import _triple, window_bounds
 from vidsparse.patterns.tiling import SeparableTiledPattern, TileGrid, Triple, ceil_div
 
 

@@ -36,6 +36,14 @@ and ``kv_indices`` the union over each kernel query block, built on the device w
 (MAXK = number of key blocks): no ``.item()``, ``nonzero`` or ``unique`` in the per-call path.
 ``granularity="tile"`` selects once per kernel query tile instead (no ``query_select``).
 
+Kernel paths (``path``). Per-query selections run by default key-block-major
+(``vidsparse.kernels.keyblock``, the released code's packing): the plan also carries
+``group_spans`` (each group's keys in kernel order), and for each (head, key block) only the
+query rows that chose it are computed, then merged exactly by log-sum-exp. That work is close
+to the selection's token density (``vidsparse.work.plan_work``). ``path="query_tile"`` keeps
+the query-major lists only: fixed shapes and no host sync, but each 128-row tile computes
+the union of its rows' blocks, which at Wan 480p is every block (block density 1.0).
+
 Memory per call (S = video tokens, G = VMoBA blocks, B batch, H heads, NK kernel blocks, D head
 dim): outputs ``query_select`` B*H*S_pad*(G+1) bytes (none for "tile") and ``kv_indices`` plus
 ``mask_ids`` 8*B*H*NK^2 bytes (+ 8*B*H*NK^2 transient for the sort); fp32 copies of one head
@@ -68,6 +76,7 @@ _EPS = 1e-6
 PARTITIONS = ("temporal", "spatial", "spatiotemporal")
 _SCOPES = {"query": "query", "query_head": "query", "head": "head", "head_global": "head"}
 _MODES = ("threshold", "topk")
+_PATHS = ("auto", "key_block", "query_tile")
 
 
 def _int_tuple(value, n: int, name: str, minimum: int, example: str) -> tuple[int, ...]:
@@ -106,6 +115,9 @@ class VMoBA(Pattern):
     once per kernel query tile (``block_size`` rows of one VMoBA block) with the tile's mean
     query (= the mean of its rows' gates, the gate being linear in q): the kernel then skips
     exactly what the mask drops, but the mask depends on ``block_size``.
+
+    ``path``: ``"auto"`` (key-block-major for ``"token"``, query-tile for ``"tile"``),
+    ``"key_block"`` or ``"query_tile"``; the mask is the same on either path.
     """
 
     name: ClassVar[str] = "vmoba"
@@ -122,6 +134,7 @@ class VMoBA(Pattern):
     layer_offset: int = 0
     layer_cycle: tuple[int, int, int] = (1, 1, 1)
     granularity: str = "token"
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -164,6 +177,23 @@ class VMoBA(Pattern):
                 f"VMoBA.granularity must be 'token' (per-query selection, published) or 'tile' (one "
                 f"selection per kernel query tile), got {self.granularity!r}."
             )
+        if self.path not in _PATHS:
+            raise ValueError(
+                f"VMoBA.path must be one of {_PATHS} ('key_block': per key block, only the queries that chose it; "
+                f"'query_tile': per query tile, the union of its rows' blocks), got {self.path!r}."
+            )
+        if self.path == "key_block" and self.granularity == "tile":
+            raise ValueError(
+                "VMoBA.path='key_block' computes per-query selections; granularity='tile' already gives exact "
+                "query-tile lists. Use path='query_tile' (or 'auto') with granularity='tile'."
+            )
+
+    @property
+    def kernel_path(self) -> str:
+        """'key_block' or 'query_tile': the path ``path='auto'`` resolves to (key_block for per-query selection)."""
+        if self.path != "auto":
+            return self.path
+        return "key_block" if self.granularity == "token" else "query_tile"
 
     # -- per-layer partition -----------------------------------------------------------
     def partition(self, layer: int) -> str:
@@ -255,6 +285,7 @@ class VMoBA(Pattern):
             text_blocks=blk.text_blocks,
             query_select=qs,
             key_group=None if tiles else blk.key_group,
+            group_spans=blk.group_spans if self.kernel_path == "key_block" else None,
             pattern_name=self.name,
         )
 
@@ -351,6 +382,7 @@ class _Blocks:
     tile_size: torch.Tensor  # int64 [NQv]: valid rows per video tile
     tile_group: torch.Tensor  # int64 [NQv]: VMoBA block of each video tile
     tile_template: torch.Tensor  # bool [NQ, G]: row_template per tile
+    group_spans: torch.Tensor  # int32 [G, 2]: first kernel position and number of keys per group
 
 
 @functools.lru_cache(maxsize=32)
@@ -420,7 +452,16 @@ def _block_structure(layout: VideoLayout, shape: tuple[int, int, int], bs: int, 
         tile_size=torch.bincount(tile_of, minlength=nvb).to(dev),
         tile_group=key_group[:nvb].long().to(dev),
         tile_template=row_template.view(nk, bs, -1).any(dim=1).to(dev),
+        group_spans=_group_spans(offset, size, order.text_start, layout.text_len).to(dev),
     )
+
+
+def _group_spans(offset: torch.Tensor, size: torch.Tensor, text_start: int, text_len: int) -> torch.Tensor:
+    """int32 [G (+1 text), 2]: (kernel position of the first key, keys) of each group."""
+    spans = torch.stack([offset, size], dim=1)
+    if text_len:
+        spans = torch.cat([spans, torch.tensor([[text_start, text_len]])])
+    return spans.to(torch.int32)
 
 
 def _pack_union(group_any: torch.Tensor, blk: _Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

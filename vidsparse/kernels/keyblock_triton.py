@@ -1,0 +1,325 @@
+"""Triton kernels of the key-block-major path (see :mod:`vidsparse.kernels.keyblock`).
+
+Three kernels on caller-order q, k, v [B, S, H, D]:
+
+- ``_fwd_kernel``: one program per packed query tile (``block_m`` gathered rows of one
+  (batch, head, group)); walks the group's keys in ``block_n`` sub-tiles with an online
+  softmax; writes the tile's partial output (fp32) and log-sum-exp. The merge is torch
+  (``keyblock.merge``).
+- ``_dq_kernel``: same grid; recomputes the probabilities from the merged log-sum-exp and
+  writes the tile's dQ rows (fp32, summed per row by ``index_add``).
+- ``_dkdv_kernel``: one program per (key sub-tile, batch-head-group); walks the group's
+  query tiles and accumulates dK, dV in registers: no atomics, each key written once.
+
+Softmax runs in base 2; stored log-sum-exps are natural-log. CPU tensors run under Triton's
+interpreter (``TRITON_INTERPRET=1`` before Triton is imported): slow, for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vidsparse.kernels import keyblock as kb
+from vidsparse.kernels.triton_backend import unsupported_reason
+from vidsparse.kernels.triton_plan import kernel_rows
+from vidsparse.plan import BlockSparsePlan
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OP, LP, Rows, KRows, TileBH, TileGroup, Span, KeyValid,
+    sm_scale, T0,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_kvb,
+    H,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Partial output and log-sum-exp of one packed query tile against its group's keys."""
+    pid = tl.program_id(0)
+    t = T0 + pid
+    bh = tl.load(TileBH + t).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    g = tl.load(TileGroup + t).to(tl.int64)
+    kstart = tl.load(Span + 2 * g)
+    klen = tl.load(Span + 2 * g + 1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.load(Rows + offs_m)
+    ok = row >= 0
+    row = tl.maximum(row, 0).to(tl.int64)
+    q = tl.load(Q + b * s_qb + h * s_qh + row[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for j in range(0, tl.cdiv(klen, BLOCK_N)):
+        c = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = c < klen
+        kpos = (kstart + c).to(tl.int64)
+        krow = tl.load(KRows + kpos, mask=c_ok, other=-1)
+        k_ok = krow >= 0
+        if HAS_KV:
+            k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
+        krow = tl.maximum(krow, 0).to(tl.int64)
+        kT = tl.load(k_base + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        v = tl.load(v_base + krow[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+        qk = tl.where(k_ok[None, :] & ok[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(LP + local, lse)
+    tl.store(OP + local[:, None] * HEAD_DIM + offs_d[None, :], out)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQP, Lse, Delta, Rows, KRows, TileBH, TileGroup, Span, KeyValid,
+    sm_scale, T0,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_kvb,
+    H, S,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ of one packed query tile from its group's keys (merged lse and delta)."""
+    pid = tl.program_id(0)
+    t = T0 + pid
+    bh = tl.load(TileBH + t).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    g = tl.load(TileGroup + t).to(tl.int64)
+    kstart = tl.load(Span + 2 * g)
+    klen = tl.load(Span + 2 * g + 1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.load(Rows + offs_m)
+    ok = row >= 0
+    row = tl.maximum(row, 0).to(tl.int64)
+    q = tl.load(Q + b * s_qb + h * s_qh + row[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+    flat = bh * S + row
+    m = tl.load(Lse + flat, mask=ok, other=float("inf")) * 1.4426950408889634
+    m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
+    di = tl.load(Delta + flat, mask=ok, other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for j in range(0, tl.cdiv(klen, BLOCK_N)):
+        c = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = c < klen
+        kpos = (kstart + c).to(tl.int64)
+        krow = tl.load(KRows + kpos, mask=c_ok, other=-1)
+        k_ok = krow >= 0
+        if HAS_KV:
+            k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
+        krow = tl.maximum(krow, 0).to(tl.int64)
+        kT = tl.load(k_base + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        vT = tl.load(v_base + krow[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
+        p = tl.where(k_ok[None, :] & ok[:, None], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PREC)
+        ds = p * (dp - di[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+    dq *= sm_scale
+    local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(DQP + local[:, None] * HEAD_DIM + offs_d[None, :], dq)
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, Rows, KRows, TileFirst, TileCount, Span, KeyValid,
+    sm_scale,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh, s_kvb,
+    H, S, G,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of BLOCK_N keys of one group, over every packed query tile of that (batch, head, group)."""
+    j = tl.program_id(0)
+    bhg = tl.program_id(1).to(tl.int64)
+    g = bhg % G
+    bh = bhg // G
+    b = bh // H
+    h = bh % H
+    kstart = tl.load(Span + 2 * g)
+    klen = tl.load(Span + 2 * g + 1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    c = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < klen
+    kpos = (kstart + c).to(tl.int64)
+    krow = tl.load(KRows + kpos, mask=c_ok, other=-1)
+    k_in = krow >= 0  # a real key of this group (written even when masked: zero gradient)
+    k_ok = k_in
+    if HAS_KV:
+        k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
+    krow = tl.maximum(krow, 0).to(tl.int64)
+    k = tl.load(K + b * s_kb + h * s_kh + krow[:, None] * s_ks + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + krow[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    first = tl.load(TileFirst + bhg)
+    count = tl.where(j * BLOCK_N < klen, tl.load(TileCount + bhg), 0)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for t in range(first, first + count):
+        offs_m = (tl.zeros([BLOCK_M], tl.int64) + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row = tl.load(Rows + offs_m)
+        ok = row >= 0
+        row = tl.maximum(row, 0).to(tl.int64)
+        qT = tl.load(q_base + row[None, :] * s_qs + offs_d[:, None], mask=ok[None, :], other=0.0)
+        do = tl.load(do_base + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+        flat = bh * S + row
+        m = tl.load(Lse + flat, mask=ok, other=float("inf")) * 1.4426950408889634
+        m = tl.where(m == float("-inf"), float("inf"), m)
+        di = tl.load(Delta + flat, mask=ok, other=0.0)
+        pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
+        pT = tl.where(k_ok[:, None] & ok[None, :], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - di[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+    dk *= sm_scale
+    g_off = b * s_gb + h * s_gh + krow[:, None] * s_gs + offs_d[None, :]
+    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+
+
+INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _tiles(block_m: int | None, block_n: int | None, dtype: torch.dtype) -> tuple[int, int]:
+    if INTERPRETED:
+        return block_m or 16, block_n or 16
+    bm = block_m or (kb.DEFAULT_BLOCK_M if dtype != torch.float32 else 64)
+    bn = block_n or (kb.DEFAULT_BLOCK_N if dtype != torch.float32 else 32)
+    return bm, bn
+
+
+def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _Static:
+    """Per-call device tensors shared by forward and backward."""
+
+    def __init__(self, plan: BlockSparsePlan, pk: kb.Packing, key_valid: torch.Tensor | None, device) -> None:
+        self.krows = kernel_rows(plan.order.gather, plan.order.token_valid).to(device)
+        self.span = plan.group_spans.to(device=device, dtype=torch.int32).contiguous()
+        self.kv = None if key_valid is None else key_valid.to(torch.uint8).contiguous()
+        self.max_sub_len = int(plan.group_spans[:, 1].max()) if plan.group_spans.numel() else 0
+        self.num_groups = plan.group_spans.shape[0]
+        self.pk = pk
+
+
+def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
+    B, S, H, D = q.shape
+    pk = st.pk
+    dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
+    kv = st.kv if st.kv is not None else dummy
+    s_kvb = st.kv.stride(0) if st.kv is not None else 0
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    outs, lses = [], []
+    for t0, t1, bh0, bh1 in kb.chunks(pk):
+        n = t1 - t0
+        op = torch.empty(n * bm, D, dtype=torch.float32, device=q.device)
+        lp = torch.empty(n * bm, dtype=torch.float32, device=q.device)
+        _fwd_kernel[(n,)](
+            q, k, v, op, lp, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, kv, scale, t0,
+            *_bsh(q), *_bsh(k), *_bsh(v), s_kvb, H,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec,
+        )  # fmt: skip
+        tgt = pk.targets(t0, t1)
+        o_c, l_c = kb.merge(op, lp, torch.where(tgt >= 0, tgt - bh0 * S, tgt), (bh1 - bh0) * S)
+        outs.append(o_c)  # chunks cover the batch-heads in order
+        lses.append(l_c)
+    out = torch.cat(outs).view(B, H, S, D).transpose(1, 2).to(q.dtype)
+    return out, torch.cat(lses).contiguous()  # lse: fp32 [B*H*S]
+
+
+def _backward(do, q, k, v, out, lse, st: _Static, scale: float, bm: int, bn: int):
+    B, S, H, D = q.shape
+    pk = st.pk
+    dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
+    kv = st.kv if st.kv is not None else dummy
+    s_kvb = st.kv.stride(0) if st.kv is not None else 0
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta = (do.float() * out.float()).sum(dim=-1).transpose(1, 2).reshape(-1).contiguous()  # [B*H*S]
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    G = st.num_groups
+    if st.max_sub_len and pk.num_tiles:
+        _dkdv_kernel[(triton.cdiv(st.max_sub_len, bn), B * H * G)](
+            q, k, v, do, dk, dv, lse, delta, pk.rows, st.krows, pk.tile_first, pk.tile_count, st.span, kv, scale,
+            *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), s_kvb, H, S, G,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec,
+        )  # fmt: skip
+    dq = torch.zeros(B * H * S + 1, D, dtype=torch.float32, device=q.device)
+    for t0, t1, _, _ in kb.chunks(pk):
+        n = t1 - t0
+        dqp = torch.empty(n * bm, D, dtype=torch.float32, device=q.device)
+        _dq_kernel[(n,)](
+            q, k, v, do, dqp, lse, delta, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, kv, scale, t0,
+            *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), s_kvb, H, S,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec,
+        )  # fmt: skip
+        tgt = pk.targets(t0, t1)
+        dq.index_add_(0, torch.where(tgt >= 0, tgt, torch.full_like(tgt, B * H * S)), dqp)
+    return dq[:-1].view(B, H, S, D).transpose(1, 2).to(q.dtype), dk, dv
+
+
+class _KeyBlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, st, scale, bm, bn):
+        out, lse = _forward(q, k, v, st, scale, bm, bn)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.st, ctx.scale, ctx.bm, ctx.bn = st, scale, bm, bn
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(_contig(grad_out), q, k, v, out, lse, ctx.st, ctx.scale, ctx.bm, ctx.bn)
+        return dq, dk, dv, None, None, None, None
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q, k, v, plan: BlockSparsePlan, key_valid, scale: float, block_m=None, block_n=None):
+    """Caller-order q, k, v [B, S, H, D] -> out; see :func:`vidsparse.kernels.keyblock.attention`."""
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"The triton key-block-major path cannot run this call: {reason}.")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    bm, bn = _tiles(block_m, block_n, q.dtype)
+    for name, n in (("block_m", bm), ("block_n", bn)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tensor-core tiles), got {n}.")
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    pk = kb.pack(plan, bm)
+    st = _Static(plan, pk, key_valid, q.device)
+    return _KeyBlockAttention.apply(q, k, v, st, scale, bm, bn)
+
+
+__all__ = ["INTERPRETED", "attention"]
