@@ -67,6 +67,7 @@ class CrossAttentionCache:
         self.dtype = dtype
         self.key: tuple | None = None
         self.recompute = False
+        self.recompute_seen = False
         self.budget_bytes: int | None = budget_bytes
         self._blocks: dict[int, torch.Tensor] = {}
         self._offloaded: set[int] = set()
@@ -82,9 +83,10 @@ class CrossAttentionCache:
         self.key = None
 
     def reset(self) -> None:
+        """A new generation: nothing stored, the recompute decision taken again; the peak and
+        whether recompute was ever needed stay for ``report``."""
         self.clear()
         self.recompute = False
-        self._peak = 0
 
     def begin_refresh(self, key: tuple, needed_bytes: int, device: torch.device) -> bool:
         """Start storing a new cache for ``key``; False when nothing will be stored (recompute)."""
@@ -92,7 +94,7 @@ class CrossAttentionCache:
         if self.requested_budget is None:
             self.budget_bytes = _auto_budget(device)
         if self.overflow == "recompute" and self.budget_bytes is not None and needed_bytes > self.budget_bytes:
-            self.recompute = True
+            self.recompute = self.recompute_seen = True
             self._peak = max(self._peak, needed_bytes)
             return False
         self.key = key
@@ -107,13 +109,13 @@ class CrossAttentionCache:
         if self.dtype is not None:
             value = value.to(self.dtype)
         nbytes = value.numel() * value.element_size()
-        on_device = value.device.type == "cpu" or self.budget_bytes is None
-        on_device = on_device or self._device_bytes + nbytes <= self.budget_bytes
+        on_device = self.budget_bytes is None or self._device_bytes + nbytes <= self.budget_bytes
         if on_device:
             self._blocks[layer] = value
             self._device_bytes += nbytes
         else:
-            host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+            pin = value.device.type == "cuda"  # pinned host memory: asynchronous copies back
+            host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
             host.copy_(value, non_blocking=True)
             self._blocks[layer] = host
             self._offloaded.add(layer)
@@ -139,7 +141,7 @@ class CrossAttentionCache:
             bytes_offloaded=off,
             peak_bytes=self._peak,
             budget_bytes=self.budget_bytes,
-            recompute=self.recompute,
+            recompute=self.recompute_seen,
         )
 
 
