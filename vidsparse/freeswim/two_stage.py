@@ -151,7 +151,9 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def check_freeswim(pipe: Any, options: FreeSwimOptions, *, prompt: Any = None, prompt_embeds: Any = None) -> FreeSwimPlan:
+def check_freeswim(
+    pipe: Any, options: FreeSwimOptions, *, prompt: Any = None, prompt_embeds: Any = None
+) -> FreeSwimPlan:
     """Validate everything ``run_freeswim`` needs; one ValueError/TypeError, before any work."""
     import diffusers
 
@@ -207,10 +209,12 @@ def check_freeswim(pipe: Any, options: FreeSwimOptions, *, prompt: Any = None, p
         raise ValueError(f"strength must be in (0, 1] (the reference uses 0.7), got {s!r}.")
     refine_steps = min(int(steps * s), steps)
     if refine_steps < 1:
-        raise ValueError(
-            f"strength={s} of {steps} steps leaves int({steps} * {s}) = 0 refinement steps; raise either."
-        )
-    if not isinstance(options.flow_shift, (int, float)) or isinstance(options.flow_shift, bool) or options.flow_shift <= 0:
+        raise ValueError(f"strength={s} of {steps} steps leaves int({steps} * {s}) = 0 refinement steps; raise either.")
+    if (
+        not isinstance(options.flow_shift, (int, float))
+        or isinstance(options.flow_shift, bool)
+        or options.flow_shift <= 0
+    ):
         raise ValueError(f"flow_shift must be a number > 0 (the reference uses 9.0), got {options.flow_shift!r}.")
     scheduler_with_shift(pipe.scheduler, options.flow_shift)
     if options.output_type not in ("np", "pt", "pil", "latent"):
@@ -254,7 +258,9 @@ def check_freeswim(pipe: Any, options: FreeSwimOptions, *, prompt: Any = None, p
 def upsample_frames(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B, F, C, h, w] in [0, 1] -> [B, F, C, height, width], bilinear per frame."""
     b, f, c, h, w = video.shape
-    out = F.interpolate(video.reshape(b * f, c, h, w).float(), size=(height, width), mode="bilinear", align_corners=False)
+    out = F.interpolate(
+        video.reshape(b * f, c, h, w).float(), size=(height, width), mode="bilinear", align_corners=False
+    )
     return out.clamp(0.0, 1.0).reshape(b, f, c, height, width)
 
 
