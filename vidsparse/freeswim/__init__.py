@@ -19,9 +19,31 @@ from vidsparse.freeswim.dual_path import (
     remove_dual_path,
     reset_dual_path,
 )
+from vidsparse.freeswim.two_stage import (
+    FreeSwimOptions,
+    FreeSwimPlan,
+    FreeSwimResult,
+    StageProgress,
+    StageSummary,
+    check_freeswim,
+    native_size,
+    run_freeswim,
+    scheduler_with_shift,
+    upsample_frames,
+)
 
 __all__ = [
     "CacheReport",
+    "FreeSwimOptions",
+    "FreeSwimPlan",
+    "FreeSwimResult",
+    "StageProgress",
+    "StageSummary",
+    "check_freeswim",
+    "native_size",
+    "run_freeswim",
+    "scheduler_with_shift",
+    "upsample_frames",
     "CrossAttentionCache",
     "DualPathConfig",
     "DualPathReport",

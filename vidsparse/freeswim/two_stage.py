@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -358,8 +358,3 @@ def run_freeswim(
         f"FreeSwim window {2 * (plan.base_grid[0] // 2) + 1}x{2 * (plan.base_grid[1] // 2) + 1} + full branch, {what}",
     )  # fmt: skip
     return FreeSwimResult(frames, base, (stage1, stage2), report, plan)
-
-
-def with_overrides(options: FreeSwimOptions, **changes: Any) -> FreeSwimOptions:
-    """``dataclasses.replace`` for options (keeps callers off the dataclass internals)."""
-    return replace(options, **changes)
