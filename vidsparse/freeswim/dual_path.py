@@ -337,12 +337,13 @@ class DualPathHook(ModelHook):
         self._signature: inspect.Signature | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._signature = inspect.signature(module.forward)
+        self._signature = inspect.signature(type(module).forward)  # the class's: other hooks wrap .forward
         return module
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        bound = dict(self._signature.bind(*args, **kwargs).arguments)
+        bound = dict(self._signature.bind(module, *args, **kwargs).arguments)
+        bound.pop(next(iter(self._signature.parameters)))  # self
         hs = bound["hidden_states"]
         p_t, p_h, p_w = module.config.patch_size
         _, _, f, h, w = hs.shape
