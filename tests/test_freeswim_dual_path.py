@@ -223,3 +223,41 @@ def test_bad_inputs():
     assert get_dual_state(t) is None
     with pytest.raises(TypeError, match="DualPathConfig"):
         apply_dual_path(t, {"base_grid": BASE})
+
+
+def test_fused_projections_give_the_same_dual_path():
+    t, inputs = _model()
+    apply_dual_path(t, _cfg(cache_interval=1))
+    ref = _forward(t, inputs)
+    remove_dual_path(t)
+    t.fuse_qkv_projections()  # attn1: to_qkv, attn2: to_kv
+    assert t.blocks[0].attn2.fused_projections
+    apply_dual_path(t, _cfg(cache_interval=1))
+    torch.testing.assert_close(_forward(t, inputs), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_i2v_image_cross_attention_stays_per_row():
+    """Wan I2V: only the text part is overridden (as the reference); the image part is per row."""
+    t = tiny_transformer("wan-i2v", num_layers=2)
+    inputs = tiny_inputs("wan-i2v", t, **GRID)
+    state = apply_dual_path(t, _cfg(cache_interval=2))[0]
+    spy = _Attn2Spy(t)
+    _forward(t, inputs, 900.0)
+    spy.close()
+    for layer, module, hs, ehs, out in spy.records:
+        original = state.original_processors[f"blocks.{layer}.attn2"]
+        with torch.no_grad():
+            torch.testing.assert_close(out[1:], original(module, hs[1:], ehs[1:]), atol=1e-6, rtol=1e-6)
+            # window row = to_out(text of the full row + image attention of the window row)
+            q = module.norm_q(module.to_q(hs)).unflatten(2, (module.heads, -1))
+            img_k = module.norm_added_k(module.add_k_proj(ehs[:, :4])).unflatten(2, (module.heads, -1))
+            img_v = module.add_v_proj(ehs[:, :4]).unflatten(2, (module.heads, -1))
+            img = (
+                torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, img_k, img_v)))
+                .transpose(1, 2)
+                .flatten(2, 3)
+            )
+            delta = module.to_out[0].weight @ (img[0] - img[1]).T
+        torch.testing.assert_close(out[0] - out[1], delta.T, atol=1e-5, rtol=1e-5)
+    _forward(t, inputs, 800.0)  # a reuse step runs with the image part too
+    assert state.report().reuse == ((1, "cond"),)
