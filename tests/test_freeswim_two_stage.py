@@ -160,3 +160,14 @@ def test_cli_args_translate_into_options():
             freeswim_options_from_args(
                 _parse(argv), height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=5.0, seed=0
             )
+
+
+def test_size_checks_run_without_a_pipeline():
+    """What a CLI checks before loading any weights (Wan: 16 px per token, 4 frames per latent)."""
+    from vidsparse.freeswim import check_freeswim_sizes
+
+    assert check_freeswim_sizes(FreeSwimOptions(height=1088, width=1920), (480, 832)) == 35
+    with pytest.raises(ValueError, match="smaller than the base"):
+        check_freeswim_sizes(FreeSwimOptions(height=720, width=1280), (720, 1920))
+    with pytest.raises(ValueError, match="multiples of 16 px; use 1072 or 1088"):
+        check_freeswim_sizes(FreeSwimOptions(height=1080, width=1920), (480, 832))

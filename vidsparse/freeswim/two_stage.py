@@ -151,6 +151,51 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def check_freeswim_sizes(
+    options: FreeSwimOptions,
+    base_size: tuple[int, int],
+    *,
+    multiple: tuple[int, int] = (16, 16),
+    temporal: int = 4,
+) -> int:
+    """The size and step checks, without a pipeline (a CLI can run them before loading weights).
+
+    ``multiple``: pixels per token on (h, w) (VAE spatial factor x patch; 16 for Wan);
+    ``temporal``: the VAE's frame compression (4 for Wan). Returns the refinement steps.
+    """
+    if not isinstance(options, FreeSwimOptions):
+        raise TypeError(f"options must be a vidsparse.freeswim.FreeSwimOptions, got {type(options).__name__}.")
+    sizes = {"height": options.height, "width": options.width, "base_height": base_size[0], "base_width": base_size[1]}
+    for name, value in sizes.items():
+        _positive_int(name, value)
+        m = multiple[0] if "height" in name else multiple[1]
+        if value % m:
+            raise ValueError(
+                f"{name}={value} px: the Wan VAE and patchify need multiples of {m} px; use "
+                f"{value - value % m or m} or {value - value % m + m}."
+            )
+    if options.height < base_size[0] or options.width < base_size[1]:
+        raise ValueError(
+            f"The target {options.width}x{options.height} is smaller than the base {base_size[1]}x{base_size[0]} "
+            "on at least one axis; FreeSwim generates above the native size. Pass a larger --height/--width or a "
+            "smaller --base-size."
+        )
+    frames = _positive_int("num_frames", options.num_frames)
+    if (frames - 1) % temporal:
+        raise ValueError(
+            f"num_frames={frames}: the Wan VAE compresses time {temporal}x and needs 1 + {temporal}k frames "
+            f"(e.g. {1 + temporal * ((frames - 1) // temporal)} or {1 + temporal * ((frames - 1) // temporal + 1)})."
+        )
+    steps = _positive_int("num_inference_steps", options.num_inference_steps)
+    s = options.strength
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
+        raise ValueError(f"strength must be in (0, 1] (the reference uses 0.7), got {s!r}.")
+    refine_steps = min(int(steps * s), steps)
+    if refine_steps < 1:
+        raise ValueError(f"strength={s} of {steps} steps leaves int({steps} * {s}) = 0 refinement steps; raise either.")
+    return refine_steps
+
+
 def check_freeswim(
     pipe: Any, options: FreeSwimOptions, *, prompt: Any = None, prompt_embeds: Any = None
 ) -> FreeSwimPlan:
@@ -177,39 +222,14 @@ def check_freeswim(
     vae_s, vae_t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
     p_t, p_h, p_w = transformer.config.patch_size
     multiple_h, multiple_w = vae_s * p_h, vae_s * p_w
-    base = (options.base_height, options.base_width)
-    if (base[0] is None) != (base[1] is None):
-        raise ValueError(f"Pass both base_height and base_width (or neither for the native size), got {base}.")
-    if base[0] is None:
-        base = native_size(transformer)
-    sizes = {"height": options.height, "width": options.width, "base_height": base[0], "base_width": base[1]}
-    for name, value in sizes.items():
-        _positive_int(name, value)
-        multiple = multiple_h if "height" in name else multiple_w
-        if value % multiple:
-            raise ValueError(
-                f"{name}={value} px: the Wan VAE ({vae_s}x) and patchify ({p_h}x{p_w}) need multiples of {multiple} "
-                f"px; use {value - value % multiple or multiple} or {value - value % multiple + multiple}."
-            )
-    if options.height < base[0] or options.width < base[1]:
+    if (options.base_height is None) != (options.base_width is None):
         raise ValueError(
-            f"The target {options.width}x{options.height} is smaller than the base {base[1]}x{base[0]} on at least "
-            "one axis; FreeSwim generates above the native size. Pass a larger --height/--width or a smaller "
-            "--base-size."
+            f"Pass both base_height and base_width (or neither for the native size), got "
+            f"{(options.base_height, options.base_width)}."
         )
-    frames = _positive_int("num_frames", options.num_frames)
-    if (frames - 1) % vae_t:
-        raise ValueError(
-            f"num_frames={frames}: the Wan VAE compresses time {vae_t}x and needs 1 + {vae_t}k frames "
-            f"(e.g. {1 + vae_t * ((frames - 1) // vae_t)} or {1 + vae_t * ((frames - 1) // vae_t + 1)})."
-        )
-    steps = _positive_int("num_inference_steps", options.num_inference_steps)
-    s = options.strength
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
-        raise ValueError(f"strength must be in (0, 1] (the reference uses 0.7), got {s!r}.")
-    refine_steps = min(int(steps * s), steps)
-    if refine_steps < 1:
-        raise ValueError(f"strength={s} of {steps} steps leaves int({steps} * {s}) = 0 refinement steps; raise either.")
+    base = (options.base_height, options.base_width) if options.base_height is not None else native_size(transformer)
+    refine_steps = check_freeswim_sizes(options, base, multiple=(multiple_h, multiple_w), temporal=vae_t)
+    frames = options.num_frames
     if (
         not isinstance(options.flow_shift, (int, float))
         or isinstance(options.flow_shift, bool)
