@@ -51,7 +51,8 @@ class DualPathConfig:
             multiple of ``1 / sqrt(head_dim)``. Cross-attention keeps the model's scale.
         cache_budget_bytes: device memory the cross-attention cache may hold; blocks beyond it
             follow ``cache_overflow``. ``None``: half of the free device memory when the cache
-            is first filled on CUDA, unlimited on CPU (where "the device" is host memory).
+            is first filled on CUDA, unlimited on CPU. (On CPU an explicit budget still splits
+            the cache into a "device" and an "offloaded" part, both in host memory.)
         cache_overflow: ``"cpu"`` stores blocks beyond the budget in (pinned) host memory and
             copies them back per block; ``"recompute"`` stores nothing when the whole cache
             does not fit and runs the full branch on every conditional step instead.
