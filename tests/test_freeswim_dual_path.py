@@ -261,3 +261,12 @@ def test_i2v_image_cross_attention_stays_per_row():
         torch.testing.assert_close(out[0] - out[1], delta.T, atol=1e-5, rtol=1e-5)
     _forward(t, inputs, 800.0)  # a reuse step runs with the image part too
     assert state.report().reuse == ((1, "cond"),)
+
+
+def test_window_covering_the_grid_equals_the_dense_model():
+    """Target grid within the base window: both branches are full attention, so with the model's
+    own scale the dual path is the unpatched model."""
+    t, inputs = _model()
+    ref = _forward(t, inputs)
+    apply_dual_path(t, _cfg(base_grid=(4, 6), cache_interval=1, attention_scale="default"))
+    torch.testing.assert_close(_forward(t, inputs), ref, atol=2e-5, rtol=1e-5)
