@@ -4,6 +4,7 @@ from vidsparse.patterns.attention_tile import AttentionTile
 from vidsparse.patterns.base import Pattern, normalize_pattern_name
 from vidsparse.patterns.dense import Dense
 from vidsparse.patterns.dual_scope import DualScope
+from vidsparse.patterns.freeswim import FreeSwim
 from vidsparse.patterns.gna import GNA
 from vidsparse.patterns.radial import Radial
 from vidsparse.patterns.tile import Tile
@@ -12,6 +13,7 @@ from vidsparse.patterns.vmoba import VMoBA
 # name -> class, for configs, the CLI and ``vidsparse.make_pattern``.
 PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope, "radial": Radial, "vmoba": VMoBA}
 PATTERNS.update({"attention-tile": AttentionTile, "gna": GNA, "tile": Tile})
+PATTERNS["freeswim"] = FreeSwim
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
@@ -20,7 +22,7 @@ def register_pattern(cls: type[Pattern]) -> type[Pattern]:
 
 
 def make_pattern(name: str, **options) -> Pattern:
-    """Pattern from its name ("dense", "radial", "tile", "attention-tile", "gna", "vmoba")."""
+    """Pattern from its name ("dense", "radial", "tile", "attention-tile", "gna", "freeswim", "vmoba")."""
     key = normalize_pattern_name(name)
     if key not in PATTERNS:
         raise ValueError(f"Unknown pattern {name!r}. Expected one of: {', '.join(sorted(PATTERNS))}.")
@@ -36,6 +38,7 @@ __all__ = [
     "AttentionTile",
     "Dense",
     "DualScope",
+    "FreeSwim",
     "Pattern",
     "Radial",
     "Tile",
