@@ -93,6 +93,34 @@ def test_lora_and_parallel_refuse_with_the_reason():
         FAMILY.lora_adapter_class()
     with pytest.raises(ValueError, match="does not run ltx2: .*audio<->video cross-attention"):
         FAMILY.require_shard_plan()
+    from vidsparse.lora.models import refused
+
+    assert refused()["LTX2Pipeline"].startswith("LTX-2 denoises audio and video latents jointly")
+    with pytest.raises(ValueError, match="\\(ltx2\\) is not supported yet \\(its shard plan is not written"):
+        from vidsparse.parallel.model import parallelize
+
+        parallelize(tiny_transformer("ltx2"), "dense", "clip", runtime=None)  # refused before any use
+
+
+def test_pattern_defaults_fit_the_typical_grid():
+    big = vs.VideoLayout(*FAMILY.geometry.latent_grid(*FAMILY.geometry.default_video))  # 16x16x24
+    assert FAMILY.pattern_options("radial", big, None) == dict(decay_factor=1.0, sink=False, block_size=128)
+    assert FAMILY.pattern_options("tile", big, None) == dict(tile=(2, 4, 4), window=(5, 3, 3))
+    assert FAMILY.pattern_options("gna", big, None) == dict(kernel_size=(9, 9, 13), stride=(1, 1, 1))
+    for name in ("tile", "gna"):
+        density = vs.token_mask(vs.make_pattern(name, **FAMILY.pattern_options(name, big, None)), big).float().mean()
+        assert 0.1 < float(density) < 0.3, (name, float(density))
+    assert FAMILY.default_schedule("radial") == (0.25, ()) and FAMILY.default_schedule("dense") == (0, ())
+
+
+def test_inspect_knows_the_family(tmp_path, capsys):
+    from vidsparse.cli import main
+
+    png = tmp_path / "ltx2.png"
+    assert main(["inspect", "--pattern", "tile", "--video", "121x512x768", "--family", "ltx2", "--out", str(png)]) == 0
+    assert "16x16x24" in capsys.readouterr().out and png.is_file()
+    assert main(["inspect", "--pattern", "tile", "--video", "121x500x768", "--family", "ltx-2"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
 
 
 def test_geometry_uses_the_ltx2_vae_factors():
@@ -332,3 +360,26 @@ def test_tiny_pipeline_with_vidsparse_end_to_end(tiny_pipe):
     vs.remove(tiny_pipe)
     again = _generate(tiny_pipe)
     assert torch.equal(again.frames, ref.frames) and torch.equal(again.audio, ref.audio)
+
+
+def test_generate_serves_a_saved_tiny_pipeline_folder(tiny_pipe, tmp_path, monkeypatch):
+    """``vidsparse generate --model <folder>``: the folder resolves to ltx2 (not LTX-Video), sizes are
+    checked with the 8x/32x VAE factors before loading, and the real prompt path runs end to end."""
+    import vidsparse.generation.run as gen_run
+    from vidsparse.generation import GenerateOptions, generate, resolve_model
+
+    folder = tmp_path / "tiny-ltx2"
+    tiny_pipe.save_pretrained(folder)
+    info = resolve_model(str(folder))
+    assert info.family == "ltx2" and info.grid == FAMILY.geometry and info.defaults["height"] == 512
+    opts = dict(model=str(folder), frames=9, height=64, width=96, steps=2, progress=False)
+    load = gen_run.load_pipeline
+    monkeypatch.setattr(gen_run, "load_pipeline", lambda *a, **k: pytest.fail("loaded for an invalid size"))
+    with pytest.raises(ValueError, match="frames must be 1 \\+ a multiple of 8; nearest valid: 9 or 17"):
+        generate(GenerateOptions(**{**opts, "frames": 10}))
+    with pytest.raises(ValueError, match="width=100: must be a multiple of 32"):
+        generate(GenerateOptions(**{**opts, "width": 100}))
+    monkeypatch.setattr(gen_run, "load_pipeline", load)
+    result = generate(GenerateOptions(**opts, pattern="tile", block_size=16, dense_first_steps=0))
+    assert result.family == "ltx2" and result.grid == (2, 2, 3) and result.frames.shape == (9, 64, 96, 3)
+    assert result.fps == 24 and result.sparse_steps == 2

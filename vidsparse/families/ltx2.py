@@ -67,6 +67,20 @@ PROCESSOR_NAMES = ("LTX2AudioVideoAttnProcessor", "LTX2PerturbedAttnProcessor")
 #: Video VAE factors of LTX-2 (``AutoencoderKLLTX2Video``: 8x time, 32x space).
 VAE_TEMPORAL = 8
 VAE_SPATIAL = 32
+#: diffusers 0.42 pipelines that run ``LTX2VideoTransformer3DModel`` (``generate`` serves the prefix "LTX2").
+PIPELINES = (
+    "LTX2Pipeline",
+    "LTX2ImageToVideoPipeline",
+    "LTX2ConditionPipeline",
+    "LTX2InContextPipeline",
+    "LTX2HDRPipeline",
+    "LTX2DFRPipeline",
+    "LTX2DFRTemporalRefinePipeline",
+)
+LORA_REFUSAL = (
+    "LTX-2 denoises audio and video latents jointly (audio VAE, Gemma-3 text connectors, per-modality "
+    "timesteps and guidance); its training adapter is not written"
+)
 GEOMETRY = VideoGeometry("ltx2", VAE_TEMPORAL, VAE_SPATIAL, (1, 1, 1), (121, 512, 768), fps=24)
 
 # -- self-attention processor -----------------------------------------------------------------
@@ -484,10 +498,8 @@ FAMILY = Family(
         "tile": dict(tile=(2, 4, 4), window=(5, 3, 3)),
         "gna": dict(kernel_size=(9, 9, 13), stride=1),
     },
-    lora_refusal=(
-        "LTX-2 denoises audio and video latents jointly (audio VAE, Gemma-3 text connectors, per-modality "
-        "timesteps and guidance); its training adapter is not written"
-    ),
+    lora_refusal=LORA_REFUSAL,
+    lora_refusals=dict.fromkeys(PIPELINES, LORA_REFUSAL),
     parallel_refusal=(
         "its shard plan is not written: besides the packed video tokens (RoPE from video_coords) every rank "
         "would need the whole audio stream for the audio<->video cross-attention"
