@@ -30,7 +30,7 @@ processor: an explicit ``video_self_attention_mask`` (IC-LoRA; one warning), an 
 STG block (the model skips attention there), a separate key RoPE or an encoder context.
 
 Defaults: no LTX-2 settings are published for these patterns; they follow LTX-Video's (a grid
-of the same size): Radial decay 1.0 without sink; Tile (2, 4, 4) tiles in a (5, 3, 3) window
+of the same size): Radial decay 1.0 without sink (~55 % of the pairs at 16x16x24); Tile (2, 4, 4) tiles in a (5, 3, 3) window
 (~23 % of the pairs at 16x16x24); GNA kernel (9, 9, 13), stride 1 (~17 %). The first 25 % of
 the steps run dense.
 
@@ -374,7 +374,11 @@ def tiny_video_vae():
         patch_size_t=1,
         decoder_causal=False,
     )
-    assert (vae.temporal_compression_ratio, vae.spatial_compression_ratio) == (VAE_TEMPORAL, VAE_SPATIAL)
+    if (vae.temporal_compression_ratio, vae.spatial_compression_ratio) != (VAE_TEMPORAL, VAE_SPATIAL):
+        raise RuntimeError(
+            f"the tiny LTX-2 VAE compresses {vae.temporal_compression_ratio}x / {vae.spatial_compression_ratio}x, "
+            f"not LTX-2's {VAE_TEMPORAL}x / {VAE_SPATIAL}x: diffusers changed AutoencoderKLLTX2Video's factors."
+        )
     return vae
 
 
