@@ -37,21 +37,23 @@ def _parse_vae_overlap(text: str) -> int | str:
     return int(text)
 
 
-def _parse_timeout(text: str) -> float:
+def _float(text: str) -> float:
+    """``float(text)``, NaN when it is not a number (the callers' range checks then reject it)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = float("nan")
+        return float("nan")
+
+
+def _parse_timeout(text: str) -> float:
+    value = _float(text)
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"--dist-timeout expects a number of seconds > 0 (e.g. 600), got {text!r}.")
     return value
 
 
 def _parse_steps(text: str, flag: str) -> int | float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _float(text)
     if not math.isfinite(value) or value < 0:
         raise UserError(f"{flag} expects a step count (e.g. 2) or a fraction of the steps (e.g. 0.25), got {text!r}.")
     if value.is_integer() and "." not in text:

@@ -5,8 +5,8 @@ The hook (``VidsparseHook``, registered as ``"vidsparse"`` on the transformer th
 ``SparseState.current`` (a ``CallInfo``): the ``VideoLayout`` of the call (grid after
 patchify, text span), the denoising step of the current CFG branch, and the pattern of
 every layer for that step (``None`` = the model's own dense attention). The self-attention
-processors (``processors.py``) read it; nothing is a class attribute, so two pipelines,
-two resolutions or two transformers never share state.
+processors (each family's ``Family.processor``, ``vidsparse.families``) read it; nothing is a
+class attribute, so two pipelines, two resolutions or two transformers never share state.
 
 Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "cond",
 "uncond", "cond_uncond"; "default" without one):
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +58,7 @@ from vidsparse.config import SparseConfig, steps_from
 from vidsparse.families import Family
 from vidsparse.kernels.backends import AUTO, get_backend
 from vidsparse.layout import VideoLayout, auto_block_size
+from vidsparse.lru import LRUCache
 from vidsparse.patterns import Pattern, make_pattern
 
 HOOK_NAME = "vidsparse"
@@ -132,7 +133,7 @@ class SparseState:
     current: CallInfo | None = None
     calls: Counter = field(default_factory=Counter)  # "sparse" / "dense" self-attention calls
     original_processors: dict[str, Any] = field(default_factory=dict)
-    _patterns: OrderedDict = field(default_factory=OrderedDict)
+    _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -164,11 +165,9 @@ class SparseState:
 
     def layer_patterns(self, layout: VideoLayout, block_size: int | None) -> tuple[Pattern | None, ...]:
         """Pattern per layer on this layout (cached per layout), validated once."""
-        key = (layout, block_size)
-        hit = self._patterns.get(key)
-        if hit is not None:
-            self._patterns.move_to_end(key)
-            return hit
+        return self._patterns.get_or_build((layout, block_size), lambda: self._build_layer_patterns(layout, block_size))
+
+    def _build_layer_patterns(self, layout: VideoLayout, block_size: int | None) -> tuple[Pattern | None, ...]:
         cfg = self.config
         out: list[Pattern | None] = []
         for layer in range(self.num_layers):
@@ -176,8 +175,7 @@ class SparseState:
                 out.append(None)
                 continue
             spec = cfg.layer_patterns.get(layer, cfg.pattern)
-            pattern = self._resolve(spec, layout, block_size)
-            out.append(pattern)
+            out.append(self._resolve(spec, layout, block_size))
         for pattern in {p for p in out if p is not None}:
             try:
                 pattern.validate(layout)
@@ -186,11 +184,7 @@ class SparseState:
                     f"vidsparse: {pattern!r} cannot run on this {self.family.name} call "
                     f"(token grid {layout}): {exc}"
                 ) from None
-        result = tuple(out)
-        self._patterns[key] = result
-        while len(self._patterns) > 16:
-            self._patterns.popitem(last=False)
-        return result
+        return tuple(out)
 
     # -- steps ---------------------------------------------------------------------------
     def total_steps(self, context: Any) -> int | None:
