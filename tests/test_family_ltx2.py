@@ -379,6 +379,9 @@ def test_generate_serves_a_saved_tiny_pipeline_folder(tiny_pipe, tmp_path, monke
         generate(GenerateOptions(**{**opts, "frames": 10}))
     with pytest.raises(ValueError, match="width=100: must be a multiple of 32"):
         generate(GenerateOptions(**{**opts, "width": 100}))
+    tiny = resolve_model("tiny-ltx2")  # the embedded pipeline: this record's tiny_pipeline, valid default sizes
+    assert tiny.kind == "tiny" and tiny.pipeline_class == "LTX2Pipeline" and tiny.grid == FAMILY.geometry
+    assert tiny.grid.latent_grid(tiny.defaults["frames"], tiny.defaults["height"], tiny.defaults["width"])
     monkeypatch.setattr(gen_run, "load_pipeline", load)
     result = generate(GenerateOptions(**opts, pattern="tile", block_size=16, dense_first_steps=0))
     assert result.family == "ltx2" and result.grid == (2, 2, 3) and result.frames.shape == (9, 64, 96, 3)
