@@ -19,7 +19,8 @@ grid is read from them when the token midpoints form one full frame-major raster
 every batch row; else from the sizes when their grid holds exactly S tokens. Anything else
 runs dense with one warning naming why: the condition / IC-LoRA / DFR pipelines append
 keyframe or reference tokens to the video sequence (more tokens than the grid, coordinates
-that repeat or leave the raster).
+that repeat or leave the raster). Reading ``video_coords`` costs one ``unique`` per axis and a
+host sync per transformer forward (not per layer).
 
 Self-attention processor: mirrors diffusers 0.42 ``LTX2AudioVideoAttnProcessor`` and
 ``LTX2PerturbedAttnProcessor`` (``perturbed_attn=True`` models): q/k RMS norm across heads,
