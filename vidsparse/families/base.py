@@ -205,7 +205,8 @@ class Family:
     Attention: ``processor_names`` are the diffusers processors the family's ``processor``
     mirrors (any other processor is refused); ``processor(original, layer, state)`` builds the
     sparse processor; ``attention_paths`` lists the self-attention modules; ``grid`` and
-    ``text_len`` read a forward call's token grid and text span; ``text_position`` is where
+    ``text_len`` read a forward call's token grid (or ``None``, or a ``str`` saying why there is
+    none: that call runs dense with one warning quoting it) and text span; ``text_position`` is where
     joint-attention text sits ("none" | "before" | "after").
 
     Geometry: ``geometries`` (the first is the default; e.g. CogVideoX 1.0 and 1.5) and
@@ -231,7 +232,7 @@ class Family:
     processor_names: tuple[str, ...]
     processor: Callable[..., SparseProcessor]
     attention_paths: AttentionPaths
-    grid: Callable[[torch.nn.Module, dict[str, Any]], Grid | None]
+    grid: Callable[[torch.nn.Module, dict[str, Any]], Grid | str | None]
     text_len: Callable[[torch.nn.Module, dict[str, Any]], int]
     text_position: str
     geometries: tuple[VideoGeometry, ...]

@@ -144,11 +144,12 @@ class SparseState:
     def default_discover_layout(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> VideoLayout | None:
         """The family's rule: grid from the latent shape and patch size, text from the prompt."""
         grid = self.family.grid(transformer, kwargs)
-        if grid is None:
+        if grid is None or isinstance(grid, str):  # a str says why the tokens are no grid
+            why = f": {grid}" if isinstance(grid, str) else " (e.g. LTX-Video with conditioning tokens)"
             self.warn_once(
                 "grid",
-                f"vidsparse: could not read the token grid of this {type(transformer).__name__} call "
-                "(e.g. LTX-Video with conditioning tokens); it runs with dense attention.",
+                f"vidsparse: could not read the token grid of this {type(transformer).__name__} call{why}; "
+                "it runs with dense attention.",
             )
             return None
         text_len = self.family.text_len(transformer, kwargs)
