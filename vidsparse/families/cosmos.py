@@ -276,13 +276,38 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, version:
     return pipe
 
 
+def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", *, batch: int = 1, text_len: int = 8):
+    """Pipeline kwargs carrying hashed prompt embeddings (``encode_prompt_tiny``) for a tiny Cosmos
+    pipeline: ``prompt_embeds`` / ``negative_prompt_embeds`` [batch, text_len, text_embed_dim]."""
+    from vidsparse.models.tiny import encode_prompt_tiny
+
+    cfg = pipe.transformer.config
+    emb = dict(seq_len=text_len, dim=cfg.text_embed_dim, batch=batch, device=pipe._execution_device)
+    dtype = pipe.transformer.dtype
+    return dict(
+        prompt_embeds=encode_prompt_tiny(prompt, dtype=dtype, **emb),
+        negative_prompt_embeds=encode_prompt_tiny(negative_prompt, dtype=dtype, **emb),
+    )
+
+
+#: The Cosmos pipelines of diffusers 0.42 (``train-lora`` refuses each with ``LORA_REFUSAL``).
+PIPELINES = (
+    "Cosmos2VideoToWorldPipeline",
+    "Cosmos2_5_PredictBasePipeline",
+    "Cosmos2_5_TransferPipeline",
+    "Cosmos2TextToImagePipeline",
+    "CosmosTextToWorldPipeline",
+    "CosmosVideoToWorldPipeline",
+)
+
 # -- the record -------------------------------------------------------------------------------
 
 FAMILY = Family(
     name="cosmos",
     aliases=("cosmos2", "cosmos2.5", "cosmos-predict2", "cosmos-predict2.5"),
     transformer_classes=("CosmosTransformer3DModel",),
-    pipeline_prefixes=("Cosmos",),
+    # Not "Cosmos": Cosmos3Omni* pipelines hold another transformer (Cosmos3OmniTransformer).
+    pipeline_prefixes=("Cosmos2", "CosmosTextToWorld", "CosmosVideoToWorld"),
     processor_names=("CosmosAttnProcessor2_0",),
     processor=CosmosSparseProcessor,
     attention_paths=indexed_paths("transformer_blocks", "attn1"),
@@ -301,6 +326,7 @@ FAMILY = Family(
     },
     dense_first_steps=0.25,
     lora_refusal=LORA_REFUSAL,
+    lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
     parallel_refusal=PARALLEL_REFUSAL,
     tiny={"cosmos": TinyVariant("cosmos", tiny_transformer_kwargs, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,

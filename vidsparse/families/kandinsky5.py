@@ -324,6 +324,9 @@ def tiny_prompt_kwargs(
     return out
 
 
+#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` refuses each with ``LORA_REFUSAL``).
+PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
+
 # -- the record -------------------------------------------------------------------------------
 
 FAMILY = Family(
@@ -345,6 +348,7 @@ FAMILY = Family(
     },
     dense_first_steps=0.25,
     lora_refusal=LORA_REFUSAL,
+    lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
     parallel_refusal=PARALLEL_REFUSAL,
     tiny={
         "kandinsky5": TinyVariant("kandinsky5", tiny_transformer_kwargs, _tiny_inputs),
