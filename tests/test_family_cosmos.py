@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -79,6 +80,20 @@ def test_dense_patch_is_exact_and_layout_is_discovered(shared):
     vs.remove(model)
     assert all(originals[n] is m.processor for n, m in model.named_modules() if hasattr(m, "processor"))
     assert torch.equal(_run(model, inputs), ref)
+
+
+def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
+    """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
+    model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
+    model, inputs, ref = shared
+    vs.apply(model, _cfg(vs.Dense()))
+    state = get_state(model)
+
+    def sdpa(q, k, v, layout, pattern, **kw):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    state.attention_fn = sdpa
+    assert torch.equal(_run(model, inputs), ref) and state.calls["sparse"] == 2
 
 
 @pytest.mark.parametrize("name", sorted(n for n in vs.PATTERNS if n != "dense"))
