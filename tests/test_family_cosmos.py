@@ -82,6 +82,17 @@ def test_dense_patch_is_exact_and_layout_is_discovered(shared):
     assert torch.equal(_run(model, inputs), ref)
 
 
+def test_unrecognised_input_runs_dense_with_one_warning(shared):
+    """Latents that are not a 5-D video tensor give no grid: that call runs the model's own attention."""
+    model, _, _ = shared
+    vs.apply(model, _cfg("tile"))
+    state = get_state(model)
+    kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
+    with pytest.warns(UserWarning, match="could not read the token grid of this CosmosTransformer3DModel call"):
+        info = state.begin_call(model, kwargs, None)
+    assert info.layout is None and set(info.patterns) == {None}
+
+
 def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
     """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
     model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
@@ -204,6 +215,26 @@ def test_geometry_matches_the_pipeline_latents_and_sizes_are_validated():
     assert FAMILY.geometry_for({"extra_pos_embed_type": None}).name == "cosmos"
     assert FAMILY.geometry_for({"in_channels": 17}).name == "cosmos1"
     assert video_geometry("cosmos1").latent_grid(121, 704, 1280) == (16, 44, 80)
+
+
+@pytest.mark.parametrize(
+    "pipeline, config, message",
+    [
+        ("Cosmos2_5_PredictBasePipeline", {"extra_pos_embed_type": None}, "compresses time 4x"),
+        ("Cosmos2VideoToWorldPipeline", {"extra_pos_embed_type": None}, "compresses time 4x"),
+        ("CosmosTextToWorldPipeline", {}, "compresses time 8x"),  # Cosmos 1.0: learnable position embedding
+    ],
+)
+def test_generate_validates_sizes_of_a_local_pipeline_folder(pipeline, config, message, tmp_path, capsys):
+    """`vidsparse generate --model <folder>` reads the family and its VAE factors from the folder's
+    configs and refuses a size they cannot take, before loading anything."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"patch_size": [1, 2, 2], **config}))
+    argv = ["generate", "--model", str(tmp_path), "--frames", "10", "--height", "712", "--width", "1280"]
+    assert main(argv + ["--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "height=712: must be a multiple of 16" in err and "Traceback" not in err
 
 
 def test_inspect_knows_the_family(tmp_path, capsys):

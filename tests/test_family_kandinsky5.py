@@ -9,6 +9,7 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_kandinsky import fractal_flatten, fractal_unflatten
 
 import vidsparse as vs
@@ -90,6 +91,17 @@ def test_dense_patch_is_exact_and_layout_is_discovered(shared):
     vs.remove(model)
     assert all(originals[n] is m.processor for n, m in model.named_modules() if hasattr(m, "processor"))
     assert torch.equal(_run(model, inputs), ref)
+
+
+def test_unrecognised_input_runs_dense_with_one_warning(shared):
+    """Latents that are not a 5-D video tensor give no grid: that call runs the model's own attention."""
+    model, _, _ = shared
+    vs.apply(model, _cfg("tile"))
+    state = get_state(model)
+    kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
+    with pytest.warns(UserWarning, match="could not read the token grid of this Kandinsky5Transformer3DModel call"):
+        info = state.begin_call(model, kwargs, None)
+    assert info.layout is None and set(info.patterns) == {None}
 
 
 def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
@@ -200,7 +212,8 @@ def test_nabla_calls_run_the_pattern_in_raster_order_and_dense_layers_keep_nabla
     # The model's NABLA is a FlexAttention BlockMask without a mask_mod: eager FlexAttention on CPU
     # computes it as full attention (only compiled kernels skip the blocks), so ``nabla`` is close to
     # ``full`` here; what matters below is that dense layers run exactly the model's own call.
-    model.set_attention_backend("flex")
+    for _, attn, _ in FAMILY.attention_paths(model):  # per processor: set_attention_backend is global
+        attn.processor._attention_backend = AttentionBackendName.FLEX
     nabla = _run(model, inputs)
     vs.apply(model, _cfg(vs.Dense()))
     torch.testing.assert_close(_run(model, inputs), full, atol=1e-4, rtol=1e-5)
@@ -224,8 +237,14 @@ def test_torch_compile_of_the_patched_transformer():
     vs.clear_plan_cache()
     compiled = torch.compile(model, backend="eager")
     vs.apply(compiled, _cfg(TILE))
+    state = get_state(model)
+    prebuilt = []
+    prebuild = state.prebuild_plans
+    state.prebuild_plans = lambda heads, device: prebuilt.append(heads) or prebuild(heads, device)
     torch.testing.assert_close(_run(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
-    assert get_state(model).calls["sparse"] == 1
+    # The config has no num_attention_heads: the hook reads the heads off the attention module
+    # and builds the plans outside the compiled graph.
+    assert state.calls["sparse"] == 1 and prebuilt == [2]
 
 
 def _call(pipe, **kw):
@@ -255,6 +274,19 @@ def test_geometry_matches_the_pipeline_latents_and_sizes_are_validated():
         geo.latent_grid(10, 32, 64)
     with pytest.raises(ValueError, match="width=72: must be a multiple of 16"):
         geo.check_video(9, 32, 72)
+
+
+def test_generate_validates_sizes_of_a_local_pipeline_folder(tmp_path, capsys):
+    """`vidsparse generate --model <folder>` reads the family and its VAE factors from the folder's
+    configs and refuses a size they cannot take, before loading anything."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Kandinsky5T2VPipeline"}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"patch_size": [1, 2, 2]}))
+    argv = ["generate", "--model", str(tmp_path), "--frames", "122", "--height", "512", "--width", "760"]
+    assert main(argv + ["--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "kandinsky5 VAE compresses time 4x" in err and "nearest valid: 121 or 125" in err
+    assert "width=760: must be a multiple of 16" in err and "Traceback" not in err
 
 
 def test_inspect_knows_the_family(tmp_path, capsys):
