@@ -316,3 +316,17 @@ def test_video2world_pipeline_end_to_end(version):
     assert bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
     vs.remove(pipe)
     assert torch.equal(_call(pipe, **video), ref)
+
+
+def test_generate_runs_the_tiny_cosmos_pipeline():
+    """`vidsparse generate --model tiny-cosmos`: the record's tiny pipeline, prompts hashed by its
+    tiny_prompt_kwargs (different prompts give different videos), a sparse pattern applied."""
+    from vidsparse.generation import GenerateOptions, generate
+
+    opts = dict(model="tiny-cosmos", frames=5, height=32, width=64, steps=2, pattern="tile", progress=False)
+    result = generate(GenerateOptions(**opts, dense_first_steps=0, backend="torch"))
+    assert result.frames.shape == (5, 32, 64, 3) and result.frames.dtype.name == "uint8"
+    other = generate(GenerateOptions(**opts, prompt="a green cube", dense_first_steps=0, backend="torch"))
+    assert not (other.frames == result.frames).all()
+    pipe = FAMILY.tiny_pipeline()
+    assert "prompt_embeds" in tiny_prompt_kwargs(pipe, "a cat", "blurry")

@@ -347,3 +347,17 @@ def test_t2v_pipeline_end_to_end():
     nabla = FAMILY.tiny_pipeline(nabla=True)
     vs.apply(nabla, vs.SparseConfig(TILE, backend="torch", dense_first_steps=0))
     torch.testing.assert_close(_call(nabla, height=128, width=128), out, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_runs_the_tiny_kandinsky5_pipeline():
+    """`vidsparse generate --model tiny-kandinsky5`: the record's tiny pipeline, prompts hashed by its
+    tiny_prompt_kwargs (different prompts give different videos), a sparse pattern applied."""
+    from vidsparse.generation import GenerateOptions, generate
+
+    opts = dict(model="tiny-kandinsky5", frames=5, height=32, width=64, steps=2, pattern="tile", progress=False)
+    result = generate(GenerateOptions(**opts, dense_first_steps=0, backend="torch"))
+    assert result.frames.shape == (5, 32, 64, 3) and result.frames.dtype.name == "uint8"
+    other = generate(GenerateOptions(**opts, prompt="a green cube", dense_first_steps=0, backend="torch"))
+    assert not (other.frames == result.frames).all()
+    pipe = FAMILY.tiny_pipeline()
+    assert "prompt_embeds_qwen" in tiny_prompt_kwargs(pipe, "a cat", "blurry")

@@ -330,4 +330,5 @@ FAMILY = Family(
     parallel_refusal=PARALLEL_REFUSAL,
     tiny={"cosmos": TinyVariant("cosmos", tiny_transformer_kwargs, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
 )

@@ -355,4 +355,5 @@ FAMILY = Family(
         "kandinsky5-nabla": TinyVariant("kandinsky5-nabla", _tiny_nabla_config, _tiny_inputs),
     },
     tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
 )
