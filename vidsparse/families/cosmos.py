@@ -23,10 +23,9 @@ channel, not an attention mask.
 
 Defaults, fitted to the 24x44x80 grid:
 
-- GNA: the roughly 50 %-sparse layer setting of Cosmos-Predict2's own NATTEN integration
-  (``nvidia-cosmos/cosmos-predict2``): window (full time, 20, 40), stride (1, 4, 8) at its 720p base
-  grid 44x80, and, as there, window and stride scaled to the call's grid (rounded; window >= 2 and
-  >= stride).
+- GNA: a layer setting of Cosmos-Predict2's own NATTEN integration (``nvidia-cosmos/cosmos-predict2``):
+  window (full time, 20, 40), stride (1, 4, 8) at its 720p base grid 44x80 (23 % of the pairs), and,
+  as there, window and stride scaled to the call's grid (rounded; window >= 2 and >= stride).
 - Tile: tiles (2, 4, 16) = 128 tokens (one kernel block) divide 24x44x80 exactly (STA's (2, 8, 8)
   would pad 44 rows to 48); window (5, 5, 3) tiles = 10 frames x 20 rows x 48 columns, 11 % of the
   pairs, in STA's 10-20 % range.
@@ -130,7 +129,7 @@ def _geometry_variant(transformer_config: Mapping[str, Any]) -> str:
 
 # -- pattern defaults -------------------------------------------------------------------------
 
-#: Cosmos-Predict2's NATTEN base grid (720p rows, columns) and its ~50 %-sparse window / stride.
+#: Cosmos-Predict2's NATTEN base grid (720p rows, columns) and one of its layer windows / strides.
 _NATTEN_BASE = (44, 80)
 _NATTEN_WINDOW = (20, 40)
 _NATTEN_STRIDE = (4, 8)

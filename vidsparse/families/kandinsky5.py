@@ -20,8 +20,9 @@ projections, per-head RMS norm in float32, Kandinsky's rotation-matrix RoPE (rou
 as the model does), then ``out_layer``. Calls with an encoder context run the original.
 
 Defaults, fitted to the 31x32x48 grid and to the model's own STA: GNA kernel (11, 24, 24) with
-stride (1, 8, 8) *is* NABLA's STA window (11 frames x 3x3 tiles of 8x8; STA is GNA with stride =
-tile); Tile (2, 8, 8) tiles (one 128-token block) with a (5, 3, 3) window, the same reach;
+stride (1, 8, 8) *is* NABLA's STA window at the NABLA checkpoints' ``attention_wT/wH/wW`` of
+11, 3, 3 (11 frames x 3x3 tiles of 8x8; STA is GNA with stride = tile), 13 % of the pairs;
+Tile (2, 8, 8) tiles (one 128-token block) with a (5, 3, 3) window, the same reach (12 %);
 Radial the paper's base setting (decay 1.0, no sink).
 
 LoRA training and ``--parallel`` refuse (see ``LORA_REFUSAL`` / ``PARALLEL_REFUSAL``).
