@@ -226,6 +226,8 @@ def sparse_params_for(transformer: torch.nn.Module, latents: torch.Tensor) -> di
 
 
 def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    """Forward kwargs as the T2V pipeline passes them; a NABLA model gets ``sparse_params`` when its
+    token grid is in whole 8x8 tiles (NABLA's tiling needs that), else it is called as a regular one."""
     cfg = r.transformer.config
     latents = r.randn(r.batch, r.frames, r.height, r.width, cfg.in_visual_dim)
     _, ph, pw = cfg.patch_size
@@ -242,8 +244,13 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
         ],
         text_rope_pos=torch.arange(r.text_len, device=device),
         scale_factor=(1.0, 2.0, 2.0),
-        sparse_params=sparse_params_for(r.transformer, latents),
+        sparse_params=sparse_params_for(r.transformer, latents) if _tileable(cfg, r.height, r.width) else None,
     )
+
+
+def _tileable(cfg, height: int, width: int) -> bool:
+    """Latent height / width whose token grid is in whole ``FRACTAL_TILE`` x ``FRACTAL_TILE`` tiles."""
+    return (height // cfg.patch_size[1]) % FRACTAL_TILE == 0 and (width // cfg.patch_size[2]) % FRACTAL_TILE == 0
 
 
 def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.5) -> torch.nn.Module:
