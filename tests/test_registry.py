@@ -32,7 +32,9 @@ def test_every_family_record_is_complete():
         for geo in fam.geometries:
             frames, height, width = geo.default_video
             assert all(n > 0 for n in geo.latent_grid(frames, height, width))
-    assert set(geometries()) == {"wan", "hunyuan", "cogvideox", "cogvideox1.5", "ltx", "mochi"}
+    assert set(geometries()) == {
+        "wan", "hunyuan", "cogvideox", "cogvideox1.5", "ltx", "mochi", "cosmos", "cosmos1", "kandinsky5"
+    }  # fmt: skip
 
 
 def test_lookups_normalise_names_and_pick_the_longest_prefix():

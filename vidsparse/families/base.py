@@ -223,7 +223,9 @@ class Family:
     Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why).
 
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
-    (a whole random-init pipeline, or ``None``).
+    (a whole random-init pipeline, or ``None``); ``tiny_prompt_kwargs(pipe, prompt, negative_prompt)``
+    gives the call kwargs carrying hashed prompt embeddings for a tiny pipeline whose call does not
+    take Wan's ``prompt_embeds`` / ``negative_prompt_embeds`` of ``config.text_dim`` (``None``: it does).
     """
 
     name: str
@@ -247,6 +249,7 @@ class Family:
     parallel_refusal: str = "not supported yet"
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
+    tiny_prompt_kwargs: Callable[..., dict[str, Any]] | None = None
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

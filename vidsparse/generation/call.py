@@ -90,7 +90,11 @@ def call_kwargs(
         output_type=output_type,
         callback_on_step_end=callback,
     )
-    if getattr(pipe, "text_encoder", "absent") is None and plan.info.model_family.name == "wan":
+    family = plan.info.model_family
+    if family.tiny_prompt_kwargs is not None and getattr(pipe, "text_encoder", "absent") is None:
+        # A tiny pipeline of this family (no text encoder): its record hashes the prompt.
+        kwargs.update(family.tiny_prompt_kwargs(pipe, options.prompt, options.negative_prompt))
+    elif getattr(pipe, "text_encoder", "absent") is None and family.name == "wan":
         # The tiny Wan pipeline (also once saved to a folder) has no text encoder: hash the prompt.
         from vidsparse.models.tiny import encode_prompt_tiny
 

@@ -195,7 +195,7 @@ def tiny_inputs(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    text_dim = cfg.get("text_dim") or cfg.get("text_embed_dim") or cfg.get("caption_channels")
+    text_dim = cfg.get("text_dim") or cfg.get("text_embed_dim") or cfg.get("caption_channels") or cfg.get("in_text_dim")
     mask = torch.ones(batch, text_len, dtype=torch.bool)
     if pad_text:
         for b in range(1, batch):

@@ -330,7 +330,9 @@ class VidsparseHook(ModelHook):
         except TypeError:
             bound = dict(kwargs)
         self.state.begin_call(module, bound, self.context_manager._context)
-        heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        heads = getattr(getattr(module, "config", None), "num_attention_heads", None) or _attention_heads(
+            module, self.state
+        )
         hs = bound.get("hidden_states")
         if compiling and heads and isinstance(hs, torch.Tensor):
             self.state.prebuild_plans(int(heads), hs.device)
@@ -351,6 +353,16 @@ class VidsparseHook(ModelHook):
         self.state.tracker.reset()
         self.state.current = None
         return module
+
+
+def _attention_heads(transformer: torch.nn.Module, state: SparseState) -> int | None:
+    """Heads of the patched self-attention, for transformers whose config has no
+    ``num_attention_heads`` (Kandinsky 5: ``model_dim / head_dim``): diffusers ``Attention.heads``
+    or Kandinsky's ``num_heads``."""
+    for path in state.original_processors:
+        attn = transformer.get_submodule(path)
+        return getattr(attn, "heads", None) or getattr(attn, "num_heads", None)
+    return None
 
 
 def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:

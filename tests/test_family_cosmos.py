@@ -1,0 +1,332 @@
+"""The Cosmos family record (vidsparse/families/cosmos.py) against the diffusers model it describes:
+CosmosTransformer3DModel at a tiny size, and the real Predict2 / Predict2.5 video2world pipelines."""
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vidsparse as vs
+from vidsparse.cli import main
+from vidsparse.families import family_of, family_of_pipeline, get_family, video_geometry
+from vidsparse.families.cosmos import FAMILY, CosmosSparseProcessor, tiny_prompt_kwargs
+from vidsparse.models import tiny_inputs, tiny_transformer
+from vidsparse.pipelines import get_state
+
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
+
+# Options making each registered pattern sparse on a 4x4x4 token grid.
+SPARSE_OPTIONS = {
+    "radial": dict(block_size=16, decay_factor=0.2),
+    "tile": dict(tile=(1, 2, 2), window=(1, 1, 1)),
+    "attention-tile": dict(global_frames=1),
+    "gna": dict(kernel_size=(3, 3, 3)),
+    "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
+    "dual-scope": dict(local_frames=0, global_stride=0),
+}
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _cfg(pattern, **kw):
+    kw.setdefault("backend", "torch")
+    kw.setdefault("dense_first_steps", 0)
+    kw.setdefault("dense_layers", ())
+    return vs.SparseConfig(pattern, **kw)
+
+
+_SHARED: dict = {}
+
+
+@pytest.fixture
+def shared():
+    """(model, inputs, unpatched output) on a 4x4x4 token grid, built once; unpatched after each test."""
+    if not _SHARED:
+        model = tiny_transformer("cosmos")
+        inputs = tiny_inputs("cosmos", model, 4, 8, 8, batch=2)
+        _SHARED.update(model=model, inputs=inputs, ref=_run(model, inputs))
+    yield _SHARED["model"], _SHARED["inputs"], _SHARED["ref"]
+    vs.remove(_SHARED["model"])
+
+
+def test_registry_finds_cosmos_by_name_transformer_and_pipeline():
+    assert get_family("cosmos") is FAMILY and get_family("Cosmos-Predict2.5") is FAMILY
+    assert family_of(tiny_transformer("cosmos")) is FAMILY
+    for name in ("Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline", "CosmosVideoToWorldPipeline"):
+        assert family_of_pipeline(name) is FAMILY
+    assert family_of_pipeline("Cosmos3OmniPipeline") is None  # another transformer class
+
+
+def test_dense_patch_is_exact_and_layout_is_discovered(shared):
+    model, inputs, ref = shared
+    originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    vs.apply(model, _cfg(vs.Dense()))
+    patched = [m.processor for _, m, _ in FAMILY.attention_paths(model)]
+    assert len(patched) == 2 and all(isinstance(p, CosmosSparseProcessor) for p in patched)
+    assert all(
+        m.attn2.processor is originals[f"transformer_blocks.{i}.attn2"] for i, m in enumerate(model.transformer_blocks)
+    )  # cross-attention stays the model's
+    out = _run(model, inputs)
+    state = get_state(model)
+    assert state.calls["sparse"] == 2 and state.calls["dense"] == 0
+    assert state.current.layout == vs.VideoLayout(4, 4, 4)  # video only: text is cross-attention
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    vs.remove(model)
+    assert all(originals[n] is m.processor for n, m in model.named_modules() if hasattr(m, "processor"))
+    assert torch.equal(_run(model, inputs), ref)
+
+
+def test_unrecognised_input_runs_dense_with_one_warning(shared):
+    """Latents that are not a 5-D video tensor give no grid: that call runs the model's own attention."""
+    model, _, _ = shared
+    vs.apply(model, _cfg("tile"))
+    state = get_state(model)
+    kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
+    with pytest.warns(UserWarning, match="could not read the token grid of this CosmosTransformer3DModel call"):
+        info = state.begin_call(model, kwargs, None)
+    assert info.layout is None and set(info.patterns) == {None}
+
+
+def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
+    """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
+    model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
+    model, inputs, ref = shared
+    vs.apply(model, _cfg(vs.Dense()))
+    state = get_state(model)
+
+    def sdpa(q, k, v, layout, pattern, **kw):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    state.attention_fn = sdpa
+    assert torch.equal(_run(model, inputs), ref) and state.calls["sparse"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(n for n in vs.PATTERNS if n != "dense"))
+def test_sparse_patterns_differ_from_dense(name, shared):
+    model, inputs, ref = shared
+    pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
+    if not pattern.dynamic:
+        assert not bool(vs.token_mask(pattern, vs.VideoLayout(4, 4, 4)).all()), f"{name} options are dense"
+    vs.apply(model, _cfg(pattern))
+    out = _run(model, inputs)
+    assert get_state(model).calls["sparse"] == 2
+    assert bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(vs.PATTERNS))
+def test_every_pattern_runs_with_family_defaults_on_a_ragged_grid(name):
+    """Pattern names get the family defaults fitted to the call's grid: a 3x5x7 grid runs finite."""
+    model = _SHARED.get("ragged") or _SHARED.setdefault("ragged", tiny_transformer("cosmos", num_layers=1))
+    inputs = tiny_inputs("cosmos", model, 3, 10, 14)
+    vs.apply(model, _cfg(name, block_size=16))
+    try:
+        out = _run(model, inputs)
+        state = get_state(model)
+        assert state.current.layout == vs.VideoLayout(3, 5, 7)
+        assert state.calls["sparse"] == 1 and bool(torch.isfinite(out).all())
+    finally:
+        vs.remove(model)
+
+
+@dataclass(frozen=True)
+class _SameFrame(vs.Pattern):
+    name: ClassVar[str] = "test-cosmos-same-frame"
+
+    def video_mask(self, layout, qi, ki, layer=0):
+        return qi // layout.tokens_per_frame == ki // layout.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class _SamePixel(vs.Pattern):
+    name: ClassVar[str] = "test-cosmos-same-pixel"
+
+    def video_mask(self, layout, qi, ki, layer=0):
+        return qi % layout.tokens_per_frame == ki % layout.tokens_per_frame
+
+
+def _token_grid(out):
+    """[B, C, F, H, W] -> [B, F, H/2, W/2, C*4] on the token grid (patch pixels folded into C)."""
+    b, c, f, h, w = out.shape
+    return out.reshape(b, c, f, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, f, h // 2, w // 2, -1)
+
+
+def test_local_patterns_keep_tokens_local():
+    """One self-attention layer under a same-frame (same-pixel) pattern: changing one latent frame
+    (pixel) changes only that frame's (pixel's) output, so the grid's order and axes are right
+    (the per-frame timesteps and the condition-mask channel are per token too)."""
+    model = tiny_transformer("cosmos", num_layers=1)
+    inputs = tiny_inputs("cosmos", model, 4, 8, 8)
+    vs.apply(model, _cfg(_SameFrame()))
+    moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    moved["hidden_states"][:, :, 2] += 1.0
+    changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 2, 3, 4))
+    assert (changed > 1e-6).tolist() == [False, False, True, False]
+    vs.apply(model, _cfg(_SamePixel()))
+    moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    moved["hidden_states"][:, :, :, 2:4, 6:8] += 1.0  # token (1, 3)
+    changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 1, 4)) > 1e-6
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1, 3] = True
+    assert torch.equal(changed, expected)
+
+
+def test_torch_compile_of_the_patched_transformer():
+    model = tiny_transformer("cosmos", num_layers=1)
+    inputs = tiny_inputs("cosmos", model, 3, 8, 8)
+    tile = vs.Tile(tile=(1, 2, 2), window=(1, 1, 1))
+    vs.apply(model, _cfg(tile))
+    eager = _run(model, inputs)
+    vs.remove(model)
+    vs.clear_plan_cache()
+    compiled = torch.compile(model, backend="eager")
+    vs.apply(compiled, _cfg(tile))
+    torch.testing.assert_close(_run(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
+    assert get_state(model).calls["sparse"] == 1
+
+
+def test_geometry_matches_the_pipeline_latents_and_sizes_are_validated():
+    pipe = FAMILY.tiny_pipeline()
+    geo = video_geometry("cosmos")
+    assert geo is FAMILY.geometry and geo.default_video == (93, 704, 1280) and geo.fps == 16
+    assert geo.latent_grid(93, 704, 1280) == (24, 44, 80)
+    frames, height, width = 9, 32, 64
+    latents = pipe(
+        **tiny_prompt_kwargs(pipe, "a cat"),
+        num_frames=frames,
+        height=height,
+        width=width,
+        num_inference_steps=1,
+        output_type="latent",
+    ).frames
+    _, _, f, h, w = latents.shape
+    assert tuple(pipe.transformer.config.patch_size) == geo.patch
+    assert geo.latent_grid(frames, height, width) == (f, h // 2, w // 2) == (3, 2, 4)
+    with pytest.raises(ValueError, match="frames must be 1 \\+ a multiple of 4; nearest valid: 9 or 13"):
+        geo.latent_grid(10, 32, 64)
+    with pytest.raises(ValueError, match="height=40: must be a multiple of 16"):
+        geo.check_video(9, 40, 64)
+    # Cosmos 1.0 (learnable position embedding, diffusers' default) has the 8x8x8 Cosmos tokenizer.
+    assert FAMILY.geometry_for({"extra_pos_embed_type": None}).name == "cosmos"
+    assert FAMILY.geometry_for({"in_channels": 17}).name == "cosmos1"
+    assert video_geometry("cosmos1").latent_grid(121, 704, 1280) == (16, 44, 80)
+
+
+@pytest.mark.parametrize(
+    "pipeline, config, message",
+    [
+        ("Cosmos2_5_PredictBasePipeline", {"extra_pos_embed_type": None}, "compresses time 4x"),
+        ("Cosmos2VideoToWorldPipeline", {"extra_pos_embed_type": None}, "compresses time 4x"),
+        ("CosmosTextToWorldPipeline", {}, "compresses time 8x"),  # Cosmos 1.0: learnable position embedding
+    ],
+)
+def test_generate_validates_sizes_of_a_local_pipeline_folder(pipeline, config, message, tmp_path, capsys):
+    """`vidsparse generate --model <folder>` reads the family and its VAE factors from the folder's
+    configs and refuses a size they cannot take, before loading anything."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"patch_size": [1, 2, 2], **config}))
+    argv = ["generate", "--model", str(tmp_path), "--frames", "10", "--height", "712", "--width", "1280"]
+    assert main(argv + ["--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "height=712: must be a multiple of 16" in err and "Traceback" not in err
+
+
+def test_inspect_knows_the_family(tmp_path, capsys):
+    js = tmp_path / "g.json"
+    argv = ["inspect", "--pattern", "gna", "--video", "93x704x1280", "--family", "cosmos"]
+    assert main(argv + ["--no-plot", "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert report["grid"] == [24, 44, 80]
+    assert "cosmos" in capsys.readouterr().out
+
+
+def test_pattern_defaults_are_fitted_to_the_grid():
+    big = vs.VideoLayout(24, 44, 80)  # Predict2 / 2.5 at 93x704x1280
+    assert FAMILY.pattern_options("gna", big, None) == dict(kernel_size=(-1, 20, 40), stride=(1, 4, 8))
+    assert FAMILY.pattern_options("tile", big, None) == dict(tile=(2, 4, 16), window=(5, 5, 3))
+    assert FAMILY.pattern_options("radial", big, None) == dict(decay_factor=1.0, sink=False, block_size=128)
+    # As Cosmos-Predict2 scales its NATTEN windows from the 44x80 base grid (480p: 24x30x52).
+    assert FAMILY.pattern_options("gna", vs.VideoLayout(24, 30, 52), None) == dict(
+        kernel_size=(-1, 14, 26), stride=(1, 3, 5)
+    )
+    small = vs.VideoLayout(3, 5, 7)
+    assert FAMILY.pattern_options("gna", small, None) == dict(kernel_size=(-1, 2, 4), stride=(1, 1, 1))
+    assert FAMILY.pattern_options("tile", small, None) == dict(tile=(2, 4, 7), window=(5, 5, 3))
+    assert FAMILY.default_schedule("gna") == (0.25, ()) and FAMILY.default_schedule("dense") == (0, ())
+
+
+def test_lora_and_parallel_refuse_with_the_reason():
+    from vidsparse.lora.models import adapter_for
+    from vidsparse.parallel.model import parallelize
+
+    with pytest.raises(ValueError, match="train-lora does not train cosmos: Cosmos trains with its own objectives"):
+        FAMILY.lora_adapter_class()
+    pipe = FAMILY.tiny_pipeline(version="2")
+    with pytest.raises(ValueError, match="does not train Cosmos2VideoToWorldPipeline: Cosmos trains"):
+        adapter_for(pipe, "tiny-cosmos")
+    with pytest.raises(ValueError, match="not supported yet \\(CosmosTransformer3DModel has no context-parallel"):
+        parallelize(pipe, "radial", mode="clip", runtime=None)
+
+
+def _call(pipe, **kw):
+    kw.setdefault("num_frames", 9)
+    return pipe(
+        **tiny_prompt_kwargs(pipe, "a robot arm"),
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **kw,
+    ).frames
+
+
+@pytest.mark.parametrize("version", ["2.5", "2"])
+def test_video2world_pipeline_end_to_end(version):
+    """The real diffusers pipeline, 2 steps with CFG, conditioned on the first latent frame of a video:
+    Dense() equals the pipeline's own output, a sparse pattern runs every self-attention call and
+    differs, and remove restores the exact output."""
+    pipe = FAMILY.tiny_pipeline(version=version)
+    gen = torch.Generator().manual_seed(1)
+    if version == "2.5":  # [B, 3, T, H, W] in [-1, 1]; 1 conditioning latent frame
+        video = dict(video=torch.rand(1, 3, 9, 64, 64, generator=gen) * 2 - 1, num_latent_conditional_frames=1)
+    else:  # [B, T, 3, H, W] in [0, 1], 5 frames -> 2 conditioning latent frames
+        video = dict(video=torch.rand(1, 5, 3, 64, 64, generator=gen))
+    ref = _call(pipe, **video)
+    assert ref.shape == (1, 4, 3, 8, 8)
+    vs.apply(pipe, vs.SparseConfig(vs.Dense(), backend="torch"))
+    torch.testing.assert_close(_call(pipe, **video), ref, atol=1e-4, rtol=1e-4)
+    vs.apply(pipe, vs.SparseConfig(vs.Tile(tile=(1, 2, 2), window=(1, 1, 1)), backend="torch", dense_first_steps=0))
+    log = []
+    state = get_state(pipe.transformer)
+    inner = state.attention_fn
+    state.attention_fn = lambda q, k, v, layout, p, **kw: (
+        log.append((state.current.step, layout)) or inner(q, k, v, layout, p, **kw)
+    )
+    out = _call(pipe, **video)
+    assert [s for s, _ in log] == [0] * 4 + [1] * 4  # 2 layers x (cond, uncond) per step
+    assert {layout for _, layout in log} == {vs.VideoLayout(3, 4, 4)}
+    assert bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
+    vs.remove(pipe)
+    assert torch.equal(_call(pipe, **video), ref)
+
+
+def test_generate_runs_the_tiny_cosmos_pipeline():
+    """`vidsparse generate --model tiny-cosmos`: the record's tiny pipeline, prompts hashed by its
+    tiny_prompt_kwargs (different prompts give different videos), a sparse pattern applied."""
+    from vidsparse.generation import GenerateOptions, generate
+
+    opts = dict(model="tiny-cosmos", frames=5, height=32, width=64, steps=2, pattern="tile", progress=False)
+    result = generate(GenerateOptions(**opts, dense_first_steps=0, backend="torch"))
+    assert result.frames.shape == (5, 32, 64, 3) and result.frames.dtype.name == "uint8"
+    other = generate(GenerateOptions(**opts, prompt="a green cube", dense_first_steps=0, backend="torch"))
+    assert not (other.frames == result.frames).all()
+    pipe = FAMILY.tiny_pipeline()
+    assert "prompt_embeds" in tiny_prompt_kwargs(pipe, "a cat", "blurry")
