@@ -211,6 +211,9 @@ class Family:
 
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
     (a whole random-init pipeline, or ``None``).
+
+    Refused: ``unsupported`` (non-empty) records a transformer vidsparse recognises but cannot
+    patch, and why; ``vidsparse.apply`` raises it, the supported-families text leaves it out.
     """
 
     name: str
@@ -235,6 +238,7 @@ class Family:
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
     aliases: tuple[str, ...] = ()
+    unsupported: str = ""
 
     def __post_init__(self) -> None:
         if self.text_position not in ("none", "before", "after"):
