@@ -17,15 +17,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from vidsparse.families.base import (
-    Family,
-    Shard,
-    ShardPlan,
-    TinyRequest,
-    TinyVariant,
-    VideoGeometry,
-    normalize_name,
-)
+from vidsparse.families.base import Family, VideoGeometry, normalize_name
 
 _REGISTRY: dict[str, Family] = {}
 _BUILTIN = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
@@ -145,10 +137,6 @@ _load_builtin()
 
 __all__ = [
     "Family",
-    "Shard",
-    "ShardPlan",
-    "TinyRequest",
-    "TinyVariant",
     "VideoGeometry",
     "families",
     "family_names",
