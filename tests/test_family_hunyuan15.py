@@ -270,6 +270,32 @@ def test_sizes_validate_with_the_16x_4x_vae():
     assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (geo.temporal, geo.spatial)
 
 
+def test_generate_validates_a_saved_pipeline_with_its_vae_factors(tmp_path):
+    from vidsparse.generation.options import GenerateOptions, prepare
+
+    h15.tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    base = dict(model=str(tmp_path / "pipe"), frames=9, height=48, width=64, steps=2, pattern="tile")
+    plan = prepare(GenerateOptions(**base))
+    assert plan.info.grid == FAMILY.geometry and plan.grid == (3, 3, 4) and plan.fps == 24
+    with pytest.raises(ValueError, match=r"frames=10: the hunyuan15 VAE compresses time 4x .* nearest valid: 9 or 13"):
+        prepare(GenerateOptions(**{**base, "frames": 10}))
+    with pytest.raises(
+        ValueError, match=r"height=50: must be a multiple of 16 \(16x VAE x 1 patch\); nearest valid: 48"
+    ):
+        prepare(GenerateOptions(**{**base, "height": 50}))
+
+
+def test_inspect_knows_the_family(tmp_path, capsys):
+    from vidsparse.cli import main
+
+    argv = ["inspect", "--pattern", "tile", "--video", "121x720x1280", "--family", "hunyuan15-720p"]
+    assert main([*argv, "--out", str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out
+    assert "31x45x80, text 1985 after" in out and "hunyuan15-720p factors (VAE 4x time, 16x space" in out
+    assert main(["inspect", "--pattern", "tile", "--video", "121x480x850", "--family", "hunyuan15"]) == 2
+    assert "width=850: must be a multiple of 16" in capsys.readouterr().err
+
+
 # -- pipelines end to end ---------------------------------------------------------------------
 def _spy_steps(pipe):
     state = get_state(pipe.transformer)
