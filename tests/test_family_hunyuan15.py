@@ -128,6 +128,16 @@ def test_dense_equals_unpatched_condition_rows_included_and_remove_is_exact(vari
     assert torch.equal(_run(model, inputs), ref)
 
 
+def test_bf16_dense_matches_unpatched():
+    model = _model(dtype=torch.bfloat16)
+    inputs = _inputs(model)
+    ref = _run(model, inputs)
+    vs.apply(model, _config("dense"))
+    out = _run(model, inputs)
+    assert out.dtype == torch.bfloat16 and get_state(model).calls["sparse"] == 2
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("variant", ["hunyuan15", "hunyuan15-i2v"])
 def test_layout_and_condition_validity_discovered_per_call(variant):
     model = _model(variant)
@@ -350,7 +360,7 @@ def test_image_to_video_pipeline_end_to_end():
 
 
 # -- HunyuanVideo Framepack -------------------------------------------------------------------
-def test_framepack_is_refused_at_apply_naming_what_is_missing():
+def test_framepack_is_refused_at_apply_naming_what_is_missing(tmp_path):
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     model = HunyuanVideoFramepackTransformer3DModel(
@@ -372,3 +382,16 @@ def test_framepack_is_refused_at_apply_naming_what_is_missing():
     with pytest.raises(ValueError, match="HunyuanVideoFramepackTransformer3DModel.*history.*one VideoLayout"):
         vs.apply(model, "tile")
     assert not hasattr(model, "_diffusers_hook") or model._diffusers_hook.get_hook("vidsparse") is None
+    assert family_of(model).name == "hunyuan-framepack"
+    # Not listed as supported; generate refuses from the pipeline class, before loading weights.
+    with pytest.raises(ValueError, match="Supported transformers: ") as info:
+        family_of(torch.nn.Linear(1, 1))
+    assert "hunyuan15 (HunyuanVideo15Transformer3DModel)" in str(info.value)
+    assert "Framepack" not in str(info.value)
+    from vidsparse.generation.model import resolve_model
+
+    folder = tmp_path / "framepack"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "HunyuanVideoFramepackPipeline"}')
+    with pytest.raises(ValueError, match="generate cannot run a HunyuanVideoFramepackPipeline: its self-attention"):
+        resolve_model(str(folder))
