@@ -298,10 +298,10 @@ def test_generate_validates_a_saved_pipeline_with_its_vae_factors(tmp_path):
 def test_inspect_knows_the_family(tmp_path, capsys):
     from vidsparse.cli import main
 
-    argv = ["inspect", "--pattern", "tile", "--video", "121x720x1280", "--family", "hunyuan15-720p"]
+    argv = ["inspect", "--pattern", "tile", "--video", "17x160x256", "--family", "hunyuan15-720p"]
     assert main([*argv, "--out", str(tmp_path / "t.png")]) == 0
     out = capsys.readouterr().out
-    assert "31x45x80, text 1985 after" in out and "hunyuan15-720p factors (VAE 4x time, 16x space" in out
+    assert "5x10x16, text 1985 after" in out and "hunyuan15-720p factors (VAE 4x time, 16x space" in out
     assert main(["inspect", "--pattern", "tile", "--video", "121x480x850", "--family", "hunyuan15"]) == 2
     assert "width=850: must be a multiple of 16" in capsys.readouterr().err
 
