@@ -199,10 +199,10 @@ def test_unrecognised_mask_runs_the_model_own_attention_with_one_warning():
 def test_condition_validity_parses_what_the_model_pads():
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     torch.testing.assert_close(
-        h15.condition_validity(mask, 2, 10, 3), torch.tensor([[True, True, False], [True, True, True]])
+        h15.condition_validity(mask, 2, 3), torch.tensor([[True, True, False], [True, True, True]])
     )
-    assert "no condition mask" in h15.condition_validity(None, 2, 10, 3)
-    assert "shape (2, 1, 3)" in h15.condition_validity(torch.ones(2, 1, 3), 2, 10, 3)
+    assert "no condition mask" in h15.condition_validity(None, 2, 3)
+    assert "shape (2, 1, 3)" in h15.condition_validity(torch.ones(2, 1, 3), 2, 3)
 
 
 # -- patterns ---------------------------------------------------------------------------------

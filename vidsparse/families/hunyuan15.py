@@ -48,12 +48,12 @@ from vidsparse.families.processor import SparseProcessor
 # -- self-attention processor -----------------------------------------------------------------
 
 
-def condition_validity(mask: Any, batch: int, video_len: int, cond_len: int) -> torch.Tensor | str:
+def condition_validity(mask: Any, batch: int, cond_len: int) -> torch.Tensor | str:
     """Key validity [B, cond_len] of the condition span from the block's ``attention_mask``.
 
     ``HunyuanVideo15AttnProcessor2_0`` left-pads the [B, L] mask with ``True`` up to the joint
     length and reads it with ``.bool()``; so any L up to ``cond_len`` is a mask of the condition
-    tail. Anything else (no mask, other ranks, a mask reaching into the video) returns the
+    tail. Anything else (no mask, another shape, a mask reaching into the video) returns the
     reason this mirror does not cover it, and the call runs the original processor.
     """
     if not isinstance(mask, torch.Tensor):
@@ -85,7 +85,7 @@ class HunyuanVideo15SparseProcessor(SparseProcessor):
             return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         batch, video_len = hidden_states.shape[:2]
         cond_len = encoder_hidden_states.shape[1]
-        valid = condition_validity(attention_mask, batch, video_len, cond_len)
+        valid = condition_validity(attention_mask, batch, cond_len)
         if isinstance(valid, str):
             self.state.warn_once("hunyuan15-mask", f"vidsparse: HunyuanVideo 1.5 attention: {valid}; running dense.")
             return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
