@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from vidsparse.families.base import Family, VideoGeometry, normalize_name
+from vidsparse.families.base import Family, Shard, ShardPlan, TinyRequest, TinyVariant, VideoGeometry, normalize_name
 
 _REGISTRY: dict[str, Family] = {}
 _BUILTIN = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
@@ -137,6 +137,10 @@ _load_builtin()
 
 __all__ = [
     "Family",
+    "Shard",
+    "ShardPlan",
+    "TinyRequest",
+    "TinyVariant",
     "VideoGeometry",
     "families",
     "family_names",

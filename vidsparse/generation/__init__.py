@@ -17,7 +17,7 @@ config files), ``options`` (``GenerateOptions``, validation, ``prepare`` -> ``Ge
 from vidsparse.generation.call import StepClock, call_kwargs, run_pipeline, warmup
 from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline
 from vidsparse.generation.meter import DensityRecorder, SparseMeter, group_densities
-from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model
+from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model, tiny_models
 from vidsparse.generation.options import DTYPES, PARALLEL_MODES, GenerateOptions, GenerationPlan, prepare
 from vidsparse.generation.result import DenseComparison, GenerateResult, LayerGroupDensity, format_summary
 from vidsparse.generation.run import generate
@@ -46,5 +46,6 @@ __all__ = [
     "prepare",
     "resolve_model",
     "run_pipeline",
+    "tiny_models",
     "warmup",
 ]

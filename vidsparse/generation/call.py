@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidsparse.generation.model import TINY
 from vidsparse.generation.options import GenerateOptions, GenerationPlan
 from vidsparse.video_io import as_uint8_frames
 
@@ -91,8 +90,8 @@ def call_kwargs(
         output_type=output_type,
         callback_on_step_end=callback,
     )
-    if plan.info.kind == TINY or (getattr(pipe, "text_encoder", "absent") is None and plan.info.family == "wan"):
-        # The tiny pipeline (also once saved to a folder) has no text encoder: hash the prompt.
+    if getattr(pipe, "text_encoder", "absent") is None and plan.info.model_family.name == "wan":
+        # The tiny Wan pipeline (also once saved to a folder) has no text encoder: hash the prompt.
         from vidsparse.models.tiny import encode_prompt_tiny
 
         transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2

@@ -17,10 +17,8 @@ def load_pipeline(plan: GenerationPlan, seed: int = 0):
     that ``--seed`` changes only the noise, as it does for a real checkpoint.
     """
     info = plan.info
-    if info.kind == TINY:
-        from vidsparse.models.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(seed=0, dtype=plan.dtype)
+    if info.kind == TINY:  # "tiny" / "tiny-<family>": the family record's random-init pipeline
+        pipe = info.model_family.tiny_pipeline(seed=0, dtype=plan.dtype)
     else:
         from diffusers import DiffusionPipeline
 

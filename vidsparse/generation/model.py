@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from vidsparse.errors import brief
-from vidsparse.families import VideoGeometry, family_of_pipeline, pipeline_prefixes, video_geometry
+from vidsparse.families import (
+    Family,
+    VideoGeometry,
+    families,
+    family_of_geometry,
+    family_of_pipeline,
+    get_family,
+    pipeline_prefixes,
+    video_geometry,
+)
 
 TINY = "tiny"
 # A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
@@ -39,7 +48,13 @@ class ModelInfo:
 
     @property
     def family(self) -> str:
+        """The geometry's name ("cogvideox1.5" for CogVideoX 1.5): what summaries report."""
         return self.grid.name
+
+    @property
+    def model_family(self) -> Family:
+        """The family record serving this model (``vidsparse.families``)."""
+        return family_of_geometry(self.grid)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -105,6 +120,30 @@ def _call_defaults(class_name: str) -> dict[str, Any]:
     return out
 
 
+def tiny_models() -> tuple[str, ...]:
+    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan) and "tiny-<family>"."""
+    return (TINY, *(f"{TINY}-{f.name}" for f in families() if f.tiny_pipeline is not None))
+
+
+def _tiny_model(model: str) -> ModelInfo:
+    """``tiny-<family>``: the family record's random-init pipeline (``Family.tiny_pipeline``)."""
+    name = model[len(TINY) + 1 :]
+    try:
+        family = get_family(name)
+    except ValueError:
+        family = None
+    if family is None or family.tiny_pipeline is None:
+        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+    geo = family.geometry
+    if family.name == "wan":
+        defaults = dict(TINY_DEFAULTS)
+    else:  # a small valid video: 2 latent frames past the first, a 6x10 token grid
+        ph, pw = geo.patch[1:]
+        defaults = dict(frames=1 + 2 * geo.temporal, height=6 * geo.spatial * ph, width=10 * geo.spatial * pw,
+                        steps=TINY_DEFAULTS["steps"], guidance=TINY_DEFAULTS["guidance"])  # fmt: skip
+    return ModelInfo(TINY, model, f"{family.pipeline_prefixes[0]}Pipeline", geo, defaults)
+
+
 def resolve_model(model: str) -> ModelInfo:
     """Identify --model from its configuration files only (tiny, local folder, or hub id)."""
     if not isinstance(model, str) or not model.strip():
@@ -112,6 +151,8 @@ def resolve_model(model: str) -> ModelInfo:
     model = model.strip()
     if model == TINY:
         return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
+    if model.startswith(TINY + "-"):
+        return _tiny_model(model)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -148,4 +189,4 @@ def resolve_model(model: str) -> ModelInfo:
     return ModelInfo(kind, model, class_name, grid, _call_defaults(class_name), two_stage, absent)
 
 
-__all__ = ["TINY", "TINY_DEFAULTS", "ModelInfo", "resolve_model"]
+__all__ = ["TINY", "TINY_DEFAULTS", "ModelInfo", "resolve_model", "tiny_models"]

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from vidsparse.families import family_of_geometry
 from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model
 from vidsparse.video_io import check_video_path
 
@@ -185,7 +184,7 @@ def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[
     # that cannot run on the grid surface now, before any weights are loaded.
     layout = VideoLayout(*grid)
     if isinstance(pattern, str):
-        spec = family_of_geometry(info.grid)
+        spec = info.model_family
         block = options.block_size or auto_block_size(layout)
         opts = spec.pattern_options(config.pattern, layout, block, info.two_stage)
         opts.update(options.pattern_options)

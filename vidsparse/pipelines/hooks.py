@@ -5,8 +5,8 @@ The hook (``VidsparseHook``, registered as ``"vidsparse"`` on the transformer th
 ``SparseState.current`` (a ``CallInfo``): the ``VideoLayout`` of the call (grid after
 patchify, text span), the denoising step of the current CFG branch, and the pattern of
 every layer for that step (``None`` = the model's own dense attention). The self-attention
-processors (``processors.py``) read it; nothing is a class attribute, so two pipelines,
-two resolutions or two transformers never share state.
+processors (each family's ``Family.processor``, ``vidsparse.families``) read it; nothing is a
+class attribute, so two pipelines, two resolutions or two transformers never share state.
 
 Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "cond",
 "uncond", "cond_uncond"; "default" without one):
