@@ -186,8 +186,8 @@ def test_unrecognised_mask_runs_the_model_own_attention_with_one_warning():
         out = processor(attn, hidden, cond, bad, rope)
         again = processor(attn, hidden, cond, bad, rope)
     assert [str(w.message) for w in caught if "HunyuanVideo 1.5" in str(w.message)] == [
-        "vidsparse: HunyuanVideo 1.5 attention: the mask covers 92 tokens, more than the 28 condition tokens "
-        "(it would mask video); running dense."
+        f"vidsparse: HunyuanVideo 1.5 attention: the mask covers {64 + COND_LEN} tokens, more than the {COND_LEN} "
+        "condition tokens (it would mask video); running dense."
     ]
     with torch.no_grad():
         ref = processor.original(attn, hidden, cond, bad, rope)
@@ -321,10 +321,15 @@ def _spy_steps(pipe):
 
 
 def _call(pipe, **kw):
-    kwargs = h15.tiny_prompt_kwargs(pipe, 'a sign that says "hi"', "blurry")
-    kwargs.update(num_frames=5, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    """Prompts go through the tiny pipeline's own Qwen2.5-VL and ByT5 encoders (quoted glyph text)."""
+    kwargs = dict(prompt='a sign that says "hi"', negative_prompt="blurry", num_frames=5, num_inference_steps=2)
+    kwargs.update(generator=torch.Generator().manual_seed(0), output_type="latent")
     kwargs.update(kw)
     return pipe(**kwargs).frames
+
+
+#: Condition span of the tiny pipelines: their prompt, glyph and SigLIP token counts.
+PIPE_COND_LEN = h15.TINY_PROMPT_LEN + h15.TINY_GLYPH_LEN + h15.TINY_IMAGE_TOKENS
 
 
 def test_text_to_video_pipeline_end_to_end():
@@ -339,7 +344,7 @@ def test_text_to_video_pipeline_end_to_end():
     assert video.shape == (1, 5, 3, 48, 64) and bool(torch.isfinite(video).all())
     steps = [(0, "pred_cond"), (0, "pred_uncond"), (1, "pred_cond"), (1, "pred_uncond")]
     assert sorted({(s, b) for s, b, _, _ in log}) == steps
-    assert len(log) == 2 * 2 * 2 and {entry[3] for entry in log} == {vs.VideoLayout(2, 3, 4, COND_LEN, "after")}
+    assert len(log) == 2 * 2 * 2 and {entry[3] for entry in log} == {vs.VideoLayout(2, 3, 4, PIPE_COND_LEN, "after")}
     vs.remove(pipe)
     assert torch.equal(_call(pipe, **size), ref)
 
@@ -354,8 +359,7 @@ def test_image_to_video_pipeline_end_to_end():
     log = _spy_steps(pipe)
     out = _call(pipe, image=image)
     assert out.shape == ref.shape and bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
-    image_tokens = h15.TINY_IMAGE_TOKENS
-    assert {entry[3].text_len for entry in log} == {TINY_TEXT_LEN + h15.TINY_GLYPH_LEN + image_tokens}
+    assert {entry[3].text_len for entry in log} == {PIPE_COND_LEN} and len(log) == 2 * 2 * 2
     vs.remove(pipe)
 
 

@@ -35,7 +35,6 @@ from vidsparse.families.base import (
     TINY_HEADS,
     TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
-    TINY_TEXT_LEN,
     Family,
     TinyRequest,
     TinyVariant,
@@ -157,7 +156,7 @@ def _geometry_variant(config: Mapping[str, Any]) -> str:
 
 #: The tiny model's ByT5 (glyph text) and SigLIP (image) embedding sizes and token counts.
 TINY_GLYPH_DIM = 8
-TINY_GLYPH_LEN = 4
+TINY_GLYPH_LEN = 8
 TINY_IMAGE_DIM = 8
 TINY_IMAGE_SIZE = 16
 TINY_IMAGE_PATCH = 4
@@ -230,6 +229,49 @@ def tiny_vae():
     )
 
 
+#: The tiny pipeline's text lengths (the real pipeline's: 1000 Qwen tokens after a 108-token
+#: template crop, 256 ByT5 tokens) and its short system prompt (the crop adapts to it).
+TINY_PROMPT_LEN = 24
+TINY_SYSTEM_MESSAGE = "Describe the video."
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_text_encoders():
+    """A byte-level Qwen2 tokenizer (no merges, Qwen's chat markers) with a 2-layer
+    ``Qwen2_5_VLTextModel``, and ``ByT5Tokenizer`` with a 1-layer ``T5EncoderModel``: built in
+    memory (no vocabulary files), interfaces as the pipeline calls them."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        Qwen2Tokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    qwen = Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=2 * TINY_TEXT_DIM,
+        num_hidden_layers=2,  # the pipeline reads hidden_states[-3]
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    tokenizer_2 = ByT5Tokenizer()
+    t5 = T5Config(vocab_size=len(tokenizer_2), d_model=TINY_GLYPH_DIM, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    return tokenizer, Qwen2_5_VLTextModel(qwen).eval(), tokenizer_2, T5EncoderModel(t5).eval()
+
+
 def _tiny_image_encoder():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -254,9 +296,13 @@ def _tiny_feature_extractor():
 
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to_video: bool = False):
     """A tiny random-init ``HunyuanVideo15Pipeline`` (or ``HunyuanVideo15ImageToVideoPipeline``
-    with a 1-layer SigLIP image encoder), without tokenizers or text encoders: pass the prompt
-    as embeddings (``tiny_prompt_kwargs``). Guidance is the pipeline's guider
-    (``ClassifierFreeGuidance(guidance_scale=6.0)``; set ``pipe.guider`` to change it).
+    with a 1-layer SigLIP image encoder), offline, prompts through its own tiny text encoders.
+
+    Its text lengths are the pipeline's own attributes, made small: ``tokenizer_max_length``
+    ``TINY_PROMPT_LEN``, ``tokenizer_2_max_length`` ``TINY_GLYPH_LEN``, 16 SigLIP tokens, and a
+    short ``system_message`` with ``prompt_template_encode_start_idx`` its token count (the
+    template part the real pipeline crops). Guidance is the pipeline's guider
+    (``ClassifierFreeGuidance(guidance_scale=6.0)``; replace ``pipe.guider`` to change it).
     """
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
@@ -273,6 +319,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
             **tiny_transformer_kwargs(task_type="i2v" if image_to_video else "t2v")
         ).eval()
         vae = tiny_vae().eval()
+        tokenizer, text_encoder, tokenizer_2, text_encoder_2 = _tiny_text_encoders()
         image_encoder = _tiny_image_encoder() if image_to_video else None
     finally:
         torch.random.set_rng_state(gen_state)
@@ -280,13 +327,13 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
         warnings.filterwarnings("ignore", message=".*Guiders are currently an experimental feature.*")
         guider = ClassifierFreeGuidance(guidance_scale=6.0)
     components = dict(
-        text_encoder=None,
-        tokenizer=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        text_encoder_2=None,
-        tokenizer_2=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
         guider=guider,
     )
     if image_to_video:
@@ -295,6 +342,11 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
         )
     else:
         pipe = HunyuanVideo15Pipeline(**components)
+    pipe.system_message = TINY_SYSTEM_MESSAGE
+    prefix = f"<|im_start|>system\n{TINY_SYSTEM_MESSAGE}<|im_end|>\n<|im_start|>user\n"
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
+    pipe.tokenizer_max_length = TINY_PROMPT_LEN
+    pipe.tokenizer_2_max_length = TINY_GLYPH_LEN
     # The text-to-video pipeline passes this many zero SigLIP tokens (729, SigLIP-384's count):
     # the tiny image encoder's count keeps the condition span small and equal in T2V and I2V.
     pipe.vision_num_semantic_tokens = TINY_IMAGE_TOKENS
@@ -302,45 +354,6 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
     return pipe
-
-
-def tiny_prompt_kwargs(
-    pipe,
-    prompt: str,
-    negative_prompt: str = "",
-    *,
-    batch: int = 1,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """The eight prompt tensors a text-encoder-free HunyuanVideo 1.5 pipeline takes.
-
-    As the real encoders: a hashed [batch, TINY_TEXT_LEN, text_embed_dim] "Qwen" embedding (all
-    valid), and a "ByT5" embedding of the prompt's quoted glyph text (diffusers'
-    ``extract_glyph_texts``), zero and masked out when it quotes nothing.
-    """
-    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
-
-    from vidsparse.models.tiny import encode_prompt_tiny
-
-    cfg = pipe.transformer.config
-    dtype = dtype or pipe.transformer.dtype
-    device = device if device is not None else pipe._execution_device
-    out: dict[str, torch.Tensor] = {}
-    for prefix, text in (("", prompt), ("negative_", negative_prompt)):
-        emb = encode_prompt_tiny(text, seq_len=TINY_TEXT_LEN, dim=cfg.text_embed_dim, batch=batch)
-        glyph = extract_glyph_texts(text)
-        if glyph is None:
-            glyph_emb = torch.zeros(batch, TINY_GLYPH_LEN, cfg.text_embed_2_dim)
-            glyph_mask = torch.zeros(batch, TINY_GLYPH_LEN)
-        else:
-            glyph_emb = encode_prompt_tiny(glyph, seq_len=TINY_GLYPH_LEN, dim=cfg.text_embed_2_dim, batch=batch)
-            glyph_mask = torch.ones(batch, TINY_GLYPH_LEN)
-        out[f"{prefix}prompt_embeds"] = emb
-        out[f"{prefix}prompt_embeds_mask"] = torch.ones(batch, TINY_TEXT_LEN)
-        out[f"{prefix}prompt_embeds_2"] = glyph_emb
-        out[f"{prefix}prompt_embeds_mask_2"] = glyph_mask
-    return {k: v.to(device=device, dtype=dtype) for k, v in out.items()}
 
 
 # -- the record -------------------------------------------------------------------------------
