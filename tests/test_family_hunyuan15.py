@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vidsparse as vs
-from vidsparse.families import family_of, get_family
+from vidsparse.families import family_of, family_of_pipeline, get_family
 from vidsparse.families import hunyuan15 as h15
 from vidsparse.families.base import TINY_TEXT_LEN
 from vidsparse.models import tiny_inputs, tiny_transformer
@@ -82,7 +82,13 @@ def shared():
 # -- the record -------------------------------------------------------------------------------
 def test_registered_and_matched():
     model = _model()
+    from vidsparse.generation import tiny_models
+
     assert family_of(model) is FAMILY and get_family("HunyuanVideo-1.5") is FAMILY
+    assert family_of_pipeline("HunyuanVideo15ImageToVideoPipeline") is FAMILY
+    assert family_of_pipeline("HunyuanVideoFramepackPipeline").name == "hunyuan-framepack"
+    assert family_of_pipeline("HunyuanVideoPipeline").name == "hunyuan"
+    assert "tiny-hunyuan15" in tiny_models() and "tiny-hunyuan-framepack" not in tiny_models()
     assert FAMILY.num_layers(model) == 2
     assert [p for p, _, _ in FAMILY.attention_paths(model)] == [
         "transformer_blocks.0.attn",

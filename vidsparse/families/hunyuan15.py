@@ -42,7 +42,7 @@ from vidsparse.families.base import (
     bcfhw_grid,
     indexed_paths,
 )
-from vidsparse.families.processor import SparseProcessor
+from vidsparse.families.processor import SparseProcessor, project_qkv
 
 # -- self-attention processor -----------------------------------------------------------------
 
@@ -90,24 +90,11 @@ class HunyuanVideo15SparseProcessor(SparseProcessor):
             return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states, "video")
         if image_rotary_emb is not None:  # video tokens only, before the conditions join
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        encoder_query, encoder_key, encoder_value = project_qkv(attn, encoder_hidden_states, "text")
         query = torch.cat([query, encoder_query], dim=1)
         key = torch.cat([key, encoder_key], dim=1)
         value = torch.cat([value, encoder_value], dim=1)
