@@ -371,24 +371,14 @@ def test_image_to_video_pipeline_end_to_end():
 
 # -- HunyuanVideo Framepack -------------------------------------------------------------------
 def test_framepack_is_refused_at_apply_naming_what_is_missing(tmp_path):
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    model = HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=2,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 2, 4),
-        has_image_proj=True,
-        image_proj_dim=8,
-        has_clean_x_embedder=True,
-    )
+    model = tiny_transformer("hunyuan-framepack")
+    inputs = tiny_inputs("hunyuan-framepack", model, 3, 4, 4, batch=2)
+    # What the blocks attend: 4x + 2x history, clean frames, then the 3x2x2 noisy grid (+ text).
+    lengths = []
+    hook = model.transformer_blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    _run(model, inputs)
+    hook.remove()
+    assert lengths == [1 + 1 + 2 * 2 * 2 + 3 * 2 * 2]
     with pytest.raises(ValueError, match="HunyuanVideoFramepackTransformer3DModel.*history.*one VideoLayout"):
         vs.apply(model, "tile")
     assert not hasattr(model, "_diffusers_hook") or model._diffusers_hook.get_hook("vidsparse") is None

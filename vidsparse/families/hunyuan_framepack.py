@@ -24,7 +24,17 @@ from typing import Any
 
 import torch
 
-from vidsparse.families.base import Family, VideoGeometry, joint_text
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    joint_text,
+)
 from vidsparse.families.hunyuan import FAMILY as HUNYUAN
 
 UNSUPPORTED = (
@@ -39,6 +49,60 @@ UNSUPPORTED = (
 def _no_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     """No single grid describes a Framepack call (see the module docstring)."""
     return None
+
+
+# -- tiny model (for the refusal test and the registry's tiny-model checks) ------------------
+
+#: History frames of the tiny inputs per compression (the pipeline's are 16 / 2 / 1).
+TINY_HISTORY = {"4x": 4, "2x": 2, "1x": 1}
+TINY_IMAGE_DIM = 8
+
+
+def tiny_transformer_kwargs() -> dict[str, Any]:
+    """A tiny ``HunyuanVideoFramepackTransformer3DModel``: 1 double + 1 single block, the history
+    patch embedder and the image projection (as the Framepack checkpoints have them)."""
+    return dict(
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        text_embed_dim=TINY_TEXT_DIM,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+        has_image_proj=True,
+        image_proj_dim=TINY_IMAGE_DIM,
+        has_clean_x_embedder=True,
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    """One Framepack section as the vanilla sampling packs it: frame indices [prefix, 4x, 2x, 1x, noisy]."""
+    cfg = r.transformer.config
+    n4, n2, n1 = TINY_HISTORY["4x"], TINY_HISTORY["2x"], TINY_HISTORY["1x"]
+    idx = torch.arange(1 + n4 + n2 + n1 + r.frames)  # 1-D, shared by the batch (as the pipeline's)
+    prefix, h4, h2, h1, noisy = idx.split([1, n4, n2, n1, r.frames])
+    c, h, w = cfg.in_channels, r.height, r.width
+    return dict(
+        hidden_states=r.randn(r.batch, c, r.frames, h, w),
+        timestep=r.timestep,
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+        encoder_attention_mask=r.text_mask.to(r.transformer.dtype),
+        pooled_projections=r.randn(r.batch, cfg.pooled_projection_dim),
+        image_embeds=r.randn(r.batch, 4, cfg.image_proj_dim),
+        indices_latents=noisy,
+        guidance=torch.full((r.batch,), 6000.0, dtype=r.transformer.dtype),
+        latents_clean=r.randn(r.batch, c, 1 + n1, h, w),
+        indices_latents_clean=torch.cat([prefix, h1]),
+        latents_history_2x=r.randn(r.batch, c, n2, h, w),
+        indices_latents_history_2x=h2,
+        latents_history_4x=r.randn(r.batch, c, n4, h, w),
+        indices_latents_history_4x=h4,
+    )
 
 
 FAMILY = Family(
@@ -56,4 +120,5 @@ FAMILY = Family(
     lora_refusal="vidsparse does not patch HunyuanVideo Framepack (its token sequence is not one video grid)",
     parallel_refusal="vidsparse does not patch HunyuanVideo Framepack (its token sequence is not one video grid)",
     unsupported=UNSUPPORTED,
+    tiny={"hunyuan-framepack": TinyVariant("hunyuan-framepack", tiny_transformer_kwargs, _tiny_inputs)},
 )
