@@ -20,6 +20,12 @@ own SSTA (tile (6, 8, 8), window (3, 3, 3) tiles, its 720p sparse checkpoints); 
 stride is exactly that STA. Radial borrows HunyuanVideo's settings (decay 0.95, no sink;
 Radial Attention publishes none for 1.5). The token-refiner attention
 (``context_embedder.token_refiner``) is text-only and stays the model's own.
+
+Tiny: transformers "hunyuan15" / "hunyuan15-i2v" (2 blocks, 2 heads of 8, patch 1) and
+``tiny_pipeline`` (``vidsparse generate --model tiny-hunyuan15``): the real T2V (or I2V)
+pipeline with a 16x/4x VAE, byte-level Qwen2.5-VL and ByT5 text encoders and, for I2V, a
+1-layer SigLIP, all random-init and built offline. LoRA and ``--parallel`` refuse (see the
+record's reasons).
 """
 
 from __future__ import annotations
