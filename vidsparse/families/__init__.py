@@ -50,7 +50,7 @@ def family_names() -> tuple[str, ...]:
 
 def supported_families_text() -> str:
     """ "wan (WanTransformer3DModel), hunyuan (...)" for error messages."""
-    return ", ".join(f.describe() for f in _REGISTRY.values())
+    return ", ".join(f.describe() for f in _REGISTRY.values() if not f.unsupported)
 
 
 def get_family(name: str) -> Family:

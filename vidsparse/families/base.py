@@ -226,6 +226,9 @@ class Family:
     (a whole random-init pipeline, or ``None``); ``tiny_prompt_kwargs(pipe, prompt, negative_prompt)``
     gives the call kwargs carrying hashed prompt embeddings for a tiny pipeline whose call does not
     take Wan's ``prompt_embeds`` / ``negative_prompt_embeds`` of ``config.text_dim`` (``None``: it does).
+
+    Refused: ``unsupported`` (non-empty) records a transformer vidsparse recognises but cannot
+    patch, and why; ``vidsparse.apply`` raises it, the supported-families text leaves it out.
     """
 
     name: str
@@ -251,6 +254,7 @@ class Family:
     tiny_pipeline: Callable[..., Any] | None = None
     tiny_prompt_kwargs: Callable[..., dict[str, Any]] | None = None
     aliases: tuple[str, ...] = ()
+    unsupported: str = ""
 
     def __post_init__(self) -> None:
         if self.text_position not in ("none", "before", "after"):

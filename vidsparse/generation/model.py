@@ -92,6 +92,8 @@ def _hub_json(repo: str, filename: str, required: bool) -> dict[str, Any] | None
 
 def _family_from_class(class_name: str, transformer_config: dict[str, Any] | None) -> VideoGeometry:
     family = family_of_pipeline(class_name)
+    if family is not None and family.unsupported:  # refuse before loading any weights
+        raise ValueError(f"vidsparse generate cannot run a {class_name}: {family.unsupported}.")
     if family is not None:
         return family.geometry_for(transformer_config)
     supported = ", ".join(f"{p}*Pipeline" for p in pipeline_prefixes())

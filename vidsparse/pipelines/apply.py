@@ -127,6 +127,8 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
     plans = []
     for attr, transformer in found:
         family = family_of(transformer)
+        if family.unsupported:
+            raise ValueError(f"vidsparse cannot patch a {type(transformer).__name__}: {family.unsupported}.")
         paths = family.attention_paths(transformer)
         num_layers = len(paths)
         if get_hook(transformer) is None:
