@@ -33,7 +33,8 @@ def test_every_family_record_is_complete():
             frames, height, width = geo.default_video
             assert all(n > 0 for n in geo.latent_grid(frames, height, width))
     assert set(geometries()) == {
-        "wan", "hunyuan", "cogvideox", "cogvideox1.5", "ltx", "mochi", "cosmos", "cosmos1", "kandinsky5"
+        "wan", "hunyuan", "cogvideox", "cogvideox1.5", "ltx", "mochi", "cosmos", "cosmos1", "kandinsky5",
+        "hunyuan15", "hunyuan15-720p", "hunyuan-framepack", "ltx2",
     }  # fmt: skip
 
 
