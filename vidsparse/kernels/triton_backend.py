@@ -93,7 +93,8 @@ def _plan_args(
         qs = _as_u8(query_select).expand(B, H, padded, query_select.shape[-1])
         kg = key_group.to(torch.int32).contiguous()
     kv = None if key_valid is None else _as_u8(key_valid).expand(B, padded).contiguous()
-    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded)
+    order = _cached("query-order", (kv_counts,), lambda: tk.longest_first(lists), dyn)
+    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded, order)
 
 
 def _as_u8(t: Tensor) -> Tensor:
@@ -222,9 +223,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan, seq_len: int,
     if reason is not None:
         raise ValueError(f"The triton backend cannot run this call: {reason}.")
     if q.shape != k.shape or k.shape != v.shape or q.dim() != 4:
-        raise ValueError(
-            f"q, k, v must share one 4-D shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
-        )
+        raise ValueError(f"q, k, v must share one 4-D shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
     if plan.block_size < 16:
