@@ -405,3 +405,47 @@ def test_query_tiles_launch_longest_key_list_first():
     assert sorted(order.tolist()) == list(range(p.num_blocks))
     assert (total[order.long()].diff() <= 0).all()
     assert int(order[0]) == int(torch.argmax(total))
+
+
+def test_first_backward_of_a_static_plan_reads_nothing_on_the_host(monkeypatch):
+    """After the first forward of a fresh static plan, its first backward (which builds the
+    transposed plan for dK/dV) makes no host read: the transposed width needs no .item()."""
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    pattern = vs.make_pattern("radial", decay_factor=0.4, block_size=16, sink=True)
+    q, k, v = random_qkv(layout, batch=1, heads=2, dim=16, requires_grad=True)
+    CACHE.clear()
+    vs.clear_plan_cache()
+    out = vs.attention(q, k, v, layout, pattern, backend="triton", block_size=16)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    out.sum().backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_flex_block_mask_is_built_once_per_plan(monkeypatch):
+    from vidsparse.kernels import flex
+
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    p = vs.plan(make("radial"), layout, num_heads=2, block_size=16)
+    q, k, v = (torch.randn(2, 2, p.padded_len, 16) for _ in range(3))
+    flex.BLOCK_MASKS.clear()
+    built = []
+    original = flex.block_mask_from_plan
+    monkeypatch.setattr(flex, "block_mask_from_plan", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    for _ in range(2):
+        tm = random_text_mask(layout, 2)  # a new run-time text mask each call: copied, not rebuilt
+        key_valid = p.key_valid(tm, 2)
+        out, lse = flex.run(q, k, v, p, key_valid=key_valid)
+        rout, rlse = reference.run(q, k, v, p, key_valid=key_valid)
+        torch.testing.assert_close(out, rout, atol=1e-5, rtol=1e-5)
+    flex.run(q, k, v, p)  # no key validity: its own entry
+    assert len(built) == 2 and len(flex.BLOCK_MASKS) == 2
