@@ -272,9 +272,11 @@ def variants(quick: bool):
     extra = [("gather+key-valid", dict(GATHER=True, HAS_KV=True, HAS_QSEL=False)),
              ("gather+query-select", dict(GATHER=True, HAS_KV=False, HAS_QSEL=True))]  # fmt: skip
     for role, (fn, space) in kernels.items():
-        configs = tk.candidates(space, HEAD_DIM, BLOCK, 2)
-        for i, cfg in enumerate(configs[:1] if quick else configs):
-            for label, flags in flag_sets + (extra if i == 0 else []):
+        for label, flags in flag_sets + extra:
+            configs = tk.candidates(space, HEAD_DIM, BLOCK, 2, flags["GATHER"])  # shipped for this path
+            if label in ("gather+key-valid", "gather+query-select") or quick:
+                configs = configs[:1]
+            for i, cfg in enumerate(configs):
                 yield role, fn, cfg, label, flags, i == 0
 
 

@@ -102,10 +102,10 @@ def _fwd_tile(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr,
+    dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc,
     Rows, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
-    MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -129,9 +129,13 @@ def _dkdv_tile(
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
     if MASKED:
         mid = tl.load(Mid + lst + j)
-        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[None, :] * BLOCK + c_in[:, None]
-        has = (r_in[None, :] * 0 + c_in[:, None] * 0 + mid) >= 0
-        keepT = tl.load(m_ptr, mask=has, other=1) != 0
+        if MASK_TMA:
+            mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + (it % SUB) * BLOCK_M, c_in0])
+            keepT = (mt.T != 0) | (mid < 0)
+        else:
+            m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[None, :] * BLOCK + c_in[:, None]
+            has = (r_in[None, :] * 0 + c_in[:, None] * 0 + mid) >= 0
+            keepT = tl.load(m_ptr, mask=has, other=1) != 0
         if HAS_QSEL:
             keepT = keepT & (tl.load(qs_ptr + offs_m * s_ss) != 0)[None, :]
         pT = tl.where(keepT, pT, 0.0)
@@ -147,10 +151,10 @@ def _dkdv_tile(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr,
+    dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc,
     Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
-    MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ contribution of key sub-tile ``it`` of a query tile's list."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -171,9 +175,13 @@ def _dq_tile(
     p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
     if MASKED:
         mid = tl.load(Mid + lst + j)
-        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
-        has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0
-        keep = tl.load(m_ptr, mask=has, other=1) != 0
+        if MASK_TMA:
+            mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
+            keep = (mt != 0) | (mid < 0)
+        else:
+            m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
+            has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0
+            keep = tl.load(m_ptr, mask=has, other=1) != 0
         if HAS_KV:
             keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
         if HAS_QSEL:
@@ -317,9 +325,9 @@ def _bwd_dkdv_kernel(
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
-    H, S_PAD,
+    H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys, walking the transposed plan (query blocks listing this key block)."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -353,18 +361,25 @@ def _bwd_dkdv_kernel(
     else:
         qs_ptr = QSel
     qk_scale = sm_scale * 1.4426950408889634
+    if MASK_TMA:
+        m_desc = tl.make_tensor_descriptor(
+            Masks, shape=[N_MASKS * BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+    else:
+        m_desc = Masks
+    c_in0 = start_n % BLOCK
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for it in range(0, n_mask * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr, Rows, Idx, Mid, Masks, Lse, Delta,
-            s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
+            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr, Rows, Idx, Mid, Masks, Lse, Delta,
-            s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
+            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -385,9 +400,9 @@ def _bwd_dq_kernel(
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
-    H, S_PAD,
+    H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ of BLOCK_M queries, walking the forward key lists."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -422,17 +437,24 @@ def _bwd_dq_kernel(
     qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
     kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
+    if MASK_TMA:
+        m_desc = tl.make_tensor_descriptor(
+            Masks, shape=[N_MASKS * BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+    else:
+        m_desc = Masks
+    r_in0 = start_m % BLOCK
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for it in range(0, n_mask * SUB):
         dq = _dq_tile(
-            dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
-            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC,
+            dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, Rows, Idx, Mid, Masks,
+            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dq = _dq_tile(
-            dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
-            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC,
+            dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, Rows, Idx, Mid, Masks,
+            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
 
     dq *= sm_scale
@@ -466,21 +488,25 @@ class TileConfig:
 # (BLOCK_M, BLOCK_N, warps, stages) per head dim, the first being the default without autotune.
 # Seeded from the Triton tutorial and FlexAttention's H100 defaults, then kept only if the
 # sm_90 build (compiled offline with Triton 3.9's ptxas) has no register spills and fits
-# shared memory. BLOCK_M/BLOCK_N above the plan block size are clipped at launch.
+# shared memory (128x32/w4 forward spilled and is gone). BLOCK_M/BLOCK_N above the plan
+# block size are clipped at launch.
 _FWD_SPACE = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3, "order"), (128, 64, 8, 2), (64, 64, 4, 3, "order")],
     256: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
 }
 # dK/dV walks query tiles (BLOCK_M) for a fixed key tile (BLOCK_N); dQ the other way round.
+# Head dim 128 (every supported video model) is checked by benchmarks/offline_compile.py
+# (results/offline_sm90.json); a 5th element ships an entry for one path only. dK/dV in
+# kernel order has no spill-free config yet (least: 32x64/w8, 100 bytes).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
-    128: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (32, 64, 8, 3), (32, 64, 4, 3)],
+    128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather")],
     256: [(32, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3)],
 }
 _DQ_SPACE = {
     64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 64, 8, 3, "order"), (128, 32, 8, 3, "order"), (64, 32, 4, 3, "order"), (64, 64, 8, 3, "gather")],
     256: [(64, 32, 8, 2), (32, 32, 4, 3), (32, 64, 8, 2)],
 }
 
@@ -489,17 +515,24 @@ def _space_for(space: dict, head_dim: int) -> list[tuple[int, int, int, int]]:
     return space[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
 
 
-def _fit(cfg: tuple[int, int, int, int], block: int, itemsize: int) -> TileConfig:
-    bm, bn, w, s = cfg
+def _fit(cfg: tuple, block: int, itemsize: int) -> TileConfig:
+    bm, bn, w, s = cfg[:4]
     if itemsize >= 4:  # fp32 (ieee dots) needs twice the shared memory: halve the tiles
         bm, bn = max(16, bm // 2), max(16, bn // 2)
     return TileConfig(min(bm, block), min(bn, block), w, s)
 
 
-def candidates(space: dict, head_dim: int, block: int, itemsize: int) -> list[TileConfig]:
-    """Distinct tile configs of a search space that fit the plan block size (in order)."""
+def candidates(space: dict, head_dim: int, block: int, itemsize: int, gather: bool | None = None) -> list[TileConfig]:
+    """Distinct tile configs of a search space that fit the plan block size (in order).
+
+    An entry tagged ``"order"`` or ``"gather"`` (5th element) is shipped only for that path
+    (contiguous kernel order, or the caller-order row gather): its register budget differs.
+    """
     out: list[TileConfig] = []
+    path = None if gather is None else ("gather" if gather else "order")
     for cfg in _space_for(space, head_dim):
+        if path is not None and len(cfg) > 4 and cfg[4] != path:
+            continue
         c = _fit(cfg, block, itemsize)
         if c not in out:
             out.append(c)
@@ -511,7 +544,8 @@ def _prune(space: dict):
         q = named_args["Q"]
         block = named_args.get("BLOCK", kwargs.get("BLOCK"))
         head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
-        allowed = set(candidates(space, head_dim, block, q.element_size()))
+        gather = named_args.get("GATHER", kwargs.get("GATHER"))
+        allowed = set(candidates(space, head_dim, block, q.element_size(), bool(gather)))
         kept = [
             c
             for c in configs
@@ -546,7 +580,7 @@ _KEY = ["HEAD_DIM", "BLOCK", "GATHER", "HAS_KV", "HAS_QSEL", "S_PAD"]
 
 
 def _tuned(kernel, space):
-    key = _KEY + (["USE_TMA", "MASK_TMA"] if "USE_TMA" in kernel.arg_names else [])
+    key = _KEY + [n for n in ("USE_TMA", "MASK_TMA") if n in kernel.arg_names]
     return triton.autotune(
         configs=_all_configs(space), key=key, prune_configs_by={"early_config_prune": _prune(space)}
     )(kernel)
@@ -604,7 +638,7 @@ def _launch(
         tuned[lambda meta: grid(grid_rows // meta[tile_of_grid])](*args, **consts)
         return
     if config is None:
-        config = candidates(space, head_dim, block, q.element_size())[0]
+        config = candidates(space, head_dim, block, q.element_size(), bool(consts["GATHER"]))[0]
         if INTERPRETED:  # the interpreter is fastest with the biggest tiles
             config = TileConfig(min(block, 64), min(block, 64))
     tile = config.block_m if tile_of_grid == "BLOCK_M" else config.block_n
@@ -762,11 +796,15 @@ def backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    flags = _flags(q, p)
+    mask_tma = tma_enabled(q.device) and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
+    if mask_tma:
+        _ensure_allocator()
+    flags = {**_flags(q, p), "MASK_TMA": mask_tma}
     base = (*_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq))
+    n_masks = p.masks.shape[0]
 
     _, tensors, strides = _common(p, t_lists, dummy)
-    args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
+    args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad, n_masks)
     _launch(
         _bwd_dkdv_kernel,
         _dkdv_tuned,
@@ -783,6 +821,6 @@ def backward(
     )
 
     _, tensors, strides = _common(p, p.lists, dummy)
-    args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
+    args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad, n_masks)
     _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, flags, q, p.block, dq_config, "BLOCK_M", "dq")
     return dq, dk, dv
