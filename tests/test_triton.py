@@ -449,3 +449,20 @@ def test_flex_block_mask_is_built_once_per_plan(monkeypatch):
         torch.testing.assert_close(out, rout, atol=1e-5, rtol=1e-5)
     flex.run(q, k, v, p)  # no key validity: its own entry
     assert len(built) == 2 and len(flex.BLOCK_MASKS) == 2
+
+
+def test_kernel_order_helpers_round_trip_and_match_caller_order():
+    """Permute once (to_kernel_order), attend in kernel order (the TMA path), permute back:
+    the same output as the fused-gather caller-order path."""
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    p = vs.plan(make("radial"), layout, num_heads=2, block_size=16)
+    assert not p.order.identity
+    q, k, v = random_qkv(layout, batch=2, heads=2, dim=16)
+    tm = random_text_mask(layout, 2)
+    kq, kk, kv = (tb.to_kernel_order(t, p) for t in (q, k, v))
+    assert kq.shape == (2, p.padded_len, 2, 16) and kq.is_contiguous()
+    torch.testing.assert_close(tb.from_kernel_order(kq, p), q)
+    out = tb.from_kernel_order(tb.attention_kernel_order(kq, kk, kv, p, text_mask=tm), p)
+    torch.testing.assert_close(out, tb.attention(q, k, v, p, text_mask=tm), atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="kernel order"):
+        tb.attention_kernel_order(q, k, v, p)

@@ -578,6 +578,30 @@ def _attention_stage(shape_name: str) -> Callable[[Ctx], dict[str, Any]]:
                         ok = False
                     ctx.add(case)
                     tri_ms = case.get("ms")
+                    if not plan.order.identity:  # kernel order (permuted once per forward): the TMA path
+                        ctx.need(3.0 if ctx.dry_run else 15.0, f"triton kernel-order {label} {direction}")
+                        kcase = {"plan": label, "backend": "triton-kernel-order", "direction": direction,
+                                 "density": density, "flops": flops}  # fmt: skip
+                        try:
+                            kl = tuple(tb.to_kernel_order(t.detach(), plan).requires_grad_(grad is not None)
+                                       for t in (q, k, v))  # fmt: skip
+                            kg = None if grad is None else tb.to_kernel_order(grad, plan)
+                            fn = _step_fn(lambda a=kl, p=plan: tb.attention_kernel_order(*a, p), kl, kg)
+                            first, ms = _time_case(ctx, fn)
+                            kcase.update(ms=ms, first_ms=first, tflops=flops / ms / 1e9)
+                            if direction in sdpa:
+                                kcase["speedup_vs_sdpa"] = sdpa[direction] / ms
+                            if direction == "fwd" and ref_out is not None:
+                                with torch.no_grad():
+                                    ko = tb.from_kernel_order(tb.attention_kernel_order(*kl, plan), plan)
+                                kcase["err_vs_triton"] = rel_err(ko, ref_out)
+                        except Exception as exc:
+                            kcase.update(error=_short(exc))
+                            ok = False
+                        ctx.add(kcase)
+                        ctx.log(
+                            f"  {shape.name} {label} triton-kernel-order {direction}: {kcase.get('ms', float('nan')):.3f} ms"
+                        )
                     ctx.log(f"  {shape.name} {label} triton {direction}: {case.get('ms', float('nan')):.3f} ms")
                     if grad is not None and ctx.device.type != "cuda":
                         ctx.add({"plan": label, "backend": "flex", "direction": direction, "status": "skipped",
@@ -815,7 +839,7 @@ def _targets(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
         shape = st.get("info", {}).get("shape", st["name"])
         cases = st.get("cases", [])
         for c in cases:
-            if c.get("backend") != "triton" or c.get("ms") is None:
+            if c.get("backend") not in ("triton", "triton-kernel-order") or c.get("ms") is None:
                 continue
             sp, d = c.get("speedup_vs_sdpa"), c.get("density")
             if c["plan"] == "dense" and sp is not None:
@@ -823,7 +847,7 @@ def _targets(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
                              _verdict(sp, TARGET_DENSE_VS_SDPA)))  # fmt: skip
             elif sp is not None and d is not None and d >= 0.1:
                 want = TARGET_SPARSE_EFFICIENCY / d
-                rows.append((f"{shape} {c['direction']} {c['plan']} (d={d:.2f}) >= {want:.2f}x SDPA", f"{sp:.2f}x",
+                rows.append((f"{shape} {c['direction']} {c['plan']} [{c['backend']}] (d={d:.2f}) >= {want:.2f}x SDPA", f"{sp:.2f}x",
                              _verdict(sp, want)))  # fmt: skip
         for c in cases:
             if c.get("backend") == "flex" and c.get("triton_speedup") is not None:

@@ -307,6 +307,46 @@ def run(
     return out.transpose(1, 2), lse
 
 
+def to_kernel_order(x: Tensor, plan: BlockSparsePlan) -> Tensor:
+    """Caller-order [B, S, H, D] -> contiguous kernel-order [B, S_pad, H, D] (padding rows 0).
+
+    Every layer of a transformer forward shares the plan's order, so a model can permute its
+    hidden states once per forward and call ``attention_kernel_order`` in every layer: the
+    kernels then read whole contiguous tiles through TMA descriptors instead of gathering rows.
+    """
+    order = plan.order
+    if order.identity:
+        return x.contiguous()
+    out = x[:, order.gather.to(x.device)]
+    return out * order.token_valid.to(x.device, x.dtype).view(1, -1, 1, 1)
+
+
+def from_kernel_order(y: Tensor, plan: BlockSparsePlan) -> Tensor:
+    """Kernel-order [B, S_pad, H, D] -> caller-order [B, S, H, D] (the inverse of ``to_kernel_order``)."""
+    order = plan.order
+    return y if order.identity else y[:, order.scatter.to(y.device)]
+
+
+def attention_kernel_order(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: BlockSparsePlan,
+    text_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Kernel-order q, k, v [B, S_pad, H, D] (e.g. from ``to_kernel_order``) -> out, same order."""
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
+    _check(q, k, v, plan, plan.padded_len, "q, k, v (kernel order, dim 1)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    key_valid = plan.key_valid(text_mask, q.shape[0])
+    out, _ = block_sparse_attention(
+        q, k, v, *_op_args(plan, False), key_valid, plan.query_select, plan.key_group, scale, plan.block_size
+    )
+    return out
+
+
 def clear_cache() -> None:
     """Drop the cached kernel-side plan views (they are rebuilt on the next call)."""
     CACHE.clear()
@@ -315,8 +355,11 @@ def clear_cache() -> None:
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "attention",
+    "attention_kernel_order",
     "block_sparse_attention",
     "clear_cache",
+    "from_kernel_order",
     "run",
+    "to_kernel_order",
     "unsupported_reason",
 ]
