@@ -77,7 +77,7 @@ def test_targets_met_and_missed_are_rendered():
     ]}  # fmt: skip
     md = gpu_suite.render_markdown(doc)
     assert "dense >= 0.8x SDPA | 0.90x | met" in md
-    assert "radial (d=0.20) >= 4.25x SDPA | 3.00x | missed by 29 %" in md
+    assert "radial [triton] (d=0.20) >= 4.25x SDPA | 3.00x | missed by 29 %" in md
     assert ">= 1.3x compiled Flex | 1.33x | met" in md
     assert "step radial >= 1.4x dense | 1.25x" in md and "missed by 11 %" in md
 

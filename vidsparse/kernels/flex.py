@@ -50,9 +50,7 @@ def _split_full_partial(plan: BlockSparsePlan, dynamic_text: bool):
     return pn, pi, fn, fi
 
 
-def block_mask_from_plan(
-    plan: BlockSparsePlan, key_valid: torch.Tensor | None = None, batch: int = 1
-) -> BlockMask:
+def block_mask_from_plan(plan: BlockSparsePlan, key_valid: torch.Tensor | None = None, batch: int = 1) -> BlockMask:
     """A FlexAttention BlockMask equal to the plan's semantics (kernel-order sequences)."""
     bs = plan.block_size
     nb = plan.num_blocks
