@@ -98,3 +98,19 @@ def test_bench_suite_flag_runs_the_same_code(tmp_path, monkeypatch):
                        "--stages", "environment"]) == 0  # fmt: skip
     assert seen == {"out_dir": tmp_path, "budget_s": 30.0, "dry_run": True, "stages": ["environment"]}
     assert (tmp_path / gpu_suite.MD_NAME).exists()
+
+
+def test_a_stage_stops_at_its_cap_and_keeps_its_cases(tmp_path, monkeypatch):
+    """A stage that overruns 1.5x its estimate ends 'partial' with the cases it finished, and the
+    next stage still runs."""
+    stages = tuple(
+        gpu_suite.Stage(s.name, s.run, (lambda ctx: 1.5) if s.name == "correctness" else s.estimate, s.about)
+        for s in gpu_suite.STAGES
+    )
+    monkeypatch.setattr(gpu_suite, "STAGES", stages)
+    doc = gpu_suite.run_suite(tmp_path, budget_s=600, dry_run=True, stages=["correctness", "environment"],
+                              log=lambda m: None)  # fmt: skip
+    by = {s["name"]: s for s in doc["stages"]}
+    assert by["correctness"]["status"] == "partial" and "stage cap" in by["correctness"]["reason"]
+    assert by["correctness"]["cap_s"] == pytest.approx(2.25, abs=0.06)
+    assert by["environment"]["status"] == "done"
