@@ -744,14 +744,15 @@ def _diffusers_missing() -> str | None:
 
 
 def _est(dry: float, gpu: float) -> Callable[[Ctx], float]:
+    """Seconds: ``dry`` for the CPU interpreter (generous: CI machines are slow and shared), ``gpu`` on the device."""
     return lambda ctx: dry if ctx.dry_run else gpu
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("environment", stage_environment, _est(1, 5), "versions, device, natten kernels"),
-    Stage("correctness", stage_correctness, _est(25, 120), "compiled kernels vs SDPA / exact reference"),
-    Stage("attention-wan-1.3b", _attention_stage("wan-1.3b"), _est(10, 150), "one attention call, Wan2.1-1.3B 480p"),
-    Stage("step-wan-1.3b", stage_step, _est(8, 70), "one Wan2.1-1.3B forward, dense vs radial/tile"),
+    Stage("environment", stage_environment, _est(2, 5), "versions, device, natten kernels"),
+    Stage("correctness", stage_correctness, _est(60, 120), "compiled kernels vs SDPA / exact reference"),
+    Stage("attention-wan-1.3b", _attention_stage("wan-1.3b"), _est(60, 150), "one attention call, Wan2.1-1.3B 480p"),
+    Stage("step-wan-1.3b", stage_step, _est(40, 70), "one Wan2.1-1.3B forward, dense vs radial/tile"),
     Stage("attention-wan-14b", _attention_stage("wan-14b"), _est(10, 170), "one attention call, Wan2.1-14B 720p"),
     Stage("attention-hunyuan", _attention_stage("hunyuan"), _est(10, 170), "HunyuanVideo 720p (if budget remains)"),
 )
