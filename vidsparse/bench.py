@@ -40,6 +40,10 @@ from vidsparse.patterns.base import Pattern
 from vidsparse.plan import BlockSparsePlan, build_static_plan
 
 SCHEMA = "vidsparse.bench.attention/1"
+CPU_CAVEAT = (
+    "CPU run: the Triton kernel ran in its interpreter and SDPA/Flex on CPU at a tiny shape; the times and the "
+    "'vs SDPA' ratios check that everything runs and say nothing about GPU speed."
+)
 BACKENDS = ("triton", "sdpa", "flex", "natten")
 DIRECTIONS = ("fwd", "fwd+bwd")
 BWD_FACTOR = 2.5  # FLOPs of forward+backward relative to forward (FlashAttention convention)
@@ -131,20 +135,64 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: the three model shapes; quick: wan-1.3b, or tiny on CPU)")
-    parser.add_argument("--patterns", default=None, help="comma list of registered patterns at default settings, or 'none' (default: all registered; CPU quick: dense)")
-    parser.add_argument("--densities", default=None, help="synthetic random-block densities in %% (default 10,25,50,100; CPU quick: 50), or 'none'")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)} (default: all)")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma list of {', '.join(SHAPES)} (default: the three model shapes; quick: wan-1.3b, or tiny on CPU)",
+    )
+    parser.add_argument(
+        "--patterns",
+        default=None,
+        help="comma list of registered patterns at default settings, or 'none' (default: all registered; CPU quick: dense)",
+    )
+    parser.add_argument(
+        "--densities",
+        default=None,
+        help="synthetic random-block densities in %% (default 10,25,50,100; CPU quick: 50), or 'none'",
+    )
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)} (default: all)"
+    )
     parser.add_argument("--directions", default=",".join(DIRECTIONS), help="comma list of fwd, fwd+bwd (default: both)")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16; fp32 on CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median reported (default 20; quick 5; CPU 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; CPU 0)")
+    parser.add_argument(
+        "--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16; fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per measurement, median reported (default 20; quick 5; CPU 1)",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; CPU 1)")
     parser.add_argument("--block-size", type=int, default=128, help="plan block size (default 128; CPU quick: 16)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; e.g. 2 for classifier-free guidance)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (only with --quick)")
-    parser.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and Markdown go (default benchmarks/results)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes, densities and repeats (the only mode on CPU)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch size (default 1; e.g. 2 for classifier-free guidance)"
+    )
+    parser.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (only with --quick)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help=f"where the JSON and Markdown go (default {_default_out_dir()}, outside the checkout)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer shapes, densities and repeats (the only mode on CPU)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and random block plans")
+    suite = parser.add_argument_group("the budgeted GPU suite (--suite; see benchmarks/README.md)")
+    suite.add_argument(
+        "--suite", action="store_true", help="run the staged, budgeted device suite instead (benchmarks/gpu_suite.py)"
+    )
+    from vidsparse import gpu_suite
+
+    gpu_suite.add_arguments(suite, with_out_dir=False)
+
+
+def _default_out_dir() -> Path:
+    from vidsparse.gpu_suite import default_out_dir
+
+    return default_out_dir()
 
 
 @dataclass(frozen=True)
@@ -209,7 +257,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         try:
             dens = [float(d) for d in _csv(args.densities)]
         except ValueError:
-            raise ValueError(f"--densities must be numbers in percent like 10,25,50,100, got {args.densities!r}.") from None
+            raise ValueError(
+                f"--densities must be numbers in percent like 10,25,50,100, got {args.densities!r}."
+            ) from None
     if any(not 0 < d <= 100 for d in dens):
         raise ValueError(f"--densities are percentages in (0, 100], got {dens}.")
 
@@ -217,7 +267,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     bad = [b for b in backends if b not in BACKENDS]
     if bad or not backends:
         raise ValueError(f"--backends must be a comma list of {', '.join(BACKENDS)}, got {args.backends!r}.")
-    aliases = {"fwd": "fwd", "forward": "fwd", "fwd+bwd": "fwd+bwd", "fwdbwd": "fwd+bwd", "bwd": "fwd+bwd", "train": "fwd+bwd"}
+    aliases = {
+        "fwd": "fwd",
+        "forward": "fwd",
+        "fwd+bwd": "fwd+bwd",
+        "fwdbwd": "fwd+bwd",
+        "bwd": "fwd+bwd",
+        "train": "fwd+bwd",
+    }
     directions = []
     for d in _csv(args.directions):
         if d.lower() not in aliases:
@@ -225,7 +282,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         directions.append(aliases[d.lower()])
     dtype = _DTYPES[args.dtype or ("fp32" if cpu else "bf16")]
     repeats = args.repeats if args.repeats is not None else (1 if cpu else 5 if args.quick else 20)
-    warmup = args.warmup if args.warmup is not None else (0 if cpu else 3)
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}.")
     block = 16 if cpu and args.block_size == 128 else args.block_size
@@ -242,7 +299,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         warmup=warmup,
         block_size=block,
         device=torch.device(args.device),
-        out_dir=Path(args.out_dir),
+        out_dir=Path(args.out_dir) if args.out_dir else _default_out_dir(),
         quick=bool(args.quick),
         seed=args.seed,
     )
@@ -319,6 +376,17 @@ def dense_flops(shape: BenchShape, direction: str) -> float:
     s = shape.layout.seq_len
     f = 4.0 * shape.batch * shape.heads * s * s * shape.head_dim
     return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
+
+
+def format_rate(tflops: float | None) -> str:
+    """TFLOP/s with a unit that keeps small (CPU) rates readable: 0.0004 -> '0.4 GFLOP/s'."""
+    if tflops is None:
+        return "-"
+    if tflops >= 0.1:
+        return f"{tflops:7.1f} TFLOP/s"
+    if tflops >= 1e-4:
+        return f"{tflops * 1e3:7.1f} GFLOP/s"
+    return f"{tflops * 1e6:7.1f} MFLOP/s"
 
 
 def _tflops(flops: float, ms: float | None) -> float | None:
@@ -431,7 +499,13 @@ def bench_natten(q, k, v, do, pattern: Pattern, shape: BenchShape, s: Settings, 
 
     def fwd():
         return natten.na3d(
-            q5, k5, v5, kernel_size=kernel, stride=pattern.stride, dilation=pattern.dilation, is_causal=pattern.is_causal
+            q5,
+            k5,
+            v5,
+            kernel_size=kernel,
+            stride=pattern.stride,
+            dilation=pattern.dilation,
+            is_causal=pattern.is_causal,
         )
 
     fn = _with_backward(fwd, (q5, k5, v5), do5) if grad else _no_grad(fwd)
@@ -484,7 +558,9 @@ def _plan_for(pattern: Pattern, shape: BenchShape, s: Settings, q, k) -> tuple[B
     return plan, ms
 
 
-def bench_pattern(label: str, pattern: Pattern, shape: BenchShape, s: Settings, nominal: float | None, log) -> list[Row]:
+def bench_pattern(
+    label: str, pattern: Pattern, shape: BenchShape, s: Settings, nominal: float | None, log
+) -> list[Row]:
     """All rows of one (shape, pattern): plan build, plan views, permutation, each backend x direction."""
     rows: list[Row] = []
 
@@ -494,9 +570,9 @@ def bench_pattern(label: str, pattern: Pattern, shape: BenchShape, s: Settings, 
                 nominal, note, error, extra or {})
         )  # fmt: skip
         tf = rows[-1].tflops
-        shown = f"{ms:9.3f} ms" if ms is not None else "    failed"
+        shown = f"{ms:9.3f} ms" if ms is not None else ("    failed" if error else "   not run")
         log(f"  {shape.name:9s} {label:18s} {backend:12s} {direction:8s} {shown}"
-            + (f" {tf:7.1f} TFLOP/s" if tf else "") + (f"  [{error}]" if error else ""))  # fmt: skip
+            + (f" {format_rate(tf)}" if tf else "") + (f"  [{error or note}]" if error or ms is None else ""))  # fmt: skip
 
     q, k, v, do = _inputs(shape, s, True)
     try:
@@ -524,6 +600,9 @@ def bench_pattern(label: str, pattern: Pattern, shape: BenchShape, s: Settings, 
             continue
         for direction in s.directions:
             flops = sparse_flops(plan, shape, direction)
+            if backend == "flex" and direction == "fwd+bwd" and s.device.type != "cuda":
+                add(backend, direction, None, flops, density, note="not run: FlexAttention has no CPU backward")
+                continue
             try:
                 if backend == "triton":
                     ms = bench_triton(q, k, v, do, plan, s, direction)
@@ -551,7 +630,7 @@ def run_benchmarks(s: Settings, log=print) -> list[Row]:
                 rows.append(bench_sdpa(shape, s, direction))
                 r = rows[-1]
                 log(f"  {shape.name:9s} {'dense':18s} {'sdpa':12s} {direction:8s} "
-                    + (f"{r.ms:9.3f} ms {r.tflops:7.1f} TFLOP/s ({r.note})" if r.ms else f"failed [{r.error}]"))  # fmt: skip
+                    + (f"{r.ms:9.3f} ms {format_rate(r.tflops)} ({r.note})" if r.ms else f"failed [{r.error}]"))  # fmt: skip
                 _free(s.device)
         for name in s.patterns:
             try:
@@ -617,18 +696,21 @@ def markdown(rep: dict) -> str:
         f"{' (dirty)' if rep['git_dirty'] else ''}, {rep['dtype']}, block {rep['block_size']}, "
         f"median of {rep['repeats']} after {rep['warmup']} warmup.",
         "",
-        "| shape | pattern | density | backend | direction | ms | TFLOP/s | vs SDPA | note |",
+        *([CPU_CAVEAT, ""] if rep["device_type"] == "cpu" else []),
+        "| shape | pattern | density | backend | direction | ms | rate | vs SDPA | note |",
         "|---|---|---:|---|---|---:|---:|---:|---|",
     ]
     for r in rep["results"]:
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
-        tf = f"{r['tflops']:.1f}" if r["tflops"] is not None else "-"
+        tf = format_rate(r["tflops"]).strip() if r["tflops"] is not None else "-"
         base = sdpa.get((r["shape"], r["direction"]))
         timed = r["backend"] in ("triton", "flex", "natten", "sdpa")
         speed = f"{base / r['ms']:.2f}x" if base and r["ms"] and timed else ""
         dens = f"{100 * r['density']:.1f}%" if r["density"] is not None else "-"
         note = r["error"] and f"error: {r['error']}" or r["note"]
-        lines.append(f"| {r['shape']} | {r['pattern']} | {dens} | {r['backend']} | {r['direction']} | {ms} | {tf} | {speed} | {note} |")
+        lines.append(
+            f"| {r['shape']} | {r['pattern']} | {dens} | {r['backend']} | {r['direction']} | {ms} | {tf} | {speed} | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -644,16 +726,25 @@ def write(rep: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``vidsparse bench``: measure, print, write JSON + Markdown."""
+    """Entry point of ``vidsparse bench``: measure, print, write JSON + Markdown (or ``--suite``)."""
+    if getattr(args, "suite", False):
+        from vidsparse import gpu_suite
+
+        return gpu_suite.run_from_args(args)
     s = settings_from_args(args)
     torch.manual_seed(s.seed)
     rows = run_benchmarks(s, log=lambda m: print(m, flush=True))
     rep = report(rows, s)
     json_path, md_path = write(rep, s.out_dir)
     print(f"wrote {json_path} and {md_path}")
-    failed = sum(1 for r in rows if r.error)
+    if s.device.type == "cpu":
+        print(CPU_CAVEAT)
+    failed = [r for r in rows if r.error]
     if failed:
-        print(f"{failed} measurement(s) failed; see the 'error' fields.", file=sys.stderr)
+        print(f"{len(failed)} measurement(s) failed; see the 'error' fields:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.shape} {r.pattern} {r.backend} {r.direction}: {r.error}", file=sys.stderr)
+        return 1
     return 0
 
 

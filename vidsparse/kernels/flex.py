@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
+import weakref
+from collections import OrderedDict
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -47,9 +50,7 @@ def _split_full_partial(plan: BlockSparsePlan, dynamic_text: bool):
     return pn, pi, fn, fi
 
 
-def block_mask_from_plan(
-    plan: BlockSparsePlan, key_valid: torch.Tensor | None = None, batch: int = 1
-) -> BlockMask:
+def block_mask_from_plan(plan: BlockSparsePlan, key_valid: torch.Tensor | None = None, batch: int = 1) -> BlockMask:
     """A FlexAttention BlockMask equal to the plan's semantics (kernel-order sequences)."""
     bs = plan.block_size
     nb = plan.num_blocks
@@ -82,6 +83,52 @@ def block_mask_from_plan(
     )
 
 
+class BlockMaskCache:
+    """BlockMasks built once per plan (and batch), bounded LRU.
+
+    Building one costs host work and a device sync (11-576 ms at real shapes), so it must not
+    happen per call. Entries hold the plan weakly (a plan that is gone cannot be hit again,
+    and its id cannot alias a new plan's). A run-time ``key_valid`` is copied into a buffer
+    the cached mask_mod reads, so a new text mask costs one device copy, not a rebuild.
+    """
+
+    def __init__(self, maxsize: int = 32) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[tuple, tuple[weakref.ref, BlockMask, torch.Tensor | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    def get(self, plan: BlockSparsePlan, key_valid: torch.Tensor | None, batch: int) -> BlockMask:
+        key = (id(plan), batch, None if key_valid is None else (tuple(key_valid.shape), key_valid.dtype))
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None and hit[0]() is plan:
+                self._data.move_to_end(key)
+                if key_valid is not None:
+                    hit[2].copy_(key_valid)
+                return hit[1]
+        buf = None if key_valid is None else key_valid.clone()
+        mask = block_mask_from_plan(plan, buf, batch)
+        with self._lock:
+            self.builds += 1
+            for dead in [k for k, v in self._data.items() if v[0]() is None]:
+                del self._data[dead]
+            self._data[key] = (weakref.ref(plan), mask, buf)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+        return mask
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+BLOCK_MASKS = BlockMaskCache()
+
+
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
@@ -98,7 +145,7 @@ def run(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v [B, H, S_pad, D] in kernel order -> (out, lse fp32 [B, H, S_pad])."""
     if block_mask is None:
-        block_mask = block_mask_from_plan(plan, key_valid, q.shape[0])
+        block_mask = BLOCK_MASKS.get(plan, key_valid, q.shape[0])
     fn = _compiled_flex() if q.is_cuda else flex_attention
     with warnings.catch_warnings():
         # Eager flex on CPU materialises scores; that is expected for this exact CPU path.

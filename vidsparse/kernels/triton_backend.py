@@ -93,7 +93,8 @@ def _plan_args(
         qs = _as_u8(query_select).expand(B, H, padded, query_select.shape[-1])
         kg = key_group.to(torch.int32).contiguous()
     kv = None if key_valid is None else _as_u8(key_valid).expand(B, padded).contiguous()
-    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded)
+    order = _cached("query-order", (kv_counts,), lambda: tk.longest_first(lists), dyn)
+    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded, order)
 
 
 def _as_u8(t: Tensor) -> Tensor:
@@ -222,9 +223,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan, seq_len: int,
     if reason is not None:
         raise ValueError(f"The triton backend cannot run this call: {reason}.")
     if q.shape != k.shape or k.shape != v.shape or q.dim() != 4:
-        raise ValueError(
-            f"q, k, v must share one 4-D shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
-        )
+        raise ValueError(f"q, k, v must share one 4-D shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
     if plan.block_size < 16:
@@ -308,6 +307,46 @@ def run(
     return out.transpose(1, 2), lse
 
 
+def to_kernel_order(x: Tensor, plan: BlockSparsePlan) -> Tensor:
+    """Caller-order [B, S, H, D] -> contiguous kernel-order [B, S_pad, H, D] (padding rows 0).
+
+    Every layer of a transformer forward shares the plan's order, so a model can permute its
+    hidden states once per forward and call ``attention_kernel_order`` in every layer: the
+    kernels then read whole contiguous tiles through TMA descriptors instead of gathering rows.
+    """
+    order = plan.order
+    if order.identity:
+        return x.contiguous()
+    out = x[:, order.gather.to(x.device)]
+    return out * order.token_valid.to(x.device, x.dtype).view(1, -1, 1, 1)
+
+
+def from_kernel_order(y: Tensor, plan: BlockSparsePlan) -> Tensor:
+    """Kernel-order [B, S_pad, H, D] -> caller-order [B, S, H, D] (the inverse of ``to_kernel_order``)."""
+    order = plan.order
+    return y if order.identity else y[:, order.scatter.to(y.device)]
+
+
+def attention_kernel_order(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: BlockSparsePlan,
+    text_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Kernel-order q, k, v [B, S_pad, H, D] (e.g. from ``to_kernel_order``) -> out, same order."""
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
+    _check(q, k, v, plan, plan.padded_len, "q, k, v (kernel order, dim 1)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    key_valid = plan.key_valid(text_mask, q.shape[0])
+    out, _ = block_sparse_attention(
+        q, k, v, *_op_args(plan, False), key_valid, plan.query_select, plan.key_group, scale, plan.block_size
+    )
+    return out
+
+
 def clear_cache() -> None:
     """Drop the cached kernel-side plan views (they are rebuilt on the next call)."""
     CACHE.clear()
@@ -316,8 +355,11 @@ def clear_cache() -> None:
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "attention",
+    "attention_kernel_order",
     "block_sparse_attention",
     "clear_cache",
+    "from_kernel_order",
     "run",
+    "to_kernel_order",
     "unsupported_reason",
 ]

@@ -32,48 +32,68 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr,
+    acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr,
     Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of one query tile with key sub-tile ``it`` of its list."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
     j = it // SUB
     c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     kb = tl.load(Idx + lst + j)
     offs_n = kb.to(tl.int64) * BLOCK + c_in
-    if GATHER:
-        k_row = tl.load(Rows + offs_n)
-        k_ok = k_row >= 0
-        k_row = tl.maximum(k_row, 0).to(tl.int64)
+    if USE_TMA:  # contiguous kernel order: whole tiles by the tensor-memory accelerator
+        row0 = kb * BLOCK + (it % SUB) * BLOCK_N
+        kT = k_desc.load([row0, 0]).T
+        v = v_desc.load([row0, 0])
+        k_ok = c_in >= 0
     else:
-        k_row = offs_n
-        k_ok = offs_n >= 0
-    kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
-    v = tl.load(v_base + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-    qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
-    if MASKED:
-        mid = tl.load(Mid + lst + j)
-        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
-        has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0  # tensor-shaped (interpreter)
-        keep = tl.load(m_ptr, mask=has, other=1) != 0
-        if HAS_KV:
-            keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
-        if HAS_QSEL:
-            keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None]
-    elif HAS_QSEL:
-        keep = (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None] & k_ok[None, :]
+        offs_d = tl.arange(0, HEAD_DIM)
+        if GATHER:
+            k_row = tl.load(Rows + offs_n)
+            k_ok = k_row >= 0
+            k_row = tl.maximum(k_row, 0).to(tl.int64)
+        else:
+            k_row = offs_n
+            k_ok = offs_n >= 0
+        kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        v = tl.load(v_base + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    qk = tl.dot(q, kT, input_precision=PREC)
     if MASKED or HAS_QSEL:
+        qk = qk * qk_scale
+        if MASKED:
+            mid = tl.load(Mid + lst + j)
+            if MASK_TMA:  # the element mask as one TMA tile: no per-element pointers in registers
+                mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
+                keep = (mt != 0) | (mid < 0)
+            else:
+                m_ptr = (
+                    Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
+                )
+                has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0  # tensor-shaped (interpreter)
+                keep = tl.load(m_ptr, mask=has, other=1) != 0
+            if HAS_KV:
+                keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
+            if HAS_QSEL:
+                keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None]
+        else:
+            keep = (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None] & k_ok[None, :]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
+        # Whole block: the scale rides in the exp2 argument (one FMA per score, as the Triton
+        # tutorial); the row maximum is scaled instead of every score.
+        if NEG_SCALE:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
@@ -82,10 +102,10 @@ def _fwd_tile(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr,
+    dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc,
     Rows, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
-    MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -109,9 +129,13 @@ def _dkdv_tile(
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
     if MASKED:
         mid = tl.load(Mid + lst + j)
-        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[None, :] * BLOCK + c_in[:, None]
-        has = (r_in[None, :] * 0 + c_in[:, None] * 0 + mid) >= 0
-        keepT = tl.load(m_ptr, mask=has, other=1) != 0
+        if MASK_TMA:
+            mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + (it % SUB) * BLOCK_M, c_in0])
+            keepT = (mt.T != 0) | (mid < 0)
+        else:
+            m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[None, :] * BLOCK + c_in[:, None]
+            has = (r_in[None, :] * 0 + c_in[:, None] * 0 + mid) >= 0
+            keepT = tl.load(m_ptr, mask=has, other=1) != 0
         if HAS_QSEL:
             keepT = keepT & (tl.load(qs_ptr + offs_m * s_ss) != 0)[None, :]
         pT = tl.where(keepT, pT, 0.0)
@@ -127,10 +151,10 @@ def _dkdv_tile(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr,
+    dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc,
     Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
-    MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ contribution of key sub-tile ``it`` of a query tile's list."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -151,9 +175,13 @@ def _dq_tile(
     p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
     if MASKED:
         mid = tl.load(Mid + lst + j)
-        m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
-        has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0
-        keep = tl.load(m_ptr, mask=has, other=1) != 0
+        if MASK_TMA:
+            mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
+            keep = (mt != 0) | (mid < 0)
+        else:
+            m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
+            has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0
+            keep = tl.load(m_ptr, mask=has, other=1) != 0
         if HAS_KV:
             keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
         if HAS_QSEL:
@@ -173,22 +201,29 @@ def _dq_tile(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, Rows,
-    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup,
+    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup, QOrder,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
-    H, S_PAD,
+    H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """Output and log-sum-exp of BLOCK_M query rows."""
+    """Output and log-sum-exp of BLOCK_M query rows.
+
+    Grid (B*H, query tiles): the linear launch order runs every head of a tile slot before the
+    next slot, and ``QOrder`` maps slots to plan query blocks longest key list first, so the
+    longest programs (e.g. text rows that attend every block) start first, not in the tail.
+    """
     SUB: tl.constexpr = BLOCK // BLOCK_N
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    SUB_M: tl.constexpr = BLOCK // BLOCK_M
+    pid_bh = tl.program_id(0)
+    slot = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    qb = start_m // BLOCK
+    qb = tl.load(QOrder + slot // SUB_M)
+    start_m = qb * BLOCK + (slot % SUB_M) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -202,6 +237,23 @@ def _fwd_kernel(
     q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(
+            k_base, shape=[S_PAD, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_base, shape=[S_PAD, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+    else:
+        k_desc = k_base
+        v_desc = v_base
+    if MASK_TMA:
+        m_desc = tl.make_tensor_descriptor(
+            Masks, shape=[N_MASKS * BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+    else:
+        m_desc = Masks
+    r_in0 = start_m % BLOCK
     lst = b * s_ib + h * s_ih + qb * s_iq
     cnt = b * s_nb + h * s_nh + qb
     n_mask = tl.load(NMask + cnt)
@@ -216,13 +268,15 @@ def _fwd_kernel(
     # Blocks under a mask first (element mask, run-time key validity), then whole blocks.
     for it in range(0, n_mask * SUB):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
-            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC,
+            acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks,
+            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC, USE_TMA,
+            MASK_TMA, NEG_SCALE,
         )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
-            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC,
+            acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks,
+            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC, USE_TMA,
+            MASK_TMA, NEG_SCALE,
         )  # fmt: skip
 
     seen = l_i > 0.0  # rows with no visible key: out 0, lse -inf
@@ -271,9 +325,9 @@ def _bwd_dkdv_kernel(
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
-    H, S_PAD,
+    H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys, walking the transposed plan (query blocks listing this key block)."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -307,18 +361,25 @@ def _bwd_dkdv_kernel(
     else:
         qs_ptr = QSel
     qk_scale = sm_scale * 1.4426950408889634
+    if MASK_TMA:
+        m_desc = tl.make_tensor_descriptor(
+            Masks, shape=[N_MASKS * BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+    else:
+        m_desc = Masks
+    c_in0 = start_n % BLOCK
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for it in range(0, n_mask * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr, Rows, Idx, Mid, Masks, Lse, Delta,
-            s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
+            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, q_base, do_base, row_base, qs_ptr, Rows, Idx, Mid, Masks, Lse, Delta,
-            s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
+            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -339,9 +400,9 @@ def _bwd_dq_kernel(
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
-    H, S_PAD,
+    H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
+    GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ of BLOCK_M queries, walking the forward key lists."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -376,17 +437,24 @@ def _bwd_dq_kernel(
     qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
     kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
+    if MASK_TMA:
+        m_desc = tl.make_tensor_descriptor(
+            Masks, shape=[N_MASKS * BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+    else:
+        m_desc = Masks
+    r_in0 = start_m % BLOCK
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for it in range(0, n_mask * SUB):
         dq = _dq_tile(
-            dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
-            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC,
+            dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, Rows, Idx, Mid, Masks,
+            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dq = _dq_tile(
-            dq, q, do, m, di, it, lst, r_in, k_base, v_base, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks, KGroup,
-            s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC,
+            dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, Rows, Idx, Mid, Masks,
+            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC, MASK_TMA,
         )  # fmt: skip
 
     dq *= sm_scale
@@ -409,27 +477,36 @@ class TileConfig:
     num_stages: int = 3
 
     def kwargs(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head dim, the first being the default without autotune.
 # Seeded from the Triton tutorial and FlexAttention's H100 defaults, then kept only if the
 # sm_90 build (compiled offline with Triton 3.9's ptxas) has no register spills and fits
-# shared memory. BLOCK_M/BLOCK_N above the plan block size are clipped at launch.
+# shared memory (128x32/w4 forward spilled and is gone). BLOCK_M/BLOCK_N above the plan
+# block size are clipped at launch.
 _FWD_SPACE = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3, "order"), (128, 64, 8, 2), (64, 64, 4, 3, "order")],
     256: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
 }
 # dK/dV walks query tiles (BLOCK_M) for a fixed key tile (BLOCK_N); dQ the other way round.
+# Head dim 128 (every supported video model) is checked by benchmarks/offline_compile.py
+# (results/offline_sm90.json); a 5th element ships an entry for one path only. dK/dV in
+# kernel order has no spill-free config yet (least: 32x64/w8, 100 bytes).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
-    128: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (32, 64, 8, 3), (32, 64, 4, 3)],
+    128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather")],
     256: [(32, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3)],
 }
 _DQ_SPACE = {
     64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 64, 8, 3, "order"), (128, 32, 8, 3, "order"), (64, 32, 4, 3, "order"), (64, 64, 8, 3, "gather")],
     256: [(64, 32, 8, 2), (32, 32, 4, 3), (32, 64, 8, 2)],
 }
 
@@ -438,17 +515,24 @@ def _space_for(space: dict, head_dim: int) -> list[tuple[int, int, int, int]]:
     return space[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
 
 
-def _fit(cfg: tuple[int, int, int, int], block: int, itemsize: int) -> TileConfig:
-    bm, bn, w, s = cfg
+def _fit(cfg: tuple, block: int, itemsize: int) -> TileConfig:
+    bm, bn, w, s = cfg[:4]
     if itemsize >= 4:  # fp32 (ieee dots) needs twice the shared memory: halve the tiles
         bm, bn = max(16, bm // 2), max(16, bn // 2)
     return TileConfig(min(bm, block), min(bn, block), w, s)
 
 
-def candidates(space: dict, head_dim: int, block: int, itemsize: int) -> list[TileConfig]:
-    """Distinct tile configs of a search space that fit the plan block size (in order)."""
+def candidates(space: dict, head_dim: int, block: int, itemsize: int, gather: bool | None = None) -> list[TileConfig]:
+    """Distinct tile configs of a search space that fit the plan block size (in order).
+
+    An entry tagged ``"order"`` or ``"gather"`` (5th element) is shipped only for that path
+    (contiguous kernel order, or the caller-order row gather): its register budget differs.
+    """
     out: list[TileConfig] = []
+    path = None if gather is None else ("gather" if gather else "order")
     for cfg in _space_for(space, head_dim):
+        if path is not None and len(cfg) > 4 and cfg[4] != path:
+            continue
         c = _fit(cfg, block, itemsize)
         if c not in out:
             out.append(c)
@@ -460,7 +544,8 @@ def _prune(space: dict):
         q = named_args["Q"]
         block = named_args.get("BLOCK", kwargs.get("BLOCK"))
         head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
-        allowed = set(candidates(space, head_dim, block, q.element_size()))
+        gather = named_args.get("GATHER", kwargs.get("GATHER"))
+        allowed = set(candidates(space, head_dim, block, q.element_size(), bool(gather)))
         kept = [
             c
             for c in configs
@@ -482,7 +567,11 @@ def _all_configs(space: dict) -> list[triton.Config]:
                     if c not in seen:
                         seen.add(c)
                         out.append(
-                            triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+                            triton.Config(
+                                {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                                num_warps=c.num_warps,
+                                num_stages=c.num_stages,
+                            )
                         )
     return out
 
@@ -491,7 +580,10 @@ _KEY = ["HEAD_DIM", "BLOCK", "GATHER", "HAS_KV", "HAS_QSEL", "S_PAD"]
 
 
 def _tuned(kernel, space):
-    return triton.autotune(configs=_all_configs(space), key=_KEY, prune_configs_by={"early_config_prune": _prune(space)})(kernel)
+    key = _KEY + [n for n in ("USE_TMA", "MASK_TMA") if n in kernel.arg_names]
+    return triton.autotune(
+        configs=_all_configs(space), key=key, prune_configs_by={"early_config_prune": _prune(space)}
+    )(kernel)
 
 
 _fwd_tuned = _tuned(_fwd_kernel, _FWD_SPACE)
@@ -519,21 +611,75 @@ def force_configs(fwd: TileConfig | None = None, dkdv: TileConfig | None = None,
         _FORCED.update(saved)
 
 
-def _launch(kernel, tuned, space, grid_rows: int, bh: int, args: tuple, consts: dict, q: torch.Tensor, block: int,
-            config: TileConfig | None, tile_of_grid: str, role: str):
+def _launch(
+    kernel,
+    tuned,
+    space,
+    grid_rows: int,
+    bh: int,
+    args: tuple,
+    consts: dict,
+    q: torch.Tensor,
+    block: int,
+    config: TileConfig | None,
+    tile_of_grid: str,
+    role: str,
+    heads_first: bool = False,
+):
     head_dim = consts["HEAD_DIM"]
     config = config or _FORCED.get(role)
     if config is not None and (block % config.block_m or block % config.block_n):
         raise ValueError(f"Tile {config} does not divide the plan block size {block}.")
+
+    def grid(tiles: int) -> tuple[int, int]:
+        return (bh, tiles) if heads_first else (tiles, bh)
+
     if config is None and autotune_enabled():
-        tuned[lambda meta: (grid_rows // meta[tile_of_grid], bh)](*args, **consts)
+        tuned[lambda meta: grid(grid_rows // meta[tile_of_grid])](*args, **consts)
         return
     if config is None:
-        config = candidates(space, head_dim, block, q.element_size())[0]
+        config = candidates(space, head_dim, block, q.element_size(), bool(consts["GATHER"]))[0]
         if INTERPRETED:  # the interpreter is fastest with the biggest tiles
             config = TileConfig(min(block, 64), min(block, 64))
     tile = config.block_m if tile_of_grid == "BLOCK_M" else config.block_n
-    kernel[(grid_rows // tile, bh)](*args, **consts, **config.kwargs())
+    kernel[grid(grid_rows // tile)](*args, **consts, **config.kwargs())
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether [B, S, H, D] ``t`` can be read by tensor descriptors: unit last stride, 16-byte
+    aligned base and row/head/batch strides (TMA's rules)."""
+    es = t.element_size()
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all((t.stride(i) * es) % 16 == 0 or t.shape[i] == 1 for i in range(3))
+    )
+
+
+def tma_enabled(device: torch.device) -> bool:
+    """TMA descriptors on Hopper and newer (and in the interpreter) unless VIDSPARSE_TRITON_TMA=0."""
+    if os.environ.get("VIDSPARSE_TRITON_TMA", "1") == "0":
+        return False
+    if INTERPRETED:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors live in a small global scratch buffer that Triton asks
+    the host to allocate; hand it torch's caching allocator (once)."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET or INTERPRETED:
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
+    _ALLOCATOR_SET = True
 
 
 # -- launchers -----------------------------------------------------------------------------
@@ -551,6 +697,7 @@ class PlanArgs:
     key_group: torch.Tensor | None  # int32 [NK]
     block: int
     padded_len: int
+    query_order: torch.Tensor | None = None  # int32 [NQ]: query blocks, longest key list first
 
 
 def _list_strides(lists) -> tuple[int, int, int, int, int]:
@@ -600,13 +747,41 @@ def forward(q, k, v, p: PlanArgs, scale: float, config: TileConfig | None = None
     lse = torch.empty(B, H, p.padded_len, dtype=torch.float32, device=q.device)
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # never read: its flag is off
     rows, tensors, strides = _common(p, p.lists, dummy)
-    args = (q, k, v, out, lse, rows, *tensors, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H, p.padded_len)
-    _launch(_fwd_kernel, _fwd_tuned, _FWD_SPACE, p.padded_len, B * H, args, _flags(q, p), q, p.block, config, "BLOCK_M", "fwd")
+    order = p.query_order if p.query_order is not None else longest_first(p.lists)
+    args = (q, k, v, out, lse, rows, *tensors, order, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H,
+            p.padded_len, p.masks.shape[0])  # fmt: skip
+    tma = tma_enabled(q.device)
+    use_tma = p.rows is None and tma and _tma_ok(k) and _tma_ok(v)
+    mask_tma = tma and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
+    if use_tma or mask_tma:
+        _ensure_allocator()
+    flags = {**_flags(q, p), "USE_TMA": use_tma, "MASK_TMA": mask_tma, "NEG_SCALE": scale < 0}
+    _launch(_fwd_kernel, _fwd_tuned, _FWD_SPACE, p.padded_len, B * H, args, flags, q, p.block, config, "BLOCK_M", "fwd",
+            heads_first=True)  # fmt: skip
     return out, lse
 
 
-def backward(do, dlse, q, k, v, out, lse, p: PlanArgs, t_lists, scale: float,
-             dkdv_config: TileConfig | None = None, dq_config: TileConfig | None = None):
+def longest_first(lists) -> torch.Tensor:
+    """int32 [NQ]: query blocks by total key-list length over batch and heads, longest first
+    (stable, on the device: no host read)."""
+    total = lists.n_total.to(torch.int64).sum(dim=(0, 1))
+    return torch.sort(total, descending=True, stable=True).indices.to(torch.int32).contiguous()
+
+
+def backward(
+    do,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    p: PlanArgs,
+    t_lists,
+    scale: float,
+    dkdv_config: TileConfig | None = None,
+    dq_config: TileConfig | None = None,
+):
     """Gradients (dq, dk, dv) [B, S, H, D]; ``t_lists`` is the transposed (key-major) plan."""
     B, _, H, D = q.shape
     S_pad = p.padded_len
@@ -621,14 +796,31 @@ def backward(do, dlse, q, k, v, out, lse, p: PlanArgs, t_lists, scale: float,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    flags = _flags(q, p)
+    mask_tma = tma_enabled(q.device) and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
+    if mask_tma:
+        _ensure_allocator()
+    flags = {**_flags(q, p), "MASK_TMA": mask_tma}
     base = (*_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq))
+    n_masks = p.masks.shape[0]
 
     _, tensors, strides = _common(p, t_lists, dummy)
-    args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_SPACE, S_pad, B * H, args, flags, q, p.block, dkdv_config, "BLOCK_N", "dkdv")
+    args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad, n_masks)
+    _launch(
+        _bwd_dkdv_kernel,
+        _dkdv_tuned,
+        _DKDV_SPACE,
+        S_pad,
+        B * H,
+        args,
+        flags,
+        q,
+        p.block,
+        dkdv_config,
+        "BLOCK_N",
+        "dkdv",
+    )
 
     _, tensors, strides = _common(p, p.lists, dummy)
-    args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad)
+    args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad, n_masks)
     _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, flags, q, p.block, dq_config, "BLOCK_M", "dq")
     return dq, dk, dv

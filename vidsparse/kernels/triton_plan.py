@@ -5,9 +5,9 @@ element mask first and the whole blocks after, so the whole-block loop carries n
 arithmetic at all. The dK/dV kernel walks the transpose: for each key block, the query
 blocks that list it (same masked-first split).
 
-Everything here is plain torch on the plan's device. Nothing synchronises with the host
-except the transpose's list width (one ``.item()`` the first time a static plan is used in
-a backward pass; cached after that).
+Everything here is plain torch on the plan's device. Nothing synchronises with the host: the
+transpose's list width is the number of query blocks (an upper bound) unless that table would
+exceed ``_SYNC_FREE_ENTRIES`` entries, in which case the real width is read once per plan.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from vidsparse.lru import LRUCache
+
+# Entries (batch x heads x key blocks x query blocks) up to which the transposed lists are built
+# NQ wide without reading the real width on the host: 2**23 int32 = 32 MiB per table.
+_SYNC_FREE_ENTRIES = 1 << 23
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +90,12 @@ def transpose_lists(
     n_masked = torch.zeros(groups + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, gid.flatten(), masked.flatten().long()
     )
-    width = max(1, int(n_total[:groups].max().item())) if groups else 1
+    # A key block is listed by at most NQ query blocks: that width needs no host read of the
+    # real maximum (a device sync). Only when the NQ-wide table would be large is it measured.
+    if groups * NQ <= _SYNC_FREE_ENTRIES:
+        width = max(1, NQ)
+    else:
+        width = max(1, int(n_total[:groups].max().item())) if groups else 1
     start = torch.cumsum(n_total, 0) - n_total
     pos = torch.arange(g_sorted.numel(), device=dev) - start[g_sorted]
     real = g_sorted < groups

@@ -1,0 +1,116 @@
+"""The budgeted GPU suite's dry run (CPU, Triton interpreter): stages, pass fields, budget skips,
+atomic JSON, the Markdown renderer and its target verdicts."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere below
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+from vidsparse import gpu_suite  # noqa: E402
+from vidsparse.kernels import triton_kernels as tk  # noqa: E402
+
+if not tk.INTERPRETED:
+    pytest.skip("triton_kernels was imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def test_dry_run_writes_every_stage_with_pass_fields(tmp_path):
+    doc = gpu_suite.run_suite(tmp_path, budget_s=600, dry_run=True, log=lambda m: None)
+    on_disk = json.loads((tmp_path / gpu_suite.JSON_NAME).read_text())
+    assert on_disk["schema"] == gpu_suite.SCHEMA and on_disk["dry_run"] is True
+    names = [s["name"] for s in on_disk["stages"]]
+    assert names == [s.name for s in gpu_suite.STAGES]
+    by = {s["name"]: s for s in on_disk["stages"]}
+    for name in ("environment", "correctness", "attention-wan-1.3b", "step-wan-1.3b"):
+        assert by[name]["status"] == "done", by[name]
+        assert by[name]["pass"] is True, by[name]
+    assert by["attention-wan-14b"]["status"] == "skipped" and "dry run" in by["attention-wan-14b"]["reason"]
+    corr = by["correctness"]["cases"]
+    done = [c for c in corr if c.get("status") == "done"]
+    assert {c["pattern"] for c in done} >= {"dense", "radial", "tile", "vmoba"}
+    assert {c["dtype"] for c in done} == {"float16", "float32"}
+    assert all(0 <= c["out_err"] <= c["tol"] for c in done)
+    assert all("dq_err" in c for c in done if c["pattern"] in gpu_suite.GRAD_PATTERNS)
+    att = by["attention-wan-1.3b"]["cases"]
+    timed = {(c["plan"], c["backend"], c["direction"]) for c in att if c.get("ms")}
+    assert {("dense", "sdpa", "fwd"), ("dense", "triton", "fwd+bwd"), ("radial", "flex", "fwd")} <= timed
+    flex = next(c for c in att if c["backend"] == "flex" and c["plan"] == "radial" and c.get("ms"))
+    assert flex["err_vs_triton"] < 1e-2  # the identical plan
+    step = by["step-wan-1.3b"]["cases"]
+    assert step[0]["pattern"] == "dense" and step[1]["pattern"] == "radial" and step[1]["finite"]
+    assert doc["stages"][-1]["name"] == names[-1]
+    md = gpu_suite.write_markdown(tmp_path / gpu_suite.JSON_NAME).read_text()
+    assert "DRY RUN" in md and "## correctness" in md and "| radial | triton | fwd |" in md
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_stage_that_does_not_fit_is_skipped_with_reason(tmp_path):
+    doc = gpu_suite.run_suite(tmp_path, budget_s=3, dry_run=True, stages=["environment", "correctness"],
+                              log=lambda m: None)  # fmt: skip
+    by = {s["name"]: s for s in doc["stages"]}
+    assert by["environment"]["status"] == "done"
+    assert by["correctness"]["status"] == "skipped" and by["correctness"]["pass"] is None
+    assert "estimated" in by["correctness"]["reason"] and "left" in by["correctness"]["reason"]
+
+
+def test_bad_arguments_are_refused_before_work(tmp_path):
+    with pytest.raises(ValueError, match="Unknown stage"):
+        gpu_suite.run_suite(tmp_path, 10, dry_run=True, stages=["bogus"])
+    with pytest.raises(ValueError, match="budget"):
+        gpu_suite.run_suite(tmp_path, 0, dry_run=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_targets_met_and_missed_are_rendered():
+    doc = {"created": "t", "budget_s": 480, "elapsed_s": 100, "dry_run": False, "stages": [
+        {"name": "environment", "status": "done", "pass": True, "info": {"device": "H200", "git_commit": "abc"}},
+        {"name": "attention-wan-1.3b", "status": "done", "pass": True, "info": {"shape": "wan-1.3b"}, "cases": [
+            {"plan": "dense", "backend": "triton", "direction": "fwd", "density": 1.0, "ms": 10, "speedup_vs_sdpa": 0.9},
+            {"plan": "radial", "backend": "triton", "direction": "fwd", "density": 0.2, "ms": 3, "speedup_vs_sdpa": 3.0},
+            {"plan": "radial", "backend": "flex", "direction": "fwd", "density": 0.2, "ms": 4, "triton_speedup": 1.33},
+        ]},
+        {"name": "step-wan-1.3b", "status": "done", "pass": True, "cases": [
+            {"pattern": "dense", "forward_ms": 100}, {"pattern": "radial", "forward_ms": 80, "speedup": 1.25}]},
+    ]}  # fmt: skip
+    md = gpu_suite.render_markdown(doc)
+    assert "dense >= 0.8x SDPA | 0.90x | met" in md
+    assert "radial [triton] (d=0.20) >= 4.25x SDPA | 3.00x | missed by 29 %" in md
+    assert ">= 1.3x compiled Flex | 1.33x | met" in md
+    assert "step radial >= 1.4x dense | 1.25x" in md and "missed by 11 %" in md
+
+
+def test_bench_suite_flag_runs_the_same_code(tmp_path, monkeypatch):
+    from vidsparse import bench
+
+    seen = {}
+
+    def fake(out_dir, budget_s, dry_run=False, stages=None, autotune=False, seed=0, log=print):
+        seen.update(out_dir=out_dir, budget_s=budget_s, dry_run=dry_run, stages=stages)
+        rec = gpu_suite.Record(out_dir / gpu_suite.JSON_NAME, {"schema": gpu_suite.SCHEMA, "created": "t",
+                               "budget_s": budget_s, "dry_run": dry_run})  # fmt: skip
+        return rec.doc
+
+    monkeypatch.setattr(gpu_suite, "run_suite", fake)
+    assert bench.main(["--suite", "--dry-run", "--budget-s", "30", "--out-dir", str(tmp_path),
+                       "--stages", "environment"]) == 0  # fmt: skip
+    assert seen == {"out_dir": tmp_path, "budget_s": 30.0, "dry_run": True, "stages": ["environment"]}
+    assert (tmp_path / gpu_suite.MD_NAME).exists()
+
+
+def test_a_stage_stops_at_its_cap_and_keeps_its_cases(tmp_path, monkeypatch):
+    """A stage that overruns 1.5x its estimate ends 'partial' with the cases it finished, and the
+    next stage still runs."""
+    stages = tuple(
+        gpu_suite.Stage(s.name, s.run, (lambda ctx: 1.5) if s.name == "correctness" else s.estimate, s.about)
+        for s in gpu_suite.STAGES
+    )
+    monkeypatch.setattr(gpu_suite, "STAGES", stages)
+    doc = gpu_suite.run_suite(tmp_path, budget_s=600, dry_run=True, stages=["correctness", "environment"],
+                              log=lambda m: None)  # fmt: skip
+    by = {s["name"]: s for s in doc["stages"]}
+    assert by["correctness"]["status"] == "partial" and "stage cap" in by["correctness"]["reason"]
+    assert by["correctness"]["cap_s"] == pytest.approx(2.25, abs=0.06)
+    assert by["environment"]["status"] == "done"
