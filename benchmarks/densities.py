@@ -20,7 +20,7 @@ import torch
 
 import vidsparse as vs
 from vidsparse.benchmeta import git_commit
-from vidsparse.pipelines.families import FAMILIES, default_pattern_options
+from vidsparse.families import get_family
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,10 @@ PATTERNS = ("radial", "tile", "gna", "attention-tile")
 
 
 def measure(shape: Shape, name: str, block_size: int) -> dict:
-    family = FAMILIES[shape.family]
+    family = get_family(shape.family)
     position = "none" if not shape.text_len else family.text_position
     layout = vs.VideoLayout(*shape.grid, text_len=shape.text_len, text_position=position)
-    options = default_pattern_options(family, name, layout, block_size)
+    options = family.pattern_options(name, layout, block_size)
     pattern = vs.make_pattern(name, **options)
     start = time.perf_counter()
     plan = vs.plan(pattern, layout, block_size=block_size)

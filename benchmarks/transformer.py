@@ -125,11 +125,11 @@ MODELS = {
 
 
 def _tiny_cases() -> dict[str, ModelCase]:
-    from vidsparse.models.tiny import _tiny_config
+    from vidsparse.models.tiny import tiny_config
 
     cases = {}
     for family, latent in (("wan", (4, 6, 8, 8)), ("hunyuan", (4, 5, 8, 8))):
-        cls_name, cfg = _tiny_config(family)
+        cls_name, cfg = tiny_config(family)
         cases[f"{family}-tiny"] = ModelCase(
             f"{family}-tiny", family, cls_name, cfg, (0, 0, 0), latent, 8, 2 if family == "wan" else 1, tiny=True
         )

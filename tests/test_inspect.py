@@ -7,9 +7,12 @@ import torch
 
 import vidsparse as vs
 from vidsparse.cli import main
-from vidsparse.inspect_cli import FAMILIES, family_grid, token_density, video_block_density
+from vidsparse.density import token_density, video_block_density
+from vidsparse.families import geometries
+from vidsparse.families import video_geometry as family_grid
 from vidsparse.visualize import plot_plan, query_row, selection_matrix
 
+FAMILIES = geometries()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vidsparse.config import SparseConfig
+from vidsparse.families import family_of
 from vidsparse.lora import TrainConfig
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
@@ -23,7 +24,6 @@ from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
 from vidsparse.models.tiny import build_tiny_pipeline, tiny_transformer
 from vidsparse.pipelines import apply
-from vidsparse.pipelines.families import family_of
 
 # clip sizes giving a latent grid of 3 frames x 16 x 16 (HunyuanVideo, Mochi: 8 x 8 tokens after
 # the 2x2 patch) or 3 x 8 x 8 (LTX-Video: 32x VAE, patch 1): 192 video tokens, radial visibly sparse

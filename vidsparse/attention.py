@@ -68,7 +68,7 @@ def plan(
         pattern,
         layout,
         int(num_heads),
-        layer if getattr(pattern, "uses_layer", False) else None,
+        layer if pattern.uses_layer else None,
         block_size,
         str(device),
     )

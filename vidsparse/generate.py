@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
-from vidsparse.inspect_cli import FAMILIES, FamilyGrid, token_density
+from vidsparse.density import token_density
+from vidsparse.families import VideoGeometry, family_of_geometry, family_of_pipeline, pipeline_prefixes, video_geometry
 from vidsparse.video_io import as_uint8_frames, check_video_path, psnr, write_video
 
 TINY = "tiny"
@@ -48,18 +49,8 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 PARALLEL_MODES = ("none", "clip", "ulysses")
-# Output frame rates of the families' reference pipelines (export_to_video calls in their docs).
-FAMILY_FPS = {"wan": 16, "hunyuan": 15, "cogvideox": 8, "cogvideox1.5": 16, "ltx": 24, "mochi": 30}
 # A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
 TINY_DEFAULTS = {"frames": 33, "height": 96, "width": 160, "steps": 8, "guidance": 5.0}
-# Pipeline class name prefix -> family.
-_PIPELINE_FAMILIES = (
-    ("HunyuanVideo", "hunyuan"),
-    ("CogVideoX", "cogvideox"),
-    ("LTX", "ltx"),
-    ("Mochi", "mochi"),
-    ("Wan", "wan"),
-)
 
 
 # -- options and results ----------------------------------------------------------------------
@@ -210,7 +201,7 @@ class ModelInfo:
     kind: str  # "tiny" | "local" | "hub"
     source: str
     pipeline_class: str
-    grid: FamilyGrid
+    grid: VideoGeometry
     defaults: Mapping[str, Any]
     two_stage: bool = False
     absent_components: tuple[str, ...] = ()  # model_index entries saved as [null, null]
@@ -253,21 +244,11 @@ def _hub_json(repo: str, filename: str, required: bool) -> dict[str, Any] | None
         ) from None
 
 
-def _family_from_class(class_name: str, transformer_config: dict[str, Any] | None) -> FamilyGrid:
-    for prefix, family in _PIPELINE_FAMILIES:
-        if class_name.startswith(prefix):
-            grid = FAMILIES[family]
-            cfg = transformer_config or {}
-            if family == "cogvideox" and cfg.get("patch_size_t"):
-                grid = FAMILIES["cogvideox1.5"]
-            patch = cfg.get("patch_size")
-            if isinstance(patch, (list, tuple)) and len(patch) == 3:
-                grid = replace(grid, patch=tuple(int(p) for p in patch))
-            elif isinstance(patch, int):
-                pt = cfg.get("patch_size_t") or 1
-                grid = replace(grid, patch=(int(pt), patch, patch))
-            return grid
-    supported = ", ".join(f"{p}*Pipeline" for p, _ in _PIPELINE_FAMILIES)
+def _family_from_class(class_name: str, transformer_config: dict[str, Any] | None) -> VideoGeometry:
+    family = family_of_pipeline(class_name)
+    if family is not None:
+        return family.geometry_for(transformer_config)
+    supported = ", ".join(f"{p}*Pipeline" for p in pipeline_prefixes())
     raise ValueError(
         f"vidsparse generate runs video diffusion pipelines of these families: {supported}; "
         f"this model is a {class_name}."
@@ -297,7 +278,7 @@ def resolve_model(model: str) -> ModelInfo:
         raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
     model = model.strip()
     if model == TINY:
-        return ModelInfo(TINY, TINY, "WanPipeline", FAMILIES["wan"], dict(TINY_DEFAULTS))
+        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -415,18 +396,15 @@ def _steps_value(value: Any, name: str) -> Any:
     return value
 
 
-def _integration_family(grid: FamilyGrid):
-    from vidsparse.pipelines.families import FAMILIES as SPECS
-
-    return SPECS["cogvideox" if grid.name.startswith("cogvideox") else grid.name]
+def _integration_family(grid: VideoGeometry):
+    return family_of_geometry(grid)
 
 
 def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[int, int, int]):
     """SparseConfig for vidsparse.apply (None for dense), validated on the token grid."""
     from vidsparse.config import SparseConfig
-    from vidsparse.layout import VideoLayout
+    from vidsparse.layout import VideoLayout, auto_block_size
     from vidsparse.patterns import Pattern, make_pattern
-    from vidsparse.pipelines.families import auto_block_size, default_pattern_options
 
     pattern = options.pattern
     if isinstance(pattern, str):
@@ -456,7 +434,7 @@ def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[
     if isinstance(pattern, str):
         spec = _integration_family(info.grid)
         block = options.block_size or auto_block_size(layout)
-        opts = default_pattern_options(spec, config.pattern, layout, block, info.two_stage)
+        opts = spec.pattern_options(config.pattern, layout, block, info.two_stage)
         opts.update(options.pattern_options)
         resolved = make_pattern(config.pattern, **opts)
     else:
@@ -504,7 +482,7 @@ def prepare(options: GenerateOptions) -> _Plan:
     dtype = _resolve_dtype(options.dtype, device)
     if options.cpu_offload and device.type != "cuda":
         raise ValueError("--cpu-offload moves weights between CPU and a GPU; it needs --device cuda (CUDA available).")
-    fps = options.fps if options.fps is not None else FAMILY_FPS.get(info.family, 16)
+    fps = options.fps if options.fps is not None else info.grid.fps
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
     config, name = _build_sparse_config(options, info, grid)
@@ -885,7 +863,7 @@ class _SparseMeter:
 
 def _num_layers(pipe) -> int:
     try:
-        from vidsparse.pipelines.families import family_of
+        from vidsparse.families import family_of
 
         return len(family_of(pipe.transformer).attention_paths(pipe.transformer))
     except Exception:

@@ -20,95 +20,14 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vidsparse.cli import UserError, add_pattern_arguments, pattern_from_args
-
-# -- model families: VAE compression and patch size ------------------------------------------
-
-
-@dataclass(frozen=True)
-class FamilyGrid:
-    """How a model family turns a video (frames x height x width) into self-attention tokens.
-
-    ``temporal``/``spatial`` are the VAE's compression factors (causal video VAEs keep the
-    first frame: latent frames = (frames - 1) // temporal + 1), ``patch`` the transformer's
-    (t, h, w) patchify. ``text_len``/``text_position`` is the text span joint-attention models
-    put in the same sequence (0 / "none" when text goes through cross-attention).
-    """
-
-    name: str
-    temporal: int
-    spatial: int
-    patch: tuple[int, int, int]
-    default_video: tuple[int, int, int]
-    text_len: int = 0
-    text_position: str = "none"
-
-    def check_video(self, frames: int, height: int, width: int) -> None:
-        """ValueError naming the nearest valid sizes if the VAE and patchify cannot take this video."""
-        problems = []
-        t = self.temporal
-        if not isinstance(frames, int) or frames < 1 or (frames - 1) % t:
-            lo = max(1, (max(frames, 1) - 1) // t * t + 1)
-            hi = lo + t if lo < frames else lo
-            near = f"{lo} or {hi}" if lo != hi else f"{lo}"
-            problems.append(
-                f"frames={frames}: the {self.name} VAE compresses time {t}x and keeps the first frame, so frames "
-                f"must be 1 + a multiple of {t}; nearest valid: {near}"
-            )
-        for label, value, p in (("height", height, self.patch[1]), ("width", width, self.patch[2])):
-            m = self.spatial * p
-            if not isinstance(value, int) or value < m or value % m:
-                lo = max(value, 0) // m * m
-                hi = lo + m
-                near = f"{lo} or {hi}" if lo >= m else f"{hi}"
-                problems.append(
-                    f"{label}={value}: must be a multiple of {m} ({self.spatial}x VAE x {p} patch); nearest valid: {near}"
-                )
-        if problems:
-            raise ValueError(
-                f"Video size {frames}x{height}x{width} does not fit {self.name}: " + "; ".join(problems) + "."
-            )
-
-    def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """Token grid (F, H, W) after the VAE and patchify, as diffusers' pipelines compute it."""
-        self.check_video(frames, height, width)
-        latent_frames = (frames - 1) // self.temporal + 1
-        pt, ph, pw = self.patch
-        # diffusers pads latent frames up to a multiple of patch_t (CogVideoX 1.5).
-        return (-(-latent_frames // pt), height // (self.spatial * ph), width // (self.spatial * pw))
-
-
-# Until a shared table exists, the factors live here (diffusers configs: Wan2.1/2.2, HunyuanVideo,
-# CogVideoX 1.0 / 1.5, LTX-Video, Mochi-1).
-FAMILIES: dict[str, FamilyGrid] = {
-    "wan": FamilyGrid("wan", 4, 8, (1, 2, 2), (81, 480, 832)),
-    "hunyuan": FamilyGrid("hunyuan", 4, 8, (1, 2, 2), (129, 720, 1280), 256, "after"),
-    "cogvideox": FamilyGrid("cogvideox", 4, 8, (1, 2, 2), (49, 480, 720), 226, "before"),
-    "cogvideox1.5": FamilyGrid("cogvideox1.5", 4, 8, (2, 2, 2), (81, 768, 1360), 226, "before"),
-    "ltx": FamilyGrid("ltx", 8, 32, (1, 1, 1), (161, 512, 704)),
-    "mochi": FamilyGrid("mochi", 6, 8, (1, 2, 2), (163, 480, 848), 256, "after"),
-}
-
-
-def family_grid(name: str) -> FamilyGrid:
-    key = name.strip().lower().replace("_", "").replace("-", "")
-    aliases = {
-        "hunyuanvideo": "hunyuan",
-        "wan2.1": "wan",
-        "wan2.2": "wan",
-        "ltxvideo": "ltx",
-        "cogvideox15": "cogvideox1.5",
-    }
-    key = aliases.get(key, key)
-    if key not in FAMILIES:
-        raise ValueError(f"Unknown model family {name!r}. Expected one of: {', '.join(FAMILIES)}.")
-    return FAMILIES[key]
+from vidsparse.density import token_density, video_block_density
+from vidsparse.families import geometries, video_geometry
 
 
 def parse_triple(text: str, flag: str, example: str) -> tuple[int, int, int]:
@@ -121,79 +40,6 @@ def parse_triple(text: str, flag: str, example: str) -> tuple[int, int, int]:
     if len(values) != 3 or any(v < 1 for v in values):
         raise UserError(f"{flag} expects three positive integers like {example}, got {text!r}.")
     return values  # type: ignore[return-value]
-
-
-# -- densities --------------------------------------------------------------------------------
-
-
-def token_density(plan) -> torch.Tensor:
-    """float64 [H|1]: attended (query, key) pairs / all pairs, per head (text mask all valid).
-
-    Counted from the plan itself: whole blocks count their valid rows x valid columns, partial
-    blocks the set bits of their element mask on valid rows, and dynamic per-query selection
-    (``query_select``) row by row.
-    """
-
-    bs = plan.block_size
-    valid = plan.order.token_valid.cpu()
-    n = plan.layout.seq_len
-    nb = plan.num_blocks
-    row_valid = valid.view(nb, bs)
-    counts = plan.kv_counts.cpu().long()
-    idx = plan.kv_indices.cpu().long()
-    mids = plan.mask_ids.cpu().long()
-    if plan.query_select is None:
-        slot = torch.arange(idx.shape[-1])
-        listed = slot < counts.unsqueeze(-1)  # [Bp, Hp, NQ, K]
-        col_valid = row_valid.sum(1)  # [NK]
-        rv = row_valid.sum(1)  # [NQ]
-        whole = (rv.view(1, 1, -1, 1) * col_valid[idx]).double()
-        if plan.block_masks.shape[0]:
-            row_pc = plan.block_masks.cpu().sum(dim=2).double()  # [P, bs]: keys set per row
-            table = row_pc @ row_valid.double().T  # [P, NQ]: pairs of mask id on query block's valid rows
-            qb = torch.arange(nb).view(1, 1, nb, 1).expand_as(mids)
-            part = table[mids.clamp_min(0), qb]
-            total = torch.where(mids < 0, whole, part)
-        else:
-            total = whole
-        total = (total * listed).sum(dim=(2, 3))  # [Bp, Hp]
-        return (total.mean(dim=0) / (n * n)).cpu()
-    # Dynamic selection: row r of query block qb keeps listed key block kb iff
-    # query_select[b, h, r, key_group[kb]]; count the keys each kept block gives row r.
-    qsel = plan.query_select.cpu()
-    key_group = plan.key_group.cpu().long()
-    B, H = qsel.shape[:2]
-    col_count = row_valid.sum(1).double()  # [NK] valid keys per block
-    row_pc = plan.block_masks.cpu().sum(dim=2).double() if plan.block_masks.shape[0] else None  # [P, bs]
-    total = torch.zeros(B, H, dtype=torch.float64)
-    slot = torch.arange(idx.shape[-1])
-    for qb in range(nb):
-        listed = (slot < counts[:, :, qb].unsqueeze(-1)).double()  # [Bp, Hp, K]
-        kb = idx[:, :, qb]  # [Bp, Hp, K]
-        mid = mids[:, :, qb]
-        per_row = col_count[kb].unsqueeze(-1).expand(*kb.shape, bs)  # [Bp, Hp, K, bs]
-        if row_pc is not None:
-            per_row = torch.where((mid >= 0).unsqueeze(-1), row_pc[mid.clamp_min(0)], per_row)
-        per_row = per_row * listed.unsqueeze(-1) * row_valid[qb].double()
-        sel = qsel[:, :, qb * bs : (qb + 1) * bs]  # [B, H, bs, G]
-        grp = key_group[kb]  # [Bp, Hp, K]
-        kept = torch.gather(
-            sel.double(), 3, grp.expand(B, H, -1).unsqueeze(2).expand(B, H, bs, grp.shape[-1])
-        )  # [B, H, bs, K]
-        total += torch.einsum("bhrk,bhkr->bh", kept, per_row.expand(B, H, -1, -1))
-    return total.mean(dim=0) / (n * n)
-
-
-def video_block_density(plan) -> torch.Tensor:
-    """float64 [H|1]: computed video-video blocks / all video-video blocks (the pattern's own sparsity)."""
-    text_blocks = plan.text_blocks.cpu()
-    nvb = int((~text_blocks).sum())
-    counts = plan.kv_counts.cpu().long()
-    idx = plan.kv_indices.cpu().long()
-    listed = torch.arange(idx.shape[-1]) < counts.unsqueeze(-1)
-    video_cols = (~text_blocks)[idx] & listed  # [Bp, Hp, NQ, K]
-    per_row = video_cols.sum(-1).double()[:, :, :nvb]  # video query blocks come first
-    return per_row.sum(-1).mean(0) / max(1, nvb * nvb)
 
 
 def layer_label(pattern, layer: int) -> str:
@@ -212,7 +58,7 @@ def default_layers(pattern) -> int:
     cycle = getattr(pattern, "layer_cycle", None)
     if isinstance(cycle, tuple) and cycle and all(isinstance(c, int) for c in cycle):
         return max(1, sum(cycle) + int(getattr(pattern, "layer_offset", 0) or 0))
-    if getattr(pattern, "uses_layer", False) or getattr(pattern, "dynamic", False):
+    if pattern.uses_layer or pattern.dynamic:
         return 3
     return 1
 
@@ -269,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--family",
         default=None,
         metavar="NAME",
-        help=f"model family: {', '.join(FAMILIES)}; gives --video its VAE and patch factors (default wan) and "
+        help=f"model family: {', '.join(geometries())}; gives --video its VAE and patch factors (default wan) and "
         "adds the text span of joint-attention families (hunyuan, cogvideox, mochi), also to --grid",
     )
     grid.add_argument(
@@ -339,13 +185,13 @@ def _layout_from_args(args) -> tuple[Any, str]:
             "Give exactly one of --grid FxHxW (latent token grid, e.g. 21x30x52) or --video FRAMESxHEIGHTxWIDTH "
             "(e.g. 81x480x832, with --family)."
         )
-    fam = family_grid(args.family) if args.family is not None else None
+    fam = video_geometry(args.family) if args.family is not None else None
     text_len, text_pos = (fam.text_len, fam.text_position) if fam is not None else (0, "none")
     if args.grid is not None:
         f, h, w = parse_triple(args.grid, "--grid", "21x30x52")
         origin = f"grid {f}x{h}x{w}" + (f", {fam.name} text span" if fam is not None and fam.text_len else "")
     else:
-        fam = fam or FAMILIES["wan"]
+        fam = fam or video_geometry("wan")
         frames, height, width = parse_triple(args.video, "--video", "81x480x832")
         f, h, w = fam.latent_grid(frames, height, width)
         text_len, text_pos = fam.text_len, fam.text_position
@@ -438,7 +284,7 @@ def inspect_pattern(args) -> dict[str, Any]:
             return q[layer], k[layer]
         return q, k
 
-    static_same = not pattern.dynamic and not getattr(pattern, "uses_layer", False)
+    static_same = not pattern.dynamic and not pattern.uses_layer
     rows = []
     plans = {}
     for layer in sorted(set(range(layers)) | {args.layer}):
@@ -551,4 +397,4 @@ def _json_default(obj):
     return str(obj)
 
 
-__all__ = ["FAMILIES", "FamilyGrid", "add_arguments", "family_grid", "inspect_pattern", "run", "token_density"]
+__all__ = ["add_arguments", "inspect_pattern", "parse_triple", "run", "token_density", "video_block_density"]

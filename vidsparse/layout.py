@@ -93,3 +93,12 @@ class VideoLayout:
     def __str__(self) -> str:
         text = f", text {self.text_len} {self.text_position}" if self.text_len else ""
         return f"{self.frames}x{self.height}x{self.width}{text}"
+
+
+def auto_block_size(layout: VideoLayout) -> int | None:
+    """Kernel block for a grid: None (backend default) unless a frame has < 128 tokens; then
+    the next power of two >= tokens per frame, at least 16 (keeps tiny grids cheap)."""
+    tpf = layout.tokens_per_frame
+    if tpf >= 128:
+        return None
+    return max(16, 1 << (tpf - 1).bit_length())

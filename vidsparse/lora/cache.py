@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from vidsparse.lora.adapters.base import TrainableVideoModel
 from vidsparse.lora.atomic import save_tensors, write_json
 from vidsparse.lora.data import ClipSpec, VideoReadError, VideoSample, read_clip
-from vidsparse.lora.models import TrainableVideoModel
 
 logger = logging.getLogger(__name__)
 

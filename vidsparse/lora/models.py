@@ -1,308 +1,35 @@
-"""What training needs from a diffusers video pipeline, per model family.
+"""Which LoRA adapter trains a diffusers pipeline: ``load_model`` and ``adapter_for``.
 
-A ``TrainableVideoModel`` knows how its family turns pixels into normalized latents, captions
-into the transformer's text conditioning, and (noisy latents, timestep, text) into the
-transformer's prediction. The training loop and the cache only talk to this interface, so a new
-family is one subclass here.
-
-Supported: Wan 2.1-style text-to-video (``WanPipeline`` with one transformer), which is the
-family Radial Attention's long-video LoRA recipe targets, and ``--model tiny`` (a tiny
-random-init ``WanPipeline`` from ``vidsparse.models.tiny``, for offline runs and tests), here;
-HunyuanVideo, LTX-Video and Mochi text-to-video in ``vidsparse.lora.families``. Refused with a
-reason (``REFUSED``): two-expert Wan 2.2, CogVideoX (v-prediction, not flow matching) and the
-image-to-video variants.
-
-The training loop's convention is the standard rectified flow: noise level ``s``, timestep
-``s * num_train_timesteps``, target velocity ``noise - x0``. ``predict`` maps it onto what the
-family's transformer was trained with (e.g. Mochi: timestep ``(1 - s) * N``, output
-``x0 - noise``) so the loss is the same everywhere; ``transformer_timestep`` and
-``transformer_output`` state that mapping so tests can check it against the pipeline's sampler.
+The adapters (``TrainableVideoModel`` subclasses) live in ``vidsparse.lora.adapters``, one
+module per family; each family record (``vidsparse.families``) names its adapter
+(``Family.lora_adapter``) or says why it has none (``Family.lora_refusal``), and lists the
+pipelines of the family train-lora refuses (``Family.lora_refusals``). This module reads only
+the registry, so there is no import cycle between the adapters and the lookup.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
 
-from vidsparse.lora.data import ClipSpec
+from vidsparse.families import families as registered_families
+from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
 
 
-def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str:
-    """A short, stable identity of a module: class, config, parameter shapes and a weight sample.
-
-    Hashing every weight of a multi-billion-parameter text encoder would take minutes, so each
-    tensor contributes its name, shape, dtype and up to 256 evenly spaced values: different
-    checkpoints differ there, while the same checkpoint always hashes the same.
-    """
-    h = hashlib.sha256()
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    if module is None:
-        h.update(b"<none>")
-        return h.hexdigest()[:16]
-    h.update(type(module).__qualname__.encode())
-    config = getattr(module, "config", None)
-    if config is not None:
-        cfg = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("name_or_path", "transformers_version")}
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, tensor in module.state_dict().items():
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel():
-            step = max(1, flat.numel() // 256)
-            h.update(flat[::step][:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class TrainableVideoModel:
-    """Base of the family adapters. Subclasses implement the encode/predict methods."""
-
-    family: ClassVar[str] = "base"
-    display_name: ClassVar[str] = "base"
-    pipeline_classes: ClassVar[tuple[str, ...]] = ()
-    default_target_modules: ClassVar[tuple[str, ...]] = ()
-    #: pipeline components that only the cache needs (moved to the encode device on first use).
-    encoder_names: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")
-
-    def __init__(self, pipe, model_id: str):
-        self.pipe = pipe
-        self.model_id = model_id
-        self._vae_id: str | None = None
-        self._text_id: str | None = None
-        self._latent_tokens: int | None = None  # latent f*h*w of the training clip (validate_clip)
-        self.encode_device = torch.device("cpu")
-
-    # -- identity (cache keys) --------------------------------------------------------
-    def vae_identity(self) -> str:
-        if self._vae_id is None:
-            self._vae_id = module_fingerprint(self.pipe.vae, {"family": self.family, "role": "vae"})
-        return self._vae_id
-
-    def text_identity(self) -> str:
-        if self._text_id is None:
-            self._text_id = self._compute_text_identity()
-        return self._text_id
-
-    def _compute_text_identity(self) -> str:
-        raise NotImplementedError
-
-    # -- model pieces -------------------------------------------------------------------
-    @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
-
-    def default_flow_shift(self) -> float:
-        """The shift of the pipeline's own flow-matching scheduler (1.0 if it has none).
-
-        A scheduler with resolution-dependent shifting (LTX-Video) gets the shift its pipeline
-        computes for the training clip's latent size (``validate_clip`` records it):
-        ``mu`` from ``calculate_shift``, then ``exp(mu)`` (exponential) or ``mu`` (linear), which is
-        that time shift written as the SD3 shift ``s' = k s / (1 + (k - 1) s)``.
-        """
-        cfg = self.pipe.scheduler.config
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-        if get("use_dynamic_shifting", False):
-            if self._latent_tokens is None:
-                raise RuntimeError("default_flow_shift of a dynamic-shifting scheduler needs validate_clip(spec) first.")
-            base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
-            base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
-            m = (max_shift - base_shift) / (max_len - base_len)
-            mu = self._latent_tokens * m + (base_shift - m * base_len)
-            return float(math.exp(mu)) if get("time_shift_type", "exponential") == "exponential" else float(mu)
-        for key in ("flow_shift", "shift"):
-            value = getattr(cfg, key, None) if not isinstance(cfg, dict) else cfg.get(key)
-            if isinstance(value, (int, float)) and value > 0:
-                return float(value)
-        return 1.0
-
-    def check_flow_matching(self) -> None:
-        """Refuse schedulers whose training target is not the flow velocity ``noise - x0``."""
-        sched = self.pipe.scheduler
-        cfg = sched.config
-        pred = cfg.get("prediction_type") if isinstance(cfg, dict) else getattr(cfg, "prediction_type", None)
-        is_flow = "FlowMatch" in type(sched).__name__ or pred == "flow_prediction" or bool(
-            getattr(cfg, "use_flow_sigmas", False)
-        )
-        if not is_flow:
-            raise ValueError(
-                f"{self.model_id}: scheduler {type(sched).__name__} (prediction_type={pred!r}) is not a "
-                "flow-matching scheduler; vidsparse train-lora trains flow models (x_t = (1 - s) x0 + s noise, "
-                "target noise - x0). Use a flow-matching pipeline such as Wan."
-            )
-
-    def validate_clip(self, spec: ClipSpec) -> None:
-        raise NotImplementedError
-
-    def encoders_to(self, device: torch.device | str) -> None:
-        """Where the VAE and text encoder run while the cache is built.
-
-        They move there on first use, so a run whose cache is complete never loads them onto
-        the GPU; ``encoders_to("cpu")`` sends them back at once.
-        """
-        self.encode_device = torch.device(device)
-        if self.encode_device.type == "cpu":
-            for name in self.encoder_names:
-                module = getattr(self.pipe, name, None)
-                if module is not None:
-                    module.to("cpu")
-
-    def _ready(self, module: torch.nn.Module) -> torch.nn.Module:
-        param = next(module.parameters(), None)
-        if param is not None and param.device != self.encode_device:
-            module.to(self.encode_device)
-        return module
-
-    def _check_clip(self, spec: ClipSpec, temporal: int, mult_h: int, mult_w: int, why: str) -> None:
-        """Frames ``temporal k + 1`` and sizes divisible by ``mult_h x mult_w``, else a ValueError with valid values."""
-        if (spec.num_frames - 1) % temporal:
-            lo = (spec.num_frames - 1) // temporal * temporal + 1
-            raise ValueError(
-                f"{self.display_name} needs num_frames = {temporal}k + 1 (the VAE compresses time {temporal}x after "
-                f"the first frame), got {spec.num_frames}; use {lo} or {lo + temporal}."
-            )
-        if spec.height % mult_h or spec.width % mult_w:
-            raise ValueError(
-                f"{self.display_name} needs height and width divisible by {mult_h} and {mult_w} ({why}), got "
-                f"{spec.height}x{spec.width}; e.g. {max(mult_h, spec.height // mult_h * mult_h)}x"
-                f"{max(mult_w, spec.width // mult_w * mult_w)}."
-            )
-
-    def _record_latent_size(self, spec: ClipSpec, temporal: int, spatial: int) -> None:
-        f = (spec.num_frames - 1) // temporal + 1
-        self._latent_tokens = f * (spec.height // spatial) * (spec.width // spatial)
-
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] in [-1, 1] -> normalized latents [B, C, f, h, w] (float32)."""
-        raise NotImplementedError
-
-    def _vae_mode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE posterior's mode (deterministic, so a cached latent is reproducible), float32."""
-        vae = self._ready(self.pipe.vae)
-        param = next(vae.parameters())
-        return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode().float()
-
-    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
-        """One caption -> the transformer's text conditioning (tensors without batch dim)."""
-        raise NotImplementedError
-
-    def predict(
-        self, transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """The velocity ``noise - x0`` the transformer predicts at ``timesteps = s * N`` (text batched)."""
-        raise NotImplementedError
-
-    # -- the family's time / output convention (identity for Wan, HunyuanVideo, LTX-Video) -------
-    def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The ``timestep`` the family's pipeline feeds the transformer at noise level ``sigma``."""
-        return sigma * self.num_train_timesteps
-
-    def transformer_output(self, velocity: torch.Tensor) -> torch.Tensor:
-        """What the transformer outputs (and the scheduler steps with) for the flow velocity ``noise - x0``."""
-        return velocity
-
-
-class WanModel(TrainableVideoModel):
-    """Wan 2.1 text-to-video (and the tiny Wan pipeline). Latents: (z - mean) / std per channel."""
-
-    family = "wan"
-    display_name = "Wan"
-    pipeline_classes = ("WanPipeline",)
-    default_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
-    max_sequence_length = 512
-
-    def __init__(self, pipe, model_id: str):
-        super().__init__(pipe, model_id)
-        if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError(
-                f"{model_id}: this is a two-expert Wan 2.2 pipeline (transformer + transformer_2, switched by "
-                "noise level at boundary_ratio); training a LoRA per expert on its own noise range is not "
-                "implemented. vidsparse train-lora supports single-transformer Wan pipelines (Wan 2.1 T2V 1.3B/14B)."
-            )
-        self.check_flow_matching()
-        self._tiny = getattr(pipe, "text_encoder", None) is None
-        self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-        self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-
-    def _compute_text_identity(self) -> str:
-        if self._tiny:
-            from vidsparse.models import tiny
-
-            return module_fingerprint(
-                None,
-                {"encoder": "vidsparse.models.tiny.encode_prompt_tiny", "dim": self.transformer.config.text_dim,
-                 "len": tiny.TINY_TEXT_LEN},
-            )
-        tok = getattr(self.pipe, "tokenizer", None)
-        extra = {"tokenizer": type(tok).__name__, "vocab": getattr(tok, "vocab_size", None),
-                 "max_len": self.max_sequence_length}
-        return module_fingerprint(self.pipe.text_encoder, extra)
-
-    def validate_clip(self, spec: ClipSpec) -> None:
-        t, s = self._temporal, self._spatial
-        p = self.transformer.config.patch_size
-        self._check_clip(spec, t, s * p[1], s * p[2], f"VAE {s}x times patch {p[1]}x{p[2]}")
-        self._record_latent_size(spec, t, s)
-
-    def _vae_stats(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
-        return mean, std
-
-    @torch.no_grad()
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self._vae_mode(pixels)
-        mean, std = self._vae_stats(z.device, z.dtype)
-        return (z - mean) / std
-
-    @torch.no_grad()
-    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
-        if self._tiny:
-            from vidsparse.models.tiny import encode_prompt_tiny
-
-            emb = encode_prompt_tiny(caption, dim=self.transformer.config.text_dim)
-        else:
-            device = next(self._ready(self.pipe.text_encoder).parameters()).device
-            emb, _ = self.pipe.encode_prompt(
-                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length, device=device,
-            )
-        return {"prompt_embeds": emb[0].detach().cpu()}
-
-    def predict(self, transformer, noisy, timesteps, text):
-        emb = text["prompt_embeds"].to(device=noisy.device, dtype=noisy.dtype)
-        return transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=emb, return_dict=False)[0]
-
-
-#: Pipelines train-lora refuses, with the reason (checked before the supported families).
-REFUSED: dict[str, str] = {
-    "CogVideoXPipeline": "CogVideoX is trained with v-prediction on a DDIM/DPM noise schedule, not flow matching; "
-    "train-lora's flow objective would teach it the wrong target",
-    "CogVideoXImageToVideoPipeline": "CogVideoX is v-prediction, not flow matching",
-    "CogVideoXVideoToVideoPipeline": "CogVideoX is v-prediction, not flow matching",
-    "WanImageToVideoPipeline": "image-to-video conditioning (image latents and mask channels) is not implemented",
-    "HunyuanVideoImageToVideoPipeline": "image-to-video conditioning is not implemented",
-    "LTXImageToVideoPipeline": "image-to-video conditioning (per-token timesteps) is not implemented",
-    "LTXConditionPipeline": "condition frames (per-token timesteps) are not implemented; use LTXPipeline",
-}
+def refused() -> dict[str, str]:
+    """Pipeline class name -> why train-lora refuses it (from every family record)."""
+    out: dict[str, str] = {}
+    for fam in registered_families():
+        out.update(fam.lora_refusals)
+    return out
 
 
 def families() -> tuple[type[TrainableVideoModel], ...]:
-    """Every supported family adapter (Wan here, the others in ``vidsparse.lora.families``)."""
-    from vidsparse.lora.families import HunyuanVideoModel, LTXVideoModel, MochiModel
-
-    return (WanModel, HunyuanVideoModel, LTXVideoModel, MochiModel)
+    """Every supported family adapter, in registry order (families with a ``lora_adapter``)."""
+    return tuple(fam.lora_adapter() for fam in registered_families() if fam.lora_adapter is not None)
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
@@ -330,13 +57,15 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideo
 def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
     """The family adapter of a loaded diffusers pipeline (by its class name)."""
     name = type(pipe).__name__
-    supported = ", ".join(n for cls in families() for n in cls.pipeline_classes)
-    if name in REFUSED:
+    adapters = families()
+    supported = ", ".join(n for cls in adapters for n in cls.pipeline_classes)
+    reasons = refused()
+    if name in reasons:
         raise ValueError(
-            f"{model_id}: vidsparse train-lora does not train {name}: {REFUSED[name]}. "
+            f"{model_id}: vidsparse train-lora does not train {name}: {reasons[name]}. "
             f"Supported: {supported} or --model tiny."
         )
-    for cls in families():
+    for cls in adapters:
         if name in cls.pipeline_classes:
             return cls(pipe, model_id)
     raise ValueError(
@@ -345,7 +74,4 @@ def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
     )
 
 
-__all__ = [
-    "REFUSED", "TINY_MODEL", "TrainableVideoModel", "WanModel", "adapter_for", "families", "load_model",
-    "module_fingerprint",
-]
+__all__ = ["TINY_MODEL", "TrainableVideoModel", "adapter_for", "families", "load_model", "module_fingerprint", "refused"]

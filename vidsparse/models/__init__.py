@@ -3,19 +3,27 @@
 from vidsparse.models.tiny import (
     TINY_FAMILIES,
     TINY_MODEL_ID,
+    TINY_TEXT_DIM,
+    TINY_TEXT_LEN,
     build_tiny_pipeline,
     encode_prompt_tiny,
     run_tiny_pipeline,
+    tiny_config,
     tiny_inputs,
     tiny_transformer,
+    tiny_variants,
 )
 
 __all__ = [
     "TINY_FAMILIES",
     "TINY_MODEL_ID",
+    "TINY_TEXT_DIM",
+    "TINY_TEXT_LEN",
     "build_tiny_pipeline",
     "encode_prompt_tiny",
     "run_tiny_pipeline",
+    "tiny_config",
     "tiny_inputs",
     "tiny_transformer",
+    "tiny_variants",
 ]

@@ -18,43 +18,15 @@ from typing import Any
 
 import torch
 
+from vidsparse.families.base import (
+    TINY_TEXT_DIM,
+    TINY_TEXT_LEN,
+    Family,
+    TinyRequest,
+    TinyVariant,
+)
+
 TINY_MODEL_ID = "tiny"
-
-# Wan tiny sizes: the VAE compresses 4x in time and 8x in space; the transformer patchifies 2x2.
-TINY_TEXT_DIM = 16
-TINY_TEXT_LEN = 8
-TINY_LATENT_CHANNELS = 4
-
-
-def _wan_transformer_kwargs(**overrides: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=TINY_LATENT_CHANNELS,
-        out_channels=TINY_LATENT_CHANNELS,
-        text_dim=TINY_TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
-    kw.update(overrides)
-    return kw
-
-
-def _tiny_wan_vae():
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan(
-        base_dim=8,
-        z_dim=TINY_LATENT_CHANNELS,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * TINY_LATENT_CHANNELS,
-        latents_std=[1.0] * TINY_LATENT_CHANNELS,
-    )
 
 
 def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stage: bool = False):
@@ -63,31 +35,11 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, tw
     ``two_stage=True`` builds a Wan 2.2-style pipeline with ``transformer`` (high noise) and
     ``transformer_2`` (low noise) switched at ``boundary_ratio=0.5``.
     Use ``run_tiny_pipeline`` (or pass ``prompt_embeds`` from ``encode_prompt_tiny``) to call it.
+    Built by the Wan family record (``vidsparse.families.wan.tiny_pipeline``).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from vidsparse.families import get_family
 
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**_wan_transformer_kwargs())
-        transformer_2 = WanTransformer3DModel(**_wan_transformer_kwargs()) if two_stage else None
-        vae = _tiny_wan_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
-        transformer_2=transformer_2,
-        boundary_ratio=0.5 if two_stage else None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return get_family("wan").tiny_pipeline(seed=seed, dtype=dtype, two_stage=two_stage)
 
 
 def encode_prompt_tiny(
@@ -161,83 +113,30 @@ def run_tiny_pipeline(
 # Tiny transformers of every supported family, with matching forward kwargs.
 # ---------------------------------------------------------------------------------------------
 
-#: Families ``tiny_transformer`` can build. "wan-i2v" has image cross-attention (Wan 2.1 I2V);
-#: "cogvideox-1.5" patchifies time by 2 and uses RoPE; "hunyuan-i2v" is the token-replace variant.
-TINY_FAMILIES = ("wan", "wan-i2v", "hunyuan", "hunyuan-i2v", "cogvideox", "cogvideox-1.5", "ltx", "mochi")
+def tiny_variants() -> dict[str, tuple[Family, TinyVariant]]:
+    """Variant name -> (family, tiny variant) of every registered family, in registry order."""
+    from vidsparse.families import families
 
-_TINY_HEADS = 2
-_TINY_HEAD_DIM = 8
+    return {name: (fam, v) for fam in families() for name, v in fam.tiny.items()}
 
 
-def _tiny_config(family: str) -> tuple[str, dict[str, Any]]:
-    heads, hd, text = _TINY_HEADS, _TINY_HEAD_DIM, TINY_TEXT_DIM
-    if family == "wan":
-        return "WanTransformer3DModel", _wan_transformer_kwargs()
-    if family == "wan-i2v":
-        # Latent + image condition + mask channels, as Wan I2V concatenates them.
-        return "WanTransformer3DModel", _wan_transformer_kwargs(
-            in_channels=3 * TINY_LATENT_CHANNELS, image_dim=text, added_kv_proj_dim=heads * hd
-        )
-    if family in ("hunyuan", "hunyuan-i2v"):
-        return "HunyuanVideoTransformer3DModel", dict(
-            in_channels=TINY_LATENT_CHANNELS,
-            out_channels=TINY_LATENT_CHANNELS,
-            num_attention_heads=heads,
-            attention_head_dim=hd,
-            num_layers=1,
-            num_single_layers=1,
-            num_refiner_layers=1,
-            patch_size=2,
-            patch_size_t=1,
-            text_embed_dim=text,
-            pooled_projection_dim=8,
-            rope_axes_dim=(2, 2, 4),
-            image_condition_type="token_replace" if family == "hunyuan-i2v" else None,
-        )
-    if family in ("cogvideox", "cogvideox-1.5"):
-        v15 = family == "cogvideox-1.5"
-        # CogVideoX's 3-D RoPE splits the head dim 1/4 : 3/8 : 3/8 into even parts: 16 minimum.
-        return "CogVideoXTransformer3DModel", dict(
-            num_attention_heads=heads,
-            attention_head_dim=16,
-            in_channels=TINY_LATENT_CHANNELS,
-            out_channels=TINY_LATENT_CHANNELS,
-            time_embed_dim=8,
-            text_embed_dim=text,
-            num_layers=2,
-            sample_width=16,
-            sample_height=16,
-            sample_frames=9,
-            patch_size=2,
-            patch_size_t=2 if v15 else None,
-            max_text_seq_length=TINY_TEXT_LEN,
-            use_rotary_positional_embeddings=True,
-        )
-    if family == "ltx":
-        return "LTXVideoTransformer3DModel", dict(
-            in_channels=TINY_LATENT_CHANNELS,
-            out_channels=TINY_LATENT_CHANNELS,
-            patch_size=1,
-            patch_size_t=1,
-            num_attention_heads=heads,
-            attention_head_dim=hd,
-            cross_attention_dim=heads * hd,
-            num_layers=2,
-            caption_channels=text,
-        )
-    if family == "mochi":
-        return "MochiTransformer3DModel", dict(
-            patch_size=2,
-            num_attention_heads=heads,
-            attention_head_dim=hd,
-            num_layers=2,
-            pooled_projection_dim=16,
-            in_channels=TINY_LATENT_CHANNELS,
-            text_embed_dim=text,
-            time_embed_dim=16,
-            max_sequence_length=TINY_TEXT_LEN,
-        )
-    raise ValueError(f"Unknown tiny family {family!r}. Expected one of: {', '.join(TINY_FAMILIES)}.")
+#: Families ``tiny_transformer`` can build (every registered family's ``Family.tiny`` variants):
+#: "wan-i2v" has image cross-attention (Wan 2.1 I2V); "cogvideox-1.5" patchifies time by 2 and
+#: uses RoPE; "hunyuan-i2v" is the token-replace variant.
+TINY_FAMILIES = tuple(tiny_variants())
+
+
+def _variant(family: str) -> tuple[Family, TinyVariant]:
+    found = tiny_variants().get(family)
+    if found is None:
+        raise ValueError(f"Unknown tiny family {family!r}. Expected one of: {', '.join(tiny_variants())}.")
+    return found
+
+
+def tiny_config(family: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers transformer class name, constructor kwargs) of the tiny ``family`` model."""
+    fam, variant = _variant(family)
+    return variant.transformer_class or fam.transformer_classes[0], variant.config()
 
 
 def tiny_transformer(family: str = "wan", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
@@ -249,7 +148,7 @@ def tiny_transformer(family: str = "wan", *, seed: int = 0, dtype: torch.dtype =
     """
     import diffusers
 
-    cls_name, kw = _tiny_config(family)
+    cls_name, kw = tiny_config(family)
     kw.update(overrides)
     gen_state = torch.random.get_rng_state()
     try:
@@ -287,8 +186,7 @@ def tiny_inputs(
     after the first get a shorter valid prompt (padding mask) where the family takes one
     (HunyuanVideo, Mochi, LTX), so text padding is exercised.
     """
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
+    fam, variant = _variant(family)
     gen = torch.Generator().manual_seed(seed)
     dtype = transformer.dtype
     cfg = transformer.config
@@ -301,70 +199,16 @@ def tiny_inputs(
     if pad_text:
         for b in range(1, batch):
             mask[b, max(1, text_len - 2 * b) :] = False
-    t = torch.full((batch,), float(timestep))
-    c = cfg.in_channels
-
-    if family in ("wan", "wan-i2v"):
-        inputs: dict[str, Any] = dict(
-            hidden_states=randn(batch, c, frames, height, width),
-            timestep=t,
-            encoder_hidden_states=randn(batch, text_len, text_dim),
-        )
-        if family == "wan-i2v":
-            # WanAttnProcessor splits the context at a hard-coded 512 text tokens.
-            inputs["encoder_hidden_states"] = randn(batch, 512, text_dim)
-            inputs["encoder_hidden_states_image"] = randn(batch, 4, cfg.image_dim)
-        return inputs
-    if family in ("hunyuan", "hunyuan-i2v"):
-        return dict(
-            hidden_states=randn(batch, c, frames, height, width),
-            timestep=t,
-            encoder_hidden_states=randn(batch, text_len, text_dim),
-            encoder_attention_mask=mask.to(dtype),
-            pooled_projections=randn(batch, cfg.pooled_projection_dim),
-            guidance=torch.full((batch,), 6000.0, dtype=dtype),
-        )
-    if family in ("cogvideox", "cogvideox-1.5"):
-        p, p_t = cfg.patch_size, cfg.patch_size_t
-        gh, gw = height // p, width // p
-        if p_t is None:
-            rope = get_3d_rotary_pos_embed(
-                embed_dim=cfg.attention_head_dim,
-                crops_coords=((0, 0), (gh, gw)),
-                grid_size=(gh, gw),
-                temporal_size=frames,
-            )
-        else:
-            rope = get_3d_rotary_pos_embed(
-                embed_dim=cfg.attention_head_dim,
-                crops_coords=None,
-                grid_size=(gh, gw),
-                temporal_size=(frames + p_t - 1) // p_t,
-                grid_type="slice",
-                max_size=(cfg.sample_height // p, cfg.sample_width // p),
-            )
-        return dict(
-            hidden_states=randn(batch, frames, c, height, width),
-            encoder_hidden_states=randn(batch, text_len, text_dim),
-            timestep=t.long(),
-            image_rotary_emb=tuple(r.to(dtype) for r in rope),
-        )
-    if family == "ltx":
-        return dict(
-            hidden_states=randn(batch, frames * height * width, c),
-            encoder_hidden_states=randn(batch, text_len, text_dim),
-            timestep=t,
-            encoder_attention_mask=mask.long(),
-            num_frames=frames,
-            height=height,
-            width=width,
-            rope_interpolation_scale=(1.0, 32.0, 32.0),
-        )
-    if family == "mochi":
-        return dict(
-            hidden_states=randn(batch, c, frames, height, width),
-            encoder_hidden_states=randn(batch, text_len, text_dim),
-            timestep=t,
-            encoder_attention_mask=mask,
-        )
-    raise ValueError(f"Unknown tiny family {family!r}. Expected one of: {', '.join(TINY_FAMILIES)}.")
+    request = TinyRequest(
+        transformer=transformer,
+        frames=frames,
+        height=height,
+        width=width,
+        batch=batch,
+        text_len=text_len,
+        text_dim=int(text_dim),
+        text_mask=mask,
+        timestep=torch.full((batch,), float(timestep)),
+        randn=randn,
+    )
+    return variant.inputs(request)

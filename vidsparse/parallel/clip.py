@@ -78,7 +78,7 @@ class ClipView(Pattern):
 
     @property
     def uses_layer(self) -> bool:
-        return bool(getattr(self.inner, "uses_layer", False))
+        return self.inner.uses_layer
 
     def validate(self, layout: VideoLayout) -> None:
         if layout.frames != len(self.frames) or layout.height != self.layout.height or layout.width != self.layout.width:
@@ -125,12 +125,11 @@ class ClipView(Pattern):
 
 
 def frame_mask_of(pattern: Pattern):
-    """``frame_mask(layout, fq, fk)`` of patterns whose mask depends on frames only, else None."""
-    from vidsparse.patterns import Dense
-
-    if isinstance(pattern, Dense):
-        return lambda layout, fq, fk: torch.ones(torch.broadcast_shapes(fq.shape, fk.shape), dtype=torch.bool)
-    return getattr(pattern, "frame_mask", None)
+    """bool [F, F]-style ``mask(layout, fq, fk)`` of patterns whose mask depends on frames only
+    (``Pattern.attended_frames`` answers), else None."""
+    if type(pattern).attended_frames is Pattern.attended_frames:
+        return None
+    return pattern.attended_frames
 
 
 def _global_plan(pattern: Pattern, layout: VideoLayout, layer: int, block_size: int):
@@ -165,7 +164,7 @@ def _global_listed(pattern: Pattern, layout: VideoLayout, layer: int, block_size
 def frame_reach(pattern: Pattern, layout: VideoLayout, layer: int = 0, block_size: int = 128) -> torch.Tensor:
     """bool [F, F]: query frame i may attend some token of key frame j (a superset is fine).
 
-    Patterns that define ``frame_mask`` answer exactly; others are read off the block plan
+    Patterns that define ``attended_frames`` answer exactly; others are read off the block plan
     of the whole video (block granularity, so a superset).
     """
     if pattern.dynamic:
@@ -174,7 +173,7 @@ def frame_reach(pattern: Pattern, layout: VideoLayout, layer: int = 0, block_siz
             f"call); {type(pattern).__name__} is dynamic. Use --parallel ulysses for it."
         )
     video = VideoLayout(layout.frames, layout.height, layout.width)
-    layer_key = layer if getattr(pattern, "uses_layer", False) else None
+    layer_key = layer if pattern.uses_layer else None
     return _REACH.get((pattern, video, layer_key, block_size), lambda: _frame_reach(pattern, video, layer, block_size))
 
 
@@ -212,7 +211,7 @@ def exchange_plan(
     """The frames rank ``rank`` exchanges (identical on every rank, computed without communication)."""
     partition.check_layout(layout)
     video = _video_only(layout)
-    key = (pattern, video, partition, rank, layer if getattr(pattern, "uses_layer", False) else None)
+    key = (pattern, video, partition, rank, layer if pattern.uses_layer else None)
     return _EXCHANGES.get(key, lambda: _exchange_plan(pattern, video, partition, rank, layer))
 
 
@@ -225,7 +224,7 @@ def _exchange_plan(pattern: Pattern, layout: VideoLayout, partition: FramePartit
         hit[a:b] = False
         need.append(set(torch.nonzero(hit).flatten().tolist()))
     # Frames every rank needs (or owns) go through one all-gather instead of N-1 sends.
-    globals_ = set(getattr(pattern, "global_frames", lambda _layout: [])(layout))
+    globals_ = set(pattern.key_global_frames(layout))
     for r, (a, b) in enumerate(bounds):
         globals_ &= need[r] | set(range(a, b))
     p2p_need = [n - globals_ for n in need]

@@ -28,7 +28,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from vidsparse.config import SparseConfig
-from vidsparse.layout import VideoLayout
+from vidsparse.families import Shard, ShardPlan, families, family_of
+from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.parallel.clip import clip_attention
 from vidsparse.parallel.comm import all_gather_uneven
 from vidsparse.parallel.partition import FramePartition
@@ -37,42 +38,14 @@ from vidsparse.parallel.ulysses import ulysses_attention
 from vidsparse.patterns import Dense, Pattern
 
 MODES = ("clip", "ulysses")
+
 _SHARD_HOOK = "vidsparse_parallel_shard"
 _GATHER_HOOK = "vidsparse_parallel_gather"
 
 
-@dataclass(frozen=True)
-class Shard:
-    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims)."""
-
-    dim: int
-    ndim: int
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Where a transformer family's token sequence is cut and re-assembled.
-
-    ``inputs``: module path -> {argument name: Shard}, cut before the module runs;
-    ``outputs``: module path -> {output index: Shard}, cut after it runs (RoPE tables);
-    ``gather``: module path -> Shard, its output all-gathered back to the whole video.
-    The path "" is the transformer itself.
-    """
-
-    inputs: Mapping[str, Mapping[str, Shard]]
-    outputs: Mapping[str, Mapping[int, Shard]]
-    gather: Mapping[str, Shard]
-
-
-SHARD_PLANS: dict[str, ShardPlan] = {
-    # WanTransformer3DModel._cp_plan, on frame boundaries: RoPE (cos, sin) [1, S, 1, D],
-    # the token sequence entering blocks.0, Wan 2.2 TI2V's per-token timestep [B, S].
-    "wan": ShardPlan(
-        inputs={"blocks.0": {"hidden_states": Shard(1, 3)}, "": {"timestep": Shard(1, 2)}},
-        outputs={"rope": {0: Shard(1, 4), 1: Shard(1, 4)}},
-        gather={"proj_out": Shard(1, 3)},
-    ),
-}
+def shard_plans() -> dict[str, ShardPlan]:
+    """Family name -> shard plan of every family ``vidsparse.parallel`` can run (``Family.shard_plan``)."""
+    return {f.name: f.shard_plan for f in families() if f.shard_plan is not None}
 
 
 @dataclass
@@ -174,8 +147,6 @@ class ParallelAttention:
         )
 
     def pattern(self, layer: int, layout: VideoLayout) -> tuple[Pattern, int | None]:
-        from vidsparse.pipelines.families import auto_block_size
-
         info = self.state.current
         block = self.state.config.block_size or auto_block_size(layout)
         if layer in self.dense_layers or self.schedule.dense_step(info.step, info.total_steps):
@@ -198,11 +169,9 @@ class ParallelAttention:
 
 
 def _resolve_dense_layers(config: SparseConfig, family, num_layers: int) -> frozenset[int]:
-    from vidsparse.pipelines.families import default_schedule
-
     layers = config.dense_layers
     if layers is None:
-        layers = default_schedule(config.pattern_name, family)[1]
+        layers = family.default_schedule(config.pattern_name)[1]
     out = set()
     for layer in layers:
         idx = layer + num_layers if layer < 0 else layer
@@ -226,20 +195,20 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
     ``config`` is what ``vidsparse.apply`` takes. Every rank must call this with the same
     arguments, then run the same pipeline call with the same seed.
     """
-    from vidsparse.pipelines import apply, get_state, remove, transformers_of
-    from vidsparse.pipelines.apply import _as_config
-    from vidsparse.pipelines.families import family_of
+    from vidsparse.pipelines import apply, as_config, get_state, remove, transformers_of
 
     if mode not in MODES:
         raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}.")
-    user_cfg = _as_config(config)
+    user_cfg = as_config(config)
     found = transformers_of(target)
     for _, transformer in found:
         family = family_of(transformer)
-        if family.name not in SHARD_PLANS:
+        if family.shard_plan is None:
+            supported = sorted(f.name for f in families() if f.shard_plan is not None)
             raise ValueError(
-                f"vidsparse.parallel supports the {', '.join(sorted(SHARD_PLANS))} transformer families; "
-                f"{type(transformer).__name__} ({family.name}) is not supported yet. Run it on one GPU."
+                f"vidsparse.parallel supports the {', '.join(supported)} transformer families; "
+                f"{type(transformer).__name__} ({family.name}) is not supported yet ({family.parallel_refusal}). "
+                "Run it on one GPU."
             )
     unparallelize(target)
     remove(target)
@@ -247,7 +216,7 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
     for attr, transformer in found:
         ctx = ParallelContext(mode, runtime)
         contexts[attr] = ctx
-        plan = SHARD_PLANS[family_of(transformer).name]
+        plan = family_of(transformer).require_shard_plan()
         paths = set(plan.inputs) | set(plan.outputs)
         for path in sorted(paths):
             module = _submodule(transformer, path)

@@ -1,7 +1,7 @@
 """Sparse spatiotemporal attention patterns. Each is a frozen dataclass; see ``base.Pattern``."""
 
 from vidsparse.patterns.attention_tile import AttentionTile
-from vidsparse.patterns.base import Pattern
+from vidsparse.patterns.base import Pattern, normalize_pattern_name
 from vidsparse.patterns.dense import Dense
 from vidsparse.patterns.dual_scope import DualScope
 from vidsparse.patterns.gna import GNA
@@ -21,7 +21,7 @@ def register_pattern(cls: type[Pattern]) -> type[Pattern]:
 
 def make_pattern(name: str, **options) -> Pattern:
     """Pattern from its name ("dense", "radial", "tile", "attention-tile", "gna", "vmoba")."""
-    key = name.strip().lower().replace("_", "-")
+    key = normalize_pattern_name(name)
     if key not in PATTERNS:
         raise ValueError(f"Unknown pattern {name!r}. Expected one of: {', '.join(sorted(PATTERNS))}.")
     try:
@@ -41,5 +41,6 @@ __all__ = [
     "Tile",
     "VMoBA",
     "make_pattern",
+    "normalize_pattern_name",
     "register_pattern",
 ]

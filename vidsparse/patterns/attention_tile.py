@@ -33,6 +33,13 @@ class AttentionTile(Pattern):
 
     name: ClassVar[str] = "attention-tile"
 
+    @classmethod
+    def fit_defaults(cls, options, layout, block_size):
+        """``round(F / 4)`` global frames unless given: the paper's 2:6 at 8 latent frames."""
+        if "global_frames" in options:
+            return options
+        return {**options, "global_frames": min(layout.frames, max(1, round(layout.frames / 4)))}
+
     def __post_init__(self) -> None:
         k = self.global_frames
         if isinstance(k, bool) or not isinstance(k, int):

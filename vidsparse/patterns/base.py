@@ -8,7 +8,7 @@ for every pattern alike (see ``vidsparse.plan``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -27,7 +27,35 @@ class Pattern:
     """
 
     name: ClassVar[str] = "pattern"
+    #: Plans depend on q/k (``dynamic_plan``), not on the grid alone.
     dynamic: ClassVar[bool] = False
+    #: Masks differ per layer: caches key on the layer index (else one plan serves every layer).
+    uses_layer: ClassVar[bool] = False
+    #: Family names the pattern supports (``None``: every family); checked by ``vidsparse.apply``.
+    families: ClassVar[tuple[str, ...] | None] = None
+    #: Text spans ("none", "before", "after") the pattern handles (``None``: all).
+    text_positions: ClassVar[tuple[str, ...] | None] = None
+
+    # -- family defaults -------------------------------------------------------------
+    @classmethod
+    def fit_defaults(cls, options: dict[str, Any], layout: VideoLayout, block_size: int | None) -> dict[str, Any]:
+        """A model family's default options of this pattern, adapted to the grid ``layout``.
+
+        ``block_size`` is the kernel block the call will use (``None``: backend default).
+        Applied to family defaults only (before the user's options), so any resolution runs
+        with the family's settings; the default keeps them as they are.
+        """
+        return options
+
+    # -- frame-level structure (clip parallelism) ------------------------------------
+    def attended_frames(self, layout: VideoLayout, fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor | None:
+        """bool, broadcast of query frames ``fq`` and key frames ``fk``, for patterns whose mask is
+        a function of frames alone (exact frame reach); ``None`` (default) when it is not."""
+        return None
+
+    def key_global_frames(self, layout: VideoLayout) -> list[int]:
+        """Frames every query attends (all-gathered once in clip parallelism); default none."""
+        return []
 
     # -- validation ------------------------------------------------------------------
     def validate(self, layout: VideoLayout) -> None:
@@ -100,6 +128,16 @@ class Pattern:
     # -- description -----------------------------------------------------------------
     def describe(self) -> str:
         return repr(self)
+
+
+def normalize_pattern_name(name: str) -> str:
+    """Registry key of a pattern name: "Attention_Tile" -> "attention-tile"."""
+    return str(name).strip().lower().replace("_", "-")
+
+
+def as_triple(value: int | tuple[int, ...] | list[int]) -> tuple[int, int, int]:
+    """An int or a 3-sequence as a (t, h, w) tuple, unchecked (``per_axis`` validates)."""
+    return (value, value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
 def per_axis(value: int | tuple[int, ...] | list[int], name: str, minimum: int = 1) -> tuple[int, int, int]:

@@ -22,6 +22,9 @@ class Dense(Pattern):
     ) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(qi.shape, ki.shape), dtype=torch.bool, device=qi.device)
 
+    def attended_frames(self, layout: VideoLayout, fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:
+        return torch.ones(torch.broadcast_shapes(fq.shape, fk.shape), dtype=torch.bool)
+
     def block_candidates(self, layout, order, block_size, layer=0):
         n = order.numel() // block_size
         return torch.full((n, n), 2, dtype=torch.int8)

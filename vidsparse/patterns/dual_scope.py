@@ -64,6 +64,13 @@ class DualScope(Pattern):
             return []
         return list(range(0, layout.frames, self.global_stride))
 
+    # -- the Pattern contract (clip parallelism reads these) --------------------------
+    def attended_frames(self, layout: VideoLayout, fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:
+        return self.frame_mask(layout, fq, fk)
+
+    def key_global_frames(self, layout: VideoLayout) -> list[int]:
+        return self.global_frames(layout)
+
     def video_mask(
         self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0
     ) -> torch.Tensor:

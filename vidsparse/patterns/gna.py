@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from vidsparse.layout import VideoLayout
+from vidsparse.patterns.base import as_triple
 from vidsparse.patterns.tiling import (
     SeparableTiledPattern,
     TileGrid,
@@ -111,6 +112,18 @@ class GNA(SeparableTiledPattern):
     tile: Triple | None = None
 
     name: ClassVar[str] = "gna"
+
+    @classmethod
+    def fit_defaults(cls, options, layout, block_size):
+        """A kernel larger than an axis covers the axis (-1); strides fit within the kernel."""
+        if "kernel_size" not in options:
+            return options
+        kernel = as_triple(options["kernel_size"])
+        stride = as_triple(options.get("stride", 1))
+        grid = layout.grid
+        k = tuple(-1 if ki >= n else ki for ki, n in zip(kernel, grid))
+        s = tuple(min(si, n if ki == -1 else ki) for si, ki, n in zip(stride, k, grid))
+        return {**options, "kernel_size": k, "stride": s}
 
     def __post_init__(self) -> None:
         kernel = _triple(self.kernel_size, "GNA kernel_size", 1, allow_full=True)

@@ -71,6 +71,17 @@ class Radial(Pattern):
     skip_threshold: int | None = None
 
     name: ClassVar[str] = "radial"
+
+    @classmethod
+    def fit_defaults(cls, options, layout, block_size):
+        """Radial's block is 128 (the paper) or the family's, unless a frame holds fewer tokens:
+        then the call's kernel block (or the grid's automatic one)."""
+        from vidsparse.layout import auto_block_size
+
+        block = options.get("block_size", 128)
+        if layout.tokens_per_frame < block:
+            block = block_size or auto_block_size(layout) or block
+        return {**options, "block_size": block}
     uses_layer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

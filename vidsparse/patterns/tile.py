@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from vidsparse.layout import VideoLayout
+from vidsparse.patterns.base import as_triple
 from vidsparse.patterns.gna import AXES, _triple, window_bounds
 from vidsparse.patterns.tiling import SeparableTiledPattern, TileGrid, Triple, ceil_div
 
@@ -40,6 +41,13 @@ class Tile(SeparableTiledPattern):
     window: int | Triple = (5, 3, 5)
 
     name: ClassVar[str] = "tile"
+
+    @classmethod
+    def fit_defaults(cls, options, layout, block_size):
+        """Tiles larger than an axis shrink to the axis (the window, in tiles, is kept)."""
+        if "tile" not in options:
+            return options
+        return {**options, "tile": tuple(min(t, n) for t, n in zip(as_triple(options["tile"]), layout.grid))}
 
     def __post_init__(self) -> None:
         tile = _triple(self.tile, "Tile tile", 1)

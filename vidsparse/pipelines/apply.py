@@ -16,15 +16,14 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from vidsparse.config import SparseConfig
+from vidsparse.families import Family, family_of
 from vidsparse.patterns import PATTERNS, Pattern
-from vidsparse.pipelines.families import FamilySpec, default_schedule, family_of
 from vidsparse.pipelines.hooks import HOOK_NAME, SparseState, StepTracker, VidsparseHook, get_hook
-from vidsparse.pipelines.processors import PROCESSORS
 
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 
 
-def _as_config(config: SparseConfig | Pattern | str) -> SparseConfig:
+def as_config(config: SparseConfig | Pattern | str) -> SparseConfig:
     if isinstance(config, SparseConfig):
         return config
     if isinstance(config, (Pattern, str)):
@@ -77,7 +76,7 @@ def _resolve_layers(layers: tuple[int, ...], num_layers: int, what: str) -> froz
     return frozenset(out)
 
 
-def _check_pattern_runs(pattern: Pattern | str, family: FamilySpec) -> None:
+def _check_pattern_runs(pattern: Pattern | str, family: Family) -> None:
     """Reject patterns this family cannot run, before any forward. A pattern class may declare
     ``families`` (family names) or ``text_positions`` ("none", "before", "after") it supports."""
     cls = PATTERNS[pattern] if isinstance(pattern, str) else type(pattern)
@@ -86,13 +85,13 @@ def _check_pattern_runs(pattern: Pattern | str, family: FamilySpec) -> None:
             f"{cls.__name__} defines neither video_mask (static patterns) nor dynamic=True with dynamic_plan; "
             "vidsparse cannot plan it."
         )
-    families = getattr(cls, "families", None)
+    families = cls.families
     if families is not None and family.name not in families:
         raise ValueError(
             f"{cls.__name__} supports the model families {tuple(families)}, not {family.name!r}. "
             "Pick another pattern for this model."
         )
-    positions = getattr(cls, "text_positions", None)
+    positions = cls.text_positions
     if positions is not None and family.text_position not in positions:
         raise ValueError(
             f"{cls.__name__} handles text spans {tuple(positions)}, but {family.name} attends "
@@ -101,7 +100,7 @@ def _check_pattern_runs(pattern: Pattern | str, family: FamilySpec) -> None:
         )
 
 
-def _check_processors(family: FamilySpec, paths: list[tuple[str, torch.nn.Module, int]]) -> None:
+def _check_processors(family: Family, paths: list[tuple[str, torch.nn.Module, int]]) -> None:
     for path, module, _ in paths:
         proc = getattr(module, "processor", None)
         name = type(proc).__name__
@@ -122,7 +121,7 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
     All checks run here, before any forward: unsupported transformers, unknown pattern
     names, patterns the family cannot run, bad layer indices, missing step counts.
     """
-    cfg = _as_config(config)
+    cfg = as_config(config)
     pipeline = target if _is_pipeline(target) else None
     found = transformers_of(target)
     plans = []
@@ -134,7 +133,7 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
             _check_processors(family, paths)
         dense_layers = cfg.dense_layers
         if dense_layers is None:
-            dense_layers = default_schedule(cfg.pattern_name, family)[1]
+            dense_layers = family.default_schedule(cfg.pattern_name)[1]
         dense = _resolve_layers(tuple(dense_layers), num_layers, "dense_layers")
         _resolve_layers(tuple(cfg.layer_patterns), num_layers, "layer_patterns")
         for pattern in (cfg.pattern, *cfg.layer_patterns.values()):
@@ -164,11 +163,10 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
         )
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(VidsparseHook(state), HOOK_NAME)
-        proc_cls = PROCESSORS[family.name]
         for path, module, layer in paths:
             original = module.processor
             state.original_processors[path] = original
-            _set_processor(module, proc_cls(original, layer, state))
+            _set_processor(module, family.processor(original, layer, state))
     return target
 
 

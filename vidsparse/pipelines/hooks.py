@@ -64,14 +64,9 @@ from vidsparse.attention import _BACKEND_MODULES
 from vidsparse.attention import attention as _vidsparse_attention
 from vidsparse.attention import plan as _vidsparse_plan
 from vidsparse.config import SparseConfig, steps_from
-from vidsparse.layout import VideoLayout
+from vidsparse.families import Family
+from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.patterns import Pattern, make_pattern
-from vidsparse.pipelines.families import (
-    FamilySpec,
-    auto_block_size,
-    default_pattern_options,
-    default_schedule,
-)
 from vidsparse.plan import DEFAULT_BLOCK_SIZE
 
 HOOK_NAME = "vidsparse"
@@ -154,7 +149,7 @@ class SparseState:
     """Everything vidsparse keeps for one patched transformer."""
 
     config: SparseConfig
-    family: FamilySpec
+    family: Family
     num_layers: int
     dense_layers: frozenset[int]
     tracker: StepTracker
@@ -190,7 +185,7 @@ class SparseState:
     def _resolve(self, spec: Pattern | str, layout: VideoLayout, block_size: int | None) -> Pattern:
         if isinstance(spec, Pattern):
             return spec
-        opts = default_pattern_options(self.family, spec, layout, block_size, self.two_stage)
+        opts = self.family.pattern_options(spec, layout, block_size, self.two_stage)
         opts.update(self.config.pattern_options)
         return make_pattern(spec, **opts)
 
@@ -246,7 +241,7 @@ class SparseState:
         cfg = self.config
         first = cfg.dense_first_steps
         if first is None:
-            first = default_schedule(cfg.pattern_name, self.family)[0]
+            first = self.family.default_schedule(cfg.pattern_name)[0]
             if isinstance(first, float) and total is None:
                 self.warn_once(
                     "total",
@@ -312,7 +307,7 @@ class SparseState:
         for layer, pattern in enumerate(info.patterns):
             if pattern is None or pattern.dynamic:
                 continue
-            key = (pattern, layer if getattr(pattern, "uses_layer", False) else None)
+            key = (pattern, layer if pattern.uses_layer else None)
             if key not in seen:
                 seen.add(key)
                 _vidsparse_plan(

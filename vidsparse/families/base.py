@@ -1,0 +1,367 @@
+"""The record of one model family: everything vidsparse knows about a diffusers video transformer.
+
+A family module (``vidsparse/families/<name>.py``) builds one ``Family`` and names it
+``FAMILY``; the registry (``vidsparse.families``) collects them. ``inspect``, ``generate``,
+``vidsparse.apply``, LoRA training and ``vidsparse.parallel`` all read this record, so a new
+model is one new module (see docs/architecture.md, "How to add a model family").
+
+This module imports only torch and ``vidsparse.layout``: family modules can be imported by
+every layer (pipelines, LoRA, parallel, CLI) without import cycles. Things that need heavier
+code (the LoRA adapter class, tiny pipelines) are *loader functions* that import on call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vidsparse.layout import VideoLayout
+
+if TYPE_CHECKING:
+    from vidsparse.families.processor import SparseProcessor
+
+Grid = tuple[int, int, int]
+#: (module path, attention module, layer index) of every self-attention the family patches.
+AttentionPaths = Callable[[torch.nn.Module], list[tuple[str, torch.nn.Module, int]]]
+#: Options of one pattern for this family: a dict, or a function of (layout, two_stage) -> dict.
+PatternDefaults = Mapping[str, Any] | Callable[[VideoLayout, bool], dict[str, Any]]
+
+
+def normalize_name(name: str) -> str:
+    """Registry key of a family / geometry name: lower case, no '-', '_' or spaces."""
+    return str(name).strip().lower().replace("_", "").replace("-", "").replace(" ", "")
+
+
+def _frozen(mapping: Mapping | None) -> Mapping:
+    return MappingProxyType(dict(mapping or {}))
+
+
+# -- video geometry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """How a model family turns a video (frames x height x width) into self-attention tokens.
+
+    ``temporal``/``spatial`` are the VAE's compression factors (causal video VAEs keep the
+    first frame: latent frames = (frames - 1) // temporal + 1), ``patch`` the transformer's
+    (t, h, w) patchify. ``text_len``/``text_position`` is the text span joint-attention models
+    put in the same sequence (0 / "none" when text goes through cross-attention).
+    ``default_video`` (frames, height, width) and ``fps`` are the reference pipeline's.
+    """
+
+    name: str
+    temporal: int
+    spatial: int
+    patch: tuple[int, int, int]
+    default_video: tuple[int, int, int]
+    text_len: int = 0
+    text_position: str = "none"
+    fps: int = 16
+    aliases: tuple[str, ...] = ()
+
+    def check_video(self, frames: int, height: int, width: int) -> None:
+        """ValueError naming the nearest valid sizes if the VAE and patchify cannot take this video."""
+        problems = []
+        t = self.temporal
+        if not isinstance(frames, int) or frames < 1 or (frames - 1) % t:
+            lo = max(1, (max(frames, 1) - 1) // t * t + 1)
+            hi = lo + t if lo < frames else lo
+            near = f"{lo} or {hi}" if lo != hi else f"{lo}"
+            problems.append(
+                f"frames={frames}: the {self.name} VAE compresses time {t}x and keeps the first frame, so frames "
+                f"must be 1 + a multiple of {t}; nearest valid: {near}"
+            )
+        for label, value, p in (("height", height, self.patch[1]), ("width", width, self.patch[2])):
+            m = self.spatial * p
+            if not isinstance(value, int) or value < m or value % m:
+                lo = max(value, 0) // m * m
+                hi = lo + m
+                near = f"{lo} or {hi}" if lo >= m else f"{hi}"
+                problems.append(
+                    f"{label}={value}: must be a multiple of {m} ({self.spatial}x VAE x {p} patch); nearest valid: {near}"
+                )
+        if problems:
+            raise ValueError(
+                f"Video size {frames}x{height}x{width} does not fit {self.name}: " + "; ".join(problems) + "."
+            )
+
+    def latent_grid(self, frames: int, height: int, width: int) -> Grid:
+        """Token grid (F, H, W) after the VAE and patchify, as diffusers' pipelines compute it."""
+        self.check_video(frames, height, width)
+        latent_frames = (frames - 1) // self.temporal + 1
+        pt, ph, pw = self.patch
+        # diffusers pads latent frames up to a multiple of patch_t (CogVideoX 1.5).
+        return (-(-latent_frames // pt), height // (self.spatial * ph), width // (self.spatial * pw))
+
+    def with_patch_from(self, transformer_config: Mapping[str, Any] | None) -> VideoGeometry:
+        """This geometry with the patch size a transformer ``config.json`` declares (if any)."""
+        cfg = transformer_config or {}
+        patch = cfg.get("patch_size")
+        if isinstance(patch, (list, tuple)) and len(patch) == 3:
+            return replace(self, patch=tuple(int(p) for p in patch))
+        if isinstance(patch, int):
+            pt = cfg.get("patch_size_t") or 1
+            return replace(self, patch=(int(pt), patch, patch))
+        return self
+
+
+# -- parallel shard plan ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims)."""
+
+    dim: int
+    ndim: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where a transformer family's token sequence is cut and re-assembled (``vidsparse.parallel``).
+
+    ``inputs``: module path -> {argument name: Shard}, cut before the module runs;
+    ``outputs``: module path -> {output index: Shard}, cut after it runs (RoPE tables);
+    ``gather``: module path -> Shard, its output all-gathered back to the whole video.
+    The path "" is the transformer itself.
+    """
+
+    inputs: Mapping[str, Mapping[str, Shard]]
+    outputs: Mapping[str, Mapping[int, Shard]]
+    gather: Mapping[str, Shard]
+
+
+# -- tiny random-init models ------------------------------------------------------------------
+
+#: Sizes every tiny model shares, so one hashed prompt embedding fits them all.
+TINY_TEXT_DIM = 16
+TINY_TEXT_LEN = 8
+TINY_LATENT_CHANNELS = 4
+TINY_HEADS = 2
+TINY_HEAD_DIM = 8
+
+
+@dataclass(frozen=True)
+class TinyRequest:
+    """What a family's tiny-input builder gets (``vidsparse.models.tiny.tiny_inputs``).
+
+    ``randn(*shape)`` draws from the call's seeded generator in the transformer's dtype;
+    ``text_mask`` is bool [batch, text_len] (later samples padded when ``pad_text``).
+    """
+
+    transformer: torch.nn.Module
+    frames: int
+    height: int
+    width: int
+    batch: int
+    text_len: int
+    text_dim: int
+    text_mask: torch.Tensor
+    timestep: torch.Tensor
+    randn: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """A tiny random-init transformer of the family, for tests, examples and offline runs.
+
+    ``config()`` gives the constructor kwargs of ``transformer_class`` (default: the family's
+    first transformer class); ``inputs(request)`` the matching forward kwargs.
+    """
+
+    name: str
+    config: Callable[[], dict[str, Any]]
+    inputs: Callable[[TinyRequest], dict[str, Any]]
+    transformer_class: str | None = None
+
+
+# -- the family record ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """One diffusers video transformer family (see the module docstring).
+
+    Matching: ``transformer_classes`` (diffusers class names, ``isinstance``), ``pipeline_prefixes``
+    (pipeline class names served by ``generate``; the longest matching prefix wins).
+
+    Attention: ``processor_names`` are the diffusers processors the family's ``processor``
+    mirrors (any other processor is refused); ``processor(original, layer, state)`` builds the
+    sparse processor; ``attention_paths`` lists the self-attention modules; ``grid`` and
+    ``text_len`` read a forward call's token grid and text span; ``text_position`` is where
+    joint-attention text sits ("none" | "before" | "after").
+
+    Geometry: ``geometries`` (the first is the default; e.g. CogVideoX 1.0 and 1.5) and
+    ``geometry_variant(transformer_config) -> geometry name`` to pick one from a config.
+
+    Defaults: ``pattern_defaults`` maps a pattern name to its family options (a dict or a
+    function of (layout, two_stage)); each pattern's ``fit_defaults`` then adapts them to the
+    grid. ``dense_first_steps`` and ``dense_layers`` (pattern name -> layers) are the schedule.
+
+    LoRA: ``lora_adapter()`` returns the ``TrainableVideoModel`` subclass (imported on call),
+    or ``None`` with ``lora_refusal`` saying why; ``lora_refusals`` maps pipeline class names of
+    the family that train-lora refuses to the reason.
+
+    Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why).
+
+    Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
+    (a whole random-init pipeline, or ``None``).
+    """
+
+    name: str
+    transformer_classes: tuple[str, ...]
+    pipeline_prefixes: tuple[str, ...]
+    processor_names: tuple[str, ...]
+    processor: Callable[..., SparseProcessor]
+    attention_paths: AttentionPaths
+    grid: Callable[[torch.nn.Module, dict[str, Any]], Grid | None]
+    text_len: Callable[[torch.nn.Module, dict[str, Any]], int]
+    text_position: str
+    geometries: tuple[VideoGeometry, ...]
+    geometry_variant: Callable[[Mapping[str, Any]], str] | None = None
+    pattern_defaults: Mapping[str, PatternDefaults] = field(default_factory=dict)
+    dense_first_steps: int | float = 0.25
+    dense_layers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    lora_adapter: Callable[[], type] | None = None
+    lora_refusal: str = ""
+    lora_refusals: Mapping[str, str] = field(default_factory=dict)
+    shard_plan: ShardPlan | None = None
+    parallel_refusal: str = "not supported yet"
+    tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
+    tiny_pipeline: Callable[..., Any] | None = None
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.text_position not in ("none", "before", "after"):
+            raise ValueError(
+                f"Family {self.name!r}: text_position must be none/before/after, got {self.text_position!r}."
+            )
+        if not self.geometries:
+            raise ValueError(f"Family {self.name!r} declares no VideoGeometry.")
+        if self.lora_adapter is None and not self.lora_refusal:
+            raise ValueError(f"Family {self.name!r}: give a lora_adapter or a lora_refusal saying why there is none.")
+        for attr in ("pattern_defaults", "dense_layers", "lora_refusals", "tiny"):
+            object.__setattr__(self, attr, _frozen(getattr(self, attr)))
+
+    # -- attention ------------------------------------------------------------------------
+    def num_layers(self, transformer: torch.nn.Module) -> int:
+        return len(self.attention_paths(transformer))
+
+    def matches(self, transformer: Any) -> bool:
+        """True if ``transformer`` is an instance of one of ``transformer_classes``."""
+        import diffusers
+
+        classes = tuple(c for c in (getattr(diffusers, n, None) for n in self.transformer_classes) if c is not None)
+        return bool(classes) and isinstance(transformer, classes)
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def geometry(self) -> VideoGeometry:
+        """The default geometry (the family's main checkpoint)."""
+        return self.geometries[0]
+
+    def geometry_for(self, transformer_config: Mapping[str, Any] | None) -> VideoGeometry:
+        """The geometry a transformer ``config.json`` describes (variant, then its patch size)."""
+        geo = self.geometry
+        if self.geometry_variant is not None and transformer_config:
+            wanted = normalize_name(self.geometry_variant(transformer_config))
+            geo = next((g for g in self.geometries if normalize_name(g.name) == wanted), geo)
+        return geo.with_patch_from(transformer_config)
+
+    # -- defaults -------------------------------------------------------------------------
+    def pattern_options(
+        self, pattern_name: str, layout: VideoLayout, block_size: int | None, two_stage: bool = False
+    ) -> dict[str, Any]:
+        """Options of pattern ``pattern_name`` for this family on this grid.
+
+        The family's entry of ``pattern_defaults`` (none: ``{}``), adapted to the grid by the
+        pattern class's ``fit_defaults`` (windows cover at most an axis, block sizes fit a frame).
+        """
+        from vidsparse.patterns import PATTERNS, normalize_pattern_name
+
+        name = normalize_pattern_name(pattern_name)
+        entry = self.pattern_defaults.get(name)
+        opts = dict(entry(layout, two_stage) if callable(entry) else (entry or {}))
+        cls = PATTERNS.get(name)
+        return cls.fit_defaults(opts, layout, block_size) if cls is not None else opts
+
+    def default_schedule(self, pattern_name: str) -> tuple[int | float, tuple[int, ...]]:
+        """(dense_first_steps, dense_layers) defaults of this family for a pattern."""
+        from vidsparse.patterns import normalize_pattern_name
+
+        name = normalize_pattern_name(pattern_name)
+        if name == "dense":
+            return 0, ()
+        return self.dense_first_steps, tuple(self.dense_layers.get(name, ()))
+
+    # -- LoRA / parallel ------------------------------------------------------------------
+    def lora_adapter_class(self) -> type:
+        """The family's ``TrainableVideoModel`` subclass, or a ValueError with ``lora_refusal``."""
+        if self.lora_adapter is None:
+            raise ValueError(f"vidsparse train-lora does not train {self.name}: {self.lora_refusal}.")
+        return self.lora_adapter()
+
+    def require_shard_plan(self) -> ShardPlan:
+        if self.shard_plan is None:
+            raise ValueError(f"vidsparse.parallel does not run {self.name}: {self.parallel_refusal}.")
+        return self.shard_plan
+
+    def describe(self) -> str:
+        return f"{self.name} ({'/'.join(self.transformer_classes)})"
+
+
+# -- helpers family modules share -------------------------------------------------------------
+
+
+def indexed_paths(attr: str, sub: str, offset: int = 0) -> AttentionPaths:
+    """Self-attention ``<attr>.<i>.<sub>`` of every block in ``model.<attr>``, layers from ``offset``."""
+
+    def paths(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
+        blocks = getattr(model, attr, None) or []
+        return [(f"{attr}.{i}.{sub}", getattr(b, sub), offset + i) for i, b in enumerate(blocks)]
+
+    return paths
+
+
+def bcfhw_grid(patch_t: int, patch_h: int, patch_w: int, hidden_states: torch.Tensor) -> Grid:
+    """Token grid of latents [B, C, F, H, W] after a (t, h, w) patchify."""
+    _, _, f, h, w = hidden_states.shape
+    return (f // patch_t, h // patch_h, w // patch_w)
+
+
+def no_text(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """Text span of a cross-attention family: none in self-attention."""
+    return 0
+
+
+def joint_text(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """Text span of a joint-attention family: the prompt tokens (``encoder_hidden_states``)."""
+    return int(kwargs["encoder_hidden_states"].shape[1])
+
+
+__all__ = [
+    "AttentionPaths",
+    "Family",
+    "Grid",
+    "PatternDefaults",
+    "TINY_HEADS",
+    "TINY_HEAD_DIM",
+    "TINY_LATENT_CHANNELS",
+    "TINY_TEXT_DIM",
+    "TINY_TEXT_LEN",
+    "Shard",
+    "ShardPlan",
+    "TinyRequest",
+    "TinyVariant",
+    "VideoGeometry",
+    "bcfhw_grid",
+    "indexed_paths",
+    "joint_text",
+    "no_text",
+    "normalize_name",
+]

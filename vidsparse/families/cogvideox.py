@@ -1,0 +1,188 @@
+"""CogVideoX 1.0 / 1.5 (``CogVideoXTransformer3DModel``): joint [text; video] attention.
+
+Geometry: VAE 4x time / 8x space; CogVideoX 1.0 patchifies (1, 2, 2) (49x480x720 at 8 fps),
+CogVideoX 1.5 (``patch_size_t=2``) patchifies (2, 2, 2) and pads latent frames to a multiple of 2
+(81x768x1360 at 16 fps). 226 prompt tokens come before the video.
+
+Self-attention: ``transformer_blocks.<i>.attn1``; the processor mirrors diffusers 0.42
+``CogVideoXAttnProcessor2_0`` and ``FusedCogVideoXAttnProcessor2_0`` (RoPE on video tokens only).
+Latents arrive as (B, F, C, H, W).
+
+Defaults: Radial decay 1.0 without sink; Tile (2, 8, 8) in a (5, 3, 3) window; GNA (9, 25, 25).
+LoRA: refused, CogVideoX is v-prediction (DDIM/DPM), not flow matching.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    TINY_TEXT_LEN,
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    indexed_paths,
+    joint_text,
+)
+from vidsparse.families.processor import SparseProcessor
+
+# -- self-attention processor -----------------------------------------------------------------
+
+
+class CogVideoXSparseProcessor(SparseProcessor):
+    """``CogVideoXAttnProcessor2_0`` (and the fused variant): joint [text; video] attention."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        pattern = self.state.pattern_for(self.layer)
+        if pattern is None or attention_mask is not None:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_len = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch, seq, _ = hidden_states.shape
+        if type(self.original).__name__.startswith("Fused"):
+            qkv = attn.to_qkv(hidden_states)
+            query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
+
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D]
+        layout = self._layout(seq, text_len, "before")
+        out = self.state.attend(query, key, value, layout, pattern, self.layer, None)
+        out = out.reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        encoder_out, out = out.split([text_len, out.size(1) - text_len], dim=1)
+        return out, encoder_out
+
+
+# -- grid -------------------------------------------------------------------------------------
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    _, f, _, h, w = kwargs["hidden_states"].shape  # CogVideoX takes (B, F, C, H, W)
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    return (f // pt if pt else f, h // p, w // p)
+
+
+def _variant(transformer_config) -> str:
+    return "cogvideox1.5" if transformer_config.get("patch_size_t") else "cogvideox"
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def _tiny_config(v15: bool = False) -> dict[str, Any]:
+    # CogVideoX's 3-D RoPE splits the head dim 1/4 : 3/8 : 3/8 into even parts: 16 minimum.
+    return dict(
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=16,
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
+        time_embed_dim=8,
+        text_embed_dim=TINY_TEXT_DIM,
+        num_layers=2,
+        sample_width=16,
+        sample_height=16,
+        sample_frames=9,
+        patch_size=2,
+        patch_size_t=2 if v15 else None,
+        max_text_seq_length=TINY_TEXT_LEN,
+        use_rotary_positional_embeddings=True,
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    cfg = r.transformer.config
+    p, p_t = cfg.patch_size, cfg.patch_size_t
+    gh, gw = r.height // p, r.width // p
+    if p_t is None:
+        rope = get_3d_rotary_pos_embed(
+            embed_dim=cfg.attention_head_dim,
+            crops_coords=((0, 0), (gh, gw)),
+            grid_size=(gh, gw),
+            temporal_size=r.frames,
+        )
+    else:
+        rope = get_3d_rotary_pos_embed(
+            embed_dim=cfg.attention_head_dim,
+            crops_coords=None,
+            grid_size=(gh, gw),
+            temporal_size=(r.frames + p_t - 1) // p_t,
+            grid_type="slice",
+            max_size=(cfg.sample_height // p, cfg.sample_width // p),
+        )
+    return dict(
+        hidden_states=r.randn(r.batch, r.frames, cfg.in_channels, r.height, r.width),
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+        timestep=r.timestep.long(),
+        image_rotary_emb=tuple(x.to(r.transformer.dtype) for x in rope),
+    )
+
+
+_V_PREDICTION = "CogVideoX is v-prediction, not flow matching"
+
+FAMILY = Family(
+    name="cogvideox",
+    transformer_classes=("CogVideoXTransformer3DModel",),
+    pipeline_prefixes=("CogVideoX",),
+    processor_names=("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"),
+    processor=CogVideoXSparseProcessor,
+    attention_paths=indexed_paths("transformer_blocks", "attn1"),
+    grid=_grid,
+    text_len=joint_text,
+    text_position="before",
+    geometries=(
+        VideoGeometry("cogvideox", 4, 8, (1, 2, 2), (49, 480, 720), 226, "before", fps=8),
+        VideoGeometry(
+            "cogvideox1.5", 4, 8, (2, 2, 2), (81, 768, 1360), 226, "before", fps=16, aliases=("cogvideox15",)
+        ),
+    ),
+    geometry_variant=_variant,
+    pattern_defaults={
+        "radial": dict(decay_factor=1.0, sink=False),
+        "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
+        "gna": dict(kernel_size=(9, 25, 25), stride=1),
+    },
+    lora_refusal="CogVideoX is trained with v-prediction on a DDIM/DPM noise schedule, not flow matching; "
+    "train-lora's flow objective would teach it the wrong target",
+    lora_refusals={
+        "CogVideoXPipeline": "CogVideoX is trained with v-prediction on a DDIM/DPM noise schedule, not flow matching; "
+        "train-lora's flow objective would teach it the wrong target",
+        "CogVideoXImageToVideoPipeline": _V_PREDICTION,
+        "CogVideoXVideoToVideoPipeline": _V_PREDICTION,
+    },
+    parallel_refusal="its shard plan (text before the video, RoPE on video tokens) is not written yet",
+    tiny={
+        "cogvideox": TinyVariant("cogvideox", _tiny_config, _tiny_inputs),
+        "cogvideox-1.5": TinyVariant("cogvideox-1.5", lambda: _tiny_config(True), _tiny_inputs),
+    },
+)

@@ -1,0 +1,199 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``): joint [video; text] attention, text padding mask.
+
+Geometry (diffusers HunyuanVideo config): VAE 4x time / 8x space, patch (1, 2, 2), 256 prompt
+tokens after the video; 129x720x1280 at 15 fps is the reference video.
+
+Self-attention: ``transformer_blocks.<i>.attn`` (double-stream: separate text projections
+``add_*_proj``) then ``single_transformer_blocks.<i>.attn`` (single-stream: text and video
+projected together), one layer index sequence across both. The processor mirrors diffusers 0.42
+``HunyuanVideoAttnProcessor2_0``; the [B, 1, 1, S] bool mask becomes the text keys' validity.
+
+Defaults: Radial decay 0.95 without sink; Tile (2, 8, 8) tiles in a (9, 3, 5) window (STA's
+HunyuanVideo setting); GNA kernel (18, 24, 24), stride (16, 8, 8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    bcfhw_grid,
+    indexed_paths,
+    joint_text,
+)
+from vidsparse.families.processor import SparseProcessor
+
+# -- self-attention processor -----------------------------------------------------------------
+
+
+def _hunyuan_text_mask(mask: torch.Tensor | None, batch: int, seq: int, text_len: int) -> torch.Tensor | bool | None:
+    """Key validity of the text tail from the model's [B, 1, 1, S] bool mask (False: unusable)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.numel() != batch * seq or mask.dim() not in (2, 4):
+        return False
+    return mask.reshape(batch, seq)[:, seq - text_len :]
+
+
+class HunyuanSparseProcessor(SparseProcessor):
+    """``HunyuanVideoAttnProcessor2_0``: joint [video; text] attention, text padding mask."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        pattern = self.state.pattern_for(self.layer)
+        if pattern is None or encoder_hidden_states is None:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_len = encoder_hidden_states.shape[1]
+        batch = hidden_states.shape[0]
+        seq = hidden_states.shape[1] + text_len
+        text_mask = _hunyuan_text_mask(attention_mask, batch, seq, text_len)
+        if text_mask is False:
+            self.state.warn_once("hunyuan-mask", "vidsparse: unexpected HunyuanVideo attention mask; running dense.")
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        single = attn.add_q_proj is None  # single-stream blocks project text and video together
+        if single:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            if single:
+                query = torch.cat(
+                    [apply_rotary_emb(query[:, :-text_len], image_rotary_emb, sequence_dim=1), query[:, -text_len:]],
+                    dim=1,
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :-text_len], image_rotary_emb, sequence_dim=1), key[:, -text_len:]],
+                    dim=1,
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if not single:
+            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        layout = self._layout(query.shape[1], text_len, "after")
+        out = self.state.attend(query, key, value, layout, pattern, self.layer, text_mask)
+        out = out.flatten(2, 3).to(query.dtype)
+
+        out, encoder_out = out[:, :-text_len], out[:, -text_len:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[0](out)
+            out = attn.to_out[1](out)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+
+# -- attention modules and grid ---------------------------------------------------------------
+
+
+def _paths(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
+    double = indexed_paths("transformer_blocks", "attn")(model)
+    return double + indexed_paths("single_transformer_blocks", "attn", offset=len(double))(model)
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    return bcfhw_grid(pt, p, p, kwargs["hidden_states"])
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def _tiny_config(image_condition_type: str | None = None) -> dict[str, Any]:
+    return dict(
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        text_embed_dim=TINY_TEXT_DIM,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+        image_condition_type=image_condition_type,
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    cfg = r.transformer.config
+    dtype = r.transformer.dtype
+    return dict(
+        hidden_states=r.randn(r.batch, cfg.in_channels, r.frames, r.height, r.width),
+        timestep=r.timestep,
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+        encoder_attention_mask=r.text_mask.to(dtype),
+        pooled_projections=r.randn(r.batch, cfg.pooled_projection_dim),
+        guidance=torch.full((r.batch,), 6000.0, dtype=dtype),
+    )
+
+
+def _lora_adapter() -> type:
+    from vidsparse.lora.adapters.hunyuan import HunyuanVideoModel
+
+    return HunyuanVideoModel
+
+
+FAMILY = Family(
+    name="hunyuan",
+    aliases=("hunyuanvideo",),
+    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    pipeline_prefixes=("HunyuanVideo",),
+    processor_names=("HunyuanVideoAttnProcessor2_0",),
+    processor=HunyuanSparseProcessor,
+    attention_paths=_paths,
+    grid=_grid,
+    text_len=joint_text,
+    text_position="after",
+    geometries=(VideoGeometry("hunyuan", 4, 8, (1, 2, 2), (129, 720, 1280), 256, "after", fps=15),),
+    pattern_defaults={
+        "radial": dict(decay_factor=0.95, sink=False),
+        "tile": dict(tile=(2, 8, 8), window=(9, 3, 5)),
+        "gna": dict(kernel_size=(18, 24, 24), stride=(16, 8, 8)),
+    },
+    lora_adapter=_lora_adapter,
+    lora_refusals={"HunyuanVideoImageToVideoPipeline": "image-to-video conditioning is not implemented"},
+    parallel_refusal="its shard plan (double- and single-stream blocks, text after the video) is not written yet",
+    tiny={
+        "hunyuan": TinyVariant("hunyuan", _tiny_config, _tiny_inputs),
+        "hunyuan-i2v": TinyVariant("hunyuan-i2v", lambda: _tiny_config("token_replace"), _tiny_inputs),
+    },
+)

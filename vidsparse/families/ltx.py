@@ -1,0 +1,164 @@
+"""LTX-Video (``LTXVideoTransformer3DModel``): video-only self-attention on packed tokens.
+
+Geometry: VAE 8x time / 32x space, patch (1, 1, 1); 161x512x704 at 24 fps is the reference
+video (21x16x22 tokens). Latents arrive packed (B, S, C) with ``num_frames, height, width``
+(the latent grid) or, in the conditioning pipeline, only ``video_coords`` [B, 3, S], from
+which the grid is read when they are a full frame-major raster.
+
+Self-attention: ``transformer_blocks.<i>.attn1``; the processor mirrors diffusers 0.42
+``LTXVideoAttnProcessor`` (q/k norm and RoPE before the head split).
+
+Defaults: Radial decay 1.0 without sink; Tile (2, 4, 4) in a (5, 3, 3) window (LTX's grid is
+small); GNA kernel (9, 9, 13).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    Family,
+    Grid,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    indexed_paths,
+    no_text,
+)
+from vidsparse.families.processor import SparseProcessor
+
+# -- self-attention processor -----------------------------------------------------------------
+
+
+class LTXSparseProcessor(SparseProcessor):
+    """``LTXVideoAttnProcessor`` for self-attention (``attn1``): RoPE before the head split."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        pattern = self.state.pattern_for(self.layer)
+        if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        layout = self._layout(query.shape[1], 0, "none")
+        out = self.state.attend(query, key, value, layout, pattern, self.layer, None)
+        out = out.flatten(2, 3).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+# -- grid -------------------------------------------------------------------------------------
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> Grid | None:
+    """``num_frames, height, width`` (latent grid, patch 1) or ``video_coords`` [B, 3, S]."""
+    seq = kwargs["hidden_states"].shape[1]
+    f, h, w = kwargs.get("num_frames"), kwargs.get("height"), kwargs.get("width")
+    if f is not None and h is not None and w is not None:
+        p, pt = model.config.patch_size, model.config.patch_size_t
+        for grid in ((int(f), int(h), int(w)), (int(f) // pt, int(h) // p, int(w) // p)):
+            if math.prod(grid) == seq:
+                return grid
+        return None
+    coords = kwargs.get("video_coords")
+    if coords is None:
+        return None
+    return grid_from_coords(coords[0], seq)
+
+
+def grid_from_coords(coords: torch.Tensor, seq: int) -> Grid | None:
+    """The (F, H, W) of coordinates [3, S] if they are a full frame-major raster, else None."""
+    axes = [torch.unique(c, sorted=True) for c in coords]
+    grid = tuple(int(a.numel()) for a in axes)
+    if math.prod(grid) != seq:
+        return None
+    idx = [torch.searchsorted(a, c) for a, c in zip(axes, coords)]
+    flat = (idx[0] * grid[1] + idx[1]) * grid[2] + idx[2]
+    if not torch.equal(flat, torch.arange(seq, device=flat.device)):
+        return None
+    return grid  # type: ignore[return-value]
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def _tiny_config() -> dict[str, Any]:
+    return dict(
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        cross_attention_dim=TINY_HEADS * TINY_HEAD_DIM,
+        num_layers=2,
+        caption_channels=TINY_TEXT_DIM,
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    return dict(
+        hidden_states=r.randn(r.batch, r.frames * r.height * r.width, r.transformer.config.in_channels),
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+        timestep=r.timestep,
+        encoder_attention_mask=r.text_mask.long(),
+        num_frames=r.frames,
+        height=r.height,
+        width=r.width,
+        rope_interpolation_scale=(1.0, 32.0, 32.0),
+    )
+
+
+def _lora_adapter() -> type:
+    from vidsparse.lora.adapters.ltx import LTXVideoModel
+
+    return LTXVideoModel
+
+
+FAMILY = Family(
+    name="ltx",
+    aliases=("ltxvideo",),
+    transformer_classes=("LTXVideoTransformer3DModel",),
+    pipeline_prefixes=("LTX",),
+    processor_names=("LTXVideoAttnProcessor",),
+    processor=LTXSparseProcessor,
+    attention_paths=indexed_paths("transformer_blocks", "attn1"),
+    grid=_grid,
+    text_len=no_text,
+    text_position="none",
+    geometries=(VideoGeometry("ltx", 8, 32, (1, 1, 1), (161, 512, 704), fps=24),),
+    pattern_defaults={
+        "radial": dict(decay_factor=1.0, sink=False),
+        "tile": dict(tile=(2, 4, 4), window=(5, 3, 3)),
+        "gna": dict(kernel_size=(9, 9, 13), stride=1),
+    },
+    lora_adapter=_lora_adapter,
+    lora_refusals={
+        "LTXImageToVideoPipeline": "image-to-video conditioning (per-token timesteps) is not implemented",
+        "LTXConditionPipeline": "condition frames (per-token timesteps) are not implemented; use LTXPipeline",
+    },
+    parallel_refusal="its shard plan (packed tokens, RoPE from video_coords) is not written yet",
+    tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
+)

@@ -1,0 +1,163 @@
+"""Mochi-1 (``MochiTransformer3DModel``): joint [video; valid text] attention, per-sample validity.
+
+Geometry: VAE 6x time / 8x space, patch (1, 2, 2), 256 prompt tokens after the video;
+163x480x848 at 30 fps is the reference video (28x30x53 tokens).
+
+Self-attention: ``transformer_blocks.<i>.attn1``; the processor mirrors diffusers 0.42
+``MochiAttnProcessor2_0``: its per-sample loop keeps only valid text tokens and right-pads the
+text output with zeros, reproduced here with a key-validity mask and a stable repack.
+
+Defaults: Radial decay 1.0 without sink; Tile (2, 8, 8) in a (5, 3, 3) window; GNA (9, 25, 25).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    TINY_TEXT_LEN,
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    bcfhw_grid,
+    indexed_paths,
+    joint_text,
+)
+from vidsparse.families.processor import SparseProcessor
+
+# -- self-attention processor -----------------------------------------------------------------
+
+
+def _mochi_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    x_even = x[..., 0::2].float()
+    x_odd = x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+def _mochi_pack_text(text_out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mochi's per-sample loop keeps only valid text tokens and right-pads the output with
+    zeros: valid rows move to the front (in order), the rest are zero."""
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    packed = text_out.gather(1, order[:, :, None, None].expand_as(text_out))
+    keep = torch.arange(valid.shape[1], device=valid.device)[None, :] < valid.sum(dim=1, keepdim=True)
+    return torch.where(keep[:, :, None, None], packed, torch.zeros((), dtype=packed.dtype, device=packed.device))
+
+
+class MochiSparseProcessor(SparseProcessor):
+    """``MochiAttnProcessor2_0``: joint [video; valid text] attention, per-sample text validity."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        pattern = self.state.pattern_for(self.layer)
+        if pattern is None:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+        if image_rotary_emb is not None:
+            query = _mochi_rope(query, *image_rotary_emb)
+            key = _mochi_rope(key, *image_rotary_emb)
+
+        video_len, text_len = query.shape[1], encoder_query.shape[1]
+        valid = attention_mask.to(torch.bool)
+        q = torch.cat([query, encoder_query], dim=1)
+        k = torch.cat([key, encoder_key], dim=1)
+        v = torch.cat([value, encoder_value], dim=1)
+        layout = self._layout(video_len + text_len, text_len, "after")
+        out = self.state.attend(q, k, v, layout, pattern, self.layer, valid)
+        out = torch.cat([out[:, :video_len], _mochi_pack_text(out[:, video_len:], valid)], dim=1)
+        out = out.flatten(2, 3)
+        out, encoder_out = out.split_with_sizes((video_len, text_len), dim=1)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if hasattr(attn, "to_add_out"):
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+
+# -- grid -------------------------------------------------------------------------------------
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    p = model.config.patch_size
+    return bcfhw_grid(1, p, p, kwargs["hidden_states"])
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def _tiny_config() -> dict[str, Any]:
+    return dict(
+        patch_size=2,
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=TINY_LATENT_CHANNELS,
+        text_embed_dim=TINY_TEXT_DIM,
+        time_embed_dim=16,
+        max_sequence_length=TINY_TEXT_LEN,
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    return dict(
+        hidden_states=r.randn(r.batch, r.transformer.config.in_channels, r.frames, r.height, r.width),
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+        timestep=r.timestep,
+        encoder_attention_mask=r.text_mask,
+    )
+
+
+def _lora_adapter() -> type:
+    from vidsparse.lora.adapters.mochi import MochiModel
+
+    return MochiModel
+
+
+FAMILY = Family(
+    name="mochi",
+    transformer_classes=("MochiTransformer3DModel",),
+    pipeline_prefixes=("Mochi",),
+    processor_names=("MochiAttnProcessor2_0",),
+    processor=MochiSparseProcessor,
+    attention_paths=indexed_paths("transformer_blocks", "attn1"),
+    grid=_grid,
+    text_len=joint_text,
+    text_position="after",
+    geometries=(VideoGeometry("mochi", 6, 8, (1, 2, 2), (163, 480, 848), 256, "after", fps=30),),
+    pattern_defaults={
+        "radial": dict(decay_factor=1.0, sink=False),
+        "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
+        "gna": dict(kernel_size=(9, 25, 25), stride=1),
+    },
+    lora_adapter=_lora_adapter,
+    parallel_refusal="its shard plan (per-sample text validity after the video) is not written yet",
+    tiny={"mochi": TinyVariant("mochi", _tiny_config, _tiny_inputs)},
+)

@@ -1,0 +1,245 @@
+"""Wan 2.1 / 2.2 (``WanTransformer3DModel``): video-only self-attention, text by cross-attention.
+
+Geometry (diffusers configs of Wan2.1-T2V / Wan2.2): VAE 4x in time (first frame kept) and 8x in
+space, patch (1, 2, 2); 81x480x832 at 16 fps is the reference video (21x30x52 tokens).
+
+Defaults: Radial with the paper's Wan settings (decay 0.2, attention sink, layer 0 dense); a
+two-expert Wan 2.2 pipeline (``transformer_2``, as in Radial's Wan2.2 script) uses decay 0.8
+and block 64. Tile (2, 8, 8) tiles in a (5, 3, 3) tile window; GNA kernel (9, 25, 25), stride 1.
+
+``attn1`` is self-attention (``attn2`` the text / image cross-attention, left alone). The
+sparse processor mirrors diffusers 0.42 ``WanAttnProcessor`` (fused or separate q/k/v,
+q/k RMS norm, Wan's interleaved RoPE); calls with an encoder context or a mask run the
+original processor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    Family,
+    Shard,
+    ShardPlan,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    bcfhw_grid,
+    indexed_paths,
+    no_text,
+)
+from vidsparse.families.processor import SparseProcessor
+from vidsparse.layout import VideoLayout
+
+# -- self-attention processor -----------------------------------------------------------------
+
+
+def _wan_qkv(attn, hidden_states: torch.Tensor):
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
+def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSparseProcessor(SparseProcessor):
+    """``WanAttnProcessor`` for self-attention (``attn1``): video tokens only."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        pattern = self.state.pattern_for(self.layer)
+        if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _wan_qkv(attn, hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _wan_rope(query, *rotary_emb)
+            key = _wan_rope(key, *rotary_emb)
+        layout = self._layout(query.shape[1], 0, "none")
+        out = self.state.attend(query, key, value, layout, pattern, self.layer, None)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+# -- grid discovery ---------------------------------------------------------------------------
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    """Latents [B, C, F, H, W] patchified by ``config.patch_size`` (t, h, w)."""
+    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- pattern defaults -------------------------------------------------------------------------
+
+
+def _radial(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
+    """Radial's Wan settings; its Wan2.2 script (two experts) uses decay 0.8 and block 64."""
+    if two_stage:
+        return dict(decay_factor=0.8, sink=True, block_size=64)
+    return dict(decay_factor=0.2, sink=True)
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def tiny_transformer_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Constructor kwargs of the tiny ``WanTransformer3DModel`` (2 layers, 2 heads of 8)."""
+    kw: dict[str, Any] = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
+        text_dim=TINY_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def _tiny_i2v_config() -> dict[str, Any]:
+    # Latent + image condition + mask channels, as Wan I2V concatenates them.
+    return tiny_transformer_kwargs(
+        in_channels=3 * TINY_LATENT_CHANNELS, image_dim=TINY_TEXT_DIM, added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    c = r.transformer.config.in_channels
+    return dict(
+        hidden_states=r.randn(r.batch, c, r.frames, r.height, r.width),
+        timestep=r.timestep,
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+    )
+
+
+def _tiny_i2v_inputs(r: TinyRequest) -> dict[str, Any]:
+    inputs = _tiny_inputs(r)
+    # WanAttnProcessor splits the context at a hard-coded 512 text tokens.
+    inputs["encoder_hidden_states"] = r.randn(r.batch, 512, r.text_dim)
+    inputs["encoder_hidden_states_image"] = r.randn(r.batch, 4, r.transformer.config.image_dim)
+    return inputs
+
+
+def tiny_vae():
+    """A tiny random-init ``AutoencoderKLWan`` (8 base channels; 4x time, 8x space, as Wan's)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=TINY_LATENT_CHANNELS,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * TINY_LATENT_CHANNELS,
+        latents_std=[1.0] * TINY_LATENT_CHANNELS,
+    )
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stage: bool = False):
+    """A tiny random-init ``diffusers.WanPipeline`` (no tokenizer / text encoder).
+
+    ``two_stage=True`` builds a Wan 2.2-style pipeline with ``transformer`` (high noise) and
+    ``transformer_2`` (low noise) switched at ``boundary_ratio=0.5``. Prompts are passed as
+    ``prompt_embeds`` (``vidsparse.models.tiny.encode_prompt_tiny``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(**tiny_transformer_kwargs())
+        transformer_2 = WanTransformer3DModel(**tiny_transformer_kwargs()) if two_stage else None
+        vae = tiny_vae()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.5 if two_stage else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+
+
+def _lora_adapter() -> type:
+    from vidsparse.lora.adapters.wan import WanModel
+
+    return WanModel
+
+
+# -- the record -------------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="wan",
+    aliases=("wan2.1", "wan2.2", "wan21", "wan22"),
+    transformer_classes=("WanTransformer3DModel",),
+    pipeline_prefixes=("Wan",),
+    processor_names=("WanAttnProcessor",),
+    processor=WanSparseProcessor,
+    attention_paths=indexed_paths("blocks", "attn1"),
+    grid=_grid,
+    text_len=no_text,
+    text_position="none",
+    geometries=(VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),
+    pattern_defaults={
+        "radial": _radial,
+        "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
+        "gna": dict(kernel_size=(9, 25, 25), stride=1),
+    },
+    dense_first_steps=0.25,
+    dense_layers={"radial": (0,)},
+    lora_adapter=_lora_adapter,
+    lora_refusals={
+        "WanImageToVideoPipeline": "image-to-video conditioning (image latents and mask channels) is not implemented",
+    },
+    # WanTransformer3DModel._cp_plan, on frame boundaries: RoPE (cos, sin) [1, S, 1, D],
+    # the token sequence entering blocks.0, Wan 2.2 TI2V's per-token timestep [B, S].
+    shard_plan=ShardPlan(
+        inputs={"blocks.0": {"hidden_states": Shard(1, 3)}, "": {"timestep": Shard(1, 2)}},
+        outputs={"rope": {0: Shard(1, 4), 1: Shard(1, 4)}},
+        gather={"proj_out": Shard(1, 3)},
+    ),
+    tiny={
+        "wan": TinyVariant("wan", tiny_transformer_kwargs, _tiny_inputs),
+        "wan-i2v": TinyVariant("wan-i2v", _tiny_i2v_config, _tiny_i2v_inputs),
+    },
+    tiny_pipeline=tiny_pipeline,
+)
