@@ -121,3 +121,17 @@ def check_compile(model, inputs) -> None:
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     vs.remove(model)
     torch._dynamo.reset()
+
+
+def check_generate_validates_sizes(pipe, folder, bad: tuple[int, int, int], match: str, good, grid, fps: int) -> None:
+    """``vidsparse generate --model <folder>`` (the saved pipeline, read from its config files
+    only) validates sizes with the family geometry's VAE factors, before loading any weights."""
+    import pytest
+
+    from vidsparse.generate import GenerateOptions, prepare
+
+    pipe.save_pretrained(folder)
+    with pytest.raises(ValueError, match=match):
+        prepare(GenerateOptions(model=str(folder), frames=bad[0], height=bad[1], width=bad[2], device="cpu"))
+    plan = prepare(GenerateOptions(model=str(folder), frames=good[0], height=good[1], width=good[2], device="cpu"))
+    assert plan.grid == tuple(grid) and plan.fps == fps
