@@ -8,6 +8,7 @@ from family_checks import (
     check_compile,
     check_dense_equals_unpatched_and_remove_is_exact,
     check_every_pattern_runs,
+    check_generate_validates_sizes,
     check_sparse_patterns_differ,
     config,
     discovered,
@@ -46,13 +47,11 @@ def test_registry_and_geometry():
 
 @pytest.mark.parametrize("variant", ["skyreels-v2", "skyreels-v2-df", "skyreels-v2-i2v"])
 def test_dense_equals_unpatched_remove_exact_and_layout(variant):
-    # diffusers' fps embedding under diffusion forcing broadcasts only for batch 1.
-    batch = 1 if variant.endswith("-df") else 2
-    model, inputs = setup(variant, LATENT, batch=batch)
+    model, inputs = setup(variant, LATENT, batch=2)
     check_dense_equals_unpatched_and_remove_is_exact(model, inputs)
     seen = discovered(model, inputs)
     assert [layer for _, layer, _ in seen] == [0, 1]
-    assert all(layout == vs.VideoLayout(4, 4, 4) and shape == (batch, 64, 2, 8) for layout, _, shape in seen)
+    assert all(layout == vs.VideoLayout(4, 4, 4) and shape == (2, 64, 2, 8) for layout, _, shape in seen)
 
 
 def test_every_pattern_runs_on_regular_and_ragged_grids_with_per_frame_timesteps():
@@ -138,6 +137,13 @@ def test_t2v_pipeline_end_to_end_with_sparse_attention():
     assert bool(torch.isfinite(out).all()) and get_state(pipe.transformer).calls["sparse"] == 8
     vs.remove(pipe)
     assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).frames, ref)
+
+
+def test_generate_validates_sizes_with_the_family_geometry(tmp_path):
+    pipe = FAMILY.tiny_pipeline(diffusion_forcing=True)
+    check_generate_validates_sizes(
+        pipe, tmp_path / "df", (97, 540, 960), "height=540: must be a multiple of 16", (97, 544, 960), (25, 34, 60), 24
+    )
 
 
 @pytest.mark.parametrize("ar_step, rows", [(0, 3), (1, 7)])

@@ -9,6 +9,7 @@ from family_checks import (
     check_compile,
     check_dense_equals_unpatched_and_remove_is_exact,
     check_every_pattern_runs,
+    check_generate_validates_sizes,
     check_sparse_patterns_differ,
     config,
     discovered,
@@ -101,7 +102,7 @@ def test_inspect_knows_the_family(capsys):
     assert "21x30x52" in capsys.readouterr().out
 
 
-def test_pipeline_end_to_end_with_control_video_and_reference_image():
+def test_pipeline_end_to_end_with_control_video_and_reference_image(tmp_path):
     """The real WanVACEPipeline, 2 steps: a control video + mask + one reference image (one more
     latent frame in front); the grid is read from the call's latents."""
     pipe = FAMILY.tiny_pipeline()
@@ -129,4 +130,7 @@ def test_pipeline_end_to_end_with_control_video_and_reference_image():
     assert state.calls["sparse"] == 2 * 2 * 4  # steps x CFG branches x (2 main + 2 control) layers
     assert out.shape == ref.shape and bool(torch.isfinite(out).all())
     vs.remove(pipe)
+    check_generate_validates_sizes(
+        pipe, tmp_path / "vace", (80, 480, 832), "nearest valid: 77 or 81", (81, 480, 832), (21, 30, 52), 16
+    )
     assert all(type(m.processor).__name__ == "WanAttnProcessor" for _, m, _ in FAMILY.attention_paths(pipe.transformer))

@@ -84,9 +84,10 @@ def _tiny_config() -> dict[str, Any]:
     return tiny_transformer_kwargs()
 
 
-def _tiny_df_config() -> dict[str, Any]:
-    # The diffusion-forcing checkpoints embed the fps (inject_sample_info).
-    return tiny_transformer_kwargs(inject_sample_info=True)
+def _tiny_df_config(inject_sample_info: bool = False) -> dict[str, Any]:
+    """The diffusion-forcing tiny model; ``inject_sample_info`` (the fps embedding) only in the
+    tiny pipeline: diffusers broadcasts it under diffusion forcing for batch 1 only."""
+    return tiny_transformer_kwargs(inject_sample_info=inject_sample_info)
 
 
 def _tiny_i2v_config() -> dict[str, Any]:
@@ -110,7 +111,8 @@ def _tiny_df_inputs(r: TinyRequest) -> dict[str, Any]:
     ramp = torch.linspace(0.5, 1.0, r.frames, dtype=r.timestep.dtype)
     inputs["timestep"] = (r.timestep[:, None] * ramp[None]).to(r.timestep.dtype)
     inputs["enable_diffusion_forcing"] = True
-    inputs["fps"] = [1] * r.batch  # the pipeline's fps code: 0 for 16 fps, 1 otherwise
+    if r.transformer.config.inject_sample_info:
+        inputs["fps"] = [1] * r.batch  # the pipeline's fps code: 0 for 16 fps, 1 otherwise
     return inputs
 
 
@@ -136,7 +138,8 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, diffusio
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        transformer = SkyReelsV2Transformer3DModel(**(_tiny_df_config() if diffusion_forcing else _tiny_config()))
+        config = _tiny_df_config(inject_sample_info=True) if diffusion_forcing else _tiny_config()
+        transformer = SkyReelsV2Transformer3DModel(**config)
         vae = tiny_vae()
     finally:
         torch.random.set_rng_state(gen_state)
