@@ -12,10 +12,11 @@ the call's (T + 1) x H/2 x W/2 tokens. Geometry: Wan 2.1's VAE (4x time, 8x spac
 pipeline's default segment is 77 frames at 720x1280, 30 fps, i.e. 20 + 1 latent frames;
 ``VideoGeometry.latent_grid`` gives the 20 video frames, the reference frame comes on top.
 
-Not provided: ``vidsparse generate`` cannot drive ``WanAnimatePipeline`` (it needs a reference
-image, a pose video and a face video besides the prompt), so there is no tiny pipeline
-(``tiny_pipeline=None``) and no ``pipeline_prefixes``: the family is used through
-``vidsparse.apply(pipe, ...)`` on a pipeline the caller runs.
+Not provided: a tiny pipeline (``tiny_pipeline=None``). ``WanAnimatePipeline`` needs a CLIP
+image encoder, a reference image, a pose video and a face video besides the prompt, which
+``vidsparse generate`` does not pass; the family is used through ``vidsparse.apply(pipe, ...)``
+on a pipeline the caller runs (``pipeline_prefixes`` still names it, so the record, not Wan's,
+describes a ``WanAnimatePipeline`` folder).
 
 Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
 (9, 25, 25)).
@@ -101,7 +102,7 @@ FAMILY = Family(
     name="wan-animate",
     aliases=("wananimate", "animate"),
     transformer_classes=("WanAnimateTransformer3DModel",),
-    pipeline_prefixes=(),
+    pipeline_prefixes=("WanAnimate",),
     processor_names=("WanAttnProcessor",),
     processor=WanSparseProcessor,
     attention_paths=indexed_paths("blocks", "attn1"),
