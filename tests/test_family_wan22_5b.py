@@ -121,3 +121,22 @@ def test_pipeline_end_to_end_steps_from_the_cache_context():
     assert calls == [("cond", 0, 2, grid), ("uncond", 0, 2, grid), ("cond", 1, 2, grid), ("uncond", 1, 2, grid)]
     assert state.calls["sparse"] == 2 * 2 and state.calls["dense"] == 2 * 2
     vs.remove(pipe)
+
+
+def test_lora_adapter_takes_the_ti2v_pipeline():
+    """train-lora uses Wan's adapter: it reads the pipeline's 16x / 4x VAE factors and 48-channel
+    latent statistics, and its scalar training timestep is what the pipeline's per-token timestep
+    is for text-to-video (every token at t)."""
+    from vidsparse.lora.models import adapter_for
+
+    pipe = FAMILY.tiny_pipeline(variant="wan22-5b")
+    adapter = adapter_for(pipe, "tiny")
+    assert type(adapter) is FAMILY.lora_adapter_class()
+    z = adapter.encode_video(torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert z.shape == (1, 48, 3, 4, 4)
+    text = {k: v[None] for k, v in adapter.encode_text("a cat").items()}
+    with torch.no_grad():
+        scalar = adapter.predict(pipe.transformer, z, torch.tensor([500.0]), text)
+        per_token = adapter.predict(pipe.transformer, z, torch.full((1, 3 * 2 * 2), 500.0), text)
+    assert scalar.shape == z.shape
+    torch.testing.assert_close(scalar, per_token, atol=1e-5, rtol=1e-5)
