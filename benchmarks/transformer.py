@@ -249,7 +249,7 @@ def _short(exc: BaseException) -> str:
 def bench_model(case: ModelCase, patterns: list[str], args: argparse.Namespace, device, dtype, log) -> list[Row]:
     import vidsparse as vs
     from vidsparse.config import SparseConfig
-    from vidsparse.generate import _DensityRecorder
+    from vidsparse.generation import DensityRecorder
     from vidsparse.pipelines import get_state
 
     rows: list[Row] = []
@@ -288,7 +288,7 @@ def bench_model(case: ModelCase, patterns: list[str], args: argparse.Namespace, 
                                   block_size=args.block_size)  # fmt: skip
             vs.apply(model, config)
             state = get_state(model)
-            recorder = _DensityRecorder(state.attention_fn)
+            recorder = DensityRecorder(state.attention_fn)
             state.attention_fn = recorder
             ms, times, first = measure(name)
             row.forward_ms, row.step_ms, row.times_ms, row.warmup_ms = ms, ms * case.passes_per_step, times, first

@@ -173,7 +173,7 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
     import io
 
     from vidsparse.cli import main
-    from vidsparse.generate import GenerateOptions, generate
+    from vidsparse.generation import GenerateOptions, generate
 
     res: dict[str, Any] = {}
     path = os.path.join(out_dir, "video.gif")

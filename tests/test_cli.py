@@ -13,7 +13,7 @@ import torch
 
 from vidsparse import PATTERNS, cli, video_io
 from vidsparse.cli import add_pattern_arguments, main, pattern_field_specs, pattern_from_args
-from vidsparse.generate import GenerateOptions, generate, resolve_model
+from vidsparse.generation import GenerateOptions, generate, resolve_model
 
 # Small and fast: 9 frames of 32x48 -> latent token grid 3x2x3 on the tiny Wan pipeline.
 SMALL = ["--model", "tiny", "--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
@@ -178,7 +178,7 @@ def test_prompt_and_seed_determine_the_video():
 
 
 def test_compare_dense_reports_speedup_and_psnr():
-    from vidsparse.generate import format_summary
+    from vidsparse.generation import format_summary
 
     result = generate(GenerateOptions(compare_dense=True, dense_first_steps=1, **{**SMALL_OPTS, "steps": 3}))
     assert result.dense is not None and result.dense.speedup > 0
@@ -225,15 +225,15 @@ def test_failure_while_writing_leaves_old_file_untouched(tmp_path, monkeypatch, 
 
 
 def test_interrupt_during_denoising_writes_nothing(tmp_path, monkeypatch):
-    import vidsparse.generate as gen
+    import vidsparse.generation.call as gen
 
-    original = gen._StepClock.callback
+    original = gen.StepClock.callback
 
     def interrupt(self, pipe, step, timestep, kwargs):
         original(self, pipe, step, timestep, kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gen._StepClock, "callback", interrupt)
+    monkeypatch.setattr(gen.StepClock, "callback", interrupt)
     assert main(["generate", *SMALL, "--out", str(tmp_path / "v.mp4")]) == 130
     assert os.listdir(tmp_path) == []
 
@@ -253,7 +253,7 @@ def test_interrupt_during_denoising_writes_nothing(tmp_path, monkeypatch):
     ],
 )
 def test_bad_input_is_a_clear_error_before_loading(argv, message, tmp_path, monkeypatch, capsys):
-    import vidsparse.generate as gen
+    import vidsparse.generation.run as gen
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not be loaded for invalid input")
@@ -354,7 +354,7 @@ def test_parallel_mode_is_handed_to_vidsparse_parallel(monkeypatch):
     assert generate(options) == "done" and seen == [options]
     # handed over before any check: generate_parallel validates on every rank; flags pass through
     assert generate(GenerateOptions(parallel="clip", steps=0)) == "done"
-    from vidsparse.generate import options_from_args
+    from vidsparse.generate_cli import options_from_args
 
     args = _full_parser("generate").parse_args([*SMALL, "--parallel", "clip", "--vae-overlap", "all", "--dist-timeout", "90"])
     assert generate(options_from_args(args)) == "done"

@@ -105,3 +105,13 @@ def test_lora_adapter_and_shard_plan_fit_the_model():
     plan = FAMILY.require_shard_plan()
     for path in (*plan.inputs, *plan.outputs, *plan.gather):
         assert path == "" or model.get_submodule(path) is not None
+
+
+def test_tiny_model_names_come_from_the_registry():
+    from vidsparse.generation import resolve_model, tiny_models
+
+    assert tiny_models()[:2] == ("tiny", "tiny-wan")
+    info = resolve_model("tiny-wan")
+    assert info.kind == "tiny" and info.model_family is FAMILY and info.defaults == resolve_model("tiny").defaults
+    with pytest.raises(ValueError, match="no such tiny pipeline. Embedded ones: tiny, tiny-wan"):
+        resolve_model("tiny-sora")

@@ -120,7 +120,7 @@ def test_loss_decreases_and_lora_loads_into_pipeline(run):
 
 
 def test_vidsparse_generate_loads_the_lora(run):
-    from vidsparse.generate import GenerateOptions, generate
+    from vidsparse.generation import GenerateOptions, generate
 
     _, _, out = run
     opts = dict(model="tiny", frames=17, height=48, width=48, steps=2, backend="torch", progress=False)

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
 
 import torch
 
+from vidsparse.kernels.backends import AUTO, Backend, get_backend
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns import Pattern, make_pattern
 from vidsparse.plan import DEFAULT_BLOCK_SIZE, BlockSparsePlan, PlanCache, build_static_plan
 
 _PLANS = PlanCache(maxsize=64)
-_BACKEND_MODULES = {
-    "torch": "vidsparse.kernels.reference",
-    "flex": "vidsparse.kernels.flex",
-    "triton": "vidsparse.kernels.triton_backend",
-}
 _warned: set[str] = set()
 
 
@@ -116,31 +110,28 @@ def token_mask(
     return m[0] if m.shape[0] == 1 else m
 
 
-def _backend_module(name: str):
-    """The backend's module. A ``sys.modules`` hit keeps torch.compile (dynamo) out of importlib."""
-    path = _BACKEND_MODULES[name]
-    mod = sys.modules.get(path)
-    return mod if mod is not None else importlib.import_module(path)
-
-
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Name of the backend that runs these inputs ("auto" picks triton on CUDA, else torch)."""
-    if backend not in ("auto", *_BACKEND_MODULES):
-        raise ValueError(f"Unknown backend {backend!r}. Expected 'auto' or one of {sorted(_BACKEND_MODULES)}.")
-    if backend != "auto":
+    if backend != AUTO:
+        get_backend(backend)  # ValueError naming the registered backends
         return backend
     if q.is_cuda:
+        triton = get_backend("triton")
         try:
-            mod = _backend_module("triton")
+            reason = triton.can_run(q)
         except ImportError as exc:
             _warn_once("auto-triton-import", f"vidsparse: triton backend unavailable ({exc}); using flex.")
             return "flex"
-        reason = mod.unsupported_reason(q)
         if reason is None:
             return "triton"
         _warn_once(f"auto-{reason}", f"vidsparse: triton backend cannot run this call ({reason}); using flex.")
         return "flex"
     return "torch"
+
+
+def backend_for(backend: str, q: torch.Tensor) -> Backend:
+    """The ``Backend`` record that runs these inputs (``resolve_backend`` as a record)."""
+    return get_backend(resolve_backend(backend, q))
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -197,22 +188,21 @@ def attention(
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_inputs(q, k, v, layout, text_mask)
-    name = resolve_backend(backend, q)
-    mod = _backend_module(name)
-    if hasattr(mod, "unsupported_reason") and backend != "auto":
-        reason = mod.unsupported_reason(q)
+    chosen = backend_for(backend, q)
+    if backend != AUTO:
+        reason = chosen.can_run(q, k, v)
         if reason is not None:
             raise ValueError(
-                f"backend={name!r} cannot run this call: {reason}. Use backend='torch' (any device, exact) "
+                f"backend={chosen.name!r} cannot run this call: {reason}. Use backend='torch' (any device, exact) "
                 "or 'flex', or backend='auto' to pick one."
             )
-    bs = block_size or getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+    bs = block_size or chosen.default_block
     B, S, H, D = q.shape
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, q=q, k=k, block_size=bs)
-    if hasattr(mod, "attention"):
+    if chosen.fused:
         # Backends that fuse the permutation (and register a custom op) take the caller layout.
-        return mod.attention(q, k, v, p, text_mask=text_mask, scale=scale)
-    return run_permuted(mod.run, q, k, v, p, text_mask, scale)
+        return chosen.attention(q, k, v, p, text_mask=text_mask, scale=scale)
+    return run_permuted(chosen.run, q, k, v, p, text_mask, scale)
 
 
 def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale, *, return_lse: bool = False):

@@ -26,9 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vidsparse.errors import UserError
+
 # command -> module. Order is the order in ``vidsparse --help``.
 COMMANDS: dict[str, str] = {
-    "generate": "vidsparse.generate",
+    "generate": "vidsparse.generate_cli",
     "inspect": "vidsparse.inspect_cli",
     "bench": "vidsparse.bench",
     "train-lora": "vidsparse.lora.cli",
@@ -36,10 +38,6 @@ COMMANDS: dict[str, str] = {
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """An error caused by the command line itself (bad value, missing file): no traceback."""
 
 
 def _module_docstring(module: str) -> str | None:
@@ -455,10 +453,10 @@ def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None =
 
 def pattern_options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """(pattern name, constructor options) from parsed flags; errors name the valid flags."""
-    from vidsparse.patterns import PATTERNS
+    from vidsparse.patterns import PATTERNS, normalize_pattern_name
 
     raw_name = str(args.pattern)
-    name = raw_name.strip().lower().replace("_", "-")
+    name = normalize_pattern_name(raw_name)
     if name not in PATTERNS:
         raise UserError(f"Unknown --pattern {raw_name!r}. Expected one of: {', '.join(sorted(PATTERNS))}.")
     specs = pattern_field_specs(PATTERNS[name])

@@ -15,20 +15,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from vidsparse.patterns import PATTERNS, Pattern
-
-BACKENDS = ("auto", "torch", "flex", "triton")
-
-
-def _pattern_key(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
+from vidsparse.kernels.backends import backend_choices
+from vidsparse.patterns import PATTERNS, Pattern, normalize_pattern_name
 
 
 def _check_pattern(value: Any, what: str) -> Pattern | str:
     if isinstance(value, Pattern):
         return value
     if isinstance(value, str):
-        key = _pattern_key(value)
+        key = normalize_pattern_name(value)
         if key not in PATTERNS:
             raise ValueError(
                 f"Unknown pattern {value!r} for {what}. Expected a vidsparse pattern object or one of: "
@@ -142,8 +137,8 @@ class SparseConfig:
                 f"Layers {both} are both in dense_layers and layer_patterns; a layer is either dense or "
                 "runs its own pattern. Remove them from one of the two."
             )
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SparseConfig.backend must be one of {BACKENDS}, got {self.backend!r}.")
+        if self.backend not in backend_choices():
+            raise ValueError(f"SparseConfig.backend must be one of {backend_choices()}, got {self.backend!r}.")
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1)):
             raise ValueError(f"SparseConfig.block_size must be None or a power of two (e.g. 64, 128), got {b!r}.")

@@ -18,14 +18,13 @@ must return zeros (not NaN) for a row whose keys are all masked.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from vidsparse.layout import VideoLayout
+from vidsparse.lru import LRUCache
 from vidsparse.patterns.base import Pattern
 
 DEFAULT_BLOCK_SIZE = 128
@@ -374,41 +373,21 @@ def _video_row(
     return torch.cat([kbs[order], text_cols]), torch.cat([mids[order], text_mids])
 
 
-class PlanCache:
-    """Bounded LRU of static plans keyed by value: (pattern, layout, heads, layer, block, device)."""
+class PlanCache(LRUCache[BlockSparsePlan]):
+    """Bounded LRU of static plans keyed by value: (pattern, layout, heads, layer, block, device).
 
-    def __init__(self, maxsize: int = 64) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[tuple, BlockSparsePlan] = OrderedDict()
-        self._lock = threading.Lock()
+    Inside a torch.compile graph a hit is a plain dict read (dynamo cannot enter a lock); a miss
+    builds the plan outside the graph (one graph break on a cold cache).
+    """
 
     def get_or_build(self, key: tuple, build) -> BlockSparsePlan:
-        if torch.compiler.is_compiling():  # dynamo cannot enter a lock; a cached plan needs none
-            hit = self._data.get(key)
+        if torch.compiler.is_compiling():
+            hit = self.peek(key)
             if hit is not None:
                 return hit
-            return self._build_outside_graph(key, build)  # a cold cache costs one graph break
-        return self._lookup_or_build(key, build)
+            return self._build_outside_graph(key, build)
+        return super().get_or_build(key, build)
 
     @torch.compiler.disable
     def _build_outside_graph(self, key: tuple, build) -> BlockSparsePlan:
-        return self._lookup_or_build(key, build)
-
-    def _lookup_or_build(self, key: tuple, build) -> BlockSparsePlan:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        plan = build()
-        with self._lock:
-            self._data[key] = plan
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-        return plan
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+        return super().get_or_build(key, build)

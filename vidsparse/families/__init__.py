@@ -17,15 +17,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from vidsparse.families.base import (
-    Family,
-    Shard,
-    ShardPlan,
-    TinyRequest,
-    TinyVariant,
-    VideoGeometry,
-    normalize_name,
-)
+from vidsparse.families.base import Family, Shard, ShardPlan, TinyRequest, TinyVariant, VideoGeometry, normalize_name
 
 _REGISTRY: dict[str, Family] = {}
 _BUILTIN = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")

@@ -146,6 +146,18 @@ TINY_HEADS = 2
 TINY_HEAD_DIM = 8
 
 
+def tiny_dims(**overrides: Any) -> dict[str, Any]:
+    """The constructor kwargs most diffusers video transformers share, at tiny sizes (2 heads of 8,
+    4 latent channels in and out); ``overrides`` add or replace entries."""
+    return {
+        "num_attention_heads": TINY_HEADS,
+        "attention_head_dim": TINY_HEAD_DIM,
+        "in_channels": TINY_LATENT_CHANNELS,
+        "out_channels": TINY_LATENT_CHANNELS,
+        **overrides,
+    }
+
+
 @dataclass(frozen=True)
 class TinyRequest:
     """What a family's tiny-input builder gets (``vidsparse.models.tiny.tiny_inputs``).
@@ -317,6 +329,17 @@ class Family:
 
 # -- helpers family modules share -------------------------------------------------------------
 
+#: Pattern options for families without published tuned settings (CogVideoX, Mochi; LTX-Video
+#: overrides the windows): Radial without decay or sink, Tile (2, 8, 8) in a (5, 3, 3) window,
+#: GNA kernel (9, 25, 25) with stride 1. ``Pattern.fit_defaults`` adapts them to each grid.
+GENERIC_PATTERN_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "radial": MappingProxyType({"decay_factor": 1.0, "sink": False}),
+        "tile": MappingProxyType({"tile": (2, 8, 8), "window": (5, 3, 3)}),
+        "gna": MappingProxyType({"kernel_size": (9, 25, 25), "stride": 1}),
+    }
+)
+
 
 def indexed_paths(attr: str, sub: str, offset: int = 0) -> AttentionPaths:
     """Self-attention ``<attr>.<i>.<sub>`` of every block in ``model.<attr>``, layers from ``offset``."""
@@ -347,6 +370,7 @@ def joint_text(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
 __all__ = [
     "AttentionPaths",
     "Family",
+    "GENERIC_PATTERN_DEFAULTS",
     "Grid",
     "PatternDefaults",
     "TINY_HEADS",
@@ -360,6 +384,7 @@ __all__ = [
     "TinyVariant",
     "VideoGeometry",
     "bcfhw_grid",
+    "tiny_dims",
     "indexed_paths",
     "joint_text",
     "no_text",

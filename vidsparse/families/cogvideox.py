@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from vidsparse.families.base import (
-    TINY_HEADS,
-    TINY_LATENT_CHANNELS,
+    GENERIC_PATTERN_DEFAULTS,
     TINY_TEXT_DIM,
     TINY_TEXT_LEN,
     Family,
@@ -29,6 +28,7 @@ from vidsparse.families.base import (
     VideoGeometry,
     indexed_paths,
     joint_text,
+    tiny_dims,
 )
 from vidsparse.families.processor import SparseProcessor
 
@@ -100,11 +100,8 @@ def _variant(transformer_config) -> str:
 
 def _tiny_config(v15: bool = False) -> dict[str, Any]:
     # CogVideoX's 3-D RoPE splits the head dim 1/4 : 3/8 : 3/8 into even parts: 16 minimum.
-    return dict(
-        num_attention_heads=TINY_HEADS,
+    return tiny_dims(
         attention_head_dim=16,
-        in_channels=TINY_LATENT_CHANNELS,
-        out_channels=TINY_LATENT_CHANNELS,
         time_embed_dim=8,
         text_embed_dim=TINY_TEXT_DIM,
         num_layers=2,
@@ -167,11 +164,7 @@ FAMILY = Family(
         ),
     ),
     geometry_variant=_variant,
-    pattern_defaults={
-        "radial": dict(decay_factor=1.0, sink=False),
-        "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
-        "gna": dict(kernel_size=(9, 25, 25), stride=1),
-    },
+    pattern_defaults=GENERIC_PATTERN_DEFAULTS,
     lora_refusal="CogVideoX is trained with v-prediction on a DDIM/DPM noise schedule, not flow matching; "
     "train-lora's flow objective would teach it the wrong target",
     lora_refusals={

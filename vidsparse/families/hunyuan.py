@@ -19,9 +19,6 @@ from typing import Any
 import torch
 
 from vidsparse.families.base import (
-    TINY_HEAD_DIM,
-    TINY_HEADS,
-    TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
     TinyRequest,
@@ -30,8 +27,9 @@ from vidsparse.families.base import (
     bcfhw_grid,
     indexed_paths,
     joint_text,
+    tiny_dims,
 )
-from vidsparse.families.processor import SparseProcessor
+from vidsparse.families.processor import SparseProcessor, project_qkv
 
 # -- self-attention processor -----------------------------------------------------------------
 
@@ -72,13 +70,7 @@ class HunyuanSparseProcessor(SparseProcessor):
         if single:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states)
 
         if image_rotary_emb is not None:
             if single:
@@ -95,13 +87,7 @@ class HunyuanSparseProcessor(SparseProcessor):
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         if not single:
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = project_qkv(attn, encoder_hidden_states, "text")
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
@@ -136,11 +122,7 @@ def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
 
 
 def _tiny_config(image_condition_type: str | None = None) -> dict[str, Any]:
-    return dict(
-        in_channels=TINY_LATENT_CHANNELS,
-        out_channels=TINY_LATENT_CHANNELS,
-        num_attention_heads=TINY_HEADS,
-        attention_head_dim=TINY_HEAD_DIM,
+    return tiny_dims(
         num_layers=1,
         num_single_layers=1,
         num_refiner_layers=1,

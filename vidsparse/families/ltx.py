@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from vidsparse.families.base import (
+    GENERIC_PATTERN_DEFAULTS,
     TINY_HEAD_DIM,
     TINY_HEADS,
-    TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
     Grid,
@@ -31,6 +31,7 @@ from vidsparse.families.base import (
     VideoGeometry,
     indexed_paths,
     no_text,
+    tiny_dims,
 )
 from vidsparse.families.processor import SparseProcessor
 
@@ -105,13 +106,9 @@ def grid_from_coords(coords: torch.Tensor, seq: int) -> Grid | None:
 
 
 def _tiny_config() -> dict[str, Any]:
-    return dict(
-        in_channels=TINY_LATENT_CHANNELS,
-        out_channels=TINY_LATENT_CHANNELS,
+    return tiny_dims(
         patch_size=1,
         patch_size_t=1,
-        num_attention_heads=TINY_HEADS,
-        attention_head_dim=TINY_HEAD_DIM,
         cross_attention_dim=TINY_HEADS * TINY_HEAD_DIM,
         num_layers=2,
         caption_channels=TINY_TEXT_DIM,
@@ -149,8 +146,8 @@ FAMILY = Family(
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("ltx", 8, 32, (1, 1, 1), (161, 512, 704), fps=24),),
-    pattern_defaults={
-        "radial": dict(decay_factor=1.0, sink=False),
+    pattern_defaults={  # LTX's grids are small (32x spatial VAE): smaller tiles and kernels
+        **GENERIC_PATTERN_DEFAULTS,
         "tile": dict(tile=(2, 4, 4), window=(5, 3, 3)),
         "gna": dict(kernel_size=(9, 9, 13), stride=1),
     },

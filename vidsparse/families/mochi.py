@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vidsparse.families.base import (
+    GENERIC_PATTERN_DEFAULTS,
     TINY_HEAD_DIM,
     TINY_HEADS,
     TINY_LATENT_CHANNELS,
@@ -30,7 +31,7 @@ from vidsparse.families.base import (
     indexed_paths,
     joint_text,
 )
-from vidsparse.families.processor import SparseProcessor
+from vidsparse.families.processor import SparseProcessor, project_qkv
 
 # -- self-attention processor -----------------------------------------------------------------
 
@@ -66,20 +67,8 @@ class MochiSparseProcessor(SparseProcessor):
         pattern = self.state.pattern_for(self.layer)
         if pattern is None:
             return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        query, key, value = project_qkv(attn, hidden_states)
+        encoder_query, encoder_key, encoder_value = project_qkv(attn, encoder_hidden_states, "text")
         if image_rotary_emb is not None:
             query = _mochi_rope(query, *image_rotary_emb)
             key = _mochi_rope(key, *image_rotary_emb)
@@ -152,11 +141,7 @@ FAMILY = Family(
     text_len=joint_text,
     text_position="after",
     geometries=(VideoGeometry("mochi", 6, 8, (1, 2, 2), (163, 480, 848), 256, "after", fps=30),),
-    pattern_defaults={
-        "radial": dict(decay_factor=1.0, sink=False),
-        "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
-        "gna": dict(kernel_size=(9, 25, 25), stride=1),
-    },
+    pattern_defaults=GENERIC_PATTERN_DEFAULTS,
     lora_adapter=_lora_adapter,
     parallel_refusal="its shard plan (per-sample text validity after the video) is not written yet",
     tiny={"mochi": TinyVariant("mochi", _tiny_config, _tiny_inputs)},

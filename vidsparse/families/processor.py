@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from vidsparse.layout import VideoLayout
 
 if TYPE_CHECKING:
@@ -71,4 +73,28 @@ class SparseProcessor:
         return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
 
 
-__all__ = ["SparseProcessor"]
+#: Module names of a joint-attention block's two streams: (q, k, v projections, q, k norms).
+_STREAMS = {
+    "video": ("to_q", "to_k", "to_v", "norm_q", "norm_k"),
+    "text": ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"),
+}
+
+
+def project_qkv(attn, hidden_states: torch.Tensor, stream: str = "video") -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, S, H, D] of one stream of a diffusers joint-attention block (HunyuanVideo, Mochi).
+
+    ``stream="video"``: ``to_q/k/v`` then the optional per-head ``norm_q`` / ``norm_k``;
+    ``stream="text"``: ``add_q/k/v_proj`` then ``norm_added_q`` / ``norm_added_k``.
+    """
+    q_proj, k_proj, v_proj, q_norm, k_norm = _STREAMS[stream]
+    query, key, value = (
+        getattr(attn, n)(hidden_states).unflatten(2, (attn.heads, -1)) for n in (q_proj, k_proj, v_proj)
+    )
+    if getattr(attn, q_norm) is not None:
+        query = getattr(attn, q_norm)(query)
+    if getattr(attn, k_norm) is not None:
+        key = getattr(attn, k_norm)(key)
+    return query, key, value
+
+
+__all__ = ["SparseProcessor", "project_qkv"]

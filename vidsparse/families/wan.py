@@ -39,6 +39,7 @@ from vidsparse.families.base import (
     indexed_paths,
     no_text,
     normalize_name,
+    tiny_dims,
 )
 from vidsparse.families.processor import SparseProcessor
 from vidsparse.layout import VideoLayout
@@ -115,20 +116,15 @@ def _radial(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
 
 def tiny_transformer_kwargs(**overrides: Any) -> dict[str, Any]:
     """Constructor kwargs of the tiny ``WanTransformer3DModel`` (2 layers, 2 heads of 8)."""
-    kw: dict[str, Any] = dict(
+    return tiny_dims(
         patch_size=(1, 2, 2),
-        num_attention_heads=TINY_HEADS,
-        attention_head_dim=TINY_HEAD_DIM,
-        in_channels=TINY_LATENT_CHANNELS,
-        out_channels=TINY_LATENT_CHANNELS,
         text_dim=TINY_TEXT_DIM,
         freq_dim=16,
         ffn_dim=32,
         num_layers=2,
         rope_max_seq_len=32,
+        **overrides,
     )
-    kw.update(overrides)
-    return kw
 
 
 def _tiny_i2v_config() -> dict[str, Any]:

@@ -12,12 +12,12 @@ a backward pass; cached after that).
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from vidsparse.lru import LRUCache
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,30 +139,17 @@ class DerivedCache:
     """
 
     def __init__(self, maxsize: int = 64) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lru: LRUCache[tuple[tuple, object]] = LRUCache(maxsize)
 
     def get(self, tag: str, sources: tuple[torch.Tensor | None, ...], build: Callable[[], object], extra=()):
         key = (tag, *(_tensor_key(t) for t in sources), *extra)
-        with self._lock:
-            hit = self._data.get(key)
-            if hit is not None:
-                self._data.move_to_end(key)
-                return hit[1]
-        value = build()
-        with self._lock:
-            self._data[key] = (sources, value)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-        return value
+        return self._lru.get_or_build(key, lambda: (sources, build()))[1]
 
     def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
+        self._lru.clear()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._lru)
 
 
 CACHE = DerivedCache()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vidsparse.kernels.backends import backend_choices
 from vidsparse.lora.config import LR_SCHEDULERS, MIXED_PRECISIONS, SAVE_DTYPES, TrainConfig
 from vidsparse.lora.flow import TIMESTEP_SAMPLINGS
 
@@ -101,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sparse = parser.add_argument_group("sparse attention during training")
-    sparse.add_argument("--attention-backend", choices=("auto", "torch", "flex", "triton"),
+    sparse.add_argument("--attention-backend", choices=backend_choices(),
                         default=_default("attention_backend"),
                         help="auto: Triton kernel on GPU, exact torch reference on CPU")
     sparse.add_argument("--dense-layers", default=None, metavar="LAYERS",

@@ -188,42 +188,76 @@ def prepare_cache(
     return report
 
 
-def train_lora(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
+@dataclass
+class _Run:
+    """The process's place in the run: accelerator, rank, device and output folder."""
+
+    cfg: TrainConfig
+    out: Path
+    precision: str
+    accelerator: Any
+    rank: int
+    world: int
+    device: torch.device
+    main: bool
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+@dataclass
+class _Optimization:
+    """What the optimizer steps: the prepared model, its LoRA parameters (and their names)."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    params: list[torch.nn.Parameter]
+    names: list[str]
+    generator: torch.Generator
+
+
+def _start_run(cfg: TrainConfig) -> _Run:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir).expanduser()
     precision = _resolve_precision(cfg.mixed_precision)
     # cpu=True on CPU-only hosts, so torchrun / accelerate launch there gives gloo data parallelism
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    main = accelerator.is_main_process
-    if main:
+    run = _Run(cfg, out, precision, accelerator, accelerator.process_index, accelerator.num_processes,
+               accelerator.device, accelerator.is_main_process)  # fmt: skip
+    if run.main:
         out.mkdir(parents=True, exist_ok=True)
-    if precision == "bf16" and device.type == "cpu":
+    if precision == "bf16" and run.device.type == "cpu":
         logger.warning("vidsparse: bf16 mixed precision on CPU is slow; use --mixed-precision no for CPU runs.")
+    return run
 
+
+def _resume_path(run: _Run) -> Path | None:
+    """The checkpoint to resume from (checked against the settings before any encoding), or None."""
+    cfg, out = run.cfg, run.out
     resume_path = resolve_resume(cfg.resume, out) if cfg.resume else None
-    if resume_path is None and main and list_checkpoints(out):
+    if resume_path is None and run.main and list_checkpoints(out):
         logger.warning(
             "vidsparse: %s already has checkpoints; this run starts from step 0 and replaces its files. "
             "Pass --resume to continue the earlier run instead.", out,
         )
-    if cfg.resume == "latest" and resume_path is None and main:
+    if cfg.resume == "latest" and resume_path is None and run.main:
         logger.info("vidsparse: no checkpoint in %s yet; starting from step 0.", out)
-
-    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if resume_path is not None:  # refuse a mismatched resume before any (possibly long) encoding
         _check_resume(read_state(resume_path), cfg, resume_path)
-    adapter = load_model(cfg.model, dtype=weight_dtype)
+    return resume_path
 
-    # -- model: frozen base, LoRA adapters in fp32, sparse attention ----------------------
-    # Set up (and validated: targets, pattern) before the cache, so a bad flag fails in seconds;
-    # the transformer moves to the device only after the encoders have left it.
+
+def _prepare_transformer(cfg: TrainConfig, adapter: TrainableVideoModel) -> torch.nn.Module:
+    """Frozen base, LoRA adapters in fp32, sparse attention, optional gradient checkpointing.
+
+    Set up (and validated: targets, pattern) before the cache, so a bad flag fails in seconds;
+    the transformer moves to the device only after the encoders have left it.
+    """
+    from accelerate.utils import set_seed
+
     set_seed(cfg.seed)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
@@ -234,118 +268,141 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     enable_sparse(transformer, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
+    return transformer
 
-    report = prepare_cache(cfg, adapter, device=device, rank=rank, world_size=world,
-                           barrier=accelerator.wait_for_everyone)
-    if world > 1:  # each process handled its share: report the totals
+
+def _cache_samples(run: _Run, adapter: TrainableVideoModel) -> tuple[CacheReport, list[CachedSample], str]:
+    """The up-to-date cache (totals over all processes), its samples and the dataset's identity."""
+    accelerator = run.accelerator
+    report = prepare_cache(run.cfg, adapter, device=run.device, rank=run.rank, world_size=run.world,
+                           barrier=accelerator.wait_for_everyone)  # fmt: skip
+    if run.world > 1:  # each process handled its share: report the totals
         counts = [report.latents_computed, report.latents_reused, report.text_computed, report.text_reused]
-        counts = accelerator.reduce(torch.tensor(counts, device=device), "sum").tolist()
+        counts = accelerator.reduce(torch.tensor(counts, device=run.device), "sum").tolist()
         report.latents_computed, report.latents_reused, report.text_computed, report.text_reused = map(int, counts)
     samples: list[CachedSample] = report.samples
     data_id = json.dumps(sorted(s.latent_file.name + s.text_file.name for s in samples))
-    if main:
+    if run.main:
         logger.info("vidsparse: %s", report.summary())
+    return report, samples, data_id
 
-    transformer.to(device)  # already in weight_dtype (load_model), with diffusers' fp32-kept modules
+
+def _optimization(run: _Run, transformer: torch.nn.Module) -> _Optimization:
+    from diffusers.optimization import get_scheduler
+
+    cfg = run.cfg
+    transformer.to(run.device)  # already in weight_dtype (load_model), with diffusers' fp32-kept modules
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
-
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)  # fmt: skip
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
-    model, optimizer = accelerator.prepare(transformer, optimizer)
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+                                 num_training_steps=cfg.max_train_steps)  # fmt: skip
+    model, optimizer = run.accelerator.prepare(transformer, optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + run.rank)
+    return _Optimization(model, optimizer, lr_scheduler, params, names, generator)
 
-    start_step = 0
-    if resume_path is not None:
-        state, lora = load_checkpoint(resume_path, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      generator=generator, rank=rank, world_size=world)
-        if state.get("data_id") != data_id and main:
-            logger.warning("vidsparse: the dataset changed since %s; the sample order differs from the original run.",
-                           resume_path)
-        missing = [n for n in names if n not in lora]
-        if missing:
-            raise ValueError(f"Checkpoint {str(resume_path)!r} lacks LoRA weights {missing[:3]}...; it belongs to another run.")
-        with torch.no_grad():
-            for n, p in zip(names, params):
-                p.copy_(lora[n].to(p.device, p.dtype))
-        start_step = int(state["step"])
-        if main:
-            logger.info("vidsparse: resumed from %s at step %d.", resume_path, start_step)
 
-    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
-    shift = sampler.resolved_shift(adapter.default_flow_shift())
-    metrics_path = out / METRICS_FILE
-    if main:
+def _restore(run: _Run, opt: _Optimization, resume_path: Path | None, data_id: str) -> int:
+    """Load the checkpoint's LoRA weights, optimizer, schedule and RNG; the step to continue from."""
+    if resume_path is None:
+        return 0
+    state, lora = load_checkpoint(resume_path, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
+                                  generator=opt.generator, rank=run.rank, world_size=run.world)  # fmt: skip
+    if state.get("data_id") != data_id and run.main:
+        logger.warning("vidsparse: the dataset changed since %s; the sample order differs from the original run.",
+                       resume_path)  # fmt: skip
+    missing = [n for n in opt.names if n not in lora]
+    if missing:
+        raise ValueError(f"Checkpoint {str(resume_path)!r} lacks LoRA weights {missing[:3]}...; it belongs to another run.")
+    with torch.no_grad():
+        for n, p in zip(opt.names, opt.params):
+            p.copy_(lora[n].to(p.device, p.dtype))
+    start_step = int(state["step"])
+    if run.main:
+        logger.info("vidsparse: resumed from %s at step %d.", resume_path, start_step)
+    return start_step
+
+
+def _start_metrics(run: _Run, start_step: int, shift: float, num_samples: int) -> Path:
+    """metrics.jsonl cut back to ``start_step`` (a resume) and train_config.json, on the main process."""
+    metrics_path = run.out / METRICS_FILE
+    if run.main:
         rows = _read_metrics(metrics_path, start_step) if start_step else []
         with atomic_path(metrics_path) as tmp:
             tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        write_json(out / "train_config.json", {**cfg.to_dict(), "resolved_mixed_precision": precision,
-                                               "resolved_flow_shift": shift, "num_samples": len(samples),
-                                               "world_size": world})
+        write_json(run.out / "train_config.json", {**run.cfg.to_dict(), "resolved_mixed_precision": run.precision,
+                                                   "resolved_flow_shift": shift, "num_samples": num_samples,
+                                                   "world_size": run.world})  # fmt: skip
+    return metrics_path
 
-    checkpoint_state = {"config": cfg.resume_view(), "data_id": data_id, "max_train_steps": cfg.max_train_steps}
+
+def _train_step(
+    run: _Run, opt: _Optimization, adapter: TrainableVideoModel, samples: list[CachedSample],
+    sampler: NoiseSampler, shift: float, step: int,
+) -> tuple[float, float, int, Any]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches: (loss, lr, epoch, grad norm)."""
+    cfg, accelerator, world = run.cfg, run.accelerator, run.world
     per_step = cfg.gradient_accumulation_steps * world * cfg.batch_size
-    losses: list[float] = []
-    bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train-lora", unit="step",
-               disable=not (cfg.progress and main))
-    t0 = time.perf_counter()
-    with bar, open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
-        for step in range(start_step, cfg.max_train_steps):
-            step_loss = torch.zeros((), device=device)
-            epoch = 0
-            for micro in range(cfg.gradient_accumulation_steps):
-                base = step * per_step + (micro * world + rank) * cfg.batch_size
-                picks = [sample_order(len(samples), cfg.seed, base + j) for j in range(cfg.batch_size)]
-                epoch = picks[-1][1]
-                batch = [samples[i] for i, _ in picks]
-                x0 = torch.stack([load_latents(s.latent_file) for s in batch])
-                text = _collate_text([load_text(s.text_file) for s in batch])
-                sigma = sampler.sample(len(batch), generator, shift)
-                noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-                last = micro == cfg.gradient_accumulation_steps - 1
-                sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    loss = flow_loss(adapter, model, x0, text, sigma, noise, dtype=weight_dtype, device=device)
-                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
-                step_loss += loss.detach() / cfg.gradient_accumulation_steps
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            lr = lr_scheduler.get_last_lr()[0]
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=run.device)
+    epoch = 0
+    for micro in range(cfg.gradient_accumulation_steps):
+        base = step * per_step + (micro * world + run.rank) * cfg.batch_size
+        picks = [sample_order(len(samples), cfg.seed, base + j) for j in range(cfg.batch_size)]
+        epoch = picks[-1][1]
+        batch = [samples[i] for i, _ in picks]
+        x0 = torch.stack([load_latents(s.latent_file) for s in batch])
+        text = _collate_text([load_text(s.text_file) for s in batch])
+        sigma = sampler.sample(len(batch), opt.generator, shift)
+        noise = torch.randn(x0.shape, generator=opt.generator, dtype=x0.dtype)
+        last = micro == cfg.gradient_accumulation_steps - 1
+        sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(opt.model)
+        with sync, accelerator.autocast():
+            loss = flow_loss(adapter, opt.model, x0, text, sigma, noise, dtype=run.weight_dtype, device=run.device)
+            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        step_loss += loss.detach() / cfg.gradient_accumulation_steps
+    grad_norm = accelerator.clip_grad_norm_(opt.params, cfg.max_grad_norm)
+    opt.optimizer.step()
+    lr = opt.lr_scheduler.get_last_lr()[0]
+    opt.lr_scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"Loss became {mean_loss} at step {step + 1}; lower --learning-rate or use --mixed-precision no."
+        )
+    return mean_loss, lr, epoch, grad_norm
 
-            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"Loss became {mean_loss} at step {step + 1}; lower --learning-rate or use --mixed-precision no."
-                )
-            losses.append(mean_loss)
-            done = step + 1
-            if main:
-                row = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "elapsed_s": round(time.perf_counter() - t0, 3)}
-                if device.type == "cuda":
-                    row["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                if done % cfg.log_every == 0 or done == cfg.max_train_steps:
-                    bar.write(f"step {done}/{cfg.max_train_steps}  loss {mean_loss:.5f}  lr {lr:.3e}  epoch {epoch}")
-            if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
-                lora_state = {n: p.detach().float().cpu() for n, p in zip(names, params)}
-                save_checkpoint(out, done, lora_state=lora_state, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                generator=generator, state=checkpoint_state, rank=rank, world_size=world,
-                                barrier=accelerator.wait_for_everyone, keep=cfg.checkpoints_total_limit)
 
-    accelerator.wait_for_everyone()
-    final_step = max(start_step, cfg.max_train_steps)
-    lora_path = out / "pytorch_lora_weights.safetensors"
-    if main:
+def _log_step(run: _Run, metrics, bar, done: int, mean_loss: float, lr: float, epoch: int, grad_norm, t0: float) -> None:
+    """A metrics.jsonl row, the progress bar, and every ``log_every`` steps a line (main process)."""
+    cfg = run.cfg
+    row = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch,
+           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+           "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    if run.device.type == "cuda":
+        row["max_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    bar.update(1)
+    if done % cfg.log_every == 0 or done == cfg.max_train_steps:
+        bar.write(f"step {done}/{cfg.max_train_steps}  loss {mean_loss:.5f}  lr {lr:.3e}  epoch {epoch}")
+
+
+def _save_step_checkpoint(run: _Run, opt: _Optimization, done: int, checkpoint_state: dict[str, Any]) -> None:
+    lora_state = {n: p.detach().float().cpu() for n, p in zip(opt.names, opt.params)}
+    save_checkpoint(run.out, done, lora_state=lora_state, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
+                    generator=opt.generator, state=checkpoint_state, rank=run.rank, world_size=run.world,
+                    barrier=run.accelerator.wait_for_everyone, keep=run.cfg.checkpoints_total_limit)  # fmt: skip
+
+
+def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_step: int, bar) -> Path:
+    """The LoRA file (diffusers format) and its vidsparse_lora.json, written by the main process."""
+    cfg = run.cfg
+    lora_path = run.out / "pytorch_lora_weights.safetensors"
+    if run.main:
         info = {
             "format": "vidsparse-lora/1",
             "model": cfg.model,
@@ -359,12 +416,48 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
             "target_modules": list(cfg.target_modules or adapter.default_target_modules),
             "steps": final_step,
         }
-        lora_path = save_lora(out, type(adapter.pipe), unwrap(model), info=info, dtype=cfg.save_dtype)
+        lora_path = save_lora(run.out, type(adapter.pipe), unwrap(opt.model), info=info, dtype=cfg.save_dtype)
         bar.write(f"vidsparse: LoRA saved to {lora_path} ({INFO_NAME} beside it).")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(lora_path=lora_path, output_dir=out, final_step=final_step, start_step=start_step,
-                       losses=losses, cache=report, is_main_process=main)
+    return lora_path
+
+
+def train_lora(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
+    from tqdm.auto import tqdm
+
+    run = _start_run(cfg)
+    resume_path = _resume_path(run)
+    adapter = load_model(cfg.model, dtype=run.weight_dtype)
+    transformer = _prepare_transformer(cfg, adapter)
+    report, samples, data_id = _cache_samples(run, adapter)
+    opt = _optimization(run, transformer)
+    start_step = _restore(run, opt, resume_path, data_id)
+
+    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
+    shift = sampler.resolved_shift(adapter.default_flow_shift())
+    metrics_path = _start_metrics(run, start_step, shift, len(samples))
+    checkpoint_state = {"config": cfg.resume_view(), "data_id": data_id, "max_train_steps": cfg.max_train_steps}
+    losses: list[float] = []
+    bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train-lora", unit="step",
+               disable=not (cfg.progress and run.main))  # fmt: skip
+    t0 = time.perf_counter()
+    with bar, open(metrics_path, "a", encoding="utf-8") if run.main else contextlib.nullcontext() as metrics:
+        for step in range(start_step, cfg.max_train_steps):
+            mean_loss, lr, epoch, grad_norm = _train_step(run, opt, adapter, samples, sampler, shift, step)
+            losses.append(mean_loss)
+            done = step + 1
+            if run.main:
+                _log_step(run, metrics, bar, done, mean_loss, lr, epoch, grad_norm, t0)
+            if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
+                _save_step_checkpoint(run, opt, done, checkpoint_state)
+
+    run.accelerator.wait_for_everyone()
+    final_step = max(start_step, cfg.max_train_steps)
+    lora_path = _export(run, adapter, opt, final_step, bar)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return TrainResult(lora_path=lora_path, output_dir=run.out, final_step=final_step, start_step=start_step,
+                       losses=losses, cache=report, is_main_process=run.main)
 
 
 __all__ = ["METRICS_FILE", "TrainResult", "flow_loss", "prepare_cache", "sample_order", "train_lora"]

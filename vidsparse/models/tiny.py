@@ -8,7 +8,8 @@ become embeddings through ``encode_prompt_tiny``, a deterministic hash of the te
 
 ``tiny_transformer(family)`` and ``tiny_inputs(family, transformer, ...)`` build a tiny
 transformer of every supported family and matching forward kwargs, so tests can call the
-transformer directly.
+transformer directly. The configs and input builders are the family records' ``tiny`` variants
+(``vidsparse.families.<family>``); this module seeds, builds and dispatches.
 """
 
 from __future__ import annotations

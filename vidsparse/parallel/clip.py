@@ -16,14 +16,13 @@ attention) see every video key, so their per-rank partials are all-gathered and 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from vidsparse.layout import VideoLayout
+from vidsparse.lru import LRUCache
 from vidsparse.parallel.comm import all_gather_uneven, exchange
 from vidsparse.parallel.partials import dense_attention_lse, merge_partials, sparse_attention_lse
 from vidsparse.parallel.partition import FramePartition
@@ -32,31 +31,9 @@ from vidsparse.patterns.base import Pattern
 from vidsparse.patterns.dual_scope import frame_block_candidates
 
 _CACHE_SIZE = 64
-
-
-class _LRU:
-    """Small value-keyed cache (keys hold every input the value depends on)."""
-
-    def __init__(self) -> None:
-        self._data: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, build):
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        value = build()
-        with self._lock:
-            self._data[key] = value
-            while len(self._data) > _CACHE_SIZE:
-                self._data.popitem(last=False)
-        return value
-
-
-_REACH = _LRU()
-_EXCHANGES = _LRU()
-_INDICES = _LRU()
+_REACH: LRUCache[torch.Tensor] = LRUCache(_CACHE_SIZE)
+_EXCHANGES: LRUCache[ClipExchange] = LRUCache(_CACHE_SIZE)
+_INDICES: LRUCache[torch.Tensor] = LRUCache(_CACHE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -174,7 +151,7 @@ def frame_reach(pattern: Pattern, layout: VideoLayout, layer: int = 0, block_siz
         )
     video = VideoLayout(layout.frames, layout.height, layout.width)
     layer_key = layer if pattern.uses_layer else None
-    return _REACH.get((pattern, video, layer_key, block_size), lambda: _frame_reach(pattern, video, layer, block_size))
+    return _REACH.get_or_build((pattern, video, layer_key, block_size), lambda: _frame_reach(pattern, video, layer, block_size))
 
 
 def _frame_reach(pattern: Pattern, video: VideoLayout, layer: int, block_size: int) -> torch.Tensor:
@@ -212,7 +189,7 @@ def exchange_plan(
     partition.check_layout(layout)
     video = _video_only(layout)
     key = (pattern, video, partition, rank, layer if pattern.uses_layer else None)
-    return _EXCHANGES.get(key, lambda: _exchange_plan(pattern, video, partition, rank, layer))
+    return _EXCHANGES.get_or_build(key, lambda: _exchange_plan(pattern, video, partition, rank, layer))
 
 
 def _exchange_plan(pattern: Pattern, layout: VideoLayout, partition: FramePartition, rank: int, layer: int) -> ClipExchange:
@@ -253,7 +230,7 @@ def _frame_tokens(frames: tuple[int, ...], start: int, hw: int, device) -> torch
         f = torch.tensor(frames, dtype=torch.int64) - start
         return (f.view(-1, 1) * hw + torch.arange(hw).view(1, -1)).flatten().to(device)
 
-    return _INDICES.get((tuple(frames), start, hw, str(torch.device(device))), build)
+    return _INDICES.get_or_build((tuple(frames), start, hw, str(torch.device(device))), build)
 
 
 def clip_attention(

@@ -92,7 +92,7 @@ class _StepClock:
 def generate_parallel(options: Any):
     """Run ``vidsparse generate`` with ``options.parallel`` in ("clip", "ulysses") on every rank."""
     from vidsparse.config import SparseConfig
-    from vidsparse.generate import GenerateResult, _call_kwargs, load_pipeline, prepare
+    from vidsparse.generation import GenerateResult, call_kwargs, load_lora, load_pipeline, prepare
     from vidsparse.parallel.pipeline import run_parallel
     from vidsparse.video_io import as_uint8_frames, write_video
 
@@ -134,9 +134,7 @@ def generate_parallel(options: Any):
     t0 = time.perf_counter()
     pipe = load_pipeline(plan, options.seed)
     if plan.lora is not None:
-        from vidsparse.generate import _load_lora
-
-        _load_lora(pipe, plan.lora, options.lora_scale)
+        load_lora(pipe, plan.lora, options.lora_scale)
     pipe.to(runtime.device)
     pipe.set_progress_bar_config(disable=not (options.progress and runtime.is_main), desc="denoising", leave=False)
     load_s = time.perf_counter() - t0
@@ -144,7 +142,7 @@ def generate_parallel(options: Any):
     config = plan.sparse_config or SparseConfig("dense", backend=options.backend, block_size=options.block_size)
     clock = _StepClock(runtime.device)
     # The same call as single-process generate; a CPU generator gives every rank the same noise.
-    kwargs = _call_kwargs(pipe, plan, options, plan.steps, None, clock.callback, device=runtime.device,
+    kwargs = call_kwargs(pipe, plan, options, plan.steps, None, clock.callback, device=runtime.device,
                           generator_device="cpu")  # fmt: skip
 
     t1 = time.perf_counter()
@@ -190,8 +188,8 @@ def generate_parallel(options: Any):
 def _densities(patterns: dict[int, Any], grid: tuple[int, int, int]) -> tuple[Any, float]:
     """Per layer-group density of the whole-video patterns the run used (as ``generate`` reports)."""
     import vidsparse as vs
-    from vidsparse.generate import LayerGroupDensity
-    from vidsparse.inspect_cli import token_density
+    from vidsparse.density import token_density
+    from vidsparse.generation import LayerGroupDensity
     from vidsparse.layout import VideoLayout
 
     layout = VideoLayout(*grid)

@@ -28,7 +28,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from vidsparse.config import SparseConfig
-from vidsparse.families import Shard, ShardPlan, families, family_of
+from vidsparse.families import families, family_of
+from vidsparse.families.base import Shard, ShardPlan
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.parallel.clip import clip_attention
 from vidsparse.parallel.comm import all_gather_uneven

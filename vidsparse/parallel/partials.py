@@ -11,10 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from vidsparse.attention import _backend_module, plan, resolve_backend, run_permuted
+from vidsparse.attention import backend_for, plan, run_permuted
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import Pattern
-from vidsparse.plan import DEFAULT_BLOCK_SIZE
 
 
 def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None):
@@ -88,16 +87,13 @@ def sparse_attention_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``vidsparse.attention`` that also returns the per-row LSE [B, S, H] (float32, or float64 for float64 inputs).
 
-    Uses the backend's ``run(q, k, v, plan, key_valid, scale) -> (out, lse)``; a backend
-    without it (a fused custom op) is replaced by flex on CUDA and torch elsewhere.
+    Uses the backend record's kernel-order ``run(q, k, v, plan, key_valid, scale) -> (out, lse)``
+    (every backend has one, fused or not).
     """
-    name = resolve_backend(backend, q)
-    mod = _backend_module(name)
-    if not hasattr(mod, "run"):
-        mod = _backend_module("flex" if q.is_cuda else "torch")
-    bs = block_size or getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+    chosen = backend_for(backend, q)
+    bs = block_size or chosen.default_block
     _, S, H, _ = q.shape
     layout.check_seq_len(S)
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, block_size=bs)
-    out, lse = run_permuted(mod.run, q, k, v, p, text_mask, scale, return_lse=True)
+    out, lse = run_permuted(chosen.run, q, k, v, p, text_mask, scale, return_lse=True)
     return out, lse.to(torch.promote_types(q.dtype, torch.float32))

@@ -5,8 +5,8 @@ The hook (``VidsparseHook``, registered as ``"vidsparse"`` on the transformer th
 ``SparseState.current`` (a ``CallInfo``): the ``VideoLayout`` of the call (grid after
 patchify, text span), the denoising step of the current CFG branch, and the pattern of
 every layer for that step (``None`` = the model's own dense attention). The self-attention
-processors (``processors.py``) read it; nothing is a class attribute, so two pipelines,
-two resolutions or two transformers never share state.
+processors (each family's ``Family.processor``, ``vidsparse.families``) read it; nothing is a
+class attribute, so two pipelines, two resolutions or two transformers never share state.
 
 Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "cond",
 "uncond", "cond_uncond"; "default" without one):
@@ -49,9 +49,8 @@ host sync per forward; rule 1 needs none.
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,14 +59,14 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from vidsparse.attention import _BACKEND_MODULES
 from vidsparse.attention import attention as _vidsparse_attention
 from vidsparse.attention import plan as _vidsparse_plan
 from vidsparse.config import SparseConfig, steps_from
 from vidsparse.families import Family
+from vidsparse.kernels.backends import AUTO, get_backend
 from vidsparse.layout import VideoLayout, auto_block_size
+from vidsparse.lru import LRUCache
 from vidsparse.patterns import Pattern, make_pattern
-from vidsparse.plan import DEFAULT_BLOCK_SIZE
 
 HOOK_NAME = "vidsparse"
 
@@ -160,7 +159,7 @@ class SparseState:
     current: CallInfo | None = None
     calls: Counter = field(default_factory=Counter)  # "sparse" / "dense" self-attention calls
     original_processors: dict[str, Any] = field(default_factory=dict)
-    _patterns: OrderedDict = field(default_factory=OrderedDict)
+    _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -191,11 +190,9 @@ class SparseState:
 
     def layer_patterns(self, layout: VideoLayout, block_size: int | None) -> tuple[Pattern | None, ...]:
         """Pattern per layer on this layout (cached per layout), validated once."""
-        key = (layout, block_size)
-        hit = self._patterns.get(key)
-        if hit is not None:
-            self._patterns.move_to_end(key)
-            return hit
+        return self._patterns.get_or_build((layout, block_size), lambda: self._build_layer_patterns(layout, block_size))
+
+    def _build_layer_patterns(self, layout: VideoLayout, block_size: int | None) -> tuple[Pattern | None, ...]:
         cfg = self.config
         out: list[Pattern | None] = []
         for layer in range(self.num_layers):
@@ -203,8 +200,7 @@ class SparseState:
                 out.append(None)
                 continue
             spec = cfg.layer_patterns.get(layer, cfg.pattern)
-            pattern = self._resolve(spec, layout, block_size)
-            out.append(pattern)
+            out.append(self._resolve(spec, layout, block_size))
         for pattern in {p for p in out if p is not None}:
             try:
                 pattern.validate(layout)
@@ -213,11 +209,7 @@ class SparseState:
                     f"vidsparse: {pattern!r} cannot run on this {self.family.name} call "
                     f"(token grid {layout}): {exc}"
                 ) from None
-        result = tuple(out)
-        self._patterns[key] = result
-        while len(self._patterns) > 16:
-            self._patterns.popitem(last=False)
-        return result
+        return tuple(out)
 
     # -- steps ---------------------------------------------------------------------------
     def total_steps(self, context: Any, per_frame: bool = False) -> int | None:
@@ -396,11 +388,10 @@ class VidsparseHook(ModelHook):
 
 
 def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
-    """The block size ``vidsparse.attention`` would pick for this backend (128 for all today)."""
+    """The block size ``vidsparse.attention`` would pick for this backend (its record's ``default_block``)."""
     cuda = isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda
-    name = backend if backend != "auto" else ("triton" if cuda else "torch")
-    mod = sys.modules.get(_BACKEND_MODULES.get(name, ""))
-    return int(getattr(mod, "DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
+    name = backend if backend != AUTO else ("triton" if cuda else "torch")
+    return get_backend(name).default_block
 
 
 def get_hook(transformer: torch.nn.Module) -> VidsparseHook | None:

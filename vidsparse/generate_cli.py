@@ -1,0 +1,242 @@
+"""Generate a video with a diffusers pipeline whose self-attention runs a sparse pattern.
+
+--model is a diffusers pipeline (hub id or local folder) or "tiny", an embedded random-init
+Wan pipeline that needs no download (its prompt is embedded by hashing the text, so different
+prompts give different videos). The pattern is applied with vidsparse.apply: a pattern given
+by name gets the model family's defaults, which the pattern flags below override. Sizes, paths
+and options are checked before any model is loaded. The summary reports wall time, time per
+step, attention density per layer group and, with --compare-dense, the dense run's time, the
+speedup and the PSNR between the two videos. The video file appears only once complete.
+
+Examples:
+  vidsparse generate --model tiny --prompt "a red ball bouncing" --out outputs/tiny.mp4
+  vidsparse generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --pattern radial \\
+      --prompt "a cat surfing" --frames 81 --height 480 --width 832 --out cat.mp4 --compare-dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
+from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate
+from vidsparse.kernels.backends import backend_choices
+
+
+def _parse_vae_overlap(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise UserError(
+            f"--vae-overlap expects latent frames of context (an integer >= 1, e.g. 4) or 'all' (exact), got {text!r}."
+        )
+    return int(text)
+
+
+def _float(text: str) -> float:
+    """``float(text)``, NaN when it is not a number (the callers' range checks then reject it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def _parse_timeout(text: str) -> float:
+    value = _float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"--dist-timeout expects a number of seconds > 0 (e.g. 600), got {text!r}.")
+    return value
+
+
+def _parse_steps(text: str, flag: str) -> int | float:
+    value = _float(text)
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{flag} expects a step count (e.g. 2) or a fraction of the steps (e.g. 0.25), got {text!r}.")
+    if value.is_integer() and "." not in text:
+        return int(value)
+    if value >= 1:
+        raise UserError(f"{flag} {text}: a fraction must be below 1 (e.g. 0.25); pass a whole number for a step count.")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model and prompt")
+    model.add_argument(
+        "--model",
+        default=TINY,
+        help="diffusers pipeline: hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), local folder, or 'tiny' "
+        "(embedded random-init Wan pipeline, no download; default)",
+    )
+    model.add_argument(
+        "--prompt", default=GenerateOptions.prompt, help=f"text prompt (default {GenerateOptions.prompt!r})"
+    )
+    model.add_argument(
+        "--negative-prompt", default="", help="negative prompt for classifier-free guidance (default empty)"
+    )
+    model.add_argument(
+        "--lora", default=None, metavar="PATH", help="diffusers-format LoRA .safetensors (or its folder) to load"
+    )
+    model.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)")
+    video = parser.add_argument_group("video")
+    video.add_argument("--frames", type=int, default=None, help="number of frames (default: the pipeline's; tiny 33)")
+    video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 96)")
+    video.add_argument("--width", type=int, default=None, help="width in pixels (default: the pipeline's; tiny 160)")
+    video.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's; tiny 8)")
+    video.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the pipeline's; tiny 5)"
+    )
+    video.add_argument(
+        "--seed", type=int, default=0, help="random seed; same seed and prompt give the same video (default 0)"
+    )
+    video.add_argument(
+        "--fps", type=int, default=None, help="frame rate of the written video (default: the family's, Wan 16)"
+    )
+    video.add_argument(
+        "--out",
+        default="outputs/video.mp4",
+        help="output video, .mp4 or .gif; written only once complete (default outputs/video.mp4)",
+    )
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:N")
+    run_group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
+        help="weights and activations dtype (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    run_group.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="keep models on the CPU and move each to the GPU when used (saves memory)",
+    )
+    run_group.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer blocks (slow first step)"
+    )
+    run_group.add_argument(
+        "--backend",
+        default="auto",
+        choices=backend_choices(),
+        help="sparse attention kernel: auto (triton on CUDA, torch on CPU), torch, flex or triton",
+    )
+    run_group.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="kernel block size in tokens, a power of two (default: the backend's, smaller for tiny frames)",
+    )
+    run_group.add_argument(
+        "--parallel",
+        default="none",
+        choices=PARALLEL_MODES,
+        help="multi-GPU mode: none, clip (Video-Infinity clip parallelism) or ulysses (sequence parallel heads)",
+    )
+    run_group.add_argument(
+        "--vae-overlap",
+        default=None,
+        metavar="N|all",
+        help="--parallel: latent frames of context each rank decodes before its clip, or 'all' (from frame 0, "
+        "exact, slower); default: $VIDSPARSE_VAE_OVERLAP, else 4",
+    )
+    run_group.add_argument(
+        "--dist-timeout",
+        default=None,
+        metavar="SECONDS",
+        help="--parallel: seconds a collective may wait for the other ranks before every rank stops with an error; "
+        "default: $VIDSPARSE_DIST_TIMEOUT, else 600",
+    )
+    schedule = parser.add_argument_group("sparse schedule")
+    schedule.add_argument(
+        "--dense-first-steps",
+        default=None,
+        metavar="N|FRACTION",
+        help="first steps with dense attention: a count (2) or a fraction of the steps (0.25); default: the family's "
+        "(25%% for sparse patterns)",
+    )
+    schedule.add_argument(
+        "--dense-last-steps", default=None, metavar="N|FRACTION", help="last steps with dense attention (default 0)"
+    )
+    schedule.add_argument(
+        "--dense-layers",
+        default=None,
+        metavar="LAYERS",
+        help="layers kept dense, e.g. 0 or 0,1 or 0-3 (negative from the end; 'none'); default: the family's "
+        "(Radial on Wan: 0)",
+    )
+    report = parser.add_argument_group("report")
+    report.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="also run dense attention with the same seed; report its time, the speedup and the PSNR between the videos",
+    )
+    report.add_argument("--no-progress", action="store_true", help="hide the denoising progress bar")
+    report.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
+    add_pattern_arguments(parser, default="radial")
+
+
+def options_from_args(args: argparse.Namespace) -> GenerateOptions:
+    name, pattern_options = pattern_options_from_args(args)
+    return GenerateOptions(
+        model=args.model,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        pattern=name,
+        pattern_options=pattern_options,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        cpu_offload=args.cpu_offload,
+        compile=args.compile,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        dense_first_steps=None
+        if args.dense_first_steps is None
+        else _parse_steps(args.dense_first_steps, "--dense-first-steps"),
+        dense_last_steps=0
+        if args.dense_last_steps is None
+        else _parse_steps(args.dense_last_steps, "--dense-last-steps"),
+        dense_layers=None if args.dense_layers is None else parse_dense_layers(args.dense_layers),
+        backend=args.backend,
+        block_size=args.block_size,
+        parallel=args.parallel,
+        vae_overlap=None if args.vae_overlap is None else _parse_vae_overlap(args.vae_overlap),
+        dist_timeout=None if args.dist_timeout is None else _parse_timeout(args.dist_timeout),
+        compare_dense=args.compare_dense,
+        out=args.out,
+        fps=args.fps,
+        progress=not args.no_progress,
+    )
+
+
+def _is_main_rank() -> bool:
+    """False only on ranks other than 0 of an initialized process group (``--parallel``)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def run(args: argparse.Namespace) -> int:
+    result = generate(options_from_args(args))
+    if not _is_main_rank():
+        return 0  # --parallel: rank 0 prints the summary and writes --json
+    print(format_summary(result), flush=True)
+    if args.json:
+        from vidsparse.video_io import atomic_output
+
+        path = Path(args.json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+__all__ = ["add_arguments", "format_summary", "options_from_args", "run"]

@@ -1,0 +1,134 @@
+"""One pipeline call of a ``GenerationPlan``: its keyword arguments and per-step timing.
+
+Shared by single-process generation (``generation.run``) and ``vidsparse.parallel.generate``,
+so both make the same call with the same seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidsparse.generation.options import GenerateOptions, GenerationPlan
+from vidsparse.video_io import as_uint8_frames
+
+
+class StepClock:
+    """Per-step wall times: from the first transformer forward, then between step ends."""
+
+    def __init__(self, pipe, device: torch.device, on_step=None) -> None:
+        self.device = device
+        self.on_step = on_step
+        self.start: float | None = None
+        self.ends: list[float] = []
+        self.handles = []
+        for attr in ("transformer", "transformer_2"):
+            module = getattr(pipe, attr, None)
+            if module is not None:
+                self.handles.append(module.register_forward_pre_hook(self._pre))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _pre(self, module, args) -> None:
+        if self.start is None:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def callback(self, pipe, step, timestep, callback_kwargs):
+        self._sync()
+        self.ends.append(time.perf_counter())
+        if self.on_step is not None:
+            self.on_step()
+        return callback_kwargs
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    @property
+    def step_times(self) -> tuple[float, ...]:
+        if self.start is None or not self.ends:
+            return ()
+        marks = [self.start, *self.ends]
+        return tuple(b - a for a, b in zip(marks, marks[1:]))
+
+
+def call_kwargs(
+    pipe,
+    plan: GenerationPlan,
+    options: GenerateOptions,
+    steps: int,
+    output_type: str | None,
+    callback,
+    *,
+    device: torch.device | None = None,
+    generator_device: torch.device | str | None = None,
+) -> dict:
+    """Keyword arguments of one pipeline call (prompt embedded by hashing for text-encoder-free Wan).
+
+    ``device`` holds hashed prompt embeddings (default ``plan.device``); the seeded generator is
+    on ``generator_device`` (default: that device, or the CPU under --cpu-offload). ``None``
+    values (e.g. ``output_type``) are left out. Also used by ``vidsparse.parallel.generate``.
+    """
+    device = plan.device if device is None else device
+    if generator_device is None:
+        generator_device = device if device.type != "cuda" or not options.cpu_offload else torch.device("cpu")
+    kwargs: dict[str, Any] = dict(
+        num_frames=plan.frames,
+        height=plan.height,
+        width=plan.width,
+        num_inference_steps=steps,
+        guidance_scale=plan.guidance,
+        generator=torch.Generator(device=generator_device).manual_seed(options.seed),
+        output_type=output_type,
+        callback_on_step_end=callback,
+    )
+    if getattr(pipe, "text_encoder", "absent") is None and plan.info.model_family.name == "wan":
+        # The tiny Wan pipeline (also once saved to a folder) has no text encoder: hash the prompt.
+        from vidsparse.models.tiny import encode_prompt_tiny
+
+        transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+        emb = dict(dim=transformer.config.text_dim, device=device, dtype=transformer.dtype)
+        kwargs["prompt_embeds"] = encode_prompt_tiny(options.prompt, **emb)
+        kwargs["negative_prompt_embeds"] = encode_prompt_tiny(options.negative_prompt, **emb)
+    else:
+        kwargs["prompt"] = options.prompt
+        if options.negative_prompt:
+            kwargs["negative_prompt"] = options.negative_prompt
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "num_frames" not in accepted:
+        raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")
+    return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+
+
+def run_pipeline(pipe, plan: GenerationPlan, options: GenerateOptions, on_step=None) -> tuple[np.ndarray, tuple, float]:
+    """One pipeline call; returns (uint8 frames [T, H, W, 3], step times, whole call seconds)."""
+    clock = StepClock(pipe, plan.device, on_step)
+    kwargs = call_kwargs(pipe, plan, options, plan.steps, "np", clock.callback)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            output = pipe(**kwargs)
+    finally:
+        clock.close()
+    call_s = time.perf_counter() - t0
+    frames = output.frames if hasattr(output, "frames") else output[0]
+    video = as_uint8_frames(frames[0] if isinstance(frames, (list, tuple)) else frames)
+    return video, clock.step_times, call_s
+
+
+def warmup(pipe, plan: GenerationPlan, options: GenerateOptions) -> None:
+    """One untimed denoising step without VAE decode: lazy initialisation, kernel compilation and
+    plan building happen here, so the timed dense and sparse runs compare like with like."""
+    with torch.inference_mode():
+        pipe(**call_kwargs(pipe, plan, options, 1, "latent", None))
+
+
+__all__ = ["StepClock", "call_kwargs", "run_pipeline", "warmup"]

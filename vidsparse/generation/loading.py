@@ -1,0 +1,77 @@
+"""Loading the pipeline of a ``GenerationPlan``: weights (or the tiny pipeline), LoRA, compile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vidsparse.errors import brief
+from vidsparse.generation.model import TINY
+from vidsparse.generation.options import GenerationPlan
+
+
+def load_pipeline(plan: GenerationPlan, seed: int = 0):
+    """The diffusers pipeline of ``plan`` in its dtype, on the CPU (placement is the caller's).
+
+    The tiny pipeline is built in memory with fixed weights (seed 0 whatever ``seed`` is), so
+    that ``--seed`` changes only the noise, as it does for a real checkpoint.
+    """
+    info = plan.info
+    if info.kind == TINY:  # "tiny" / "tiny-<family>": the family record's random-init pipeline
+        pipe = info.model_family.tiny_pipeline(seed=0, dtype=plan.dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        # diffusers >= 0.42 names the argument ``dtype`` (``torch_dtype`` is deprecated there).
+        doc = DiffusionPipeline.from_pretrained.__doc__ or ""
+        kwargs: dict[str, Any] = {"dtype" if "    dtype (" in doc else "torch_dtype": plan.dtype}
+        # Components saved as [null, null] (e.g. a pipeline without text encoder) must be passed as None.
+        kwargs.update({name: None for name in info.absent_components})
+        try:
+            pipe = DiffusionPipeline.from_pretrained(info.source, **kwargs)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"Could not load the pipeline {info.source!r}: {brief(exc)}.") from None
+    return pipe
+
+
+def load_lora(pipe, path: Path, scale: float) -> None:
+    """Load a diffusers-format LoRA and check that it actually attached to the transformer."""
+    before = _adapter_count(pipe)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="vidsparse_lora")
+    except Exception as exc:
+        raise ValueError(
+            f"--lora {str(path)!r} does not match this {type(pipe).__name__}: {type(exc).__name__}: "
+            f"{brief(exc)}. Use a LoRA trained for this model (diffusers format)."
+        ) from None
+    if _adapter_count(pipe) <= before:
+        raise ValueError(
+            f"--lora {str(path)!r} loaded no weights into this {type(pipe).__name__}: none of its keys name a "
+            "layer of this model. Use a LoRA trained for this model, saved in diffusers format."
+        )
+    if scale != 1.0:
+        pipe.set_adapters(["vidsparse_lora"], adapter_weights=[scale])
+
+
+def _adapter_count(pipe) -> int:
+    total = 0
+    for attr in ("transformer", "transformer_2"):
+        module = getattr(pipe, attr, None)
+        if module is None:
+            continue
+        total += sum(1 for m in module.modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
+    return total
+
+
+def compile_pipeline(pipe) -> None:
+    for attr in ("transformer", "transformer_2"):
+        module = getattr(pipe, attr, None)
+        if module is None:
+            continue
+        if hasattr(module, "compile_repeated_blocks") and getattr(module, "_repeated_blocks", None):
+            module.compile_repeated_blocks(fullgraph=False)
+        else:
+            module.compile()
+
+
+__all__ = ["compile_pipeline", "load_lora", "load_pipeline"]

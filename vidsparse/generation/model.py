@@ -1,0 +1,190 @@
+"""Which model ``--model`` names, from its configuration files only (no weights loaded).
+
+``resolve_model`` accepts "tiny" (the embedded random-init Wan pipeline), a local diffusers
+pipeline folder or a hub id; it reads ``model_index.json`` and ``transformer/config.json``,
+finds the family by pipeline class (``vidsparse.families.family_of_pipeline``) and its video
+geometry (``Family.geometry_for``), and the pipeline's own call defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidsparse.errors import brief
+from vidsparse.families import (
+    Family,
+    VideoGeometry,
+    families,
+    family_of_geometry,
+    family_of_pipeline,
+    get_family,
+    pipeline_prefixes,
+    video_geometry,
+)
+
+TINY = "tiny"
+# A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
+TINY_DEFAULTS = {"frames": 33, "height": 96, "width": 160, "steps": 8, "guidance": 5.0}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about --model before loading it."""
+
+    kind: str  # "tiny" | "local" | "hub"
+    source: str
+    pipeline_class: str
+    grid: VideoGeometry
+    defaults: Mapping[str, Any]
+    two_stage: bool = False
+    absent_components: tuple[str, ...] = ()  # model_index entries saved as [null, null]
+
+    @property
+    def family(self) -> str:
+        """The geometry's name ("cogvideox1.5" for CogVideoX 1.5): what summaries report."""
+        return self.grid.name
+
+    @property
+    def model_family(self) -> Family:
+        """The family record serving this model (``vidsparse.families``)."""
+        return family_of_geometry(self.grid)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(model: str) -> bool:
+    """A relative/absolute/home path rather than a hub id (org/name has exactly one slash)."""
+    return model.startswith((".", "/", "~")) or model.count("/") >= 2 or "\\" in model
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"Could not read {path}: {exc}.") from None
+
+
+def _hub_json(repo: str, filename: str, required: bool) -> dict[str, Any] | None:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return _read_json(Path(hf_hub_download(repo, filename)))
+    except Exception as exc:  # network, auth, missing file: all mean "cannot use this id"
+        if not required:
+            return None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise ValueError(
+            f"Could not get {filename} of the hub model {repo!r}{hint}: {type(exc).__name__}: "
+            f"{brief(exc, 1)}. Check the id and your network (gated models need "
+            "`huggingface-cli login`), or pass a local diffusers pipeline folder, or --model tiny."
+        ) from None
+
+
+def _family_from_class(class_name: str, transformer_config: dict[str, Any] | None) -> VideoGeometry:
+    family = family_of_pipeline(class_name)
+    if family is not None:
+        return family.geometry_for(transformer_config)
+    supported = ", ".join(f"{p}*Pipeline" for p in pipeline_prefixes())
+    raise ValueError(
+        f"vidsparse generate runs video diffusion pipelines of these families: {supported}; "
+        f"this model is a {class_name}."
+    )
+
+
+def _call_defaults(class_name: str) -> dict[str, Any]:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        return {}
+    params = inspect.signature(cls.__call__).parameters
+    names = {"num_frames": "frames", "height": "height", "width": "width"}
+    names.update({"num_inference_steps": "steps", "guidance_scale": "guidance"})
+    out = {}
+    for src, dst in names.items():
+        p = params.get(src)
+        if p is not None and p.default is not inspect.Parameter.empty and p.default is not None:
+            out[dst] = p.default
+    return out
+
+
+def tiny_models() -> tuple[str, ...]:
+    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan) and "tiny-<family>"."""
+    return (TINY, *(f"{TINY}-{f.name}" for f in families() if f.tiny_pipeline is not None))
+
+
+def _tiny_model(model: str) -> ModelInfo:
+    """``tiny-<family>``: the family record's random-init pipeline (``Family.tiny_pipeline``)."""
+    name = model[len(TINY) + 1 :]
+    try:
+        family = get_family(name)
+    except ValueError:
+        family = None
+    if family is None or family.tiny_pipeline is None:
+        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+    geo = family.geometry
+    if family.name == "wan":
+        defaults = dict(TINY_DEFAULTS)
+    else:  # a small valid video: 2 latent frames past the first, a 6x10 token grid
+        ph, pw = geo.patch[1:]
+        defaults = dict(frames=1 + 2 * geo.temporal, height=6 * geo.spatial * ph, width=10 * geo.spatial * pw,
+                        steps=TINY_DEFAULTS["steps"], guidance=TINY_DEFAULTS["guidance"])  # fmt: skip
+    return ModelInfo(TINY, model, f"{family.pipeline_prefixes[0]}Pipeline", geo, defaults)
+
+
+def resolve_model(model: str) -> ModelInfo:
+    """Identify --model from its configuration files only (tiny, local folder, or hub id)."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
+    model = model.strip()
+    if model == TINY:
+        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
+    if model.startswith(TINY + "-"):
+        return _tiny_model(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(
+                f"--model {model!r} is a file; expected a diffusers pipeline folder (with model_index.json), "
+                "a hub id like Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny'."
+            )
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise ValueError(
+                f"--model {model!r} is not a diffusers pipeline folder: it has no model_index.json. Point it at the "
+                "folder that pipe.save_pretrained() wrote (or a downloaded snapshot)."
+            )
+        index = _read_json(index_file)
+        tcfg_file = path / "transformer" / "config.json"
+        tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else None
+        kind = "local"
+    elif _looks_like_path(model) or not _HUB_ID.match(model):
+        raise ValueError(
+            f"--model {model!r}: no such folder, and it is not a hub id (org/name). Give an existing diffusers "
+            "pipeline folder, a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny'."
+        )
+    else:
+        index = _hub_json(model, "model_index.json", required=True)
+        tcfg = _hub_json(model, "transformer/config.json", required=False)
+        kind = "hub"
+    class_name = str(index.get("_class_name", ""))
+    if not class_name:
+        raise ValueError(f"--model {model!r}: model_index.json names no pipeline class (_class_name).")
+    grid = _family_from_class(class_name, tcfg)
+    t2 = index.get("transformer_2")
+    two_stage = isinstance(t2, (list, tuple)) and any(x is not None for x in t2)
+    absent = tuple(k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple)) and not any(v))
+    return ModelInfo(kind, model, class_name, grid, _call_defaults(class_name), two_stage, absent)
+
+
+__all__ = ["TINY", "TINY_DEFAULTS", "ModelInfo", "resolve_model", "tiny_models"]

@@ -1,0 +1,248 @@
+"""Options of one ``generate`` call and their validation, before any weights are loaded.
+
+``GenerateOptions`` is what the CLI fills from flags (and tests and scripts fill directly);
+``prepare`` checks every option, resolves the model's configuration (``model.resolve_model``)
+and the sparse pattern on the token grid exactly as the hook will, and returns the
+``GenerationPlan`` the loading and running steps use. Errors are ``ValueError``/``TypeError``
+naming what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model
+from vidsparse.video_io import check_video_path
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+PARALLEL_MODES = ("none", "clip", "ulysses")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Everything ``generate`` needs; the CLI fills it from flags, tests and scripts directly.
+
+    ``None`` sizes, steps and guidance take the pipeline's defaults (tiny: 33 frames, 96x160,
+    8 steps, guidance 5). ``pattern`` is a name (family defaults, then ``pattern_options``)
+    or a pattern object. ``dense_first_steps`` ``None`` = the family default (25 % of the steps
+    for sparse patterns); ints are steps, floats in [0, 1) fractions of the steps.
+    """
+
+    model: str = TINY
+    prompt: str = "a red ball bouncing"
+    negative_prompt: str = ""
+    pattern: Any = "radial"
+    pattern_options: Mapping[str, Any] = field(default_factory=dict)
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    cpu_offload: bool = False
+    compile: bool = False
+    lora: str | None = None
+    lora_scale: float = 1.0
+    dense_first_steps: int | float | None = None
+    dense_last_steps: int | float = 0
+    dense_layers: tuple[int, ...] | None = None
+    backend: str = "auto"
+    block_size: int | None = None
+    parallel: str = "none"
+    # --parallel only (None: the environment variable, else the default of vidsparse.parallel.generate):
+    vae_overlap: int | str | None = None  # latent frames of VAE context per clip, or "all" (exact); VIDSPARSE_VAE_OVERLAP, 4
+    dist_timeout: float | None = None  # seconds a collective may wait; VIDSPARSE_DIST_TIMEOUT, 600
+    compare_dense: bool = False
+    out: str | None = None
+    fps: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Validated, resolved settings of one generate call."""
+
+    info: ModelInfo
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    dtype: torch.dtype
+    device: torch.device
+    grid: tuple[int, int, int]
+    pattern_name: str | None  # None: dense (no vidsparse)
+    sparse_config: Any
+    out: Path | None
+    fps: int
+    lora: Path | None
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was requested but CUDA is not available here; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return dev
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; use auto, float32, float16 or bfloat16.")
+    return DTYPES[key]
+
+
+def _check_lora(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise ValueError(
+                f"--lora {path!r} is a folder without a .safetensors file; pass the diffusers-format LoRA file "
+                "(e.g. pytorch_lora_weights.safetensors) or its folder."
+            )
+        return p
+    if not p.is_file():
+        raise ValueError(f"--lora {path!r}: no such file. Pass a diffusers-format LoRA .safetensors file.")
+    if p.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"--lora {path!r} must be a .safetensors file in diffusers format, got {p.suffix or 'no suffix'}."
+        )
+    return p
+
+
+def _steps_value(value: Any, name: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a step count (int) or a fraction of the steps in [0, 1), got {value!r}.")
+    return value
+
+
+def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[int, int, int]):
+    """SparseConfig for vidsparse.apply (None for dense), validated on the token grid."""
+    from vidsparse.config import SparseConfig
+    from vidsparse.layout import VideoLayout, auto_block_size
+    from vidsparse.patterns import Pattern, make_pattern
+
+    pattern = options.pattern
+    if isinstance(pattern, str):
+        name = pattern.strip().lower().replace("_", "-")
+        if name == "dense" and not options.pattern_options:
+            return None, None
+    elif isinstance(pattern, Pattern):
+        name = pattern.name
+    else:
+        raise TypeError(
+            f"pattern must be a name such as 'radial' or a vidsparse pattern, got {type(pattern).__name__}."
+        )
+    if options.pattern_options and not isinstance(pattern, str):
+        raise ValueError("pattern_options apply to a pattern given by name; set the options on the pattern object.")
+    config = SparseConfig(
+        pattern=pattern,
+        dense_first_steps=_steps_value(options.dense_first_steps, "dense_first_steps"),
+        dense_last_steps=_steps_value(options.dense_last_steps, "dense_last_steps") or 0,
+        dense_layers=options.dense_layers,
+        backend=options.backend,
+        block_size=options.block_size,
+        pattern_options=dict(options.pattern_options),
+    )
+    # Resolve the pattern exactly as the hook will on this grid, so option errors and patterns
+    # that cannot run on the grid surface now, before any weights are loaded.
+    layout = VideoLayout(*grid)
+    if isinstance(pattern, str):
+        spec = info.model_family
+        block = options.block_size or auto_block_size(layout)
+        opts = spec.pattern_options(config.pattern, layout, block, info.two_stage)
+        opts.update(options.pattern_options)
+        resolved = make_pattern(config.pattern, **opts)
+    else:
+        resolved = pattern
+    try:
+        resolved.validate(layout)
+    except ValueError as exc:
+        raise ValueError(f"{resolved!r} cannot run on the {info.family} token grid {layout}: {exc}") from None
+    return config, name
+
+
+def prepare(options: GenerateOptions) -> GenerationPlan:
+    """Check every option and resolve the model's configuration, loading no weights."""
+    if not isinstance(options, GenerateOptions):
+        raise TypeError(f"generate expects GenerateOptions, got {type(options).__name__}.")
+    if options.parallel not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {options.parallel!r}.")
+    if options.parallel == "none":
+        for flag, value in (("--vae-overlap", options.vae_overlap), ("--dist-timeout", options.dist_timeout)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --parallel clip or ulysses; drop it or choose a --parallel mode.")
+    if not isinstance(options.prompt, str) or not isinstance(options.negative_prompt, str):
+        raise TypeError("prompt and negative_prompt must be strings.")
+    out = check_video_path(options.out) if options.out is not None else None
+    info = resolve_model(options.model)
+    d = info.defaults
+    frames = _positive_int(options.frames if options.frames is not None else d.get("frames", 81), "--frames")
+    height = _positive_int(options.height if options.height is not None else d.get("height", 480), "--height")
+    width = _positive_int(options.width if options.width is not None else d.get("width", 832), "--width")
+    steps = _positive_int(options.steps if options.steps is not None else d.get("steps", 50), "--steps")
+    guidance = options.guidance if options.guidance is not None else d.get("guidance", 5.0)
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not math.isfinite(guidance)
+        or guidance < 0
+    ):
+        raise ValueError(
+            f"--guidance must be a finite number >= 0 (1 disables classifier-free guidance), got {guidance!r}."
+        )
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or options.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {options.seed!r}.")
+    grid = info.grid.latent_grid(frames, height, width)  # ValueError naming the nearest valid sizes
+    device = _resolve_device(options.device)
+    dtype = _resolve_dtype(options.dtype, device)
+    if options.cpu_offload and device.type != "cuda":
+        raise ValueError("--cpu-offload moves weights between CPU and a GPU; it needs --device cuda (CUDA available).")
+    fps = options.fps if options.fps is not None else info.grid.fps
+    _positive_int(fps, "--fps")
+    lora = _check_lora(options.lora)
+    config, name = _build_sparse_config(options, info, grid)
+    if options.compare_dense and config is None:
+        raise ValueError(
+            "--compare-dense compares a sparse pattern with dense attention; choose a --pattern other than dense."
+        )
+    return GenerationPlan(info, frames, height, width, steps, float(guidance), dtype, device, grid, name, config, out, fps, lora)
+
+
+__all__ = ["DTYPES", "PARALLEL_MODES", "TINY_DEFAULTS", "GenerateOptions", "GenerationPlan", "prepare"]

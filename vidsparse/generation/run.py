@@ -1,0 +1,124 @@
+"""``generate``: one video from a ``GenerateOptions`` (see ``vidsparse.generation``).
+
+Steps: ``prepare`` (options, model config, pattern on the grid) -> ``load_pipeline`` (+ LoRA,
+placement) -> optional dense baseline -> ``vs.apply`` -> ``run_pipeline`` metered by
+``SparseMeter`` -> ``GenerateResult`` (video written atomically). ``--parallel clip|ulysses``
+hands the options to ``vidsparse.parallel.generate_parallel`` before any check, so every rank
+validates and agrees.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+from vidsparse.generation.call import run_pipeline, warmup
+from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline
+from vidsparse.generation.meter import SparseMeter, num_layers
+from vidsparse.generation.options import PARALLEL_MODES, GenerateOptions, prepare
+from vidsparse.generation.result import DenseComparison, GenerateResult, LayerGroupDensity
+from vidsparse.video_io import psnr, write_video
+
+
+def generate(options: GenerateOptions) -> GenerateResult:
+    """Generate one video (see the module docstring); the file, if any, is written atomically."""
+    t_start = time.perf_counter()
+    if isinstance(options, GenerateOptions) and options.parallel in PARALLEL_MODES and options.parallel != "none":
+        # Before prepare(): generate_parallel checks the options on every rank and then lets all
+        # ranks agree, so an option one rank rejects stops every rank instead of leaving peers hanging.
+        return _generate_parallel(options)
+    plan = prepare(options)
+    prepare_s = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(plan, options.seed)
+    if plan.lora is not None:
+        load_lora(pipe, plan.lora, options.lora_scale)
+    if options.cpu_offload:
+        pipe.enable_model_cpu_offload(device=plan.device)
+    else:
+        pipe.to(plan.device)
+    pipe.set_progress_bar_config(disable=not options.progress, desc="denoising", leave=False)
+    load_s = time.perf_counter() - t0
+
+    dense_run = None
+    if options.compare_dense:  # the dense baseline first, on the unpatched pipeline
+        if options.compile:
+            compile_pipeline(pipe)
+        warmup(pipe, plan, options)
+        dense_run = run_pipeline(pipe, plan, options)
+
+    if plan.sparse_config is not None:
+        import vidsparse as vs
+
+        if options.compare_dense:  # warm the sparse kernels too: one step with every layer sparse
+            vs.apply(pipe, replace(plan.sparse_config, dense_first_steps=0, dense_last_steps=0))
+            warmup(pipe, plan, options)
+        vs.apply(pipe, plan.sparse_config)
+        meter = SparseMeter(pipe)
+        if options.compile and not options.compare_dense:
+            compile_pipeline(pipe)
+        frames, step_times, call_s = run_pipeline(pipe, plan, options, on_step=meter.tick)
+        densities, attention_work = meter.summary()
+        sparse_steps = meter.sparse_steps
+    else:
+        if options.compile:
+            compile_pipeline(pipe)
+        frames, step_times, call_s = run_pipeline(pipe, plan, options)
+        n = num_layers(pipe)
+        densities = (LayerGroupDensity(tuple(range(n)), "dense", 1.0, 1.0),) if n else ()
+        attention_work, sparse_steps = 1.0, 0
+
+    denoise_s = float(sum(step_times))
+    per_step = float(statistics.median(step_times)) if step_times else 0.0
+    comparison = None
+    if dense_run is not None:
+        dense_frames, dense_steps, dense_call_s = dense_run
+        dense_s = float(sum(dense_steps))
+        comparison = DenseComparison(
+            frames=dense_frames,
+            denoise_s=dense_s,
+            call_s=dense_call_s,
+            time_per_step_s=float(statistics.median(dense_steps)) if dense_steps else 0.0,
+            speedup=dense_s / denoise_s if denoise_s > 0 else float("nan"),
+            psnr_db=psnr(frames, dense_frames),
+        )
+    t_write = time.perf_counter()
+    written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
+    write_s = time.perf_counter() - t_write
+    return GenerateResult(
+        frames=frames,
+        fps=plan.fps,
+        out=written,
+        model=plan.info.source,
+        family=plan.info.family,
+        pattern="dense" if plan.sparse_config is None else (plan.pattern_name or "custom"),
+        grid=plan.grid,
+        steps=plan.steps,
+        wall_s=time.perf_counter() - t_start,
+        load_s=load_s,
+        denoise_s=denoise_s,
+        step_times_s=tuple(step_times),
+        time_per_step_s=per_step,
+        sparse_steps=sparse_steps,
+        densities=densities,
+        attention_work=attention_work,
+        dense=comparison,
+        prepare_s=prepare_s,
+        call_s=call_s,
+        write_s=write_s,
+    )
+
+
+def _generate_parallel(options: GenerateOptions) -> GenerateResult:
+    try:
+        from vidsparse.parallel import generate_parallel
+    except ImportError as exc:
+        raise ValueError(
+            f"--parallel {options.parallel} needs vidsparse.parallel.generate_parallel, which failed to import: {exc}."
+        ) from None
+    return generate_parallel(options)
+
+
+__all__ = ["generate"]

@@ -1,0 +1,126 @@
+"""Attention backends as records (NATTEN-style): name, how to run, whether it can run, block size.
+
+Every backend module exposes ``run(q, k, v, plan, key_valid=None, scale=None) -> (out, lse)``
+on kernel-order tensors [B, H, S_pad, D]. A record says, instead of the caller probing the
+module with ``hasattr``:
+
+- ``fused``: the module also has ``attention(q, k, v, plan, text_mask=, scale=)`` taking the
+  caller's [B, S, H, D] layout (it fuses the permutation, e.g. a registered custom op);
+- ``can_run(q, k, v, plan)``: ``None`` or the reason this backend cannot run these inputs
+  (the module's ``unsupported_reason(q)`` where ``checks_inputs``);
+- ``default_block``: the block size ``vidsparse.attention`` plans with when none is given.
+
+Modules load on first use (``load``; a ``sys.modules`` hit keeps torch.compile out of importlib),
+so ``import vidsparse`` never imports Triton. ``register_backend`` adds one; ``backend_names``
+is the one list of names every config, CLI flag and error message uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+AUTO = "auto"
+#: Block size of backends that do not prefer another (``vidsparse.plan.DEFAULT_BLOCK_SIZE``; not
+#: imported from there, so importing this module never imports the patterns).
+DEFAULT_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention backend (see the module docstring)."""
+
+    name: str
+    module: str
+    summary: str
+    default_block: int = DEFAULT_BLOCK
+    fused: bool = False
+    checks_inputs: bool = False
+
+    def load(self) -> ModuleType:
+        mod = sys.modules.get(self.module)
+        return mod if mod is not None else importlib.import_module(self.module)
+
+    def can_run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        plan: Any = None,
+    ) -> str | None:
+        """``None`` if this backend runs these inputs, else the reason it cannot."""
+        if not self.checks_inputs:
+            return None
+        return self.load().unsupported_reason(q)
+
+    def run(self, q, k, v, plan, key_valid=None, scale=None):
+        """Kernel-order attention [B, H, S_pad, D] -> (out, lse)."""
+        return self.load().run(q, k, v, plan, key_valid=key_valid, scale=scale)
+
+    def attention(self, q, k, v, plan, text_mask=None, scale=None) -> torch.Tensor:
+        """Caller-layout attention [B, S, H, D] (``fused`` backends only)."""
+        if not self.fused:
+            raise TypeError(f"backend {self.name!r} runs kernel-order tensors only; use vidsparse.attention.")
+        return self.load().attention(q, k, v, plan, text_mask=text_mask, scale=scale)
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend expects a vidsparse.kernels.backends.Backend, got {type(backend).__name__}.")
+    if backend.name == AUTO:
+        raise ValueError(f"{AUTO!r} is reserved: it picks a backend per call.")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """Names of the registered backends (without "auto")."""
+    return tuple(_BACKENDS)
+
+
+def backend_choices() -> tuple[str, ...]:
+    """What a ``backend=`` option accepts: "auto" and every registered backend."""
+    return (AUTO, *_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    found = _BACKENDS.get(name)
+    if found is None:
+        raise ValueError(f"Unknown backend {name!r}. Expected 'auto' or one of {sorted(_BACKENDS)}.")
+    return found
+
+
+register_backend(
+    Backend(
+        "torch",
+        "vidsparse.kernels.reference",
+        "exact block-by-block torch reference, any device",
+    )
+)
+register_backend(
+    Backend(
+        "flex",
+        "vidsparse.kernels.flex",
+        "torch FlexAttention with a BlockMask built from the plan",
+    )
+)
+register_backend(
+    Backend(
+        "triton",
+        "vidsparse.kernels.triton_backend",
+        "fused block-sparse Triton kernels (CUDA; forward and backward)",
+        default_block=128,
+        fused=True,
+        checks_inputs=True,
+    )
+)
+
+__all__ = ["AUTO", "DEFAULT_BLOCK", "Backend", "backend_choices", "backend_names", "get_backend", "register_backend"]
