@@ -127,11 +127,21 @@ def check_generate_validates_sizes(pipe, folder, bad: tuple[int, int, int], matc
     """``vidsparse generate --model <folder>`` (the saved pipeline, read from its config files
     only) validates sizes with the family geometry's VAE factors, before loading any weights."""
     import pytest
-
-    from vidsparse.generate import GenerateOptions, prepare
+    from vidsparse.generation import GenerateOptions, prepare
 
     pipe.save_pretrained(folder)
     with pytest.raises(ValueError, match=match):
         prepare(GenerateOptions(model=str(folder), frames=bad[0], height=bad[1], width=bad[2], device="cpu"))
     plan = prepare(GenerateOptions(model=str(folder), frames=good[0], height=good[1], width=good[2], device="cpu"))
     assert plan.grid == tuple(grid) and plan.fps == fps
+
+
+def check_generate_tiny(model: str, family: str, grid: tuple[int, int, int], fps: int) -> None:
+    """``vidsparse generate --model tiny-<name>``: the embedded pipeline is listed, built by the
+    family record and run end to end with the family's default pattern (2 steps, no file)."""
+    from vidsparse.generation import GenerateOptions, generate, tiny_models
+
+    assert model in tiny_models()
+    result = generate(GenerateOptions(model=model, steps=2, backend="torch", device="cpu", progress=False))
+    assert (result.family, result.grid, result.fps, result.steps) == (family, tuple(grid), fps, 2)
+    assert result.frames.dtype.name == "uint8" and result.frames.ndim == 4

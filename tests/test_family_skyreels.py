@@ -8,6 +8,7 @@ from family_checks import (
     check_compile,
     check_dense_equals_unpatched_and_remove_is_exact,
     check_every_pattern_runs,
+    check_generate_tiny,
     check_generate_validates_sizes,
     check_sparse_patterns_differ,
     config,
@@ -177,3 +178,7 @@ def test_diffusion_forcing_steps_follow_the_timestep_matrix(ar_step, rows):
         assert all(c[2] == rows for c in mine)
         assert [c[3] for c in mine] == [i < n_dense for i in range(rows)]
     assert get_state(pipe.transformer).calls["sparse"] > 0
+
+
+def test_generate_tiny_skyreels_v2():
+    check_generate_tiny("tiny-skyreels-v2", "skyreels-v2", (3, 6, 10), 24)

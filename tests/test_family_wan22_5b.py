@@ -8,6 +8,7 @@ from family_checks import (
     check_compile,
     check_dense_equals_unpatched_and_remove_is_exact,
     check_every_pattern_runs,
+    check_generate_tiny,
     check_generate_validates_sizes,
     check_sparse_patterns_differ,
     discovered,
@@ -33,7 +34,7 @@ def test_geometry_is_picked_from_the_transformer_config():
     assert FAMILY.geometry_for(dict(model.config)) == TI2V_GEOMETRY
     assert FAMILY.geometry_for({"in_channels": 16, "out_channels": 16}).name == "wan"
     assert FAMILY.geometry_for({"in_channels": 36, "out_channels": 16}).name == "wan"  # Wan 2.2 I2V-A14B
-    for name in ("wan2.2-5b", "wan22-5b", "Wan2.2-TI2V-5B"):
+    for name in ("wan22-5b", "wan2.2-5b", "Wan2.2-TI2V-5B"):
         assert video_geometry(name) is TI2V_GEOMETRY
     geo = TI2V_GEOMETRY
     assert geo.default_video == (121, 704, 1280) and geo.fps == 24
@@ -140,3 +141,7 @@ def test_lora_adapter_takes_the_ti2v_pipeline():
         per_token = adapter.predict(pipe.transformer, z, torch.full((1, 3 * 2 * 2), 500.0), text)
     assert scalar.shape == z.shape
     torch.testing.assert_close(scalar, per_token, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_tiny_wan22_5b():
+    check_generate_tiny("tiny-wan22-5b", "wan22-5b", (3, 6, 10), 24)

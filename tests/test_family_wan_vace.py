@@ -9,6 +9,7 @@ from family_checks import (
     check_compile,
     check_dense_equals_unpatched_and_remove_is_exact,
     check_every_pattern_runs,
+    check_generate_tiny,
     check_generate_validates_sizes,
     check_sparse_patterns_differ,
     config,
@@ -134,3 +135,7 @@ def test_pipeline_end_to_end_with_control_video_and_reference_image(tmp_path):
         pipe, tmp_path / "vace", (80, 480, 832), "nearest valid: 77 or 81", (81, 480, 832), (21, 30, 52), 16
     )
     assert all(type(m.processor).__name__ == "WanAttnProcessor" for _, m, _ in FAMILY.attention_paths(pipe.transformer))
+
+
+def test_generate_tiny_wan_vace():
+    check_generate_tiny("tiny-wan-vace", "wan-vace", (3, 6, 10), 16)

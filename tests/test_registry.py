@@ -42,7 +42,7 @@ def test_lookups_normalise_names_and_pick_the_longest_prefix():
     assert family_of_pipeline("HunyuanVideoImageToVideoPipeline").name == "hunyuan"
     assert family_of_pipeline("LTXConditionPipeline").name == "ltx"
     assert "wan (WanTransformer3DModel)" in supported_families_text()
-    with pytest.raises(ValueError, match="Unknown model family 'sora'. Expected one of: wan, wan2.2-5b, hunyuan"):
+    with pytest.raises(ValueError, match="Unknown model family 'sora'. Expected one of: wan, wan22-5b, hunyuan"):
         video_geometry("sora")
     cog = get_family("cogvideox")
     assert cog.geometry_for({"patch_size": 2, "patch_size_t": 2}).name == "cogvideox1.5"

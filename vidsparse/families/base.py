@@ -222,7 +222,9 @@ class Family:
     Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why).
 
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
-    (a whole random-init pipeline, or ``None``).
+    (a whole random-init pipeline, or ``None``). ``tiny_geometries``: names of further
+    geometries whose tiny pipeline ``tiny_pipeline(seed, dtype, variant=<name>)`` builds
+    (``generate --model tiny-<name>``, e.g. Wan 2.2 TI2V-5B's "wan22-5b").
     """
 
     name: str
@@ -246,6 +248,7 @@ class Family:
     parallel_refusal: str = "not supported yet"
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
+    tiny_geometries: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 Geometry (diffusers configs of Wan2.1-T2V / Wan2.2): VAE 4x in time (first frame kept) and 8x in
 space, patch (1, 2, 2); 81x480x832 at 16 fps is the reference video (21x30x52 tokens).
-Wan 2.2 TI2V-5B ("wan2.2-5b", picked from a transformer config with 48 latent channels) uses the
+Wan 2.2 TI2V-5B ("wan22-5b", picked from a transformer config with 48 latent channels) uses the
 Wan 2.2 VAE: 4x time, 16x space (2x pixel patchify inside the VAE), so sizes are multiples of 32;
 121x704x1280 at 24 fps is its reference video (31x22x40 tokens). Its pipeline
 (``expand_timesteps=True``) passes a per-token timestep [B, S]; the step comes from its cache
@@ -174,7 +174,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
     builds the Wan 2.2 TI2V-5B layout instead (``tiny_ti2v_pipeline``). Prompts are passed as
     ``prompt_embeds`` (``vidsparse.models.tiny.encode_prompt_tiny``).
     """
-    if normalize_name(variant) == normalize_name(TI2V_TINY):
+    if normalize_name(variant) in {normalize_name(n) for n in (TI2V_GEOMETRY.name, *TI2V_GEOMETRY.aliases)}:
         if two_stage:
             raise ValueError("Wan 2.2 TI2V-5B is a single transformer; two_stage=True builds the A14B layout.")
         return tiny_ti2v_pipeline(seed, dtype)
@@ -211,13 +211,13 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
 #: 16x in space overall (``AutoencoderKLWan(is_residual=True, patch_size=2, scale_factor_spatial=16)``).
 TI2V_LATENT_CHANNELS = 48
 TI2V_GEOMETRY = VideoGeometry(
-    "wan2.2-5b", 4, 16, (1, 2, 2), (121, 704, 1280), fps=24, aliases=("wan22-5b", "wan2.2-ti2v-5b", "ti2v-5b")
+    "wan22-5b", 4, 16, (1, 2, 2), (121, 704, 1280), fps=24, aliases=("wan2.2-5b", "wan2.2-ti2v-5b", "ti2v-5b")
 )
-TI2V_TINY = "wan22-5b"
+TI2V_TINY = TI2V_GEOMETRY.name
 
 
 def _geometry_variant(transformer_config) -> str:
-    """The geometry "wan2.2-5b" for a transformer with TI2V-5B's 48 latent channels, else Wan 2.1 / 2.2 A14B's."""
+    """The geometry "wan22-5b" for a transformer with TI2V-5B's 48 latent channels, else Wan 2.1 / 2.2 A14B's."""
     channels = transformer_config.get("out_channels") or transformer_config.get("in_channels")
     return TI2V_GEOMETRY.name if channels == TI2V_LATENT_CHANNELS else "wan"
 
@@ -334,4 +334,5 @@ FAMILY = Family(
         TI2V_TINY: TinyVariant(TI2V_TINY, _tiny_ti2v_config, _tiny_ti2v_inputs),
     },
     tiny_pipeline=tiny_pipeline,
+    tiny_geometries=(TI2V_TINY,),
 )

@@ -90,11 +90,12 @@ def call_kwargs(
         output_type=output_type,
         callback_on_step_end=callback,
     )
-    if getattr(pipe, "text_encoder", "absent") is None and plan.info.model_family.name == "wan":
-        # The tiny Wan pipeline (also once saved to a folder) has no text encoder: hash the prompt.
+    transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
+    if getattr(pipe, "text_encoder", "absent") is None and "text_dim" in getattr(transformer, "config", {}):
+        # A tiny Wan-architecture pipeline (Wan, SkyReels-V2, Wan VACE; also once saved to a
+        # folder) has no text encoder: hash the prompt into embeddings of the transformer's text_dim.
         from vidsparse.models.tiny import encode_prompt_tiny
 
-        transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
         emb = dict(dim=transformer.config.text_dim, device=device, dtype=transformer.dtype)
         kwargs["prompt_embeds"] = encode_prompt_tiny(options.prompt, **emb)
         kwargs["negative_prompt_embeds"] = encode_prompt_tiny(options.negative_prompt, **emb)
