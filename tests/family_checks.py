@@ -127,6 +127,7 @@ def check_generate_validates_sizes(pipe, folder, bad: tuple[int, int, int], matc
     """``vidsparse generate --model <folder>`` (the saved pipeline, read from its config files
     only) validates sizes with the family geometry's VAE factors, before loading any weights."""
     import pytest
+
     from vidsparse.generation import GenerateOptions, prepare
 
     pipe.save_pretrained(folder)
