@@ -182,3 +182,20 @@ def test_diffusion_forcing_steps_follow_the_timestep_matrix(ar_step, rows):
 
 def test_generate_tiny_skyreels_v2():
     check_generate_tiny("tiny-skyreels-v2", "skyreels-v2", (3, 6, 10), 24)
+
+
+def test_per_frame_step_rule():
+    """Rule 2b of vidsparse.pipelines.hooks on its own: the frame vector, not its maximum."""
+    from vidsparse.pipelines.hooks import StepTracker
+
+    tracker = StepTracker()
+    t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    rows = [t(999, 999, 999), t(941, 999, 999), t(941, 999, 999), t(800, 941, 999), t(0, 800, 941)]
+    assert [tracker.step_frames("cond", r) for r in rows] == [0, 1, 1, 2, 3]  # max stays 999 for 3 rows
+    assert tracker.step_frames("uncond", rows[0]) == 0  # branches count separately
+    assert tracker.step_frames("cond", t(0, 0, 999)) == 0  # a frame got noisier: a new run
+    assert tracker.step_frames("cond", t(0, 0, 941)) == 1
+    assert tracker.step_frames("cond", t(999, 999)) == 0  # another frame count: a new run
+    assert tracker.step_frames("cond", t(999, 999)) == 0 and tracker.step_frames("cond", t(941, 941)) == 1
+    tracker.set("cond", 7)  # a cache context's step_index wins and forgets the vector
+    assert tracker.step_frames("cond", t(941, 941)) == 0
