@@ -34,7 +34,8 @@ def test_every_family_record_is_complete():
             assert all(n > 0 for n in geo.latent_grid(frames, height, width))
     assert set(geometries()) == {
         "wan", "hunyuan", "cogvideox", "cogvideox1.5", "ltx", "mochi", "cosmos", "cosmos1", "kandinsky5",
-        "hunyuan15", "hunyuan15-720p", "hunyuan-framepack", "ltx2",
+        "hunyuan15", "hunyuan15-720p", "hunyuan-framepack", "ltx2", "wan22-5b", "skyreels-v2", "wan-vace",
+        "wan-animate",
     }  # fmt: skip
 
 
@@ -45,7 +46,7 @@ def test_lookups_normalise_names_and_pick_the_longest_prefix():
     assert family_of_pipeline("HunyuanVideoImageToVideoPipeline").name == "hunyuan"
     assert family_of_pipeline("LTXConditionPipeline").name == "ltx"
     assert "wan (WanTransformer3DModel)" in supported_families_text()
-    with pytest.raises(ValueError, match="Unknown model family 'sora'. Expected one of: wan, hunyuan"):
+    with pytest.raises(ValueError, match="Unknown model family 'sora'. Expected one of: wan, wan22-5b, hunyuan"):
         video_geometry("sora")
     cog = get_family("cogvideox")
     assert cog.geometry_for({"patch_size": 2, "patch_size_t": 2}).name == "cogvideox1.5"

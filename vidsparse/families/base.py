@@ -223,9 +223,12 @@ class Family:
     Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why).
 
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
-    (a whole random-init pipeline, or ``None``); ``tiny_prompt_kwargs(pipe, prompt, negative_prompt)``
-    gives the call kwargs carrying hashed prompt embeddings for a tiny pipeline whose call does not
-    take Wan's ``prompt_embeds`` / ``negative_prompt_embeds`` of ``config.text_dim`` (``None``: it does).
+    (a whole random-init pipeline, or ``None``); ``tiny_geometries``: names of further
+    geometries whose tiny pipeline ``tiny_pipeline(seed, dtype, variant=<name>)`` builds
+    (``generate --model tiny-<name>``, e.g. Wan 2.2 TI2V-5B's "wan22-5b");
+    ``tiny_prompt_kwargs(pipe, prompt, negative_prompt)`` gives the call kwargs carrying hashed
+    prompt embeddings for a tiny pipeline whose call does not take Wan's ``prompt_embeds`` /
+    ``negative_prompt_embeds`` of ``config.text_dim`` (``None``: it does).
 
     Refused: ``unsupported`` (non-empty) records a transformer vidsparse recognises but cannot
     patch, and why; ``vidsparse.apply`` raises it, the supported-families text leaves it out.
@@ -253,6 +256,7 @@ class Family:
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
     tiny_prompt_kwargs: Callable[..., dict[str, Any]] | None = None
+    tiny_geometries: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     unsupported: str = ""
 

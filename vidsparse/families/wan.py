@@ -2,6 +2,11 @@
 
 Geometry (diffusers configs of Wan2.1-T2V / Wan2.2): VAE 4x in time (first frame kept) and 8x in
 space, patch (1, 2, 2); 81x480x832 at 16 fps is the reference video (21x30x52 tokens).
+Wan 2.2 TI2V-5B ("wan22-5b", picked from a transformer config with 48 latent channels) uses the
+Wan 2.2 VAE: 4x time, 16x space (2x pixel patchify inside the VAE), so sizes are multiples of 32;
+121x704x1280 at 24 fps is its reference video (31x22x40 tokens). Its pipeline
+(``expand_timesteps=True``) passes a per-token timestep [B, S]; the step comes from its cache
+context, and the self-attention is the same as the other Wan checkpoints'.
 
 Defaults: Radial with the paper's Wan settings (decay 0.2, attention sink, layer 0 dense); a
 two-expert Wan 2.2 pipeline (``transformer_2``, as in Radial's Wan2.2 script) uses decay 0.8
@@ -33,6 +38,7 @@ from vidsparse.families.base import (
     bcfhw_grid,
     indexed_paths,
     no_text,
+    normalize_name,
     tiny_dims,
 )
 from vidsparse.families.processor import SparseProcessor
@@ -160,13 +166,20 @@ def tiny_vae():
     )
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stage: bool = False):
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stage: bool = False, variant: str = "wan"):
     """A tiny random-init ``diffusers.WanPipeline`` (no tokenizer / text encoder).
 
     ``two_stage=True`` builds a Wan 2.2-style pipeline with ``transformer`` (high noise) and
-    ``transformer_2`` (low noise) switched at ``boundary_ratio=0.5``. Prompts are passed as
+    ``transformer_2`` (low noise) switched at ``boundary_ratio=0.5``. ``variant="wan22-5b"``
+    builds the Wan 2.2 TI2V-5B layout instead (``tiny_ti2v_pipeline``). Prompts are passed as
     ``prompt_embeds`` (``vidsparse.models.tiny.encode_prompt_tiny``).
     """
+    if normalize_name(variant) in {normalize_name(n) for n in (TI2V_GEOMETRY.name, *TI2V_GEOMETRY.aliases)}:
+        if two_stage:
+            raise ValueError("Wan 2.2 TI2V-5B is a single transformer; two_stage=True builds the A14B layout.")
+        return tiny_ti2v_pipeline(seed, dtype)
+    if normalize_name(variant) != "wan":
+        raise ValueError(f"Unknown tiny Wan pipeline variant {variant!r}. Expected 'wan' or {TI2V_TINY!r}.")
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     gen_state = torch.random.get_rng_state()
@@ -185,6 +198,87 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
         transformer=transformer,
         transformer_2=transformer_2,
         boundary_ratio=0.5 if two_stage else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+# -- Wan 2.2 TI2V-5B ---------------------------------------------------------------------------
+
+#: Wan 2.2 TI2V-5B: 48 latent channels; its VAE patchifies pixels 2x2 and compresses 8x more, so
+#: 16x in space overall (``AutoencoderKLWan(is_residual=True, patch_size=2, scale_factor_spatial=16)``).
+TI2V_LATENT_CHANNELS = 48
+TI2V_GEOMETRY = VideoGeometry(
+    "wan22-5b", 4, 16, (1, 2, 2), (121, 704, 1280), fps=24, aliases=("wan2.2-5b", "wan2.2-ti2v-5b", "ti2v-5b")
+)
+TI2V_TINY = TI2V_GEOMETRY.name
+
+
+def _geometry_variant(transformer_config) -> str:
+    """The geometry "wan22-5b" for a transformer with TI2V-5B's 48 latent channels, else Wan 2.1 / 2.2 A14B's."""
+    channels = transformer_config.get("out_channels") or transformer_config.get("in_channels")
+    return TI2V_GEOMETRY.name if channels == TI2V_LATENT_CHANNELS else "wan"
+
+
+def _tiny_ti2v_config() -> dict[str, Any]:
+    return tiny_transformer_kwargs(in_channels=TI2V_LATENT_CHANNELS, out_channels=TI2V_LATENT_CHANNELS)
+
+
+def _tiny_ti2v_inputs(r: TinyRequest) -> dict[str, Any]:
+    """TI2V-5B's per-token timestep [B, S] (``expand_timesteps``): the first latent frame at 0
+    (the conditioning image), the others at the step's timestep."""
+    inputs = _tiny_inputs(r)
+    pt, ph, pw = r.transformer.config.patch_size
+    per_frame = (r.height // ph) * (r.width // pw)
+    t = r.timestep[:, None].expand(-1, (r.frames // pt) * per_frame).clone()
+    t[:, :per_frame] = 0
+    inputs["timestep"] = t
+    return inputs
+
+
+def tiny_ti2v_vae():
+    """A tiny random-init Wan 2.2 VAE (48 latent channels, 2x2 pixel patchify, 16x space, 4x time)."""
+    from diffusers import AutoencoderKLWan
+
+    c = TI2V_LATENT_CHANNELS
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=c,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * c,
+        latents_std=[1.0] * c,
+    )
+
+
+def tiny_ti2v_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random-init Wan 2.2 TI2V-5B ``diffusers.WanPipeline`` (``expand_timesteps=True``,
+    48-channel transformer and 16x VAE; no tokenizer / text encoder)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(**_tiny_ti2v_config())
+        vae = tiny_ti2v_vae()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=transformer,
+        expand_timesteps=True,
     )
     pipe.set_progress_bar_config(disable=True)
     if dtype != torch.float32:
@@ -214,7 +308,8 @@ FAMILY = Family(
     grid=_grid,
     text_len=no_text,
     text_position="none",
-    geometries=(VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),
+    geometries=(VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16), TI2V_GEOMETRY),
+    geometry_variant=_geometry_variant,
     pattern_defaults={
         "radial": _radial,
         "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
@@ -236,6 +331,8 @@ FAMILY = Family(
     tiny={
         "wan": TinyVariant("wan", tiny_transformer_kwargs, _tiny_inputs),
         "wan-i2v": TinyVariant("wan-i2v", _tiny_i2v_config, _tiny_i2v_inputs),
+        TI2V_TINY: TinyVariant(TI2V_TINY, _tiny_ti2v_config, _tiny_ti2v_inputs),
     },
     tiny_pipeline=tiny_pipeline,
+    tiny_geometries=(TI2V_TINY,),
 )

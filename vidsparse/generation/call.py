@@ -91,14 +91,15 @@ def call_kwargs(
         callback_on_step_end=callback,
     )
     family = plan.info.model_family
+    transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     if family.tiny_prompt_kwargs is not None and getattr(pipe, "text_encoder", "absent") is None:
         # A tiny pipeline of this family (no text encoder): its record hashes the prompt.
         kwargs.update(family.tiny_prompt_kwargs(pipe, options.prompt, options.negative_prompt))
-    elif getattr(pipe, "text_encoder", "absent") is None and family.name == "wan":
-        # The tiny Wan pipeline (also once saved to a folder) has no text encoder: hash the prompt.
+    elif getattr(pipe, "text_encoder", "absent") is None and "text_dim" in getattr(transformer, "config", {}):
+        # A tiny Wan-architecture pipeline (Wan, SkyReels-V2, Wan VACE; also once saved to a
+        # folder) has no text encoder: hash the prompt into embeddings of the transformer's text_dim.
         from vidsparse.models.tiny import encode_prompt_tiny
 
-        transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
         emb = dict(dim=transformer.config.text_dim, device=device, dtype=transformer.dtype)
         kwargs["prompt_embeds"] = encode_prompt_tiny(options.prompt, **emb)
         kwargs["negative_prompt_embeds"] = encode_prompt_tiny(options.negative_prompt, **emb)

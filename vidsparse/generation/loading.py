@@ -18,7 +18,9 @@ def load_pipeline(plan: GenerationPlan, seed: int = 0):
     """
     info = plan.info
     if info.kind == TINY:  # "tiny" / "tiny-<family>": the family record's random-init pipeline
-        pipe = info.model_family.tiny_pipeline(seed=0, dtype=plan.dtype)
+        family = info.model_family
+        variant = {"variant": info.grid.name} if info.grid.name in family.tiny_geometries else {}
+        pipe = family.tiny_pipeline(seed=0, dtype=plan.dtype, **variant)
     else:
         from diffusers import DiffusionPipeline
 

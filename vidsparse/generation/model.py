@@ -25,6 +25,7 @@ from vidsparse.families import (
     family_of_geometry,
     family_of_pipeline,
     get_family,
+    normalize_name,
     pipeline_prefixes,
     video_geometry,
 )
@@ -121,8 +122,13 @@ def _call_defaults(class_name: str) -> dict[str, Any]:
 
 
 def tiny_models() -> tuple[str, ...]:
-    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan) and "tiny-<family>"."""
-    return (TINY, *(f"{TINY}-{f.name}" for f in families() if f.tiny_pipeline is not None))
+    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan), "tiny-<family>" and
+    "tiny-<geometry>" for a family's ``tiny_geometries`` (e.g. "tiny-wan22-5b")."""
+    names = [TINY]
+    for f in families():
+        if f.tiny_pipeline is not None:
+            names += [f"{TINY}-{n}" for n in (f.name, *f.tiny_geometries)]
+    return tuple(names)
 
 
 def _tiny_model(model: str) -> ModelInfo:
@@ -135,7 +141,13 @@ def _tiny_model(model: str) -> ModelInfo:
     if family is None or family.tiny_pipeline is None:
         raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
     geo = family.geometry
-    if family.name == "wan":
+    key = normalize_name(name)
+    named = next((g for g in family.geometries if key in {normalize_name(n) for n in (g.name, *g.aliases)}), geo)
+    if named is not geo:  # another checkpoint geometry: only those the record's tiny_pipeline builds
+        if named.name not in family.tiny_geometries:
+            raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+        geo = named  # built by family.tiny_pipeline(variant=geo.name)
+    if family.name == "wan" and geo is family.geometry:
         defaults = dict(TINY_DEFAULTS)
     else:  # a small valid video: 2 latent frames past the first, a 6x10 token grid
         ph, pw = geo.patch[1:]

@@ -16,6 +16,13 @@ Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "
    call: equal -> same step (sequential CFG without contexts calls twice per step); moved in
    the run's direction -> next step; moved the other way, or back to the run's first value
    -> a new run, step 0;
+2b. per-frame timesteps (a [B, N] tensor, N > 1: diffusion forcing gives every latent frame its
+   own, SkyReels-V2's ``SkyReelsV2DiffusionForcing*Pipeline``) compare the whole vector of the
+   first sample instead of its maximum, whose most-noisy frame can sit at the top value for many
+   steps: same vector -> same step; no frame moved against the run's direction and one moved with
+   it -> next step; frames moving both ways, a different frame count, or the run's first vector
+   again -> a new run. The step count then is the pipeline's ``num_timesteps`` (diffusion-forcing
+   loops run more iterations than the scheduler has timesteps) when it has one;
 3. counters reset at the end of every pipeline call (diffusers calls ``reset_state`` from
    ``maybe_free_model_hooks``) and on ``vidsparse.reset_state(pipe)``.
 
@@ -88,7 +95,7 @@ class StepTracker:
     """Step index per CFG branch from timestep values (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._branches: dict[str, list[float | int | None]] = {}
+        self._branches: dict[str, list[Any]] = {}
 
     def reset(self) -> None:
         self._branches.clear()
@@ -112,9 +119,28 @@ class StepTracker:
         rec[1], rec[2], rec[3] = t, step + 1, move
         return int(step) + 1
 
+    def step_frames(self, branch: str, t: torch.Tensor) -> int:
+        """Step of a call with per-frame timesteps ``t`` [N] (rule 2b of the module docstring)."""
+        key = f"{branch}/frames"
+        rec = self._branches.get(key)
+        if rec is None or rec[1] is None or rec[1].shape != t.shape:
+            self._branches[key] = [t, t, 0, 0]
+            return 0
+        first, last, step, direction = rec
+        if torch.equal(t, last):
+            return int(step)
+        up, down = bool((t > last).any()), bool((t < last).any())
+        move = 1 if up else -1
+        if (up and down) or torch.equal(t, first) or (direction and move != direction):
+            self._branches[key] = [t, t, 0, 0]
+            return 0
+        rec[1], rec[2], rec[3] = t, step + 1, move
+        return int(step) + 1
+
     def set(self, branch: str, step: int) -> None:
         """Record an authoritative step (from a cache context)."""
         self._branches[branch] = [None, None, step, 0]
+        self._branches.pop(f"{branch}/frames", None)
 
 
 @dataclass
@@ -187,11 +213,18 @@ class SparseState:
         return tuple(out)
 
     # -- steps ---------------------------------------------------------------------------
-    def total_steps(self, context: Any) -> int | None:
+    def total_steps(self, context: Any, per_frame: bool = False) -> int | None:
         n = getattr(context, "num_inference_steps", None)
         if n:
             return int(n)
         pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        if per_frame:  # diffusion forcing: the rows of the pipeline's timestep matrix
+            try:
+                rows = getattr(pipe, "num_timesteps", None)
+            except AttributeError:  # the property before the pipeline's first call
+                rows = None
+            if isinstance(rows, int) and rows > 0:
+                return rows
         timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
         if timesteps is not None and len(timesteps):
             return len(timesteps)
@@ -228,18 +261,20 @@ class SparseState:
     def begin_call(self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any) -> CallInfo:
         branch = getattr(context, "name", None) or "default"
         ctx_step = getattr(context, "step_index", None)
+        timestep = kwargs.get("timestep")
+        per_frame = isinstance(timestep, torch.Tensor) and timestep.dim() >= 2 and timestep[0].numel() > 1
         if ctx_step is not None:  # no need to read the timestep (a host sync)
             step = int(ctx_step)
             self.tracker.set(branch, step)
+        elif per_frame:
+            step = self.tracker.step_frames(branch, timestep.detach()[0].flatten().float().cpu())
+        elif isinstance(timestep, torch.Tensor):
+            step = self.tracker.step(branch, float(timestep.detach().max()))
+        elif isinstance(timestep, (int, float)):
+            step = self.tracker.step(branch, float(timestep))
         else:
-            timestep = kwargs.get("timestep")
-            if isinstance(timestep, torch.Tensor):
-                step = self.tracker.step(branch, float(timestep.detach().max()))
-            elif isinstance(timestep, (int, float)):
-                step = self.tracker.step(branch, float(timestep))
-            else:
-                step = 0
-        total = self.total_steps(context)
+            step = 0
+        total = self.total_steps(context, per_frame)
         layout = self.discover_layout(transformer, kwargs)
         hs = kwargs.get("hidden_states")
         batch = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1

@@ -1,0 +1,148 @@
+"""Checks every model family gets on a tiny random-init transformer of its real diffusers class.
+
+Used by ``tests/test_family_<name>.py``: dense equivalence with ``Dense()``, bit-exact
+``remove``, the discovered layout, every registered pattern (family defaults) finite on a
+regular and a ragged grid, sparse patterns differing from dense, ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import vidsparse as vs
+from vidsparse.models import tiny_inputs, tiny_transformer
+from vidsparse.pipelines import get_state
+
+# Options making each known pattern sparse on a 4x4x4 token grid.
+SPARSE_OPTIONS: dict[str, dict[str, Any]] = {
+    "radial": dict(block_size=16, decay_factor=0.2),
+    "tile": dict(tile=(1, 2, 2), window=(1, 1, 1)),
+    "attention-tile": dict(global_frames=1),
+    "gna": dict(kernel_size=(3, 3, 3)),
+    "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
+    "dual-scope": dict(local_frames=0, global_stride=0),
+}
+
+
+def run(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def config(pattern, **kw) -> vs.SparseConfig:
+    """A config that is sparse on every layer and step (tests call bare transformers)."""
+    kw.setdefault("backend", "torch")
+    kw.setdefault("dense_first_steps", 0)
+    kw.setdefault("dense_layers", ())
+    return vs.SparseConfig(pattern, **kw)
+
+
+def setup(variant: str, latent: tuple[int, int, int], batch: int = 1, **overrides):
+    model = tiny_transformer(variant, **overrides)
+    return model, tiny_inputs(variant, model, *latent, batch=batch)
+
+
+def processors(model: torch.nn.Module) -> dict[str, Any]:
+    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+
+
+def check_dense_equals_unpatched_and_remove_is_exact(model, inputs) -> None:
+    originals = processors(model)
+    ref = run(model, inputs)
+    vs.apply(model, config(vs.Dense()))
+    out = run(model, inputs)
+    state = get_state(model)
+    assert state.calls["sparse"] == state.num_layers and state.calls["dense"] == 0, dict(state.calls)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    vs.remove(model)
+    after = processors(model)
+    assert after.keys() == originals.keys() and all(after[n] is originals[n] for n in originals)
+    assert torch.equal(run(model, inputs), ref)
+
+
+def discovered(model, inputs) -> list[tuple[vs.VideoLayout, int, tuple[int, ...]]]:
+    """(layout, layer, q shape) of every sparse self-attention call of one forward (Dense())."""
+    vs.apply(model, config("dense"))
+    state = get_state(model)
+    seen: list = []
+    attention = state.attention_fn
+
+    def spy(q, k, v, layout, pattern, **kw):
+        seen.append((layout, kw["layer"], tuple(q.shape)))
+        return attention(q, k, v, layout, pattern, **kw)
+
+    state.attention_fn = spy
+    try:
+        run(model, inputs)
+    finally:
+        state.attention_fn = attention
+        vs.remove(model)
+    return seen
+
+
+def check_every_pattern_runs(model, inputs, grid_layout: vs.VideoLayout) -> None:
+    """Each registered pattern *name* (family defaults fitted to the grid) runs, finite, sparse on every layer."""
+    for name in sorted(vs.PATTERNS):
+        vs.apply(model, config(name, block_size=16))
+        out = run(model, inputs)
+        state = get_state(model)
+        assert bool(torch.isfinite(out).all()), f"{name} on {grid_layout}"
+        assert state.calls["sparse"] == state.num_layers, (name, dict(state.calls))
+        assert state.current.layout == grid_layout
+    vs.remove(model)
+
+
+def check_sparse_patterns_differ(model, inputs, layout: vs.VideoLayout) -> None:
+    ref = run(model, inputs)
+    for name in sorted(n for n in vs.PATTERNS if n != "dense"):
+        pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
+        if not pattern.dynamic:
+            assert not bool(vs.token_mask(pattern, layout).all()), f"{name} options are dense on {layout}"
+        vs.apply(model, config(pattern))
+        out = run(model, inputs)
+        assert bool(torch.isfinite(out).all()), name
+        assert (out - ref).abs().max() > 1e-4, f"{name} gave the dense output"
+    vs.remove(model)
+
+
+def check_compile(model, inputs) -> None:
+    """The patched transformer compiles (eager backend: dynamo tracing, no C++ build) and
+    matches the eager patched output; the plans are built by the hook, outside the graph."""
+    radial = vs.make_pattern("radial", **SPARSE_OPTIONS["radial"])
+    vs.apply(model, config(radial))
+    eager = run(model, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    out = run(compiled, inputs)
+    state = get_state(model)
+    assert get_state(compiled) is state
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    vs.remove(model)
+    torch._dynamo.reset()
+
+
+def check_generate_validates_sizes(pipe, folder, bad: tuple[int, int, int], match: str, good, grid, fps: int) -> None:
+    """``vidsparse generate --model <folder>`` (the saved pipeline, read from its config files
+    only) validates sizes with the family geometry's VAE factors, before loading any weights."""
+    import pytest
+
+    from vidsparse.generation import GenerateOptions, prepare
+
+    pipe.save_pretrained(folder)
+    with pytest.raises(ValueError, match=match):
+        prepare(GenerateOptions(model=str(folder), frames=bad[0], height=bad[1], width=bad[2], device="cpu"))
+    plan = prepare(GenerateOptions(model=str(folder), frames=good[0], height=good[1], width=good[2], device="cpu"))
+    assert plan.grid == tuple(grid) and plan.fps == fps
+
+
+def check_generate_tiny(model: str, family: str, grid: tuple[int, int, int], fps: int) -> None:
+    """``vidsparse generate --model tiny-<name>``: the embedded pipeline is listed, built by the
+    family record and run end to end with the family's default pattern (2 steps, no file)."""
+    from vidsparse.generation import GenerateOptions, generate, tiny_models
+
+    assert model in tiny_models()
+    result = generate(GenerateOptions(model=model, steps=2, backend="torch", device="cpu", progress=False))
+    assert (result.family, result.grid, result.fps, result.steps) == (family, tuple(grid), fps, 2)
+    assert result.frames.dtype.name == "uint8" and result.frames.ndim == 4

@@ -1,0 +1,187 @@
+"""SkyReels-V2 (``SkyReelsV2Transformer3DModel``): Wan 2.1's architecture, video-only self-attention.
+
+Geometry: SkyReels-V2 keeps Wan 2.1's VAE (4x time, first frame kept; 8x space) and patch
+(1, 2, 2); its pipelines default to 97x544x960 at 24 fps (25x34x60 tokens).
+
+Self-attention: ``SkyReelsV2AttnProcessor`` is diffusers' copy of ``WanAttnProcessor`` (same
+fused / separate q/k/v, q/k RMS norm across heads, interleaved RoPE), so the Wan family's
+processor is reused as is; ``attn2`` (text / image cross-attention) stays the model's own.
+
+Diffusion forcing (``SkyReelsV2DiffusionForcing*Pipeline``): ``timestep`` is per latent frame
+[B, F] and the transformer call gets ``enable_diffusion_forcing=True``. Steps are counted with
+the per-frame rule of ``vidsparse.pipelines.hooks`` (a step moves when no frame got noisier and
+one got less noisy), so asynchronous schedules where the most-noisy frame stays at 999 for many
+iterations still advance; the step count is the pipeline's ``num_timesteps`` (the rows of its
+timestep matrix, more than the scheduler's steps when ``ar_step > 0``). With
+``causal_block_size > 1`` the model passes a block-causal frame mask to every self-attention:
+sparse patterns do not compose with that mask yet, so those calls run the model's own dense
+attention and warn once.
+
+Defaults: Wan's (SkyReels-V2 is a Wan 2.1 fine-tune): Radial decay 0.2 with a sink and layer 0
+dense, Tile (2, 8, 8) in a (5, 3, 3) window, GNA kernel (9, 25, 25).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    bcfhw_grid,
+    indexed_paths,
+    no_text,
+)
+from vidsparse.families.wan import FAMILY as WAN
+from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs, tiny_vae
+
+# -- self-attention processor -----------------------------------------------------------------
+
+
+class SkyReelsSparseProcessor(WanSparseProcessor):
+    """``SkyReelsV2AttnProcessor`` for ``attn1``: Wan's mirror, plus one warning when the
+    diffusion-forcing block-causal mask makes a sparse call fall back to dense attention."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if (
+            attention_mask is not None
+            and encoder_hidden_states is None
+            and self.state.pattern_for(self.layer) is not None
+        ):
+            self.state.warn_once(
+                "skyreels-causal",
+                "vidsparse: SkyReels-V2 diffusion forcing with causal_block_size > 1 passes a block-causal "
+                "frame mask to self-attention; sparse patterns do not compose with it, so these calls run "
+                "the model's own dense attention (use causal_block_size=1 for sparse attention).",
+            )
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    """Latents [B, C, F, H, W] patchified by ``config.patch_size`` (t, h, w)."""
+    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def _tiny_config() -> dict[str, Any]:
+    return tiny_transformer_kwargs()
+
+
+def _tiny_df_config(inject_sample_info: bool = False) -> dict[str, Any]:
+    """The diffusion-forcing tiny model; ``inject_sample_info`` (the fps embedding) only in the
+    tiny pipeline: diffusers broadcasts it under diffusion forcing for batch 1 only."""
+    return tiny_transformer_kwargs(inject_sample_info=inject_sample_info)
+
+
+def _tiny_i2v_config() -> dict[str, Any]:
+    return tiny_transformer_kwargs(
+        in_channels=3 * TINY_LATENT_CHANNELS, image_dim=TINY_TEXT_DIM, added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM
+    )
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    c = r.transformer.config.in_channels
+    return dict(
+        hidden_states=r.randn(r.batch, c, r.frames, r.height, r.width),
+        timestep=r.timestep,
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+    )
+
+
+def _tiny_df_inputs(r: TinyRequest) -> dict[str, Any]:
+    """Diffusion forcing: every latent frame its own timestep (later frames noisier)."""
+    inputs = _tiny_inputs(r)
+    ramp = torch.linspace(0.5, 1.0, r.frames, dtype=r.timestep.dtype)
+    inputs["timestep"] = (r.timestep[:, None] * ramp[None]).to(r.timestep.dtype)
+    inputs["enable_diffusion_forcing"] = True
+    if r.transformer.config.inject_sample_info:
+        inputs["fps"] = [1] * r.batch  # the pipeline's fps code: 0 for 16 fps, 1 otherwise
+    return inputs
+
+
+def _tiny_i2v_inputs(r: TinyRequest) -> dict[str, Any]:
+    inputs = _tiny_inputs(r)
+    # SkyReelsV2AttnProcessor splits the context at a hard-coded 512 text tokens.
+    inputs["encoder_hidden_states"] = r.randn(r.batch, 512, r.text_dim)
+    inputs["encoder_hidden_states_image"] = r.randn(r.batch, 4, r.transformer.config.image_dim)
+    return inputs
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, diffusion_forcing: bool = False):
+    """A tiny random-init ``SkyReelsV2Pipeline`` (``diffusion_forcing=True``:
+    ``SkyReelsV2DiffusionForcingPipeline``), no tokenizer / text encoder: pass ``prompt=None``
+    and ``prompt_embeds`` (``vidsparse.models.tiny.encode_prompt_tiny``)."""
+    from diffusers import (
+        SkyReelsV2DiffusionForcingPipeline,
+        SkyReelsV2Pipeline,
+        SkyReelsV2Transformer3DModel,
+        UniPCMultistepScheduler,
+    )
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        config = _tiny_df_config(inject_sample_info=True) if diffusion_forcing else _tiny_config()
+        transformer = SkyReelsV2Transformer3DModel(**config)
+        vae = tiny_vae()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    # SkyReels-V2's scheduler: UniPC on flow-matching sigmas.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    cls = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
+    pipe = cls(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+# -- the record -------------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="skyreels-v2",
+    aliases=("skyreels", "skyreelsv2"),
+    transformer_classes=("SkyReelsV2Transformer3DModel",),
+    pipeline_prefixes=("SkyReelsV2",),
+    processor_names=("SkyReelsV2AttnProcessor",),
+    processor=SkyReelsSparseProcessor,
+    attention_paths=indexed_paths("blocks", "attn1"),
+    grid=_grid,
+    text_len=no_text,
+    text_position="none",
+    geometries=(VideoGeometry("skyreels-v2", 4, 8, (1, 2, 2), (97, 544, 960), fps=24),),
+    pattern_defaults=dict(WAN.pattern_defaults),
+    dense_first_steps=WAN.dense_first_steps,
+    dense_layers=dict(WAN.dense_layers),
+    lora_refusal=(
+        "no SkyReels-V2 training adapter yet (the Wan adapter's loss draws one timestep per sample; "
+        "diffusion forcing trains per-frame timesteps and fps conditioning)"
+    ),
+    parallel_refusal=(
+        "diffusion forcing hands every block per-token modulation [B, 6, S, D] and a block-causal [S, S] "
+        "mask, which the sequence-parallel shard plan does not cut"
+    ),
+    tiny={
+        "skyreels-v2": TinyVariant("skyreels-v2", _tiny_config, _tiny_inputs),
+        "skyreels-v2-df": TinyVariant("skyreels-v2-df", _tiny_df_config, _tiny_df_inputs),
+        "skyreels-v2-i2v": TinyVariant("skyreels-v2-i2v", _tiny_i2v_config, _tiny_i2v_inputs),
+    },
+    tiny_pipeline=tiny_pipeline,
+)

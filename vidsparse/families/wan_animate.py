@@ -1,0 +1,125 @@
+"""Wan-Animate (``WanAnimateTransformer3DModel``): Wan 2.2-Animate's video self-attention.
+
+The transformer is Wan's: ``blocks.i`` are Wan blocks whose ``attn1`` runs diffusers'
+``WanAttnProcessor`` (the Animate module's copy, the same computation), so the Wan family's
+processor is reused. What Animate adds stays the model's own: the pose latents are added to the
+patch embeddings before the blocks (no extra tokens), and the face adapter
+(``face_adapter``, ``WanAnimateFaceBlockCrossAttention``: per-frame cross-attention to the
+motion vectors) is cross-attention, as is ``attn2``.
+
+Grid: latents [B, 2C + 4, T + 1, H, W] (the reference-image latent frame first), patch (1, 2, 2):
+the call's (T + 1) x H/2 x W/2 tokens. Geometry: Wan 2.1's VAE (4x time, 8x space); the
+pipeline's default segment is 77 frames at 720x1280, 30 fps, i.e. 20 + 1 latent frames;
+``VideoGeometry.latent_grid`` gives the 20 video frames, the reference frame comes on top.
+
+Not provided: a tiny pipeline (``tiny_pipeline=None``). ``WanAnimatePipeline`` needs a CLIP
+image encoder, a reference image, a pose video and a face video besides the prompt, which
+``vidsparse generate`` does not pass; the family is used through ``vidsparse.apply(pipe, ...)``
+on a pipeline the caller runs (``pipeline_prefixes`` still names it, so the record, not Wan's,
+describes a ``WanAnimatePipeline`` folder).
+
+Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
+(9, 25, 25)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_LATENT_CHANNELS,
+    TINY_TEXT_DIM,
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    bcfhw_grid,
+    indexed_paths,
+    no_text,
+)
+from vidsparse.families.wan import FAMILY as WAN
+from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    """Latents [B, 2C + 4, T + 1, H, W] patchified by ``config.patch_size``."""
+    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- tiny model -------------------------------------------------------------------------------
+
+#: Face crops of the tiny motion encoder (the real one takes 512x512).
+_TINY_FACE = 16
+
+
+def _tiny_config() -> dict[str, Any]:
+    c = TINY_LATENT_CHANNELS
+    kw = tiny_transformer_kwargs(
+        in_channels=2 * c + 4,
+        out_channels=c,
+        image_dim=TINY_TEXT_DIM,
+        added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM,
+    )
+    kw.update(
+        latent_channels=c,
+        motion_encoder_channel_sizes={str(_TINY_FACE): 8, str(_TINY_FACE // 2): 8, str(_TINY_FACE // 4): 8},
+        motion_encoder_size=_TINY_FACE,
+        motion_style_dim=8,
+        motion_dim=4,
+        motion_encoder_dim=8,
+        face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2,
+        inject_face_latents_blocks=2,
+    )
+    return kw
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    """``frames`` latent frames in all (the reference frame + frames - 1 pose-driven ones); the
+    face video has 4 (frames - 2) + 1 frames, which the face encoder's two stride-2 convs bring
+    to frames - 1 motion steps."""
+    if r.frames < 2:
+        raise ValueError(f"the tiny Wan-Animate inputs need frames >= 2 (a reference + a video frame), got {r.frames}.")
+    cfg = r.transformer.config
+    return dict(
+        hidden_states=r.randn(r.batch, cfg.in_channels, r.frames, r.height, r.width),
+        timestep=r.timestep,
+        # WanAttnProcessor splits the cross-attention context at a hard-coded 512 text tokens.
+        encoder_hidden_states=r.randn(r.batch, 512, r.text_dim),
+        encoder_hidden_states_image=r.randn(r.batch, 4, cfg.image_dim),
+        pose_hidden_states=r.randn(r.batch, cfg.latent_channels, r.frames - 1, r.height, r.width),
+        face_pixel_values=r.randn(r.batch, 3, 4 * (r.frames - 2) + 1, _TINY_FACE, _TINY_FACE),
+    )
+
+
+# -- the record -------------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="wan-animate",
+    aliases=("wananimate", "animate"),
+    transformer_classes=("WanAnimateTransformer3DModel",),
+    pipeline_prefixes=("WanAnimate",),
+    processor_names=("WanAttnProcessor",),
+    processor=WanSparseProcessor,
+    attention_paths=indexed_paths("blocks", "attn1"),
+    grid=_grid,
+    text_len=no_text,
+    text_position="none",
+    geometries=(VideoGeometry("wan-animate", 4, 8, (1, 2, 2), (77, 720, 1280), fps=30),),
+    pattern_defaults=dict(WAN.pattern_defaults),
+    dense_first_steps=WAN.dense_first_steps,
+    dense_layers=dict(WAN.dense_layers),
+    lora_refusal=(
+        "no Wan-Animate training adapter (pose latents, face video and reference-frame conditioning are "
+        "not in the Wan adapter)"
+    ),
+    parallel_refusal=(
+        "the face adapter cross-attends per latent frame, which the sequence-parallel shard plan does not cut"
+    ),
+    tiny={"wan-animate": TinyVariant("wan-animate", _tiny_config, _tiny_inputs)},
+    tiny_pipeline=None,
+)

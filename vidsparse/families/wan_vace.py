@@ -1,0 +1,121 @@
+"""Wan VACE (``WanVACETransformer3DModel``): Wan with a control branch; both branches' self-attention.
+
+Geometry: Wan 2.1's VAE (4x time, first frame kept; 8x space) and patch (1, 2, 2); the VACE
+pipeline defaults to 81x480x832 at 16 fps. Each reference image adds one latent frame in front
+of the video, so the grid is read from each call's latents, never from the requested size alone.
+
+Self-attention: the main ``blocks`` and the control ``vace_blocks`` are Wan blocks with
+``WanAttnProcessor``; the control tokens (``vace_patch_embedding`` of the VACE control latents,
+zero-padded to the video's length) lie on the same token grid and share the video's RoPE. Both
+``attn1`` kinds are patched with the Wan family's processor: layers ``0 .. N-1`` are
+``blocks.i.attn1`` (so "layer 0 dense" is the first main block, as for Wan), layers
+``N .. N+V-1`` are ``vace_blocks.j.attn1`` (the control branch runs first in the forward).
+Cross-attention (``attn2``) stays the model's own.
+
+Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
+(9, 25, 25)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vidsparse.families.base import (
+    Family,
+    TinyRequest,
+    TinyVariant,
+    VideoGeometry,
+    bcfhw_grid,
+    indexed_paths,
+    no_text,
+)
+from vidsparse.families.wan import FAMILY as WAN
+from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs, tiny_vae
+
+#: Control-latent channels of the VACE pipeline: inactive + reactive video latents (2 x z_dim)
+#: and the 8x8 pixel mask folded into channels (spatial factor squared).
+_MASK_CHANNELS = 8 * 8
+
+
+def _attention_paths(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
+    main = indexed_paths("blocks", "attn1")(model)
+    return main + indexed_paths("vace_blocks", "attn1", offset=len(main))(model)
+
+
+def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
+    """Latents [B, C, F, H, W] patchified by ``config.patch_size``; control tokens share it."""
+    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- tiny models ------------------------------------------------------------------------------
+
+
+def _tiny_config() -> dict[str, Any]:
+    kw = tiny_transformer_kwargs()
+    kw.update(vace_layers=[0, 1], vace_in_channels=2 * kw["in_channels"] + _MASK_CHANNELS)
+    return kw
+
+
+def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    cfg = r.transformer.config
+    return dict(
+        hidden_states=r.randn(r.batch, cfg.in_channels, r.frames, r.height, r.width),
+        timestep=r.timestep,
+        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
+        control_hidden_states=r.randn(r.batch, cfg.vace_in_channels, r.frames, r.height, r.width),
+    )
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random-init ``diffusers.WanVACEPipeline`` (no tokenizer / text encoder; prompts
+    as ``prompt_embeds``). Without ``video`` / ``mask`` it is text-to-video through VACE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = WanVACETransformer3DModel(**_tiny_config())
+        vae = tiny_vae()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    pipe = WanVACEPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+# -- the record -------------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="wan-vace",
+    aliases=("vace", "wanvace"),
+    transformer_classes=("WanVACETransformer3DModel",),
+    pipeline_prefixes=("WanVACE",),
+    processor_names=("WanAttnProcessor",),
+    processor=WanSparseProcessor,
+    attention_paths=_attention_paths,
+    grid=_grid,
+    text_len=no_text,
+    text_position="none",
+    geometries=(VideoGeometry("wan-vace", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),
+    pattern_defaults=dict(WAN.pattern_defaults),
+    dense_first_steps=WAN.dense_first_steps,
+    dense_layers=dict(WAN.dense_layers),
+    lora_refusal=(
+        "no VACE training adapter yet (the Wan adapter does not build VACE control latents, masks or reference frames)"
+    ),
+    parallel_refusal=(
+        "the control branch (vace_blocks on control_hidden_states) is not in the sequence-parallel shard plan"
+    ),
+    tiny={"wan-vace": TinyVariant("wan-vace", _tiny_config, _tiny_inputs)},
+    tiny_pipeline=tiny_pipeline,
+)
