@@ -32,6 +32,7 @@ from vidsparse.families.base import (
     VideoGeometry,
     bcfhw_grid,
     indexed_paths,
+    native_window_defaults,
     no_text,
     tiny_dims,
 )
@@ -203,6 +204,8 @@ def _lora_adapter() -> type:
 
 # -- the record -------------------------------------------------------------------------------
 
+_GEOMETRY = VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16)
+
 FAMILY = Family(
     name="wan",
     aliases=("wan2.1", "wan2.2", "wan21", "wan22"),
@@ -214,11 +217,14 @@ FAMILY = Family(
     grid=_grid,
     text_len=no_text,
     text_position="none",
-    geometries=(VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),
+    geometries=(_GEOMETRY,),
     pattern_defaults={
         "radial": _radial,
         "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
         "gna": dict(kernel_size=(9, 25, 25), stride=1),
+        # FreeSwim: the window of the native (480x832 px) grid, (30, 52) tokens; for a 720p
+        # checkpoint pass base_grid=(45, 80) (``vidsparse generate --freeswim`` reads the checkpoint).
+        "freeswim": native_window_defaults(_GEOMETRY),
     },
     dense_first_steps=0.25,
     dense_layers={"radial": (0,)},

@@ -74,6 +74,10 @@ class GenerateOptions:
     out: str | None = None
     fps: int | None = None
     progress: bool = True
+    # FreeSwim's two stages (``vidsparse generate --freeswim``, ``generation.freeswim``): None = off; a dict of
+    # FreeSwimOptions fields ({} = defaults: base = the checkpoint's native size, strength 0.7, cache every 2).
+    # height/width are the target; frames, steps, guidance, seed, backend and block_size are generate's own.
+    freeswim: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class GenerationPlan:
     out: Path | None
     fps: int
     lora: Path | None
+    freeswim: Any = None  # generation.freeswim.FreeSwimPrepared with GenerateOptions.freeswim
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -239,6 +244,14 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     fps = options.fps if options.fps is not None else info.grid.fps
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
+    if options.freeswim is not None:  # FreeSwim's two stages: its own attention, checked here
+        from vidsparse.generation.freeswim import prepare_freeswim
+
+        freeswim = prepare_freeswim(options, info, frames, height, width, steps, float(guidance))
+        return GenerationPlan(
+            info, frames, height, width, steps, float(guidance), dtype, device, grid, "freeswim", None, out, fps,
+            lora, freeswim,
+        )  # fmt: skip
     config, name = _build_sparse_config(options, info, grid)
     if options.compare_dense and config is None:
         raise ValueError(
