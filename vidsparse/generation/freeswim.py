@@ -164,8 +164,8 @@ def _transformer_config(info: ModelInfo) -> dict[str, Any] | None:
         return None
 
 
-def _refuse(options: GenerateOptions, info: ModelInfo) -> None:
-    """One ValueError for what ``--freeswim`` cannot run, before anything else."""
+def check_freeswim_model(options: GenerateOptions, info: ModelInfo) -> None:
+    """One ValueError for a model or option ``--freeswim`` cannot run (before the sizes are checked)."""
     from vidsparse.generation.options import GenerateOptions
 
     family = info.model_family
@@ -225,7 +225,7 @@ def prepare_freeswim(
             raise ValueError(
                 f"GenerateOptions.freeswim: unknown option {key!r}; expected some of {', '.join(SETTINGS)}."
             )
-    _refuse(options, info)
+    check_freeswim_model(options, info)
     geo = info.grid
     base_h, base_w = settings.get("base_height"), settings.get("base_width")
     if (base_h is None) != (base_w is None):
@@ -439,4 +439,12 @@ def run_freeswim_generation(
     )
 
 
-__all__ = ["SETTINGS", "FreeSwimPrepared", "FreeSwimRun", "StageBars", "prepare_freeswim", "run_freeswim_generation"]
+__all__ = [
+    "SETTINGS",
+    "FreeSwimPrepared",
+    "FreeSwimRun",
+    "StageBars",
+    "check_freeswim_model",
+    "prepare_freeswim",
+    "run_freeswim_generation",
+]

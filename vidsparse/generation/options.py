@@ -219,6 +219,10 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         raise TypeError("prompt and negative_prompt must be strings.")
     out = check_video_path(options.out) if options.out is not None else None
     info = resolve_model(options.model)
+    if options.freeswim is not None:  # a model or option --freeswim cannot run: said before any size error
+        from vidsparse.generation.freeswim import check_freeswim_model
+
+        check_freeswim_model(options, info)
     d = info.defaults
     frames = _positive_int(options.frames if options.frames is not None else d.get("frames", 81), "--frames")
     height = _positive_int(options.height if options.height is not None else d.get("height", 480), "--height")
