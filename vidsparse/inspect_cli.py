@@ -282,11 +282,18 @@ def inspect_pattern(args) -> dict[str, Any]:
     import vidsparse as vs
     from vidsparse.visualize import plot_plan, query_index
 
-    out_png = None if args.no_plot else check_output_path(args.out, "--out", (".png",)) if args.out else None
+    # Output paths first: an unwritable one is one line before any planning (issue 18, item 3).
+    if args.out and not args.no_plot:
+        check_output_path(args.out, "--out")
     if args.json:
         check_output_path(args.json, "--json")
     pattern = pattern_from_args(args)
     layout, origin = _layout_from_args(args)
+    out_png = None
+    if not args.no_plot:
+        out_png = args.out or check_output_path(
+            f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png", "--out"
+        )
     pattern.validate(layout)
     bs = _block_size(args, pattern)
     layers = args.layers if args.layers is not None else default_layers(pattern)
@@ -381,7 +388,7 @@ def inspect_pattern(args) -> dict[str, Any]:
         "layers": rows,
     }
     if not args.no_plot:
-        out = out_png or check_output_path(f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png", "--out")
+        out = out_png
         title = f"{pattern.describe()}\non {layout} tokens ({origin}), block {bs}, layer {args.layer}"
         if qk_note:
             title += f"\n{'random' if args.qk == 'random' else 'recorded'} q/k"
