@@ -32,9 +32,7 @@ def _vmoba_plans():
     shape = (1, layout.seq_len, HEADS, 64)
     q, k = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     pattern = vs.VMoBA(temporal_chunk=1, spatial_chunk=(4, 4), st_chunk=(2, 4, 4))
-    return layout, [
-        vs.plan(pattern, layout, num_heads=HEADS, layer=i, q=q, k=k, block_size=BLOCK) for i in range(3)
-    ]
+    return layout, [vs.plan(pattern, layout, num_heads=HEADS, layer=i, q=q, k=k, block_size=BLOCK) for i in range(3)]
 
 
 def _key_block_pairs(plan, block_m, block_n) -> float:
