@@ -32,7 +32,6 @@ from vidsparse.families.base import (
     VideoGeometry,
     bcfhw_grid,
     indexed_paths,
-    native_window_defaults,
     no_text,
     tiny_dims,
 )
@@ -104,6 +103,18 @@ def _radial(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
     if two_stage:
         return dict(decay_factor=0.8, sink=True, block_size=64)
     return dict(decay_factor=0.2, sink=True)
+
+
+def _freeswim(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
+    """FreeSwim's base grid: the latent grid of the family's default (native) video, 480x832 px -> (30, 52).
+
+    One base for every Wan checkpoint the hook serves (it sees the call's grid, not the
+    checkpoint): for a 720p one pass ``base_grid=(45, 80)``; ``vidsparse generate --freeswim``
+    reads the checkpoint's native size instead.
+    """
+    from vidsparse.families.base import native_window_defaults
+
+    return native_window_defaults(FAMILY.geometry)(layout, two_stage)
 
 
 # -- tiny models ------------------------------------------------------------------------------
@@ -204,8 +215,6 @@ def _lora_adapter() -> type:
 
 # -- the record -------------------------------------------------------------------------------
 
-_GEOMETRY = VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16)
-
 FAMILY = Family(
     name="wan",
     aliases=("wan2.1", "wan2.2", "wan21", "wan22"),
@@ -217,14 +226,12 @@ FAMILY = Family(
     grid=_grid,
     text_len=no_text,
     text_position="none",
-    geometries=(_GEOMETRY,),
+    geometries=(VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),
     pattern_defaults={
         "radial": _radial,
         "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
         "gna": dict(kernel_size=(9, 25, 25), stride=1),
-        # FreeSwim: the window of the native (480x832 px) grid, (30, 52) tokens; for a 720p
-        # checkpoint pass base_grid=(45, 80) (``vidsparse generate --freeswim`` reads the checkpoint).
-        "freeswim": native_window_defaults(_GEOMETRY),
+        "freeswim": _freeswim,
     },
     dense_first_steps=0.25,
     dense_layers={"radial": (0,)},
