@@ -148,7 +148,7 @@ def _transformer_config(info: ModelInfo) -> dict[str, Any] | None:
     """The checkpoint's transformer ``config.json`` (tiny: the family's tiny config), no weights."""
     family = info.model_family
     if info.kind == TINY:
-        variant = family.tiny.get(family.name)
+        variant = family.tiny.get(info.grid.name) or family.tiny.get(family.name)  # tiny-<geometry> first
         return variant.config() if variant is not None else None
     if info.kind == "local":
         path = Path(info.source).expanduser() / "transformer" / "config.json"
@@ -170,9 +170,16 @@ def check_freeswim_model(options: GenerateOptions, info: ModelInfo) -> None:
 
     family = info.model_family
     if family.name != "wan":
+        why = (
+            "it attends text jointly inside self-attention, so there is no cross-attention for the dual path to "
+            "override"
+            if family.text_position != "none"
+            else "the dual path is built for WanTransformer3DModel's blocks (attn1 / attn2 cross-attention) and "
+            "refines with WanVideoToVideoPipeline"
+        )
         raise ValueError(
-            f"--freeswim runs FreeSwim's dual path, which overrides Wan's text cross-attention; --model is a "
-            f"{info.pipeline_class} ({family.name}), which has no such cross-attention to override. Use a Wan 2.1/2.2 "
+            f"--freeswim runs FreeSwim's dual path, which replaces Wan's text cross-attention output, on Wan "
+            f"text-to-video; --model is a {info.pipeline_class} ({family.name}): {why}. Use a Wan 2.1/2.2 "
             "text-to-video model (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers or --model tiny), or --pattern freeswim "
             "for the window alone."
         )
