@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
+from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_options_from_args
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate
 from vidsparse.kernels.backends import backend_choices
 
@@ -176,6 +177,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--no-progress", action="store_true", help="hide the denoising progress bar")
     report.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
     add_pattern_arguments(parser, default="radial")
+    add_freeswim_arguments(parser)
+
+
+def _freeswim_settings(args: argparse.Namespace) -> dict | None:
+    """--freeswim and its flags -> GenerateOptions.freeswim (the FreeSwimOptions fields generate does not own)."""
+    from dataclasses import asdict
+
+    from vidsparse.generation.freeswim import SETTINGS
+
+    if not args.freeswim:
+        given = [f for f, v in (("--base-size", args.base_size), ("--cache-budget", args.cache_budget)) if v]
+        if given:
+            raise UserError(f"{' and '.join(given)} apply to --freeswim; add --freeswim or drop them.")
+        return None
+    try:  # the command's own values are placeholders here: generate resolves and owns them
+        fs = freeswim_options_from_args(
+            args, height=0, width=0, num_frames=0, num_inference_steps=0, guidance_scale=0.0, seed=args.seed
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return {k: v for k, v in asdict(fs).items() if k in SETTINGS}
 
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
@@ -214,6 +236,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         out=args.out,
         fps=args.fps,
         progress=not args.no_progress,
+        freeswim=_freeswim_settings(args),
     )
 
 

@@ -28,6 +28,10 @@ import torch
 from vidsparse.cli import UserError, add_pattern_arguments, pattern_from_args
 from vidsparse.density import token_density, video_block_density
 from vidsparse.families import geometries, video_geometry
+from vidsparse.kernels.backends import backend_choices
+
+#: Computed work at or above this fraction of dense is flagged (as the generate summary does).
+WORK_WARNING = 0.95
 
 
 def parse_triple(text: str, flag: str, example: str) -> tuple[int, int, int]:
@@ -97,6 +101,37 @@ def load_qk(path: str, layout, heads: int) -> tuple[Any, Any]:
     return fix(q, "q"), fix(k, "k")
 
 
+def check_output_path(path: str, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """The output path, or a UserError if it cannot be written (checked by creating a file there).
+
+    Runs before any planning, so an unwritable ``--out`` (a missing directory under a read-only
+    or virtual filesystem such as /proc, a parent that is a file) is one line, not a traceback
+    after the work. Missing directories are fine where they can be created.
+    """
+    import os
+    import tempfile
+
+    p = Path(path).expanduser()
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path!r}: expected a {' or '.join(suffixes)} file, e.g. plan{suffixes[0]}.")
+    if p.is_dir():
+        raise UserError(f"{flag} {path!r} is a directory; give a file name inside it.")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path!r}: {str(parent)!r} is not a directory; choose another output path.")
+    try:  # really try: os.access says yes to root on read-only and virtual filesystems
+        fd, probe = tempfile.mkstemp(prefix=".vidsparse-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"{flag} {path!r} cannot be written ({str(parent)!r}: {exc.strerror or exc}); choose another output path."
+        ) from None
+    return p
+
+
 # -- command ----------------------------------------------------------------------------------
 
 
@@ -146,6 +181,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="report layers 0..N-1 (default: one layer cycle for layer-dependent patterns such as VMoBA, else 1)",
     )
     parser.add_argument("--layer", type=int, default=0, metavar="L", help="layer drawn in the PNG (default 0)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=backend_choices(),
+        help="kernel backend whose path the 'work' column counts: auto (triton on CUDA, torch on CPU: both run "
+        "per-query VMoBA key-block-major), torch, flex (query-tile path only) or triton",
+    )
     parser.add_argument("--head", type=int, default=0, metavar="H", help="head drawn in the PNG (default 0)")
     parser.add_argument(
         "--query",
@@ -240,8 +282,18 @@ def inspect_pattern(args) -> dict[str, Any]:
     import vidsparse as vs
     from vidsparse.visualize import plot_plan, query_index
 
+    # Output paths first: an unwritable one is one line before any planning (issue 18, item 3).
+    if args.out and not args.no_plot:
+        check_output_path(args.out, "--out")
+    if args.json:
+        check_output_path(args.json, "--json")
     pattern = pattern_from_args(args)
     layout, origin = _layout_from_args(args)
+    out_png = None
+    if not args.no_plot:
+        out_png = args.out or check_output_path(
+            f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png", "--out"
+        )
     pattern.validate(layout)
     bs = _block_size(args, pattern)
     layers = args.layers if args.layers is not None else default_layers(pattern)
@@ -284,6 +336,10 @@ def inspect_pattern(args) -> dict[str, Any]:
             return q[layer], k[layer]
         return q, k
 
+    from vidsparse.attention import backend_for
+    from vidsparse.work import executed_path, kernel_tiles, plan_work
+
+    backend = backend_for(args.backend, torch.empty(0)).name  # auto: torch here, triton on CUDA (same paths)
     static_same = not pattern.dynamic and not pattern.uses_layer
     rows = []
     plans = {}
@@ -299,6 +355,7 @@ def inspect_pattern(args) -> dict[str, Any]:
             continue
         td = token_density(p)
         vd = video_block_density(p)
+        work = plan_work(p, executed_path(p, backend), **kernel_tiles(p))
         rows.append(
             {
                 "layer": layer,
@@ -308,6 +365,9 @@ def inspect_pattern(args) -> dict[str, Any]:
                 "token_density": float(td.mean()),
                 "per_head_block_density": [float(x) for x in p.per_head_density()],
                 "per_head_token_density": [float(x) for x in td],
+                "work": work.computed_fraction,
+                "path": work.path,
+                "work_detail": work.as_dict(),
                 "plan_seconds": time.perf_counter() - t0,
             }
         )
@@ -319,6 +379,7 @@ def inspect_pattern(args) -> dict[str, Any]:
         "text_position": layout.text_position,
         "origin": origin,
         "block_size": bs,
+        "backend": backend,
         "num_blocks": plans[0].num_blocks,
         "dynamic": bool(pattern.dynamic),
         "same_for_all_layers": static_same,
@@ -327,7 +388,7 @@ def inspect_pattern(args) -> dict[str, Any]:
         "layers": rows,
     }
     if not args.no_plot:
-        out = args.out or f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png"
+        out = out_png
         title = f"{pattern.describe()}\non {layout} tokens ({origin}), block {bs}, layer {args.layer}"
         if qk_note:
             title += f"\n{'random' if args.qk == 'random' else 'recorded'} q/k"
@@ -351,7 +412,12 @@ def format_report(report: dict[str, Any]) -> str:
         "density = computed / all. block: kernel work incl. text and padding; video-block: the pattern's own "
         "video x video blocks; token: attended (query, key) pairs."
     )
-    header = f"{'layer':>5}  {'variant':<15} {'block':>7} {'video-block':>11} {'token':>7}"
+    paths = sorted({r["path"].replace("_", "-") for r in report["layers"]})
+    lines.append(
+        f"work = (query, key) pairs the {'/'.join(paths)} path of backend {report['backend']} computes, padding "
+        "included, / dense pairs (1 / work bounds the attention speedup)."
+    )
+    header = f"{'layer':>5}  {'variant':<15} {'block':>7} {'video-block':>11} {'token':>7} {'work':>7}"
     rows = report["layers"]
     per_head = any(len(r["per_head_token_density"]) > 1 for r in rows)
     if per_head:
@@ -360,7 +426,7 @@ def format_report(report: dict[str, Any]) -> str:
     for r in rows:
         line = (
             f"{r['layer']:>5}  {r['variant'] or '-':<15} {r['block_density']:>7.1%} {r['video_block_density']:>11.1%} "
-            f"{r['token_density']:>7.1%}"
+            f"{r['token_density']:>7.1%} {r['work']:>7.1%}"
         )
         if per_head:
             heads = r["per_head_token_density"]
@@ -370,7 +436,14 @@ def format_report(report: dict[str, Any]) -> str:
     if len(rows) > 1:
         mean = sum(r["token_density"] for r in rows) / len(rows)
         mean_b = sum(r["block_density"] for r in rows) / len(rows)
-        lines.append(f"{'mean':>5}  {'':<15} {mean_b:>7.1%} {'':>11} {mean:>7.1%}")
+        mean_w = sum(r["work"] for r in rows) / len(rows)
+        lines.append(f"{'mean':>5}  {'':<15} {mean_b:>7.1%} {'':>11} {mean:>7.1%} {mean_w:>7.1%}")
+    for r in rows:
+        if r["work"] >= WORK_WARNING:
+            lines.append(
+                f"warning      layer {r['layer']}: the {r['path'].replace('_', '-')} path computes {r['work']:.0%} of "
+                f"dense attention (the mask keeps {r['token_density']:.0%}): no attention speedup over dense here"
+            )
     if "png" in report:
         f, h, w = report["query"]
         lines.append("")

@@ -73,6 +73,17 @@ def executed_path(plan: BlockSparsePlan, backend: str) -> str:
     return "key_block" if plan.group_spans is not None and get_backend(backend).key_block else "query_tile"
 
 
+def kernel_tiles(plan: BlockSparsePlan) -> dict[str, int]:
+    """``block_m`` / ``block_n`` of the key-block-major kernels for this plan, as ``plan_work`` kwargs.
+
+    The GPU kernel's tiles (128 query rows x 64 keys) for plans of 128-token blocks; for smaller
+    plan blocks (tiny grids) both shrink to the block, as the torch path's ``block_m`` does, so a
+    tiny grid's count is not all padding of a tile larger than the grid.
+    """
+    bs = plan.block_size
+    return {"block_m": min(keyblock.DEFAULT_BLOCK_M, bs), "block_n": min(keyblock.DEFAULT_BLOCK_N, bs)}
+
+
 def plan_work(
     plan: BlockSparsePlan,
     path: str | None = None,
@@ -147,4 +158,4 @@ def _kept_pairs(plan: BlockSparsePlan) -> torch.Tensor:
     return total
 
 
-__all__ = ["PATHS", "PlanWork", "executed_path", "plan_work"]
+__all__ = ["PATHS", "PlanWork", "executed_path", "kernel_tiles", "plan_work"]

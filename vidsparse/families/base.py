@@ -353,6 +353,24 @@ GENERIC_PATTERN_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 )
 
 
+def native_window_defaults(geometry: VideoGeometry) -> Callable[[VideoLayout, bool], dict[str, Any]]:
+    """FreeSwim's family default: ``base_grid`` = the latent (H, W) of the geometry's default video.
+
+    FreeSwim gives every query a window of the model's training grid, so the family default is
+    the grid of its native resolution (Wan 2.1 1.3B: 480x832 px -> (30, 52) tokens), not a fixed
+    constant. The same base whatever the call's grid: on a grid larger than the base the window
+    is the training-size window; on an axis no larger than the base it covers the whole axis
+    (the pattern's own rule), so a native-size call runs dense-equivalent attention.
+    """
+    frames, height, width = geometry.default_video
+    _, base_h, base_w = geometry.latent_grid(frames, height, width)
+
+    def defaults(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
+        return {"base_grid": (base_h, base_w)}
+
+    return defaults
+
+
 def indexed_paths(attr: str, sub: str, offset: int = 0) -> AttentionPaths:
     """Self-attention ``<attr>.<i>.<sub>`` of every block in ``model.<attr>``, layers from ``offset``."""
 
@@ -399,6 +417,7 @@ __all__ = [
     "tiny_dims",
     "indexed_paths",
     "joint_text",
+    "native_window_defaults",
     "no_text",
     "normalize_name",
 ]

@@ -111,6 +111,18 @@ def _radial(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
     return dict(decay_factor=0.2, sink=True)
 
 
+def _freeswim(layout: VideoLayout, two_stage: bool) -> dict[str, Any]:
+    """FreeSwim's base grid: the latent grid of the family's default (native) video, 480x832 px -> (30, 52).
+
+    One base for every Wan checkpoint the hook serves (it sees the call's grid, not the
+    checkpoint): for a 720p one pass ``base_grid=(45, 80)``; ``vidsparse generate --freeswim``
+    reads the checkpoint's native size instead.
+    """
+    from vidsparse.families.base import native_window_defaults
+
+    return native_window_defaults(FAMILY.geometry)(layout, two_stage)
+
+
 # -- tiny models ------------------------------------------------------------------------------
 
 
@@ -314,6 +326,7 @@ FAMILY = Family(
         "radial": _radial,
         "tile": dict(tile=(2, 8, 8), window=(5, 3, 3)),
         "gna": dict(kernel_size=(9, 25, 25), stride=1),
+        "freeswim": _freeswim,
     },
     dense_first_steps=0.25,
     dense_layers={"radial": (0,)},

@@ -16,7 +16,7 @@ VAE and patchify cannot take, a target smaller than the base, the step and cache
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +118,19 @@ class FreeSwimResult:
 
     def describe(self) -> str:
         return "\n".join([*(s.describe() for s in self.stages), self.dual_path.describe()])
+
+
+def native_size_of_config(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(height, width) a Wan transformer ``config.json`` was trained at, ``None`` if unknown.
+
+    Reads only the config (block count and hidden size), so a command can resolve the base
+    size before loading weights.
+    """
+    try:
+        key = (int(config["num_layers"]), int(config["num_attention_heads"]) * int(config["attention_head_dim"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return _NATIVE_SIZES.get(key)
 
 
 def native_size(transformer: Any) -> tuple[int, int]:

@@ -21,7 +21,8 @@ class DensityRecorder:
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.layers: dict[int, tuple[str, float, float]] = {}
+        # layer -> (pattern repr, block density, token density, computed work, kernel path)
+        self.layers: dict[int, tuple[str, float, float, float, str]] = {}
         self.sparse_calls = 0
 
     def __call__(self, q, k, v, layout, pattern, *args, layer: int = 0, block_size: int | None = None, **kwargs):
@@ -39,10 +40,15 @@ class DensityRecorder:
 
     @staticmethod
     @torch.no_grad()
-    def _measure(q, k, layout, pattern, layer, block_size, backend) -> tuple[str, float, float]:
+    def _measure(q, k, layout, pattern, layer, block_size, backend) -> tuple[str, float, float, float, str]:
         import vidsparse as vs
         from vidsparse.attention import backend_for
+        from vidsparse.work import executed_path, kernel_tiles, plan_work
 
+        try:
+            chosen = backend_for(backend, q).name
+        except (ValueError, ImportError):
+            chosen = "torch"
         if block_size is None:  # the backend's default, as vidsparse.attention picks it
             try:
                 block_size = backend_for(backend, q).default_block
@@ -54,25 +60,38 @@ class DensityRecorder:
             )
         else:
             p = vs.plan(pattern, layout, num_heads=1, layer=layer, block_size=block_size)
-        return repr(pattern), float(p.density), float(token_density(p).mean())
+        work = plan_work(p, executed_path(p, chosen), **kernel_tiles(p))  # what the chosen kernel path really computes
+        return repr(pattern), float(p.density), float(token_density(p).mean()), work.computed_fraction, work.path
 
 
-def group_densities(num_layers: int, dense_layers: frozenset[int], seen: dict[int, tuple[str, float, float]]):
+def group_densities(num_layers: int, dense_layers: frozenset[int], seen: dict[int, tuple]):
+    """Consecutive layers with the same pattern and densities, as ``LayerGroupDensity`` (dense: work 1.0)."""
     rows = []
     for layer in range(num_layers):
         if layer in seen:
             rows.append((layer, *seen[layer]))
         elif layer in dense_layers:
-            rows.append((layer, "dense", 1.0, 1.0))
+            rows.append((layer, "dense", 1.0, 1.0, 1.0, "dense"))
         else:
-            rows.append((layer, "not run sparse", 1.0, 1.0))
+            rows.append((layer, "not run sparse", 1.0, 1.0, 1.0, "dense"))
     groups: list[LayerGroupDensity] = []
-    for layer, pat, bd, td in rows:
+    for layer, pat, bd, td, *measured in rows:
+        work, path = measured if measured else (None, "")
         last = groups[-1] if groups else None
-        if last and last.pattern == pat and abs(last.block_density - bd) < 5e-4 and abs(last.token_density - td) < 5e-4:
+        same_work = last is not None and (
+            last.work == work or (None not in (last.work, work) and abs(last.work - work) < 5e-4)
+        )
+        if (
+            last
+            and last.pattern == pat
+            and abs(last.block_density - bd) < 5e-4
+            and abs(last.token_density - td) < 5e-4
+            and same_work
+            and last.path == path
+        ):
             groups[-1] = replace(last, layers=(*last.layers, layer))
         else:
-            groups.append(LayerGroupDensity((layer,), pat, bd, td))
+            groups.append(LayerGroupDensity((layer,), pat, bd, td, work, path))
     return tuple(groups)
 
 
@@ -113,6 +132,18 @@ class SparseMeter:
         state0 = self.entries[0][0]
         groups = group_densities(state0.num_layers, state0.dense_layers, seen)
         return groups, (work / total if total else 1.0)
+
+    def computed_work(self) -> float:
+        """As ``summary``'s attention work, from each layer's computed pairs (padding included) / dense."""
+        total = work = 0.0
+        for state, rec, before in self.entries:
+            dense_calls = state.calls.get("dense", 0) - before.get("dense", 0)
+            sparse_calls = state.calls.get("sparse", 0) - before.get("sparse", 0)
+            total += dense_calls + sparse_calls
+            work += dense_calls
+            if sparse_calls and rec.layers:
+                work += sparse_calls * sum(v[3] for v in rec.layers.values()) / len(rec.layers)
+        return work / total if total else 1.0
 
 
 def num_layers(pipe) -> int:

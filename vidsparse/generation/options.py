@@ -74,6 +74,10 @@ class GenerateOptions:
     out: str | None = None
     fps: int | None = None
     progress: bool = True
+    # FreeSwim's two stages (``vidsparse generate --freeswim``, ``generation.freeswim``): None = off; a dict of
+    # FreeSwimOptions fields ({} = defaults: base = the checkpoint's native size, strength 0.7, cache every 2).
+    # height/width are the target; frames, steps, guidance, seed, backend and block_size are generate's own.
+    freeswim: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class GenerationPlan:
     out: Path | None
     fps: int
     lora: Path | None
+    freeswim: Any = None  # generation.freeswim.FreeSwimPrepared with GenerateOptions.freeswim
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -214,6 +219,10 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         raise TypeError("prompt and negative_prompt must be strings.")
     out = check_video_path(options.out) if options.out is not None else None
     info = resolve_model(options.model)
+    if options.freeswim is not None:  # a model or option --freeswim cannot run: said before any size error
+        from vidsparse.generation.freeswim import check_freeswim_model
+
+        check_freeswim_model(options, info)
     d = info.defaults
     frames = _positive_int(options.frames if options.frames is not None else d.get("frames", 81), "--frames")
     height = _positive_int(options.height if options.height is not None else d.get("height", 480), "--height")
@@ -239,6 +248,14 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     fps = options.fps if options.fps is not None else info.grid.fps
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
+    if options.freeswim is not None:  # FreeSwim's two stages: its own attention, checked here
+        from vidsparse.generation.freeswim import prepare_freeswim
+
+        freeswim = prepare_freeswim(options, info, frames, height, width, steps, float(guidance))
+        return GenerationPlan(
+            info, frames, height, width, steps, float(guidance), dtype, device, grid, "freeswim", None, out, fps,
+            lora, freeswim,
+        )  # fmt: skip
     config, name = _build_sparse_config(options, info, grid)
     if options.compare_dense and config is None:
         raise ValueError(

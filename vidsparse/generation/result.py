@@ -18,6 +18,10 @@ class LayerGroupDensity:
     pattern: str  # pattern repr, or "dense"
     block_density: float  # kernel work: computed blocks / all blocks (1.0 for dense)
     token_density: float  # attended (query, key) pairs / all pairs
+    # Query-key pairs the executed kernel path computes, padding included, / S^2 (vidsparse.work.plan_work);
+    # None where not measured. path: "query_tile" | "key_block" | "dense".
+    work: float | None = None
+    path: str = ""
 
     @property
     def label(self) -> str:
@@ -61,6 +65,8 @@ class GenerateResult:
     prepare_s: float = 0.0  # option checks and config reading (imports included)
     call_s: float = 0.0  # the whole pipeline call: text encoding, denoising, VAE decode
     write_s: float = 0.0
+    computed_work: float | None = None  # as attention_work, from each layer's computed pairs (LayerGroupDensity.work)
+    freeswim: Any = None  # generation.freeswim.FreeSwimRun of a --freeswim run: both stages
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -88,10 +94,15 @@ class GenerateResult:
                     "pattern": d.pattern,
                     "block_density": d.block_density,
                     "token_density": d.token_density,
+                    "work": d.work,
+                    "path": d.path,
                 }
                 for d in self.densities
             ],
+            "computed_work": self.computed_work,
         }
+        if self.freeswim is not None:
+            out["freeswim"] = self.freeswim.to_json()
         if self.dense is not None:
             out["dense"] = {
                 "denoise_s": self.dense.denoise_s,
@@ -113,6 +124,22 @@ def time_parts(result: GenerateResult) -> list[str]:
     return parts
 
 
+#: Computed work at or above this fraction of dense is reported as "no speedup" (issue 18, item 10).
+WORK_WARNING = 0.95
+
+
+def work_warnings(densities) -> list[str]:
+    """A line per sparse layer group whose kernel path computes >= WORK_WARNING of dense attention."""
+    lines = []
+    for d in densities:
+        if d.work is not None and d.pattern != "dense" and d.work >= WORK_WARNING:
+            lines.append(
+                f"warning    {d.label}: the {d.path.replace('_', '-')} path computes {d.work:.0%} of dense attention "
+                f"(mask keeps {d.token_density:.0%}): no attention speedup over dense on this grid"
+            )
+    return lines
+
+
 def format_summary(result: GenerateResult) -> str:
     t, h, w = result.frames.shape[:3]
     f, gh, gw = result.grid
@@ -126,11 +153,18 @@ def format_summary(result: GenerateResult) -> str:
     ]
     if result.densities:
         lines.append("density    block = kernel work, token = attended pairs (first sparse step)")
+        lines[-1] += "; work = pairs the kernel path computes, padding included"
         for d in result.densities:
+            work = f"  work {d.work:6.1%}" if d.work is not None else ""
             lines.append(
-                f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}  {d.pattern}"
+                f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}{work}  {d.pattern}"
             )
         lines.append(f"           attention work over all steps and layers: {result.attention_work:.1%} of dense")
+        if result.computed_work is not None:
+            lines.append(f"           computed pairs over all steps and layers: {result.computed_work:.1%} of dense")
+        lines.extend(work_warnings(result.densities))
+    if result.freeswim is not None:
+        lines.extend(result.freeswim.summary_lines())
     if result.dense is not None:
         d = result.dense
         quality = "identical" if math.isinf(d.psnr_db) else f"{d.psnr_db:.2f} dB"
@@ -143,4 +177,12 @@ def format_summary(result: GenerateResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DenseComparison", "GenerateResult", "LayerGroupDensity", "format_summary", "time_parts"]
+__all__ = [
+    "WORK_WARNING",
+    "DenseComparison",
+    "GenerateResult",
+    "LayerGroupDensity",
+    "format_summary",
+    "time_parts",
+    "work_warnings",
+]

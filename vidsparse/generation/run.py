@@ -24,6 +24,8 @@ from vidsparse.video_io import psnr, write_video
 def generate(options: GenerateOptions) -> GenerateResult:
     """Generate one video (see the module docstring); the file, if any, is written atomically."""
     t_start = time.perf_counter()
+    if isinstance(options, GenerateOptions) and options.freeswim is not None and options.parallel != "none":
+        raise ValueError("--freeswim runs on one device; drop --parallel (FreeSwim has no shard plan yet).")
     if isinstance(options, GenerateOptions) and options.parallel in PARALLEL_MODES and options.parallel != "none":
         # Before prepare(): generate_parallel checks the options on every rank and then lets all
         # ranks agree, so an option one rank rejects stops every rank instead of leaving peers hanging.
@@ -41,6 +43,10 @@ def generate(options: GenerateOptions) -> GenerateResult:
         pipe.to(plan.device)
     pipe.set_progress_bar_config(disable=not options.progress, desc="denoising", leave=False)
     load_s = time.perf_counter() - t0
+    if plan.freeswim is not None:  # FreeSwim's two stages (generation.freeswim)
+        from vidsparse.generation.freeswim import run_freeswim_generation
+
+        return run_freeswim_generation(pipe, plan, options, t_start=t_start, prepare_s=prepare_s, load_s=load_s)
 
     dense_run = None
     if options.compare_dense:  # the dense baseline first, on the unpatched pipeline
@@ -61,14 +67,16 @@ def generate(options: GenerateOptions) -> GenerateResult:
             compile_pipeline(pipe)
         frames, step_times, call_s = run_pipeline(pipe, plan, options, on_step=meter.tick)
         densities, attention_work = meter.summary()
+        computed_work = meter.computed_work()
         sparse_steps = meter.sparse_steps
     else:
         if options.compile:
             compile_pipeline(pipe)
         frames, step_times, call_s = run_pipeline(pipe, plan, options)
         n = num_layers(pipe)
-        densities = (LayerGroupDensity(tuple(range(n)), "dense", 1.0, 1.0),) if n else ()
+        densities = (LayerGroupDensity(tuple(range(n)), "dense", 1.0, 1.0, 1.0, "dense"),) if n else ()
         attention_work, sparse_steps = 1.0, 0
+        computed_work = 1.0
 
     denoise_s = float(sum(step_times))
     per_step = float(statistics.median(step_times)) if step_times else 0.0
@@ -108,6 +116,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         prepare_s=prepare_s,
         call_s=call_s,
         write_s=write_s,
+        computed_work=computed_work,
     )
 
 
