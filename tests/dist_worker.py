@@ -258,3 +258,76 @@ def suite(frames: int, failure: str, out_dir: str | None = None) -> dict[str, An
     except DistributedError as exc:
         res["failure"] = (str(exc), time.monotonic() - t0)
     return res
+
+
+# -- every family's shard plan (tests/test_parallel_families.py) --------------------------------
+#: (tiny variant, latent frames, height, width): >= 2 token frames per rank for 2 and 3 ranks.
+FAMILY_CASES = (
+    ("hunyuan", 6, 4, 4),  # text after the video, padding mask, double + single-stream blocks
+    ("cogvideox", 6, 4, 4),  # text before the video, RoPE tables passed by the pipeline
+    ("cogvideox-1.5", 12, 4, 4),  # time patchified by 2: 6 token frames
+    ("mochi", 6, 4, 4),  # text after the video, per-sample validity
+    ("ltx", 6, 4, 4),  # packed tokens, no text in self-attention
+)
+
+
+def family_suite(cases: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Per family: the tiny transformer's forward under clip / Ulysses parallelism against the
+    single-process forward of the same pattern, the bytes sent against the estimator, and the
+    model restored exactly by ``unparallelize``."""
+    torch.set_num_threads(1)
+    import vidsparse as vs
+    import vidsparse.pipelines as vsp
+    from vidsparse.families import family_of
+    from vidsparse.models.tiny import tiny_inputs, tiny_transformer
+    from vidsparse.parallel import init_distributed, parallelize, unparallelize
+    from vidsparse.parallel.estimate import forward_bytes
+
+    rt = init_distributed(timeout_s=120)
+    modes = {
+        "clip": vs.DualScope(local_frames=1, global_stride=3),
+        "ulysses": vs.DualScope(local_frames=0, global_stride=4),
+    }
+    res: dict[str, Any] = {}
+    for name, frames, height, width in FAMILY_CASES:
+        if cases is not None and name not in cases:
+            continue
+        model = tiny_transformer(name, dtype=torch.float64)
+        fam = family_of(model)
+        inputs = tiny_inputs(name, model, frames, height, width, batch=2)
+        with torch.no_grad():
+            dense = model(**inputs, return_dict=False)[0]
+        grid = fam.grid(model, inputs)
+        text = fam.text_len(model, inputs)
+        layout = vs.VideoLayout(*grid, text_len=text, text_position=fam.text_position if text else "none")
+        heads = fam.attention_paths(model)[0][1].heads
+        head_dim = model.config.attention_head_dim
+        out_features = model.proj_out.out_features
+        row: dict[str, Any] = {"layout": str(layout)}
+        for mode, pattern in modes.items():
+            cfg = vs.SparseConfig(pattern, dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
+            vsp.apply(model, cfg)
+            with torch.no_grad():
+                ref = model(**inputs, return_dict=False)[0]
+            vsp.remove(model)
+            parallelize(model, cfg, mode, rt)
+            before = rt.stats.total_bytes
+            try:
+                with torch.no_grad():
+                    got = model(**inputs, return_dict=False)[0]
+            finally:
+                unparallelize(model)
+            sent = rt.stats.total_bytes - before
+            with torch.no_grad():
+                restored = model(**inputs, return_dict=False)[0]
+            predicted = forward_bytes(mode, layout, pattern, heads, head_dim, fam.num_layers(model), rt.world_size,
+                                      out_features, element_size=8, batch=2)[rt.rank]  # fmt: skip
+            row[mode] = {
+                "err": (got - ref).abs().max().item(),
+                "sparse_vs_dense": (ref - dense).abs().max().item(),
+                "sent": sent,
+                "predicted": predicted,
+                "restored": (restored - dense).abs().max().item(),
+            }
+        res[name] = row
+    return res
