@@ -330,4 +330,53 @@ def family_suite(cases: tuple[str, ...] | None = None) -> dict[str, Any]:
                 "restored": (restored - dense).abs().max().item(),
             }
         res[name] = row
+    res["cogvideox_pipeline"] = _cogvideox_pipeline(rt)
     return res
+
+
+def _cogvideox_pipeline(rt) -> dict[str, Any]:
+    """A whole tiny ``CogVideoXPipeline`` (DDIM v-prediction, batched CFG, RoPE from the pipeline)
+    through ``run_parallel``: latents and the decoded video (rank 0) equal the single-process run."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    import vidsparse as vs
+    import vidsparse.pipelines as vsp
+    from vidsparse.models.tiny import encode_prompt_tiny, tiny_transformer
+    from vidsparse.parallel.pipeline import run_parallel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4)  # fmt: skip
+    sched = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+                                   timestep_spacing="trailing", beta_schedule="scaled_linear")  # fmt: skip
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=tiny_transformer("cogvideox"),
+                             scheduler=sched)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+
+    def kwargs():
+        return dict(
+            prompt_embeds=encode_prompt_tiny("a tiny cat", seq_len=8, dim=16),
+            negative_prompt_embeds=encode_prompt_tiny("", seq_len=8, dim=16),
+            num_frames=21, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    out: dict[str, Any] = {}
+    for mode in ("clip", "ulysses"):
+        cfg = vs.SparseConfig(vs.DualScope(1, 3), dense_first_steps=0, backend="torch", block_size=16)
+        vsp.apply(pipe, cfg)
+        with torch.no_grad():
+            ref = pipe(**kwargs(), output_type="np").frames
+            ref_lat = pipe(**kwargs(), output_type="latent").frames
+        vsp.remove(pipe)
+        with torch.no_grad():
+            res = run_parallel(pipe, kwargs(), cfg, mode, rt, output_type="np")
+        out[mode] = {
+            "latent_err": (res.latents - ref_lat).abs().max().item(),
+            "video_err": float(abs(res.video - ref).max()) if rt.is_main else None,
+            "video_shape": tuple(res.video.shape) if rt.is_main else None,
+            "ref_shape": tuple(ref.shape),
+            "video_is_none": res.video is None,
+            "bytes_per_step": res.bytes_per_step,
+        }
+    return out

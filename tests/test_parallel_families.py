@@ -16,7 +16,14 @@ from vidsparse.parallel import check_results, parallelize, spawn
 def test_every_family_equals_single_process_on_two_ranks():
     results = check_results(spawn(family_suite, 2, (), timeout_s=240))
     for rank, res in enumerate(results):
+        pipe = res.pop("cogvideox_pipeline")
         assert set(res) == {c[0] for c in FAMILY_CASES}
+        for mode, r in pipe.items():  # a whole CogVideoXPipeline through run_parallel
+            assert r["latent_err"] < 1e-4 and r["bytes_per_step"] > 0, (rank, mode, r)
+            if rank == 0:
+                assert r["video_err"] < 1e-4 and r["video_shape"] == r["ref_shape"] == (1, 24, 32, 32, 3), (mode, r)
+            else:
+                assert r["video_is_none"]
         for name, row in res.items():
             for mode in ("clip", "ulysses"):
                 r = row[mode]

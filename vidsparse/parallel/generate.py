@@ -68,10 +68,15 @@ def _timeout(options: Any) -> float:
 
 
 def _refuse_unsupported(options: Any, plan: Any) -> None:
-    if plan.info.family != "wan":
+    family = plan.info.model_family
+    if family.shard_plan is None:
+        from vidsparse.families import families
+
+        supported = ", ".join(f.name for f in families() if f.shard_plan is not None)
         raise ValueError(
-            f"--parallel {options.parallel} runs Wan pipelines (Wan 2.1 / 2.2, and --model tiny); "
-            f"{plan.info.source} is a {plan.info.family} model. Run it with --parallel none."
+            f"--parallel {options.parallel} runs the {supported} families; {plan.info.source} is a "
+            f"{family.name} model, which vidsparse.parallel does not split ({family.parallel_refusal}). "
+            "Run it with --parallel none."
         )
     for flag, on in (("--compare-dense", options.compare_dense), ("--cpu-offload", options.cpu_offload), ("--compile", options.compile)):
         if on:
