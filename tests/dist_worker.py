@@ -357,12 +357,12 @@ def _cogvideox_pipeline(rt) -> dict[str, Any]:
         return dict(
             prompt_embeds=encode_prompt_tiny("a tiny cat", seq_len=8, dim=16),
             negative_prompt_embeds=encode_prompt_tiny("", seq_len=8, dim=16),
-            num_frames=21, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+            num_frames=13, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
 
     out: dict[str, Any] = {}
-    for mode in ("clip", "ulysses"):
+    for mode in ("clip",):  # Ulysses through the same hooks is covered per family above
         cfg = vs.SparseConfig(vs.DualScope(1, 3), dense_first_steps=0, backend="torch", block_size=16)
         vsp.apply(pipe, cfg)
         with torch.no_grad():
