@@ -33,6 +33,22 @@ def test_every_family_equals_single_process_on_two_ranks():
                 assert r["restored"] == 0.0, (name, mode, r)
 
 
+def test_three_ranks_uneven_clips_hunyuan():
+    """6 token frames over 3 ranks (2, 2, 2) with halos both sides of the middle rank."""
+    results = check_results(spawn(family_suite, 3, (("hunyuan",), False), timeout_s=240))
+    for rank, res in enumerate(results):
+        for mode in ("clip", "ulysses"):
+            r = res["hunyuan"][mode]
+            assert r["err"] < 1e-10 and r["sent"] == r["predicted"] and r["restored"] == 0.0, (rank, mode, r)
+
+
+def test_generate_parallel_refuses_a_family_without_a_shard_plan_before_loading():
+    from vidsparse.generation import GenerateOptions, generate
+
+    with pytest.raises(ValueError, match=r"cosmos model, which vidsparse.parallel does not split \(.+\)"):
+        generate(GenerateOptions(model="tiny-cosmos", parallel="clip", out=None, progress=False))
+
+
 def test_hunyuan_i2v_token_replace_is_refused_with_the_reason():
     model = tiny_transformer("hunyuan-i2v")
     with pytest.raises(ValueError, match="token_replace"):

@@ -115,7 +115,7 @@ def generate_parallel(options: Any):
 
     try:
         runtime: ParallelRuntime = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=timeout_s)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # ValueError: no torchrun / accelerate environment
         check_options()  # e.g. not launched by torchrun: a bad option is reported first, then how to launch
         raise
     # Validate on every rank, then agree: one rank's bad option stops all ranks at once.
