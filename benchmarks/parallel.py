@@ -72,15 +72,50 @@ SHAPES = {
     "wan-14b": Shape("wan-14b", 21, 45, 80, heads=40, head_dim=128, layers=40),  # 81 x 720 x 1280
     "wan-1.3b-long": Shape("wan-1.3b-long", 81, 30, 52, heads=12, head_dim=128, layers=30),  # 321 frames
     # Reference videos of the other families (token grids from their family records' geometries):
-    "hunyuan": Shape("hunyuan", 33, 45, 80, heads=24, head_dim=128, layers=60, text_len=256,
-                     text_position="after", family="hunyuan"),  # 129 x 720 x 1280, 20 double + 40 single
-    "cogvideox-5b": Shape("cogvideox-5b", 13, 30, 45, heads=48, head_dim=64, layers=42, text_len=226,
-                          text_position="before", family="cogvideox"),  # 49 x 480 x 720
-    "cogvideox1.5-5b": Shape("cogvideox1.5-5b", 11, 48, 85, heads=48, head_dim=64, layers=42, out_features=128,
-                             text_len=226, text_position="before", family="cogvideox"),  # 81 x 768 x 1360
-    "mochi": Shape("mochi", 28, 30, 53, heads=24, head_dim=128, layers=48, out_features=48, text_len=256,
-                   text_position="after", family="mochi"),  # 163 x 480 x 848
-    "ltx": Shape("ltx", 21, 16, 22, heads=32, head_dim=64, layers=28, out_features=128, family="ltx"),  # 161 x 512 x 704
+    "hunyuan": Shape(
+        "hunyuan", 33, 45, 80, heads=24, head_dim=128, layers=60, text_len=256, text_position="after", family="hunyuan"
+    ),  # 129 x 720 x 1280, 20 double + 40 single
+    "cogvideox-5b": Shape(
+        "cogvideox-5b",
+        13,
+        30,
+        45,
+        heads=48,
+        head_dim=64,
+        layers=42,
+        text_len=226,
+        text_position="before",
+        family="cogvideox",
+    ),  # 49 x 480 x 720
+    "cogvideox1.5-5b": Shape(
+        "cogvideox1.5-5b",
+        11,
+        48,
+        85,
+        heads=48,
+        head_dim=64,
+        layers=42,
+        out_features=128,
+        text_len=226,
+        text_position="before",
+        family="cogvideox",
+    ),  # 81 x 768 x 1360
+    "mochi": Shape(
+        "mochi",
+        28,
+        30,
+        53,
+        heads=24,
+        head_dim=128,
+        layers=48,
+        out_features=48,
+        text_len=256,
+        text_position="after",
+        family="mochi",
+    ),  # 163 x 480 x 848
+    "ltx": Shape(
+        "ltx", 21, 16, 22, heads=32, head_dim=64, layers=28, out_features=128, family="ltx"
+    ),  # 161 x 512 x 704
     "tiny": Shape("tiny", 6, 4, 4, heads=2, head_dim=16, layers=2, out_features=16),
 }
 #: Shapes of the volume tables (every family).
@@ -132,8 +167,16 @@ def volume_rows(args, shapes) -> list[dict[str, Any]]:
                 if n > shape.frames:
                     continue
                 vol = step_bytes(
-                    mode, shape.layout, pattern, shape.heads, shape.head_dim, shape.layers, n,
-                    shape.out_features, element_size=2, forwards=2,
+                    mode,
+                    shape.layout,
+                    pattern,
+                    shape.heads,
+                    shape.head_dim,
+                    shape.layers,
+                    n,
+                    shape.out_features,
+                    element_size=2,
+                    forwards=2,
                 )
                 rows.append(dict(
                     kind="volume", shape=shape.name, family=shape.family, mode=mode, world_size=n,
@@ -184,8 +227,12 @@ def single_device_rows(args, shapes, device, dtype) -> list[dict[str, Any]]:
         q, k, v = _qkv(1, lay.seq_len, shape.heads, shape.head_dim, device, dtype)
         for mode in args.modes:
             pattern = _pattern(args, mode)
-            base = _time(partial(vs.attention, q, k, v, lay, pattern, backend=args.backend), device, args.warmup, args.repeats)
-            rows.append(dict(kind="baseline", shape=shape.name, mode=mode, world_size=1, pattern=repr(pattern), ms=base))
+            base = _time(
+                partial(vs.attention, q, k, v, lay, pattern, backend=args.backend), device, args.warmup, args.repeats
+            )
+            rows.append(
+                dict(kind="baseline", shape=shape.name, mode=mode, world_size=1, pattern=repr(pattern), ms=base)
+            )
             for n in args.world_sizes:
                 if n > lay.frames:
                     continue
@@ -202,7 +249,9 @@ def single_device_rows(args, shapes, device, dtype) -> list[dict[str, Any]]:
                     qh, kh, vh = (t[:, :, :h].contiguous() for t in (q, k, v))
                     work = partial(vs.attention, qh, kh, vh, lay, pattern, backend=args.backend)
                     compute = _time(work, device, args.warmup, args.repeats)
-                sent = max(sum(d.values()) for d in attention_bytes(mode, lay, pattern, shape.heads, shape.head_dim, n, el))
+                sent = max(
+                    sum(d.values()) for d in attention_bytes(mode, lay, pattern, shape.heads, shape.head_dim, n, el)
+                )
                 comm_ms = sent / (args.bandwidth_gbps * 1e9) * 1e3
                 rows.append(dict(
                     kind="estimate", shape=shape.name, mode=mode, world_size=n, pattern=repr(pattern),
@@ -280,8 +329,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## One self-attention call", "",
                   "| shape | mode | N | kind | ms | compute ms | comm ms | MB per call | speedup vs 1 |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in timed:
+
             def f(key, fmt="{:.2f}", r=r):
                 return fmt.format(r[key]) if r.get(key) is not None else ""
+
             mb = f"{r['bytes_per_call'] / 1e6:.2f}" if r.get("bytes_per_call") is not None else ""
             lines.append(f"| {r['shape']} | {r['mode']} | {r['world_size']} | {r['kind']} | {f('ms')} | {f('compute_ms')} | "
                          f"{f('comm_ms')} | {mb} | {f('speedup_vs_baseline')} |")  # fmt: skip
@@ -291,7 +342,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all but tiny; --quick: tiny)")
+    p.add_argument(
+        "--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all but tiny; --quick: tiny)"
+    )
     p.add_argument("--modes", default="clip,ulysses", help="comma list: clip, ulysses")
     p.add_argument("--world-sizes", default="2,4,8", help="N for volumes and one-device estimates (default 2,4,8)")
     p.add_argument("--clip-pattern", default="dual-scope", help="pattern of clip mode (default dual-scope)")
@@ -304,7 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-rank link bandwidth for estimates, GB/s (default 100: NVLink-class all-to-all)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 gloo ranks on the tiny shape, volumes of all shapes")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU smoke run: 2 gloo ranks on the tiny shape, volumes of all shapes"
+    )
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -65,7 +65,11 @@ def _check_attention(rt) -> list[tuple[str, str, float]]:
         before = dict(rt.stats.bytes_sent)
         got = fn(ql, kl, vl, layout, pattern, rt, backend="torch", text_mask=tm, block_size=16)
         err = (got - part.shard(ref, layout, rt.rank)).abs().max().item()
-        sent = {op: n - before.get(op, 0) for op, n in rt.stats.bytes_sent.items() if n - before.get(op, 0) or op not in before}
+        sent = {
+            op: n - before.get(op, 0)
+            for op, n in rt.stats.bytes_sent.items()
+            if n - before.get(op, 0) or op not in before
+        }
         predicted = attention_bytes(mode, layout, pattern, heads, q.shape[-1], rt.world_size, 8, q.shape[0])[rt.rank]
         predicted = {op: n for op, n in predicted.items() if n or op in sent}
         sent = {op: n for op, n in sent.items() if n or op in predicted}
@@ -137,7 +141,11 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
         kwargs = dict(
             prompt_embeds=encode_prompt_tiny("a tiny cat"),
             negative_prompt_embeds=encode_prompt_tiny(""),
-            num_frames=frames, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
+            num_frames=frames,
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
             generator=torch.Generator().manual_seed(0),
         )
         out = run_parallel(pipe, kwargs, cfg, mode, rt, output_type="latent")
@@ -145,7 +153,10 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
             "err": (out.latents - ref).abs().max().item(),
             "sparse_vs_dense": (ref - dense).abs().max().item(),
             "bytes_per_step": out.bytes_per_step,
-            "restored": (run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps) - dense).abs().max().item(),
+            "restored": (run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps) - dense)
+            .abs()
+            .max()
+            .item(),
         }
     # Decode per clip: exact with full context, and the video only on rank 0.
     cfg = cases["clip"]
@@ -153,8 +164,13 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
     ref_video = run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=2, output_type="np")
     vsp.remove(pipe)
     kwargs = dict(
-        prompt_embeds=encode_prompt_tiny("a tiny cat"), negative_prompt_embeds=encode_prompt_tiny(""),
-        num_frames=frames, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+        prompt_embeds=encode_prompt_tiny("a tiny cat"),
+        negative_prompt_embeds=encode_prompt_tiny(""),
+        num_frames=frames,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0),
     )
     out = run_parallel(pipe, kwargs, cfg, "clip", rt, output_type="np", vae_overlap=None)
@@ -329,6 +345,21 @@ def family_suite(cases: tuple[str, ...] | None = None, pipeline: bool = True) ->
                 "predicted": predicted,
                 "restored": (restored - dense).abs().max().item(),
             }
+        if name == "ltx":  # image-to-video: a per-token timestep (B, S) is cut with the tokens
+            g = torch.Generator().manual_seed(3)
+            per_token = dict(inputs, timestep=torch.rand(2, layout.video_len, generator=g, dtype=torch.float64) * 1000)
+            cfg = vs.SparseConfig(modes["clip"], dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
+            vsp.apply(model, cfg)
+            with torch.no_grad():
+                ref = model(**per_token, return_dict=False)[0]
+            vsp.remove(model)
+            parallelize(model, cfg, "clip", rt)
+            try:
+                with torch.no_grad():
+                    got = model(**per_token, return_dict=False)[0]
+            finally:
+                unparallelize(model)
+            row["per_token_timestep_err"] = (got - ref).abs().max().item()
         res[name] = row
     if pipeline:
         res["cogvideox_pipeline"] = _cogvideox_pipeline(rt)

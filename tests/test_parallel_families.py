@@ -24,6 +24,7 @@ def test_every_family_equals_single_process_on_two_ranks():
                 assert r["video_err"] < 1e-4 and r["video_shape"] == r["ref_shape"] == (1, 16, 32, 32, 3), (mode, r)
             else:
                 assert r["video_is_none"]
+        assert res["ltx"]["per_token_timestep_err"] < 1e-10, res["ltx"]  # LTX I2V's (B, S) timestep
         for name, row in res.items():
             for mode in ("clip", "ulysses"):
                 r = row[mode]

@@ -78,9 +78,15 @@ def _refuse_unsupported(options: Any, plan: Any) -> None:
             f"{family.name} model, which vidsparse.parallel does not split ({family.parallel_refusal}). "
             "Run it with --parallel none."
         )
-    for flag, on in (("--compare-dense", options.compare_dense), ("--cpu-offload", options.cpu_offload), ("--compile", options.compile)):
+    for flag, on in (
+        ("--compare-dense", options.compare_dense),
+        ("--cpu-offload", options.cpu_offload),
+        ("--compile", options.compile),
+    ):
         if on:
-            raise ValueError(f"{flag} is not supported with --parallel {options.parallel}; drop it or use --parallel none.")
+            raise ValueError(
+                f"{flag} is not supported with --parallel {options.parallel}; drop it or use --parallel none."
+            )
 
 
 class _StepClock:
@@ -152,7 +158,9 @@ def generate_parallel(options: Any):
 
     t1 = time.perf_counter()
     with torch.inference_mode():
-        result = run_parallel(pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap)
+        result = run_parallel(
+            pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap
+        )
     marks = [t1, *clock.marks]
     step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
     grid = plan.grid

@@ -166,8 +166,17 @@ class ParallelAttention:
             self.used[layer] = (pat, block)
         fn = clip_attention if self.ctx.mode == "clip" else ulysses_attention
         return fn(
-            q, k, v, whole, pat, self.ctx.runtime,
-            backend=backend, layer=layer, text_mask=text_mask, scale=scale, block_size=block,
+            q,
+            k,
+            v,
+            whole,
+            pat,
+            self.ctx.runtime,
+            backend=backend,
+            layer=layer,
+            text_mask=text_mask,
+            scale=scale,
+            block_size=block,
         )
 
 

@@ -57,7 +57,9 @@ def _wan_latents_for_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     latents = latents.to(vae.device, dtype=vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
+        latents.device, latents.dtype
+    )
     return latents / inv_std + mean
 
 
@@ -97,7 +99,9 @@ def run_parallel(
         raise ValueError("run_parallel decodes per clip itself; pass output_type= to run_parallel, not in call_kwargs.")
     per_clip = type(pipe).__name__ in _PER_CLIP_DECODE
     if not hasattr(pipe, "transformer"):
-        raise ValueError(f"run_parallel expects a diffusers video pipeline with a transformer, got {type(pipe).__name__}.")
+        raise ValueError(
+            f"run_parallel expects a diffusers video pipeline with a transformer, got {type(pipe).__name__}."
+        )
     parallelize(pipe, config, mode, runtime)
     video, decode = None, 0.0
     try:
@@ -129,10 +133,14 @@ def run_parallel(
             video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps
         )
     if output_type == "latent":
-        return ParallelResult(latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm, patterns, sparse_steps)
+        return ParallelResult(
+            latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm, patterns, sparse_steps
+        )
     t1 = time.perf_counter()
     video = decode_parallel(pipe.vae, _wan_latents_for_decode(pipe, latents), runtime, overlap=vae_overlap)
     if video is not None:
         video = pipe.video_processor.postprocess_video(video, output_type=output_type)
     decode = time.perf_counter() - t1
-    return ParallelResult(video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps)
+    return ParallelResult(
+        video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps
+    )
