@@ -73,8 +73,8 @@ class _LastLatents:
         self.inner, self.latents, self.last_step_at = inner, None, None
 
     def __call__(self, pipe, step, timestep, callback_kwargs):
-        self.latents = callback_kwargs["latents"]
         out = self.inner(pipe, step, timestep, callback_kwargs) if self.inner is not None else callback_kwargs
+        self.latents = (out or {}).get("latents", callback_kwargs["latents"])  # as the user's callback left them
         self.last_step_at = time.perf_counter()
         return out
 
