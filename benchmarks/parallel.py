@@ -1,4 +1,4 @@
-"""Multi-GPU benchmark: clip parallelism and Ulysses on Wan shapes; scaling estimates on one GPU.
+"""Multi-GPU benchmark: clip parallelism and Ulysses on every family's shapes; estimates on one GPU.
 
 Three ways to run it (results: benchmarks/results/parallel_<device>_<date>.json + .md):
 
@@ -43,7 +43,7 @@ SCHEMA = "vidsparse.bench.parallel/1"
 
 @dataclass(frozen=True)
 class Shape:
-    """One Wan transformer at one video size: latent grid after patchify and model sizes."""
+    """One transformer at one video size: token grid after patchify, joint text, model sizes."""
 
     name: str
     frames: int
@@ -53,9 +53,17 @@ class Shape:
     head_dim: int
     layers: int
     out_features: int = 64  # Wan: out_channels 16 x patch 1x2x2
+    text_len: int = 0  # joint-attention text replicated on every rank (HunyuanVideo, CogVideoX, Mochi)
+    text_position: str = "none"
+    family: str = "wan"
 
     @property
     def layout(self) -> VideoLayout:
+        return VideoLayout(self.frames, self.height, self.width, text_len=self.text_len,
+                           text_position=self.text_position)  # fmt: skip
+
+    @property
+    def video_layout(self) -> VideoLayout:
         return VideoLayout(self.frames, self.height, self.width)
 
 
@@ -63,8 +71,57 @@ SHAPES = {
     "wan-1.3b": Shape("wan-1.3b", 21, 30, 52, heads=12, head_dim=128, layers=30),  # 81 x 480 x 832
     "wan-14b": Shape("wan-14b", 21, 45, 80, heads=40, head_dim=128, layers=40),  # 81 x 720 x 1280
     "wan-1.3b-long": Shape("wan-1.3b-long", 81, 30, 52, heads=12, head_dim=128, layers=30),  # 321 frames
+    # Reference videos of the other families (token grids from their family records' geometries):
+    "hunyuan": Shape(
+        "hunyuan", 33, 45, 80, heads=24, head_dim=128, layers=60, text_len=256, text_position="after", family="hunyuan"
+    ),  # 129 x 720 x 1280, 20 double + 40 single
+    "cogvideox-5b": Shape(
+        "cogvideox-5b",
+        13,
+        30,
+        45,
+        heads=48,
+        head_dim=64,
+        layers=42,
+        text_len=226,
+        text_position="before",
+        family="cogvideox",
+    ),  # 49 x 480 x 720
+    "cogvideox1.5-5b": Shape(
+        "cogvideox1.5-5b",
+        11,
+        48,
+        85,
+        heads=48,
+        head_dim=64,
+        layers=42,
+        out_features=128,
+        text_len=226,
+        text_position="before",
+        family="cogvideox",
+    ),  # 81 x 768 x 1360
+    "mochi": Shape(
+        "mochi",
+        28,
+        30,
+        53,
+        heads=24,
+        head_dim=128,
+        layers=48,
+        out_features=48,
+        text_len=256,
+        text_position="after",
+        family="mochi",
+    ),  # 163 x 480 x 848
+    "ltx": Shape(
+        "ltx", 21, 16, 22, heads=32, head_dim=64, layers=28, out_features=128, family="ltx"
+    ),  # 161 x 512 x 704
     "tiny": Shape("tiny", 6, 4, 4, heads=2, head_dim=16, layers=2, out_features=16),
 }
+#: Shapes of the volume tables (every family).
+VOLUME_SHAPES = ("wan-1.3b", "wan-14b", "wan-1.3b-long", "hunyuan", "cogvideox-5b", "cogvideox1.5-5b", "mochi", "ltx")
+#: Link bandwidths (GB/s per rank) the volume rows convert bytes to time at: estimates, not measurements.
+LINKS = {"nvlink": 300.0, "pcie": 25.0}
 
 
 def _pattern(args: argparse.Namespace, mode: str):
@@ -110,15 +167,50 @@ def volume_rows(args, shapes) -> list[dict[str, Any]]:
                 if n > shape.frames:
                     continue
                 vol = step_bytes(
-                    mode, shape.layout, pattern, shape.heads, shape.head_dim, shape.layers, n,
-                    shape.out_features, element_size=2, forwards=2,
+                    mode,
+                    shape.layout,
+                    pattern,
+                    shape.heads,
+                    shape.head_dim,
+                    shape.layers,
+                    n,
+                    shape.out_features,
+                    element_size=2,
+                    forwards=2,
                 )
                 rows.append(dict(
-                    kind="volume", shape=shape.name, mode=mode, world_size=n, pattern=repr(pattern),
-                    step_bytes=vol.total, attention_bytes=vol.attention, gather_bytes=vol.output_gather,
+                    kind="volume", shape=shape.name, family=shape.family, mode=mode, world_size=n,
+                    pattern=repr(pattern), step_bytes=vol.total, attention_bytes=vol.attention,
+                    gather_bytes=vol.output_gather, attention_memory_bytes=attention_memory(mode, shape, pattern, n),
                     step_ms_at_bandwidth=vol.total / (args.bandwidth_gbps * 1e9) * 1e3,
+                    **{f"step_ms_estimated_{k}": vol.total / (bw * 1e9) * 1e3 for k, bw in LINKS.items()},
                 ))  # fmt: skip
     return rows
+
+
+def attention_memory(mode: str, shape: Shape, pattern, world_size: int, element_size: int = 2) -> int:
+    """Peak bytes of one self-attention's q/k/v/out a rank holds (busiest rank, bf16), from the plans.
+
+    Clip: its clip's q, k, v, out (text included) plus the K/V of the frames it receives; Ulysses:
+    q, k, v, out of the whole sequence for ceil(H/N) heads (plus the clip's own before the all-to-all).
+    """
+    from vidsparse.parallel.clip import exchange_plan
+    from vidsparse.parallel.partition import FramePartition
+    from vidsparse.parallel.ulysses import heads_per_rank
+
+    lay = shape.layout
+    part = FramePartition(lay.frames, world_size)
+    hw, hd = lay.tokens_per_frame, shape.head_dim
+    worst = 0
+    for r in range(world_size):
+        own = part.sizes[r] * hw + lay.text_len
+        if mode == "clip":
+            received = len(exchange_plan(pattern, lay, part, r).remote) * hw
+            elems = 4 * own * shape.heads * hd + 2 * received * shape.heads * hd
+        else:
+            elems = 4 * own * shape.heads * hd + 4 * lay.seq_len * heads_per_rank(shape.heads, world_size) * hd
+        worst = max(worst, elems * element_size)
+    return worst
 
 
 def single_device_rows(args, shapes, device, dtype) -> list[dict[str, Any]]:
@@ -131,12 +223,16 @@ def single_device_rows(args, shapes, device, dtype) -> list[dict[str, Any]]:
     rows = []
     el = torch.tensor([], dtype=dtype).element_size()
     for shape in shapes:
-        lay = shape.layout
+        lay = shape.video_layout  # timing: the video tokens (text is replicated, small)
         q, k, v = _qkv(1, lay.seq_len, shape.heads, shape.head_dim, device, dtype)
         for mode in args.modes:
             pattern = _pattern(args, mode)
-            base = _time(partial(vs.attention, q, k, v, lay, pattern, backend=args.backend), device, args.warmup, args.repeats)
-            rows.append(dict(kind="baseline", shape=shape.name, mode=mode, world_size=1, pattern=repr(pattern), ms=base))
+            base = _time(
+                partial(vs.attention, q, k, v, lay, pattern, backend=args.backend), device, args.warmup, args.repeats
+            )
+            rows.append(
+                dict(kind="baseline", shape=shape.name, mode=mode, world_size=1, pattern=repr(pattern), ms=base)
+            )
             for n in args.world_sizes:
                 if n > lay.frames:
                     continue
@@ -153,7 +249,9 @@ def single_device_rows(args, shapes, device, dtype) -> list[dict[str, Any]]:
                     qh, kh, vh = (t[:, :, :h].contiguous() for t in (q, k, v))
                     work = partial(vs.attention, qh, kh, vh, lay, pattern, backend=args.backend)
                     compute = _time(work, device, args.warmup, args.repeats)
-                sent = max(sum(d.values()) for d in attention_bytes(mode, lay, pattern, shape.heads, shape.head_dim, n, el))
+                sent = max(
+                    sum(d.values()) for d in attention_bytes(mode, lay, pattern, shape.heads, shape.head_dim, n, el)
+                )
                 comm_ms = sent / (args.bandwidth_gbps * 1e9) * 1e3
                 rows.append(dict(
                     kind="estimate", shape=shape.name, mode=mode, world_size=n, pattern=repr(pattern),
@@ -172,7 +270,7 @@ def distributed_rows(args, shapes, runtime, dtype) -> list[dict[str, Any]]:
     rows = []
     n, device = runtime.world_size, runtime.device
     for shape in shapes:
-        lay = shape.layout
+        lay = shape.video_layout
         if n > lay.frames:
             continue
         part = FramePartition(lay.frames, n)
@@ -218,17 +316,23 @@ def markdown(report: dict[str, Any]) -> str:
     vol = [r for r in report["results"] if r["kind"] == "volume"]
     if vol:
         lines += ["", "## Bytes sent per denoising step by the busiest rank (bf16, CFG = 2 forwards)", "",
-                  "| shape | mode | N | attention GB | output gather GB | total GB | ms at bandwidth |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "Times are estimates: bytes / link bandwidth (NVLink 300 GB/s, PCIe 25 GB/s per rank), no overlap.", "",
+                  "| shape | family | mode | N | attention GB | output gather GB | total GB | attn. memory GB/rank | "
+                  "ms NVLink (est.) | ms PCIe (est.) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in vol:
-            lines.append(f"| {r['shape']} | {r['mode']} | {r['world_size']} | {r['attention_bytes'] / gb:.3f} | "
-                         f"{r['gather_bytes'] / gb:.4f} | {r['step_bytes'] / gb:.3f} | {r['step_ms_at_bandwidth']:.1f} |")  # fmt: skip
+            lines.append(f"| {r['shape']} | {r.get('family', '')} | {r['mode']} | {r['world_size']} | "
+                         f"{r['attention_bytes'] / gb:.3f} | {r['gather_bytes'] / gb:.4f} | {r['step_bytes'] / gb:.3f} | "
+                         f"{r.get('attention_memory_bytes', 0) / gb:.3f} | {r.get('step_ms_estimated_nvlink', 0):.1f} | "
+                         f"{r.get('step_ms_estimated_pcie', 0):.1f} |")  # fmt: skip
     timed = [r for r in report["results"] if r["kind"] != "volume"]
     if timed:
         lines += ["", "## One self-attention call", "",
                   "| shape | mode | N | kind | ms | compute ms | comm ms | MB per call | speedup vs 1 |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in timed:
+
             def f(key, fmt="{:.2f}", r=r):
                 return fmt.format(r[key]) if r.get(key) is not None else ""
+
             mb = f"{r['bytes_per_call'] / 1e6:.2f}" if r.get("bytes_per_call") is not None else ""
             lines.append(f"| {r['shape']} | {r['mode']} | {r['world_size']} | {r['kind']} | {f('ms')} | {f('compute_ms')} | "
                          f"{f('comm_ms')} | {mb} | {f('speedup_vs_baseline')} |")  # fmt: skip
@@ -238,7 +342,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all but tiny; --quick: tiny)")
+    p.add_argument(
+        "--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all but tiny; --quick: tiny)"
+    )
     p.add_argument("--modes", default="clip,ulysses", help="comma list: clip, ulysses")
     p.add_argument("--world-sizes", default="2,4,8", help="N for volumes and one-device estimates (default 2,4,8)")
     p.add_argument("--clip-pattern", default="dual-scope", help="pattern of clip mode (default dual-scope)")
@@ -251,7 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-rank link bandwidth for estimates, GB/s (default 100: NVLink-class all-to-all)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 gloo ranks on the tiny shape, volumes of all shapes")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU smoke run: 2 gloo ranks on the tiny shape, volumes of all shapes"
+    )
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -283,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         results += single_device_rows(args, [SHAPES["tiny"]], torch.device("cpu"), dtype)
         for rows in check_results(spawn(_quick_worker, 2, (argv,), timeout_s=300))[:1]:
             results += rows
-        results += volume_rows(args, [SHAPES[s] for s in ("wan-1.3b", "wan-14b", "wan-1.3b-long")])
+        results += volume_rows(args, [SHAPES[s] for s in VOLUME_SHAPES])
         device_name = f"CPU {platform.machine()} (gloo)"
     elif distributed:
         from vidsparse.parallel import init_distributed, shutdown

@@ -65,7 +65,11 @@ def _check_attention(rt) -> list[tuple[str, str, float]]:
         before = dict(rt.stats.bytes_sent)
         got = fn(ql, kl, vl, layout, pattern, rt, backend="torch", text_mask=tm, block_size=16)
         err = (got - part.shard(ref, layout, rt.rank)).abs().max().item()
-        sent = {op: n - before.get(op, 0) for op, n in rt.stats.bytes_sent.items() if n - before.get(op, 0) or op not in before}
+        sent = {
+            op: n - before.get(op, 0)
+            for op, n in rt.stats.bytes_sent.items()
+            if n - before.get(op, 0) or op not in before
+        }
         predicted = attention_bytes(mode, layout, pattern, heads, q.shape[-1], rt.world_size, 8, q.shape[0])[rt.rank]
         predicted = {op: n for op, n in predicted.items() if n or op in sent}
         sent = {op: n for op, n in sent.items() if n or op in predicted}
@@ -137,7 +141,11 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
         kwargs = dict(
             prompt_embeds=encode_prompt_tiny("a tiny cat"),
             negative_prompt_embeds=encode_prompt_tiny(""),
-            num_frames=frames, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
+            num_frames=frames,
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
             generator=torch.Generator().manual_seed(0),
         )
         out = run_parallel(pipe, kwargs, cfg, mode, rt, output_type="latent")
@@ -145,7 +153,10 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
             "err": (out.latents - ref).abs().max().item(),
             "sparse_vs_dense": (ref - dense).abs().max().item(),
             "bytes_per_step": out.bytes_per_step,
-            "restored": (run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps) - dense).abs().max().item(),
+            "restored": (run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=steps) - dense)
+            .abs()
+            .max()
+            .item(),
         }
     # Decode per clip: exact with full context, and the video only on rank 0.
     cfg = cases["clip"]
@@ -153,8 +164,13 @@ def _check_pipeline(rt, frames: int) -> dict[str, Any]:
     ref_video = run_tiny_pipeline(pipe, num_frames=frames, num_inference_steps=2, output_type="np")
     vsp.remove(pipe)
     kwargs = dict(
-        prompt_embeds=encode_prompt_tiny("a tiny cat"), negative_prompt_embeds=encode_prompt_tiny(""),
-        num_frames=frames, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+        prompt_embeds=encode_prompt_tiny("a tiny cat"),
+        negative_prompt_embeds=encode_prompt_tiny(""),
+        num_frames=frames,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0),
     )
     out = run_parallel(pipe, kwargs, cfg, "clip", rt, output_type="np", vae_overlap=None)
@@ -258,3 +274,141 @@ def suite(frames: int, failure: str, out_dir: str | None = None) -> dict[str, An
     except DistributedError as exc:
         res["failure"] = (str(exc), time.monotonic() - t0)
     return res
+
+
+# -- every family's shard plan (tests/test_parallel_families.py) --------------------------------
+#: (tiny variant, latent frames, height, width): >= 2 token frames per rank for 2 and 3 ranks.
+FAMILY_CASES = (
+    ("hunyuan", 6, 4, 4),  # text after the video, padding mask, double + single-stream blocks
+    ("cogvideox", 6, 4, 4),  # text before the video, RoPE tables passed by the pipeline
+    ("cogvideox-1.5", 12, 4, 4),  # time patchified by 2: 6 token frames
+    ("mochi", 6, 4, 4),  # text after the video, per-sample validity
+    ("ltx", 6, 4, 4),  # packed tokens, no text in self-attention
+)
+
+
+def family_suite(cases: tuple[str, ...] | None = None, pipeline: bool = True) -> dict[str, Any]:
+    """Per family: the tiny transformer's forward under clip / Ulysses parallelism against the
+    single-process forward of the same pattern, the bytes sent against the estimator, and the
+    model restored exactly by ``unparallelize``."""
+    torch.set_num_threads(1)
+    import vidsparse as vs
+    import vidsparse.pipelines as vsp
+    from vidsparse.families import family_of
+    from vidsparse.models.tiny import tiny_inputs, tiny_transformer
+    from vidsparse.parallel import init_distributed, parallelize, unparallelize
+    from vidsparse.parallel.estimate import forward_bytes
+
+    rt = init_distributed(timeout_s=120)
+    modes = {
+        "clip": vs.DualScope(local_frames=1, global_stride=3),
+        "ulysses": vs.DualScope(local_frames=0, global_stride=4),
+    }
+    res: dict[str, Any] = {}
+    for name, frames, height, width in FAMILY_CASES:
+        if cases is not None and name not in cases:
+            continue
+        model = tiny_transformer(name, dtype=torch.float64)
+        fam = family_of(model)
+        inputs = tiny_inputs(name, model, frames, height, width, batch=2)
+        with torch.no_grad():
+            dense = model(**inputs, return_dict=False)[0]
+        grid = fam.grid(model, inputs)
+        text = fam.text_len(model, inputs)
+        layout = vs.VideoLayout(*grid, text_len=text, text_position=fam.text_position if text else "none")
+        heads = fam.attention_paths(model)[0][1].heads
+        head_dim = model.config.attention_head_dim
+        out_features = model.proj_out.out_features
+        row: dict[str, Any] = {"layout": str(layout)}
+        for mode, pattern in modes.items():
+            cfg = vs.SparseConfig(pattern, dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
+            vsp.apply(model, cfg)
+            with torch.no_grad():
+                ref = model(**inputs, return_dict=False)[0]
+            vsp.remove(model)
+            parallelize(model, cfg, mode, rt)
+            before = rt.stats.total_bytes
+            try:
+                with torch.no_grad():
+                    got = model(**inputs, return_dict=False)[0]
+            finally:
+                unparallelize(model)
+            sent = rt.stats.total_bytes - before
+            with torch.no_grad():
+                restored = model(**inputs, return_dict=False)[0]
+            predicted = forward_bytes(mode, layout, pattern, heads, head_dim, fam.num_layers(model), rt.world_size,
+                                      out_features, element_size=8, batch=2)[rt.rank]  # fmt: skip
+            row[mode] = {
+                "err": (got - ref).abs().max().item(),
+                "sparse_vs_dense": (ref - dense).abs().max().item(),
+                "sent": sent,
+                "predicted": predicted,
+                "restored": (restored - dense).abs().max().item(),
+            }
+        if name == "ltx":  # image-to-video: a per-token timestep (B, S) is cut with the tokens
+            g = torch.Generator().manual_seed(3)
+            per_token = dict(inputs, timestep=torch.rand(2, layout.video_len, generator=g, dtype=torch.float64) * 1000)
+            cfg = vs.SparseConfig(modes["clip"], dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
+            vsp.apply(model, cfg)
+            with torch.no_grad():
+                ref = model(**per_token, return_dict=False)[0]
+            vsp.remove(model)
+            parallelize(model, cfg, "clip", rt)
+            try:
+                with torch.no_grad():
+                    got = model(**per_token, return_dict=False)[0]
+            finally:
+                unparallelize(model)
+            row["per_token_timestep_err"] = (got - ref).abs().max().item()
+        res[name] = row
+    if pipeline:
+        res["cogvideox_pipeline"] = _cogvideox_pipeline(rt)
+    return res
+
+
+def _cogvideox_pipeline(rt) -> dict[str, Any]:
+    """A whole tiny ``CogVideoXPipeline`` (DDIM v-prediction, batched CFG, RoPE from the pipeline)
+    through ``run_parallel``: latents and the decoded video (rank 0) equal the single-process run."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    import vidsparse as vs
+    import vidsparse.pipelines as vsp
+    from vidsparse.models.tiny import encode_prompt_tiny, tiny_transformer
+    from vidsparse.parallel.pipeline import run_parallel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4)  # fmt: skip
+    sched = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+                                   timestep_spacing="trailing", beta_schedule="scaled_linear")  # fmt: skip
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=tiny_transformer("cogvideox"),
+                             scheduler=sched)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+
+    def kwargs():
+        return dict(
+            prompt_embeds=encode_prompt_tiny("a tiny cat", seq_len=8, dim=16),
+            negative_prompt_embeds=encode_prompt_tiny("", seq_len=8, dim=16),
+            num_frames=13, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    out: dict[str, Any] = {}
+    for mode in ("clip",):  # Ulysses through the same hooks is covered per family above
+        cfg = vs.SparseConfig(vs.DualScope(1, 3), dense_first_steps=0, backend="torch", block_size=16)
+        vsp.apply(pipe, cfg)
+        with torch.no_grad():
+            ref = pipe(**kwargs(), output_type="np").frames
+            ref_lat = pipe(**kwargs(), output_type="latent").frames
+        vsp.remove(pipe)
+        with torch.no_grad():
+            res = run_parallel(pipe, kwargs(), cfg, mode, rt, output_type="np")
+        out[mode] = {
+            "latent_err": (res.latents - ref_lat).abs().max().item(),
+            "video_err": float(abs(res.video - ref).max()) if rt.is_main else None,
+            "video_shape": tuple(res.video.shape) if rt.is_main else None,
+            "ref_shape": tuple(ref.shape),
+            "video_is_none": res.video is None,
+            "bytes_per_step": res.bytes_per_step,
+        }
+    return out

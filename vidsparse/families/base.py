@@ -128,12 +128,16 @@ class ShardPlan:
     ``inputs``: module path -> {argument name: Shard}, cut before the module runs;
     ``outputs``: module path -> {output index: Shard}, cut after it runs (RoPE tables);
     ``gather``: module path -> Shard, its output all-gathered back to the whole video.
-    The path "" is the transformer itself.
+    The path "" is the transformer itself. A cut argument or output that is a tuple / list of
+    tensors (CogVideoX's ``image_rotary_emb``) has each tensor cut.
+    ``refuse(transformer) -> reason | None``: a model of the family the plan cannot split (e.g.
+    HunyuanVideo I2V, whose blocks treat the first tokens of the sequence as the first frame).
     """
 
     inputs: Mapping[str, Mapping[str, Shard]]
     outputs: Mapping[str, Mapping[int, Shard]]
     gather: Mapping[str, Shard]
+    refuse: Callable[[torch.nn.Module], str | None] | None = None
 
 
 # -- tiny random-init models ------------------------------------------------------------------

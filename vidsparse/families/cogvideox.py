@@ -23,6 +23,8 @@ from vidsparse.families.base import (
     TINY_TEXT_DIM,
     TINY_TEXT_LEN,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -93,6 +95,18 @@ def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
 
 def _variant(transformer_config) -> str:
     return "cogvideox1.5" if transformer_config.get("patch_size_t") else "cogvideox"
+
+
+# -- parallel ----------------------------------------------------------------------------------
+
+#: The pipeline passes the RoPE tables (cos, sin), each (S_video, D): cut on the way in. The video
+#: tokens are cut where the blocks start (after the joint patch embedding split off the text,
+#: which every rank keeps whole); the output is gathered after proj_out.
+SHARD_PLAN = ShardPlan(
+    inputs={"": {"image_rotary_emb": Shard(0, 2)}, "transformer_blocks.0": {"hidden_states": Shard(1, 3)}},
+    outputs={},
+    gather={"proj_out": Shard(1, 3)},
+)
 
 
 # -- tiny models ------------------------------------------------------------------------------
@@ -173,7 +187,7 @@ FAMILY = Family(
         "CogVideoXImageToVideoPipeline": _V_PREDICTION,
         "CogVideoXVideoToVideoPipeline": _V_PREDICTION,
     },
-    parallel_refusal="its shard plan (text before the video, RoPE on video tokens) is not written yet",
+    shard_plan=SHARD_PLAN,
     tiny={
         "cogvideox": TinyVariant("cogvideox", _tiny_config, _tiny_inputs),
         "cogvideox-1.5": TinyVariant("cogvideox-1.5", lambda: _tiny_config(True), _tiny_inputs),

@@ -21,6 +21,8 @@ import torch
 from vidsparse.families.base import (
     TINY_TEXT_DIM,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -118,6 +120,29 @@ def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     return bcfhw_grid(pt, p, p, kwargs["hidden_states"])
 
 
+# -- parallel ----------------------------------------------------------------------------------
+
+
+def _parallel_refusal(model: torch.nn.Module) -> str | None:
+    if model.config.get("image_condition_type") == "token_replace":
+        return (
+            "HunyuanVideo I2V (token_replace) modulates the first first_frame_num_tokens tokens of the sequence "
+            "as the image frame, which only rank 0's clip holds"
+        )
+    return None
+
+
+#: Cut where the video tokens are made: the patch embedding's output (so the forward builds its
+#: [B, 1, 1, S_clip + S_text] padding mask from the clip length: video keys valid, text tail as the
+#: prompt mask) and the RoPE tables (S, D); text is replicated on every rank. Output: proj_out.
+SHARD_PLAN = ShardPlan(
+    inputs={},
+    outputs={"x_embedder": {0: Shard(1, 3)}, "rope": {0: Shard(0, 2), 1: Shard(0, 2)}},
+    gather={"proj_out": Shard(1, 3)},
+    refuse=_parallel_refusal,
+)
+
+
 # -- tiny models ------------------------------------------------------------------------------
 
 
@@ -173,7 +198,7 @@ FAMILY = Family(
     },
     lora_adapter=_lora_adapter,
     lora_refusals={"HunyuanVideoImageToVideoPipeline": "image-to-video conditioning is not implemented"},
-    parallel_refusal="its shard plan (double- and single-stream blocks, text after the video) is not written yet",
+    shard_plan=SHARD_PLAN,
     tiny={
         "hunyuan": TinyVariant("hunyuan", _tiny_config, _tiny_inputs),
         "hunyuan-i2v": TinyVariant("hunyuan-i2v", lambda: _tiny_config("token_replace"), _tiny_inputs),

@@ -26,6 +26,8 @@ from vidsparse.families.base import (
     TINY_TEXT_DIM,
     Family,
     Grid,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -102,6 +104,18 @@ def grid_from_coords(coords: torch.Tensor, seq: int) -> Grid | None:
     return grid  # type: ignore[return-value]
 
 
+# -- parallel ----------------------------------------------------------------------------------
+
+#: Packed tokens (B, S, C) cut where the blocks start; RoPE tables (B, S, D) as ``transformer.rope``
+#: makes them (from num_frames/height/width or video_coords); a per-token timestep (B, S) of the
+#: image-to-video pipelines is cut too (a (B,) timestep passes unchanged). Output: proj_out.
+SHARD_PLAN = ShardPlan(
+    inputs={"": {"timestep": Shard(1, 2)}, "transformer_blocks.0": {"hidden_states": Shard(1, 3)}},
+    outputs={"rope": {0: Shard(1, 3), 1: Shard(1, 3)}},
+    gather={"proj_out": Shard(1, 3)},
+)
+
+
 # -- tiny models ------------------------------------------------------------------------------
 
 
@@ -156,6 +170,6 @@ FAMILY = Family(
         "LTXImageToVideoPipeline": "image-to-video conditioning (per-token timesteps) is not implemented",
         "LTXConditionPipeline": "condition frames (per-token timesteps) are not implemented; use LTXPipeline",
     },
-    parallel_refusal="its shard plan (packed tokens, RoPE from video_coords) is not written yet",
+    shard_plan=SHARD_PLAN,
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
 )

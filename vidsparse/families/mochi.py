@@ -24,6 +24,8 @@ from vidsparse.families.base import (
     TINY_TEXT_DIM,
     TINY_TEXT_LEN,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -98,6 +100,17 @@ def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     return bcfhw_grid(1, p, p, kwargs["hidden_states"])
 
 
+# -- parallel ----------------------------------------------------------------------------------
+
+#: Video tokens cut where the blocks start, RoPE tables (S, heads, D/2) cut as MochiRoPE makes them;
+#: the text (and its per-sample validity mask, text-only) stays whole on every rank.
+SHARD_PLAN = ShardPlan(
+    inputs={"transformer_blocks.0": {"hidden_states": Shard(1, 3)}},
+    outputs={"rope": {0: Shard(0, 3), 1: Shard(0, 3)}},
+    gather={"proj_out": Shard(1, 3)},
+)
+
+
 # -- tiny models ------------------------------------------------------------------------------
 
 
@@ -143,6 +156,6 @@ FAMILY = Family(
     geometries=(VideoGeometry("mochi", 6, 8, (1, 2, 2), (163, 480, 848), 256, "after", fps=30),),
     pattern_defaults=GENERIC_PATTERN_DEFAULTS,
     lora_adapter=_lora_adapter,
-    parallel_refusal="its shard plan (per-sample text validity after the video) is not written yet",
+    shard_plan=SHARD_PLAN,
     tiny={"mochi": TinyVariant("mochi", _tiny_config, _tiny_inputs)},
 )

@@ -101,3 +101,29 @@ def step_bytes(
     sizes = FramePartition(layout.frames, world_size).video_token_counts(layout)
     gather = max(sizes) * out_features * element_size * batch * (world_size - 1)
     return StepVolume(attn * layers * forwards, gather * forwards, forwards)
+
+
+def forward_bytes(
+    mode: str,
+    layout: VideoLayout,
+    pattern: Pattern,
+    heads: int,
+    head_dim: int,
+    layers: int,
+    world_size: int,
+    out_features: int,
+    element_size: int = 2,
+    batch: int = 1,
+) -> list[int]:
+    """Per rank, bytes sent by one parallel transformer forward: ``layers`` self-attention calls
+    under ``pattern`` and the all-gather of the output projection (``out_features`` per token).
+
+    ``layout`` is the whole video with the family's joint text (``text_len``, ``text_position``);
+    every family's shard plan moves exactly this (the tests measure it per family).
+    """
+    per_rank = attention_bytes(mode, layout, pattern, heads, head_dim, world_size, element_size, batch)
+    sizes = FramePartition(layout.frames, world_size).video_token_counts(layout)
+    return [
+        sum(d.values()) * layers + sizes[r] * out_features * element_size * batch * (world_size - 1)
+        for r, d in enumerate(per_rank)
+    ]

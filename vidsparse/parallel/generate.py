@@ -68,14 +68,25 @@ def _timeout(options: Any) -> float:
 
 
 def _refuse_unsupported(options: Any, plan: Any) -> None:
-    if plan.info.family != "wan":
+    family = plan.info.model_family
+    if family.shard_plan is None:
+        from vidsparse.families import families
+
+        supported = ", ".join(f.name for f in families() if f.shard_plan is not None)
         raise ValueError(
-            f"--parallel {options.parallel} runs Wan pipelines (Wan 2.1 / 2.2, and --model tiny); "
-            f"{plan.info.source} is a {plan.info.family} model. Run it with --parallel none."
+            f"--parallel {options.parallel} runs the {supported} families; {plan.info.source} is a "
+            f"{family.name} model, which vidsparse.parallel does not split ({family.parallel_refusal}). "
+            "Run it with --parallel none."
         )
-    for flag, on in (("--compare-dense", options.compare_dense), ("--cpu-offload", options.cpu_offload), ("--compile", options.compile)):
+    for flag, on in (
+        ("--compare-dense", options.compare_dense),
+        ("--cpu-offload", options.cpu_offload),
+        ("--compile", options.compile),
+    ):
         if on:
-            raise ValueError(f"{flag} is not supported with --parallel {options.parallel}; drop it or use --parallel none.")
+            raise ValueError(
+                f"{flag} is not supported with --parallel {options.parallel}; drop it or use --parallel none."
+            )
 
 
 class _StepClock:
@@ -110,7 +121,7 @@ def generate_parallel(options: Any):
 
     try:
         runtime: ParallelRuntime = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=timeout_s)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # ValueError: no torchrun / accelerate environment
         check_options()  # e.g. not launched by torchrun: a bad option is reported first, then how to launch
         raise
     # Validate on every rank, then agree: one rank's bad option stops all ranks at once.
@@ -147,7 +158,9 @@ def generate_parallel(options: Any):
 
     t1 = time.perf_counter()
     with torch.inference_mode():
-        result = run_parallel(pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap)
+        result = run_parallel(
+            pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap
+        )
     marks = [t1, *clock.marks]
     step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
     grid = plan.grid

@@ -65,6 +65,8 @@ class ParallelContext:
         return FramePartition(self.layout.frames, self.runtime.world_size)
 
     def cut(self, x: Any, spec: Shard) -> Any:
+        if isinstance(x, (tuple, list)):
+            return type(x)(self.cut(t, spec) for t in x)
         if not isinstance(x, torch.Tensor) or x.dim() != spec.ndim:
             return x
         layout = self.layout
@@ -164,8 +166,17 @@ class ParallelAttention:
             self.used[layer] = (pat, block)
         fn = clip_attention if self.ctx.mode == "clip" else ulysses_attention
         return fn(
-            q, k, v, whole, pat, self.ctx.runtime,
-            backend=backend, layer=layer, text_mask=text_mask, scale=scale, block_size=block,
+            q,
+            k,
+            v,
+            whole,
+            pat,
+            self.ctx.runtime,
+            backend=backend,
+            layer=layer,
+            text_mask=text_mask,
+            scale=scale,
+            block_size=block,
         )
 
 
@@ -209,6 +220,12 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
             raise ValueError(
                 f"vidsparse.parallel supports the {', '.join(supported)} transformer families; "
                 f"{type(transformer).__name__} ({family.name}) is not supported yet ({family.parallel_refusal}). "
+                "Run it on one GPU."
+            )
+        reason = family.shard_plan.refuse(transformer) if family.shard_plan.refuse is not None else None
+        if reason:
+            raise ValueError(
+                f"vidsparse.parallel cannot split this {type(transformer).__name__} ({family.name}): {reason}. "
                 "Run it on one GPU."
             )
     unparallelize(target)
