@@ -23,6 +23,7 @@ SPARSE_OPTIONS: dict[str, dict[str, Any]] = {
     "gna": dict(kernel_size=(3, 3, 3)),
     "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
     "dual-scope": dict(local_frames=0, global_stride=0),
+    "freeswim": dict(base_grid=(2, 2)),
 }
 
 

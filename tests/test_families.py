@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from family_checks import SPARSE_OPTIONS
 
 import vidsparse as vs
 from vidsparse.models import tiny_inputs, tiny_transformer
@@ -30,15 +31,6 @@ FAMILIES = list(GRID_INPUT)
 MAIN_FAMILIES = ["wan", "hunyuan", "cogvideox", "ltx", "mochi"]
 
 # Options making each known pattern sparse on a 4x4x4 grid (tests of patterns not listed use defaults).
-SPARSE_OPTIONS = {
-    "radial": dict(block_size=16, decay_factor=0.2),
-    "tile": dict(tile=(1, 2, 2), window=(1, 1, 1)),
-    "attention-tile": dict(global_frames=1),
-    "gna": dict(kernel_size=(3, 3, 3)),
-    "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
-    "dual-scope": dict(local_frames=0, global_stride=0),
-    "freeswim": dict(base_grid=(2, 2)),
-}
 
 
 def _run(model, inputs):

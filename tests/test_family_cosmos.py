@@ -8,6 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from family_checks import SPARSE_OPTIONS
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -19,14 +20,6 @@ from vidsparse.pipelines import get_state
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 
 # Options making each registered pattern sparse on a 4x4x4 token grid.
-SPARSE_OPTIONS = {
-    "radial": dict(block_size=16, decay_factor=0.2),
-    "tile": dict(tile=(1, 2, 2), window=(1, 1, 1)),
-    "attention-tile": dict(global_frames=1),
-    "gna": dict(kernel_size=(3, 3, 3)),
-    "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
-    "dual-scope": dict(local_frames=0, global_stride=0),
-}
 
 
 def _run(model, inputs):

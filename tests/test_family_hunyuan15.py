@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from family_checks import SPARSE_OPTIONS
 
 import vidsparse as vs
 from vidsparse.families import family_of, family_of_pipeline, get_family
@@ -24,14 +25,6 @@ FAMILY = get_family("hunyuan15")
 COND_LEN = TINY_TEXT_LEN + h15.TINY_GLYPH_LEN + h15.TINY_IMAGE_TOKENS
 
 # Options making each known pattern sparse on a 4x4x4 grid (patterns not listed use their defaults).
-SPARSE_OPTIONS = {
-    "radial": dict(block_size=16, decay_factor=0.2),
-    "tile": dict(tile=(1, 2, 2), window=(1, 1, 1)),
-    "attention-tile": dict(global_frames=1),
-    "gna": dict(kernel_size=(3, 3, 3)),
-    "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
-    "dual-scope": dict(local_frames=0, global_stride=0),
-}
 
 
 def _model(variant="hunyuan15", **overrides):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_kandinsky import fractal_flatten, fractal_unflatten
+from family_checks import SPARSE_OPTIONS
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -28,14 +29,6 @@ from vidsparse.pipelines import get_state
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 
 # Options making each registered pattern sparse on a 4x4x4 token grid.
-SPARSE_OPTIONS = {
-    "radial": dict(block_size=16, decay_factor=0.2),
-    "tile": dict(tile=(1, 2, 2), window=(1, 1, 1)),
-    "attention-tile": dict(global_frames=1),
-    "gna": dict(kernel_size=(3, 3, 3)),
-    "vmoba": dict(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select_mode="topk", topk=1),
-    "dual-scope": dict(local_frames=0, global_stride=0),
-}
 TILE = vs.Tile(tile=(1, 2, 2), window=(1, 1, 1))
 
 
