@@ -51,7 +51,8 @@ class SparseProcessor:
         self.original._parallel_config = value
 
     def _dense(self, *args, **kwargs):
-        self.state.calls["dense"] += 1
+        if not torch.compiler.is_compiling():  # a counter in a graph would be guarded on (recompiles)
+            self.state.calls["dense"] += 1
         return self.original(*args, **kwargs)
 
     def _layout(self, seq_len: int, text_len: int, position: str) -> VideoLayout:

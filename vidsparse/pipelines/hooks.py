@@ -133,6 +133,7 @@ class SparseState:
     current: CallInfo | None = None
     calls: Counter = field(default_factory=Counter)  # "sparse" / "dense" self-attention calls
     original_processors: dict[str, Any] = field(default_factory=dict)
+    runs: int = 0  # pipeline calls finished (diffusers resets stateful hooks after each)
     _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
 
@@ -145,7 +146,7 @@ class SparseState:
         """The family's rule: grid from the latent shape and patch size, text from the prompt."""
         grid = self.family.grid(transformer, kwargs)
         if grid is None:
-            self.warn_once(
+            self.warn_each_run(
                 "grid",
                 f"vidsparse: could not read the token grid of this {type(transformer).__name__} call "
                 "(e.g. LTX-Video with conditioning tokens); it runs with dense attention.",
@@ -180,8 +181,7 @@ class SparseState:
                 pattern.validate(layout)
             except ValueError as exc:
                 raise ValueError(
-                    f"vidsparse: {pattern!r} cannot run on this {self.family.name} call "
-                    f"(token grid {layout}): {exc}"
+                    f"vidsparse: {pattern!r} cannot run on this {self.family.name} call (token grid {layout}): {exc}"
                 ) from None
         return tuple(out)
 
@@ -254,32 +254,42 @@ class SparseState:
         self.current = info
         return info
 
-    def prebuild_plans(self, num_heads: int, device: torch.device) -> None:
+    def prebuild_plans(self, transformer: torch.nn.Module, device: torch.device) -> None:
         """Build this call's static plans now, outside any torch.compile region: a compiled
-        graph can only look plans up (``vidsparse.plan`` is host-side work)."""
+        graph (whole model or ``compile_repeated_blocks``) can only look plans up
+        (``vidsparse.plan`` is host-side work). Under diffusers' Ulysses context parallelism the
+        processors see ``heads / ulysses_degree`` heads, so those plans are built too."""
         info = self.current
         if info is None or info.layout is None or self.attention_fn is not _vidsparse_attention:
             return
+        heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
+        if not heads:
+            return
+        head_counts = {int(heads)}
+        degree = ulysses_degree(transformer)
+        if degree > 1:
+            head_counts = {int(heads) // degree}
         seen = set()
         for layer, pattern in enumerate(info.patterns):
             if pattern is None or pattern.dynamic:
                 continue
             key = (pattern, layer if pattern.uses_layer else None)
-            if key not in seen:
-                seen.add(key)
+            if key in seen:
+                continue
+            seen.add(key)
+            for n in head_counts:
                 _vidsparse_plan(
-                    pattern, info.layout, num_heads=num_heads, layer=layer, device=device, block_size=info.block_size
+                    pattern, info.layout, num_heads=n, layer=layer, device=device, block_size=info.block_size
                 )
 
     def pattern_for(self, layer: int) -> Pattern | None:
         info = self.current
         if info is None:
-            self.warn_once(
-                "outside",
-                "vidsparse: a patched self-attention ran outside a transformer forward (no layout known); "
-                "it uses the model's own dense attention.",
+            raise RuntimeError(
+                "vidsparse: a patched self-attention ran outside a transformer forward, so no token layout is "
+                "known (e.g. a block called directly, or after the pipeline call ended). Call the transformer "
+                "itself, or vidsparse.remove(pipe) to get the model's own processors back."
             )
-            return None
         return info.patterns[layer]
 
     def attend(
@@ -287,7 +297,8 @@ class SparseState:
     ) -> torch.Tensor:
         """One sparse self-attention call, through the replaceable ``attention_fn``."""
         info = self.current
-        self.calls["sparse"] += 1
+        if not torch.compiler.is_compiling():  # a counter in a graph would be guarded on (recompiles)
+            self.calls["sparse"] += 1
         return self.attention_fn(
             q,
             k,
@@ -300,6 +311,12 @@ class SparseState:
             block_size=info.block_size,
         )
 
+    def warn_each_run(self, key: str, message: str) -> None:
+        """Warn once per pipeline call (never a quiet fallback from the second call on)."""
+        if (key, self.runs) not in self._warned:
+            self._warned.add((key, self.runs))
+            warnings.warn(f"{message} (warned on every pipeline call; call {self.runs + 1})", stacklevel=3)
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -307,7 +324,19 @@ class SparseState:
 
 
 class VidsparseHook(ModelHook):
-    """Stateful transformer hook: fills ``SparseState.current`` before every forward."""
+    """Stateful transformer hook: receives diffusers' cache context and end-of-call reset.
+
+    The per-forward bookkeeping (``SparseState.begin_call``) does not run from this hook's
+    ``pre_forward`` but from a torch forward pre-hook (``register_forward_pre_hook``) that
+    ``attach`` installs on the transformer. diffusers' ``HookRegistry`` and accelerate's
+    offload hooks both work by replacing ``module.forward``; ``enable_model_cpu_offload``
+    removes and re-adds its hook after every pipeline call (``maybe_free_model_hooks``), which
+    restores the forward it saw first and drops any wrapper installed after it. Torch's
+    pre-hooks run in ``Module.__call__`` whatever ``forward`` is, so vidsparse stays active in
+    every order of offloading and ``vs.apply``. This registry entry is still needed: the
+    pipeline's ``cache_context`` (CFG branch, step index) and ``reset_stateful_hooks`` reach
+    vidsparse through it.
+    """
 
     _is_stateful = True
 
@@ -317,28 +346,39 @@ class VidsparseHook(ModelHook):
         # diffusers' cache_context sets the context on every StateManager attribute of a stateful hook.
         self.context_manager = StateManager(_NoState)
         self._signature: inspect.Signature | None = None
+        self._torch_handle: torch.utils.hooks.RemovableHandle | None = None
+        self.forward_wrapper: Any = None  # the module.forward the registry installed for this hook
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(type(module).forward)
         return module
 
+    def attach(self, module: torch.nn.Module) -> None:
+        """Install the torch forward pre-hook that runs the bookkeeping (once per ``__call__``)."""
+        self._torch_handle = module.register_forward_pre_hook(self._torch_pre_hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._torch_handle is not None:
+            self._torch_handle.remove()
+            self._torch_handle = None
+
+    def _torch_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._begin(module, args, kwargs)
+        return None
+
     @torch.compiler.disable
-    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict, compiling: bool) -> None:
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         try:
             bound = self._signature.bind(module, *args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
         self.state.begin_call(module, bound, self.context_manager._context)
-        heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
         hs = bound.get("hidden_states")
-        if compiling and heads and isinstance(hs, torch.Tensor):
-            self.state.prebuild_plans(int(heads), hs.device)
-
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        # Under torch.compile this flag is traced as True: the (eager) bookkeeping then also
-        # builds the plans the compiled attention calls will look up.
-        self._begin(module, args, kwargs, torch.compiler.is_compiling())
-        return args, kwargs
+        if isinstance(hs, torch.Tensor):
+            # Always, not only under torch.compile: a regionally compiled block
+            # (``compile_repeated_blocks``) runs inside an eager transformer forward and can only
+            # look plans up.
+            self.state.prebuild_plans(module, hs.device)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         # ``current`` stays set until the next forward or reset: gradient checkpointing
@@ -349,6 +389,7 @@ class VidsparseHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.tracker.reset()
         self.state.current = None
+        self.state.runs += 1
         return module
 
 
@@ -357,6 +398,13 @@ def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
     cuda = isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda
     name = backend if backend != AUTO else ("triton" if cuda else "torch")
     return get_backend(name).default_block
+
+
+def ulysses_degree(transformer: torch.nn.Module) -> int:
+    """The Ulysses degree of diffusers' context parallelism on this transformer (1 if off)."""
+    cfg = getattr(transformer, "_parallel_config", None)
+    cp = getattr(cfg, "context_parallel_config", None)
+    return int(getattr(cp, "ulysses_degree", None) or 1)
 
 
 def get_hook(transformer: torch.nn.Module) -> VidsparseHook | None:
