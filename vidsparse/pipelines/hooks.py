@@ -262,6 +262,7 @@ class SparseState:
         info = self.current
         if info is None or info.layout is None or self.attention_fn is not _vidsparse_attention:
             return
+        _load_backend(self.config.backend, device)  # importlib cannot run in a graph either
         heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
         if not heads:
             return
@@ -391,6 +392,14 @@ class VidsparseHook(ModelHook):
         self.state.current = None
         self.state.runs += 1
         return module
+
+
+def _load_backend(backend: str, device: torch.device) -> None:
+    name = backend if backend != AUTO else ("triton" if device.type == "cuda" else "torch")
+    try:
+        get_backend(name).load()
+    except ImportError:  # "auto" falls back to flex per call (vidsparse.attention.resolve_backend)
+        get_backend("flex").load()
 
 
 def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
