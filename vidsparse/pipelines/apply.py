@@ -18,7 +18,14 @@ from diffusers.hooks import HookRegistry
 from vidsparse.config import SparseConfig
 from vidsparse.families import Family, family_of
 from vidsparse.patterns import PATTERNS, Pattern
-from vidsparse.pipelines.hooks import HOOK_NAME, SparseState, StepTracker, VidsparseHook, get_hook
+from vidsparse.pipelines.hooks import (
+    HOOK_NAME,
+    SparseState,
+    StepTracker,
+    VidsparseHook,
+    check_context_parallel,
+    get_hook,
+)
 
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 
@@ -129,6 +136,11 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
         num_layers = len(paths)
         if get_hook(transformer) is None:
             _check_processors(family, paths)
+        if check_context_parallel(transformer) > 1 and getattr(transformer, "_cp_plan", None) is None:
+            raise ValueError(
+                f"{type(transformer).__name__} has no _cp_plan: diffusers' context parallelism does not "
+                "split it, so vidsparse cannot run under it."
+            )
         dense_layers = cfg.dense_layers
         if dense_layers is None:
             dense_layers = family.default_schedule(cfg.pattern_name)[1]

@@ -133,6 +133,7 @@ class SparseState:
     current: CallInfo | None = None
     calls: Counter = field(default_factory=Counter)  # "sparse" / "dense" self-attention calls
     original_processors: dict[str, Any] = field(default_factory=dict)
+    ulysses: int = 1  # diffusers' Ulysses degree on this transformer (read at every forward)
     runs: int = 0  # pipeline calls finished (diffusers resets stateful hooks after each)
     _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
@@ -225,6 +226,7 @@ class SparseState:
 
     # -- per forward ---------------------------------------------------------------------
     def begin_call(self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any) -> CallInfo:
+        self.ulysses = check_context_parallel(transformer)
         branch = getattr(context, "name", None) or "default"
         ctx_step = getattr(context, "step_index", None)
         if ctx_step is not None:  # no need to read the timestep (a host sync)
@@ -300,6 +302,20 @@ class SparseState:
         info = self.current
         if not torch.compiler.is_compiling():  # a counter in a graph would be guarded on (recompiles)
             self.calls["sparse"] += 1
+        if self.ulysses > 1:
+            return _ulysses(
+                self.attention_fn,
+                self.ulysses,
+                q,
+                k,
+                v,
+                layout,
+                pattern,
+                self.config.backend,
+                layer,
+                text_mask,
+                info.block_size,
+            )
         return self.attention_fn(
             q,
             k,
@@ -407,6 +423,67 @@ def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
     cuda = isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda
     name = backend if backend != AUTO else ("triton" if cuda else "torch")
     return get_backend(name).default_block
+
+
+def check_context_parallel(transformer: torch.nn.Module) -> int:
+    """The Ulysses degree vidsparse runs under (1: no context parallelism); refuses what it cannot run.
+
+    After diffusers' Ulysses all-to-all every rank holds the whole sequence for ``heads / N``
+    heads, so a pattern runs unchanged on the local heads. Ring attention splits the sequence
+    itself (each rank sees a slice of the keys), which no vidsparse pattern can plan on.
+    """
+    cfg = getattr(transformer, "_parallel_config", None)
+    cp = getattr(cfg, "context_parallel_config", None)
+    if cp is None:
+        return 1
+    name = type(transformer).__name__
+    if int(getattr(cp, "ring_degree", 1) or 1) > 1:
+        raise ValueError(
+            f"vidsparse: {name} uses diffusers' ring attention (ContextParallelConfig(ring_degree="
+            f"{cp.ring_degree})), which splits the key sequence across ranks; sparse patterns need every key of the "
+            "video on the rank. Use ContextParallelConfig(ulysses_degree=N), or `vidsparse generate --parallel clip`."
+        )
+    degree = int(getattr(cp, "ulysses_degree", 1) or 1)
+    if degree > 1:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if degree != world:
+            raise ValueError(
+                f"vidsparse: ContextParallelConfig(ulysses_degree={degree}) on {world} processes; vidsparse composes "
+                "with Ulysses over the whole world only (ulysses_degree = world size)."
+            )
+    return degree
+
+
+def _ulysses(attention_fn, n, q, k, v, layout, pattern, backend, layer, text_mask, block_size):
+    """Sparse attention inside diffusers' Ulysses: [B, S/N, H, D] rows of every head -> the whole
+    sequence for H/N heads (all-to-all), the pattern on it, and back (all-to-all)."""
+    import torch.distributed as dist
+
+    B, s, H, D = q.shape
+    if H % n:
+        raise ValueError(f"vidsparse: {H} heads do not split over ulysses_degree={n}.")
+    h = H // n
+    x = torch.stack([q, k, v]).reshape(3, B, s, n, h, D).permute(3, 0, 1, 2, 4, 5).contiguous()
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)  # y[i]: rank i's rows, this rank's heads
+    full = y.permute(1, 2, 0, 3, 4, 5).reshape(3, B, n * s, h, D)
+    out = attention_fn(
+        full[0],
+        full[1],
+        full[2],
+        layout,
+        pattern,
+        backend=backend,
+        layer=layer,
+        text_mask=text_mask,
+        block_size=block_size,
+    )
+    out = out.reshape(B, n, s, h, D).permute(1, 0, 2, 3, 4).contiguous()
+    back = torch.empty_like(out)
+    dist.all_to_all_single(back, out)  # back[i]: this rank's rows, rank i's heads
+    return back.permute(1, 2, 0, 3, 4).reshape(B, s, H, D)
 
 
 def ulysses_degree(transformer: torch.nn.Module) -> int:
