@@ -380,16 +380,24 @@ class VidsparseHook(ModelHook):
             self._torch_handle = None
 
     def _torch_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._begin(module, args, kwargs)
+        # Under whole-model torch.compile this flag is traced as True (the processors then do
+        # not count their calls: a counter in a graph is guarded on); the eager bookkeeping
+        # counts this forward's planned calls instead.
+        self._begin(module, args, kwargs, torch.compiler.is_compiling())
         return None
 
     @torch.compiler.disable
-    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict, compiling: bool = False) -> None:
         try:
             bound = self._signature.bind(module, *args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
-        self.state.begin_call(module, bound, self.context_manager._context)
+        info = self.state.begin_call(module, bound, self.context_manager._context)
+        if compiling:
+            sparse = sum(p is not None for p in info.patterns)
+            self.state.calls["sparse"] += sparse
+            if len(info.patterns) > sparse:
+                self.state.calls["dense"] += len(info.patterns) - sparse
         hs = bound.get("hidden_states")
         if isinstance(hs, torch.Tensor):
             # Always, not only under torch.compile: a regionally compiled block
