@@ -116,3 +116,54 @@ def test_remove_leaves_no_attribute_on_the_original_processors():
         assert after[path] is proc
         assert vars(proc) == before[path], path
     assert not pipe.transformer._forward_pre_hooks
+
+
+def test_peft_lora_set_adapters_fuse_unfuse_on_a_patched_pipeline():
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline("wan")
+    vs.apply(pipe, _cfg())
+    state = get_state(pipe.transformer)
+    base = run(pipe, "wan")
+    torch.manual_seed(3)
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.transformer.add_adapter(lora, adapter_name="a")
+    state.calls.clear()
+    with_lora = run(pipe, "wan")
+    assert state.calls["sparse"] > 0 and not torch.allclose(with_lora, base)
+    pipe.transformer.set_adapters(["a"], weights=[0.5])
+    half = run(pipe, "wan")
+    assert not torch.allclose(half, with_lora) and not torch.allclose(half, base)
+    pipe.transformer.set_adapters(["a"], weights=[1.0])
+    pipe.transformer.fuse_lora(lora_scale=1.0)
+    torch.testing.assert_close(run(pipe, "wan"), with_lora, atol=1e-4, rtol=1e-4)
+    pipe.transformer.unfuse_lora()
+    torch.testing.assert_close(run(pipe, "wan"), with_lora, atol=1e-4, rtol=1e-4)
+    pipe.transformer.disable_adapters()
+    torch.testing.assert_close(run(pipe, "wan"), base, atol=1e-5, rtol=1e-5)
+    assert state.calls["sparse"] > 0
+
+
+def test_callbacks_seeds_and_half_precision_on_a_patched_pipeline():
+    pipe = tiny_pipeline("wan")
+    vs.apply(pipe, _cfg())
+    state = get_state(pipe.transformer)
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, state.calls["sparse"]))
+        return kwargs
+
+    from compose_pipelines import call_kwargs
+
+    a = pipe(**call_kwargs("wan", steps=3, seed=5), callback_on_step_end=callback)[0]
+    assert [s for s, _ in seen] == [0, 1, 2] and seen[0][1] > 0
+    torch.testing.assert_close(run(pipe, "wan", steps=3, seed=5), a)  # same seed, same video
+    assert not torch.allclose(run(pipe, "wan", steps=3, seed=6), a)
+    pipe.to(torch.bfloat16)
+    state.calls.clear()
+    kw = call_kwargs("wan", steps=2)
+    kw["prompt_embeds"] = kw["prompt_embeds"].bfloat16()
+    kw["negative_prompt_embeds"] = kw["negative_prompt_embeds"].bfloat16()
+    out = pipe(**kw)[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and state.calls["sparse"] > 0
