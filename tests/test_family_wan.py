@@ -66,8 +66,12 @@ def test_sparse_pattern_runs_and_differs_from_dense():
     model = tiny_transformer("wan")
     inputs = tiny_inputs("wan", model, 4, 8, 8, batch=1)
     ref = _run(model, inputs)
-    vs.apply(model, vs.SparseConfig(vs.Tile(tile=(1, 2, 2), window=(1, 1, 1)), backend="torch",
-                                    dense_first_steps=0, dense_layers=()))
+    vs.apply(
+        model,
+        vs.SparseConfig(
+            vs.Tile(tile=(1, 2, 2), window=(1, 1, 1)), backend="torch", dense_first_steps=0, dense_layers=()
+        ),
+    )
     out = _run(model, inputs)
     vs.remove(model)
     assert out.shape == ref.shape and torch.isfinite(out).all()

@@ -7,11 +7,10 @@ class UserError(Exception):
     """An error caused by the command line itself (bad value, missing file): no traceback."""
 
 
-
-
-
 def brief(exc: BaseException, lines: int = 2) -> str:
     """The first meaningful lines of an exception message, on one line (for wrapped errors)."""
     parts = [ln.strip().rstrip(":.") for ln in str(exc).splitlines() if ln.strip()]
     return "; ".join(parts[:lines])
+
+
 __all__ = ["UserError", "brief"]

@@ -66,7 +66,9 @@ class GenerateOptions:
     block_size: int | None = None
     parallel: str = "none"
     # --parallel only (None: the environment variable, else the default of vidsparse.parallel.generate):
-    vae_overlap: int | str | None = None  # latent frames of VAE context per clip, or "all" (exact); VIDSPARSE_VAE_OVERLAP, 4
+    vae_overlap: int | str | None = (
+        None  # latent frames of VAE context per clip, or "all" (exact); VIDSPARSE_VAE_OVERLAP, 4
+    )
     dist_timeout: float | None = None  # seconds a collective may wait; VIDSPARSE_DIST_TIMEOUT, 600
     compare_dense: bool = False
     out: str | None = None
@@ -242,7 +244,9 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         raise ValueError(
             "--compare-dense compares a sparse pattern with dense attention; choose a --pattern other than dense."
         )
-    return GenerationPlan(info, frames, height, width, steps, float(guidance), dtype, device, grid, name, config, out, fps, lora)
+    return GenerationPlan(
+        info, frames, height, width, steps, float(guidance), dtype, device, grid, name, config, out, fps, lora
+    )
 
 
 __all__ = ["DTYPES", "PARALLEL_MODES", "TINY_DEFAULTS", "GenerateOptions", "GenerationPlan", "prepare"]

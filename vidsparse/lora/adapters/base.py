@@ -46,7 +46,9 @@ def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str
     config = getattr(module, "config", None)
     if config is not None:
         cfg = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("name_or_path", "transformers_version")}
+        cfg = {
+            k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("name_or_path", "transformers_version")
+        }
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -110,7 +112,9 @@ class TrainableVideoModel:
         get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
         if get("use_dynamic_shifting", False):
             if self._latent_tokens is None:
-                raise RuntimeError("default_flow_shift of a dynamic-shifting scheduler needs validate_clip(spec) first.")
+                raise RuntimeError(
+                    "default_flow_shift of a dynamic-shifting scheduler needs validate_clip(spec) first."
+                )
             base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
             base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
             m = (max_shift - base_shift) / (max_len - base_len)
@@ -127,8 +131,10 @@ class TrainableVideoModel:
         sched = self.pipe.scheduler
         cfg = sched.config
         pred = cfg.get("prediction_type") if isinstance(cfg, dict) else getattr(cfg, "prediction_type", None)
-        is_flow = "FlowMatch" in type(sched).__name__ or pred == "flow_prediction" or bool(
-            getattr(cfg, "use_flow_sigmas", False)
+        is_flow = (
+            "FlowMatch" in type(sched).__name__
+            or pred == "flow_prediction"
+            or bool(getattr(cfg, "use_flow_sigmas", False))
         )
         if not is_flow:
             raise ValueError(

@@ -41,8 +41,9 @@ class HunyuanVideoModel(TextEncodersMixin, TrainableVideoModel):
     def validate_clip(self, spec: ClipSpec) -> None:
         cfg = self.transformer.config
         p, pt = int(cfg.patch_size), int(cfg.patch_size_t)
-        self._check_clip(spec, self._temporal * pt, self._spatial * p, self._spatial * p,
-                         f"VAE {self._spatial}x times patch {p}x{p}")
+        self._check_clip(
+            spec, self._temporal * pt, self._spatial * p, self._spatial * p, f"VAE {self._spatial}x times patch {p}x{p}"
+        )
         self._record_latent_size(spec, self._temporal, self._spatial)
 
     @torch.no_grad()
@@ -56,19 +57,26 @@ class HunyuanVideoModel(TextEncodersMixin, TrainableVideoModel):
             from vidsparse.models import tiny
 
             emb, mask = tiny_text(caption, tiny.TINY_TEXT_LEN, self._text_dim())
-            pooled = tiny.encode_prompt_tiny("pooled: " + caption, seq_len=1,
-                                        dim=int(self.transformer.config.pooled_projection_dim))[0, 0]
+            pooled = tiny.encode_prompt_tiny(
+                "pooled: " + caption, seq_len=1, dim=int(self.transformer.config.pooled_projection_dim)
+            )[0, 0]
         else:
             from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
             device = self._text_device()
             emb, pooled, mask = self.pipe.encode_prompt(
-                prompt=[caption], prompt_template=DEFAULT_PROMPT_TEMPLATE, num_videos_per_prompt=1, device=device,
+                prompt=[caption],
+                prompt_template=DEFAULT_PROMPT_TEMPLATE,
+                num_videos_per_prompt=1,
+                device=device,
                 max_sequence_length=self.max_sequence_length,
             )
             emb, pooled, mask = emb[0], pooled[0], mask[0].bool()
-        return {"prompt_embeds": emb.detach().float().cpu(), "prompt_attention_mask": mask.cpu(),
-                "pooled_prompt_embeds": pooled.detach().float().cpu()}
+        return {
+            "prompt_embeds": emb.detach().float().cpu(),
+            "prompt_attention_mask": mask.cpu(),
+            "pooled_prompt_embeds": pooled.detach().float().cpu(),
+        }
 
     def predict(self, transformer, noisy, timesteps, text):
         dev, dt = noisy.device, noisy.dtype

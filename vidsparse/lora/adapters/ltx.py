@@ -29,8 +29,13 @@ class LTXVideoModel(T5TextMixin, TrainableVideoModel):
         self._pt = int(pipe.transformer_temporal_patch_size)
 
     def validate_clip(self, spec: ClipSpec) -> None:
-        self._check_clip(spec, self._temporal * self._pt, self._spatial * self._p, self._spatial * self._p,
-                         f"VAE {self._spatial}x times patch {self._p}x{self._p}")
+        self._check_clip(
+            spec,
+            self._temporal * self._pt,
+            self._spatial * self._p,
+            self._spatial * self._p,
+            f"VAE {self._spatial}x times patch {self._p}x{self._p}",
+        )
         self._record_latent_size(spec, self._temporal, self._spatial)  # the pipeline's video_sequence_length
 
     @torch.no_grad()
@@ -39,8 +44,9 @@ class LTXVideoModel(T5TextMixin, TrainableVideoModel):
 
         vae = self.pipe.vae
         z = self._vae_mode(pixels)
-        return LTXPipeline._normalize_latents(z, vae.latents_mean.float(), vae.latents_std.float(),
-                                              float(vae.config.scaling_factor))
+        return LTXPipeline._normalize_latents(
+            z, vae.latents_mean.float(), vae.latents_std.float(), float(vae.config.scaling_factor)
+        )
 
     def predict(self, transformer, noisy, timesteps, text):
         from diffusers import LTXPipeline

@@ -32,8 +32,9 @@ class MochiModel(T5TextMixin, TrainableVideoModel):
 
     def validate_clip(self, spec: ClipSpec) -> None:
         p = int(self.transformer.config.patch_size)
-        self._check_clip(spec, self._temporal, self._spatial * p, self._spatial * p,
-                         f"VAE {self._spatial}x times patch {p}x{p}")
+        self._check_clip(
+            spec, self._temporal, self._spatial * p, self._spatial * p, f"VAE {self._spatial}x times patch {p}x{p}"
+        )
         self._record_latent_size(spec, self._temporal, self._spatial)
 
     @torch.no_grad()

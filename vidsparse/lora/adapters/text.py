@@ -43,15 +43,31 @@ class TextEncodersMixin:
         if self.tiny_text:
             from vidsparse.models import tiny
 
-            return module_fingerprint(None, {"encoder": "vidsparse.lora.families.tiny_text", "dim": self._text_dim(),
-                                             "len": tiny.TINY_TEXT_LEN, "family": self.family})  # type: ignore[attr-defined]
+            return module_fingerprint(
+                None,
+                {
+                    "encoder": "vidsparse.lora.families.tiny_text",
+                    "dim": self._text_dim(),
+                    "len": tiny.TINY_TEXT_LEN,
+                    "family": self.family,
+                },
+            )  # type: ignore[attr-defined]
         parts = {}
         for name in self.text_encoder_names:
             tok = getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
-            parts[name] = {"tokenizer": type(tok).__name__, "vocab": getattr(tok, "vocab_size", None),
-                           "encoder": module_fingerprint(getattr(pipe, name, None))}
-        return module_fingerprint(None, {"family": self.family, "max_len": self.max_sequence_length,  # type: ignore[attr-defined]
-                                         "encoders": parts})
+            parts[name] = {
+                "tokenizer": type(tok).__name__,
+                "vocab": getattr(tok, "vocab_size", None),
+                "encoder": module_fingerprint(getattr(pipe, name, None)),
+            }
+        return module_fingerprint(
+            None,
+            {
+                "family": self.family,
+                "max_len": self.max_sequence_length,  # type: ignore[attr-defined]
+                "encoders": parts,
+            },
+        )
 
     def _text_device(self) -> torch.device:
         device = torch.device("cpu")
@@ -73,8 +89,11 @@ class T5TextMixin(TextEncodersMixin):
             emb, mask = tiny_text(caption, tiny.TINY_TEXT_LEN, self._text_dim())
         else:
             emb, mask, _, _ = self.pipe.encode_prompt(
-                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length, device=self._text_device(),
+                prompt=[caption],
+                do_classifier_free_guidance=False,
+                num_videos_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+                device=self._text_device(),
             )
             emb, mask = emb[0], mask[0].bool()
         return {"prompt_embeds": emb.detach().float().cpu(), "prompt_attention_mask": mask.cpu()}

@@ -36,12 +36,18 @@ class WanModel(TrainableVideoModel):
 
             return module_fingerprint(
                 None,
-                {"encoder": "vidsparse.models.tiny.encode_prompt_tiny", "dim": self.transformer.config.text_dim,
-                 "len": tiny.TINY_TEXT_LEN},
+                {
+                    "encoder": "vidsparse.models.tiny.encode_prompt_tiny",
+                    "dim": self.transformer.config.text_dim,
+                    "len": tiny.TINY_TEXT_LEN,
+                },
             )
         tok = getattr(self.pipe, "tokenizer", None)
-        extra = {"tokenizer": type(tok).__name__, "vocab": getattr(tok, "vocab_size", None),
-                 "max_len": self.max_sequence_length}
+        extra = {
+            "tokenizer": type(tok).__name__,
+            "vocab": getattr(tok, "vocab_size", None),
+            "max_len": self.max_sequence_length,
+        }
         return module_fingerprint(self.pipe.text_encoder, extra)
 
     def validate_clip(self, spec: ClipSpec) -> None:
@@ -71,8 +77,11 @@ class WanModel(TrainableVideoModel):
         else:
             device = next(self._ready(self.pipe.text_encoder).parameters()).device
             emb, _ = self.pipe.encode_prompt(
-                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length, device=device,
+                prompt=[caption],
+                do_classifier_free_guidance=False,
+                num_videos_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+                device=device,
             )
         return {"prompt_embeds": emb[0].detach().cpu()}
 
