@@ -1,6 +1,7 @@
 """The diffusers floor: pyproject's ``diffusers>=`` is the oldest release the suite was run on
-(0.41.0: tests/test_families.py, tests/test_pipelines.py and tests/test_compose_*.py pass; 0.40.0
-fails on the first forward, its ``StateManager`` has no ``_context``), and the diffusers API
+(0.41.0: tests/test_families.py, tests/test_pipelines.py and the offload, features, parallel and
+floor tests of tests/test_compose_*.py pass; per issue 13, 0.40.0 fails on the first forward: its
+``StateManager`` has no ``_context``), and the diffusers API
 vidsparse relies on is there. CPU-cheap: imports and attribute checks only."""
 
 from __future__ import annotations
