@@ -51,12 +51,14 @@ class SparseProcessor:
         self.original._parallel_config = value
 
     def _dense(self, *args, **kwargs):
-        self.state.calls["dense"] += 1
+        if not torch.compiler.is_compiling():  # a counter in a graph would be guarded on (recompiles)
+            self.state.calls["dense"] += 1
         return self.original(*args, **kwargs)
 
     def _layout(self, seq_len: int, text_len: int, position: str) -> VideoLayout:
         """The call's layout, checked against this attention's token count."""
         layout = self.state.current.layout
+        seq_len = seq_len * self.state.ulysses  # diffusers' Ulysses: this rank holds 1/N of the rows
         if layout.text_len != text_len or layout.seq_len != seq_len:
             grid_layout = VideoLayout(*layout.grid, text_len=text_len, text_position=position if text_len else "none")
             if grid_layout.seq_len != seq_len:

@@ -57,11 +57,14 @@ def block_mask_from_plan(plan: BlockSparsePlan, key_valid: torch.Tensor | None =
     pn, pi, fn, fi = _split_full_partial(plan, key_valid is not None)
     Bp, Hp = plan.kv_counts.shape[:2]
     # -2: block not computed, -1: whole block, >= 0: element mask id.
-    table = torch.full((Bp, Hp, nb, nb), -2, dtype=torch.int32, device=plan.device)
     slot = torch.arange(plan.kv_indices.shape[-1], device=plan.device)
     listed = slot < plan.kv_counts.long().unsqueeze(-1)
-    b_i, h_i, q_i, s_i = torch.nonzero(listed, as_tuple=True)
-    table[b_i, h_i, q_i, plan.kv_indices[b_i, h_i, q_i, s_i].long()] = plan.mask_ids[b_i, h_i, q_i, s_i]
+    # [compose] scatter into a spare column nb (dropped) instead of indexing with torch.nonzero:
+    # no data-dependent shapes, so this traces under torch.compile(fullgraph=True).
+    table = torch.full((Bp, Hp, nb, nb + 1), -2, dtype=torch.int32, device=plan.device)
+    cols = torch.where(listed, plan.kv_indices.long(), nb)
+    table.scatter_(-1, cols, torch.where(listed, plan.mask_ids, -2).to(torch.int32))
+    table = table[..., :nb]
     masks = plan.block_masks
     if masks.shape[0] == 0:
         masks = torch.ones(1, bs, bs, dtype=torch.bool, device=plan.device)
@@ -146,14 +149,22 @@ def run(
     """q, k, v [B, H, S_pad, D] in kernel order -> (out, lse fp32 [B, H, S_pad])."""
     if block_mask is None:
         block_mask = BLOCK_MASKS.get(plan, key_valid, q.shape[0])
+    if torch.compiler.is_compiling():
+        # [compose] inside the caller's graph (e.g. compile_repeated_blocks(fullgraph=True)):
+        # flex_attention is traced as is; a warnings filter there would break the graph.
+        out, lse = _flex(flex_attention, q, k, v, block_mask, scale)
+        return out, lse.float()
     fn = _compiled_flex() if q.is_cuda else flex_attention
     with warnings.catch_warnings():
         # Eager flex on CPU materialises scores; that is expected for this exact CPU path.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        if AuxRequest is not None:
-            out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-            lse = aux.lse
-        else:  # pragma: no cover
-            out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+        out, lse = _flex(fn, q, k, v, block_mask, scale)
     # Rows with no visible key: flex returns lse=-inf and out 0 (kept as is).
     return out, lse.float()
+
+
+def _flex(fn, q, k, v, block_mask, scale):
+    if AuxRequest is not None:
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)  # pragma: no cover

@@ -3,6 +3,12 @@
 The semantic reference every other backend is tested against. Memory is bounded by one
 query block against its listed key blocks (never S x S); with autograd each block is
 checkpointed so the backward pass stays bounded too.
+
+torch.compile (``fullgraph=True``, whole model or ``compile_repeated_blocks``): which key
+blocks a query block reads is plan data, and a list of them has a data-dependent length. In a
+graph every query block therefore runs against all key blocks under the plan's element mask
+(``block_row_mask`` with every column): the same result, memory still one query block row
+(bs x S), but no skipped compute; the flex and triton backends are the fast compiled paths.
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ def block_row_mask(
     return mask
 
 
+def _block_columns(plan: BlockSparsePlan, qb: int) -> torch.Tensor:
+    """The sorted key blocks any (batch, head) of the plan lists for query block ``qb`` (int64)."""
+    if torch.compiler.is_compiling():  # static shape: every block, the mask excludes the rest
+        return torch.arange(plan.num_blocks, device=plan.device)
+    slot = torch.arange(plan.kv_indices.shape[-1], device=plan.device)
+    return torch.unique(plan.kv_indices[:, :, qb][slot < plan.kv_counts[:, :, qb].unsqueeze(-1)]).long()
+
+
 def _attend_block(q_blk, k_sel, v_sel, mask, scale):
     acc = torch.promote_types(q_blk.dtype, torch.float32)
     s = torch.matmul(q_blk.to(acc), k_sel.to(acc).transpose(-1, -2)) * scale
@@ -82,11 +96,9 @@ def run(
     outs, lses = [], []
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     for qb in range(nq):
-        cols = torch.unique(plan.kv_indices[:, :, qb][
-            torch.arange(plan.kv_indices.shape[-1], device=plan.device) < plan.kv_counts[:, :, qb].unsqueeze(-1)
-        ]).long()
+        cols = _block_columns(plan, qb)
         q_blk = q[:, :, qb * bs : (qb + 1) * bs]
-        if cols.numel() == 0:
+        if not torch.compiler.is_compiling() and cols.numel() == 0:  # eager only: a data-dependent size
             outs.append(torch.zeros_like(q_blk))
             lses.append(torch.full((B, H, bs), float("-inf"), device=q.device))
             continue

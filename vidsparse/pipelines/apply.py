@@ -18,7 +18,14 @@ from diffusers.hooks import HookRegistry
 from vidsparse.config import SparseConfig
 from vidsparse.families import Family, family_of
 from vidsparse.patterns import PATTERNS, Pattern
-from vidsparse.pipelines.hooks import HOOK_NAME, SparseState, StepTracker, VidsparseHook, get_hook
+from vidsparse.pipelines.hooks import (
+    HOOK_NAME,
+    SparseState,
+    StepTracker,
+    VidsparseHook,
+    check_context_parallel,
+    get_hook,
+)
 
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 
@@ -48,9 +55,7 @@ def transformers_of(target: Any) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(target, torch.nn.Module):
         return [("transformer", _unwrap(target))]
     if _is_pipeline(target):
-        found = [
-            (a, _unwrap(getattr(target, a))) for a in _TRANSFORMER_ATTRS if getattr(target, a, None) is not None
-        ]
+        found = [(a, _unwrap(getattr(target, a))) for a in _TRANSFORMER_ATTRS if getattr(target, a, None) is not None]
         if not found:
             raise ValueError(
                 f"{type(target).__name__} holds no transformer (pipe.transformer / pipe.transformer_2 are None); "
@@ -133,6 +138,11 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
         num_layers = len(paths)
         if get_hook(transformer) is None:
             _check_processors(family, paths)
+        if check_context_parallel(transformer) > 1 and getattr(transformer, "_cp_plan", None) is None:
+            raise ValueError(
+                f"{type(transformer).__name__} has no _cp_plan: diffusers' context parallelism does not "
+                "split it, so vidsparse cannot run under it."
+            )
         dense_layers = cfg.dense_layers
         if dense_layers is None:
             dense_layers = family.default_schedule(cfg.pattern_name)[1]
@@ -164,7 +174,10 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
             two_stage=two_stage,
         )
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.register_hook(VidsparseHook(state), HOOK_NAME)
+        hook = VidsparseHook(state)
+        registry.register_hook(hook, HOOK_NAME)
+        hook.forward_wrapper = transformer.__dict__.get("forward")
+        hook.attach(transformer)
         for path, module, layer in paths:
             original = module.processor
             state.original_processors[path] = original
@@ -187,8 +200,34 @@ def remove_from(transformer: torch.nn.Module) -> bool:
     modules = dict(transformer.named_modules())
     for path, original in hook.state.original_processors.items():
         _set_processor(modules[path], original)
-    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    hook.detach()
+    _unregister(transformer, hook)
     return True
+
+
+def _unregister(transformer: torch.nn.Module, hook: VidsparseHook) -> None:
+    """Remove the registry entry without disturbing forward wrappers installed after it.
+
+    ``HookRegistry.remove_hook`` sets ``module.forward`` back to the forward it wrapped when
+    vidsparse was its last hook. If accelerate wrapped the transformer afterwards
+    (``vs.apply`` then ``enable_model_cpu_offload``), that would drop the offload hook; if
+    accelerate had already re-installed itself below (offload then ``vs.apply``, after one
+    pipeline call), it would put a stale forward back. Here the outer forward is kept and
+    only the link that pointed at vidsparse's wrapper (accelerate's ``_old_forward``) is
+    re-pointed at what vidsparse wrapped.
+    """
+    below = hook.fn_ref.forward  # what vidsparse's registry wrapper called
+    outer = transformer.__dict__.get("forward")
+    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    wrapper = hook.forward_wrapper
+    if wrapper is None or outer is wrapper:
+        return  # vidsparse was outermost: remove_hook did the right thing
+    if outer is None:
+        transformer.__dict__.pop("forward", None)
+    else:
+        transformer.forward = outer
+    if transformer.__dict__.get("_old_forward") is wrapper:  # accelerate's hook sits above vidsparse
+        transformer._old_forward = below
 
 
 def remove(target: Any) -> Any:

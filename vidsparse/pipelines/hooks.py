@@ -159,6 +159,8 @@ class SparseState:
     current: CallInfo | None = None
     calls: Counter = field(default_factory=Counter)  # "sparse" / "dense" self-attention calls
     original_processors: dict[str, Any] = field(default_factory=dict)
+    ulysses: int = 1  # diffusers' Ulysses degree on this transformer (read at every forward)
+    runs: int = 0  # pipeline calls finished (diffusers resets stateful hooks after each)
     _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
 
@@ -172,7 +174,7 @@ class SparseState:
         grid = self.family.grid(transformer, kwargs)
         if grid is None or isinstance(grid, str):  # a str says why the tokens are no grid
             why = f": {grid}" if isinstance(grid, str) else " (e.g. LTX-Video with conditioning tokens)"
-            self.warn_once(
+            self.warn_each_run(
                 "grid",
                 f"vidsparse: could not read the token grid of this {type(transformer).__name__} call{why}; "
                 "it runs with dense attention.",
@@ -207,8 +209,7 @@ class SparseState:
                 pattern.validate(layout)
             except ValueError as exc:
                 raise ValueError(
-                    f"vidsparse: {pattern!r} cannot run on this {self.family.name} call "
-                    f"(token grid {layout}): {exc}"
+                    f"vidsparse: {pattern!r} cannot run on this {self.family.name} call (token grid {layout}): {exc}"
                 ) from None
         return tuple(out)
 
@@ -259,6 +260,7 @@ class SparseState:
 
     # -- per forward ---------------------------------------------------------------------
     def begin_call(self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any) -> CallInfo:
+        self.ulysses = check_context_parallel(transformer)
         branch = getattr(context, "name", None) or "default"
         ctx_step = getattr(context, "step_index", None)
         timestep = kwargs.get("timestep")
@@ -290,32 +292,45 @@ class SparseState:
         self.current = info
         return info
 
-    def prebuild_plans(self, num_heads: int, device: torch.device) -> None:
+    def prebuild_plans(self, transformer: torch.nn.Module, device: torch.device) -> None:
         """Build this call's static plans now, outside any torch.compile region: a compiled
-        graph can only look plans up (``vidsparse.plan`` is host-side work)."""
+        graph (whole model or ``compile_repeated_blocks``) can only look plans up
+        (``vidsparse.plan`` is host-side work). Under diffusers' Ulysses context parallelism the
+        processors see ``heads / ulysses_degree`` heads, so those plans are built too."""
         info = self.current
         if info is None or info.layout is None or self.attention_fn is not _vidsparse_attention:
             return
+        _load_backend(self.config.backend, device)  # importlib cannot run in a graph either
+        heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None) or _attention_heads(
+            transformer, self
+        )
+        if not heads:
+            return
+        head_counts = {int(heads)}
+        degree = ulysses_degree(transformer)
+        if degree > 1:
+            head_counts = {int(heads) // degree}
         seen = set()
         for layer, pattern in enumerate(info.patterns):
             if pattern is None or pattern.dynamic:
                 continue
             key = (pattern, layer if pattern.uses_layer else None)
-            if key not in seen:
-                seen.add(key)
+            if key in seen:
+                continue
+            seen.add(key)
+            for n in head_counts:
                 _vidsparse_plan(
-                    pattern, info.layout, num_heads=num_heads, layer=layer, device=device, block_size=info.block_size
+                    pattern, info.layout, num_heads=n, layer=layer, device=device, block_size=info.block_size
                 )
 
     def pattern_for(self, layer: int) -> Pattern | None:
         info = self.current
         if info is None:
-            self.warn_once(
-                "outside",
-                "vidsparse: a patched self-attention ran outside a transformer forward (no layout known); "
-                "it uses the model's own dense attention.",
+            raise RuntimeError(
+                "vidsparse: a patched self-attention ran outside a transformer forward, so no token layout is "
+                "known (e.g. a block called directly, or after the pipeline call ended). Call the transformer "
+                "itself, or vidsparse.remove(pipe) to get the model's own processors back."
             )
-            return None
         return info.patterns[layer]
 
     def attend(
@@ -323,7 +338,22 @@ class SparseState:
     ) -> torch.Tensor:
         """One sparse self-attention call, through the replaceable ``attention_fn``."""
         info = self.current
-        self.calls["sparse"] += 1
+        if not torch.compiler.is_compiling():  # a counter in a graph would be guarded on (recompiles)
+            self.calls["sparse"] += 1
+        if self.ulysses > 1:
+            return _ulysses(
+                self.attention_fn,
+                self.ulysses,
+                q,
+                k,
+                v,
+                layout,
+                pattern,
+                self.config.backend,
+                layer,
+                text_mask,
+                info.block_size,
+            )
         return self.attention_fn(
             q,
             k,
@@ -336,6 +366,12 @@ class SparseState:
             block_size=info.block_size,
         )
 
+    def warn_each_run(self, key: str, message: str) -> None:
+        """Warn once per pipeline call (never a quiet fallback from the second call on)."""
+        if (key, self.runs) not in self._warned:
+            self._warned.add((key, self.runs))
+            warnings.warn(f"{message} (warned on every pipeline call; call {self.runs + 1})", stacklevel=3)
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -343,7 +379,19 @@ class SparseState:
 
 
 class VidsparseHook(ModelHook):
-    """Stateful transformer hook: fills ``SparseState.current`` before every forward."""
+    """Stateful transformer hook: receives diffusers' cache context and end-of-call reset.
+
+    The per-forward bookkeeping (``SparseState.begin_call``) does not run from this hook's
+    ``pre_forward`` but from a torch forward pre-hook (``register_forward_pre_hook``) that
+    ``attach`` installs on the transformer. diffusers' ``HookRegistry`` and accelerate's
+    offload hooks both work by replacing ``module.forward``; ``enable_model_cpu_offload``
+    removes and re-adds its hook after every pipeline call (``maybe_free_model_hooks``), which
+    restores the forward it saw first and drops any wrapper installed after it. Torch's
+    pre-hooks run in ``Module.__call__`` whatever ``forward`` is, so vidsparse stays active in
+    every order of offloading and ``vs.apply``. This registry entry is still needed: the
+    pipeline's ``cache_context`` (CFG branch, step index) and ``reset_stateful_hooks`` reach
+    vidsparse through it.
+    """
 
     _is_stateful = True
 
@@ -353,30 +401,47 @@ class VidsparseHook(ModelHook):
         # diffusers' cache_context sets the context on every StateManager attribute of a stateful hook.
         self.context_manager = StateManager(_NoState)
         self._signature: inspect.Signature | None = None
+        self._torch_handle: torch.utils.hooks.RemovableHandle | None = None
+        self.forward_wrapper: Any = None  # the module.forward the registry installed for this hook
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(type(module).forward)
         return module
 
+    def attach(self, module: torch.nn.Module) -> None:
+        """Install the torch forward pre-hook that runs the bookkeeping (once per ``__call__``)."""
+        self._torch_handle = module.register_forward_pre_hook(self._torch_pre_hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._torch_handle is not None:
+            self._torch_handle.remove()
+            self._torch_handle = None
+
+    def _torch_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # Under whole-model torch.compile this flag is traced as True (the processors then do
+        # not count their calls: a counter in a graph is guarded on); the eager bookkeeping
+        # counts this forward's planned calls instead.
+        self._begin(module, args, kwargs, torch.compiler.is_compiling())
+        return None
+
     @torch.compiler.disable
-    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict, compiling: bool) -> None:
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict, compiling: bool = False) -> None:
         try:
             bound = self._signature.bind(module, *args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
-        self.state.begin_call(module, bound, self.context_manager._context)
-        heads = getattr(getattr(module, "config", None), "num_attention_heads", None) or _attention_heads(
-            module, self.state
-        )
+        info = self.state.begin_call(module, bound, self.context_manager._context)
+        if compiling:
+            sparse = sum(p is not None for p in info.patterns)
+            self.state.calls["sparse"] += sparse
+            if len(info.patterns) > sparse:
+                self.state.calls["dense"] += len(info.patterns) - sparse
         hs = bound.get("hidden_states")
-        if compiling and heads and isinstance(hs, torch.Tensor):
-            self.state.prebuild_plans(int(heads), hs.device)
-
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        # Under torch.compile this flag is traced as True: the (eager) bookkeeping then also
-        # builds the plans the compiled attention calls will look up.
-        self._begin(module, args, kwargs, torch.compiler.is_compiling())
-        return args, kwargs
+        if isinstance(hs, torch.Tensor):
+            # Always, not only under torch.compile: a regionally compiled block
+            # (``compile_repeated_blocks``) runs inside an eager transformer forward and can only
+            # look plans up.
+            self.state.prebuild_plans(module, hs.device)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         # ``current`` stays set until the next forward or reset: gradient checkpointing
@@ -387,6 +452,7 @@ class VidsparseHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.tracker.reset()
         self.state.current = None
+        self.state.runs += 1
         return module
 
 
@@ -400,11 +466,87 @@ def _attention_heads(transformer: torch.nn.Module, state: SparseState) -> int | 
     return None
 
 
+def _load_backend(backend: str, device: torch.device) -> None:
+    name = backend if backend != AUTO else ("triton" if device.type == "cuda" else "torch")
+    try:
+        get_backend(name).load()
+    except ImportError:  # "auto" falls back to flex per call (vidsparse.attention.resolve_backend)
+        get_backend("flex").load()
+
+
 def _default_block(backend: str, hidden_states: torch.Tensor | None) -> int:
     """The block size ``vidsparse.attention`` would pick for this backend (its record's ``default_block``)."""
     cuda = isinstance(hidden_states, torch.Tensor) and hidden_states.is_cuda
     name = backend if backend != AUTO else ("triton" if cuda else "torch")
     return get_backend(name).default_block
+
+
+def check_context_parallel(transformer: torch.nn.Module) -> int:
+    """The Ulysses degree vidsparse runs under (1: no context parallelism); refuses what it cannot run.
+
+    After diffusers' Ulysses all-to-all every rank holds the whole sequence for ``heads / N``
+    heads, so a pattern runs unchanged on the local heads. Ring attention splits the sequence
+    itself (each rank sees a slice of the keys), which no vidsparse pattern can plan on.
+    """
+    cfg = getattr(transformer, "_parallel_config", None)
+    cp = getattr(cfg, "context_parallel_config", None)
+    if cp is None:
+        return 1
+    name = type(transformer).__name__
+    if int(getattr(cp, "ring_degree", 1) or 1) > 1:
+        raise ValueError(
+            f"vidsparse: {name} uses diffusers' ring attention (ContextParallelConfig(ring_degree="
+            f"{cp.ring_degree})), which splits the key sequence across ranks; sparse patterns need every key of the "
+            "video on the rank. Use ContextParallelConfig(ulysses_degree=N), or `vidsparse generate --parallel clip`."
+        )
+    degree = int(getattr(cp, "ulysses_degree", 1) or 1)
+    if degree > 1:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if degree != world:
+            raise ValueError(
+                f"vidsparse: ContextParallelConfig(ulysses_degree={degree}) on {world} processes; vidsparse composes "
+                "with Ulysses over the whole world only (ulysses_degree = world size)."
+            )
+    return degree
+
+
+def _ulysses(attention_fn, n, q, k, v, layout, pattern, backend, layer, text_mask, block_size):
+    """Sparse attention inside diffusers' Ulysses: [B, S/N, H, D] rows of every head -> the whole
+    sequence for H/N heads (all-to-all), the pattern on it, and back (all-to-all)."""
+    import torch.distributed as dist
+
+    B, s, H, D = q.shape
+    if H % n:
+        raise ValueError(f"vidsparse: {H} heads do not split over ulysses_degree={n}.")
+    h = H // n
+    x = torch.stack([q, k, v]).reshape(3, B, s, n, h, D).permute(3, 0, 1, 2, 4, 5).contiguous()
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)  # y[i]: rank i's rows, this rank's heads
+    full = y.permute(1, 2, 0, 3, 4, 5).reshape(3, B, n * s, h, D)
+    out = attention_fn(
+        full[0],
+        full[1],
+        full[2],
+        layout,
+        pattern,
+        backend=backend,
+        layer=layer,
+        text_mask=text_mask,
+        block_size=block_size,
+    )
+    out = out.reshape(B, n, s, h, D).permute(1, 0, 2, 3, 4).contiguous()
+    back = torch.empty_like(out)
+    dist.all_to_all_single(back, out)  # back[i]: this rank's rows, rank i's heads
+    return back.permute(1, 2, 0, 3, 4).reshape(B, s, H, D)
+
+
+def ulysses_degree(transformer: torch.nn.Module) -> int:
+    """The Ulysses degree of diffusers' context parallelism on this transformer (1 if off)."""
+    cfg = getattr(transformer, "_parallel_config", None)
+    cp = getattr(cfg, "context_parallel_config", None)
+    return int(getattr(cp, "ulysses_degree", None) or 1)
 
 
 def get_hook(transformer: torch.nn.Module) -> VidsparseHook | None:
