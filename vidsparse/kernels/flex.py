@@ -102,6 +102,10 @@ class BlockMaskCache:
         self.builds = 0
 
     def get(self, plan: BlockSparsePlan, key_valid: torch.Tensor | None, batch: int) -> BlockMask:
+        if torch.compiler.is_compiling():
+            # Inside a graph (compile_repeated_blocks(fullgraph=True)) the mask is traced once with
+            # the graph (block_mask_from_plan has no data-dependent shapes); a lock cannot be traced.
+            return block_mask_from_plan(plan, key_valid, batch)
         key = (id(plan), batch, None if key_valid is None else (tuple(key_valid.shape), key_valid.dtype))
         with self._lock:
             hit = self._data.get(key)
