@@ -221,7 +221,9 @@ def test_nabla_calls_run_the_pattern_in_raster_order_and_dense_layers_keep_nabla
     assert torch.equal(_run(model, inputs), nabla)
 
 
-def test_torch_compile_of_the_patched_transformer():
+def test_torch_compile_of_the_patched_transformer(monkeypatch):
+    from vidsparse.pipelines import hooks
+
     model = tiny_transformer("kandinsky5", num_visual_blocks=1)
     inputs = tiny_inputs("kandinsky5", model, 3, 8, 8)
     vs.apply(model, _cfg(TILE))
@@ -232,8 +234,8 @@ def test_torch_compile_of_the_patched_transformer():
     vs.apply(compiled, _cfg(TILE))
     state = get_state(model)
     prebuilt = []
-    prebuild = state.prebuild_plans
-    state.prebuild_plans = lambda heads, device: prebuilt.append(heads) or prebuild(heads, device)
+    build = hooks._vidsparse_plan
+    monkeypatch.setattr(hooks, "_vidsparse_plan", lambda *a, **kw: prebuilt.append(kw["num_heads"]) or build(*a, **kw))
     torch.testing.assert_close(_run(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
     # The config has no num_attention_heads: the hook reads the heads off the attention module
     # and builds the plans outside the compiled graph.
