@@ -1,8 +1,8 @@
 """LoRA training adapters for HunyuanVideo, LTX-Video and Mochi (vidsparse/lora/families.py).
 
-Each family gets a tiny random-init diffusers pipeline built here (tiny transformer from
-``vidsparse.models.tiny``, a tiny VAE of the family's own class, the family's scheduler config,
-no text encoders: the adapter then uses hashed stand-in embeddings with a padding mask). Checked
+Each family's tiny random-init diffusers pipeline is its record's ``tiny_pipeline`` (tiny
+transformer, a tiny VAE of the family's own class, the family's scheduler config, no text
+encoders: the adapter then uses hashed stand-in embeddings with a padding mask). Checked
 per family: VAE latents are normalized exactly as the pipeline denormalizes them; the flow
 convention (timestep fed to the transformer, sign of its output) matches what the pipeline's
 sampling loop does with it; LoRA attaches to the video self-attention only; a short run under
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.families import family_of
+from vidsparse.families import family_of, get_family
 from vidsparse.lora import TrainConfig
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
@@ -22,7 +22,7 @@ from vidsparse.lora.flow import shift_sigmas
 from vidsparse.lora.models import TrainableVideoModel, adapter_for
 from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
-from vidsparse.models.tiny import build_tiny_pipeline, tiny_transformer
+from vidsparse.models.tiny import build_tiny_pipeline
 from vidsparse.pipelines import apply
 
 # clip sizes giving a latent grid of 3 frames x 16 x 16 (HunyuanVideo, Mochi: 8 x 8 tokens after
@@ -33,54 +33,14 @@ CAPTIONS = ("a red square slides to the right", "a blue square")
 SPARSE = SparseConfig("radial", dense_first_steps=0, backend="torch", block_size=16)
 
 
-def _tiny_vae(family: str):
-    import diffusers
-
-    if family == "hunyuan":
-        return diffusers.AutoencoderKLHunyuanVideo(
-            latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-            mid_block_add_attention=False,
-        )
-    if family == "ltx":
-        vae = diffusers.AutoencoderKLLTXVideo(
-            latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-            layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1), scaling_factor=1.3,
-        )
-        with torch.no_grad():  # non-trivial statistics, so a wrong normalization shows
-            vae.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.05]))
-            vae.latents_std.copy_(torch.tensor([0.9, 1.3, 0.7, 1.1]))
-        return vae
-    return diffusers.AutoencoderKLMochi(
-        latent_channels=4, encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
-        layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5,
-        latents_mean=(0.1, -0.2, 0.3, 0.05), latents_std=(0.9, 1.3, 0.7, 1.1), scaling_factor=1.3,
-    )
-
-
-def tiny_family_pipeline(family: str, seed: int = 0, invert_sigmas: bool = True):
-    """A tiny HunyuanVideoPipeline / LTXPipeline / MochiPipeline with the family's scheduler config."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler as Euler
-
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        vae = _tiny_vae(family)
-    finally:
-        torch.random.set_rng_state(state)
-    transformer = tiny_transformer(family, seed=seed)
-    if family == "hunyuan":  # hunyuanvideo-community/HunyuanVideo: shift 7
-        pipe = diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                              scheduler=Euler(shift=7.0), text_encoder_2=None, tokenizer_2=None)
-    elif family == "ltx":  # Lightricks/LTX-Video scheduler_config.json
-        sched = Euler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
-                      max_image_seq_len=4096, shift_terminal=0.1)
-        pipe = diffusers.LTXPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    else:  # genmo/mochi-1-preview: invert_sigmas
-        pipe = diffusers.MochiPipeline(scheduler=Euler(invert_sigmas=invert_sigmas), vae=vae, text_encoder=None,
-                                       tokenizer=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def tiny_family_pipeline(family: str, seed: int = 0, **kwargs):
+    """A tiny HunyuanVideoPipeline / LTXPipeline / MochiPipeline with the family's scheduler config
+    (the family record's ``tiny_pipeline``, also served as ``generate --model tiny-<family>``).
+    Mochi's has 4 latent channels here (``LATENT``), not the 12 its pipeline's decode needs: these
+    tests stop at latents."""
+    if family == "mochi":
+        kwargs.setdefault("latent_channels", 4)
+    return get_family(family).tiny_pipeline(seed=seed, **kwargs)
 
 
 def _clip(spec: ClipSpec, direction: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
 from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_options_from_args
-from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate
+from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
 from vidsparse.kernels.backends import backend_choices
 
 
@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=TINY,
         help="diffusers pipeline: hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), local folder, or 'tiny' "
-        "(embedded random-init Wan pipeline, no download; default)",
+        "(embedded random-init Wan pipeline, no download; default) or another embedded random-init pipeline: "
+        + ", ".join(tiny_models()[1:]),
     )
     model.add_argument(
         "--prompt", default=GenerateOptions.prompt, help=f"text prompt (default {GenerateOptions.prompt!r})"

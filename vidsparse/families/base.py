@@ -162,6 +162,27 @@ def tiny_dims(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def tiny_masked_prompt_kwargs(pipe, prompt: str, negative_prompt: str, text_dim: int) -> dict[str, Any]:
+    """Hashed prompt kwargs for a tiny pipeline whose call takes embeddings with a padding mask.
+
+    ``prompt_embeds`` / ``negative_prompt_embeds`` [1, TINY_TEXT_LEN, text_dim] and bool
+    ``prompt_attention_mask`` / ``negative_prompt_attention_mask`` [1, TINY_TEXT_LEN] (one token
+    per word + 1, the rest padding), on the pipeline's execution device in the transformer's dtype.
+    They are the LoRA trainer's stand-ins for a pipeline without text encoders
+    (``vidsparse.lora.adapters.text.tiny_text``), so a LoRA trained on a tiny pipeline meets the
+    same prompt embeddings at generation. The LoRA module is imported on call.
+    """
+    from vidsparse.lora.adapters.text import tiny_text
+
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    out: dict[str, Any] = {}
+    for prefix, text in (("", prompt), ("negative_", negative_prompt)):
+        emb, mask = tiny_text(text, TINY_TEXT_LEN, text_dim)
+        out[f"{prefix}prompt_embeds"] = emb[None].to(device=device, dtype=dtype)
+        out[f"{prefix}prompt_attention_mask"] = mask[None].to(device)
+    return out
+
+
 @dataclass(frozen=True)
 class TinyRequest:
     """What a family's tiny-input builder gets (``vidsparse.models.tiny.tiny_inputs``).
@@ -419,6 +440,7 @@ __all__ = [
     "VideoGeometry",
     "bcfhw_grid",
     "tiny_dims",
+    "tiny_masked_prompt_kwargs",
     "indexed_paths",
     "joint_text",
     "native_window_defaults",

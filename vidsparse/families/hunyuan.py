@@ -30,6 +30,7 @@ from vidsparse.families.base import (
     indexed_paths,
     joint_text,
     tiny_dims,
+    tiny_masked_prompt_kwargs,
 )
 from vidsparse.families.processor import SparseProcessor, project_qkv
 
@@ -173,6 +174,69 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
     )
 
 
+def tiny_vae():
+    """The smallest ``AutoencoderKLHunyuanVideo`` with the real one's interface: 4 latent channels,
+    8-wide blocks, 4x time / 8x space compression like the checkpoint's (its four blocks)."""
+    import diffusers
+
+    return diffusers.AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random-init ``diffusers.HunyuanVideoPipeline`` (no tokenizers / text encoders).
+
+    The family's ``hunyuan`` tiny transformer, ``tiny_vae`` and the flow-matching Euler scheduler
+    of hunyuanvideo-community/HunyuanVideo (shift 7). Prompts go in as hashed embeddings, a
+    padding mask and a pooled embedding (``tiny_prompt_kwargs``). Served as
+    ``vidsparse generate --model tiny-hunyuan``; the LoRA tests train on it.
+    """
+    import diffusers
+
+    from vidsparse.models.tiny import tiny_transformer
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        vae = tiny_vae()
+    finally:
+        torch.random.set_rng_state(state)
+    pipe = diffusers.HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_transformer("hunyuan", seed=seed),
+        vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str, Any]:
+    """Call kwargs of a tiny HunyuanVideo pipeline: hashed ``prompt_embeds``, the padding mask as the
+    tokenizer gives it (int64), ``pooled_prompt_embeds`` (the CLIP stand-in, hashed from
+    "pooled: " + prompt as the LoRA adapter does), and the negative ones (used under true CFG)."""
+    from vidsparse.models.tiny import encode_prompt_tiny
+
+    cfg = pipe.transformer.config
+    out = tiny_masked_prompt_kwargs(pipe, prompt, negative_prompt, int(cfg.text_embed_dim))
+    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    for prefix, text in (("", prompt), ("negative_", negative_prompt)):
+        out[f"{prefix}prompt_attention_mask"] = out[f"{prefix}prompt_attention_mask"].long()
+        pooled = encode_prompt_tiny("pooled: " + text, seq_len=1, dim=int(cfg.pooled_projection_dim))[:, 0]
+        out[f"{prefix}pooled_prompt_embeds"] = pooled.to(device=device, dtype=dtype)
+    return out
+
+
 def _lora_adapter() -> type:
     from vidsparse.lora.adapters.hunyuan import HunyuanVideoModel
 
@@ -203,4 +267,6 @@ FAMILY = Family(
         "hunyuan": TinyVariant("hunyuan", _tiny_config, _tiny_inputs),
         "hunyuan-i2v": TinyVariant("hunyuan-i2v", lambda: _tiny_config("token_replace"), _tiny_inputs),
     },
+    tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
 )

@@ -34,6 +34,7 @@ from vidsparse.families.base import (
     indexed_paths,
     no_text,
     tiny_dims,
+    tiny_masked_prompt_kwargs,
 )
 from vidsparse.families.processor import SparseProcessor
 
@@ -142,6 +143,70 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
     )
 
 
+def tiny_vae():
+    """The smallest ``AutoencoderKLLTXVideo`` with the real one's interface: 4 latent channels,
+    8-wide blocks, 8x time / 32x space compression like the checkpoint's. Its latent statistics
+    are set to non-trivial values so that a wrong (de)normalization shows in tests."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        scaling_factor=1.3,
+    )
+    with torch.no_grad():
+        vae.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.05]))
+        vae.latents_std.copy_(torch.tensor([0.9, 1.3, 0.7, 1.1]))
+    return vae
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random-init ``diffusers.LTXPipeline`` (no tokenizer / text encoder).
+
+    The family's ``ltx`` tiny transformer, ``tiny_vae`` and the flow-matching Euler scheduler of
+    Lightricks/LTX-Video's scheduler_config.json (resolution-dependent shift, terminal 0.1).
+    Prompts go in as hashed embeddings with a padding mask (``tiny_prompt_kwargs``). Served as
+    ``vidsparse generate --model tiny-ltx``; the LoRA tests train on it.
+    """
+    import diffusers
+
+    from vidsparse.models.tiny import tiny_transformer
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        vae = tiny_vae()
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    pipe = diffusers.LTXPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_transformer("ltx", seed=seed),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str, Any]:
+    """Call kwargs of a tiny LTX-Video pipeline: hashed (negative) ``prompt_embeds`` and bool masks."""
+    return tiny_masked_prompt_kwargs(pipe, prompt, negative_prompt, int(pipe.transformer.config.caption_channels))
+
+
 def _lora_adapter() -> type:
     from vidsparse.lora.adapters.ltx import LTXVideoModel
 
@@ -172,4 +237,6 @@ FAMILY = Family(
     },
     shard_plan=SHARD_PLAN,
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
+    tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
 )

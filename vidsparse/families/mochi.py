@@ -32,6 +32,7 @@ from vidsparse.families.base import (
     bcfhw_grid,
     indexed_paths,
     joint_text,
+    tiny_masked_prompt_kwargs,
 )
 from vidsparse.families.processor import SparseProcessor, project_qkv
 
@@ -137,6 +138,77 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
     )
 
 
+#: Latent channels of every Mochi checkpoint; ``MochiPipeline.__call__`` hard-codes them when it
+#: denormalizes latents before decoding (``latents_mean.view(1, 12, 1, 1, 1)``).
+MOCHI_LATENT_CHANNELS = 12
+
+
+def tiny_vae(latent_channels: int = MOCHI_LATENT_CHANNELS):
+    """The smallest ``AutoencoderKLMochi`` with the real one's interface: 12 latent channels (the
+    pipeline's decode needs them), 32-wide blocks (its GroupNorms take 32 groups), no attention,
+    6x time / 8x space compression like the checkpoint's; non-trivial ``latents_mean`` /
+    ``latents_std`` so that a wrong (de)normalization shows in tests. ``latent_channels`` other
+    than 12 gives a VAE the pipeline can only run with ``output_type="latent"``."""
+    import diffusers
+
+    if latent_channels % 4:
+        raise ValueError(f"tiny Mochi VAE: latent_channels must be a multiple of 4, got {latent_channels!r}.")
+    reps = latent_channels // 4
+    return diffusers.AutoencoderKLMochi(
+        latent_channels=latent_channels,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+        add_attention_block=(False,) * 5,
+        latents_mean=(0.1, -0.2, 0.3, 0.05) * reps,
+        latents_std=(0.9, 1.3, 0.7, 1.1) * reps,
+        scaling_factor=1.3,
+    )
+
+
+def tiny_pipeline(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    *,
+    invert_sigmas: bool = True,
+    latent_channels: int = MOCHI_LATENT_CHANNELS,
+):
+    """A tiny random-init ``diffusers.MochiPipeline`` (no tokenizer / text encoder).
+
+    The family's ``mochi`` tiny transformer (with ``latent_channels`` in and out), ``tiny_vae``
+    and the flow-matching Euler scheduler of genmo/mochi-1-preview (``invert_sigmas=True``;
+    ``False`` builds the misconfigured pipeline train-lora refuses). Prompts go in as hashed
+    embeddings with a padding mask (``tiny_prompt_kwargs``). Served as ``vidsparse generate
+    --model tiny-mochi``; the LoRA tests train on a 4-channel one (``output_type="latent"`` only).
+    """
+    import diffusers
+
+    from vidsparse.models.tiny import tiny_transformer
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        vae = tiny_vae(latent_channels)
+    finally:
+        torch.random.set_rng_state(state)
+    pipe = diffusers.MochiPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=invert_sigmas),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_transformer("mochi", seed=seed, in_channels=latent_channels),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str, Any]:
+    """Call kwargs of a tiny Mochi pipeline: hashed (negative) ``prompt_embeds`` and bool masks."""
+    return tiny_masked_prompt_kwargs(pipe, prompt, negative_prompt, int(pipe.transformer.config.text_embed_dim))
+
+
 def _lora_adapter() -> type:
     from vidsparse.lora.adapters.mochi import MochiModel
 
@@ -158,4 +230,6 @@ FAMILY = Family(
     lora_adapter=_lora_adapter,
     shard_plan=SHARD_PLAN,
     tiny={"mochi": TinyVariant("mochi", _tiny_config, _tiny_inputs)},
+    tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
 )
