@@ -24,6 +24,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vidsparse.errors import UserError
@@ -42,17 +43,36 @@ EXIT_INTERRUPTED = 130
 
 def _module_docstring(module: str) -> str | None:
     """A module's docstring read from its source without importing it (imports torch)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+    origin = _module_file(module)
+    if origin is None:
         return None
     try:
-        with open(spec.origin, encoding="utf-8") as fh:
+        with open(origin, encoding="utf-8") as fh:
             return ast.get_docstring(ast.parse(fh.read())) or ""
     except (OSError, SyntaxError, UnicodeDecodeError):
         return ""
+
+
+def _module_file(module: str) -> str | None:
+    """The source file of a dotted module, found without importing its parent packages
+    (``importlib.util.find_spec("vidsparse.lora.cli")`` would import ``vidsparse.lora``, and torch)."""
+    top, *parts = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin, locations = spec.origin, list(spec.submodule_search_locations or [])
+    for part in parts:
+        found = next(
+            (c for loc in locations for c in (Path(loc, part, "__init__.py"), Path(loc, f"{part}.py")) if c.is_file()),
+            None,
+        )
+        if found is None:
+            return None
+        origin, locations = str(found), [str(found.parent)] if found.name == "__init__.py" else []
+    return origin if origin and origin.endswith(".py") else None
 
 
 def _summary(doc: str | None, module: str) -> str:
