@@ -16,9 +16,11 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import textwrap
+import time
 import traceback
 import types
 import typing
@@ -37,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "train-lora": "vidsparse.lora.cli",
 }
 
+_IMPORTED_AT = time.perf_counter()
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -108,6 +111,22 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors"
         )
     return parser, subparsers
+
+
+def seconds_since_process_start() -> float:
+    """How long this process has run (Linux: /proc; elsewhere since ``vidsparse.cli`` was imported).
+
+    ``vidsparse generate`` counts it as start-up: the interpreter, torch, diffusers and the
+    command's own imports, which a user waits through as much as through the denoising.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED_AT
 
 
 def _find_command(argv: Sequence[str]) -> str | None:

@@ -17,12 +17,19 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
 from pathlib import Path
 
-from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
+from vidsparse.cli import (
+    UserError,
+    add_pattern_arguments,
+    parse_dense_layers,
+    pattern_options_from_args,
+    seconds_since_process_start,
+)
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate
 from vidsparse.kernels.backends import backend_choices
 
@@ -225,7 +232,9 @@ def _is_main_rank() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = generate(options_from_args(args))
+    options = options_from_args(args)
+    startup_s = seconds_since_process_start()
+    result = dataclasses.replace(generate(options), startup_s=startup_s)
     if not _is_main_rank():
         return 0  # --parallel: rank 0 prints the summary and writes --json
     print(format_summary(result), flush=True)
