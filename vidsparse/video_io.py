@@ -182,4 +182,12 @@ def psnr(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> float:
     return 10.0 * float(np.log10(255.0**2 / mse))
 
 
-__all__ = ["VIDEO_SUFFIXES", "as_uint8_frames", "atomic_output", "check_video_path", "check_writable_dir", "psnr", "write_video"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "as_uint8_frames",
+    "atomic_output",
+    "check_video_path",
+    "check_writable_dir",
+    "psnr",
+    "write_video",
+]

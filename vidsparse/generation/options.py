@@ -161,7 +161,11 @@ def _lora_summary(
     trained = {k: info.get(k) for k in keys if k in info}
     warnings = []
     wanted = {"num_frames": frames, "height": height, "width": width}
-    differ = [f"{k.replace('num_', '')} {trained[k]} (this run: {v})" for k, v in wanted.items() if trained.get(k) not in (None, v)]
+    differ = [
+        f"{k.replace('num_', '')} {trained[k]} (this run: {v})"
+        for k, v in wanted.items()
+        if trained.get(k) not in (None, v)
+    ]
     if differ:
         warnings.append(
             "the LoRA was trained for " + ", ".join(differ) + "; it adapts the model to its training length and "
@@ -285,7 +289,20 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
             run_pattern = repr(options.pattern)
         lora_summary = _lora_summary(lora, options, frames, height, width, run_pattern)
     return GenerationPlan(
-        info, frames, height, width, steps, float(guidance), dtype, device, grid, name, config, out, fps, lora,
+        info,
+        frames,
+        height,
+        width,
+        steps,
+        float(guidance),
+        dtype,
+        device,
+        grid,
+        name,
+        config,
+        out,
+        fps,
+        lora,
         lora_summary,
     )
 

@@ -36,7 +36,12 @@ class LoraSummary:
     warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "scale": self.scale, "trained_for": self.trained_for, "warnings": list(self.warnings)}
+        return {
+            "path": self.path,
+            "scale": self.scale,
+            "trained_for": self.trained_for,
+            "warnings": list(self.warnings),
+        }
 
     def describe(self) -> str:
         text = f"{self.path} (scale {self.scale:g})"
@@ -172,7 +177,9 @@ def time_lines(result: GenerateResult) -> list[str]:
     if result.call_s:
         rest = result.call_s - result.denoise_s - result.decode_s
         if rest >= 0.05:
-            lines.append(f"           rest of the pipeline call {rest:.1f} s (text encoding, scheduler, post-processing)")
+            lines.append(
+                f"           rest of the pipeline call {rest:.1f} s (text encoding, scheduler, post-processing)"
+            )
     return lines
 
 
@@ -208,4 +215,12 @@ def format_summary(result: GenerateResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DenseComparison", "GenerateResult", "LayerGroupDensity", "LoraSummary", "format_summary", "time_lines", "time_parts"]
+__all__ = [
+    "DenseComparison",
+    "GenerateResult",
+    "LayerGroupDensity",
+    "LoraSummary",
+    "format_summary",
+    "time_lines",
+    "time_parts",
+]
