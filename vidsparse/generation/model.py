@@ -29,7 +29,8 @@ from vidsparse.families import (
 )
 
 TINY = "tiny"
-# A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
+# Small enough for a CPU (benchmarks/results/tiny_generate_cpu.md), big enough (9x6x10 latent tokens, 540)
+# for visible sparsity.
 TINY_DEFAULTS = {"frames": 33, "height": 96, "width": 160, "steps": 8, "guidance": 5.0}
 
 
