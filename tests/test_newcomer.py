@@ -274,6 +274,13 @@ def test_generate_help_shows_the_family_defaults_and_choices():
         assert choices in help_text.split(flag)[-1].split(" --", 1)[0], flag
 
 
+def test_inspect_help_shows_no_family_defaults():
+    """inspect builds patterns with the class defaults: its help must not claim family values run."""
+    help_text = " ".join(_sub("inspect").format_help().split())
+    assert "family defaults" not in help_text and "radial: float, default 1.0" in help_text
+    assert "family defaults" in " ".join(_sub("train-lora").format_help().split())
+
+
 def test_every_train_lora_flag_has_help():
     sub = _sub("train-lora")
     missing = [a.option_strings[0] for a in sub._actions if a.option_strings and not a.help]

@@ -501,10 +501,14 @@ def family_pattern_defaults() -> dict[tuple[str, str], list[tuple[str, Any]]]:
     return out
 
 
-def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def add_pattern_arguments(
+    parser: argparse.ArgumentParser, default: str | None = None, *, family_defaults: bool = False
+) -> None:
     """Add ``--pattern`` and one flag per field of every registered pattern to ``parser``.
 
     Call it after the command's own flags, so a clashing field flag gets the ``pattern-`` prefix.
+    ``family_defaults``: the command resolves a pattern name with the model family's defaults
+    (generate, train-lora), so each flag's help lists the family values that run without it.
     """
     from vidsparse.patterns import PATTERNS
 
@@ -524,7 +528,7 @@ def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None =
     for pname in names:
         for spec in pattern_field_specs(PATTERNS[pname]).values():
             by_field.setdefault(spec.field, []).append(spec)
-    by_family = family_pattern_defaults()
+    by_family = family_pattern_defaults() if family_defaults else {}
     for field, specs in sorted(by_field.items()):
         flag = _flag_name(field, reserved)
         parts = []

@@ -182,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     report.add_argument("--no-progress", action="store_true", help="hide the denoising progress bar")
     report.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
-    add_pattern_arguments(parser, default="radial")
+    add_pattern_arguments(parser, default="radial", family_defaults=True)
 
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:

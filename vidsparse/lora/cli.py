@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block 0 dense). Use the same value at inference.")
     from vidsparse.cli import add_pattern_arguments
 
-    add_pattern_arguments(parser, default="radial")
+    add_pattern_arguments(parser, default="radial", family_defaults=True)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
