@@ -4,8 +4,9 @@
 Wan pipeline that needs no download (its prompt is embedded by hashing the text, so different
 prompts give different videos). The pattern is applied with vidsparse.apply: a pattern given
 by name gets the model family's defaults, which the pattern flags below override. Sizes, paths
-and options are checked before any model is loaded. The summary reports wall time, time per
-step, attention density per layer group and, with --compare-dense, the dense run's time, the
+and options are checked before any model is loaded. The summary reports the time from process
+start (start-up, loading, denoising with time per step, VAE decode, writing), the LoRA if any,
+attention density per layer group and, with --compare-dense, the dense run's time, the
 speedup and the PSNR between the two videos. The video file appears only once complete.
 
 Examples:
