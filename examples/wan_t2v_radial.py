@@ -14,7 +14,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", help="hub id or local pipeline folder")
     parser.add_argument("--prompt", default="A cat walks on the grass, realistic style.", help="text prompt")
-    parser.add_argument("--pattern", default="radial", help="dense, radial, tile, attention-tile, gna or vmoba")
+    parser.add_argument(
+        "--pattern", default="radial", choices=sorted(vs.PATTERNS), help="sparse attention pattern (default radial)"
+    )
     parser.add_argument("--frames", type=int, default=81, help="number of frames (1 + 4k for Wan)")
     parser.add_argument("--out", default="wan_radial.mp4", help="output video file")
     args = parser.parse_args()

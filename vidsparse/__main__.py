@@ -2,7 +2,10 @@
 
 import sys
 
-from vidsparse.cli import main
-
 if __name__ == "__main__":
+    try:
+        from vidsparse.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while Python starts: one line, as anywhere later
+        print("vidsparse: interrupted.", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

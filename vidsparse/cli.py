@@ -16,14 +16,17 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import textwrap
+import time
 import traceback
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vidsparse.errors import UserError
@@ -36,23 +39,43 @@ COMMANDS: dict[str, str] = {
     "train-lora": "vidsparse.lora.cli",
 }
 
+_IMPORTED_AT = time.perf_counter()
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
 def _module_docstring(module: str) -> str | None:
     """A module's docstring read from its source without importing it (imports torch)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+    origin = _module_file(module)
+    if origin is None:
         return None
     try:
-        with open(spec.origin, encoding="utf-8") as fh:
+        with open(origin, encoding="utf-8") as fh:
             return ast.get_docstring(ast.parse(fh.read())) or ""
     except (OSError, SyntaxError, UnicodeDecodeError):
         return ""
+
+
+def _module_file(module: str) -> str | None:
+    """The source file of a dotted module, found without importing its parent packages
+    (``importlib.util.find_spec("vidsparse.lora.cli")`` would import ``vidsparse.lora``, and torch)."""
+    top, *parts = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin, locations = spec.origin, list(spec.submodule_search_locations or [])
+    for part in parts:
+        found = next(
+            (c for loc in locations for c in (Path(loc, part, "__init__.py"), Path(loc, f"{part}.py")) if c.is_file()),
+            None,
+        )
+        if found is None:
+            return None
+        origin, locations = str(found), [str(found.parent)] if found.name == "__init__.py" else []
+    return origin if origin and origin.endswith(".py") else None
 
 
 def _summary(doc: str | None, module: str) -> str:
@@ -88,6 +111,22 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors"
         )
     return parser, subparsers
+
+
+def seconds_since_process_start() -> float:
+    """How long this process has run (Linux: /proc; elsewhere since ``vidsparse.cli`` was imported).
+
+    ``vidsparse generate`` counts it as start-up: the interpreter, torch, diffusers and the
+    command's own imports, which a user waits through as much as through the denoising.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED_AT
 
 
 def _find_command(argv: Sequence[str]) -> str | None:
@@ -405,15 +444,71 @@ def parse_dense_layers(text: str, *, error: type[Exception] = UserError, noun: s
     return tuple(layers)
 
 
+# Flags that mean one thing in every subcommand, so a pattern field of the same name always gets
+# the "pattern-" prefix: --block-size is the kernel block (generate, inspect), radial's own block
+# is --pattern-block-size everywhere (train-lora included).
+COMMAND_FLAGS = frozenset({"--block-size"})
+
+
 def _flag_name(field: str, reserved: set[str]) -> str:
     flag = "--" + field.replace("_", "-")
-    return "--pattern-" + field.replace("_", "-") if flag in reserved else flag
+    return "--pattern-" + field.replace("_", "-") if flag in reserved or flag in COMMAND_FLAGS else flag
 
 
-def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+class _DeprecatedPatternFlag(argparse.Action):
+    """An old spelling of a pattern flag: sets the same option, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, new_flag: str = "", **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"vidsparse: warning: {option_string} is deprecated here; it sets the pattern's own option, now spelled "
+            f"{self.new_flag} ({option_string} means the kernel block size in vidsparse generate and inspect).",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def family_pattern_defaults() -> dict[tuple[str, str], list[tuple[str, Any]]]:
+    """(pattern, field) -> [("wan", 0.2), ...]: the option each family's defaults give a pattern
+    named on the command line, at the family's default video size (options that are fitted to
+    the grid can differ at other sizes). Read from the family records, so --help shows what runs."""
+    from vidsparse.families import families
+    from vidsparse.layout import VideoLayout, auto_block_size
+
+    out: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    for family in families():
+        try:
+            geo = family.geometry
+            layout = VideoLayout(*geo.latent_grid(*geo.default_video))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        for pattern in family.pattern_defaults:
+            try:
+                options = family.pattern_options(pattern, layout, auto_block_size(layout))
+            except (ValueError, TypeError):
+                continue
+            for field, value in options.items():
+                out.setdefault((pattern, field), []).append((family.name, value))
+    return out
+
+
+def add_pattern_arguments(
+    parser: argparse.ArgumentParser, default: str | None = None, *, family_defaults: bool = False
+) -> None:
     """Add ``--pattern`` and one flag per field of every registered pattern to ``parser``.
 
     Call it after the command's own flags, so a clashing field flag gets the ``pattern-`` prefix.
+    ``family_defaults``: the command resolves a pattern name with the model family's defaults
+    (generate, train-lora), so each flag's help lists the family values that run without it.
     """
     from vidsparse.patterns import PATTERNS
 
@@ -433,9 +528,19 @@ def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None =
     for pname in names:
         for spec in pattern_field_specs(PATTERNS[pname]).values():
             by_field.setdefault(spec.field, []).append(spec)
+    by_family = family_pattern_defaults() if family_defaults else {}
     for field, specs in sorted(by_field.items()):
         flag = _flag_name(field, reserved)
-        desc = "; ".join(s.describe() for s in specs).replace("%", "%%")
+        parts = []
+        for s in specs:
+            text = s.describe(full=False)
+            # A pattern given by name runs its family's value, not the class default: say which.
+            fams = [(f, v) for f, v in by_family.get((s.pattern, field), ()) if v != s.default]
+            if fams:
+                values = ", ".join(f"{f} {_format_value(v)}" for f, v in fams)
+                text += f" (family defaults, what runs without this flag: {values}; other families as the default)"
+            parts.append(f"{text}. {s.help.rstrip('.')}" if s.help else text)
+        desc = "; ".join(parts).replace("%", "%%")
         if all(s.kind == "bool" for s in specs):
             group.add_argument(
                 flag, dest=_OPT_PREFIX + field, action=argparse.BooleanOptionalAction, default=None, help=desc
@@ -448,6 +553,17 @@ def add_pattern_arguments(parser: argparse.ArgumentParser, default: str | None =
         else:
             metavar = field.upper()
             group.add_argument(flag, dest=_OPT_PREFIX + field, default=None, metavar=metavar, help=desc)
+    for old_flag in sorted(COMMAND_FLAGS - reserved):  # e.g. train-lora's old --block-size (radial's block)
+        field = old_flag[2:].replace("-", "_")
+        if field in by_field:
+            group.add_argument(
+                old_flag,
+                dest=_OPT_PREFIX + field,
+                default=None,
+                action=_DeprecatedPatternFlag,
+                new_flag=_flag_name(field, reserved),
+                help=argparse.SUPPRESS,
+            )
     parser.set_defaults(_pattern_flags={f: _flag_name(f, reserved) for f in by_field})
 
 

@@ -4,8 +4,9 @@
 Wan pipeline that needs no download (its prompt is embedded by hashing the text, so different
 prompts give different videos). The pattern is applied with vidsparse.apply: a pattern given
 by name gets the model family's defaults, which the pattern flags below override. Sizes, paths
-and options are checked before any model is loaded. The summary reports wall time, time per
-step, attention density per layer group and, with --compare-dense, the dense run's time, the
+and options are checked before any model is loaded. The summary reports the time from process
+start (start-up, loading, denoising with time per step, VAE decode, writing), the LoRA if any,
+attention density per layer group and, with --compare-dense, the dense run's time, the
 speedup and the PSNR between the two videos. The video file appears only once complete.
 
 Examples:
@@ -17,12 +18,19 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
 from pathlib import Path
 
-from vidsparse.cli import UserError, add_pattern_arguments, parse_dense_layers, pattern_options_from_args
+from vidsparse.cli import (
+    UserError,
+    add_pattern_arguments,
+    parse_dense_layers,
+    pattern_options_from_args,
+    seconds_since_process_start,
+)
 from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_options_from_args
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
 from vidsparse.kernels.backends import backend_choices
@@ -177,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     report.add_argument("--no-progress", action="store_true", help="hide the denoising progress bar")
     report.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
-    add_pattern_arguments(parser, default="radial")
+    add_pattern_arguments(parser, default="radial", family_defaults=True)
     add_freeswim_arguments(parser)
 
 
@@ -249,7 +257,13 @@ def _is_main_rank() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = generate(options_from_args(args))
+    options = options_from_args(args)
+    if args.json:  # checked before the work, as --out is
+        from vidsparse.video_io import check_writable_dir
+
+        check_writable_dir(Path(args.json).expanduser().parent, f"--json {args.json!r}")
+    startup_s = seconds_since_process_start()
+    result = dataclasses.replace(generate(options), startup_s=startup_s)
     if not _is_main_rank():
         return 0  # --parallel: rank 0 prints the summary and writes --json
     print(format_summary(result), flush=True)

@@ -27,13 +27,16 @@ must return zeros (not NaN) for a row whose keys are all masked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vidsparse.layout import VideoLayout
 from vidsparse.lru import LRUCache
-from vidsparse.patterns.base import Pattern
+
+if TYPE_CHECKING:  # patterns import this module (a runtime import would be a cycle)
+    from vidsparse.patterns.base import Pattern
 
 DEFAULT_BLOCK_SIZE = 128
 # Element evaluations per chunk while building a plan (bounds the builder's memory).

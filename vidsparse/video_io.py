@@ -10,6 +10,7 @@ presses Ctrl-C, the temporary file is removed and an existing file is left untou
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,9 +77,33 @@ def check_video_path(path: str | os.PathLike) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise ValueError(f"Output directory {str(parent)!r} is a file; choose another output path.")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise ValueError(f"Output directory {str(parent)!r} is not writable; choose another output path.")
+    check_writable_dir(parent, f"output path {str(p)!r}")
     return p
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
+    """Raise ValueError unless files can be created in ``directory`` (or, when it does not exist
+    yet, in its nearest existing ancestor, where it will be created).
+
+    Tried for real with a temporary file, since permission bits do not tell: root passes
+    ``os.access`` on a read-only filesystem or in /proc, and the write would fail only after the work.
+    """
+    d = Path(directory).expanduser().absolute()
+    existing = d
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"Cannot write {what}: {str(existing)!r} is a file, not a directory; choose another path.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".vidsparse-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        where = str(existing) if existing == d else f"{existing} (where {d} would be created)"
+        raise ValueError(
+            f"Cannot write {what}: files cannot be created in {where}: {exc.strerror or exc}. "
+            "Choose an output path in a writable directory."
+        ) from None
 
 
 def write_video(path: str | os.PathLike, frames, fps: int = 16, quality: int = 8) -> Path:
@@ -157,4 +182,12 @@ def psnr(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> float:
     return 10.0 * float(np.log10(255.0**2 / mse))
 
 
-__all__ = ["VIDEO_SUFFIXES", "as_uint8_frames", "atomic_output", "check_video_path", "psnr", "write_video"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "as_uint8_frames",
+    "atomic_output",
+    "check_video_path",
+    "check_writable_dir",
+    "psnr",
+    "write_video",
+]

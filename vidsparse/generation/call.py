@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -113,20 +113,74 @@ def call_kwargs(
     return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
 
 
-def run_pipeline(pipe, plan: GenerationPlan, options: GenerateOptions, on_step=None) -> tuple[np.ndarray, tuple, float]:
-    """One pipeline call; returns (uint8 frames [T, H, W, 3], step times, whole call seconds)."""
+class DecodeClock:
+    """Seconds spent in ``pipe.vae.decode`` during a pipeline call (the VAE decode is often the
+    largest part of a CPU run, so summaries show it apart from the denoising steps).
+
+    Wraps the VAE instance's ``decode`` for the duration of the call and restores it on ``close``.
+    """
+
+    def __init__(self, pipe, device: torch.device) -> None:
+        self.device, self.seconds, self.calls = device, 0.0, 0
+        self.vae = getattr(pipe, "vae", None)
+        self._own = None
+        if self.vae is None or not callable(getattr(self.vae, "decode", None)):
+            self.vae = None
+            return
+        self._own = vars(self.vae).get("decode")  # an instance attribute already there (restored as is)
+        inner = self.vae.decode
+
+        def decode(*args, **kwargs):
+            self._sync()
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._sync()
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        self.vae.decode = decode
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        if self.vae is None:
+            return
+        if self._own is not None:
+            self.vae.decode = self._own
+        else:
+            del self.vae.decode
+        self.vae = None
+
+
+class PipelineRun(NamedTuple):
+    """One timed pipeline call."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    step_times: tuple[float, ...]
+    call_s: float  # the whole call: text encoding, denoising, VAE decode, post-processing
+    decode_s: float  # inside pipe.vae.decode
+
+
+def run_pipeline(pipe, plan: GenerationPlan, options: GenerateOptions, on_step=None) -> PipelineRun:
+    """One pipeline call; returns the frames, step times, whole-call and VAE-decode seconds."""
     clock = StepClock(pipe, plan.device, on_step)
     kwargs = call_kwargs(pipe, plan, options, plan.steps, "np", clock.callback)
+    decode = DecodeClock(pipe, plan.device)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             output = pipe(**kwargs)
     finally:
         clock.close()
+        decode.close()
     call_s = time.perf_counter() - t0
     frames = output.frames if hasattr(output, "frames") else output[0]
     video = as_uint8_frames(frames[0] if isinstance(frames, (list, tuple)) else frames)
-    return video, clock.step_times, call_s
+    return PipelineRun(video, clock.step_times, call_s, decode.seconds)
 
 
 def warmup(pipe, plan: GenerationPlan, options: GenerateOptions) -> None:
@@ -136,4 +190,4 @@ def warmup(pipe, plan: GenerationPlan, options: GenerateOptions) -> None:
         pipe(**call_kwargs(pipe, plan, options, 1, "latent", None))
 
 
-__all__ = ["StepClock", "call_kwargs", "run_pipeline", "warmup"]
+__all__ = ["DecodeClock", "PipelineRun", "StepClock", "call_kwargs", "run_pipeline", "warmup"]

@@ -407,8 +407,9 @@ def run_freeswim_generation(
     step_times = bars.step_times("refine")
     comparison = None
     if dense_run is not None:
-        dense_frames, dense_steps, dense_call_s = dense_run
+        dense_frames, dense_steps, dense_call_s, dense_decode_s = dense_run
         comparison = DenseComparison(
+            decode_s=dense_decode_s,
             frames=dense_frames,
             denoise_s=float(sum(dense_steps)),
             call_s=dense_call_s,

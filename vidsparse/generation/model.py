@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from vidsparse.families import (
 )
 
 TINY = "tiny"
-# A few seconds on 2 CPU cores, big enough (9x6x10 latent tokens, 540) for visible sparsity.
+# Small enough for a CPU (benchmarks/results/tiny_generate_cpu.md), big enough (9x6x10 latent tokens, 540)
+# for visible sparsity.
 TINY_DEFAULTS = {"frames": 33, "height": 96, "width": 160, "steps": 8, "guidance": 5.0}
 
 
@@ -74,21 +74,65 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"Could not read {path}: {exc}.") from None
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> str | None:
+    """``None`` if a TCP connection to the hub endpoint (``HF_ENDPOINT``) opens within ``timeout_s``,
+    else why not; checked once, so an unreachable hub costs seconds, not the client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc or type(exc).__name__}"
+    return None
+
+
 def _hub_json(repo: str, filename: str, required: bool) -> dict[str, Any] | None:
-    from huggingface_hub import hf_hub_download
+    """A config file of a hub model: from the local cache if there, else downloaded (one short
+    reachability check first; a missing model is one line saying how to get it)."""
+    import logging
+
+    from huggingface_hub import constants, hf_hub_download
 
     try:
-        return _read_json(Path(hf_hub_download(repo, filename)))
-    except Exception as exc:  # network, auth, missing file: all mean "cannot use this id"
+        return _read_json(Path(hf_hub_download(repo, filename, local_files_only=True)))
+    except Exception:  # not cached (or the cache is broken): try the hub below
+        pass
+    how = (
+        f"Download it where the hub can be reached (`hf download {repo}`; gated models need `hf auth login` "
+        "first), then HF_HUB_OFFLINE=1 uses the local cache; or pass a local diffusers pipeline folder, "
+        "or --model tiny."
+    )
+    if constants.is_offline_mode():
         if not required:
             return None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise ValueError(f"--model {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {how}")
+    unreachable = _hub_reachable()
+    if unreachable is not None:
+        if not required:
+            return None
         raise ValueError(
-            f"Could not get {filename} of the hub model {repo!r}{hint}: {type(exc).__name__}: "
-            f"{brief(exc, 1)}. Check the id and your network (gated models need "
-            "`huggingface-cli login`), or pass a local diffusers pipeline folder, or --model tiny."
+            f"--model {repo!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({unreachable}). {how}"
+        )
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # no retry lines with URLs: the error below says what failed
+    try:
+        return _read_json(Path(hf_hub_download(repo, filename, etag_timeout=5)))
+    except Exception as exc:  # missing repo or file, auth, network: all mean "cannot use this id"
+        if not required:
+            return None
+        raise ValueError(
+            f"Could not get {filename} of the hub model {repo!r}: {type(exc).__name__}: {brief(exc, 1)}. "
+            f"Check the id (and access: gated models need `hf auth login`). {how}"
         ) from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _family_from_class(class_name: str, transformer_config: dict[str, Any] | None) -> VideoGeometry:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model
+from vidsparse.generation.result import LoraSummary
 from vidsparse.video_io import check_video_path
 
 DTYPES = {
@@ -99,6 +100,7 @@ class GenerationPlan:
     fps: int
     lora: Path | None
     freeswim: Any = None  # generation.freeswim.FreeSwimPrepared with GenerateOptions.freeswim
+    lora_summary: LoraSummary | None = None  # the LoRA, what it was trained for, and mismatches
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -149,6 +151,38 @@ def _check_lora(path: str | None) -> Path | None:
             f"--lora {path!r} must be a .safetensors file in diffusers format, got {p.suffix or 'no suffix'}."
         )
     return p
+
+
+def _lora_summary(
+    path: Path, options: GenerateOptions, frames: int, height: int, width: int, pattern: str
+) -> LoraSummary:
+    """What the LoRA's ``vidsparse_lora.json`` says it was trained for, and where this run differs."""
+    from vidsparse.lora.export import read_lora_info
+
+    info = read_lora_info(path)
+    if info is None:
+        return LoraSummary(str(path), float(options.lora_scale), None)
+    keys = ("model", "family", "num_frames", "height", "width", "pattern", "rank", "steps")
+    trained = {k: info.get(k) for k in keys if k in info}
+    warnings = []
+    wanted = {"num_frames": frames, "height": height, "width": width}
+    differ = [
+        f"{k.replace('num_', '')} {trained[k]} (this run: {v})"
+        for k, v in wanted.items()
+        if trained.get(k) not in (None, v)
+    ]
+    if differ:
+        warnings.append(
+            "the LoRA was trained for " + ", ".join(differ) + "; it adapts the model to its training length and "
+            f"size, so pass --frames {trained.get('num_frames')} --height {trained.get('height')} "
+            f"--width {trained.get('width')} to get what it was trained for."
+        )
+    if trained.get("pattern") not in (None, pattern):
+        warnings.append(
+            f"the LoRA was trained with pattern {trained['pattern']}, this run uses {pattern}; "
+            "use the pattern (and options) it was trained with."
+        )
+    return LoraSummary(str(path), float(options.lora_scale), trained, tuple(warnings))
 
 
 def _steps_value(value: Any, name: str) -> Any:
@@ -261,8 +295,32 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         raise ValueError(
             "--compare-dense compares a sparse pattern with dense attention; choose a --pattern other than dense."
         )
+    lora_summary = None
+    if lora is not None:
+        # The LoRA's own record of its pattern: "name{options}" as train-lora writes it.
+        if config is None:
+            run_pattern = "dense{}"
+        elif isinstance(options.pattern, str):
+            run_pattern = f"{name}{dict(options.pattern_options)}"
+        else:
+            run_pattern = repr(options.pattern)
+        lora_summary = _lora_summary(lora, options, frames, height, width, run_pattern)
     return GenerationPlan(
-        info, frames, height, width, steps, float(guidance), dtype, device, grid, name, config, out, fps, lora
+        info,
+        frames,
+        height,
+        width,
+        steps,
+        float(guidance),
+        dtype,
+        device,
+        grid,
+        name,
+        config,
+        out,
+        fps,
+        lora,
+        lora_summary,
     )
 
 

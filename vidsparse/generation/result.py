@@ -30,6 +30,36 @@ class LayerGroupDensity:
 
 
 @dataclass(frozen=True)
+class LoraSummary:
+    """The LoRA a run loaded, what it was trained for (its ``vidsparse_lora.json``, if any) and
+    where this run differs from that (a LoRA adapts a model to one length and size)."""
+
+    path: str
+    scale: float
+    trained_for: dict[str, Any] | None  # model, frames, height, width, pattern, steps; None: no vidsparse_lora.json
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "scale": self.scale,
+            "trained_for": self.trained_for,
+            "warnings": list(self.warnings),
+        }
+
+    def describe(self) -> str:
+        text = f"{self.path} (scale {self.scale:g})"
+        t = self.trained_for
+        if t is None:
+            return text + "; no vidsparse_lora.json beside it, so what it was trained for is unknown"
+        size = f"{t.get('num_frames')} frames of {t.get('width')}x{t.get('height')}"
+        return text + f"; trained for {size}, pattern {t.get('pattern')}, on {t.get('model')}, {t.get('steps')} steps"
+
+    def summary_lines(self) -> list[str]:
+        return [f"lora       {self.describe()}", *(f"warning    {w}" for w in self.warnings)]
+
+
+@dataclass(frozen=True)
 class DenseComparison:
     """The same generation with the model's own dense attention (same seed, same prompt)."""
 
@@ -39,6 +69,7 @@ class DenseComparison:
     time_per_step_s: float
     speedup: float  # dense denoising time / sparse denoising time
     psnr_db: float  # sparse video vs dense video
+    decode_s: float = 0.0  # inside pipe.vae.decode
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,15 @@ class GenerateResult:
     write_s: float = 0.0
     computed_work: float | None = None  # as attention_work, from each layer's computed pairs (LayerGroupDensity.work)
     freeswim: Any = None  # generation.freeswim.FreeSwimRun of a --freeswim run: both stages
+    decode_s: float = 0.0  # inside pipe.vae.decode (part of call_s, not of denoise_s)
+    # Process start to the generate() call (Python, torch, the CLI); set by the command line, 0 elsewhere.
+    startup_s: float = 0.0
+    lora: LoraSummary | None = None
+
+    @property
+    def total_s(self) -> float:
+        """Process start (when known) to the end of generate()."""
+        return self.startup_s + self.wall_s
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -78,11 +118,14 @@ class GenerateResult:
             "video_shape": list(self.frames.shape),
             "fps": self.fps,
             "steps": self.steps,
+            "total_s": self.total_s,
+            "startup_s": self.startup_s,
             "wall_s": self.wall_s,
             "prepare_s": self.prepare_s,
             "load_s": self.load_s,
             "call_s": self.call_s,
             "denoise_s": self.denoise_s,
+            "decode_s": self.decode_s,
             "write_s": self.write_s,
             "time_per_step_s": self.time_per_step_s,
             "step_times_s": list(self.step_times_s),
@@ -107,18 +150,27 @@ class GenerateResult:
             out["dense"] = {
                 "denoise_s": self.dense.denoise_s,
                 "call_s": self.dense.call_s,
+                "decode_s": self.dense.decode_s,
                 "time_per_step_s": self.dense.time_per_step_s,
                 "speedup": self.dense.speedup,
                 "psnr_db": None if math.isinf(self.dense.psnr_db) else self.dense.psnr_db,
             }
+        if self.lora is not None:
+            out["lora"] = self.lora.to_json()
         return out
 
 
 def time_parts(result: GenerateResult) -> list[str]:
-    """The timing breakdown; parts a producer did not measure (0) are left out."""
-    denoise = f"denoise {result.denoise_s:.1f} s, {result.time_per_step_s:.3f} s/step median"
-    parts = [f"{name} {value:.1f} s" for name, value in (("setup", result.prepare_s), ("load", result.load_s)) if value]
-    parts.append(f"pipeline {result.call_s:.1f} s ({denoise})" if result.call_s else denoise)
+    """The top-level timing parts, in order; parts a producer did not measure (0) are left out."""
+    parts = [
+        f"{name} {value:.1f} s"
+        for name, value in (("start-up", result.startup_s), ("setup", result.prepare_s), ("load", result.load_s))
+        if value
+    ]
+    if result.call_s:
+        parts.append(f"pipeline {result.call_s:.1f} s")
+    else:  # a producer that times the steps only
+        parts.append(f"denoise {result.denoise_s:.1f} s")
     if result.write_s:
         parts.append(f"write {result.write_s:.1f} s")
     return parts
@@ -140,6 +192,24 @@ def work_warnings(densities) -> list[str]:
     return lines
 
 
+def time_lines(result: GenerateResult) -> list[str]:
+    """The ``time`` lines: the total and its parts, then the pipeline's denoising and VAE decode."""
+    lines = [f"time       {result.total_s:.1f} s total: " + ", ".join(time_parts(result))]
+    lines.append(
+        f"           denoise {result.denoise_s:.1f} s ({len(result.step_times_s) or result.steps} steps, "
+        f"{result.time_per_step_s:.3f} s/step median)"
+    )
+    if result.decode_s:
+        lines.append(f"           VAE decode {result.decode_s:.1f} s")
+    if result.call_s:
+        rest = result.call_s - result.denoise_s - result.decode_s
+        if rest >= 0.05:
+            lines.append(
+                f"           rest of the pipeline call {rest:.1f} s (text encoding, scheduler, post-processing)"
+            )
+    return lines
+
+
 def format_summary(result: GenerateResult) -> str:
     t, h, w = result.frames.shape[:3]
     f, gh, gw = result.grid
@@ -149,8 +219,10 @@ def format_summary(result: GenerateResult) -> str:
         f"{result.steps} steps",
         f"pattern    {result.pattern}"
         + (f"; sparse in {result.sparse_steps} of {result.steps} steps" if result.pattern != "dense" else ""),
-        f"time       {result.wall_s:.1f} s total: " + ", ".join(time_parts(result)),
+        *time_lines(result),
     ]
+    if result.lora is not None:
+        lines.extend(result.lora.summary_lines())
     if result.densities:
         lines.append("density    block = kernel work, token = attended pairs (first sparse step)")
         lines[-1] += "; work = pairs the kernel path computes, padding included"
@@ -182,7 +254,9 @@ __all__ = [
     "DenseComparison",
     "GenerateResult",
     "LayerGroupDensity",
+    "LoraSummary",
     "format_summary",
+    "time_lines",
     "time_parts",
     "work_warnings",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import replace
 
 from vidsparse.generation.call import run_pipeline, warmup
@@ -32,6 +33,8 @@ def generate(options: GenerateOptions) -> GenerateResult:
         return _generate_parallel(options)
     plan = prepare(options)
     prepare_s = time.perf_counter() - t_start
+    for message in plan.lora_summary.warnings if plan.lora_summary else ():
+        warnings.warn(f"--lora: {message}", UserWarning, stacklevel=2)  # before the long part: time to stop
 
     t0 = time.perf_counter()
     pipe = load_pipeline(plan, options.seed)
@@ -65,14 +68,14 @@ def generate(options: GenerateOptions) -> GenerateResult:
         meter = SparseMeter(pipe)
         if options.compile and not options.compare_dense:
             compile_pipeline(pipe)
-        frames, step_times, call_s = run_pipeline(pipe, plan, options, on_step=meter.tick)
+        frames, step_times, call_s, decode_s = run_pipeline(pipe, plan, options, on_step=meter.tick)
         densities, attention_work = meter.summary()
         computed_work = meter.computed_work()
         sparse_steps = meter.sparse_steps
     else:
         if options.compile:
             compile_pipeline(pipe)
-        frames, step_times, call_s = run_pipeline(pipe, plan, options)
+        frames, step_times, call_s, decode_s = run_pipeline(pipe, plan, options)
         n = num_layers(pipe)
         densities = (LayerGroupDensity(tuple(range(n)), "dense", 1.0, 1.0, 1.0, "dense"),) if n else ()
         attention_work, sparse_steps = 1.0, 0
@@ -82,12 +85,13 @@ def generate(options: GenerateOptions) -> GenerateResult:
     per_step = float(statistics.median(step_times)) if step_times else 0.0
     comparison = None
     if dense_run is not None:
-        dense_frames, dense_steps, dense_call_s = dense_run
+        dense_frames, dense_steps, dense_call_s, dense_decode_s = dense_run
         dense_s = float(sum(dense_steps))
         comparison = DenseComparison(
             frames=dense_frames,
             denoise_s=dense_s,
             call_s=dense_call_s,
+            decode_s=dense_decode_s,
             time_per_step_s=float(statistics.median(dense_steps)) if dense_steps else 0.0,
             speedup=dense_s / denoise_s if denoise_s > 0 else float("nan"),
             psnr_db=psnr(frames, dense_frames),
@@ -115,8 +119,10 @@ def generate(options: GenerateOptions) -> GenerateResult:
         dense=comparison,
         prepare_s=prepare_s,
         call_s=call_s,
+        decode_s=decode_s,
         write_s=write_s,
         computed_work=computed_work,
+        lora=plan.lora_summary,
     )
 
 

@@ -62,31 +62,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--learning-rate", "--lr", type=float, default=_default("learning_rate"),
                      help="AdamW learning rate (default %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="(default %(default)s)")
-    opt.add_argument("--adam-beta1", type=float, default=_default("adam_beta1"))
-    opt.add_argument("--adam-beta2", type=float, default=_default("adam_beta2"))
-    opt.add_argument("--adam-epsilon", type=float, default=_default("adam_epsilon"))
+    opt.add_argument("--weight-decay", type=float, default=_default("weight_decay"),
+                     help="AdamW weight decay (default %(default)s)")
+    opt.add_argument("--adam-beta1", type=float, default=_default("adam_beta1"),
+                     help="AdamW first-moment decay (default %(default)s)")
+    opt.add_argument("--adam-beta2", type=float, default=_default("adam_beta2"),
+                     help="AdamW second-moment decay (default %(default)s)")
+    opt.add_argument("--adam-epsilon", type=float, default=_default("adam_epsilon"),
+                     help="AdamW epsilon (default %(default)s)")
     opt.add_argument("--max-grad-norm", type=float, default=_default("max_grad_norm"),
                      help="gradient clipping (default %(default)s)")
-    opt.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=_default("lr_scheduler"))
-    opt.add_argument("--lr-warmup-steps", type=int, default=_default("lr_warmup_steps"))
+    opt.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=_default("lr_scheduler"),
+                     help=f"learning-rate schedule after warm-up, one of {', '.join(LR_SCHEDULERS)} "
+                          "(default %(default)s)")
+    opt.add_argument("--lr-warmup-steps", type=int, default=_default("lr_warmup_steps"),
+                     help="steps of linear learning-rate warm-up from 0 (default %(default)s)")
     opt.add_argument("--max-train-steps", type=int, default=_default("max_train_steps"),
                      help="optimizer steps (default %(default)s)")
-    opt.add_argument("--batch-size", type=int, default=_default("batch_size"), help="clips per process per micro-step")
-    opt.add_argument("--gradient-accumulation-steps", type=int, default=_default("gradient_accumulation_steps"))
+    opt.add_argument("--batch-size", type=int, default=_default("batch_size"),
+                     help="clips per process per micro-step (default %(default)s)")
+    opt.add_argument("--gradient-accumulation-steps", type=int, default=_default("gradient_accumulation_steps"),
+                     help="micro-steps whose gradients make one optimizer step (default %(default)s)")
     opt.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, default=_default("timestep_sampling"),
                      help="noise-level distribution: uniform, logit_normal (SD3) or shifted (uniform + the "
                           "scheduler's time shift, as Wan) (default %(default)s)")
     opt.add_argument("--flow-shift", type=float, default=None,
                      help="time shift s' = k s / (1 + (k - 1) s) (default: the pipeline scheduler's for "
                           "'shifted', 1 otherwise)")
-    opt.add_argument("--logit-mean", type=float, default=_default("logit_mean"))
-    opt.add_argument("--logit-std", type=float, default=_default("logit_std"))
+    opt.add_argument("--logit-mean", type=float, default=_default("logit_mean"),
+                     help="mean of the normal behind --timestep-sampling logit_normal (default %(default)s)")
+    opt.add_argument("--logit-std", type=float, default=_default("logit_std"),
+                     help="standard deviation of that normal (default %(default)s)")
     opt.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                      default=_default("gradient_checkpointing"), help="recompute activations in backward (default on)")
     opt.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=_default("mixed_precision"),
                      help="auto: bf16 on a CUDA GPU, no (fp32) on CPU (default %(default)s)")
-    opt.add_argument("--seed", type=int, default=_default("seed"))
+    opt.add_argument("--seed", type=int, default=_default("seed"),
+                     help="seed of the LoRA init, noise and data order (default %(default)s)")
 
     run = parser.add_argument_group("checkpoints and logging")
     run.add_argument("--checkpointing-steps", type=int, default=_default("checkpointing_steps"),
@@ -98,20 +110,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-dtype", choices=SAVE_DTYPES, default=_default("save_dtype"),
                      help="dtype of the exported LoRA weights (default %(default)s)")
     run.add_argument("--log-every", type=int, default=_default("log_every"),
-                     help="print a loss line every N steps (the metrics file gets every step)")
+                     help="print a loss line every N steps (the metrics file gets every step; default %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sparse = parser.add_argument_group("sparse attention during training")
     sparse.add_argument("--attention-backend", choices=backend_choices(),
                         default=_default("attention_backend"),
-                        help="auto: Triton kernel on GPU, exact torch reference on CPU")
+                        help=f"sparse attention kernel, one of {', '.join(backend_choices())}; auto: Triton "
+                             "kernel on GPU, exact torch reference on CPU (default %(default)s)")
     sparse.add_argument("--dense-layers", default=None, metavar="LAYERS",
                         help="blocks that stay dense, as for vidsparse generate: 0,1,2 or 0-3 (negative counts "
                              "from the end), 'none' for no dense block (default: the family's; Radial on Wan keeps "
                              "block 0 dense). Use the same value at inference.")
     from vidsparse.cli import add_pattern_arguments
 
-    add_pattern_arguments(parser, default="radial")
+    add_pattern_arguments(parser, default="radial", family_defaults=True)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -69,6 +69,11 @@ def save_lora(
         )
         with open(tmp_dir / LORA_WEIGHT_NAME, "rb+") as fh:
             os.fsync(fh.fileno())
+        # Written inside a private (mkdtemp) folder; give it the mode a plain write would (0644 under
+        # umask 022), like every other output, before it moves into place.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_dir / LORA_WEIGHT_NAME, 0o666 & ~umask)
         os.replace(tmp_dir / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
         fsync_dir(out)
     finally:

@@ -421,10 +421,27 @@ def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_s
     return lora_path
 
 
+def _check_inputs(cfg: TrainConfig) -> None:
+    """Before anything is created (the output folder included): the data folder holds captioned
+    videos and the output folder can be written. Decoding problems surface later, per video."""
+    from vidsparse.video_io import check_writable_dir
+
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cfg.data_dir).expanduser() / DEFAULT_CACHE_DIRNAME
+    scan = scan_dataset(cfg.data_dir, cfg.caption_column, exclude=[cache_dir, Path(cfg.output_dir)])
+    if not scan.samples:
+        details = "; ".join(f"{r}: {why}" for r, why in list(scan.skipped)[:10]) or "no video files found"
+        raise ValueError(
+            f"No usable training videos in {cfg.data_dir!r} ({details}). Expected video files "
+            "(mp4, webm, gif) with captions (same-name .txt or metadata.jsonl); nothing was written."
+        )
+    check_writable_dir(Path(cfg.output_dir).expanduser(), f"--output-dir {cfg.output_dir!r}")
+
+
 def train_lora(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
     from tqdm.auto import tqdm
 
+    _check_inputs(cfg)
     run = _start_run(cfg)
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)

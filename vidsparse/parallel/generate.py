@@ -171,7 +171,8 @@ def generate_parallel(options: Any):
         print(format_comm(comms, plan.steps, options.parallel), flush=True)
         frames = as_uint8_frames(result.video[0])
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
-        densities, work = _densities(result.patterns, grid)
+        densities, step_work = _densities(result.patterns, grid)
+        work = attention_work(step_work, result.sparse_steps, plan.steps)
         summary = dict(shape=frames.shape, out=written, densities=densities, work=work, load_s=load_s,
                        step_times=step_times, decode_s=result.decode_seconds, comm=result.comm,
                        sparse_steps=result.sparse_steps)  # fmt: skip
@@ -195,6 +196,8 @@ def generate_parallel(options: Any):
         sparse_steps=summary["sparse_steps"],
         densities=summary["densities"],
         attention_work=summary["work"],
+        decode_s=summary["decode_s"],
+        lora=plan.lora_summary,
     )
 
 
@@ -219,6 +222,16 @@ def _densities(patterns: dict[int, Any], grid: tuple[int, int, int]) -> tuple[An
             groups.append(LayerGroupDensity((layer,), name, bd, td))
     work = sum(g.block_density * len(g.layers) for g in groups) / max(1, sum(len(g.layers) for g in groups))
     return tuple(groups), work
+
+
+def attention_work(sparse_step_work: float, sparse_steps: int, steps: int) -> float:
+    """Attention work over the whole run, as single-process ``generate`` counts it: the steps that
+    ran no sparse layer (dense warm-up ``dense_first_steps``, ``dense_last_steps``) cost 1 each,
+    a sparse step costs ``sparse_step_work`` (its mean over layers, dense layers counted as 1)."""
+    if steps <= 0:
+        return 1.0
+    sparse_steps = min(max(sparse_steps, 0), steps)
+    return (sparse_steps * sparse_step_work + (steps - sparse_steps)) / steps
 
 
 def format_comm(comms: list[dict[str, Any]], steps: int, mode: str) -> str:

@@ -60,7 +60,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -127,14 +127,14 @@ class VMoBA(Pattern):
     temporal_chunk: int = 3
     spatial_chunk: tuple[int, int] = (5, 13)
     st_chunk: tuple[int, int, int] = (7, 5, 13)
-    select_mode: str = "threshold"
+    select_mode: Literal["threshold", "topk"] = "threshold"
     threshold: float = 0.25
     topk: int | tuple[int, int, int] = (2, 6, 18)
-    scope: str = "query"
+    scope: Literal["query", "head", "query_head", "head_global"] = "query"
     layer_offset: int = 0
     layer_cycle: tuple[int, int, int] = (1, 1, 1)
-    granularity: str = "token"
-    path: str = "auto"
+    granularity: Literal["token", "tile"] = "token"
+    path: Literal["auto", "key_block", "query_tile"] = "auto"
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
