@@ -88,7 +88,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(after_s, tmp_path):
     if proc.returncode == 0:  # finished before the signal on a fast machine: nothing to check
         pytest.skip("the run ended before the signal")
     assert proc.returncode == 130, err
-    assert err.strip() == "vidsparse: interrupted.", err
+    # stderr may hold the progress bar of a run that had started denoising; the interrupt itself
+    # is one line and no traceback
+    assert err.strip().splitlines()[-1].split("\r")[-1] == "vidsparse: interrupted.", err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert not (tmp_path / "v.mp4").exists()
 
 

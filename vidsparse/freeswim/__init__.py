@@ -9,30 +9,45 @@
 See docs/freeswim.md.
 """
 
-from vidsparse.freeswim.cache import CacheReport, CrossAttentionCache, cache_bytes
-from vidsparse.freeswim.config import DualPathConfig, freeswim_scale_factor
-from vidsparse.freeswim.dual_path import (
-    DualPathReport,
-    DualPathState,
-    apply_dual_path,
-    get_dual_state,
-    remove_dual_path,
-    reset_dual_path,
-)
-from vidsparse.freeswim.two_stage import (
-    FreeSwimOptions,
-    FreeSwimPlan,
-    FreeSwimResult,
-    StageProgress,
-    StageSummary,
-    check_freeswim,
-    check_freeswim_sizes,
-    native_size,
-    native_size_of_config,
-    run_freeswim,
-    scheduler_with_shift,
-    upsample_frames,
-)
+# public name -> module defining it; loaded on first use (PEP 562) so that the CLI's --help,
+# which adds the FreeSwim flags, does not import diffusers through the dual path.
+_LAZY: dict[str, str] = {
+    "CacheReport": "vidsparse.freeswim.cache",
+    "CrossAttentionCache": "vidsparse.freeswim.cache",
+    "cache_bytes": "vidsparse.freeswim.cache",
+    "DualPathConfig": "vidsparse.freeswim.config",
+    "freeswim_scale_factor": "vidsparse.freeswim.config",
+    "DualPathReport": "vidsparse.freeswim.dual_path",
+    "DualPathState": "vidsparse.freeswim.dual_path",
+    "apply_dual_path": "vidsparse.freeswim.dual_path",
+    "get_dual_state": "vidsparse.freeswim.dual_path",
+    "remove_dual_path": "vidsparse.freeswim.dual_path",
+    "reset_dual_path": "vidsparse.freeswim.dual_path",
+    "FreeSwimOptions": "vidsparse.freeswim.two_stage",
+    "FreeSwimPlan": "vidsparse.freeswim.two_stage",
+    "FreeSwimResult": "vidsparse.freeswim.two_stage",
+    "StageProgress": "vidsparse.freeswim.two_stage",
+    "StageSummary": "vidsparse.freeswim.two_stage",
+    "check_freeswim": "vidsparse.freeswim.two_stage",
+    "check_freeswim_sizes": "vidsparse.freeswim.two_stage",
+    "native_size": "vidsparse.freeswim.two_stage",
+    "native_size_of_config": "vidsparse.freeswim.two_stage",
+    "run_freeswim": "vidsparse.freeswim.two_stage",
+    "scheduler_with_shift": "vidsparse.freeswim.two_stage",
+    "upsample_frames": "vidsparse.freeswim.two_stage",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vidsparse.freeswim' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CacheReport",

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vidsparse.freeswim.two_stage import FreeSwimOptions
+if TYPE_CHECKING:  # the options module imports torch; --help must not
+    from vidsparse.freeswim.two_stage import FreeSwimOptions
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -104,6 +105,8 @@ def freeswim_options_from_args(
     output_type: str = "np",
 ) -> FreeSwimOptions:
     """``FreeSwimOptions`` from the parsed FreeSwim flags plus the command's own values."""
+    from vidsparse.freeswim.two_stage import FreeSwimOptions
+
     base: tuple[Any, Any] = (None, None)
     if args.base_size is not None:
         base = parse_size(args.base_size)

@@ -288,7 +288,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         freeswim = prepare_freeswim(options, info, frames, height, width, steps, float(guidance))
         return GenerationPlan(
             info, frames, height, width, steps, float(guidance), dtype, device, grid, "freeswim", None, out, fps,
-            lora, freeswim,
+            lora, freeswim=freeswim,
         )  # fmt: skip
     config, name = _build_sparse_config(options, info, grid)
     if options.compare_dense and config is None:
@@ -320,7 +320,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         out,
         fps,
         lora,
-        lora_summary,
+        lora_summary=lora_summary,
     )
 
 
