@@ -34,7 +34,7 @@ from vidsparse.lora.checkpoint import list_checkpoints, load_checkpoint, read_st
 from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
-from vidsparse.lora.flow import NoiseSampler, add_noise
+from vidsparse.lora.flow import NoiseSampler
 from vidsparse.lora.models import TrainableVideoModel, load_model
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
 
@@ -80,10 +80,16 @@ def flow_loss(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Flow-matching MSE of ``model`` on clean latents ``x0`` [B, C, f, h, w] at noise levels ``sigma`` [B]."""
+    """The training MSE of ``model`` on clean latents ``x0`` [B, C, f, h, w] at noise levels ``sigma`` [B].
+
+    The adapter's objective (``TrainableVideoModel.training_inputs``) decides the noisy input, the
+    target and the timestep: flow matching (``x_s = (1 - s) x0 + s noise``, target ``noise - x0``,
+    timestep ``1000 s``) for every family but CogVideoX, whose ``sigma`` are integer DDPM
+    timesteps and whose target is the v-prediction ``sqrt(a) noise - sqrt(1 - a) x0``.
+    """
     device = torch.device(device) if device is not None else x0.device
-    noisy, target = add_noise(x0, noise, sigma)
-    timesteps = (sigma * adapter.num_train_timesteps).to(device)
+    noisy, target, timesteps = adapter.training_inputs(x0, noise, sigma)
+    timesteps = timesteps.to(device)
     pred = adapter.predict(model, noisy.to(device, dtype), timesteps, text)
     return F.mse_loss(pred.float(), target.to(device).float())
 
@@ -354,7 +360,7 @@ def _train_step(
         batch = [samples[i] for i, _ in picks]
         x0 = torch.stack([load_latents(s.latent_file) for s in batch])
         text = _collate_text([load_text(s.text_file) for s in batch])
-        sigma = sampler.sample(len(batch), opt.generator, shift)
+        sigma = adapter.sample_levels(sampler, len(batch), opt.generator, shift)
         noise = torch.randn(x0.shape, generator=opt.generator, dtype=x0.dtype)
         last = micro == cfg.gradient_accumulation_steps - 1
         sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(opt.model)
@@ -428,13 +434,14 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     run = _start_run(cfg)
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)
+    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
+    adapter.check_sampling(sampler)  # before any encoding: e.g. CogVideoX refuses a flow shift
     transformer = _prepare_transformer(cfg, adapter)
     report, samples, data_id = _cache_samples(run, adapter)
     opt = _optimization(run, transformer)
     start_step = _restore(run, opt, resume_path, data_id)
-
-    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
     shift = sampler.resolved_shift(adapter.default_flow_shift())
+
     metrics_path = _start_metrics(run, start_step, shift, len(samples))
     checkpoint_state = {"config": cfg.resume_view(), "data_id": data_id, "max_train_steps": cfg.max_train_steps}
     losses: list[float] = []

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from vidsparse.lora.data import ClipSpec
+from vidsparse.lora.flow import NoiseSampler, add_noise
 
 
 def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str:
@@ -203,6 +204,27 @@ class TrainableVideoModel:
     ) -> torch.Tensor:
         """The velocity ``noise - x0`` the transformer predicts at ``timesteps = s * N`` (text batched)."""
         raise NotImplementedError
+
+    # -- the training objective (flow matching here; CogVideoX overrides it with v-prediction) ----
+    #: what ``predict`` is regressed onto: ``"flow"`` (velocity ``noise - x0``) or ``"v_prediction"``
+    objective: ClassVar[str] = "flow"
+
+    def check_sampling(self, sampler: NoiseSampler) -> None:
+        """Refuse noise-level settings the family's objective has no meaning for (flow: all are fine)."""
+
+    def sample_levels(self, sampler: NoiseSampler, n: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+        """``n`` training noise levels drawn from ``generator``: flow noise levels ``s`` in [min_sigma, 1]."""
+        return sampler.sample(n, generator, shift)
+
+    def training_inputs(
+        self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, regression target, timestep the loop passes to ``predict``) at ``levels``.
+
+        Flow matching: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, timestep ``s * N``.
+        """
+        noisy, target = add_noise(x0, noise, levels)
+        return noisy, target, levels * self.num_train_timesteps
 
     # -- the family's time / output convention (identity for Wan, HunyuanVideo, LTX-Video) -------
     def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
