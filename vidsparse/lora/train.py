@@ -15,6 +15,7 @@ updates as the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -265,16 +266,27 @@ def _prepare_transformer(cfg: TrainConfig, adapter: TrainableVideoModel) -> torc
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    transformer = adapter.transformer
+    transformer = adapter.transformer  # one transformer, or a module holding the experts (Wan 2.2 A14B)
     transformer.requires_grad_(False)
-    transformer.add_adapter(_lora_config(cfg, adapter))
+    lora_config = _lora_config(cfg, adapter)
+    experts = _experts(transformer)
+    for expert in experts:  # one LoRA per expert, same settings
+        expert.add_adapter(copy.deepcopy(lora_config))
     for p in transformer.parameters():
         if p.requires_grad:  # LoRA weights train in fp32 under bf16 autocast
             p.data = p.data.float()
-    enable_sparse(transformer, cfg)
+    # two experts: patched through their pipeline, exactly as vidsparse.apply(pipe) at inference (two_stage)
+    enable_sparse(adapter.pipe if len(experts) > 1 else transformer, cfg)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
+        for expert in experts:
+            enable_gradient_checkpointing(expert)
     return transformer
+
+
+def _experts(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The diffusers transformers inside the trained module (itself, or each expert's)."""
+    experts = getattr(module, "experts", None)
+    return list(experts().values()) if callable(experts) else [module]
 
 
 def _cache_samples(run: _Run, adapter: TrainableVideoModel) -> tuple[CacheReport, list[CachedSample], str]:
@@ -305,6 +317,11 @@ def _optimization(run: _Run, transformer: torch.nn.Module) -> _Optimization:
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)  # fmt: skip
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)  # fmt: skip
+    if run.world > 1 and len(_experts(transformer)) > 1:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # a micro-batch whose timesteps all fall on one side of the boundary leaves the other expert unused
+        run.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = run.accelerator.prepare(transformer, optimizer)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + run.rank)
     return _Optimization(model, optimizer, lr_scheduler, params, names, generator)
@@ -422,8 +439,16 @@ def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_s
             "target_modules": list(cfg.target_modules or adapter.default_target_modules),
             "steps": final_step,
         }
-        lora_path = save_lora(run.out, type(adapter.pipe), unwrap(opt.model), info=info, dtype=cfg.save_dtype)
-        bar.write(f"vidsparse: LoRA saved to {lora_path} ({INFO_NAME} beside it).")
+        model = unwrap(opt.model)
+        files = adapter.lora_files
+        if len(files) > 1:
+            info["lora_files"] = dict(files)
+        for component, weight_name in files.items():  # one file per trained expert
+            module = getattr(model, component) if len(files) > 1 else model
+            path = save_lora(run.out, type(adapter.pipe), module, info=info, dtype=cfg.save_dtype,
+                             weight_name=weight_name)  # fmt: skip
+            lora_path = path if component == "transformer" else lora_path
+            bar.write(f"vidsparse: LoRA of {component} saved to {path} ({INFO_NAME} beside it).")
     return lora_path
 
 

@@ -98,6 +98,13 @@ class TrainableVideoModel:
         return self.pipe.transformer
 
     @property
+    def lora_files(self) -> dict[str, str]:
+        """Pipeline component -> the LoRA file it is saved to (two files for a two-expert pipeline)."""
+        from vidsparse.lora.export import LORA_WEIGHT_NAME
+
+        return {"transformer": LORA_WEIGHT_NAME}
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
 
