@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vidsparse.families import families as registered_families
+from vidsparse.families import family_of_pipeline
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
@@ -85,6 +86,12 @@ def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
     for cls in adapters:
         if name in cls.pipeline_classes:
             return cls(pipe, model_id)
+    family = family_of_pipeline(name)
+    if family is not None and family.lora_adapter is None:  # a pipeline of a family without an adapter
+        raise ValueError(
+            f"{model_id}: vidsparse train-lora does not train {name} ({family.name}): {family.lora_refusal}. "
+            f"Supported: {supported} or --model tiny."
+        )
     raise ValueError(
         f"{model_id}: pipeline {name} is not supported by vidsparse train-lora yet; supported: {supported} "
         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or --model tiny."
