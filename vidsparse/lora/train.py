@@ -1,4 +1,7 @@
-"""The LoRA training loop: flow matching under the sparse pattern, with exact resume.
+"""The LoRA training loop: the family's objective under the sparse pattern, with exact resume.
+
+The objective is the adapter's (``TrainableVideoModel.sample_levels`` / ``training_inputs``):
+flow matching as below for every family but CogVideoX (v-prediction on integer timesteps).
 
 One optimizer step on each process: ``gradient_accumulation_steps`` micro-batches of
 ``batch_size`` cached clips; for each, a noise level ``s`` and Gaussian noise from the trainer's

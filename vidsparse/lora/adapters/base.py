@@ -6,10 +6,12 @@ transformer's prediction. The training loop and the cache only talk to this inte
 family is one subclass in ``vidsparse.lora.adapters.<family>``, referenced from its family record
 (``vidsparse.families.<family>.FAMILY.lora_adapter``).
 
-Adapters: Wan 2.1-style text-to-video and ``--model tiny`` (``adapters.wan``), HunyuanVideo,
-LTX-Video and Mochi text-to-video (``adapters.hunyuan``, ``adapters.ltx``, ``adapters.mochi``).
-Refused with a reason (each family record's ``lora_refusal`` / ``lora_refusals``): two-expert
-Wan 2.2, CogVideoX (v-prediction, not flow matching) and the image-to-video variants.
+Adapters: Wan text-to-video, one transformer or Wan 2.2 A14B's two experts, and ``--model tiny``
+(``adapters.wan``); HunyuanVideo, LTX-Video and Mochi text-to-video (``adapters.hunyuan``,
+``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text-to-video with its v-prediction
+objective (``adapters.cogvideox``, which overrides ``sample_levels`` / ``training_inputs``).
+Refused with a reason (each family record's ``lora_refusal`` / ``lora_refusals``): the
+image-to-video and condition variants and the families without an adapter.
 
 The training loop's convention is the standard rectified flow: noise level ``s``, timestep
 ``s * num_train_timesteps``, target velocity ``noise - x0``. ``predict`` maps it onto what the
