@@ -286,11 +286,13 @@ def test_ltx_default_shift_is_the_pipelines_resolution_shift():
 def test_refused_pipelines_say_why():
     import diffusers
 
-    cog = object.__new__(diffusers.CogVideoXPipeline)  # refused by class before anything is read
-    with pytest.raises(ValueError, match="v-prediction"):
-        adapter_for(cog, "THUDM/CogVideoX-2b")
+    cog = object.__new__(diffusers.CogVideoXImageToVideoPipeline)  # refused by class before anything is read
+    with pytest.raises(ValueError, match="image-to-video"):
+        adapter_for(cog, "THUDM/CogVideoX-5b-I2V")  # (CogVideoXPipeline trains: tests/test_lora_cogvideox.py)
+    two = build_tiny_pipeline(0, two_stage=True)  # trains one LoRA per expert (tests/test_lora_wan22.py) ...
+    two.register_to_config(boundary_ratio=None)  # ... split at the pipeline's boundary_ratio
     with pytest.raises(ValueError, match="two-expert Wan 2.2"):
-        adapter_for(build_tiny_pipeline(0, two_stage=True), "Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+        adapter_for(two, "Wan-AI/Wan2.2-T2V-A14B-Diffusers")
     with pytest.raises(ValueError, match="invert_sigmas=True"):
         adapter_for(tiny_family_pipeline("mochi", invert_sigmas=False), "genmo/mochi-1-preview")
     with pytest.raises(ValueError, match="LTXPipeline"):

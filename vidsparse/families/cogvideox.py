@@ -9,7 +9,7 @@ Self-attention: ``transformer_blocks.<i>.attn1``; the processor mirrors diffuser
 Latents arrive as (B, F, C, H, W).
 
 Defaults: Radial decay 1.0 without sink; Tile (2, 8, 8) in a (5, 3, 3) window; GNA (9, 25, 25).
-LoRA: refused, CogVideoX is v-prediction (DDIM/DPM), not flow matching.
+LoRA: v-prediction on the scheduler's alphas (``vidsparse.lora.adapters.cogvideox``), text-to-video only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from vidsparse.families.base import (
     GENERIC_PATTERN_DEFAULTS,
+    TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     TINY_TEXT_LEN,
     Family,
@@ -159,7 +160,75 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
     )
 
 
-_V_PREDICTION = "CogVideoX is v-prediction, not flow matching"
+def tiny_vae():
+    """A tiny random-init ``AutoencoderKLCogVideoX``: 4 latent channels, 4x time / 8x space."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX(
+        latent_channels=TINY_LATENT_CHANNELS, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+    )  # fmt: skip
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, v15: bool = False):
+    """A tiny random-init ``diffusers.CogVideoXPipeline`` (no tokenizer / text encoder).
+
+    The scheduler is ``CogVideoXDDIMScheduler`` with THUDM/CogVideoX-2b's scheduler config
+    (v-prediction, scaled-linear betas rescaled to zero terminal SNR, SNR shift 3, trailing
+    spacing). ``v15=True`` gives the CogVideoX 1.5 transformer (``patch_size_t=2``). Prompts are
+    passed as ``prompt_embeds`` (``tiny_prompt_kwargs``).
+    """
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(**_tiny_config(v15))
+        vae = tiny_vae()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
+        steps_offset=0, timestep_spacing="trailing",
+    )  # fmt: skip
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", *, batch: int = 1) -> dict[str, Any]:
+    """``prompt_embeds`` / ``negative_prompt_embeds`` [batch, TINY_TEXT_LEN, text_embed_dim] for a tiny
+    CogVideoX pipeline, the hashed embeddings its LoRA adapter caches (``vidsparse.models.tiny``)."""
+    from vidsparse.models.tiny import encode_prompt_tiny
+
+    cfg = pipe.transformer.config
+    emb = dict(seq_len=TINY_TEXT_LEN, dim=cfg.text_embed_dim, batch=batch, device=pipe._execution_device,
+               dtype=pipe.transformer.dtype)  # fmt: skip
+    return dict(prompt_embeds=encode_prompt_tiny(prompt, **emb),
+                negative_prompt_embeds=encode_prompt_tiny(negative_prompt, **emb))  # fmt: skip
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+
+
+def _lora_adapter() -> type:
+    from vidsparse.lora.adapters.cogvideox import CogVideoXModel
+
+    return CogVideoXModel
+
+
+_I2V_REFUSAL = (
+    "image-to-video LoRA is not implemented: CogVideoXImageToVideoPipeline concatenates the first frame's "
+    "VAE latents (zero-padded over time, and noised during training) as 16 extra input channels, and "
+    "CogVideoX 1.5 I2V also embeds an ofs value; only text-to-video CogVideoXPipeline trains"
+)
+_V2V_REFUSAL = (
+    "video-to-video starts from a noised input video (strength), which is a sampling mode of the text-to-video "
+    "weights: train the LoRA on CogVideoXPipeline (same checkpoint) and load it here"
+)
 
 FAMILY = Family(
     name="cogvideox",
@@ -179,17 +248,18 @@ FAMILY = Family(
     ),
     geometry_variant=_variant,
     pattern_defaults=GENERIC_PATTERN_DEFAULTS,
-    lora_refusal="CogVideoX is trained with v-prediction on a DDIM/DPM noise schedule, not flow matching; "
-    "train-lora's flow objective would teach it the wrong target",
+    lora_adapter=_lora_adapter,
     lora_refusals={
-        "CogVideoXPipeline": "CogVideoX is trained with v-prediction on a DDIM/DPM noise schedule, not flow matching; "
-        "train-lora's flow objective would teach it the wrong target",
-        "CogVideoXImageToVideoPipeline": _V_PREDICTION,
-        "CogVideoXVideoToVideoPipeline": _V_PREDICTION,
+        "CogVideoXImageToVideoPipeline": _I2V_REFUSAL,
+        "CogVideoXVideoToVideoPipeline": _V2V_REFUSAL,
+        "CogVideoXFunControlPipeline": "CogVideoX-Fun control takes control-video latents as extra input channels; "
+        "that conditioning path is not implemented",
     },
     shard_plan=SHARD_PLAN,
     tiny={
         "cogvideox": TinyVariant("cogvideox", _tiny_config, _tiny_inputs),
         "cogvideox-1.5": TinyVariant("cogvideox-1.5", lambda: _tiny_config(True), _tiny_inputs),
     },
+    tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
 )

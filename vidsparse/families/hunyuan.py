@@ -261,7 +261,12 @@ FAMILY = Family(
         "gna": dict(kernel_size=(18, 24, 24), stride=(16, 8, 8)),
     },
     lora_adapter=_lora_adapter,
-    lora_refusals={"HunyuanVideoImageToVideoPipeline": "image-to-video conditioning is not implemented"},
+    lora_refusals={
+        "HunyuanVideoImageToVideoPipeline": "image-to-video LoRA is not implemented: the pipeline conditions on the "
+        "image through its transformer's image_condition_type (latent_concat: image latents and a mask as extra "
+        "input channels; token_replace: the clean first latent frame with its own timestep) and a LLaVA prompt "
+        "holding image tokens; train-lora builds text-to-video inputs only",
+    },
     shard_plan=SHARD_PLAN,
     tiny={
         "hunyuan": TinyVariant("hunyuan", _tiny_config, _tiny_inputs),

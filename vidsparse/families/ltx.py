@@ -232,8 +232,15 @@ FAMILY = Family(
     },
     lora_adapter=_lora_adapter,
     lora_refusals={
-        "LTXImageToVideoPipeline": "image-to-video conditioning (per-token timesteps) is not implemented",
-        "LTXConditionPipeline": "condition frames (per-token timesteps) are not implemented; use LTXPipeline",
+        "LTXImageToVideoPipeline": "image-to-video LoRA is not implemented: the pipeline keeps the image's latent "
+        "frame clean under a conditioning mask and gives its tokens timestep 0 (per-token timesteps), which "
+        "train-lora's one-timestep-per-clip text-to-video loop does not build",
+        "LTXConditionPipeline": "condition frames are not implemented: the pipeline places clean condition latents "
+        "at chosen frames with per-token timesteps and strengths; train the LoRA on LTXPipeline (same weights)",
+        "LTXI2VLongMultiPromptPipeline": "long multi-prompt image-to-video chains conditioned windows (clean "
+        "conditioning latents with per-token timesteps), which train-lora does not build; train on LTXPipeline",
+        "LTXLatentUpsamplePipeline": "the latent upsampler is a separate convolutional model, not the "
+        "transformer train-lora tunes",
     },
     shard_plan=SHARD_PLAN,
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},

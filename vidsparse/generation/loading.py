@@ -37,10 +37,25 @@ def load_pipeline(plan: GenerationPlan, seed: int = 0):
 
 
 def load_lora(pipe, path: Path, scale: float) -> None:
-    """Load a diffusers-format LoRA and check that it actually attached to the transformer."""
+    """Load a diffusers-format LoRA and check that it actually attached to the transformer.
+
+    A train-lora folder of a two-expert Wan 2.2 run also holds the low-noise expert's file
+    (``LORA_WEIGHT_NAME_2``); it is loaded into ``transformer_2`` (``load_into_transformer_2``).
+    """
+    from vidsparse.lora.export import expert_lora_file, resolve_lora_path
+
     before = _adapter_count(pipe)
     try:
-        pipe.load_lora_weights(str(path), adapter_name="vidsparse_lora")
+        folder, weight_name = resolve_lora_path(path)
+        second = expert_lora_file(folder, weight_name)
+        if second is not None and getattr(pipe, "transformer_2", None) is None:
+            raise ValueError(
+                f"it holds a LoRA per Wan 2.2 expert ({second.name}) and this pipeline has no transformer_2"
+            )
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="vidsparse_lora")
+        if second is not None:
+            pipe.load_lora_weights(str(folder), weight_name=second.name, adapter_name="vidsparse_lora",
+                                   load_into_transformer_2=True)  # fmt: skip
     except Exception as exc:
         raise ValueError(
             f"--lora {str(path)!r} does not match this {type(pipe).__name__}: {type(exc).__name__}: "

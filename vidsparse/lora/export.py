@@ -22,6 +22,8 @@ import torch
 from vidsparse.lora.atomic import fsync_dir, write_json
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: the low-noise expert's LoRA of a two-expert Wan 2.2 pipeline (``load_into_transformer_2=True``)
+LORA_WEIGHT_NAME_2 = "pytorch_lora_weights_transformer_2.safetensors"
 INFO_NAME = "vidsparse_lora.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,8 +55,14 @@ def save_lora(
     transformer: torch.nn.Module,
     info: dict[str, Any] | None = None,
     dtype: str = "fp32",
+    weight_name: str = LORA_WEIGHT_NAME,
 ) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (+ ``vidsparse_lora.json``) atomically; returns the file."""
+    """Write ``weight_name`` (+ ``vidsparse_lora.json``) atomically; returns the file.
+
+    A two-expert Wan 2.2 run writes one file per expert: ``LORA_WEIGHT_NAME`` (``transformer``)
+    and ``LORA_WEIGHT_NAME_2`` (``transformer_2``), each with ``transformer.`` keys, as diffusers'
+    ``load_lora_weights(..., load_into_transformer_2=True)`` expects the second one.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap(transformer)
@@ -65,22 +73,30 @@ def save_lora(
     tmp_dir = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
     try:
         pipeline_class.save_lora_weights(
-            tmp_dir, transformer_lora_layers=lora_state_dict(model, dtype), weight_name=LORA_WEIGHT_NAME, **metadata
+            tmp_dir, transformer_lora_layers=lora_state_dict(model, dtype), weight_name=weight_name, **metadata
         )
-        with open(tmp_dir / LORA_WEIGHT_NAME, "rb+") as fh:
+        with open(tmp_dir / weight_name, "rb+") as fh:
             os.fsync(fh.fileno())
         # Written inside a private (mkdtemp) folder; give it the mode a plain write would (0644 under
         # umask 022), like every other output, before it moves into place.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp_dir / LORA_WEIGHT_NAME, 0o666 & ~umask)
-        os.replace(tmp_dir / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+        os.chmod(tmp_dir / weight_name, 0o666 & ~umask)
+        os.replace(tmp_dir / weight_name, out / weight_name)
         fsync_dir(out)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if info is not None:
         write_json(out / INFO_NAME, info)
-    return out / LORA_WEIGHT_NAME
+    return out / weight_name
+
+
+def expert_lora_file(folder: str | os.PathLike, weight_name: str | None) -> Path | None:
+    """The low-noise expert's LoRA beside ``weight_name`` (a two-expert Wan 2.2 run), or None."""
+    if weight_name != LORA_WEIGHT_NAME:
+        return None
+    path = Path(folder) / LORA_WEIGHT_NAME_2
+    return path if path.is_file() else None
 
 
 def resolve_lora_path(path: str | os.PathLike) -> tuple[Path, str | None]:
@@ -93,7 +109,7 @@ def resolve_lora_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     if p.is_dir():
         if (p / LORA_WEIGHT_NAME).is_file():
             return p, LORA_WEIGHT_NAME
-        files = sorted(f.name for f in p.glob("*.safetensors"))
+        files = sorted(f.name for f in p.glob("*.safetensors") if f.name != LORA_WEIGHT_NAME_2)
         if len(files) == 1:
             return p, files[0]
         raise ValueError(
@@ -129,9 +145,27 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, adapter_name: s
         i += 1
         name = f"{adapter_name}_{i}"
     pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    second = expert_lora_file(folder, weight_name)
+    if second is not None:
+        if getattr(pipe, "transformer_2", None) is None:
+            raise ValueError(
+                f"LoRA {str(folder)!r} holds one LoRA per Wan 2.2 expert ({second.name} is transformer_2's), but "
+                f"{type(pipe).__name__} has no transformer_2; load it into the two-expert pipeline it was trained on."
+            )
+        pipe.load_lora_weights(str(folder), weight_name=second.name, adapter_name=name, load_into_transformer_2=True)
     if scale != 1.0:
         pipe.set_adapters([name], [float(scale)])
     return name
 
 
-__all__ = ["INFO_NAME", "LORA_WEIGHT_NAME", "load_lora", "lora_state_dict", "read_lora_info", "resolve_lora_path", "save_lora"]
+__all__ = [
+    "INFO_NAME",
+    "LORA_WEIGHT_NAME",
+    "LORA_WEIGHT_NAME_2",
+    "expert_lora_file",
+    "load_lora",
+    "lora_state_dict",
+    "read_lora_info",
+    "resolve_lora_path",
+    "save_lora",
+]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vidsparse.families import families as registered_families
+from vidsparse.families import family_of_pipeline
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
@@ -33,13 +34,15 @@ def families() -> tuple[type[TrainableVideoModel], ...]:
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
-    """The adapter for ``model``: ``"tiny"``, a hub id or a local diffusers pipeline folder."""
+    """The adapter for ``model``: ``"tiny"``, ``"tiny-<family>"``, a hub id or a local diffusers pipeline folder."""
     if not isinstance(model, str) or not model:
         raise ValueError(f"--model must be 'tiny', a hub id or a pipeline folder, got {model!r}.")
     if model == TINY_MODEL:
         from vidsparse.models.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=0, dtype=dtype)
+    elif model.startswith(TINY_MODEL + "-"):
+        pipe = _tiny_family_pipeline(model, dtype)
     else:
         from diffusers import DiffusionPipeline
 
@@ -52,6 +55,21 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideo
         key = "dtype" if hasattr(dep, "_resolve_dtype") else "torch_dtype"  # torch_dtype is deprecated in 0.42
         pipe = DiffusionPipeline.from_pretrained(model, **{key: dtypes})
     return adapter_for(pipe, model)
+
+
+def _tiny_family_pipeline(model: str, dtype: torch.dtype):
+    """``tiny-<family>``: the family record's embedded random-init pipeline (as ``vidsparse generate``)."""
+    from vidsparse.families import get_family
+
+    name = model[len(TINY_MODEL) + 1 :]
+    embedded = [f"{TINY_MODEL}-{f.name}" for f in registered_families() if f.tiny_pipeline is not None]
+    try:
+        family = get_family(name)
+    except ValueError:
+        family = None
+    if family is None or family.tiny_pipeline is None:
+        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: tiny, {', '.join(embedded)}.")
+    return family.tiny_pipeline(seed=0, dtype=dtype)
 
 
 def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
@@ -68,6 +86,12 @@ def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
     for cls in adapters:
         if name in cls.pipeline_classes:
             return cls(pipe, model_id)
+    family = family_of_pipeline(name)
+    if family is not None and family.lora_adapter is None:  # a pipeline of a family without an adapter
+        raise ValueError(
+            f"{model_id}: vidsparse train-lora does not train {name} ({family.name}): {family.lora_refusal}. "
+            f"Supported: {supported} or --model tiny."
+        )
     raise ValueError(
         f"{model_id}: pipeline {name} is not supported by vidsparse train-lora yet; supported: {supported} "
         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or --model tiny."

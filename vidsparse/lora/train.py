@@ -1,4 +1,7 @@
-"""The LoRA training loop: flow matching under the sparse pattern, with exact resume.
+"""The LoRA training loop: the family's objective under the sparse pattern, with exact resume.
+
+The objective is the adapter's (``TrainableVideoModel.sample_levels`` / ``training_inputs``):
+flow matching as below for every family but CogVideoX (v-prediction on integer timesteps).
 
 One optimizer step on each process: ``gradient_accumulation_steps`` micro-batches of
 ``batch_size`` cached clips; for each, a noise level ``s`` and Gaussian noise from the trainer's
@@ -15,6 +18,7 @@ updates as the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -34,7 +38,7 @@ from vidsparse.lora.checkpoint import list_checkpoints, load_checkpoint, read_st
 from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
-from vidsparse.lora.flow import NoiseSampler, add_noise
+from vidsparse.lora.flow import NoiseSampler
 from vidsparse.lora.models import TrainableVideoModel, load_model
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
 
@@ -80,10 +84,16 @@ def flow_loss(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Flow-matching MSE of ``model`` on clean latents ``x0`` [B, C, f, h, w] at noise levels ``sigma`` [B]."""
+    """The training MSE of ``model`` on clean latents ``x0`` [B, C, f, h, w] at noise levels ``sigma`` [B].
+
+    The adapter's objective (``TrainableVideoModel.training_inputs``) decides the noisy input, the
+    target and the timestep: flow matching (``x_s = (1 - s) x0 + s noise``, target ``noise - x0``,
+    timestep ``1000 s``) for every family but CogVideoX, whose ``sigma`` are integer DDPM
+    timesteps and whose target is the v-prediction ``sqrt(a) noise - sqrt(1 - a) x0``.
+    """
     device = torch.device(device) if device is not None else x0.device
-    noisy, target = add_noise(x0, noise, sigma)
-    timesteps = (sigma * adapter.num_train_timesteps).to(device)
+    noisy, target, timesteps = adapter.training_inputs(x0, noise, sigma)
+    timesteps = timesteps.to(device)
     pred = adapter.predict(model, noisy.to(device, dtype), timesteps, text)
     return F.mse_loss(pred.float(), target.to(device).float())
 
@@ -259,16 +269,27 @@ def _prepare_transformer(cfg: TrainConfig, adapter: TrainableVideoModel) -> torc
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    transformer = adapter.transformer
+    transformer = adapter.transformer  # one transformer, or a module holding the experts (Wan 2.2 A14B)
     transformer.requires_grad_(False)
-    transformer.add_adapter(_lora_config(cfg, adapter))
+    lora_config = _lora_config(cfg, adapter)
+    experts = _experts(transformer)
+    for expert in experts:  # one LoRA per expert, same settings
+        expert.add_adapter(copy.deepcopy(lora_config))
     for p in transformer.parameters():
         if p.requires_grad:  # LoRA weights train in fp32 under bf16 autocast
             p.data = p.data.float()
-    enable_sparse(transformer, cfg)
+    # two experts: patched through their pipeline, exactly as vidsparse.apply(pipe) at inference (two_stage)
+    enable_sparse(adapter.pipe if len(experts) > 1 else transformer, cfg)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
+        for expert in experts:
+            enable_gradient_checkpointing(expert)
     return transformer
+
+
+def _experts(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The diffusers transformers inside the trained module (itself, or each expert's)."""
+    experts = getattr(module, "experts", None)
+    return list(experts().values()) if callable(experts) else [module]
 
 
 def _cache_samples(run: _Run, adapter: TrainableVideoModel) -> tuple[CacheReport, list[CachedSample], str]:
@@ -299,6 +320,11 @@ def _optimization(run: _Run, transformer: torch.nn.Module) -> _Optimization:
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)  # fmt: skip
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)  # fmt: skip
+    if run.world > 1 and len(_experts(transformer)) > 1:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # a micro-batch whose timesteps all fall on one side of the boundary leaves the other expert unused
+        run.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = run.accelerator.prepare(transformer, optimizer)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + run.rank)
     return _Optimization(model, optimizer, lr_scheduler, params, names, generator)
@@ -354,7 +380,7 @@ def _train_step(
         batch = [samples[i] for i, _ in picks]
         x0 = torch.stack([load_latents(s.latent_file) for s in batch])
         text = _collate_text([load_text(s.text_file) for s in batch])
-        sigma = sampler.sample(len(batch), opt.generator, shift)
+        sigma = adapter.sample_levels(sampler, len(batch), opt.generator, shift)
         noise = torch.randn(x0.shape, generator=opt.generator, dtype=x0.dtype)
         last = micro == cfg.gradient_accumulation_steps - 1
         sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(opt.model)
@@ -416,8 +442,16 @@ def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_s
             "target_modules": list(cfg.target_modules or adapter.default_target_modules),
             "steps": final_step,
         }
-        lora_path = save_lora(run.out, type(adapter.pipe), unwrap(opt.model), info=info, dtype=cfg.save_dtype)
-        bar.write(f"vidsparse: LoRA saved to {lora_path} ({INFO_NAME} beside it).")
+        model = unwrap(opt.model)
+        files = adapter.lora_files
+        if len(files) > 1:
+            info["lora_files"] = dict(files)
+        for component, weight_name in files.items():  # one file per trained expert
+            module = getattr(model, component) if len(files) > 1 else model
+            path = save_lora(run.out, type(adapter.pipe), module, info=info, dtype=cfg.save_dtype,
+                             weight_name=weight_name)  # fmt: skip
+            lora_path = path if component == "transformer" else lora_path
+            bar.write(f"vidsparse: LoRA of {component} saved to {path} ({INFO_NAME} beside it).")
     return lora_path
 
 
@@ -445,13 +479,14 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     run = _start_run(cfg)
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)
+    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
+    adapter.check_sampling(sampler)  # before any encoding: e.g. CogVideoX refuses a flow shift
     transformer = _prepare_transformer(cfg, adapter)
     report, samples, data_id = _cache_samples(run, adapter)
     opt = _optimization(run, transformer)
     start_step = _restore(run, opt, resume_path, data_id)
-
-    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
     shift = sampler.resolved_shift(adapter.default_flow_shift())
+
     metrics_path = _start_metrics(run, start_step, shift, len(samples))
     checkpoint_state = {"config": cfg.resume_view(), "data_id": data_id, "max_train_steps": cfg.max_train_steps}
     losses: list[float] = []

@@ -1,6 +1,8 @@
-"""LoRA training adapters, one module per model family (text-to-video, flow matching).
+"""LoRA training adapters, one module per model family (text-to-video).
 
-Wan (``wan``) and the table below (``hunyuan``, ``ltx``, ``mochi``); the interface is ``base``.
+Wan (``wan``: Wan 2.1 and Wan 2.2 A14B's two experts), CogVideoX (``cogvideox``: v-prediction on
+its scheduler's alphas, see that module) and the flow-matching table below (``hunyuan``, ``ltx``,
+``mochi``); the interface is ``base``.
 
 Each follows its diffusers 0.42 pipeline exactly, so a LoRA trained here is trained on what the
 pipeline will feed the transformer at inference:

@@ -6,10 +6,12 @@ transformer's prediction. The training loop and the cache only talk to this inte
 family is one subclass in ``vidsparse.lora.adapters.<family>``, referenced from its family record
 (``vidsparse.families.<family>.FAMILY.lora_adapter``).
 
-Adapters: Wan 2.1-style text-to-video and ``--model tiny`` (``adapters.wan``), HunyuanVideo,
-LTX-Video and Mochi text-to-video (``adapters.hunyuan``, ``adapters.ltx``, ``adapters.mochi``).
-Refused with a reason (each family record's ``lora_refusal`` / ``lora_refusals``): two-expert
-Wan 2.2, CogVideoX (v-prediction, not flow matching) and the image-to-video variants.
+Adapters: Wan text-to-video, one transformer or Wan 2.2 A14B's two experts, and ``--model tiny``
+(``adapters.wan``); HunyuanVideo, LTX-Video and Mochi text-to-video (``adapters.hunyuan``,
+``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text-to-video with its v-prediction
+objective (``adapters.cogvideox``, which overrides ``sample_levels`` / ``training_inputs``).
+Refused with a reason (each family record's ``lora_refusal`` / ``lora_refusals``): the
+image-to-video and condition variants and the families without an adapter.
 
 The training loop's convention is the standard rectified flow: noise level ``s``, timestep
 ``s * num_train_timesteps``, target velocity ``noise - x0``. ``predict`` maps it onto what the
@@ -28,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from vidsparse.lora.data import ClipSpec
+from vidsparse.lora.flow import NoiseSampler, add_noise
 
 
 def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str:
@@ -95,6 +98,13 @@ class TrainableVideoModel:
     @property
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
+
+    @property
+    def lora_files(self) -> dict[str, str]:
+        """Pipeline component -> the LoRA file it is saved to (two files for a two-expert pipeline)."""
+        from vidsparse.lora.export import LORA_WEIGHT_NAME
+
+        return {"transformer": LORA_WEIGHT_NAME}
 
     @property
     def num_train_timesteps(self) -> int:
@@ -203,6 +213,27 @@ class TrainableVideoModel:
     ) -> torch.Tensor:
         """The velocity ``noise - x0`` the transformer predicts at ``timesteps = s * N`` (text batched)."""
         raise NotImplementedError
+
+    # -- the training objective (flow matching here; CogVideoX overrides it with v-prediction) ----
+    #: what ``predict`` is regressed onto: ``"flow"`` (velocity ``noise - x0``) or ``"v_prediction"``
+    objective: ClassVar[str] = "flow"
+
+    def check_sampling(self, sampler: NoiseSampler) -> None:
+        """Refuse noise-level settings the family's objective has no meaning for (flow: all are fine)."""
+
+    def sample_levels(self, sampler: NoiseSampler, n: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+        """``n`` training noise levels drawn from ``generator``: flow noise levels ``s`` in [min_sigma, 1]."""
+        return sampler.sample(n, generator, shift)
+
+    def training_inputs(
+        self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, regression target, timestep the loop passes to ``predict``) at ``levels``.
+
+        Flow matching: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, timestep ``s * N``.
+        """
+        noisy, target = add_noise(x0, noise, levels)
+        return noisy, target, levels * self.num_train_timesteps
 
     # -- the family's time / output convention (identity for Wan, HunyuanVideo, LTX-Video) -------
     def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:

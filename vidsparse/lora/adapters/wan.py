@@ -1,4 +1,13 @@
-"""LoRA adapter of Wan 2.1 text-to-video (and the tiny Wan pipeline): latents (z - mean) / std per channel."""
+"""LoRA adapter of Wan text-to-video (and the tiny Wan pipeline): latents (z - mean) / std per channel.
+
+Wan 2.1 (one transformer) and Wan 2.2 A14B (two experts: ``transformer`` for the high-noise
+timesteps ``t >= boundary_ratio * 1000``, ``transformer_2`` below them): one LoRA per expert, each trained on the
+timesteps its expert serves (``WanExperts``), saved as two files in diffusers' convention:
+``pytorch_lora_weights.safetensors`` for ``transformer`` and
+``pytorch_lora_weights_transformer_2.safetensors`` for ``transformer_2``, loaded with
+``pipe.load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)``
+(``vidsparse.lora.load_lora`` loads both).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +15,47 @@ import torch
 
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 from vidsparse.lora.data import ClipSpec
+from vidsparse.lora.export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2
+
+
+class WanExperts(torch.nn.Module):
+    """The two experts of a Wan 2.2 A14B pipeline as one trained module, routed as the pipeline routes.
+
+    ``WanPipeline.__call__`` denoises a step with ``transformer`` (the high-noise expert) when
+    ``t >= boundary_ratio * num_train_timesteps`` and with ``transformer_2`` below it. The forward
+    sends each sample of a batch to the expert that serves its timestep, so each expert's LoRA is
+    trained on exactly the timesteps it denoises at inference (a step may touch only one expert).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, transformer_2: torch.nn.Module, boundary_timestep: float):
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.boundary_timestep = boundary_timestep
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def experts(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    def high_noise(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Bool [B]: which samples the high-noise expert (``transformer``) serves."""
+        return timestep >= self.boundary_timestep
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False):
+        high = self.high_noise(timestep)
+        out = torch.empty_like(hidden_states)
+        for mask, expert in ((high, self.transformer), (~high, self.transformer_2)):
+            if mask.any():
+                out[mask] = expert(hidden_states=hidden_states[mask], timestep=timestep[mask],
+                                   encoder_hidden_states=encoder_hidden_states[mask], return_dict=False)[0]  # fmt: skip
+        return (out,)
 
 
 class WanModel(TrainableVideoModel):
-    """Wan 2.1 text-to-video (and the tiny Wan pipeline). Latents: (z - mean) / std per channel."""
+    """Wan 2.1 / 2.2 A14B text-to-video (and the tiny Wan pipeline). Latents: (z - mean) / std per channel."""
 
     family = "wan"
     display_name = "Wan"
@@ -19,16 +65,34 @@ class WanModel(TrainableVideoModel):
 
     def __init__(self, pipe, model_id: str):
         super().__init__(pipe, model_id)
-        if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError(
-                f"{model_id}: this is a two-expert Wan 2.2 pipeline (transformer + transformer_2, switched by "
-                "noise level at boundary_ratio); training a LoRA per expert on its own noise range is not "
-                "implemented. vidsparse train-lora supports single-transformer Wan pipelines (Wan 2.1 T2V 1.3B/14B)."
-            )
+        high, low = getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)
+        self.experts: WanExperts | None = None
+        if low is not None:
+            ratio = pipe.config.get("boundary_ratio")
+            if high is None or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+                raise ValueError(
+                    f"{model_id}: a two-expert Wan 2.2 pipeline needs both transformer and transformer_2 and a "
+                    f"boundary_ratio in (0, 1) in its config (got transformer={type(high).__name__}, "
+                    f"boundary_ratio={ratio!r}); the boundary decides which expert each timestep trains."
+                )
+            self.experts = WanExperts(high, low, float(ratio) * self.num_train_timesteps)
+        elif high is None:
+            raise ValueError(f"{model_id}: the Wan pipeline has no transformer to train.")
         self.check_flow_matching()
         self._tiny = getattr(pipe, "text_encoder", None) is None
         self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
         self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The trained module: the transformer, or both experts of Wan 2.2 A14B (``WanExperts``)."""
+        return self.experts if self.experts is not None else self.pipe.transformer
+
+    @property
+    def lora_files(self) -> dict[str, str]:
+        if self.experts is None:
+            return super().lora_files
+        return {"transformer": LORA_WEIGHT_NAME, "transformer_2": LORA_WEIGHT_NAME_2}
 
     def _compute_text_identity(self) -> str:
         if self._tiny:
@@ -38,7 +102,7 @@ class WanModel(TrainableVideoModel):
                 None,
                 {
                     "encoder": "vidsparse.models.tiny.encode_prompt_tiny",
-                    "dim": self.transformer.config.text_dim,
+                    "dim": self.pipe.transformer.config.text_dim,
                     "len": tiny.TINY_TEXT_LEN,
                 },
             )
@@ -52,7 +116,7 @@ class WanModel(TrainableVideoModel):
 
     def validate_clip(self, spec: ClipSpec) -> None:
         t, s = self._temporal, self._spatial
-        p = self.transformer.config.patch_size
+        p = self.pipe.transformer.config.patch_size
         self._check_clip(spec, t, s * p[1], s * p[2], f"VAE {s}x times patch {p[1]}x{p[2]}")
         self._record_latent_size(spec, t, s)
 
@@ -73,7 +137,7 @@ class WanModel(TrainableVideoModel):
         if self._tiny:
             from vidsparse.models.tiny import encode_prompt_tiny
 
-            emb = encode_prompt_tiny(caption, dim=self.transformer.config.text_dim)
+            emb = encode_prompt_tiny(caption, dim=self.pipe.transformer.config.text_dim)
         else:
             device = next(self._ready(self.pipe.text_encoder).parameters()).device
             emb, _ = self.pipe.encode_prompt(

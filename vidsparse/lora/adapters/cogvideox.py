@@ -1,0 +1,191 @@
+"""LoRA adapter of CogVideoX 1.0 / 1.5 text-to-video: v-prediction on the scheduler's own alphas.
+
+CogVideoX is not a flow model. ``CogVideoXPipeline`` samples with ``CogVideoXDDIMScheduler`` or
+``CogVideoXDPMScheduler`` (``prediction_type="v_prediction"``), whose cumulative alphas ``a_t``
+are the scaled-linear betas' (zero-terminal-SNR rescaled) products, SNR-shifted by
+``snr_shift_scale``: ``a_t <- a_t / (k + (1 - k) a_t)``. Training follows diffusers'
+CogVideoX LoRA scripts (``examples/cogvideo/train_cogvideox_lora.py``):
+
+- integer timesteps ``t ~ U{0, ..., N - 1}``;
+- ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise`` (``scheduler.add_noise``);
+- target ``v = sqrt(a_t) noise - sqrt(1 - a_t) x0`` (``scheduler.get_velocity``).
+
+The scripts regress the x0 estimate ``sqrt(a_t) x_t - sqrt(1 - a_t) v_pred`` onto ``x0`` with the
+weight ``1 / (1 - a_t)``; since ``x0_pred - x0 = -sqrt(1 - a_t) (v_pred - v)`` that is exactly the
+plain MSE on ``v`` used here.
+
+Latents: the VAE posterior's mode times ``scaling_factor`` (the pipeline decodes ``z / sf``),
+cached [C, f, h, w]; the transformer takes them as [B, f, C, h, w]. CogVideoX 1.5
+(``patch_size_t = 2``) needs a latent frame count divisible by 2: at inference the pipeline
+samples ``p_t - f % p_t`` extra latent frames and drops the first ones, so training pads the clip
+in front with copies of its first latent frame (the CogVideo repository's fine-tuning recipe).
+Text: T5 embeddings of 226 tokens (no mask; the pipeline passes none), before the video in the
+joint attention. RoPE: the pipeline's 3-D rotary embedding for the latent grid (1.0: crop region
+of the ``sample_height x sample_width`` base grid; 1.5: the ``slice`` grid over ``f / p_t`` frames).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
+from vidsparse.lora.adapters.text import tiny_text
+from vidsparse.lora.data import ClipSpec
+from vidsparse.lora.flow import NoiseSampler
+
+
+def _crop_region(grid: tuple[int, int], base_w: int, base_h: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """CogVideoX 1.0's RoPE crop: ``grid`` resized to fit the base grid, centred (as its pipeline computes it)."""
+    h, w = grid
+    if h / w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / h * w))
+    else:
+        rw, rh = base_w, int(round(base_w / w * h))
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+class CogVideoXModel(TrainableVideoModel):
+    """CogVideoX 1.0 / 1.5 T2V (``CogVideoXPipeline``): v-prediction, latents ``z * scaling_factor``."""
+
+    family = "cogvideox"
+    display_name = "CogVideoX"
+    pipeline_classes = ("CogVideoXPipeline",)
+    default_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+    objective = "v_prediction"
+    max_sequence_length = 226
+
+    def __init__(self, pipe, model_id: str):
+        super().__init__(pipe, model_id)
+        sched = pipe.scheduler
+        pred = sched.config.get("prediction_type")
+        if pred != "v_prediction" or getattr(sched, "alphas_cumprod", None) is None:
+            raise ValueError(
+                f"{model_id}: CogVideoX LoRA training is v-prediction on the scheduler's alphas_cumprod, but the "
+                f"pipeline's scheduler is {type(sched).__name__} (prediction_type={pred!r}). Load the pipeline with "
+                "its own CogVideoXDDIMScheduler / CogVideoXDPMScheduler (prediction_type='v_prediction')."
+            )
+        cfg = pipe.transformer.config
+        if cfg.get("ofs_embed_dim") or cfg.in_channels != cfg.out_channels:
+            raise ValueError(
+                f"{model_id}: this CogVideoX transformer takes image latents (in_channels {cfg.in_channels} != "
+                f"out_channels {cfg.out_channels}, or an ofs embedding): it is an image-to-video checkpoint, "
+                "which CogVideoXPipeline does not drive."
+            )
+        self._tiny = getattr(pipe, "text_encoder", None) is None
+        self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+        self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    # -- identity / validation ----------------------------------------------------------------
+    def _compute_text_identity(self) -> str:
+        if self._tiny:
+            from vidsparse.models import tiny
+
+            extra = {"encoder": "tiny_text", "dim": self.transformer.config.text_embed_dim,
+                     "len": tiny.TINY_TEXT_LEN, "family": self.family}  # fmt: skip
+            return module_fingerprint(None, extra)
+        tok = getattr(self.pipe, "tokenizer", None)
+        extra = {"tokenizer": type(tok).__name__, "vocab": getattr(tok, "vocab_size", None),
+                 "max_len": self.max_sequence_length}  # fmt: skip
+        return module_fingerprint(self.pipe.text_encoder, extra)
+
+    def validate_clip(self, spec: ClipSpec) -> None:
+        p = self.transformer.config.patch_size
+        s = self._spatial
+        self._check_clip(spec, self._temporal, s * p, s * p, f"VAE {s}x times patch {p}x{p}")
+        self._record_latent_size(spec, self._temporal, s)
+
+    def check_sampling(self, sampler: NoiseSampler) -> None:
+        if sampler.mode == "logit_normal" or sampler.shift is not None:
+            raise ValueError(
+                "CogVideoX trains v-prediction on integer DDPM timesteps drawn uniformly (as diffusers' CogVideoX "
+                f"training scripts); --timestep-sampling {sampler.mode!r}"
+                + (f" with --flow-shift {sampler.shift}" if sampler.shift is not None else "")
+                + " is a flow-matching setting. Use --timestep-sampling uniform (or the default) without --flow-shift."
+            )
+
+    # -- the objective --------------------------------------------------------------------------
+    def sample_levels(self, sampler: NoiseSampler, n: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+        """Integer timesteps ``U{0, ..., N - 1}`` (as float, so they batch like noise levels)."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).float()
+
+    def alphas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``a_t`` (the scheduler's ``alphas_cumprod``) at integer ``timesteps`` [B], float32."""
+        table = self.pipe.scheduler.alphas_cumprod.float()
+        return table[timesteps.long().cpu()].to(timesteps.device)
+
+    def training_inputs(self, x0, noise, levels):
+        a = self.alphas(levels).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return noisy, a.sqrt() * noise - (1 - a).sqrt() * x0, levels
+
+    def default_flow_shift(self) -> float:
+        return 1.0  # no flow shift: the SNR shift is inside the scheduler's alphas
+
+    # -- encoders -------------------------------------------------------------------------------
+    @property
+    def patch_size_t(self) -> int | None:
+        return self.transformer.config.get("patch_size_t")
+
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self._vae_mode(pixels) * float(self.pipe.vae.config.scaling_factor)
+        p_t = self.patch_size_t
+        if p_t and z.shape[2] % p_t:  # CogVideoX 1.5: pad in front, as the pipeline drops its first frames
+            pad = p_t - z.shape[2] % p_t
+            z = torch.cat([z[:, :, :1].expand(-1, -1, pad, -1, -1), z], dim=2)
+        return z
+
+    @torch.no_grad()
+    def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        if self._tiny:
+            from vidsparse.models import tiny
+
+            emb, _ = tiny_text(caption, tiny.TINY_TEXT_LEN, self.transformer.config.text_embed_dim)
+        else:
+            device = next(self._ready(self.pipe.text_encoder).parameters()).device
+            emb, _ = self.pipe.encode_prompt(
+                prompt=[caption], do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                max_sequence_length=self.max_sequence_length, device=device,
+            )  # fmt: skip
+            emb = emb[0]
+        return {"prompt_embeds": emb.detach().float().cpu()}
+
+    def rotary_embedding(
+        self, frames: int, height: int, width: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pipeline's RoPE (cos, sin) for ``frames`` latent frames of ``height x width`` latents."""
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        cfg = self.transformer.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        p, p_t = cfg.patch_size, cfg.patch_size_t
+        gh, gw = height // p, width // p
+        base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+        if p_t is None:  # CogVideoX 1.0
+            return get_3d_rotary_pos_embed(
+                embed_dim=cfg.attention_head_dim, crops_coords=_crop_region((gh, gw), base_w, base_h),
+                grid_size=(gh, gw), temporal_size=frames, device=device,
+            )  # fmt: skip
+        return get_3d_rotary_pos_embed(
+            embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(gh, gw),
+            temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w), device=device,
+        )  # fmt: skip
+
+    def predict(self, transformer, noisy, timesteps, text):
+        """The transformer's v prediction [B, C, f, h, w] (it takes and returns [B, f, C, h, w])."""
+        dev, dt = noisy.device, noisy.dtype
+        _, _, f, h, w = noisy.shape
+        rope = self.rotary_embedding(f, h, w, dev)
+        out = transformer(
+            hidden_states=noisy.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=text["prompt_embeds"].to(dev, dt),
+            timestep=timesteps.to(dev).long(),
+            image_rotary_emb=None if rope is None else tuple(r.to(dev, dt) for r in rope),
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+
+__all__ = ["CogVideoXModel"]
