@@ -140,6 +140,7 @@ def test_field_spec_parsing():
 # -- generate -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_subprocess_end_to_end(tmp_path):
     out = tmp_path / "clip.mp4"
     cmd = [sys.executable, "-m", "vidsparse", "generate", *SMALL, "--prompt", "a red ball", "--out", str(out)]

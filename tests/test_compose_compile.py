@@ -11,7 +11,8 @@ from torch._dynamo.utils import counters
 
 import vidsparse as vs
 
-pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
+# torch.compile of whole pipelines: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")]
 
 
 class CountingBackend:

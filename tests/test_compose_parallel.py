@@ -16,6 +16,9 @@ from diffusers import ContextParallelConfig, ParallelConfig
 import vidsparse as vs
 from vidsparse.models import tiny_inputs, tiny_transformer
 
+# torchrun workers: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).parent
 
 

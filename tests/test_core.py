@@ -124,6 +124,7 @@ def test_bad_inputs_are_clear():
         vs.attention(q, k, v, lay, 3)
 
 
+@pytest.mark.slow
 def test_large_grid_runs_memory_bounded():
     """Wan 480p grid (21x30x52 = 32,760 tokens) through the torch reference without S x S."""
     lay = vs.VideoLayout(21, 30, 52)

@@ -169,6 +169,7 @@ def test_local_patterns_keep_tokens_local():
     assert torch.equal(changed, expected)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_the_patched_transformer():
     model = tiny_transformer("cosmos", num_layers=1)
     inputs = tiny_inputs("cosmos", model, 3, 8, 8)

@@ -247,6 +247,7 @@ def test_family_defaults_on_the_480p_and_720p_grids():
     assert FAMILY.default_schedule("tile") == (0.25, ())
 
 
+@pytest.mark.slow
 def test_torch_compile_of_patched_transformer():
     model = _model(num_layers=1)
     inputs = _inputs(model, grid=(2, 2, 4), batch=1)

@@ -221,6 +221,7 @@ def test_nabla_calls_run_the_pattern_in_raster_order_and_dense_layers_keep_nabla
     assert torch.equal(_run(model, inputs), nabla)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_the_patched_transformer(monkeypatch):
     from vidsparse.pipelines import hooks
 
@@ -316,6 +317,7 @@ def test_lora_and_parallel_refuse_with_the_reason():
         parallelize(pipe, "radial", mode="clip", runtime=None)
 
 
+@pytest.mark.slow
 def test_t2v_pipeline_end_to_end():
     """The real diffusers pipeline, 2 steps with CFG: Dense() equals the pipeline's own output, a
     sparse pattern runs every self-attention call and differs, remove restores the exact output;

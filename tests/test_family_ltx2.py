@@ -284,6 +284,7 @@ def test_video_self_attention_mask_runs_dense_with_a_warning():
 
 
 # -- compile, foreign processors --------------------------------------------------------------------
+@pytest.mark.slow
 def test_torch_compile_of_the_patched_transformer():
     model, inputs = _setup(GATED, num_layers=1)
     inputs.update(STG, spatio_temporal_guidance_blocks=[0])
@@ -331,6 +332,7 @@ def test_tiny_pipeline_components_keep_the_real_interface(tiny_pipe):
     assert out.frames.shape == (1, 9, 64, 64, 3) and out.audio.shape[:2] == (1, 2)
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_with_vidsparse_end_to_end(tiny_pipe):
     ref = _generate(tiny_pipe)
     assert ref.frames.shape == (1, 4, 4, 4, 6)  # 25 frames, 128x192 -> 4x4x6 latent tokens

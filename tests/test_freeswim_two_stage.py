@@ -38,6 +38,7 @@ class _CallCounter:
             h.remove()
 
 
+@pytest.mark.slow
 def test_two_stage_on_tiny_writes_a_video_of_the_target_size(tmp_path):
     pipe = build_tiny_pipeline()
     shift_before = pipe.scheduler.config.shift

@@ -21,6 +21,9 @@ from vidsparse.lora.train import flow_loss
 from vidsparse.models.tiny import build_tiny_pipeline, encode_prompt_tiny, run_tiny_pipeline
 from vidsparse.pipelines import apply, get_state
 
+# LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 STEPS, EVERY = 8, 4
 FLAGS = dict(num_frames=17, height=48, width=48, rank=8, learning_rate=2e-2, max_train_steps=STEPS,
              checkpointing_steps=EVERY, mixed_precision="no", attention_backend="torch", pattern="radial",

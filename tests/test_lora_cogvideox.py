@@ -25,6 +25,9 @@ from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
 from vidsparse.pipelines import apply
 
+# LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 # 16 x 16 latents -> 8 x 8 tokens per frame; 1.0: 3 latent frames; 1.5: 5 latent frames padded in front to 6,
 # 3 token frames after patch_size_t = 2 (radial is sparse on both)
 SPECS = {False: ClipSpec(9, 128, 128), True: ClipSpec(17, 128, 128)}

@@ -25,6 +25,9 @@ from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
 from vidsparse.models.tiny import build_tiny_pipeline
 from vidsparse.pipelines import apply
 
+# LoRA training runs per family: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 # clip sizes giving a latent grid of 3 frames x 16 x 16 (HunyuanVideo, Mochi: 8 x 8 tokens after
 # the 2x2 patch) or 3 x 8 x 8 (LTX-Video: 32x VAE, patch 1): 192 video tokens, radial visibly sparse
 SPECS = {"hunyuan": ClipSpec(9, 128, 128), "ltx": ClipSpec(17, 256, 256), "mochi": ClipSpec(13, 128, 128)}

@@ -18,6 +18,9 @@ from vidsparse.lora.export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2
 from vidsparse.lora.models import adapter_for
 from vidsparse.models.tiny import build_tiny_pipeline, encode_prompt_tiny
 
+# LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 
 def _two_expert():
     return build_tiny_pipeline(0, two_stage=True)

@@ -16,6 +16,9 @@ from vidsparse.parallel import FramePartition, exchange_plan, frame_reach, spawn
 from vidsparse.parallel.partials import dense_attention_lse, merge_partials
 from vidsparse.parallel.vae import clip_decode_range, pixel_frames
 
+# torchrun workers: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 
 # -- single process ---------------------------------------------------------------------------
 @pytest.mark.parametrize("frames,world,sizes", [(5, 2, (3, 2)), (7, 3, (3, 2, 2)), (4, 4, (1, 1, 1, 1)), (9, 1, (9,))])

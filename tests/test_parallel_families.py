@@ -12,6 +12,9 @@ import vidsparse as vs
 from vidsparse.models.tiny import tiny_transformer
 from vidsparse.parallel import check_results, parallelize, spawn
 
+# torchrun workers: outside the quick subset (pytest -m "not slow"), always in CI
+pytestmark = pytest.mark.slow
+
 
 def test_every_family_equals_single_process_on_two_ranks():
     results = check_results(spawn(family_suite, 2, (), timeout_s=240))

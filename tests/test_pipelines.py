@@ -182,6 +182,7 @@ def test_context_step_index_wins_and_dense_last_on_bare_transformer():
 
 
 # -- compile, hooks, re-apply ------------------------------------------------------------------
+@pytest.mark.slow
 def test_torch_compile_of_patched_transformer():
     """Compiling the patched transformer (or patching the compiled one) works from a cold plan
     cache: the hook builds the plans eagerly, the compiled graph only looks them up."""

@@ -134,6 +134,7 @@ def test_rows_without_keys_give_zero_output_and_finite_grads():
     )
 
 
+@pytest.mark.slow
 def test_fully_padded_text_sample():
     """A sample whose whole text span is padding still matches (text rows see only video)."""
     layout = vs.VideoLayout(2, 3, 5, text_len=6, text_position="before")
@@ -142,6 +143,7 @@ def test_fully_padded_text_sample():
     assert_match(*run_both(layout, make("radial"), text_mask=tm))
 
 
+@pytest.mark.slow
 def test_float16_close_to_fp32_reference():
     layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
     tri, ref = run_both(layout, make("radial"), dim=32, dtype=torch.float16)
@@ -164,6 +166,7 @@ def test_run_kernel_order_matches_reference_out_and_lse():
 # -- torch.compile and the custom op --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     layout = vs.VideoLayout(2, 3, 5, text_len=9, text_position="after")
     pattern = make("radial")
