@@ -26,10 +26,13 @@ if TYPE_CHECKING:
     from vidsparse.pipelines.hooks import SparseState
 
 
-class SparseProcessor:
-    """Common part: the original processor, the layer index and the transformer's state."""
+class WrappedProcessor:
+    """A processor standing in for a diffusers one: the original processor, the layer index and
+    the owner's state. ``_attention_backend`` / ``_parallel_config`` read and write through to the
+    original, so ``set_attention_backend`` and ``enable_parallelism`` keep working on a patched
+    model (vidsparse's sparse processors and FreeSwim's dual-path processors share this)."""
 
-    def __init__(self, original: Any, layer: int, state: SparseState) -> None:
+    def __init__(self, original: Any, layer: int, state: Any) -> None:
         self.original = original
         self.layer = layer
         self.state = state
@@ -49,6 +52,16 @@ class SparseProcessor:
     @_parallel_config.setter
     def _parallel_config(self, value) -> None:
         self.original._parallel_config = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
+
+
+class SparseProcessor(WrappedProcessor):
+    """Common part of the families' sparse self-attention processors: the original processor,
+    the layer index and the transformer's ``SparseState``."""
+
+    state: SparseState
 
     def _dense(self, *args, **kwargs):
         if not torch.compiler.is_compiling():  # a counter in a graph would be guarded on (recompiles)
@@ -70,9 +83,6 @@ class SparseProcessor:
                 )
             return grid_layout
         return layout
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
 
 
 #: Module names of a joint-attention block's two streams: (q, k, v projections, q, k norms).

@@ -53,7 +53,7 @@ def _wan_qkv(attn, hidden_states: torch.Tensor):
     return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
 
-def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
     sin = freqs_sin[..., 1::2]
@@ -84,8 +84,8 @@ class WanSparseProcessor(SparseProcessor):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = _wan_rope(query, *rotary_emb)
-            key = _wan_rope(key, *rotary_emb)
+            query = wan_rope(query, *rotary_emb)
+            key = wan_rope(key, *rotary_emb)
         layout = self._layout(query.shape[1], 0, "none")
         out = self.state.attend(query, key, value, layout, pattern, self.layer, None)
         out = out.flatten(2, 3).type_as(query)

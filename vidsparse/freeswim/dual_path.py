@@ -44,6 +44,8 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from vidsparse.attention import attention as sparse_attention
+from vidsparse.families.processor import WrappedProcessor
+from vidsparse.families.wan import wan_rope
 from vidsparse.freeswim.cache import CacheReport, CrossAttentionCache, cache_bytes
 from vidsparse.freeswim.config import DualPathConfig
 from vidsparse.layout import VideoLayout
@@ -182,41 +184,8 @@ def _qkv(attn, hidden_states: torch.Tensor):
     return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
 
-def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding, as ``WanAttnProcessor`` applies it."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-class _DualProcessor:
-    def __init__(self, original: Any, layer: int, state: DualPathState) -> None:
-        self.original = original
-        self.layer = layer
-        self.state = state
-
-    @property
-    def _attention_backend(self):
-        return getattr(self.original, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value) -> None:
-        self.original._attention_backend = value
-
-    @property
-    def _parallel_config(self):
-        return getattr(self.original, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value) -> None:
-        self.original._parallel_config = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
+class _DualProcessor(WrappedProcessor):
+    state: DualPathState
 
 
 class DualSelfAttnProcessor(_DualProcessor):
@@ -239,8 +208,8 @@ class DualSelfAttnProcessor(_DualProcessor):
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = _rope(query, *rotary_emb)
-            key = _rope(key, *rotary_emb)
+            query = wan_rope(query, *rotary_emb)
+            key = wan_rope(key, *rotary_emb)
         scale = cfg.softmax_scale(query.shape[-1])
         b = call.rows
         call.layout.check_seq_len(query.shape[1])
