@@ -28,10 +28,6 @@ from typing import Any
 import torch
 
 from vidsparse.families.base import (
-    TINY_HEAD_DIM,
-    TINY_HEADS,
-    TINY_LATENT_CHANNELS,
-    TINY_TEXT_DIM,
     Family,
     TinyRequest,
     TinyVariant,
@@ -41,7 +37,14 @@ from vidsparse.families.base import (
     no_text,
 )
 from vidsparse.families.wan import FAMILY as WAN
-from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs, tiny_vae
+from vidsparse.families.wan import (
+    WanSparseProcessor,
+    tiny_i2v_config,
+    tiny_i2v_inputs,
+    tiny_inputs,
+    tiny_transformer_kwargs,
+    tiny_vae,
+)
 
 # -- self-attention processor -----------------------------------------------------------------
 
@@ -90,37 +93,14 @@ def _tiny_df_config(inject_sample_info: bool = False) -> dict[str, Any]:
     return tiny_transformer_kwargs(inject_sample_info=inject_sample_info)
 
 
-def _tiny_i2v_config() -> dict[str, Any]:
-    return tiny_transformer_kwargs(
-        in_channels=3 * TINY_LATENT_CHANNELS, image_dim=TINY_TEXT_DIM, added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM
-    )
-
-
-def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
-    c = r.transformer.config.in_channels
-    return dict(
-        hidden_states=r.randn(r.batch, c, r.frames, r.height, r.width),
-        timestep=r.timestep,
-        encoder_hidden_states=r.randn(r.batch, r.text_len, r.text_dim),
-    )
-
-
 def _tiny_df_inputs(r: TinyRequest) -> dict[str, Any]:
     """Diffusion forcing: every latent frame its own timestep (later frames noisier)."""
-    inputs = _tiny_inputs(r)
+    inputs = tiny_inputs(r)
     ramp = torch.linspace(0.5, 1.0, r.frames, dtype=r.timestep.dtype)
     inputs["timestep"] = (r.timestep[:, None] * ramp[None]).to(r.timestep.dtype)
     inputs["enable_diffusion_forcing"] = True
     if r.transformer.config.inject_sample_info:
         inputs["fps"] = [1] * r.batch  # the pipeline's fps code: 0 for 16 fps, 1 otherwise
-    return inputs
-
-
-def _tiny_i2v_inputs(r: TinyRequest) -> dict[str, Any]:
-    inputs = _tiny_inputs(r)
-    # SkyReelsV2AttnProcessor splits the context at a hard-coded 512 text tokens.
-    inputs["encoder_hidden_states"] = r.randn(r.batch, 512, r.text_dim)
-    inputs["encoder_hidden_states_image"] = r.randn(r.batch, 4, r.transformer.config.image_dim)
     return inputs
 
 
@@ -179,9 +159,9 @@ FAMILY = Family(
         "mask, which the sequence-parallel shard plan does not cut"
     ),
     tiny={
-        "skyreels-v2": TinyVariant("skyreels-v2", _tiny_config, _tiny_inputs),
+        "skyreels-v2": TinyVariant("skyreels-v2", _tiny_config, tiny_inputs),
         "skyreels-v2-df": TinyVariant("skyreels-v2-df", _tiny_df_config, _tiny_df_inputs),
-        "skyreels-v2-i2v": TinyVariant("skyreels-v2-i2v", _tiny_i2v_config, _tiny_i2v_inputs),
+        "skyreels-v2-i2v": TinyVariant("skyreels-v2-i2v", tiny_i2v_config, tiny_i2v_inputs),
     },
     tiny_pipeline=tiny_pipeline,
 )

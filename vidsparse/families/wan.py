@@ -139,14 +139,15 @@ def tiny_transformer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
 
 
-def _tiny_i2v_config() -> dict[str, Any]:
+def tiny_i2v_config() -> dict[str, Any]:
     # Latent + image condition + mask channels, as Wan I2V concatenates them.
     return tiny_transformer_kwargs(
         in_channels=3 * TINY_LATENT_CHANNELS, image_dim=TINY_TEXT_DIM, added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM
     )
 
 
-def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+def tiny_inputs(r: TinyRequest) -> dict[str, Any]:
+    """Forward kwargs of a tiny Wan-architecture transformer (also SkyReels-V2's)."""
     c = r.transformer.config.in_channels
     return dict(
         hidden_states=r.randn(r.batch, c, r.frames, r.height, r.width),
@@ -155,8 +156,9 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
     )
 
 
-def _tiny_i2v_inputs(r: TinyRequest) -> dict[str, Any]:
-    inputs = _tiny_inputs(r)
+def tiny_i2v_inputs(r: TinyRequest) -> dict[str, Any]:
+    """``tiny_inputs`` plus the image context of Wan I2V (and SkyReels-V2 I2V)."""
+    inputs = tiny_inputs(r)
     # WanAttnProcessor splits the context at a hard-coded 512 text tokens.
     inputs["encoder_hidden_states"] = r.randn(r.batch, 512, r.text_dim)
     inputs["encoder_hidden_states_image"] = r.randn(r.batch, 4, r.transformer.config.image_dim)
@@ -241,7 +243,7 @@ def _tiny_ti2v_config() -> dict[str, Any]:
 def _tiny_ti2v_inputs(r: TinyRequest) -> dict[str, Any]:
     """TI2V-5B's per-token timestep [B, S] (``expand_timesteps``): the first latent frame at 0
     (the conditioning image), the others at the step's timestep."""
-    inputs = _tiny_inputs(r)
+    inputs = tiny_inputs(r)
     pt, ph, pw = r.transformer.config.patch_size
     per_frame = (r.height // ph) * (r.width // pw)
     t = r.timestep[:, None].expand(-1, (r.frames // pt) * per_frame).clone()
@@ -351,8 +353,8 @@ FAMILY = Family(
         gather={"proj_out": Shard(1, 3)},
     ),
     tiny={
-        "wan": TinyVariant("wan", tiny_transformer_kwargs, _tiny_inputs),
-        "wan-i2v": TinyVariant("wan-i2v", _tiny_i2v_config, _tiny_i2v_inputs),
+        "wan": TinyVariant("wan", tiny_transformer_kwargs, tiny_inputs),
+        "wan-i2v": TinyVariant("wan-i2v", tiny_i2v_config, tiny_i2v_inputs),
         TI2V_TINY: TinyVariant(TI2V_TINY, _tiny_ti2v_config, _tiny_ti2v_inputs),
     },
     tiny_pipeline=tiny_pipeline,
