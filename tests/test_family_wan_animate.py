@@ -75,3 +75,14 @@ def test_refusals_name_what_is_missing():
 def test_inspect_knows_the_family(capsys):
     assert main(["inspect", "--pattern", "tile", "--video", "77x720x1280", "--family", "wan-animate", "--no-plot"]) == 0
     assert "20x45x80" in capsys.readouterr().out
+
+
+def test_generate_refuses_a_wan_animate_folder_before_loading(tmp_path, capsys):
+    """generate cannot build the pose/face/reference inputs: one line, exit 2, no weights read."""
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanAnimatePipeline"}))
+    assert main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run a WanAnimatePipeline" in err and "pose video" in err and "vs.apply" in err
+    assert not (tmp_path / "v.mp4").exists()

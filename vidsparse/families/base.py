@@ -257,6 +257,8 @@ class Family:
 
     Refused: ``unsupported`` (non-empty) records a transformer vidsparse recognises but cannot
     patch, and why; ``vidsparse.apply`` raises it, the supported-families text leaves it out.
+    ``generate_refusal`` (non-empty): ``vs.apply`` works, but ``vidsparse generate`` cannot drive the
+    family's pipelines (inputs it does not build), and why.
     """
 
     name: str
@@ -284,6 +286,7 @@ class Family:
     tiny_geometries: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     unsupported: str = ""
+    generate_refusal: str = ""
 
     def __post_init__(self) -> None:
         if self.text_position not in ("none", "before", "after"):

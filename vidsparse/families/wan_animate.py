@@ -122,4 +122,8 @@ FAMILY = Family(
     ),
     tiny={"wan-animate": TinyVariant("wan-animate", _tiny_config, _tiny_inputs)},
     tiny_pipeline=None,
+    generate_refusal=(
+        "its pipeline needs a reference image, a pose video and a face video (and a CLIP image encoder), which "
+        "generate does not take; apply vidsparse to your own WanAnimatePipeline with vs.apply(pipe, 'radial')"
+    ),
 )
