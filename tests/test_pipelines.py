@@ -234,6 +234,8 @@ def test_discover_layout_override_and_attention_backend_passthrough():
 def test_unsupported_targets():
     with pytest.raises(ValueError, match="Supported transformers: wan"):
         vs.apply(torch.nn.Linear(2, 2), "dense")
+    with pytest.raises(ValueError, match=r"kandinsky5 \(Kandinsky5Transformer3DModel\).*How to add a model family"):
+        vs.apply(torch.nn.Linear(2, 2), "dense")
     pipe = build_tiny_pipeline()
     with pytest.raises(ValueError, match="cannot patch a AutoencoderKLWan"):
         vs.apply(pipe.vae, "dense")

@@ -81,7 +81,8 @@ def family_of(transformer: Any) -> Family:
     raise ValueError(
         f"vidsparse cannot patch a {type(transformer).__name__}. Supported transformers: "
         f"{supported_families_text()}. Pass a diffusers pipeline holding one of them (pipe.transformer) "
-        "or the transformer itself."
+        "or the transformer itself. A model of another family needs a family module: see "
+        "docs/architecture.md, 'How to add a model family'."
     )
 
 
