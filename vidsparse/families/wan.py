@@ -340,10 +340,6 @@ FAMILY = Family(
         "(encoder_hidden_states_image); train-lora builds text-to-video inputs only",
         "WanVideoToVideoPipeline": "video-to-video starts from a noised input video (strength), a sampling mode of "
         "the text-to-video weights: train the LoRA on WanPipeline (same checkpoint) and load it here",
-        "WanVACEPipeline": "VACE adds control blocks fed by reference/control video latents and masks "
-        "(vace_context); that conditioning path is not implemented",
-        "WanAnimatePipeline": "Wan-Animate conditions on pose and face videos and reference-image latents "
-        "through its own transformer inputs; that conditioning path is not implemented",
     },
     # WanTransformer3DModel._cp_plan, on frame boundaries: RoPE (cos, sin) [1, S, 1, D],
     # the token sequence entering blocks.0, Wan 2.2 TI2V's per-token timestep [B, S].

@@ -114,8 +114,8 @@ FAMILY = Family(
     dense_first_steps=WAN.dense_first_steps,
     dense_layers=dict(WAN.dense_layers),
     lora_refusal=(
-        "no Wan-Animate training adapter (pose latents, face video and reference-frame conditioning are "
-        "not in the Wan adapter)"
+        "no Wan-Animate training adapter: it conditions on pose latents, face videos and reference-image latents "
+        "through its own transformer inputs, which the Wan adapter does not build"
     ),
     parallel_refusal=(
         "the face adapter cross-attends per latent frame, which the sequence-parallel shard plan does not cut"

@@ -111,7 +111,8 @@ FAMILY = Family(
     dense_first_steps=WAN.dense_first_steps,
     dense_layers=dict(WAN.dense_layers),
     lora_refusal=(
-        "no VACE training adapter yet (the Wan adapter does not build VACE control latents, masks or reference frames)"
+        "no VACE training adapter yet: VACE adds control blocks fed by reference/control latents and masks "
+        "(vace_context), which the Wan adapter does not build"
     ),
     parallel_refusal=(
         "the control branch (vace_blocks on control_hidden_states) is not in the sequence-parallel shard plan"
