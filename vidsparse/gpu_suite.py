@@ -687,7 +687,7 @@ def _build_wan(ctx: Ctx):
 def stage_step(ctx: Ctx) -> dict[str, Any]:
     import vidsparse as vs
     from vidsparse.config import SparseConfig
-    from vidsparse.generate import _DensityRecorder
+    from vidsparse.generation import DensityRecorder
     from vidsparse.pipelines import get_state
 
     model, inputs, passes = _build_wan(ctx)
@@ -709,7 +709,7 @@ def stage_step(ctx: Ctx) -> dict[str, Any]:
             try:
                 vs.apply(model, SparseConfig(name, dense_first_steps=0, num_inference_steps=50, backend="triton"))
                 state = get_state(model)
-                recorder = _DensityRecorder(state.attention_fn)
+                recorder = DensityRecorder(state.attention_fn)
                 state.attention_fn = recorder
                 first, ms = _time_case(ctx, forward)
                 out = forward().float()
