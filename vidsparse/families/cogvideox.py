@@ -180,13 +180,10 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, v15: boo
     """
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = CogVideoXTransformer3DModel(**_tiny_config(v15))
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     scheduler = CogVideoXDDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,

@@ -240,13 +240,10 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, version:
 
     if version not in ("2", "2.5"):
         raise ValueError(f"tiny Cosmos pipeline version must be '2' (Predict2) or '2.5' (Predict2.5), got {version!r}.")
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = diffusers.CosmosTransformer3DModel(**tiny_transformer_kwargs())
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     transformer.eval()
     if version == "2.5":
         scheduler = diffusers.UniPCMultistepScheduler(

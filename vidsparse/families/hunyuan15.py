@@ -305,8 +305,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
     )
     from diffusers.guiders import ClassifierFreeGuidance
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = HunyuanVideo15Transformer3DModel(
             **tiny_transformer_kwargs(task_type="i2v" if image_to_video else "t2v")
@@ -314,8 +313,6 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
         vae = tiny_vae().eval()
         tokenizer, text_encoder, tokenizer_2, text_encoder_2 = _tiny_text_encoders()
         image_encoder = _tiny_image_encoder() if image_to_video else None
-    finally:
-        torch.random.set_rng_state(gen_state)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Guiders are currently an experimental feature.*")
         guider = ClassifierFreeGuidance(guidance_scale=6.0)

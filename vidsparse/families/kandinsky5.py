@@ -287,14 +287,11 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: b
     """
     import diffusers
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         config = _tiny_nabla_config() if nabla else tiny_transformer_kwargs()
         transformer = randomize_zero_parameters(diffusers.Kandinsky5Transformer3DModel(**config))
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     transformer.eval()
     pipe = diffusers.Kandinsky5T2VPipeline(
         transformer=transformer,

@@ -450,8 +450,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant:
 
     if variant not in FAMILY.tiny:
         raise ValueError(f"Unknown tiny LTX-2 variant {variant!r}. Expected one of: {', '.join(FAMILY.tiny)}.")
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = diffusers.LTX2VideoTransformer3DModel(**FAMILY.tiny[variant].config())
         vae = tiny_video_vae()
@@ -459,8 +458,6 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant:
         connectors = tiny_connectors()
         tokenizer = tiny_tokenizer()
         text_encoder = tiny_text_encoder(len(tokenizer))
-    finally:
-        torch.random.set_rng_state(gen_state)
     # LTX-2's resolution-dependent shift (the pipeline passes mu from the token count).
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True,

@@ -115,14 +115,11 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, diffusio
         UniPCMultistepScheduler,
     )
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         config = _tiny_df_config(inject_sample_info=True) if diffusion_forcing else _tiny_config()
         transformer = SkyReelsV2Transformer3DModel(**config)
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     # SkyReels-V2's scheduler: UniPC on flow-matching sigmas.
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
     cls = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline

@@ -196,14 +196,11 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
         raise ValueError(f"Unknown tiny Wan pipeline variant {variant!r}. Expected 'wan' or {TI2V_TINY!r}.")
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**tiny_transformer_kwargs())
         transformer_2 = WanTransformer3DModel(**tiny_transformer_kwargs()) if two_stage else None
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -279,13 +276,10 @@ def tiny_ti2v_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     48-channel transformer and 16x VAE; no tokenizer / text encoder)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**_tiny_ti2v_config())
         vae = tiny_ti2v_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,

@@ -73,13 +73,10 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     as ``prompt_embeds``). Without ``video`` / ``mask`` it is text-to-video through VACE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = WanVACETransformer3DModel(**_tiny_config())
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(gen_state)
     pipe = WanVACEPipeline(
         tokenizer=None,
         text_encoder=None,

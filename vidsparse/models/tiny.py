@@ -151,16 +151,13 @@ def tiny_transformer(family: str = "wan", *, seed: int = 0, dtype: torch.dtype =
 
     cls_name, kw = tiny_config(family)
     kw.update(overrides)
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         model = getattr(diffusers, cls_name)(**kw)
         with torch.no_grad():
             for p in model.parameters():
                 if p.numel() and not bool(p.any()):
                     p.normal_(0.0, 0.5)
-    finally:
-        torch.random.set_rng_state(gen_state)
     model.eval()
     if dtype != torch.float32:
         model = model.to(dtype)
