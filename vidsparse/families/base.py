@@ -162,6 +162,13 @@ def tiny_dims(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def finish_tiny_pipeline(pipe: Any, dtype: torch.dtype) -> Any:
+    """A just-built tiny pipeline, ready to call: no progress bar (tests and ``generate`` show
+    their own) and cast to ``dtype`` (the tiny modules are built in float32)."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
 def tiny_masked_prompt_kwargs(pipe, prompt: str, negative_prompt: str, text_dim: int) -> dict[str, Any]:
     """Hashed prompt kwargs for a tiny pipeline whose call takes embeddings with a padding mask.
 

@@ -29,6 +29,7 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
+    finish_tiny_pipeline,
     indexed_paths,
     joint_text,
     tiny_dims,
@@ -190,10 +191,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, v15: boo
         steps_offset=0, timestep_spacing="trailing",
     )  # fmt: skip
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", *, batch: int = 1) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
 )
@@ -266,10 +267,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, version:
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
             safety_checker=TinySafetyChecker(),
         )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", *, batch: int = 1, text_len: int = 8):

@@ -27,6 +27,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     joint_text,
     tiny_dims,
@@ -215,10 +216,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         text_encoder_2=None,
         tokenizer_2=None,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str, Any]:

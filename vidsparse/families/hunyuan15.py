@@ -46,6 +46,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
 )
 from vidsparse.families.processor import SparseProcessor, project_qkv
@@ -340,10 +341,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
     # The text-to-video pipeline passes this many zero SigLIP tokens (729, SigLIP-384's count):
     # the tiny image encoder's count keeps the condition span small and equal in T2V and I2V.
     pipe.vision_num_semantic_tokens = TINY_IMAGE_TOKENS
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 # -- the record -------------------------------------------------------------------------------

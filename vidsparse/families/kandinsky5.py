@@ -42,6 +42,7 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
 )
@@ -302,10 +303,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: b
         tokenizer_2=None,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 def tiny_prompt_kwargs(

@@ -31,6 +31,7 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
     tiny_dims,
@@ -196,10 +197,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         tokenizer=None,
         transformer=tiny_transformer("ltx", seed=seed),
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str, Any]:

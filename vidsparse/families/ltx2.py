@@ -58,6 +58,7 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
 )
@@ -477,10 +478,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant:
         transformer=transformer,
         vocoder=vocoder,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 FAMILY = Family(

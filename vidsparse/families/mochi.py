@@ -30,6 +30,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     joint_text,
     tiny_masked_prompt_kwargs,
@@ -198,10 +199,7 @@ def tiny_pipeline(
         tokenizer=None,
         transformer=tiny_transformer("mochi", seed=seed, in_channels=latent_channels),
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str, Any]:

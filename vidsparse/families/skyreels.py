@@ -33,6 +33,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
 )
@@ -124,10 +125,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, diffusio
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
     cls = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
     pipe = cls(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 # -- the record -------------------------------------------------------------------------------

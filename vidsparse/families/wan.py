@@ -36,6 +36,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
     normalize_name,
@@ -210,10 +211,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
         transformer_2=transformer_2,
         boundary_ratio=0.5 if two_stage else None,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 # -- Wan 2.2 TI2V-5B ---------------------------------------------------------------------------
@@ -288,10 +286,7 @@ def tiny_ti2v_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         transformer=transformer,
         expand_timesteps=True,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 # -- LoRA -------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
 )
@@ -84,10 +85,7 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe
+    return finish_tiny_pipeline(pipe, dtype)
 
 
 # -- the record -------------------------------------------------------------------------------
