@@ -7,7 +7,8 @@ regular and a ragged grid, sparse patterns differing from dense, ``torch.compile
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,6 +26,26 @@ SPARSE_OPTIONS: dict[str, dict[str, Any]] = {
     "dual-scope": dict(local_frames=0, global_stride=0),
     "freeswim": dict(base_grid=(2, 2)),
 }
+
+
+@dataclass(frozen=True)
+class SameFrame(vs.Pattern):
+    """Video tokens attend only their own latent frame (checks the grid's frame axis)."""
+
+    name: ClassVar[str] = "test-same-frame"
+
+    def video_mask(self, layout, qi, ki, layer=0):
+        return qi // layout.tokens_per_frame == ki // layout.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class SamePixel(vs.Pattern):
+    """Video tokens attend only their own (h, w) position, across frames (checks the spatial axes)."""
+
+    name: ClassVar[str] = "test-same-pixel"
+
+    def video_mask(self, layout, qi, ki, layer=0):
+        return qi % layout.tokens_per_frame == ki % layout.tokens_per_frame
 
 
 def run(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

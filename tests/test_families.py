@@ -1,12 +1,10 @@
 """Per-family processors on tiny random-init transformers: dense equivalence, the discovered
 layout, token locality under local patterns, and every registered sparse pattern."""
 
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
-from family_checks import SPARSE_OPTIONS
+from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
 
 import vidsparse as vs
 from vidsparse.models import tiny_inputs, tiny_transformer
@@ -107,26 +105,6 @@ def test_discovered_layout(family):
         assert has_mask == (family in ("hunyuan", "hunyuan-i2v", "mochi"))
 
 
-@dataclass(frozen=True)
-class _SameFrame(vs.Pattern):
-    """Video tokens attend only their own latent frame."""
-
-    name: ClassVar[str] = "test-same-frame"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi // layout.tokens_per_frame == ki // layout.tokens_per_frame
-
-
-@dataclass(frozen=True)
-class _SamePixel(vs.Pattern):
-    """Video tokens attend only their own (h, w) position, across frames."""
-
-    name: ClassVar[str] = "test-same-pixel"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi % layout.tokens_per_frame == ki % layout.tokens_per_frame
-
-
 def _perturb(family, inputs, frame=None, pixel=None):
     x = inputs["hidden_states"].clone()
     if family == "ltx":  # packed (B, F*H*W, C), patch 1
@@ -169,13 +147,13 @@ def test_local_patterns_keep_tokens_local(family):
     if family == "hunyuan":
         one_layer["num_single_layers"] = 0
     model, inputs = _setup(family, batch=1, **one_layer)
-    vs.apply(model, _config(_SameFrame()))
+    vs.apply(model, _config(SameFrame()))
     base = _token_grid(family, _run(model, inputs))
     moved = _token_grid(family, _run(model, _perturb(family, inputs, frame=2)))
     changed = (moved - base).abs().amax(dim=(0, 2, 3, 4)) > 1e-6
     assert changed.tolist() == [False, False, True, False]
 
-    vs.apply(model, _config(_SamePixel()))
+    vs.apply(model, _config(SamePixel()))
     base = _token_grid(family, _run(model, inputs))
     moved = _token_grid(family, _run(model, _perturb(family, inputs, pixel=(1, 3))))
     changed = (moved - base).abs().amax(dim=(0, 1, 4)) > 1e-6

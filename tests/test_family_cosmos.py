@@ -2,13 +2,11 @@
 CosmosTransformer3DModel at a tiny size, and the real Predict2 / Predict2.5 video2world pipelines."""
 
 import json
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import SPARSE_OPTIONS
+from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -127,22 +125,6 @@ def test_every_pattern_runs_with_family_defaults_on_a_ragged_grid(name):
         vs.remove(model)
 
 
-@dataclass(frozen=True)
-class _SameFrame(vs.Pattern):
-    name: ClassVar[str] = "test-cosmos-same-frame"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi // layout.tokens_per_frame == ki // layout.tokens_per_frame
-
-
-@dataclass(frozen=True)
-class _SamePixel(vs.Pattern):
-    name: ClassVar[str] = "test-cosmos-same-pixel"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi % layout.tokens_per_frame == ki % layout.tokens_per_frame
-
-
 def _token_grid(out):
     """[B, C, F, H, W] -> [B, F, H/2, W/2, C*4] on the token grid (patch pixels folded into C)."""
     b, c, f, h, w = out.shape
@@ -155,12 +137,12 @@ def test_local_patterns_keep_tokens_local():
     (the per-frame timesteps and the condition-mask channel are per token too)."""
     model = tiny_transformer("cosmos", num_layers=1)
     inputs = tiny_inputs("cosmos", model, 4, 8, 8)
-    vs.apply(model, _cfg(_SameFrame()))
+    vs.apply(model, _cfg(SameFrame()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, :, 2] += 1.0
     changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 2, 3, 4))
     assert (changed > 1e-6).tolist() == [False, False, True, False]
-    vs.apply(model, _cfg(_SamePixel()))
+    vs.apply(model, _cfg(SamePixel()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, :, :, 2:4, 6:8] += 1.0  # token (1, 3)
     changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 1, 4)) > 1e-6

@@ -3,15 +3,13 @@ describes: Kandinsky5Transformer3DModel at a tiny size (regular and NABLA attent
 latents, NABLA's tiled token order) and the real Kandinsky5T2VPipeline."""
 
 import json
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_kandinsky import fractal_flatten, fractal_unflatten
-from family_checks import SPARSE_OPTIONS
+from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -138,22 +136,6 @@ def test_every_pattern_runs_with_family_defaults_on_a_ragged_grid(name):
         vs.remove(model)
 
 
-@dataclass(frozen=True)
-class _SameFrame(vs.Pattern):
-    name: ClassVar[str] = "test-kandinsky-same-frame"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi // layout.tokens_per_frame == ki // layout.tokens_per_frame
-
-
-@dataclass(frozen=True)
-class _SamePixel(vs.Pattern):
-    name: ClassVar[str] = "test-kandinsky-same-pixel"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi % layout.tokens_per_frame == ki % layout.tokens_per_frame
-
-
 def _token_grid(out):
     """[B, F, H, W, C] -> [B, F, H/2, W/2, 4C] on the token grid (patch pixels folded into C)."""
     b, f, h, w, c = out.shape
@@ -168,12 +150,12 @@ def test_local_patterns_keep_tokens_local(variant):
     model = tiny_transformer(variant, num_visual_blocks=1)
     inputs = tiny_inputs(variant, model, 2, 16, 16)
     assert (inputs["sparse_params"] is not None) == variant.endswith("nabla")
-    vs.apply(model, _cfg(_SameFrame()))
+    vs.apply(model, _cfg(SameFrame()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, 1] += 1.0
     changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 2, 3, 4))
     assert (changed > 1e-6).tolist() == [False, True]
-    vs.apply(model, _cfg(_SamePixel()))
+    vs.apply(model, _cfg(SamePixel()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, :, 2:4, 12:14] += 1.0  # token (1, 6): tile (0, 0) in NABLA order
     changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 1, 4)) > 1e-6

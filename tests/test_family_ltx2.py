@@ -3,12 +3,10 @@ only the video self-attention is patched; dense equivalence, exact remove, grid 
 sizes and video_coords, dense fallback with a reason, every pattern, compile, sizes, tiny pipeline."""
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
-from family_checks import SPARSE_OPTIONS
+from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
 
 import vidsparse as vs
 from vidsparse.families import family_of_pipeline, get_family
@@ -183,22 +181,6 @@ def test_every_pattern_with_family_defaults_runs_on_a_ragged_grid(name):
 
 
 # -- token locality: the grid order and axes are the model's ------------------------------------
-@dataclass(frozen=True)
-class _SameFrame(vs.Pattern):
-    name: ClassVar[str] = "test-ltx2-same-frame"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi // layout.tokens_per_frame == ki // layout.tokens_per_frame
-
-
-@dataclass(frozen=True)
-class _SamePixel(vs.Pattern):
-    name: ClassVar[str] = "test-ltx2-same-pixel"
-
-    def video_mask(self, layout, qi, ki, layer=0):
-        return qi % layout.tokens_per_frame == ki % layout.tokens_per_frame
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_local_patterns_keep_video_tokens_local(variant):
     """One block: video tokens see other video tokens only through self-attention (the audio they
@@ -215,11 +197,11 @@ def test_local_patterns_keep_video_tokens_local(variant):
     moved_pixel = x.clone().view(1, 4, 4, 4, -1)
     moved_pixel[:, :, 1, 3] += 1.0
 
-    vs.apply(model, _config(_SameFrame()))
+    vs.apply(model, _config(SameFrame()))
     changed = (grid_out(moved_frame.view_as(x)) - grid_out(x)).abs().amax(dim=(0, 2, 3, 4)) > 1e-6
     assert changed.tolist() == [False, False, True, False]
 
-    vs.apply(model, _config(_SamePixel()))
+    vs.apply(model, _config(SamePixel()))
     changed = (grid_out(moved_pixel.view_as(x)) - grid_out(x)).abs().amax(dim=(0, 1, 4)) > 1e-6
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1, 3] = True
