@@ -107,25 +107,51 @@ def discovered(model, inputs) -> list[tuple[vs.VideoLayout, int, tuple[int, ...]
 def check_every_pattern_runs(model, inputs, grid_layout: vs.VideoLayout) -> None:
     """Each registered pattern *name* (family defaults fitted to the grid) runs, finite, sparse on every layer."""
     for name in sorted(vs.PATTERNS):
-        vs.apply(model, config(name, block_size=16))
+        check_pattern_on_grid(model, inputs, name, grid_layout)
+
+
+def sparse_pattern(name: str, layout: vs.VideoLayout) -> vs.Pattern:
+    """``name`` with its SPARSE_OPTIONS; a static pattern must actually mask something on ``layout``."""
+    pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
+    if not pattern.dynamic:
+        assert not bool(vs.token_mask(pattern, layout).all()), f"{name} options are dense on {layout}"
+    return pattern
+
+
+def check_pattern_differs(
+    model, inputs, ref, name: str, layout: vs.VideoLayout, layers: int | None = None, run=run
+) -> None:
+    """One sparse pattern runs on ``layers`` self-attention layers (default: every patched layer),
+    finite, and changes the output. ``run`` returns the video output or a tuple led by it."""
+    vs.apply(model, config(sparse_pattern(name, layout)))
+    out = run(model, inputs)
+    state = get_state(model)
+    assert state.calls["sparse"] == (state.num_layers if layers is None else layers), dict(state.calls)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(bool(torch.isfinite(o).all()) for o in outs), name
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    assert (outs[0] - ref).abs().max() > 1e-4, f"{name} gave the dense output"
+
+
+def check_pattern_on_grid(model, inputs, name: str, layout: vs.VideoLayout, layers: int | None = None, run=run) -> None:
+    """A pattern *name* (family defaults fitted to the grid) runs finite and sparse on ``layers``
+    self-attention layers (default: every patched layer) with ``layout`` discovered."""
+    vs.apply(model, config(name, block_size=16))
+    try:
         out = run(model, inputs)
         state = get_state(model)
-        assert bool(torch.isfinite(out).all()), f"{name} on {grid_layout}"
-        assert state.calls["sparse"] == state.num_layers, (name, dict(state.calls))
-        assert state.current.layout == grid_layout
-    vs.remove(model)
+        assert state.current.layout == layout, (name, state.current.layout)
+        assert state.calls["sparse"] == (state.num_layers if layers is None else layers), (name, dict(state.calls))
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(bool(torch.isfinite(o).all()) for o in outs), f"{name} on {layout}"
+    finally:
+        vs.remove(model)
 
 
 def check_sparse_patterns_differ(model, inputs, layout: vs.VideoLayout) -> None:
     ref = run(model, inputs)
     for name in sorted(n for n in vs.PATTERNS if n != "dense"):
-        pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
-        if not pattern.dynamic:
-            assert not bool(vs.token_mask(pattern, layout).all()), f"{name} options are dense on {layout}"
-        vs.apply(model, config(pattern))
-        out = run(model, inputs)
-        assert bool(torch.isfinite(out).all()), name
-        assert (out - ref).abs().max() > 1e-4, f"{name} gave the dense output"
+        check_pattern_differs(model, inputs, ref, name, layout)
     vs.remove(model)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
+from family_checks import SameFrame, SamePixel, check_pattern_differs, check_pattern_on_grid, config, run
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -17,21 +17,6 @@ from vidsparse.pipelines import get_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 
-# Options making each registered pattern sparse on a 4x4x4 token grid.
-
-
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
-def _cfg(pattern, **kw):
-    kw.setdefault("backend", "torch")
-    kw.setdefault("dense_first_steps", 0)
-    kw.setdefault("dense_layers", ())
-    return vs.SparseConfig(pattern, **kw)
-
-
 _SHARED: dict = {}
 
 
@@ -41,7 +26,7 @@ def shared():
     if not _SHARED:
         model = tiny_transformer("cosmos")
         inputs = tiny_inputs("cosmos", model, 4, 8, 8, batch=2)
-        _SHARED.update(model=model, inputs=inputs, ref=_run(model, inputs))
+        _SHARED.update(model=model, inputs=inputs, ref=run(model, inputs))
     yield _SHARED["model"], _SHARED["inputs"], _SHARED["ref"]
     vs.remove(_SHARED["model"])
 
@@ -57,26 +42,26 @@ def test_registry_finds_cosmos_by_name_transformer_and_pipeline():
 def test_dense_patch_is_exact_and_layout_is_discovered(shared):
     model, inputs, ref = shared
     originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
-    vs.apply(model, _cfg(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     patched = [m.processor for _, m, _ in FAMILY.attention_paths(model)]
     assert len(patched) == 2 and all(isinstance(p, CosmosSparseProcessor) for p in patched)
     assert all(
         m.attn2.processor is originals[f"transformer_blocks.{i}.attn2"] for i, m in enumerate(model.transformer_blocks)
     )  # cross-attention stays the model's
-    out = _run(model, inputs)
+    out = run(model, inputs)
     state = get_state(model)
     assert state.calls["sparse"] == 2 and state.calls["dense"] == 0
     assert state.current.layout == vs.VideoLayout(4, 4, 4)  # video only: text is cross-attention
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
     vs.remove(model)
     assert all(originals[n] is m.processor for n, m in model.named_modules() if hasattr(m, "processor"))
-    assert torch.equal(_run(model, inputs), ref)
+    assert torch.equal(run(model, inputs), ref)
 
 
 def test_unrecognised_input_runs_dense_with_one_warning(shared):
     """Latents that are not a 5-D video tensor give no grid: that call runs the model's own attention."""
     model, _, _ = shared
-    vs.apply(model, _cfg("tile"))
+    vs.apply(model, config("tile"))
     state = get_state(model)
     kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
     with pytest.warns(UserWarning, match="could not read the token grid of this CosmosTransformer3DModel call"):
@@ -88,41 +73,26 @@ def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
     """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
     model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
     model, inputs, ref = shared
-    vs.apply(model, _cfg(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     state = get_state(model)
 
     def sdpa(q, k, v, layout, pattern, **kw):
         return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
     state.attention_fn = sdpa
-    assert torch.equal(_run(model, inputs), ref) and state.calls["sparse"] == 2
+    assert torch.equal(run(model, inputs), ref) and state.calls["sparse"] == 2
 
 
 @pytest.mark.parametrize("name", sorted(n for n in vs.PATTERNS if n != "dense"))
 def test_sparse_patterns_differ_from_dense(name, shared):
-    model, inputs, ref = shared
-    pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
-    if not pattern.dynamic:
-        assert not bool(vs.token_mask(pattern, vs.VideoLayout(4, 4, 4)).all()), f"{name} options are dense"
-    vs.apply(model, _cfg(pattern))
-    out = _run(model, inputs)
-    assert get_state(model).calls["sparse"] == 2
-    assert bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
+    check_pattern_differs(*shared, name, vs.VideoLayout(4, 4, 4), layers=2)
 
 
 @pytest.mark.parametrize("name", sorted(vs.PATTERNS))
 def test_every_pattern_runs_with_family_defaults_on_a_ragged_grid(name):
     """Pattern names get the family defaults fitted to the call's grid: a 3x5x7 grid runs finite."""
     model = _SHARED.get("ragged") or _SHARED.setdefault("ragged", tiny_transformer("cosmos", num_layers=1))
-    inputs = tiny_inputs("cosmos", model, 3, 10, 14)
-    vs.apply(model, _cfg(name, block_size=16))
-    try:
-        out = _run(model, inputs)
-        state = get_state(model)
-        assert state.current.layout == vs.VideoLayout(3, 5, 7)
-        assert state.calls["sparse"] == 1 and bool(torch.isfinite(out).all())
-    finally:
-        vs.remove(model)
+    check_pattern_on_grid(model, tiny_inputs("cosmos", model, 3, 10, 14), name, vs.VideoLayout(3, 5, 7), layers=1)
 
 
 def _token_grid(out):
@@ -137,15 +107,15 @@ def test_local_patterns_keep_tokens_local():
     (the per-frame timesteps and the condition-mask channel are per token too)."""
     model = tiny_transformer("cosmos", num_layers=1)
     inputs = tiny_inputs("cosmos", model, 4, 8, 8)
-    vs.apply(model, _cfg(SameFrame()))
+    vs.apply(model, config(SameFrame()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, :, 2] += 1.0
-    changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 2, 3, 4))
+    changed = (_token_grid(run(model, moved)) - _token_grid(run(model, inputs))).abs().amax(dim=(0, 2, 3, 4))
     assert (changed > 1e-6).tolist() == [False, False, True, False]
-    vs.apply(model, _cfg(SamePixel()))
+    vs.apply(model, config(SamePixel()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, :, :, 2:4, 6:8] += 1.0  # token (1, 3)
-    changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 1, 4)) > 1e-6
+    changed = (_token_grid(run(model, moved)) - _token_grid(run(model, inputs))).abs().amax(dim=(0, 1, 4)) > 1e-6
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1, 3] = True
     assert torch.equal(changed, expected)
@@ -156,13 +126,13 @@ def test_torch_compile_of_the_patched_transformer():
     model = tiny_transformer("cosmos", num_layers=1)
     inputs = tiny_inputs("cosmos", model, 3, 8, 8)
     tile = vs.Tile(tile=(1, 2, 2), window=(1, 1, 1))
-    vs.apply(model, _cfg(tile))
-    eager = _run(model, inputs)
+    vs.apply(model, config(tile))
+    eager = run(model, inputs)
     vs.remove(model)
     vs.clear_plan_cache()
     compiled = torch.compile(model, backend="eager")
-    vs.apply(compiled, _cfg(tile))
-    torch.testing.assert_close(_run(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
+    vs.apply(compiled, config(tile))
+    torch.testing.assert_close(run(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
     assert get_state(model).calls["sparse"] == 1
 
 

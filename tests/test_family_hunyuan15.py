@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from family_checks import SPARSE_OPTIONS
+from family_checks import SPARSE_OPTIONS, check_pattern_on_grid, config, run
 
 import vidsparse as vs
 from vidsparse.families import family_of, family_of_pipeline, get_family
@@ -36,18 +36,6 @@ def _inputs(model, variant="hunyuan15", grid=(4, 4, 4), batch=2):
     return tiny_inputs(variant, model, *grid, batch=batch)
 
 
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
-def _config(pattern, **kw):
-    kw.setdefault("backend", "torch")
-    kw.setdefault("dense_first_steps", 0)
-    kw.setdefault("dense_layers", ())
-    return vs.SparseConfig(pattern, **kw)
-
-
 def _capture_attention(model):
     """Record every self-attention module's (video, condition) outputs; returns (log, remove)."""
     log = []
@@ -67,7 +55,7 @@ def shared():
     if not _SHARED:
         model = _model()
         inputs = _inputs(model)
-        _SHARED["t2v"] = (model, inputs, _run(model, inputs))
+        _SHARED["t2v"] = (model, inputs, run(model, inputs))
     yield _SHARED["t2v"]
     vs.remove(_SHARED["t2v"][0])
 
@@ -88,7 +76,7 @@ def test_registered_and_matched():
         "transformer_blocks.1.attn",
     ]
     # The token refiner's text-only attention is not patched.
-    vs.apply(model, _config("tile"))
+    vs.apply(model, config("tile"))
     procs = {n: type(m.processor).__name__ for n, m in model.named_modules() if hasattr(m, "processor")}
     assert procs["transformer_blocks.0.attn"] == "HunyuanVideo15SparseProcessor"
     assert procs["context_embedder.token_refiner.refiner_blocks.0.attn"] == "AttnProcessor2_0"
@@ -109,11 +97,11 @@ def test_dense_equals_unpatched_condition_rows_included_and_remove_is_exact(vari
     inputs = _inputs(model, variant)
     originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     log, unhook = _capture_attention(model)
-    ref = _run(model, inputs)
+    ref = run(model, inputs)
     ref_attn = list(log)
     log.clear()
-    vs.apply(model, _config(vs.Dense()))
-    out = _run(model, inputs)
+    vs.apply(model, config(vs.Dense()))
+    out = run(model, inputs)
     state = get_state(model)
     assert state.calls["sparse"] == state.num_layers == 2 and state.calls["dense"] == 0
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
@@ -124,15 +112,15 @@ def test_dense_equals_unpatched_condition_rows_included_and_remove_is_exact(vari
     unhook()
     vs.remove(model)
     assert all(originals[n] is m.processor for n, m in model.named_modules() if hasattr(m, "processor"))
-    assert torch.equal(_run(model, inputs), ref)
+    assert torch.equal(run(model, inputs), ref)
 
 
 def test_bf16_dense_matches_unpatched():
     model = _model(dtype=torch.bfloat16)
     inputs = _inputs(model)
-    ref = _run(model, inputs)
-    vs.apply(model, _config("dense"))
-    out = _run(model, inputs)
+    ref = run(model, inputs)
+    vs.apply(model, config("dense"))
+    out = run(model, inputs)
     assert out.dtype == torch.bfloat16 and get_state(model).calls["sparse"] == 2
     torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
 
@@ -140,7 +128,7 @@ def test_bf16_dense_matches_unpatched():
 @pytest.mark.parametrize("variant", ["hunyuan15", "hunyuan15-i2v"])
 def test_layout_and_condition_validity_discovered_per_call(variant):
     model = _model(variant)
-    vs.apply(model, _config("dense"))
+    vs.apply(model, config("dense"))
     state = get_state(model)
     seen = []
     attention = state.attention_fn
@@ -150,8 +138,8 @@ def test_layout_and_condition_validity_discovered_per_call(variant):
         return attention(q, k, v, layout, pattern, **kw)
 
     state.attention_fn = spy
-    _run(model, _inputs(model, variant, grid=(4, 4, 4)))
-    _run(model, _inputs(model, variant, grid=(2, 3, 5), batch=1))  # resolution and batch change
+    run(model, _inputs(model, variant, grid=(4, 4, 4)))
+    run(model, _inputs(model, variant, grid=(2, 3, 5), batch=1))  # resolution and batch change
     image_tokens = h15.TINY_IMAGE_TOKENS if variant.endswith("i2v") else 0
     glyph = h15.TINY_GLYPH_LEN // 2
     expected = [
@@ -172,8 +160,8 @@ def test_layout_and_condition_validity_discovered_per_call(variant):
 def test_unrecognised_mask_runs_the_model_own_attention_with_one_warning():
     model = _model()
     inputs = _inputs(model)
-    vs.apply(model, _config("tile", pattern_options=SPARSE_OPTIONS["tile"]))
-    _run(model, inputs)  # leaves the call's layout and patterns in the state
+    vs.apply(model, config("tile", pattern_options=SPARSE_OPTIONS["tile"]))
+    run(model, inputs)  # leaves the call's layout and patterns in the state
     attn = model.transformer_blocks[0].attn
     processor = attn.processor
     hidden = torch.randn(2, 64, 16)
@@ -212,8 +200,8 @@ def test_sparse_patterns_run_and_differ_from_dense(name, shared):
     layout = vs.VideoLayout(4, 4, 4, COND_LEN, "after")
     sparse = pattern.dynamic or not bool(vs.token_mask(pattern, layout).all())
     assert sparse or name not in SPARSE_OPTIONS, f"{name} options are dense on {layout}"
-    vs.apply(model, _config(pattern))
-    out = _run(model, inputs)
+    vs.apply(model, config(pattern))
+    out = run(model, inputs)
     assert get_state(model).calls["sparse"] == 2
     assert bool(torch.isfinite(out).all())
     if sparse:
@@ -224,17 +212,13 @@ def test_sparse_patterns_run_and_differ_from_dense(name, shared):
 def test_every_pattern_with_family_defaults_runs_on_a_ragged_grid(name):
     """Pattern *names* get the family defaults fitted to the grid; 3x5x7 divides no tile."""
     model = _model(num_layers=1)
-    inputs = _inputs(model, grid=(3, 5, 7))
-    vs.apply(model, _config(name, block_size=16))
-    out = _run(model, inputs)
-    assert bool(torch.isfinite(out).all())
-    assert get_state(model).calls["sparse"] == 1
+    check_pattern_on_grid(model, _inputs(model, grid=(3, 5, 7)), name, vs.VideoLayout(3, 5, 7, COND_LEN, "after"), 1)
 
 
 def test_gna_window_covering_the_grid_equals_unpatched(shared):
     model, inputs, ref = shared
-    vs.apply(model, _config(vs.make_pattern("gna", kernel_size=(4, 4, 4))))
-    torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-5)
+    vs.apply(model, config(vs.make_pattern("gna", kernel_size=(4, 4, 4))))
+    torch.testing.assert_close(run(model, inputs), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_family_defaults_on_the_480p_and_720p_grids():
@@ -253,12 +237,12 @@ def test_torch_compile_of_patched_transformer():
     inputs = _inputs(model, grid=(2, 2, 4), batch=1)
     tile = vs.make_pattern("tile", **SPARSE_OPTIONS["tile"])
     with torch.no_grad():
-        vs.apply(model, _config(tile))
-        eager = _run(model, inputs)
+        vs.apply(model, config(tile))
+        eager = run(model, inputs)
         vs.remove(model)
         vs.clear_plan_cache()
         compiled = torch.compile(model, backend="eager")
-        vs.apply(compiled, _config(tile))
+        vs.apply(compiled, config(tile))
         out = compiled(**inputs, return_dict=False)[0]
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     assert get_state(model).calls["sparse"] == 1
@@ -336,9 +320,9 @@ def test_text_to_video_pipeline_end_to_end():
     pipe = h15.tiny_pipeline()
     size = dict(height=48, width=64)
     ref = _call(pipe, **size)
-    vs.apply(pipe, _config(vs.Dense()))
+    vs.apply(pipe, config(vs.Dense()))
     torch.testing.assert_close(_call(pipe, **size), ref, atol=1e-5, rtol=1e-5)
-    vs.apply(pipe, _config("tile", pattern_options=SPARSE_OPTIONS["tile"]))
+    vs.apply(pipe, config("tile", pattern_options=SPARSE_OPTIONS["tile"]))
     log = _spy_steps(pipe)
     video = _call(pipe, **size, output_type="pt")  # through the VAE decoder
     assert video.shape == (1, 5, 3, 48, 64) and bool(torch.isfinite(video).all())
@@ -355,7 +339,7 @@ def test_image_to_video_pipeline_end_to_end():
     pipe = h15.tiny_pipeline(image_to_video=True)
     image = Image.fromarray((torch.rand(48, 64, 3) * 255).to(torch.uint8).numpy())
     ref = _call(pipe, image=image)
-    vs.apply(pipe, _config("tile", pattern_options=SPARSE_OPTIONS["tile"]))
+    vs.apply(pipe, config("tile", pattern_options=SPARSE_OPTIONS["tile"]))
     log = _spy_steps(pipe)
     out = _call(pipe, image=image)
     assert out.shape == ref.shape and bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
@@ -370,7 +354,7 @@ def test_framepack_is_refused_at_apply_naming_what_is_missing(tmp_path):
     # What the blocks attend: 4x + 2x history, clean frames, then the 3x2x2 noisy grid (+ text).
     lengths = []
     hook = model.transformer_blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
-    _run(model, inputs)
+    run(model, inputs)
     hook.remove()
     assert lengths == [1 + 1 + 2 * 2 * 2 + 3 * 2 * 2]
     with pytest.raises(ValueError, match="HunyuanVideoFramepackTransformer3DModel.*history.*one VideoLayout"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_kandinsky import fractal_flatten, fractal_unflatten
-from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
+from family_checks import SameFrame, SamePixel, check_pattern_differs, check_pattern_on_grid, config
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -33,13 +33,6 @@ TILE = vs.Tile(tile=(1, 2, 2), window=(1, 1, 1))
 def _run(model, inputs):
     with torch.no_grad():
         return model(**inputs, return_dict=True).sample  # return_dict=False gives a bare tensor here
-
-
-def _cfg(pattern, **kw):
-    kw.setdefault("backend", "torch")
-    kw.setdefault("dense_first_steps", 0)
-    kw.setdefault("dense_layers", ())
-    return vs.SparseConfig(pattern, **kw)
 
 
 _SHARED: dict = {}
@@ -68,7 +61,7 @@ def test_dense_patch_is_exact_and_layout_is_discovered(shared):
     model, inputs, ref = shared
     assert inputs["hidden_states"].shape == (2, 4, 8, 8, 4)  # channel-last latents
     originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
-    vs.apply(model, _cfg(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     patched = {path for path, _, _ in FAMILY.attention_paths(model)}
     assert patched == {"visual_transformer_blocks.0.self_attention", "visual_transformer_blocks.1.self_attention"}
     for name, module in model.named_modules():
@@ -87,7 +80,7 @@ def test_dense_patch_is_exact_and_layout_is_discovered(shared):
 def test_unrecognised_input_runs_dense_with_one_warning(shared):
     """Latents that are not a 5-D video tensor give no grid: that call runs the model's own attention."""
     model, _, _ = shared
-    vs.apply(model, _cfg("tile"))
+    vs.apply(model, config("tile"))
     state = get_state(model)
     kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
     with pytest.warns(UserWarning, match="could not read the token grid of this Kandinsky5Transformer3DModel call"):
@@ -99,7 +92,7 @@ def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
     """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
     model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
     model, inputs, ref = shared
-    vs.apply(model, _cfg(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     state = get_state(model)
 
     def sdpa(q, k, v, layout, pattern, **kw):
@@ -111,14 +104,7 @@ def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
 
 @pytest.mark.parametrize("name", sorted(n for n in vs.PATTERNS if n != "dense"))
 def test_sparse_patterns_differ_from_dense(name, shared):
-    model, inputs, ref = shared
-    pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
-    if not pattern.dynamic:
-        assert not bool(vs.token_mask(pattern, vs.VideoLayout(4, 4, 4)).all()), f"{name} options are dense"
-    vs.apply(model, _cfg(pattern))
-    out = _run(model, inputs)
-    assert get_state(model).calls["sparse"] == 2
-    assert bool(torch.isfinite(out).all()) and (out - ref).abs().max() > 1e-4
+    check_pattern_differs(*shared, name, vs.VideoLayout(4, 4, 4), layers=2, run=_run)
 
 
 @pytest.mark.parametrize("name", sorted(vs.PATTERNS))
@@ -126,14 +112,7 @@ def test_every_pattern_runs_with_family_defaults_on_a_ragged_grid(name):
     """Pattern names get the family defaults fitted to the call's grid: a 3x5x7 grid runs finite."""
     model = _SHARED.get("ragged") or _SHARED.setdefault("ragged", tiny_transformer("kandinsky5", num_visual_blocks=1))
     inputs = tiny_inputs("kandinsky5", model, 3, 10, 14)
-    vs.apply(model, _cfg(name, block_size=16))
-    try:
-        out = _run(model, inputs)
-        state = get_state(model)
-        assert state.current.layout == vs.VideoLayout(3, 5, 7)
-        assert state.calls["sparse"] == 1 and bool(torch.isfinite(out).all())
-    finally:
-        vs.remove(model)
+    check_pattern_on_grid(model, inputs, name, vs.VideoLayout(3, 5, 7), layers=1, run=_run)
 
 
 def _token_grid(out):
@@ -150,12 +129,12 @@ def test_local_patterns_keep_tokens_local(variant):
     model = tiny_transformer(variant, num_visual_blocks=1)
     inputs = tiny_inputs(variant, model, 2, 16, 16)
     assert (inputs["sparse_params"] is not None) == variant.endswith("nabla")
-    vs.apply(model, _cfg(SameFrame()))
+    vs.apply(model, config(SameFrame()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, 1] += 1.0
     changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 2, 3, 4))
     assert (changed > 1e-6).tolist() == [False, True]
-    vs.apply(model, _cfg(SamePixel()))
+    vs.apply(model, config(SamePixel()))
     moved = dict(inputs, hidden_states=inputs["hidden_states"].clone())
     moved["hidden_states"][:, :, 2:4, 12:14] += 1.0  # token (1, 6): tile (0, 0) in NABLA order
     changed = (_token_grid(_run(model, moved)) - _token_grid(_run(model, inputs))).abs().amax(dim=(0, 1, 4)) > 1e-6
@@ -190,14 +169,14 @@ def test_nabla_calls_run_the_pattern_in_raster_order_and_dense_layers_keep_nabla
     for _, attn, _ in FAMILY.attention_paths(model):  # per processor: set_attention_backend is global
         attn.processor._attention_backend = AttentionBackendName.FLEX
     nabla = _run(model, inputs)
-    vs.apply(model, _cfg(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     torch.testing.assert_close(_run(model, inputs), full, atol=1e-4, rtol=1e-5)
     assert get_state(model).current.layout == vs.VideoLayout(3, 8, 8)
-    vs.apply(model, _cfg(TILE))
+    vs.apply(model, config(TILE))
     sparse = _run(model, inputs)
     torch.testing.assert_close(sparse, _run(model, raster), atol=1e-5, rtol=1e-5)
     assert (sparse - full).abs().max() > 1e-4
-    vs.apply(model, _cfg(TILE, dense_layers=(0, 1)))
+    vs.apply(model, config(TILE, dense_layers=(0, 1)))
     assert torch.equal(_run(model, inputs), nabla) and get_state(model).calls["dense"] == 2
     vs.remove(model)
     assert torch.equal(_run(model, inputs), nabla)
@@ -209,12 +188,12 @@ def test_torch_compile_of_the_patched_transformer(monkeypatch):
 
     model = tiny_transformer("kandinsky5", num_visual_blocks=1)
     inputs = tiny_inputs("kandinsky5", model, 3, 8, 8)
-    vs.apply(model, _cfg(TILE))
+    vs.apply(model, config(TILE))
     eager = _run(model, inputs)
     vs.remove(model)
     vs.clear_plan_cache()
     compiled = torch.compile(model, backend="eager")
-    vs.apply(compiled, _cfg(TILE))
+    vs.apply(compiled, config(TILE))
     state = get_state(model)
     prebuilt = []
     build = hooks._vidsparse_plan

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
+from family_checks import SameFrame, SamePixel, config, sparse_pattern
 
 import vidsparse as vs
 from vidsparse.families import family_of_pipeline, get_family
@@ -36,13 +36,6 @@ def _setup(variant="ltx2", grid=(4, 4, 4), batch=2, **overrides):
     if variant == GATED and batch == 2 and overrides.get("num_layers", 2) == 2:
         inputs.update(STG)
     return model, inputs
-
-
-def _config(pattern, **kw):
-    kw.setdefault("backend", "torch")
-    kw.setdefault("dense_first_steps", 0)
-    kw.setdefault("dense_layers", ())
-    return vs.SparseConfig(pattern, **kw)
 
 
 def _processors(model):
@@ -131,7 +124,7 @@ def test_dense_equals_unpatched_and_remove_is_exact(variant):
     model, inputs = _setup(variant)
     originals = _processors(model)
     ref = _run(model, inputs)
-    vs.apply(model, _config(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     patched = {n for n, p in _processors(model).items() if p is not originals[n]}
     assert patched == SELF_ATTN  # audio self-attn, text and audio<->video cross-attn keep their processors
     out = _run(model, inputs)
@@ -148,7 +141,7 @@ def test_fully_perturbed_stg_block_runs_the_model_s_own_path():
     model, inputs = _setup(GATED)
     inputs["perturbation_mask"] = torch.zeros(2)
     ref = _run(model, inputs)
-    vs.apply(model, _config(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     _assert_close(_run(model, inputs), ref)
     assert get_state(model).calls == Counter(sparse=1, dense=1)
 
@@ -159,10 +152,7 @@ def test_fully_perturbed_stg_block_runs_the_model_s_own_path():
 def test_sparse_patterns_run_and_differ_from_dense(variant, name):
     model, inputs = _setup(variant)
     ref = _run(model, inputs)
-    pattern = vs.make_pattern(name, **SPARSE_OPTIONS.get(name, {}))
-    if not pattern.dynamic:
-        assert not bool(vs.token_mask(pattern, vs.VideoLayout(4, 4, 4)).all()), f"{name} is dense on 4x4x4"
-    vs.apply(model, _config(pattern))
+    vs.apply(model, config(sparse_pattern(name, vs.VideoLayout(4, 4, 4))))
     video, audio = _run(model, inputs)
     assert get_state(model).calls == Counter(sparse=2)
     assert bool(torch.isfinite(video).all()) and bool(torch.isfinite(audio).all())
@@ -172,7 +162,7 @@ def test_sparse_patterns_run_and_differ_from_dense(variant, name):
 @pytest.mark.parametrize("name", sorted(vs.PATTERNS))
 def test_every_pattern_with_family_defaults_runs_on_a_ragged_grid(name):
     model, inputs = _setup("ltx2", grid=(3, 5, 6))
-    vs.apply(model, _config(name, block_size=16))
+    vs.apply(model, config(name, block_size=16))
     state, seen = _spy(model)
     video, audio = _run(model, inputs)
     assert bool(torch.isfinite(video).all()) and bool(torch.isfinite(audio).all())
@@ -197,11 +187,11 @@ def test_local_patterns_keep_video_tokens_local(variant):
     moved_pixel = x.clone().view(1, 4, 4, 4, -1)
     moved_pixel[:, :, 1, 3] += 1.0
 
-    vs.apply(model, _config(SameFrame()))
+    vs.apply(model, config(SameFrame()))
     changed = (grid_out(moved_frame.view_as(x)) - grid_out(x)).abs().amax(dim=(0, 2, 3, 4)) > 1e-6
     assert changed.tolist() == [False, False, True, False]
 
-    vs.apply(model, _config(SamePixel()))
+    vs.apply(model, config(SamePixel()))
     changed = (grid_out(moved_pixel.view_as(x)) - grid_out(x)).abs().amax(dim=(0, 1, 4)) > 1e-6
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1, 3] = True
@@ -217,7 +207,7 @@ def test_grid_from_video_coords_as_the_pipeline_passes_them():
     by_coords = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width")}
     by_coords["video_coords"] = coords
     ref = _run(model, by_coords)
-    vs.apply(model, _config(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     state, seen = _spy(model)
     _assert_close(_run(model, by_coords), ref)
     _run(model, {**inputs, "video_coords": coords})
@@ -238,7 +228,7 @@ def test_unrecognised_token_sets_run_dense_with_one_warning_naming_why():
         "video_coords": torch.cat([coords, keyframe], dim=2),
     }
     ref = _run(model, appended)
-    vs.apply(model, _config("radial"))
+    vs.apply(model, config("radial"))
     with pytest.warns(UserWarning, match="could not read the token grid.*not one full frame-major F x H x W raster"):
         out = _run(model, appended)
     _assert_close(out, ref)
@@ -258,7 +248,7 @@ def test_video_self_attention_mask_runs_dense_with_a_warning():
     mask[:, :, 32:] = 0.5
     inputs["video_self_attention_mask"] = mask
     ref = _run(model, inputs)
-    vs.apply(model, _config("radial", block_size=16))
+    vs.apply(model, config("radial", block_size=16))
     with pytest.warns(UserWarning, match="video self-attention mask"):
         out = _run(model, inputs)
     _assert_close(out, ref)
@@ -271,7 +261,7 @@ def test_torch_compile_of_the_patched_transformer():
     model, inputs = _setup(GATED, num_layers=1)
     inputs.update(STG, spatio_temporal_guidance_blocks=[0])
     radial = vs.make_pattern("radial", block_size=16, decay_factor=0.2)
-    vs.apply(model, _config(radial))
+    vs.apply(model, config(radial))
     eager = _run(model, inputs)
     vs.clear_plan_cache()
     compiled = torch.compile(model, backend="eager")
