@@ -84,6 +84,34 @@ def check_dense_equals_unpatched_and_remove_is_exact(model, inputs) -> None:
     assert torch.equal(run(model, inputs), ref)
 
 
+def check_unrecognised_input_runs_dense(model, class_name: str) -> None:
+    """Latents that are not a 5-D video tensor give no grid: that call runs the model's own
+    attention, with one warning naming the model class."""
+    import pytest
+
+    vs.apply(model, config("tile"))
+    state = get_state(model)
+    kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
+    with pytest.warns(UserWarning, match=f"could not read the token grid of this {class_name} call"):
+        info = state.begin_call(model, kwargs, None)
+    assert info.layout is None and set(info.patterns) == {None}
+
+
+def check_mirror_is_bit_exact(model, inputs, ref, layers: int, run=run) -> None:
+    """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
+    model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
+    import torch.nn.functional as F
+
+    vs.apply(model, config(vs.Dense()))
+    state = get_state(model)
+
+    def sdpa(q, k, v, layout, pattern, **kw):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    state.attention_fn = sdpa
+    assert torch.equal(run(model, inputs), ref) and state.calls["sparse"] == layers
+
+
 def discovered(model, inputs) -> list[tuple[vs.VideoLayout, int, tuple[int, ...]]]:
     """(layout, layer, q shape) of every sparse self-attention call of one forward (Dense())."""
     vs.apply(model, config("dense"))

@@ -6,10 +6,17 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_kandinsky import fractal_flatten, fractal_unflatten
-from family_checks import SameFrame, SamePixel, check_pattern_differs, check_pattern_on_grid, config
+from family_checks import (
+    SameFrame,
+    SamePixel,
+    check_mirror_is_bit_exact,
+    check_pattern_differs,
+    check_pattern_on_grid,
+    check_unrecognised_input_runs_dense,
+    config,
+)
 
 import vidsparse as vs
 from vidsparse.cli import main
@@ -78,28 +85,11 @@ def test_dense_patch_is_exact_and_layout_is_discovered(shared):
 
 
 def test_unrecognised_input_runs_dense_with_one_warning(shared):
-    """Latents that are not a 5-D video tensor give no grid: that call runs the model's own attention."""
-    model, _, _ = shared
-    vs.apply(model, config("tile"))
-    state = get_state(model)
-    kwargs = dict(hidden_states=torch.zeros(1, 64, 4), timestep=torch.ones(1))
-    with pytest.warns(UserWarning, match="could not read the token grid of this Kandinsky5Transformer3DModel call"):
-        info = state.begin_call(model, kwargs, None)
-    assert info.layout is None and set(info.patterns) == {None}
+    check_unrecognised_input_runs_dense(shared[0], "Kandinsky5Transformer3DModel")
 
 
 def test_mirror_is_bit_exact_with_the_models_attention_core(shared):
-    """With SDPA (the model's own attention core) as vidsparse's attention function, the patched
-    model computes bit for bit what the model computes: projections, norms and RoPE are mirrored."""
-    model, inputs, ref = shared
-    vs.apply(model, config(vs.Dense()))
-    state = get_state(model)
-
-    def sdpa(q, k, v, layout, pattern, **kw):
-        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-
-    state.attention_fn = sdpa
-    assert torch.equal(_run(model, inputs), ref) and state.calls["sparse"] == 2
+    check_mirror_is_bit_exact(*shared, layers=2, run=_run)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in vs.PATTERNS if n != "dense"))
