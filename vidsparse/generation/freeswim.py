@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -353,8 +352,8 @@ def run_freeswim_generation(
     """Both FreeSwim stages on the loaded pipeline (+ the dense baseline at the target with ``compare_dense``)."""
     from vidsparse.generation.call import run_pipeline, warmup
     from vidsparse.generation.meter import num_layers
-    from vidsparse.generation.result import DenseComparison, GenerateResult
-    from vidsparse.video_io import as_uint8_frames, psnr, write_video
+    from vidsparse.generation.result import DenseComparison, GenerateResult, write_output
+    from vidsparse.video_io import as_uint8_frames
 
     prepared: FreeSwimPrepared = plan.freeswim
     fs = prepared.options
@@ -405,22 +404,8 @@ def run_freeswim_generation(
         cache_estimate_bytes=result.plan.cache_estimate_bytes,
     )
     step_times = bars.step_times("refine")
-    comparison = None
-    if dense_run is not None:
-        dense_frames, dense_steps, dense_call_s, dense_decode_s = dense_run
-        comparison = DenseComparison(
-            decode_s=dense_decode_s,
-            frames=dense_frames,
-            denoise_s=float(sum(dense_steps)),
-            call_s=dense_call_s,
-            time_per_step_s=float(statistics.median(dense_steps)) if dense_steps else 0.0,
-            # Like with like: the dense pipeline call at the target vs both FreeSwim stages (each with its VAE).
-            speedup=dense_call_s / run.seconds if run.seconds > 0 else math.nan,
-            psnr_db=psnr(frames, dense_frames),
-        )
-    t_write = time.perf_counter()
-    written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
-    write_s = time.perf_counter() - t_write
+    comparison = None if dense_run is None else DenseComparison.of(dense_run, frames, run.seconds, against="call")
+    written, write_s = write_output(plan.out, frames, plan.fps)
     return GenerateResult(
         frames=frames,
         fps=plan.fps,

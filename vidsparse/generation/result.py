@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,36 @@ class DenseComparison:
     speedup: float  # dense denoising time / sparse denoising time
     psnr_db: float  # sparse video vs dense video
     decode_s: float = 0.0  # inside pipe.vae.decode
+
+    @classmethod
+    def of(cls, dense_run: tuple, frames: np.ndarray, sparse_s: float, *, against: str = "denoise") -> DenseComparison:
+        """Compare ``frames`` (taking ``sparse_s``) with ``dense_run`` = (frames, step times,
+        call s, decode s) of the dense generation. ``against`` is the dense time set against
+        ``sparse_s``: its summed denoising steps, or its whole pipeline call ("call": FreeSwim's
+        two stages, each with its VAE, against one dense call at the target size)."""
+        from vidsparse.video_io import psnr
+
+        dense_frames, dense_steps, dense_call_s, dense_decode_s = dense_run
+        dense_s = float(sum(dense_steps))
+        base = {"denoise": dense_s, "call": dense_call_s}[against]
+        return cls(
+            frames=dense_frames,
+            denoise_s=dense_s,
+            call_s=dense_call_s,
+            decode_s=dense_decode_s,
+            time_per_step_s=float(statistics.median(dense_steps)) if dense_steps else 0.0,
+            speedup=base / sparse_s if sparse_s > 0 else math.nan,
+            psnr_db=psnr(frames, dense_frames),
+        )
+
+
+def write_output(out: Path | None, frames: np.ndarray, fps: int) -> tuple[Path | None, float]:
+    """Write the video to ``out`` (None: keep it in memory only); returns (path, seconds)."""
+    from vidsparse.video_io import write_video
+
+    t = time.perf_counter()
+    written = write_video(out, frames, fps=fps) if out is not None else None
+    return written, time.perf_counter() - t
 
 
 @dataclass(frozen=True)

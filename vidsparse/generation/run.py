@@ -18,8 +18,7 @@ from vidsparse.generation.call import run_pipeline, warmup
 from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline
 from vidsparse.generation.meter import SparseMeter, num_layers
 from vidsparse.generation.options import PARALLEL_MODES, GenerateOptions, prepare
-from vidsparse.generation.result import DenseComparison, GenerateResult, LayerGroupDensity
-from vidsparse.video_io import psnr, write_video
+from vidsparse.generation.result import DenseComparison, GenerateResult, LayerGroupDensity, write_output
 
 
 def generate(options: GenerateOptions) -> GenerateResult:
@@ -83,22 +82,8 @@ def generate(options: GenerateOptions) -> GenerateResult:
 
     denoise_s = float(sum(step_times))
     per_step = float(statistics.median(step_times)) if step_times else 0.0
-    comparison = None
-    if dense_run is not None:
-        dense_frames, dense_steps, dense_call_s, dense_decode_s = dense_run
-        dense_s = float(sum(dense_steps))
-        comparison = DenseComparison(
-            frames=dense_frames,
-            denoise_s=dense_s,
-            call_s=dense_call_s,
-            decode_s=dense_decode_s,
-            time_per_step_s=float(statistics.median(dense_steps)) if dense_steps else 0.0,
-            speedup=dense_s / denoise_s if denoise_s > 0 else float("nan"),
-            psnr_db=psnr(frames, dense_frames),
-        )
-    t_write = time.perf_counter()
-    written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
-    write_s = time.perf_counter() - t_write
+    comparison = None if dense_run is None else DenseComparison.of(dense_run, frames, denoise_s)
+    written, write_s = write_output(plan.out, frames, plan.fps)
     return GenerateResult(
         frames=frames,
         fps=plan.fps,
