@@ -32,45 +32,13 @@ from typing import Any
 import torch
 
 from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
+from vidsparse.families.hunyuan import HUNYUAN_VIDEO_T2V
+from vidsparse.families.wan import WAN21_T2V_1_3B, WAN21_T2V_14B
 
 SCHEMA = "vidsparse.bench.transformer/1"
 
-# Published transformer configurations (diffusers configs; scripts/convert_wan_to_diffusers.py
-# "Wan-T2V-1.3B" / "Wan-T2V-14B", and HunyuanVideoTransformer3DModel's defaults, which are the
-# HYVideo-T/2-cfgdistill checkpoint: 20 double + 40 single blocks, 24 heads x 128).
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
-WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-HUNYUAN_VIDEO = dict(
-    in_channels=16,
-    out_channels=16,
-    num_attention_heads=24,
-    attention_head_dim=128,
-    num_layers=20,
-    num_single_layers=40,
-    num_refiner_layers=2,
-    mlp_ratio=4.0,
-    patch_size=2,
-    patch_size_t=1,
-    qk_norm="rms_norm",
-    guidance_embeds=True,
-    text_embed_dim=4096,
-    pooled_projection_dim=768,
-    rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56),
-)
+# Published transformer configurations: one home each, in the family modules.
+WAN_1_3B, WAN_14B, HUNYUAN_VIDEO = WAN21_T2V_1_3B, WAN21_T2V_14B, HUNYUAN_VIDEO_T2V
 
 
 @dataclass(frozen=True)

@@ -67,22 +67,6 @@ TARGET_SPARSE_EFFICIENCY = 0.85  # speedup vs SDPA >= 0.85 / density, for densit
 TARGET_VS_FLEX = 1.3
 TARGET_STEP = {"radial": 1.4, "tile": 1.8}
 
-# Wan2.1-T2V-1.3B published transformer configuration (diffusers' convert_wan_to_diffusers.py).
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
-
 
 def default_out_dir() -> Path:
     """Outside any checkout: ``$XDG_CACHE_HOME/vidsparse/bench`` (``~/.cache/vidsparse/bench``)."""
@@ -662,12 +646,14 @@ def _build_wan(ctx: Ctx):
         return model, tiny_inputs("wan", model, frames=4, height=8, width=8), 2
     import diffusers
 
+    from vidsparse.families.wan import WAN21_T2V_1_3B
+
     torch.manual_seed(ctx.seed)
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(torch.bfloat16)
         with torch.device(ctx.device):
-            model = diffusers.WanTransformer3DModel(**WAN_1_3B)
+            model = diffusers.WanTransformer3DModel(**WAN21_T2V_1_3B)
     finally:
         torch.set_default_dtype(previous)
     keep = getattr(model, "_keep_in_fp32_modules", None) or []

@@ -35,6 +35,29 @@ from vidsparse.families.base import (
 )
 from vidsparse.families.processor import SparseProcessor, project_qkv
 
+# -- published checkpoint ------------------------------------------------------------------
+# HunyuanVideoTransformer3DModel's defaults are the released HYVideo-T/2-cfgdistill checkpoint
+# (20 double + 40 single blocks, 24 heads x 128), spelled out for the benchmarks.
+HUNYUAN_VIDEO_T2V = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    num_layers=20,
+    num_single_layers=40,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=4096,
+    pooled_projection_dim=768,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)
+
+
 # -- self-attention processor -----------------------------------------------------------------
 
 

@@ -45,6 +45,27 @@ from vidsparse.families.base import (
 from vidsparse.families.processor import SparseProcessor
 from vidsparse.layout import VideoLayout
 
+# -- published checkpoints ------------------------------------------------------------------
+# Transformer configurations of the released Wan2.1 T2V checkpoints (diffusers'
+# scripts/convert_wan_to_diffusers.py "Wan-T2V-1.3B" / "Wan-T2V-14B"): the shapes the GPU suite
+# and the transformer benchmark time with random weights.
+WAN21_T2V_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+WAN21_T2V_14B = {**WAN21_T2V_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+
+
 # -- self-attention processor -----------------------------------------------------------------
 
 
