@@ -132,12 +132,16 @@ class ShardPlan:
     tensors (CogVideoX's ``image_rotary_emb``) has each tensor cut.
     ``refuse(transformer) -> reason | None``: a model of the family the plan cannot split (e.g.
     HunyuanVideo I2V, whose blocks treat the first tokens of the sequence as the first frame).
+    ``refuse_call(transformer, forward_kwargs) -> reason | None``: a forward the plan cannot split,
+    known only from the call (SkyReels-V2 diffusion forcing); checked at every parallel forward
+    before anything runs, so every rank raises the same error.
     """
 
     inputs: Mapping[str, Mapping[str, Shard]]
     outputs: Mapping[str, Mapping[int, Shard]]
     gather: Mapping[str, Shard]
     refuse: Callable[[torch.nn.Module], str | None] | None = None
+    refuse_call: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
 
 
 # -- tiny random-init models ------------------------------------------------------------------

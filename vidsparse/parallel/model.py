@@ -253,8 +253,14 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
         dense = _resolve_dense_layers(user_cfg, state.family, state.num_layers)
         state.attention_fn = ParallelAttention(ctx, state, user_cfg, dense)
         default = state.default_discover_layout
+        shard_plan = state.family.require_shard_plan()
 
-        def discover(module, kwargs, _ctx=ctx, _default=default):
+        def discover(module, kwargs, _ctx=ctx, _default=default, _plan=shard_plan):
+            reason = _plan.refuse_call(module, kwargs) if _plan.refuse_call is not None else None
+            if reason:
+                raise ValueError(
+                    f"vidsparse.parallel cannot split this {type(module).__name__} call: {reason}. Run it on one GPU."
+                )
             whole = _default(module, kwargs)
             if whole is None:
                 raise ValueError(

@@ -17,6 +17,7 @@ whole, so it does not depend on the number of ranks); the transformers are paral
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class ParallelResult:
     """What a parallel generation returns on each rank (``video`` on rank 0 only)."""
 
     video: Any  # np.ndarray [B, T, H, W, C] in [0, 1] (output_type "np"), latents, or None off rank 0
-    latents: torch.Tensor
+    latents: torch.Tensor | None  # None: the pipeline decoded itself and takes no step callback (HunyuanVideo 1.5)
     mode: str
     world_size: int
     steps: int
@@ -123,8 +124,10 @@ def run_parallel(
         else:  # the pipeline's own decode on every rank (exact); the denoised latents from the step callback
             keep = _LastLatents(call_kwargs.get("callback_on_step_end"))
             inputs = list(call_kwargs.get("callback_on_step_end_tensor_inputs") or [])
-            kwargs = dict(call_kwargs, callback_on_step_end=keep,
-                          callback_on_step_end_tensor_inputs=sorted(set(inputs) | {"latents"}))  # fmt: skip
+            kwargs = dict(call_kwargs)
+            if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:  # HunyuanVideo 1.5: none
+                kwargs.update(callback_on_step_end=keep,
+                              callback_on_step_end_tensor_inputs=sorted(set(inputs) | {"latents"}))  # fmt: skip
             video = pipe(**kwargs, output_type=output_type).frames
             end = time.perf_counter()
             latents = keep.latents
