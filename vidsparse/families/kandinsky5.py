@@ -53,9 +53,11 @@ LORA_REFUSAL = (
     "prompt conditioning (cu_seqlens) and RoPE position inputs are not implemented in vidsparse's trainer"
 )
 PARALLEL_REFUSAL = (
-    "Kandinsky5Transformer3DModel has no context-parallel plan in diffusers 0.42, and its blocks take the "
-    "visual tokens and the RoPE table positionally (reordered into 8x8 tiles for NABLA checkpoints), "
-    "which vidsparse's shard plans do not cut"
+    "no shard plan yet: after the last visual block the forward reshapes the visual tokens to the whole "
+    "video's (B, T, H, W) shape with fractal_unflatten (a function, not a module) before out_layer, so the "
+    "gather would have to sit on the output of the last of visual_transformer_blocks, a path that differs per "
+    "checkpoint depth, which a shard plan does not name; the visual RoPE table is also handed whole to every block "
+    "(and reordered into 8x8 tiles for NABLA checkpoints)"
 )
 
 #: ``fractal_flatten``'s spatial tile (hard-coded 8 in diffusers 0.42).

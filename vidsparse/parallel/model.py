@@ -201,6 +201,21 @@ def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
         raise ValueError(f"vidsparse.parallel: {type(root).__name__} has no submodule {path!r}.") from None
 
 
+def _expand(root: torch.nn.Module, mapping: Mapping[str, Mapping]) -> dict[str, dict]:
+    """A shard plan's path -> specs with ``"<path>.*"`` expanded to every child of ``<path>`` (inputs
+    every block takes, e.g. Cosmos' per-token timestep embedding); entries of one module are merged."""
+    out: dict[str, dict] = {}
+    for path, specs in mapping.items():
+        if path.endswith(".*"):
+            parent = path[:-2]
+            targets = [f"{parent}.{name}" for name, _ in _submodule(root, parent).named_children()]
+        else:
+            targets = [path]
+        for target in targets:
+            out.setdefault(target, {}).update(specs)
+    return out
+
+
 def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, runtime: ParallelRuntime) -> Any:
     """Prepare every transformer of ``target`` (pipeline or transformer) for ``mode`` on ``runtime``.
 
@@ -235,11 +250,11 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
         ctx = ParallelContext(mode, runtime)
         contexts[attr] = ctx
         plan = family_of(transformer).require_shard_plan()
-        paths = set(plan.inputs) | set(plan.outputs)
-        for path in sorted(paths):
+        inputs, outputs = _expand(transformer, plan.inputs), _expand(transformer, plan.outputs)
+        for path in sorted(set(inputs) | set(outputs)):
             module = _submodule(transformer, path)
             registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.register_hook(_ShardHook(ctx, plan.inputs.get(path, {}), plan.outputs.get(path, {})), _SHARD_HOOK)
+            registry.register_hook(_ShardHook(ctx, inputs.get(path, {}), outputs.get(path, {})), _SHARD_HOOK)
         for path, spec in plan.gather.items():
             registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, path))
             registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
