@@ -192,6 +192,17 @@ def _resolve_dense_layers(config: SparseConfig, family, num_layers: int) -> froz
     return frozenset(out)
 
 
+def _resolve(root: torch.nn.Module, path: str) -> str:
+    """``path`` with negative indices ("blocks.-1": the last block) made concrete."""
+    parts, module = [], root
+    for part in path.split(".") if path else []:
+        if part.startswith("-") and part[1:].isdigit():
+            part = str(len(module) + int(part))
+        parts.append(part)
+        module = _submodule(module, part)
+    return ".".join(parts)
+
+
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     if not path:
         return root
@@ -210,7 +221,7 @@ def _expand(root: torch.nn.Module, mapping: Mapping[str, Mapping]) -> dict[str, 
             parent = path[:-2]
             targets = [f"{parent}.{name}" for name, _ in _submodule(root, parent).named_children()]
         else:
-            targets = [path]
+            targets = [_resolve(root, path)]
         for target in targets:
             out.setdefault(target, {}).update(specs)
     return out
@@ -256,7 +267,7 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(_ShardHook(ctx, inputs.get(path, {}), outputs.get(path, {})), _SHARD_HOOK)
         for path, spec in plan.gather.items():
-            registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, path))
+            registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, _resolve(transformer, path)))
             registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
     # Every step and layer goes through the distributed attention; the user's dense schedule is
     # applied inside it (ParallelAttention) with Dense().
