@@ -80,7 +80,8 @@ def diffusers_ulysses_refusal(
     n = runtime.world_size
     if runtime.group is not None or not dist.is_initialized() or dist.get_world_size() != n:
         return "the run uses a sub-group of the processes; diffusers' device mesh spans the whole world"
-    accel = torch._C._get_accelerator().type
+    current = torch.accelerator.current_accelerator()  # what diffusers builds its mesh on (None: the CPU)
+    accel = current.type if current is not None else "cpu"
     if runtime.device.type != accel:
         return f"the ranks compute on {runtime.device.type} but diffusers builds its device mesh on the {accel} accelerator"
     heads = _self_attention_heads(transformer)
