@@ -36,7 +36,7 @@ CLI = (("tiny-skyreels-v2", "clip", 9), ("tiny-wan-vace", "ulysses", 9), ("tiny-
        ("tiny-wan22-5b", "ulysses", 13), ("tiny-cosmos", "clip", 9), ("tiny-kandinsky5", "ulysses", 9))  # fmt: skip
 
 
-def forward_checks(rt) -> dict[str, Any]:
+def forward_checks(rt, names: tuple[str, ...] | None = None) -> dict[str, Any]:
     import vidsparse.pipelines as vsp
     from vidsparse.families import family_of
     from vidsparse.models.tiny import tiny_inputs, tiny_transformer
@@ -46,6 +46,8 @@ def forward_checks(rt) -> dict[str, Any]:
     modes = {"clip": vs.DualScope(local_frames=1, global_stride=3), "ulysses": vs.DualScope(0, 4)}
     res: dict[str, Any] = {}
     for name, frames, height, width in CASES:
+        if names is not None and name not in names:
+            continue
         # fp64, but Kandinsky 5 (its time embedding is float32 only in diffusers 0.42.1)
         dtype = torch.float32 if name.startswith("kandinsky5") else torch.float64
         model = tiny_transformer(name, dtype=dtype)
@@ -189,6 +191,33 @@ def test_new_families_equal_single_process_on_two_ranks(tmp_path):
     assert rc == 2 and "different settings" in err and "seed" in err, (rc, err)
     message, seconds = res["die"]
     assert "rank 0/2" in message and "failed" in message and seconds < 60, res["die"]
+
+
+def forward_suite(names: tuple[str, ...]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    from vidsparse.parallel import init_distributed
+
+    return forward_checks(init_distributed(timeout_s=60), names)
+
+
+THREE_RANKS = ("wan-vace", "hunyuan15", "cosmos", "kandinsky5")
+
+
+@pytest.mark.slow
+def test_three_ranks_middle_clip_with_halos_on_both_sides():
+    """6 token frames over 3 ranks (2, 2, 2); Ulysses pads the 2 heads to 3."""
+    results = check_results(spawn(forward_suite, 3, (THREE_RANKS,), timeout_s=600))
+    for rank, res in enumerate(results):
+        assert set(res) == set(THREE_RANKS)
+        for name, row in res.items():
+            for mode in ("clip", "ulysses"):
+                r = row[mode]
+                assert r["err"] < row["tol"] and r["sent"] == r["predicted"] and r["restored"] == 0.0, (
+                    rank,
+                    name,
+                    mode,
+                    r,
+                )
 
 
 def _fake_runtime():
