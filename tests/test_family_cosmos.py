@@ -198,17 +198,20 @@ def test_pattern_defaults_are_fitted_to_the_grid():
     assert FAMILY.default_schedule("gna") == (0.25, ()) and FAMILY.default_schedule("dense") == (0, ())
 
 
-def test_lora_and_parallel_refuse_with_the_reason():
+def test_lora_refuses_with_the_reason_and_the_shard_plan_runs():
     from vidsparse.lora.models import adapter_for
-    from vidsparse.parallel.model import parallelize
+    from vidsparse.parallel.model import parallelize, unparallelize
 
     with pytest.raises(ValueError, match="train-lora does not train cosmos: Cosmos trains with its own objectives"):
         FAMILY.lora_adapter_class()
     pipe = FAMILY.tiny_pipeline(version="2")
     with pytest.raises(ValueError, match="does not train Cosmos2VideoToWorldPipeline: Cosmos trains"):
         adapter_for(pipe, "tiny-cosmos")
-    with pytest.raises(ValueError, match="not supported yet \\(CosmosTransformer3DModel has no context-parallel"):
-        parallelize(pipe, "radial", mode="clip", runtime=None)
+    # vidsparse.parallel runs it (tests/test_parallel_new_families.py); removal leaves no hook
+    parallelize(pipe, "radial", mode="clip", runtime=None)
+    unparallelize(pipe)
+    assert not [m for m in pipe.transformer.modules() if getattr(m, "_diffusers_hook", None) is not None
+                and m._diffusers_hook.hooks]  # fmt: skip
 
 
 def _call(pipe, **kw):

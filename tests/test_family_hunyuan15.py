@@ -83,11 +83,13 @@ def test_registered_and_matched():
     vs.remove(model)
 
 
-def test_lora_and_parallel_refuse_with_the_reason():
+def test_lora_refuses_with_the_reason_and_the_shard_plan_fits_the_model():
     with pytest.raises(ValueError, match="train-lora does not train hunyuan15: no HunyuanVideo 1.5 adapter"):
         FAMILY.lora_adapter_class()
-    with pytest.raises(ValueError, match="vidsparse.parallel does not run hunyuan15: no shard plan"):
-        FAMILY.require_shard_plan()
+    model = tiny_transformer("hunyuan15")
+    plan = FAMILY.require_shard_plan()  # vidsparse.parallel runs it (tests/test_parallel_new_families.py)
+    for path in (*plan.inputs, *plan.outputs, *plan.gather):
+        assert path == "" or model.get_submodule(path) is not None
 
 
 # -- dense equivalence, remove, layout --------------------------------------------------------

@@ -22,7 +22,7 @@ from vidsparse.cli import main
 from vidsparse.config import steps_from
 from vidsparse.families import family_of, family_of_pipeline, get_family, video_geometry
 from vidsparse.families.skyreels import FAMILY, SkyReelsSparseProcessor
-from vidsparse.models import encode_prompt_tiny
+from vidsparse.models import encode_prompt_tiny, tiny_transformer
 from vidsparse.pipelines import get_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -89,11 +89,13 @@ def test_torch_compile_of_the_patched_transformer():
     check_compile(*setup("skyreels-v2-df", LATENT, num_layers=1))
 
 
-def test_refusals_name_the_reason():
+def test_lora_refuses_with_the_reason_and_the_shard_plan_fits_the_model():
     with pytest.raises(ValueError, match="train-lora does not train skyreels-v2: .*per-frame timesteps"):
         FAMILY.lora_adapter_class()
-    with pytest.raises(ValueError, match="parallel does not run skyreels-v2: .*block-causal"):
-        FAMILY.require_shard_plan()
+    model = tiny_transformer("skyreels-v2")
+    plan = FAMILY.require_shard_plan()  # vidsparse.parallel runs it (tests/test_parallel_new_families.py)
+    for path in (*plan.inputs, *plan.outputs, *plan.gather):
+        assert path == "" or model.get_submodule(path) is not None
 
 
 def test_inspect_knows_the_family(tmp_path, capsys):

@@ -49,8 +49,8 @@ def test_three_ranks_uneven_clips_hunyuan():
 def test_generate_parallel_refuses_a_family_without_a_shard_plan_before_loading():
     from vidsparse.generation import GenerateOptions, generate
 
-    with pytest.raises(ValueError, match=r"cosmos model, which vidsparse.parallel does not split \(.+\)"):
-        generate(GenerateOptions(model="tiny-cosmos", parallel="clip", out=None, progress=False))
+    with pytest.raises(ValueError, match=r"ltx2 model, which vidsparse.parallel does not split \(.+\)"):
+        generate(GenerateOptions(model="tiny-ltx2", parallel="clip", out=None, progress=False))
 
 
 def test_hunyuan_i2v_token_replace_is_refused_with_the_reason():

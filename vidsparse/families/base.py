@@ -128,16 +128,22 @@ class ShardPlan:
     ``inputs``: module path -> {argument name: Shard}, cut before the module runs;
     ``outputs``: module path -> {output index: Shard}, cut after it runs (RoPE tables);
     ``gather``: module path -> Shard, its output all-gathered back to the whole video.
-    The path "" is the transformer itself. A cut argument or output that is a tuple / list of
-    tensors (CogVideoX's ``image_rotary_emb``) has each tensor cut.
+    The path "" is the transformer itself; ``"<path>.*"`` is every child of ``<path>`` (an input each
+    block takes whole, such as Cosmos' per-token timestep embedding; merged with entries naming one
+    child). A cut argument or output that is a tuple / list of tensors (CogVideoX's
+    ``image_rotary_emb``) has each tensor cut.
     ``refuse(transformer) -> reason | None``: a model of the family the plan cannot split (e.g.
     HunyuanVideo I2V, whose blocks treat the first tokens of the sequence as the first frame).
+    ``refuse_call(transformer, forward_kwargs) -> reason | None``: a forward the plan cannot split,
+    known only from the call (SkyReels-V2 diffusion forcing); checked at every parallel forward
+    before anything runs, so every rank raises the same error.
     """
 
     inputs: Mapping[str, Mapping[str, Shard]]
     outputs: Mapping[str, Mapping[int, Shard]]
     gather: Mapping[str, Shard]
     refuse: Callable[[torch.nn.Module], str | None] | None = None
+    refuse_call: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
 
 
 # -- tiny random-init models ------------------------------------------------------------------

@@ -31,7 +31,8 @@ Defaults, fitted to the 24x44x80 grid:
   pairs, in STA's 10-20 % range.
 - Radial: the paper's base setting (decay 1.0, no attention sink; it publishes no Cosmos tuning).
 
-LoRA training and ``--parallel`` refuse (see ``LORA_REFUSAL`` / ``PARALLEL_REFUSAL``).
+LoRA training refuses (see ``LORA_REFUSAL``); ``--parallel clip|ulysses`` cuts the video tokens and the
+per-token embeddings every block takes (``SHARD_PLAN``).
 
 Tiny model: a 2-layer, 2-head random-init transformer with a 4-channel Wan VAE. It leaves out the
 ``padding_mask`` channel (``concat_padding_mask=False``): diffusers resizes that channel with
@@ -51,6 +52,8 @@ from vidsparse.families.base import (
     TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -67,10 +70,25 @@ LORA_REFUSAL = (
     "Predict2.5: velocity with the conditioning frames' ground-truth velocity and per-frame timesteps "
     "under a condition mask), for which vidsparse has no train-lora adapter"
 )
-PARALLEL_REFUSAL = (
-    "CosmosTransformer3DModel has no context-parallel plan in diffusers 0.42, and its transformer blocks "
-    "take the token sequence, the per-token timestep embedding and the RoPE table as positional arguments, "
-    "which vidsparse's shard plans do not cut"
+#: Where the sequence is cut: the video tokens at the first block's input, RoPE (cos, sin) [S, D]
+#: where ``rope`` returns them, and what the forward builds per token and hands whole to every block
+#: and to ``norm_out``: the timestep embeddings ``temb`` / ``embedded_timestep`` [B, S, C] of a
+#: per-frame timestep (video2world's conditioning frames), Cosmos 1.0's learnable position embedding
+#: ``extra_pos_emb`` [B, S, D] and Transfer's ``controlnet_residual`` [B, S, D]; ``proj_out`` is
+#: gathered. A per-sample timestep (embeddings [B, C]) is left whole.
+SHARD_PLAN = ShardPlan(
+    inputs={
+        "transformer_blocks.0": {"hidden_states": Shard(1, 3)},
+        "transformer_blocks.*": {
+            "embedded_timestep": Shard(1, 3),
+            "temb": Shard(1, 3),
+            "extra_pos_emb": Shard(1, 3),
+            "controlnet_residual": Shard(1, 3),
+        },
+        "norm_out": {"embedded_timestep": Shard(1, 3), "temb": Shard(1, 3)},
+    },
+    outputs={"rope": {0: Shard(0, 2), 1: Shard(0, 2)}},
+    gather={"proj_out": Shard(1, 3)},
 )
 
 # -- self-attention processor -----------------------------------------------------------------
@@ -321,7 +339,7 @@ FAMILY = Family(
     dense_first_steps=0.25,
     lora_refusal=LORA_REFUSAL,
     lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
-    parallel_refusal=PARALLEL_REFUSAL,
+    shard_plan=SHARD_PLAN,
     tiny={"cosmos": TinyVariant("cosmos", tiny_transformer_kwargs, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,

@@ -24,8 +24,8 @@ Radial Attention publishes none for 1.5). The token-refiner attention
 Tiny: transformers "hunyuan15" / "hunyuan15-i2v" (2 blocks, 2 heads of 8, patch 1) and
 ``tiny_pipeline`` (``vidsparse generate --model tiny-hunyuan15``): the real T2V (or I2V)
 pipeline with a 16x/4x VAE, byte-level Qwen2.5-VL and ByT5 text encoders and, for I2V, a
-1-layer SigLIP, all random-init and built offline. LoRA and ``--parallel`` refuse (see the
-record's reasons).
+1-layer SigLIP, all random-init and built offline. LoRA refuses (see the record's reason);
+``--parallel clip|ulysses`` splits the video tokens and replicates the condition span (``SHARD_PLAN``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from vidsparse.families.base import (
     TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -344,6 +346,21 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
     return finish_tiny_pipeline(pipe, dtype)
 
 
+# -- parallel ---------------------------------------------------------------------------------
+
+#: HunyuanVideo's plan: the video tokens are cut where ``x_embedder`` returns them [B, S, D] and
+#: the RoPE tables (cos, sin) [S, D] with them; ``proj_out`` is gathered. The condition span is
+#: built (and reordered per sample) from the prompt / image inputs only, so every rank holds all of
+#: it: replicated joint text after the video, its validity mask read per call by the processor,
+#: the text rows merged across ranks by ``vidsparse.parallel``. Image-to-video adds input channels
+#: only (same grid), so it splits the same way.
+SHARD_PLAN = ShardPlan(
+    inputs={},
+    outputs={"x_embedder": {0: Shard(1, 3)}, "rope": {0: Shard(0, 2), 1: Shard(0, 2)}},
+    gather={"proj_out": Shard(1, 3)},
+)
+
+
 # -- the record -------------------------------------------------------------------------------
 
 _TEXT_LEN = 729 + 256 + 1000  # SigLIP image slots + ByT5 + Qwen2.5-VL (the pipelines' max lengths)
@@ -377,10 +394,7 @@ FAMILY = Family(
         "tokens, condition-latent and mask input channels, the pipeline's guider) is not implemented in "
         "vidsparse.lora"
     ),
-    parallel_refusal=(
-        "no shard plan for HunyuanVideo 1.5 yet (its per-sample condition reordering and joint "
-        "[video; conditions] sequence are not split across ranks); run it on one GPU"
-    ),
+    shard_plan=SHARD_PLAN,
     tiny={
         "hunyuan15": TinyVariant("hunyuan15", tiny_transformer_kwargs, _tiny_inputs),
         "hunyuan15-i2v": TinyVariant(

@@ -25,7 +25,7 @@ stride (1, 8, 8) *is* NABLA's STA window at the NABLA checkpoints' ``attention_w
 Tile (2, 8, 8) tiles (one 128-token block) with a (5, 3, 3) window, the same reach (12 %);
 Radial the paper's base setting (decay 1.0, no sink).
 
-LoRA training and ``--parallel`` refuse (see ``LORA_REFUSAL`` / ``PARALLEL_REFUSAL``).
+LoRA training refuses (see ``LORA_REFUSAL``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from vidsparse.families.base import (
     TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -52,12 +54,6 @@ LORA_REFUSAL = (
     "Kandinsky 5 has no train-lora adapter yet: its channel-last [B, F, H, W, C] latents, Qwen2.5-VL + CLIP "
     "prompt conditioning (cu_seqlens) and RoPE position inputs are not implemented in vidsparse's trainer"
 )
-PARALLEL_REFUSAL = (
-    "Kandinsky5Transformer3DModel has no context-parallel plan in diffusers 0.42, and its blocks take the "
-    "visual tokens and the RoPE table positionally (reordered into 8x8 tiles for NABLA checkpoints), "
-    "which vidsparse's shard plans do not cut"
-)
-
 #: ``fractal_flatten``'s spatial tile (hard-coded 8 in diffusers 0.42).
 FRACTAL_TILE = 8
 
@@ -330,6 +326,35 @@ def tiny_prompt_kwargs(
 #: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` refuses each with ``LORA_REFUSAL``).
 PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
 
+# -- parallel ---------------------------------------------------------------------------------
+
+
+def _refuse_nabla(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+    if kwargs.get("sparse_params") is not None:
+        return (
+            "a NABLA checkpoint's call (sparse_params): its dense steps and layers run the model's own NABLA "
+            "block mask over the whole video on one GPU, which the parallel path, running them as Dense(), "
+            "would not reproduce"
+        )
+    return None
+
+
+#: The visual tokens [B, S, D] are cut at the first visual block's input and the visual RoPE
+#: [B, S, 1, D/2, 2, 2] at every visual block (the forward hands the one table to each); the last
+#: visual block's output is gathered, because the forward then reshapes the tokens to the whole
+#: video's shape (``fractal_unflatten``, a function) before ``out_layer``. The text stream (its own
+#: blocks, cross-attention keys) is whole on every rank. NABLA calls are refused (``_refuse_nabla``).
+SHARD_PLAN = ShardPlan(
+    inputs={
+        "visual_transformer_blocks.0": {"visual_embed": Shard(1, 3)},
+        "visual_transformer_blocks.*": {"rope": Shard(1, 6)},
+    },
+    outputs={},
+    gather={"visual_transformer_blocks.-1": Shard(1, 3)},
+    refuse_call=_refuse_nabla,
+)
+
+
 # -- the record -------------------------------------------------------------------------------
 
 FAMILY = Family(
@@ -352,7 +377,7 @@ FAMILY = Family(
     dense_first_steps=0.25,
     lora_refusal=LORA_REFUSAL,
     lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
-    parallel_refusal=PARALLEL_REFUSAL,
+    shard_plan=SHARD_PLAN,
     tiny={
         "kandinsky5": TinyVariant("kandinsky5", tiny_transformer_kwargs, _tiny_inputs),
         "kandinsky5-nabla": TinyVariant("kandinsky5-nabla", _tiny_nabla_config, _tiny_inputs),

@@ -17,12 +17,16 @@ timestep matrix, more than the scheduler's steps when ``ar_step > 0``). With
 sparse patterns do not compose with that mask yet, so those calls run the model's own dense
 attention and warn once.
 
+Parallel: Wan's shard plan for text-to-video and image-to-video; diffusion-forcing calls are
+refused at the forward (``ShardPlan.refuse_call``: per-token modulation built inside the forward).
+
 Defaults: Wan's (SkyReels-V2 is a Wan 2.1 fine-tune): Radial decay 0.2 with a sink and layer 0
 dense, Tile (2, 8, 8) in a (5, 3, 3) window, GNA kernel (9, 25, 25).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -79,6 +83,25 @@ class SkyReelsSparseProcessor(WanSparseProcessor):
 def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     """Latents [B, C, F, H, W] patchified by ``config.patch_size`` (t, h, w)."""
     return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- parallel ---------------------------------------------------------------------------------
+
+
+def _refuse_diffusion_forcing(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+    if kwargs.get("enable_diffusion_forcing"):
+        return (
+            "SkyReels-V2 diffusion forcing (enable_diffusion_forcing=True) builds per-token modulation "
+            "[B, 6, S, D] inside the forward, hands it whole to every block and applies a per-token shift / scale "
+            "before proj_out (with causal_block_size > 1 also a block-causal [S, S] mask), none of which the "
+            "shard plan can cut at a module boundary; text-to-video and image-to-video run in parallel"
+        )
+    return None
+
+
+#: Wan's plan (SkyReels-V2 is Wan 2.1's architecture: RoPE (cos, sin) [1, S, 1, D], ``blocks.0``
+#: input, ``proj_out`` gathered); diffusion-forcing calls refused.
+SHARD_PLAN = replace(WAN.require_shard_plan(), refuse_call=_refuse_diffusion_forcing)
 
 
 # -- tiny models ------------------------------------------------------------------------------
@@ -149,10 +172,7 @@ FAMILY = Family(
         "no SkyReels-V2 training adapter yet (the Wan adapter's loss draws one timestep per sample; "
         "diffusion forcing trains per-frame timesteps and fps conditioning)"
     ),
-    parallel_refusal=(
-        "diffusion forcing hands every block per-token modulation [B, 6, S, D] and a block-causal [S, S] "
-        "mask, which the sequence-parallel shard plan does not cut"
-    ),
+    shard_plan=SHARD_PLAN,
     tiny={
         "skyreels-v2": TinyVariant("skyreels-v2", _tiny_config, tiny_inputs),
         "skyreels-v2-df": TinyVariant("skyreels-v2-df", _tiny_df_config, _tiny_df_inputs),

@@ -12,6 +12,8 @@ zero-padded to the video's length) lie on the same token grid and share the vide
 ``N .. N+V-1`` are ``vace_blocks.j.attn1`` (the control branch runs first in the forward).
 Cross-attention (``attn2``) stays the model's own.
 
+Parallel: Wan's shard plan with the control branch's inputs cut at ``vace_blocks.0``.
+
 Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
 (9, 25, 25)).
 """
@@ -24,6 +26,8 @@ import torch
 
 from vidsparse.families.base import (
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -48,6 +52,22 @@ def _attention_paths(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module,
 def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     """Latents [B, C, F, H, W] patchified by ``config.patch_size``; control tokens share it."""
     return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- parallel ---------------------------------------------------------------------------------
+
+#: Wan's plan plus the control branch: the first control block takes the whole video's
+#: ``hidden_states`` and the padded ``control_hidden_states`` (both [B, S, D], frame-major on the
+#: video's grid), so both are cut there; its hints then stay on the rank's clip and are added to
+#: the clip's main-block outputs. Later control blocks ignore ``hidden_states`` (no ``proj_in``).
+SHARD_PLAN = ShardPlan(
+    inputs={
+        "vace_blocks.0": {"hidden_states": Shard(1, 3), "control_hidden_states": Shard(1, 3)},
+        "blocks.0": {"hidden_states": Shard(1, 3)},
+    },
+    outputs={"rope": {0: Shard(1, 4), 1: Shard(1, 4)}},
+    gather={"proj_out": Shard(1, 3)},
+)
 
 
 # -- tiny models ------------------------------------------------------------------------------
@@ -109,9 +129,7 @@ FAMILY = Family(
         "no VACE training adapter yet: VACE adds control blocks fed by reference/control latents and masks "
         "(vace_context), which the Wan adapter does not build"
     ),
-    parallel_refusal=(
-        "the control branch (vace_blocks on control_hidden_states) is not in the sequence-parallel shard plan"
-    ),
+    shard_plan=SHARD_PLAN,
     tiny={"wan-vace": TinyVariant("wan-vace", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
 )

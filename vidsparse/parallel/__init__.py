@@ -33,6 +33,7 @@ _LAZY = {
     "ParallelResult": "vidsparse.parallel.pipeline",
     "decode_parallel": "vidsparse.parallel.vae",
     "generate_parallel": "vidsparse.parallel.generate",
+    "choose_ulysses": "vidsparse.parallel.diffusers_cp",
 }
 
 
@@ -55,6 +56,7 @@ __all__ = [
     "shard_plans",
     "check_results",
     "check_same_config",
+    "choose_ulysses",
     "clip_attention",
     "decode_parallel",
     "exchange_plan",

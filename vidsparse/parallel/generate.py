@@ -12,7 +12,9 @@ Two settings of this path only, each from its ``GenerateOptions`` field (the ``-
 and ``--dist-timeout`` flags) when set, else from the environment: ``vae_overlap`` /
 ``VIDSPARSE_VAE_OVERLAP`` (latent frames of context per clip for the VAE, ``all`` = decode from
 frame 0, exact; default 4) and ``dist_timeout`` / ``VIDSPARSE_DIST_TIMEOUT`` (seconds a
-collective may wait; default 600).
+collective may wait; default 600). ``VIDSPARSE_ULYSSES`` (auto | diffusers | vidsparse, default
+auto) picks the Ulysses of ``--parallel ulysses``: auto runs diffusers' context parallelism for
+transformers with a ``_cp_plan`` and vidsparse's own otherwise; rank 0 logs which and why.
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def _timeout(options: Any) -> float:
     return value
 
 
+def _ulysses_choice(options: Any) -> str:
+    value = str(_setting(options, "ulysses", "VIDSPARSE_ULYSSES", "auto")).strip().lower()
+    from vidsparse.parallel.diffusers_cp import ULYSSES_IMPLEMENTATIONS
+
+    if value not in ULYSSES_IMPLEMENTATIONS:
+        raise ValueError(f"VIDSPARSE_ULYSSES must be one of {', '.join(ULYSSES_IMPLEMENTATIONS)}, got {value!r}.")
+    return value
+
+
 def _refuse_unsupported(options: Any, plan: Any) -> None:
     family = plan.info.model_family
     if family.shard_plan is None:
@@ -117,6 +128,7 @@ def generate_parallel(options: Any):
     def check_options():
         plan = prepare(options)
         _refuse_unsupported(options, plan)
+        _ulysses_choice(options)
         return plan, _vae_overlap(options)
 
     try:
@@ -139,7 +151,8 @@ def generate_parallel(options: Any):
     if runtime.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 prints the summary
     settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "progress"}
-    settings.update(world_size=runtime.world_size, vae_overlap=vae_overlap, vidsparse=_version())
+    ulysses = _ulysses_choice(options)
+    settings.update(world_size=runtime.world_size, vae_overlap=vae_overlap, ulysses=ulysses, vidsparse=_version())
     check_same_config(runtime, settings)
 
     t0 = time.perf_counter()
@@ -149,6 +162,13 @@ def generate_parallel(options: Any):
     pipe.to(runtime.device)
     pipe.set_progress_bar_config(disable=not (options.progress and runtime.is_main), desc="denoising", leave=False)
     load_s = time.perf_counter() - t0
+    if options.parallel == "ulysses":  # diffusers' context parallelism where the model has a _cp_plan
+        from vidsparse.layout import VideoLayout
+        from vidsparse.parallel.diffusers_cp import choose_ulysses
+        from vidsparse.pipelines import transformers_of
+
+        ulysses, why = choose_ulysses([t for _, t in transformers_of(pipe)], runtime, ulysses, VideoLayout(*plan.grid))
+        print(f"parallel   ulysses x{runtime.world_size}: {why}", flush=True)
 
     config = plan.sparse_config or SparseConfig("dense", backend=options.backend, block_size=options.block_size)
     clock = _StepClock(runtime.device)
@@ -159,8 +179,9 @@ def generate_parallel(options: Any):
     t1 = time.perf_counter()
     with torch.inference_mode():
         result = run_parallel(
-            pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap
-        )
+            pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap,
+            ulysses=ulysses,
+        )  # fmt: skip
     marks = [t1, *clock.marks]
     step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
     grid = plan.grid
@@ -168,7 +189,10 @@ def generate_parallel(options: Any):
     comms = _gather_objects(result.comm, runtime, "the communication counters")
     summary: dict[str, Any] = {}
     if runtime.is_main:
-        print(format_comm(comms, plan.steps, options.parallel), flush=True)
+        if ulysses == "diffusers":  # its all-to-alls are diffusers' own, outside vidsparse's counters
+            print(f"parallel   ulysses x{runtime.world_size}: bytes not counted (diffusers' collectives)", flush=True)
+        else:
+            print(format_comm(comms, plan.steps, options.parallel), flush=True)
         frames = as_uint8_frames(result.video[0])
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
         densities, step_work = _densities(result.patterns, grid)

@@ -192,6 +192,17 @@ def _resolve_dense_layers(config: SparseConfig, family, num_layers: int) -> froz
     return frozenset(out)
 
 
+def _resolve(root: torch.nn.Module, path: str) -> str:
+    """``path`` with negative indices ("blocks.-1": the last block) made concrete."""
+    parts, module = [], root
+    for part in path.split(".") if path else []:
+        if part.startswith("-") and part[1:].isdigit():
+            part = str(len(module) + int(part))
+        parts.append(part)
+        module = _submodule(module, part)
+    return ".".join(parts)
+
+
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     if not path:
         return root
@@ -199,6 +210,21 @@ def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
     except AttributeError:
         raise ValueError(f"vidsparse.parallel: {type(root).__name__} has no submodule {path!r}.") from None
+
+
+def _expand(root: torch.nn.Module, mapping: Mapping[str, Mapping]) -> dict[str, dict]:
+    """A shard plan's path -> specs with ``"<path>.*"`` expanded to every child of ``<path>`` (inputs
+    every block takes, e.g. Cosmos' per-token timestep embedding); entries of one module are merged."""
+    out: dict[str, dict] = {}
+    for path, specs in mapping.items():
+        if path.endswith(".*"):
+            parent = path[:-2]
+            targets = [f"{parent}.{name}" for name, _ in _submodule(root, parent).named_children()]
+        else:
+            targets = [_resolve(root, path)]
+        for target in targets:
+            out.setdefault(target, {}).update(specs)
+    return out
 
 
 def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, runtime: ParallelRuntime) -> Any:
@@ -235,13 +261,13 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
         ctx = ParallelContext(mode, runtime)
         contexts[attr] = ctx
         plan = family_of(transformer).require_shard_plan()
-        paths = set(plan.inputs) | set(plan.outputs)
-        for path in sorted(paths):
+        inputs, outputs = _expand(transformer, plan.inputs), _expand(transformer, plan.outputs)
+        for path in sorted(set(inputs) | set(outputs)):
             module = _submodule(transformer, path)
             registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.register_hook(_ShardHook(ctx, plan.inputs.get(path, {}), plan.outputs.get(path, {})), _SHARD_HOOK)
+            registry.register_hook(_ShardHook(ctx, inputs.get(path, {}), outputs.get(path, {})), _SHARD_HOOK)
         for path, spec in plan.gather.items():
-            registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, path))
+            registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, _resolve(transformer, path)))
             registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
     # Every step and layer goes through the distributed attention; the user's dense schedule is
     # applied inside it (ParallelAttention) with Dense().
@@ -253,8 +279,14 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
         dense = _resolve_dense_layers(user_cfg, state.family, state.num_layers)
         state.attention_fn = ParallelAttention(ctx, state, user_cfg, dense)
         default = state.default_discover_layout
+        shard_plan = state.family.require_shard_plan()
 
-        def discover(module, kwargs, _ctx=ctx, _default=default):
+        def discover(module, kwargs, _ctx=ctx, _default=default, _plan=shard_plan):
+            reason = _plan.refuse_call(module, kwargs) if _plan.refuse_call is not None else None
+            if reason:
+                raise ValueError(
+                    f"vidsparse.parallel cannot split this {type(module).__name__} call: {reason}. Run it on one GPU."
+                )
             whole = _default(module, kwargs)
             if whole is None:
                 raise ValueError(

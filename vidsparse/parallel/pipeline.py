@@ -17,6 +17,7 @@ whole, so it does not depend on the number of ranks); the transformers are paral
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from vidsparse.config import SparseConfig
+from vidsparse.parallel.diffusers_cp import choose_ulysses, disable_diffusers_ulysses, enable_diffusers_ulysses
 from vidsparse.parallel.model import parallelize, unparallelize
 from vidsparse.parallel.runtime import ParallelRuntime
 from vidsparse.parallel.vae import decode_parallel
@@ -37,7 +39,7 @@ class ParallelResult:
     """What a parallel generation returns on each rank (``video`` on rank 0 only)."""
 
     video: Any  # np.ndarray [B, T, H, W, C] in [0, 1] (output_type "np"), latents, or None off rank 0
-    latents: torch.Tensor
+    latents: torch.Tensor | None  # None: the pipeline decoded itself and takes no step callback (HunyuanVideo 1.5)
     mode: str
     world_size: int
     steps: int
@@ -88,12 +90,15 @@ def run_parallel(
     *,
     output_type: str = "np",
     vae_overlap: int | None = 4,
+    ulysses: str = "auto",
 ) -> ParallelResult:
     """Run ``pipe(**call_kwargs)`` with ``mode`` parallelism; rank 0 gets the decoded video.
 
     ``call_kwargs`` must not contain ``output_type`` (decoding is done here: per clip for Wan, by the
     pipeline itself on every rank for the other families); ``output_type="latent"`` skips decoding
-    and returns the latents on every rank.
+    and returns the latents on every rank. ``ulysses`` ("auto" | "diffusers" | "vidsparse"): which
+    Ulysses runs ``mode="ulysses"``; "auto" takes diffusers' context parallelism for transformers with
+    a ``_cp_plan`` (``diffusers_cp.choose_ulysses``), vidsparse's own for the others.
     """
     if "output_type" in call_kwargs:
         raise ValueError("run_parallel decodes per clip itself; pass output_type= to run_parallel, not in call_kwargs.")
@@ -102,7 +107,13 @@ def run_parallel(
         raise ValueError(
             f"run_parallel expects a diffusers video pipeline with a transformer, got {type(pipe).__name__}."
         )
-    parallelize(pipe, config, mode, runtime)
+    impl = "vidsparse"
+    if mode == "ulysses":
+        impl, _ = choose_ulysses([t for _, t in transformers_of(pipe)], runtime, ulysses)
+    if impl == "diffusers":
+        enable_diffusers_ulysses(pipe, config, runtime)
+    else:
+        parallelize(pipe, config, mode, runtime)
     video, decode = None, 0.0
     try:
         runtime.stats.reset()
@@ -113,8 +124,10 @@ def run_parallel(
         else:  # the pipeline's own decode on every rank (exact); the denoised latents from the step callback
             keep = _LastLatents(call_kwargs.get("callback_on_step_end"))
             inputs = list(call_kwargs.get("callback_on_step_end_tensor_inputs") or [])
-            kwargs = dict(call_kwargs, callback_on_step_end=keep,
-                          callback_on_step_end_tensor_inputs=sorted(set(inputs) | {"latents"}))  # fmt: skip
+            kwargs = dict(call_kwargs)
+            if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:  # HunyuanVideo 1.5: none
+                kwargs.update(callback_on_step_end=keep,
+                              callback_on_step_end_tensor_inputs=sorted(set(inputs) | {"latents"}))  # fmt: skip
             video = pipe(**kwargs, output_type=output_type).frames
             end = time.perf_counter()
             latents = keep.latents
@@ -125,7 +138,10 @@ def run_parallel(
         patterns = dict(fns[0].used)
         sparse_steps = len(set().union(*(fn.sparse_steps for fn in fns)))
     finally:
-        unparallelize(pipe)
+        if impl == "diffusers":
+            disable_diffusers_ulysses(pipe)
+        else:
+            unparallelize(pipe)
     steps = int(call_kwargs.get("num_inference_steps", 0) or len(getattr(pipe.scheduler, "timesteps", [])) or 1)
     if not per_clip and output_type != "latent":
         video = video if runtime.is_main else None
