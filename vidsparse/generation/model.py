@@ -23,9 +23,8 @@ from vidsparse.families import (
     families,
     family_of_geometry,
     family_of_pipeline,
-    get_family,
-    normalize_name,
     pipeline_prefixes,
+    tiny_pipeline_of,
     video_geometry,
 )
 
@@ -46,6 +45,7 @@ class ModelInfo:
     defaults: Mapping[str, Any]
     two_stage: bool = False
     absent_components: tuple[str, ...] = ()  # model_index entries saved as [null, null]
+    tiny_variant: str | None = None  # tiny: the ``variant`` of ``Family.tiny_pipeline`` (None: its default)
 
     @property
     def family(self) -> str:
@@ -168,38 +168,32 @@ def _call_defaults(class_name: str) -> dict[str, Any]:
 
 
 def tiny_models() -> tuple[str, ...]:
-    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan), "tiny-<family>" and
-    "tiny-<geometry>" for a family's ``tiny_geometries`` (e.g. "tiny-wan22-5b")."""
+    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan), "tiny-<family>",
+    "tiny-<geometry>" for a family's ``tiny_geometries`` (e.g. "tiny-wan22-5b") and "tiny-<name>"
+    for its ``tiny_pipelines`` (e.g. "tiny-wan-i2v")."""
     names = [TINY]
     for f in families():
         if f.tiny_pipeline is not None:
-            names += [f"{TINY}-{n}" for n in (f.name, *f.tiny_geometries)]
+            names += [f"{TINY}-{n}" for n in (f.name, *f.tiny_geometries, *f.tiny_pipelines)]
     return tuple(names)
 
 
 def _tiny_model(model: str) -> ModelInfo:
-    """``tiny-<family>``: the family record's random-init pipeline (``Family.tiny_pipeline``)."""
-    name = model[len(TINY) + 1 :]
-    try:
-        family = get_family(name)
-    except ValueError:
-        family = None
-    if family is None or family.tiny_pipeline is None:
+    """``tiny-<name>``: a family record's random-init pipeline (``families.tiny_pipeline_of``)."""
+    found = tiny_pipeline_of(model[len(TINY) + 1 :])
+    if found is None:
         raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+    family, variant, pipeline_class = found
     geo = family.geometry
-    key = normalize_name(name)
-    named = next((g for g in family.geometries if key in {normalize_name(n) for n in (g.name, *g.aliases)}), geo)
-    if named is not geo:  # another checkpoint geometry: only those the record's tiny_pipeline builds
-        if named.name not in family.tiny_geometries:
-            raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
-        geo = named  # built by family.tiny_pipeline(variant=geo.name)
+    if variant in family.tiny_geometries:
+        geo = next(g for g in family.geometries if g.name == variant)
     if family.name == "wan" and geo is family.geometry:
         defaults = dict(TINY_DEFAULTS)
     else:  # a small valid video: 2 latent frames past the first, a 6x10 token grid
         ph, pw = geo.patch[1:]
         defaults = dict(frames=1 + 2 * geo.temporal, height=6 * geo.spatial * ph, width=10 * geo.spatial * pw,
                         steps=TINY_DEFAULTS["steps"], guidance=TINY_DEFAULTS["guidance"])  # fmt: skip
-    return ModelInfo(TINY, model, f"{family.pipeline_prefixes[0]}Pipeline", geo, defaults)
+    return ModelInfo(TINY, model, pipeline_class, geo, defaults, tiny_variant=variant)
 
 
 def resolve_model(model: str) -> ModelInfo:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vidsparse.families import families as registered_families
-from vidsparse.families import family_of_pipeline
+from vidsparse.families import family_of_pipeline, tiny_pipeline_of
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
@@ -30,7 +30,12 @@ def refused() -> dict[str, str]:
 
 def families() -> tuple[type[TrainableVideoModel], ...]:
     """Every supported family adapter, in registry order (families with a ``lora_adapter``)."""
-    return tuple(fam.lora_adapter() for fam in registered_families() if fam.lora_adapter is not None)
+    out: list[type[TrainableVideoModel]] = []
+    for fam in registered_families():
+        if fam.lora_adapter is not None:  # one adapter class, or several (Wan: text- and image-to-video)
+            found = fam.lora_adapter()
+            out += list(found) if isinstance(found, (tuple, list)) else [found]
+    return tuple(out)
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
@@ -58,18 +63,14 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideo
 
 
 def _tiny_family_pipeline(model: str, dtype: torch.dtype):
-    """``tiny-<family>``: the family record's embedded random-init pipeline (as ``vidsparse generate``)."""
-    from vidsparse.families import get_family
-
-    name = model[len(TINY_MODEL) + 1 :]
-    embedded = [f"{TINY_MODEL}-{f.name}" for f in registered_families() if f.tiny_pipeline is not None]
-    try:
-        family = get_family(name)
-    except ValueError:
-        family = None
-    if family is None or family.tiny_pipeline is None:
+    """``tiny-<name>``: a family record's embedded random-init pipeline (as ``vidsparse generate``)."""
+    found = tiny_pipeline_of(model[len(TINY_MODEL) + 1 :])
+    if found is None:
+        embedded = [f"{TINY_MODEL}-{n}" for f in registered_families() if f.tiny_pipeline is not None
+                    for n in (f.name, *f.tiny_geometries, *f.tiny_pipelines)]  # fmt: skip
         raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: tiny, {', '.join(embedded)}.")
-    return family.tiny_pipeline(seed=0, dtype=dtype)
+    family, variant, _ = found
+    return family.tiny_pipeline(seed=0, dtype=dtype, **({"variant": variant} if variant is not None else {}))
 
 
 def adapter_for(pipe, model_id: str) -> TrainableVideoModel:

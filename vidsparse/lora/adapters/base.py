@@ -204,6 +204,12 @@ class TrainableVideoModel:
         param = next(vae.parameters())
         return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode().float()
 
+    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, 3, F, H, W] in [-1, 1] -> what the cache stores per clip (batched): ``"latents"``
+        (``encode_video``) and, for image-to-video, the clip's own conditioning (e.g. the first
+        frame's image latents), which the training loop hands to ``predict`` with the text."""
+        return {"latents": self.encode_video(pixels)}
+
     def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
         """One caption -> the transformer's text conditioning (tensors without batch dim)."""
         raise NotImplementedError
@@ -234,6 +240,11 @@ class TrainableVideoModel:
         """
         noisy, target = add_noise(x0, noise, levels)
         return noisy, target, levels * self.num_train_timesteps
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MSE of ``predict``'s output against ``training_inputs``' target, over the latents the
+        pipeline samples (all of them here; image-to-video with a clean first frame leaves it out)."""
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
 
     # -- the family's time / output convention (identity for Wan, HunyuanVideo, LTX-Video) -------
     def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
