@@ -90,8 +90,11 @@ def test_torch_compile_of_the_patched_transformer():
 
 
 def test_refusals_name_the_reason():
-    with pytest.raises(ValueError, match="train-lora does not train skyreels-v2: .*per-frame timesteps"):
-        FAMILY.lora_adapter_class()
+    from vidsparse.lora.models import refusal
+
+    # T2V and I2V train with the Wan adapters (tests/test_lora_skyreels.py); diffusion forcing says why not
+    assert [c.__name__ for c in FAMILY.lora_adapter_class()] == ["SkyReelsModel", "SkyReelsI2VModel"]
+    assert "its own timestep" in refusal("SkyReelsV2DiffusionForcingPipeline", "Skywork/SkyReels-V2-DF-1.3B-540P")
     with pytest.raises(ValueError, match="parallel does not run skyreels-v2: .*block-causal"):
         FAMILY.require_shard_plan()
 

@@ -196,15 +196,9 @@ def _tiny_model(model: str) -> ModelInfo:
     return ModelInfo(TINY, model, pipeline_class, geo, defaults, tiny_variant=variant)
 
 
-def resolve_model(model: str) -> ModelInfo:
-    """Identify --model from its configuration files only (tiny, local folder, or hub id)."""
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
-    model = model.strip()
-    if model == TINY:
-        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
-    if model.startswith(TINY + "-"):
-        return _tiny_model(model)
+def read_model_config(model: str) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """(kind "local" | "hub", ``model_index.json``, ``transformer/config.json`` or ``None``) of a
+    pipeline folder or hub id, reading no weights; a ValueError saying how to fix a bad ``model``."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -221,16 +215,42 @@ def resolve_model(model: str) -> ModelInfo:
         index = _read_json(index_file)
         tcfg_file = path / "transformer" / "config.json"
         tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else None
-        kind = "local"
-    elif _looks_like_path(model) or not _HUB_ID.match(model):
+        return "local", index, tcfg
+    if _looks_like_path(model) or not _HUB_ID.match(model):
         raise ValueError(
             f"--model {model!r}: no such folder, and it is not a hub id (org/name). Give an existing diffusers "
             "pipeline folder, a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny'."
         )
-    else:
-        index = _hub_json(model, "model_index.json", required=True)
-        tcfg = _hub_json(model, "transformer/config.json", required=False)
-        kind = "hub"
+    index = _hub_json(model, "model_index.json", required=True)
+    tcfg = _hub_json(model, "transformer/config.json", required=False)
+    return "hub", index, tcfg
+
+
+def pipeline_class_of(model: str) -> str:
+    """The diffusers pipeline class ``--model`` names (tiny names included), from its config files only."""
+    if model == TINY:
+        return "WanPipeline"
+    if model.startswith(TINY + "-"):
+        found = tiny_pipeline_of(model[len(TINY) + 1 :])
+        if found is None:
+            raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+        return found[2]
+    class_name = str(read_model_config(model)[1].get("_class_name", ""))
+    if not class_name:
+        raise ValueError(f"--model {model!r}: model_index.json names no pipeline class (_class_name).")
+    return class_name
+
+
+def resolve_model(model: str) -> ModelInfo:
+    """Identify --model from its configuration files only (tiny, local folder, or hub id)."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
+    model = model.strip()
+    if model == TINY:
+        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
+    if model.startswith(TINY + "-"):
+        return _tiny_model(model)
+    kind, index, tcfg = read_model_config(model)
     class_name = str(index.get("_class_name", ""))
     if not class_name:
         raise ValueError(f"--model {model!r}: model_index.json names no pipeline class (_class_name).")
@@ -241,4 +261,12 @@ def resolve_model(model: str) -> ModelInfo:
     return ModelInfo(kind, model, class_name, grid, _call_defaults(class_name), two_stage, absent)
 
 
-__all__ = ["TINY", "TINY_DEFAULTS", "ModelInfo", "resolve_model", "tiny_models"]
+__all__ = [
+    "TINY",
+    "TINY_DEFAULTS",
+    "ModelInfo",
+    "pipeline_class_of",
+    "read_model_config",
+    "resolve_model",
+    "tiny_models",
+]

@@ -73,30 +73,60 @@ def _tiny_family_pipeline(model: str, dtype: torch.dtype):
     return family.tiny_pipeline(seed=0, dtype=dtype, **({"variant": variant} if variant is not None else {}))
 
 
-def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
-    """The family adapter of a loaded diffusers pipeline (by its class name)."""
-    name = type(pipe).__name__
+def refusal(name: str, model_id: str) -> str | None:
+    """Why train-lora does not train the pipeline class ``name`` (the whole error message), or ``None``."""
     adapters = families()
     supported = ", ".join(n for cls in adapters for n in cls.pipeline_classes)
     reasons = refused()
     if name in reasons:
-        raise ValueError(
+        return (
             f"{model_id}: vidsparse train-lora does not train {name}: {reasons[name]}. "
             f"Supported: {supported} or --model tiny."
         )
-    for cls in adapters:
-        if name in cls.pipeline_classes:
-            return cls(pipe, model_id)
+    if any(name in cls.pipeline_classes for cls in adapters):
+        return None
     family = family_of_pipeline(name)
     if family is not None and family.lora_adapter is None:  # a pipeline of a family without an adapter
-        raise ValueError(
+        return (
             f"{model_id}: vidsparse train-lora does not train {name} ({family.name}): {family.lora_refusal}. "
             f"Supported: {supported} or --model tiny."
         )
-    raise ValueError(
+    return (
         f"{model_id}: pipeline {name} is not supported by vidsparse train-lora yet; supported: {supported} "
         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or --model tiny."
     )
 
 
-__all__ = ["TINY_MODEL", "TrainableVideoModel", "adapter_for", "families", "load_model", "module_fingerprint", "refused"]
+def check_trainable(model: str) -> None:
+    """Refuse ``--model`` from its configuration files alone (``model_index.json``'s pipeline class),
+    before any work: no output folder, no weights, no encoding. Tiny names are checked by the class
+    their family record builds."""
+    from vidsparse.generation.model import pipeline_class_of
+
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"--model must be 'tiny', a hub id or a pipeline folder, got {model!r}.")
+    why = refusal(pipeline_class_of(model), model)
+    if why is not None:
+        raise ValueError(why)
+
+
+def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
+    """The family adapter of a loaded diffusers pipeline (by its class name)."""
+    name = type(pipe).__name__
+    why = refusal(name, model_id)
+    if why is not None:
+        raise ValueError(why)
+    return next(cls for cls in families() if name in cls.pipeline_classes)(pipe, model_id)
+
+
+__all__ = [
+    "TINY_MODEL",
+    "TrainableVideoModel",
+    "adapter_for",
+    "check_trainable",
+    "families",
+    "load_model",
+    "module_fingerprint",
+    "refusal",
+    "refused",
+]

@@ -45,7 +45,7 @@ from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
 from vidsparse.lora.flow import NoiseSampler
-from vidsparse.lora.models import TrainableVideoModel, load_model
+from vidsparse.lora.models import TrainableVideoModel, check_trainable, load_model
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
 
 logger = logging.getLogger(__name__)
@@ -484,6 +484,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
     from tqdm.auto import tqdm
 
+    check_trainable(cfg.model)  # a refused pipeline class: said before the data scan, the output folder or weights
     _check_inputs(cfg)
     run = _start_run(cfg)
     resume_path = _resume_path(run)

@@ -159,3 +159,14 @@ class WanModel(TrainableVideoModel):
     def predict(self, transformer, noisy, timesteps, text):
         emb = text["prompt_embeds"].to(device=noisy.device, dtype=noisy.dtype)
         return transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+class SkyReelsModel(WanModel):
+    """SkyReels-V2 text-to-video (``SkyReelsV2Pipeline``): a Wan 2.1 fine-tune whose pipeline calls the
+    transformer as ``WanPipeline`` does (one timestep per clip, UMT5 text); its UniPC scheduler runs on
+    flow sigmas (``use_flow_sigmas``, ``flow_prediction``), so the objective is Wan's flow matching with
+    the scheduler's ``flow_shift``."""
+
+    family = "skyreels-v2"
+    display_name = "SkyReels-V2"
+    pipeline_classes = ("SkyReelsV2Pipeline",)

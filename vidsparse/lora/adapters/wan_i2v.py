@@ -137,3 +137,12 @@ class WanI2VModel(WanModel):
         if self.expand_timesteps:
             pred, target = pred[:, :, 1:], target[:, :, 1:]
         return super().loss(pred, target, cond)
+
+
+class SkyReelsI2VModel(WanI2VModel):
+    """SkyReels-V2 image-to-video (``SkyReelsV2ImageToVideoPipeline``): diffusers' copy of Wan 2.1 I2V's
+    ``encode_image`` / ``prepare_latents`` and transformer call, on a UniPC flow-sigma scheduler."""
+
+    family = "skyreels-v2"
+    display_name = "SkyReels-V2 I2V"
+    pipeline_classes = ("SkyReelsV2ImageToVideoPipeline",)
