@@ -240,6 +240,7 @@ def _lora_adapter() -> tuple[type, ...]:
 
     return CogVideoXModel, CogVideoXI2VModel
 
+
 _V2V_REFUSAL = (
     "video-to-video starts from a noised input video (strength), which is a sampling mode of the text-to-video "
     "weights: train the LoRA on CogVideoXPipeline (same checkpoint) and load it here"
