@@ -164,7 +164,7 @@ def test_refuses_a_pipeline_without_its_image_encoder():
         adapter_for(pipe, "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")
 
 
-def test_generate_image_flag_is_checked_before_loading(tmp_path):
+def test_generate_image_flag_is_checked_before_loading(tmp_path, capsys):
     from PIL import Image
 
     from vidsparse.generation import GenerateOptions
@@ -181,6 +181,10 @@ def test_generate_image_flag_is_checked_before_loading(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="cannot be read as an image"):
         prepare(GenerateOptions(model="tiny-wan-i2v", image=str(tmp_path / "bad.png")))
+    from vidsparse.cli import main  # the flag, through the command line
+
+    assert main(["generate", "--model", "tiny", "--image", str(img)]) != 0
+    assert "takes no image" in capsys.readouterr().err
 
 
 @pytest.mark.slow
