@@ -89,9 +89,12 @@ def test_torch_compile_of_the_patched_transformer():
     check_compile(*setup("skyreels-v2-df", LATENT, num_layers=1))
 
 
-def test_lora_refuses_with_the_reason_and_the_shard_plan_fits_the_model():
-    with pytest.raises(ValueError, match="train-lora does not train skyreels-v2: .*per-frame timesteps"):
-        FAMILY.lora_adapter_class()
+def test_lora_refusals_name_the_reason_and_the_shard_plan_fits_the_model():
+    from vidsparse.lora.models import refusal
+
+    # T2V and I2V train with the Wan adapters (tests/test_lora_skyreels.py); diffusion forcing says why not
+    assert [c.__name__ for c in FAMILY.lora_adapter_class()] == ["SkyReelsModel", "SkyReelsI2VModel"]
+    assert "its own timestep" in refusal("SkyReelsV2DiffusionForcingPipeline", "Skywork/SkyReels-V2-DF-1.3B-540P")
     model = tiny_transformer("skyreels-v2")
     plan = FAMILY.require_shard_plan()  # vidsparse.parallel runs it (tests/test_parallel_new_families.py)
     for path in (*plan.inputs, *plan.outputs, *plan.gather):

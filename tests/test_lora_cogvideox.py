@@ -202,8 +202,12 @@ def test_refusals_are_specific():
     with pytest.raises(ValueError, match="--flow-shift 3.0"):
         adapter.check_sampling(NoiseSampler("shifted", shift=3.0))
     adapter.check_sampling(NoiseSampler())
-    with pytest.raises(ValueError, match="first frame's VAE latents"):
-        adapter_for(object.__new__(diffusers.CogVideoXImageToVideoPipeline), "THUDM/CogVideoX-5b-I2V")
+    i2v, t2v = tiny_pipeline(image_to_video=True), tiny_pipeline()  # each transformer in the other's pipeline
+    parts = dict(tokenizer=None, text_encoder=None, vae=t2v.vae, scheduler=t2v.scheduler)
+    with pytest.raises(ValueError, match="load it as CogVideoXImageToVideoPipeline"):
+        adapter_for(diffusers.CogVideoXPipeline(transformer=i2v.transformer, **parts), "THUDM/CogVideoX-5b-I2V")
+    with pytest.raises(ValueError, match="2 x 4 input channels"):
+        adapter_for(diffusers.CogVideoXImageToVideoPipeline(transformer=t2v.transformer, **parts), "THUDM/CogVideoX-5b")
     with pytest.raises(ValueError, match="train the LoRA on CogVideoXPipeline"):
         adapter_for(object.__new__(diffusers.CogVideoXVideoToVideoPipeline), "THUDM/CogVideoX-5b")
     flow = tiny_pipeline()

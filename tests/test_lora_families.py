@@ -289,9 +289,9 @@ def test_ltx_default_shift_is_the_pipelines_resolution_shift():
 def test_refused_pipelines_say_why():
     import diffusers
 
-    cog = object.__new__(diffusers.CogVideoXImageToVideoPipeline)  # refused by class before anything is read
-    with pytest.raises(ValueError, match="image-to-video"):
-        adapter_for(cog, "THUDM/CogVideoX-5b-I2V")  # (CogVideoXPipeline trains: tests/test_lora_cogvideox.py)
+    cog = object.__new__(diffusers.CogVideoXFunControlPipeline)  # refused by class before anything is read
+    with pytest.raises(ValueError, match="control-video latents"):
+        adapter_for(cog, "alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose")  # (T2V / I2V train: tests/test_lora_cogvideox*.py)
     two = build_tiny_pipeline(0, two_stage=True)  # trains one LoRA per expert (tests/test_lora_wan22.py) ...
     two.register_to_config(boundary_ratio=None)  # ... split at the pipeline's boundary_ratio
     with pytest.raises(ValueError, match="two-expert Wan 2.2"):

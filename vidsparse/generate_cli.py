@@ -91,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora", default=None, metavar="PATH", help="diffusers-format LoRA .safetensors (or its folder) to load"
     )
     model.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)")
+    model.add_argument(
+        "--image", default=None, metavar="PATH",
+        help="first frame of an image-to-video pipeline (e.g. Wan I2V, tiny-wan-i2v); refused for text-to-video",
+    )  # fmt: skip
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=None, help="number of frames (default: the pipeline's; tiny 33)")
     video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 96)")
@@ -229,6 +233,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         compile=args.compile,
         lora=args.lora,
         lora_scale=args.lora_scale,
+        image=args.image,
         dense_first_steps=None
         if args.dense_first_steps is None
         else _parse_steps(args.dense_first_steps, "--dense-first-steps"),

@@ -7,6 +7,7 @@ name order), so adding a family is adding one module (docs/architecture.md). Loo
 - ``get_family(name)``: by name or alias ("HunyuanVideo", "wan2.2"; case, "-" and "_" ignored);
 - ``family_of(transformer)``: by transformer instance (``Family.transformer_classes``);
 - ``family_of_pipeline(class_name)``: by pipeline class name (longest ``pipeline_prefixes`` match);
+- ``tiny_pipeline_of(name)``: which family record builds ``tiny-<name>`` (and with which variant);
 - ``video_geometry(name)``: a ``VideoGeometry`` by its name ("cogvideox1.5") or a family name;
 - ``families()`` / ``geometries()``: everything registered; ``supported_families_text()`` for errors.
 """
@@ -68,6 +69,32 @@ def get_family(name: str) -> Family:
         if key in {normalize_name(n) for n in names}:
             return fam
     raise ValueError(f"Unknown model family {name!r}. Expected one of: {', '.join(_REGISTRY)}.")
+
+
+def tiny_pipeline_of(name: str) -> tuple[Family, str | None, str] | None:
+    """``tiny-<name>``'s builder: (family, ``variant`` for ``Family.tiny_pipeline`` or ``None``, pipeline class).
+
+    ``name`` is a family name or alias (its default tiny pipeline), a name in a family's
+    ``tiny_geometries`` or ``tiny_pipelines``; ``None`` if no family embeds such a pipeline.
+    """
+    key = normalize_name(name)
+    for fam in _REGISTRY.values():
+        if fam.tiny_pipeline is None:
+            continue
+        for variant, pipeline_class in fam.tiny_pipelines.items():
+            if key == normalize_name(variant):
+                return fam, variant, pipeline_class
+    try:
+        fam = get_family(name)
+    except ValueError:
+        return None
+    if fam.tiny_pipeline is None:
+        return None
+    default_class = f"{fam.pipeline_prefixes[0]}Pipeline"
+    for geo in fam.geometries[1:]:  # another checkpoint geometry: only those the record's tiny_pipeline builds
+        if key in {normalize_name(n) for n in (geo.name, *geo.aliases)}:
+            return (fam, geo.name, default_class) if geo.name in fam.tiny_geometries else None
+    return fam, None, default_class
 
 
 def family_of(transformer: Any) -> Family:
@@ -154,5 +181,6 @@ __all__ = [
     "pipeline_prefixes",
     "register_family",
     "supported_families_text",
+    "tiny_pipeline_of",
     "video_geometry",
 ]

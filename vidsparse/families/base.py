@@ -254,7 +254,8 @@ class Family:
     function of (layout, two_stage)); each pattern's ``fit_defaults`` then adapts them to the
     grid. ``dense_first_steps`` and ``dense_layers`` (pattern name -> layers) are the schedule.
 
-    LoRA: ``lora_adapter()`` returns the ``TrainableVideoModel`` subclass (imported on call),
+    LoRA: ``lora_adapter()`` returns the ``TrainableVideoModel`` subclass (imported on call; or
+    a tuple of them when pipelines of the family need different adapters, e.g. Wan T2V and I2V),
     or ``None`` with ``lora_refusal`` saying why; ``lora_refusals`` maps pipeline class names of
     the family that train-lora refuses to the reason.
 
@@ -263,7 +264,9 @@ class Family:
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
     (a whole random-init pipeline, or ``None``); ``tiny_geometries``: names of further
     geometries whose tiny pipeline ``tiny_pipeline(seed, dtype, variant=<name>)`` builds
-    (``generate --model tiny-<name>``, e.g. Wan 2.2 TI2V-5B's "wan22-5b");
+    (``generate --model tiny-<name>``, e.g. Wan 2.2 TI2V-5B's "wan22-5b"); ``tiny_pipelines``: further
+    tiny pipelines of the default geometry but another pipeline class, name -> that class, built by
+    ``tiny_pipeline(seed, dtype, variant=<name>)`` (Wan's "wan-i2v": ``WanImageToVideoPipeline``);
     ``tiny_prompt_kwargs(pipe, prompt, negative_prompt)`` gives the call kwargs carrying hashed
     prompt embeddings for a tiny pipeline whose call does not take Wan's ``prompt_embeds`` /
     ``negative_prompt_embeds`` of ``config.text_dim`` (``None``: it does).
@@ -288,7 +291,7 @@ class Family:
     pattern_defaults: Mapping[str, PatternDefaults] = field(default_factory=dict)
     dense_first_steps: int | float = 0.25
     dense_layers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    lora_adapter: Callable[[], type] | None = None
+    lora_adapter: Callable[[], type | tuple[type, ...]] | None = None
     lora_refusal: str = ""
     lora_refusals: Mapping[str, str] = field(default_factory=dict)
     shard_plan: ShardPlan | None = None
@@ -297,6 +300,7 @@ class Family:
     tiny_pipeline: Callable[..., Any] | None = None
     tiny_prompt_kwargs: Callable[..., dict[str, Any]] | None = None
     tiny_geometries: tuple[str, ...] = ()
+    tiny_pipelines: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     unsupported: str = ""
     generate_refusal: str = ""
@@ -310,7 +314,7 @@ class Family:
             raise ValueError(f"Family {self.name!r} declares no VideoGeometry.")
         if self.lora_adapter is None and not self.lora_refusal:
             raise ValueError(f"Family {self.name!r}: give a lora_adapter or a lora_refusal saying why there is none.")
-        for attr in ("pattern_defaults", "dense_layers", "lora_refusals", "tiny"):
+        for attr in ("pattern_defaults", "dense_layers", "lora_refusals", "tiny", "tiny_pipelines"):
             object.__setattr__(self, attr, _frozen(getattr(self, attr)))
 
     # -- attention ------------------------------------------------------------------------
@@ -365,8 +369,8 @@ class Family:
         return self.dense_first_steps, tuple(self.dense_layers.get(name, ()))
 
     # -- LoRA / parallel ------------------------------------------------------------------
-    def lora_adapter_class(self) -> type:
-        """The family's ``TrainableVideoModel`` subclass, or a ValueError with ``lora_refusal``."""
+    def lora_adapter_class(self) -> type | tuple[type, ...]:
+        """The family's ``TrainableVideoModel`` subclass(es), or a ValueError with ``lora_refusal``."""
         if self.lora_adapter is None:
             raise ValueError(f"vidsparse train-lora does not train {self.name}: {self.lora_refusal}.")
         return self.lora_adapter()

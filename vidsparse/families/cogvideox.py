@@ -32,6 +32,7 @@ from vidsparse.families.base import (
     finish_tiny_pipeline,
     indexed_paths,
     joint_text,
+    normalize_name,
     tiny_dims,
 )
 from vidsparse.families.processor import SparseProcessor
@@ -114,8 +115,10 @@ SHARD_PLAN = ShardPlan(
 # -- tiny models ------------------------------------------------------------------------------
 
 
-def _tiny_config(v15: bool = False) -> dict[str, Any]:
+def _tiny_config(v15: bool = False, image_to_video: bool = False) -> dict[str, Any]:
     # CogVideoX's 3-D RoPE splits the head dim 1/4 : 3/8 : 3/8 into even parts: 16 minimum.
+    # Image-to-video: the image latents as as many extra input channels; 1.5 I2V also embeds an ofs value.
+    i2v = dict(in_channels=2 * TINY_LATENT_CHANNELS, ofs_embed_dim=8 if v15 else None) if image_to_video else {}
     return tiny_dims(
         attention_head_dim=16,
         time_embed_dim=8,
@@ -128,6 +131,7 @@ def _tiny_config(v15: bool = False) -> dict[str, Any]:
         patch_size_t=2 if v15 else None,
         max_text_seq_length=TINY_TEXT_LEN,
         use_rotary_positional_embeddings=True,
+        **i2v,
     )
 
 
@@ -171,26 +175,48 @@ def tiny_vae():
     )  # fmt: skip
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, v15: bool = False):
+#: ``generate --model tiny-cogvideox-i2v`` / ``train-lora --model tiny-cogvideox-i2v``.
+I2V_TINY = "cogvideox-i2v"
+
+
+def tiny_pipeline(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    *,
+    v15: bool = False,
+    image_to_video: bool = False,
+    variant: str = "cogvideox",
+):
     """A tiny random-init ``diffusers.CogVideoXPipeline`` (no tokenizer / text encoder).
 
     The scheduler is ``CogVideoXDDIMScheduler`` with THUDM/CogVideoX-2b's scheduler config
     (v-prediction, scaled-linear betas rescaled to zero terminal SNR, SNR shift 3, trailing
-    spacing). ``v15=True`` gives the CogVideoX 1.5 transformer (``patch_size_t=2``). Prompts are
-    passed as ``prompt_embeds`` (``tiny_prompt_kwargs``).
+    spacing). ``v15=True`` gives the CogVideoX 1.5 transformer (``patch_size_t=2``).
+    ``image_to_video=True`` (or ``variant="cogvideox-i2v"``) a ``CogVideoXImageToVideoPipeline``
+    (image-latent input channels; 1.5: and the ofs embedding). Prompts are passed as
+    ``prompt_embeds`` (``tiny_prompt_kwargs``).
     """
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
+    if normalize_name(variant) not in (normalize_name("cogvideox"), normalize_name(I2V_TINY)):
+        raise ValueError(f"Unknown tiny CogVideoX pipeline variant {variant!r}. Expected 'cogvideox' or {I2V_TINY!r}.")
+    image_to_video = image_to_video or normalize_name(variant) == normalize_name(I2V_TINY)
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
-        transformer = CogVideoXTransformer3DModel(**_tiny_config(v15))
+        transformer = CogVideoXTransformer3DModel(**_tiny_config(v15, image_to_video))
         vae = tiny_vae()
     scheduler = CogVideoXDDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
         steps_offset=0, timestep_spacing="trailing",
     )  # fmt: skip
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
     return finish_tiny_pipeline(pipe, dtype)
 
 
@@ -209,17 +235,12 @@ def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", *, batch: i
 # -- LoRA -------------------------------------------------------------------------------------
 
 
-def _lora_adapter() -> type:
-    from vidsparse.lora.adapters.cogvideox import CogVideoXModel
+def _lora_adapter() -> tuple[type, ...]:
+    from vidsparse.lora.adapters.cogvideox import CogVideoXI2VModel, CogVideoXModel
 
-    return CogVideoXModel
+    return CogVideoXModel, CogVideoXI2VModel
 
 
-_I2V_REFUSAL = (
-    "image-to-video LoRA is not implemented: CogVideoXImageToVideoPipeline concatenates the first frame's "
-    "VAE latents (zero-padded over time, and noised during training) as 16 extra input channels, and "
-    "CogVideoX 1.5 I2V also embeds an ofs value; only text-to-video CogVideoXPipeline trains"
-)
 _V2V_REFUSAL = (
     "video-to-video starts from a noised input video (strength), which is a sampling mode of the text-to-video "
     "weights: train the LoRA on CogVideoXPipeline (same checkpoint) and load it here"
@@ -245,7 +266,6 @@ FAMILY = Family(
     pattern_defaults=GENERIC_PATTERN_DEFAULTS,
     lora_adapter=_lora_adapter,
     lora_refusals={
-        "CogVideoXImageToVideoPipeline": _I2V_REFUSAL,
         "CogVideoXVideoToVideoPipeline": _V2V_REFUSAL,
         "CogVideoXFunControlPipeline": "CogVideoX-Fun control takes control-video latents as extra input channels; "
         "that conditioning path is not implemented",
@@ -257,4 +277,5 @@ FAMILY = Family(
     },
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
+    tiny_pipelines={I2V_TINY: "CogVideoXImageToVideoPipeline"},
 )

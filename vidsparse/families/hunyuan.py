@@ -283,10 +283,13 @@ FAMILY = Family(
     },
     lora_adapter=_lora_adapter,
     lora_refusals={
-        "HunyuanVideoImageToVideoPipeline": "image-to-video LoRA is not implemented: the pipeline conditions on the "
-        "image through its transformer's image_condition_type (latent_concat: image latents and a mask as extra "
-        "input channels; token_replace: the clean first latent frame with its own timestep) and a LLaVA prompt "
-        "holding image tokens; train-lora builds text-to-video inputs only",
+        "HunyuanVideoImageToVideoPipeline": "image-to-video LoRA is not implemented: its text conditioning is a "
+        "LLaVA (LlavaForConditionalGeneration) forward over a Llama-3 prompt template holding the first frame's 576 "
+        "CLIP image tokens, cut at token offsets of that template (crop_start, image_emb_start/end, "
+        "double_return_token_id) that only the checkpoint's own tokenizer reproduces, so the path cannot be built "
+        "and checked at tiny size offline; the image also enters through the transformer's image_condition_type "
+        "(latent_concat: image latents + mask channels; token_replace: the clean first latent frame at timestep 0). "
+        "Train on HunyuanVideoPipeline (text-to-video)",
     },
     shard_plan=SHARD_PLAN,
     tiny={

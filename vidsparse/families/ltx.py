@@ -164,15 +164,23 @@ def tiny_vae():
     return vae
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+#: ``generate --model tiny-ltx-i2v`` / ``train-lora --model tiny-ltx-i2v``: ``LTXImageToVideoPipeline``.
+I2V_TINY = "ltx-i2v"
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant: str = "ltx"):
     """A tiny random-init ``diffusers.LTXPipeline`` (no tokenizer / text encoder).
 
     The family's ``ltx`` tiny transformer, ``tiny_vae`` and the flow-matching Euler scheduler of
     Lightricks/LTX-Video's scheduler_config.json (resolution-dependent shift, terminal 0.1).
     Prompts go in as hashed embeddings with a padding mask (``tiny_prompt_kwargs``). Served as
-    ``vidsparse generate --model tiny-ltx``; the LoRA tests train on it.
+    ``vidsparse generate --model tiny-ltx``; the LoRA tests train on it. ``variant="ltx-i2v"``:
+    the same parts as an ``LTXImageToVideoPipeline`` (``tiny-ltx-i2v``).
     """
     import diffusers
+
+    if variant not in ("ltx", I2V_TINY):
+        raise ValueError(f"Unknown tiny LTX-Video pipeline variant {variant!r}. Expected 'ltx' or {I2V_TINY!r}.")
 
     from vidsparse.models.tiny import tiny_transformer
 
@@ -190,7 +198,8 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         max_image_seq_len=4096,
         shift_terminal=0.1,
     )
-    pipe = diffusers.LTXPipeline(
+    cls = diffusers.LTXImageToVideoPipeline if variant == I2V_TINY else diffusers.LTXPipeline
+    pipe = cls(
         scheduler=scheduler,
         vae=vae,
         text_encoder=None,
@@ -205,10 +214,10 @@ def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str
     return tiny_masked_prompt_kwargs(pipe, prompt, negative_prompt, int(pipe.transformer.config.caption_channels))
 
 
-def _lora_adapter() -> type:
-    from vidsparse.lora.adapters.ltx import LTXVideoModel
+def _lora_adapter() -> tuple[type, ...]:
+    from vidsparse.lora.adapters.ltx import LTXImageToVideoModel, LTXVideoModel
 
-    return LTXVideoModel
+    return LTXVideoModel, LTXImageToVideoModel
 
 
 FAMILY = Family(
@@ -230,11 +239,10 @@ FAMILY = Family(
     },
     lora_adapter=_lora_adapter,
     lora_refusals={
-        "LTXImageToVideoPipeline": "image-to-video LoRA is not implemented: the pipeline keeps the image's latent "
-        "frame clean under a conditioning mask and gives its tokens timestep 0 (per-token timesteps), which "
-        "train-lora's one-timestep-per-clip text-to-video loop does not build",
-        "LTXConditionPipeline": "condition frames are not implemented: the pipeline places clean condition latents "
-        "at chosen frames with per-token timesteps and strengths; train the LoRA on LTXPipeline (same weights)",
+        "LTXConditionPipeline": "its conditioning is not built: condition videos/images at any frame_index, "
+        "blended in by strength, re-noised at every step (image_cond_noise_scale, 0.15 by default), with RoPE from "
+        "conditioning-shifted video_coords; train on LTXImageToVideoPipeline (first-frame image) or LTXPipeline "
+        "of the same checkpoint: the LoRA file loads into LTXConditionPipeline's transformer",
         "LTXI2VLongMultiPromptPipeline": "long multi-prompt image-to-video chains conditioned windows (clean "
         "conditioning latents with per-token timesteps), which train-lora does not build; train on LTXPipeline",
         "LTXLatentUpsamplePipeline": "the latent upsampler is a separate convolutional model, not the "
@@ -244,4 +252,5 @@ FAMILY = Family(
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
+    tiny_pipelines={I2V_TINY: "LTXImageToVideoPipeline"},
 )

@@ -20,6 +20,10 @@ attention and warn once.
 Parallel: Wan's shard plan for text-to-video and image-to-video; diffusion-forcing calls are
 refused at the forward (``ShardPlan.refuse_call``: per-token modulation built inside the forward).
 
+LoRA: ``SkyReelsV2Pipeline`` and ``SkyReelsV2ImageToVideoPipeline`` call the transformer exactly as
+Wan 2.1's T2V / I2V pipelines do (one timestep per clip; I2V's mask + image-latent channels and CLIP
+context), so the Wan adapters train them; the diffusion-forcing pipelines are refused.
+
 Defaults: Wan's (SkyReels-V2 is a Wan 2.1 fine-tune): Radial decay 0.2 with a sink and layer 0
 dense, Tile (2, 8, 8) in a (5, 3, 3) window, GNA kernel (9, 25, 25).
 """
@@ -46,10 +50,12 @@ from vidsparse.families.wan import (
     WanSparseProcessor,
     tiny_i2v_config,
     tiny_i2v_inputs,
+    tiny_image_encoder,
     tiny_inputs,
     tiny_transformer_kwargs,
     tiny_vae,
 )
+from vidsparse.families.wan import tiny_prompt_kwargs as wan_tiny_prompt_kwargs
 
 # -- self-attention processor -----------------------------------------------------------------
 
@@ -128,27 +134,66 @@ def _tiny_df_inputs(r: TinyRequest) -> dict[str, Any]:
     return inputs
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, diffusion_forcing: bool = False):
+#: ``generate --model tiny-skyreels-v2-i2v`` / ``train-lora --model tiny-skyreels-v2-i2v``.
+I2V_TINY = "skyreels-v2-i2v"
+
+
+def tiny_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, diffusion_forcing: bool = False, variant: str = "skyreels-v2"
+):
     """A tiny random-init ``SkyReelsV2Pipeline`` (``diffusion_forcing=True``:
-    ``SkyReelsV2DiffusionForcingPipeline``), no tokenizer / text encoder: pass ``prompt=None``
-    and ``prompt_embeds`` (``vidsparse.models.tiny.encode_prompt_tiny``)."""
+    ``SkyReelsV2DiffusionForcingPipeline``; ``variant="skyreels-v2-i2v"``:
+    ``SkyReelsV2ImageToVideoPipeline`` with Wan 2.1 I2V's tiny transformer layout and CLIP tower),
+    no tokenizer / text encoder: pass ``prompt=None`` and ``prompt_embeds``
+    (``vidsparse.models.tiny.encode_prompt_tiny``; I2V: 512 tokens, ``wan.tiny_prompt_kwargs``)."""
     from diffusers import (
         SkyReelsV2DiffusionForcingPipeline,
+        SkyReelsV2ImageToVideoPipeline,
         SkyReelsV2Pipeline,
         SkyReelsV2Transformer3DModel,
         UniPCMultistepScheduler,
     )
 
+    if variant not in ("skyreels-v2", I2V_TINY):
+        raise ValueError(
+            f"Unknown tiny SkyReels-V2 pipeline variant {variant!r}. Expected 'skyreels-v2' or {I2V_TINY!r}."
+        )
+    i2v = variant == I2V_TINY
+    if i2v and diffusion_forcing:
+        raise ValueError(f"variant {I2V_TINY!r} builds SkyReelsV2ImageToVideoPipeline, not diffusion forcing.")
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
-        config = _tiny_df_config(inject_sample_info=True) if diffusion_forcing else _tiny_config()
+        if i2v:
+            config = tiny_i2v_config()
+        else:
+            config = _tiny_df_config(inject_sample_info=True) if diffusion_forcing else _tiny_config()
         transformer = SkyReelsV2Transformer3DModel(**config)
         vae = tiny_vae()
+        image_parts = dict(zip(("image_encoder", "image_processor"), tiny_image_encoder())) if i2v else {}
     # SkyReels-V2's scheduler: UniPC on flow-matching sigmas.
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
-    cls = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
-    pipe = cls(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+    if i2v:
+        cls = SkyReelsV2ImageToVideoPipeline
+    else:
+        cls = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
+    pipe = cls(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler,
+               **image_parts)  # fmt: skip
     return finish_tiny_pipeline(pipe, dtype)
+
+
+def _lora_adapter() -> tuple[type, ...]:
+    from vidsparse.lora.adapters.wan import SkyReelsModel
+    from vidsparse.lora.adapters.wan_i2v import SkyReelsI2VModel
+
+    return SkyReelsModel, SkyReelsI2VModel
+
+
+_DF_REFUSAL = (
+    "diffusion forcing is not trained: its pipelines give every latent frame its own timestep "
+    "(enable_diffusion_forcing, [B, F] timesteps, causal_block_size / ar_step schedules, fps embedding), "
+    "while train-lora draws one noise level per clip; train SkyReelsV2Pipeline (text-to-video) or "
+    "SkyReelsV2ImageToVideoPipeline instead"
+)
 
 
 # -- the record -------------------------------------------------------------------------------
@@ -168,10 +213,15 @@ FAMILY = Family(
     pattern_defaults=dict(WAN.pattern_defaults),
     dense_first_steps=WAN.dense_first_steps,
     dense_layers=dict(WAN.dense_layers),
-    lora_refusal=(
-        "no SkyReels-V2 training adapter yet (the Wan adapter's loss draws one timestep per sample; "
-        "diffusion forcing trains per-frame timesteps and fps conditioning)"
-    ),
+    lora_adapter=_lora_adapter,
+    lora_refusals={
+        name: _DF_REFUSAL
+        for name in (
+            "SkyReelsV2DiffusionForcingPipeline",
+            "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+            "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+        )
+    },
     shard_plan=SHARD_PLAN,
     tiny={
         "skyreels-v2": TinyVariant("skyreels-v2", _tiny_config, tiny_inputs),
@@ -179,4 +229,6 @@ FAMILY = Family(
         "skyreels-v2-i2v": TinyVariant("skyreels-v2-i2v", tiny_i2v_config, tiny_i2v_inputs),
     },
     tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=wan_tiny_prompt_kwargs,
+    tiny_pipelines={I2V_TINY: "SkyReelsV2ImageToVideoPipeline"},
 )

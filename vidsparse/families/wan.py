@@ -207,15 +207,20 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
 
     ``two_stage=True`` builds a Wan 2.2-style pipeline with ``transformer`` (high noise) and
     ``transformer_2`` (low noise) switched at ``boundary_ratio=0.5``. ``variant="wan22-5b"``
-    builds the Wan 2.2 TI2V-5B layout instead (``tiny_ti2v_pipeline``). Prompts are passed as
+    builds the Wan 2.2 TI2V-5B layout instead (``tiny_ti2v_pipeline``), ``variant="wan-i2v"`` the
+    image-to-video pipeline (``tiny_i2v_pipeline``). Prompts are passed as
     ``prompt_embeds`` (``vidsparse.models.tiny.encode_prompt_tiny``).
     """
     if normalize_name(variant) in {normalize_name(n) for n in (TI2V_GEOMETRY.name, *TI2V_GEOMETRY.aliases)}:
         if two_stage:
             raise ValueError("Wan 2.2 TI2V-5B is a single transformer; two_stage=True builds the A14B layout.")
         return tiny_ti2v_pipeline(seed, dtype)
+    if normalize_name(variant) == normalize_name(I2V_TINY):
+        return tiny_i2v_pipeline(seed, dtype, two_stage=two_stage)
     if normalize_name(variant) != "wan":
-        raise ValueError(f"Unknown tiny Wan pipeline variant {variant!r}. Expected 'wan' or {TI2V_TINY!r}.")
+        raise ValueError(
+            f"Unknown tiny Wan pipeline variant {variant!r}. Expected 'wan', {I2V_TINY!r} or {TI2V_TINY!r}."
+        )
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
@@ -233,6 +238,107 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stag
         boundary_ratio=0.5 if two_stage else None,
     )
     return finish_tiny_pipeline(pipe, dtype)
+
+
+# -- Wan 2.1 I2V (image-to-video) ------------------------------------------------------------
+
+#: ``generate --model tiny-wan-i2v`` / ``train-lora --model tiny-wan-i2v``: ``tiny_pipeline(variant=...)``.
+I2V_TINY = "wan-i2v"
+#: ``WanAttnProcessor`` splits an image-conditioned context at a hard-coded 512 text tokens (UMT5's
+#: max length in the pipelines), so Wan I2V prompt embeddings are always 512 tokens long.
+I2V_TEXT_LEN = 512
+#: The tiny CLIP vision tower: 32x32 images in 8x8 patches (16 + 1 tokens of ``TINY_TEXT_DIM``).
+TINY_CLIP_IMAGE_SIZE = 32
+
+
+def text_len_of(transformer_config) -> int | None:
+    """Prompt tokens a Wan transformer needs: 512 when it cross-attends to an image (I2V), else ``None`` (any)."""
+    return I2V_TEXT_LEN if transformer_config.get("added_kv_proj_dim") is not None else None
+
+
+def tiny_image_encoder():
+    """A tiny random-init ``CLIPVisionModel`` and its ``CLIPImageProcessor`` (built offline, in code).
+
+    Wan 2.1 I2V reads the penultimate hidden states (``encode_image``), so 2 layers.
+    """
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    # The PIL image processor (the default one wants torchvision, which is optional here).
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    size = TINY_CLIP_IMAGE_SIZE
+    config = CLIPVisionConfig(hidden_size=TINY_TEXT_DIM, intermediate_size=2 * TINY_TEXT_DIM, num_hidden_layers=2,
+                              num_attention_heads=TINY_HEADS, image_size=size, patch_size=8,
+                              projection_dim=TINY_TEXT_DIM)  # fmt: skip
+    processor = processor_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return CLIPVisionModel(config), processor
+
+
+def tiny_i2v_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, two_stage: bool = False, ti2v: bool = False
+):
+    """A tiny random-init ``diffusers.WanImageToVideoPipeline`` (no tokenizer / text encoder).
+
+    Wan 2.1 I2V's layout: a transformer with ``in_channels = 3 * 4`` (noisy latents, the 4-channel
+    first-frame mask, the image latents), ``image_dim`` / ``added_kv_proj_dim`` for the CLIP image
+    context, and a tiny CLIP vision tower. ``two_stage=True`` gives Wan 2.2 I2V-A14B's layout
+    instead: two experts at ``boundary_ratio=0.5`` and no image encoder (``image_dim=None``);
+    ``ti2v=True`` Wan 2.2 TI2V-5B's (``expand_timesteps=True``: the 48-channel transformer and 16x
+    VAE of ``tiny_ti2v_pipeline``, the image latents in place of the first latent frame).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    if ti2v:
+        if two_stage:
+            raise ValueError("Wan 2.2 TI2V-5B is a single transformer; two_stage=True builds the A14B layout.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer, vae = WanTransformer3DModel(**_tiny_ti2v_config()), tiny_ti2v_vae()
+        pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer,
+                                       expand_timesteps=True)  # fmt: skip
+        return finish_tiny_pipeline(pipe, dtype)
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
+        torch.manual_seed(seed)
+        if two_stage:
+            config = tiny_transformer_kwargs(in_channels=3 * TINY_LATENT_CHANNELS)
+            transformer, transformer_2 = WanTransformer3DModel(**config), WanTransformer3DModel(**config)
+            image_encoder = image_processor = None
+        else:
+            transformer, transformer_2 = WanTransformer3DModel(**tiny_i2v_config()), None
+            image_encoder, image_processor = tiny_image_encoder()
+        vae = tiny_vae()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.5 if two_stage else None,
+    )
+    return finish_tiny_pipeline(pipe, dtype)
+
+
+def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str) -> dict[str, Any]:
+    """Hashed ``prompt_embeds`` / ``negative_prompt_embeds`` of a tiny Wan (T2V or I2V) pipeline.
+
+    The transformer's ``text_dim`` and, for I2V, the 512 tokens its attention processor expects;
+    the same embeddings the LoRA adapter trains with (``vidsparse.lora.adapters.wan``).
+    """
+    from vidsparse.models.tiny import encode_prompt_tiny
+
+    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    emb = dict(dim=transformer.config.text_dim, device=pipe._execution_device, dtype=transformer.dtype)
+    seq_len = text_len_of(transformer.config)
+    if seq_len is not None:
+        emb["seq_len"] = seq_len
+    return {
+        "prompt_embeds": encode_prompt_tiny(prompt, **emb),
+        "negative_prompt_embeds": encode_prompt_tiny(negative_prompt, **emb),
+    }
 
 
 # -- Wan 2.2 TI2V-5B ---------------------------------------------------------------------------
@@ -313,10 +419,11 @@ def tiny_ti2v_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 # -- LoRA -------------------------------------------------------------------------------------
 
 
-def _lora_adapter() -> type:
+def _lora_adapter() -> tuple[type, ...]:
     from vidsparse.lora.adapters.wan import WanModel
+    from vidsparse.lora.adapters.wan_i2v import WanI2VModel
 
-    return WanModel
+    return WanModel, WanI2VModel
 
 
 # -- the record -------------------------------------------------------------------------------
@@ -344,10 +451,6 @@ FAMILY = Family(
     dense_layers={"radial": (0,)},
     lora_adapter=_lora_adapter,
     lora_refusals={
-        "WanImageToVideoPipeline": "image-to-video LoRA is not implemented: WanImageToVideoPipeline concatenates a "
-        "4-channel first-frame mask and the normalized VAE latents of the image followed by zero frames to the noisy "
-        "latents (36 input channels), and Wan 2.1 I2V also feeds CLIP image embeddings "
-        "(encoder_hidden_states_image); train-lora builds text-to-video inputs only",
         "WanVideoToVideoPipeline": "video-to-video starts from a noised input video (strength), a sampling mode of "
         "the text-to-video weights: train the LoRA on WanPipeline (same checkpoint) and load it here",
     },
@@ -364,5 +467,7 @@ FAMILY = Family(
         TI2V_TINY: TinyVariant(TI2V_TINY, _tiny_ti2v_config, _tiny_ti2v_inputs),
     },
     tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
     tiny_geometries=(TI2V_TINY,),
+    tiny_pipelines={I2V_TINY: "WanImageToVideoPipeline"},
 )

@@ -107,6 +107,11 @@ def call_kwargs(
         kwargs["prompt"] = options.prompt
         if options.negative_prompt:
             kwargs["negative_prompt"] = options.negative_prompt
+    if plan.image is not None:
+        from PIL import Image
+
+        with Image.open(plan.image) as im:
+            kwargs["image"] = im.convert("RGB")
     accepted = inspect.signature(pipe.__call__).parameters
     if "num_frames" not in accepted:
         raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")

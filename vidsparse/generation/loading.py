@@ -19,7 +19,7 @@ def load_pipeline(plan: GenerationPlan, seed: int = 0):
     info = plan.info
     if info.kind == TINY:  # "tiny" / "tiny-<family>": the family record's random-init pipeline
         family = info.model_family
-        variant = {"variant": info.grid.name} if info.grid.name in family.tiny_geometries else {}
+        variant = {"variant": info.tiny_variant} if info.tiny_variant is not None else {}
         pipe = family.tiny_pipeline(seed=0, dtype=plan.dtype, **variant)
     else:
         from diffusers import DiffusionPipeline

@@ -23,9 +23,8 @@ from vidsparse.families import (
     families,
     family_of_geometry,
     family_of_pipeline,
-    get_family,
-    normalize_name,
     pipeline_prefixes,
+    tiny_pipeline_of,
     video_geometry,
 )
 
@@ -46,6 +45,7 @@ class ModelInfo:
     defaults: Mapping[str, Any]
     two_stage: bool = False
     absent_components: tuple[str, ...] = ()  # model_index entries saved as [null, null]
+    tiny_variant: str | None = None  # tiny: the ``variant`` of ``Family.tiny_pipeline`` (None: its default)
 
     @property
     def family(self) -> str:
@@ -168,49 +168,37 @@ def _call_defaults(class_name: str) -> dict[str, Any]:
 
 
 def tiny_models() -> tuple[str, ...]:
-    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan), "tiny-<family>" and
-    "tiny-<geometry>" for a family's ``tiny_geometries`` (e.g. "tiny-wan22-5b")."""
+    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan), "tiny-<family>",
+    "tiny-<geometry>" for a family's ``tiny_geometries`` (e.g. "tiny-wan22-5b") and "tiny-<name>"
+    for its ``tiny_pipelines`` (e.g. "tiny-wan-i2v")."""
     names = [TINY]
     for f in families():
         if f.tiny_pipeline is not None:
-            names += [f"{TINY}-{n}" for n in (f.name, *f.tiny_geometries)]
+            names += [f"{TINY}-{n}" for n in (f.name, *f.tiny_geometries, *f.tiny_pipelines)]
     return tuple(names)
 
 
 def _tiny_model(model: str) -> ModelInfo:
-    """``tiny-<family>``: the family record's random-init pipeline (``Family.tiny_pipeline``)."""
-    name = model[len(TINY) + 1 :]
-    try:
-        family = get_family(name)
-    except ValueError:
-        family = None
-    if family is None or family.tiny_pipeline is None:
+    """``tiny-<name>``: a family record's random-init pipeline (``families.tiny_pipeline_of``)."""
+    found = tiny_pipeline_of(model[len(TINY) + 1 :])
+    if found is None:
         raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+    family, variant, pipeline_class = found
     geo = family.geometry
-    key = normalize_name(name)
-    named = next((g for g in family.geometries if key in {normalize_name(n) for n in (g.name, *g.aliases)}), geo)
-    if named is not geo:  # another checkpoint geometry: only those the record's tiny_pipeline builds
-        if named.name not in family.tiny_geometries:
-            raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
-        geo = named  # built by family.tiny_pipeline(variant=geo.name)
+    if variant in family.tiny_geometries:
+        geo = next(g for g in family.geometries if g.name == variant)
     if family.name == "wan" and geo is family.geometry:
         defaults = dict(TINY_DEFAULTS)
     else:  # a small valid video: 2 latent frames past the first, a 6x10 token grid
         ph, pw = geo.patch[1:]
         defaults = dict(frames=1 + 2 * geo.temporal, height=6 * geo.spatial * ph, width=10 * geo.spatial * pw,
                         steps=TINY_DEFAULTS["steps"], guidance=TINY_DEFAULTS["guidance"])  # fmt: skip
-    return ModelInfo(TINY, model, f"{family.pipeline_prefixes[0]}Pipeline", geo, defaults)
+    return ModelInfo(TINY, model, pipeline_class, geo, defaults, tiny_variant=variant)
 
 
-def resolve_model(model: str) -> ModelInfo:
-    """Identify --model from its configuration files only (tiny, local folder, or hub id)."""
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
-    model = model.strip()
-    if model == TINY:
-        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
-    if model.startswith(TINY + "-"):
-        return _tiny_model(model)
+def read_model_config(model: str) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """(kind "local" | "hub", ``model_index.json``, ``transformer/config.json`` or ``None``) of a
+    pipeline folder or hub id, reading no weights; a ValueError saying how to fix a bad ``model``."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -227,16 +215,42 @@ def resolve_model(model: str) -> ModelInfo:
         index = _read_json(index_file)
         tcfg_file = path / "transformer" / "config.json"
         tcfg = _read_json(tcfg_file) if tcfg_file.is_file() else None
-        kind = "local"
-    elif _looks_like_path(model) or not _HUB_ID.match(model):
+        return "local", index, tcfg
+    if _looks_like_path(model) or not _HUB_ID.match(model):
         raise ValueError(
             f"--model {model!r}: no such folder, and it is not a hub id (org/name). Give an existing diffusers "
             "pipeline folder, a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny'."
         )
-    else:
-        index = _hub_json(model, "model_index.json", required=True)
-        tcfg = _hub_json(model, "transformer/config.json", required=False)
-        kind = "hub"
+    index = _hub_json(model, "model_index.json", required=True)
+    tcfg = _hub_json(model, "transformer/config.json", required=False)
+    return "hub", index, tcfg
+
+
+def pipeline_class_of(model: str) -> str:
+    """The diffusers pipeline class ``--model`` names (tiny names included), from its config files only."""
+    if model == TINY:
+        return "WanPipeline"
+    if model.startswith(TINY + "-"):
+        found = tiny_pipeline_of(model[len(TINY) + 1 :])
+        if found is None:
+            raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+        return found[2]
+    class_name = str(read_model_config(model)[1].get("_class_name", ""))
+    if not class_name:
+        raise ValueError(f"--model {model!r}: model_index.json names no pipeline class (_class_name).")
+    return class_name
+
+
+def resolve_model(model: str) -> ModelInfo:
+    """Identify --model from its configuration files only (tiny, local folder, or hub id)."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
+    model = model.strip()
+    if model == TINY:
+        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
+    if model.startswith(TINY + "-"):
+        return _tiny_model(model)
+    kind, index, tcfg = read_model_config(model)
     class_name = str(index.get("_class_name", ""))
     if not class_name:
         raise ValueError(f"--model {model!r}: model_index.json names no pipeline class (_class_name).")
@@ -247,4 +261,12 @@ def resolve_model(model: str) -> ModelInfo:
     return ModelInfo(kind, model, class_name, grid, _call_defaults(class_name), two_stage, absent)
 
 
-__all__ = ["TINY", "TINY_DEFAULTS", "ModelInfo", "resolve_model", "tiny_models"]
+__all__ = [
+    "TINY",
+    "TINY_DEFAULTS",
+    "ModelInfo",
+    "pipeline_class_of",
+    "read_model_config",
+    "resolve_model",
+    "tiny_models",
+]

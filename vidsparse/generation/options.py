@@ -9,6 +9,7 @@ naming what was expected and how to fix it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class GenerateOptions:
     compile: bool = False
     lora: str | None = None
     lora_scale: float = 1.0
+    image: str | None = None  # the first frame of an image-to-video pipeline (an image file)
     dense_first_steps: int | float | None = None
     dense_last_steps: int | float = 0
     dense_layers: tuple[int, ...] | None = None
@@ -101,6 +103,7 @@ class GenerationPlan:
     lora: Path | None
     freeswim: Any = None  # generation.freeswim.FreeSwimPrepared with GenerateOptions.freeswim
     lora_summary: LoraSummary | None = None  # the LoRA, what it was trained for, and mismatches
+    image: Path | None = None  # image-to-video: the first frame (checked readable)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -183,6 +186,44 @@ def _lora_summary(
             "use the pattern (and options) it was trained with."
         )
     return LoraSummary(str(path), float(options.lora_scale), trained, tuple(warnings))
+
+
+def image_input(pipeline_class: str) -> str | None:
+    """How a diffusers pipeline class takes a first-frame ``image`` in ``__call__``: "required"
+    (image-to-video: Wan, CogVideoX, HunyuanVideo I2V), "optional" (LTX-Video's condition pipelines,
+    Cosmos) or ``None`` (text-to-video)."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    param = inspect.signature(cls.__call__).parameters.get("image") if cls is not None else None
+    if param is None:
+        return None
+    return "required" if param.default is inspect.Parameter.empty else "optional"
+
+
+def _check_image(path: str | None, info: ModelInfo) -> Path | None:
+    """``--image`` for an image-conditioned pipeline (required by image-to-video ones), refused for any other."""
+    takes = image_input(info.pipeline_class)
+    if path is None:
+        if takes == "required":
+            raise ValueError(
+                f"{info.pipeline_class} is an image-to-video pipeline: pass --image PATH (the first frame)."
+            )
+        return None
+    if takes is None:
+        raise ValueError(
+            f"--image is the first frame of an image-to-video pipeline; {info.source!r} is a {info.pipeline_class}, "
+            "which takes no image. Drop --image, or use an image-to-video model (e.g. --model tiny-wan-i2v)."
+        )
+    p = Path(path).expanduser()
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            im.verify()
+    except Exception as exc:  # missing file, not an image: PIL raises several types
+        raise ValueError(f"--image {path!r} cannot be read as an image ({type(exc).__name__}: {exc}).") from None
+    return p
 
 
 def _steps_value(value: Any, name: str) -> Any:
@@ -282,6 +323,9 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     fps = options.fps if options.fps is not None else info.grid.fps
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
+    image = _check_image(options.image, info)
+    if options.freeswim is not None and image is not None:
+        raise ValueError("--freeswim runs text-to-video pipelines; drop --image or --freeswim.")
     if options.freeswim is not None:  # FreeSwim's two stages: its own attention, checked here
         from vidsparse.generation.freeswim import prepare_freeswim
 
@@ -321,6 +365,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         fps,
         lora,
         lora_summary=lora_summary,
+        image=image,
     )
 
 

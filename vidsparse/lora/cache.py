@@ -4,7 +4,8 @@ Layout of a cache folder::
 
     cache/
       manifest.json              what each entry is (video, clip settings, encoder identities)
-      latents/<key>.safetensors  normalized VAE latents [C, f, h, w]
+      latents/<key>.safetensors  normalized VAE latents [C, f, h, w] (image-to-video: and the
+                                 clip's conditioning, e.g. first-frame latents, image embeddings)
       text/<key>.safetensors     text conditioning of one caption
 
 Keys are content addresses, so a changed setting invalidates only what it affects:
@@ -194,9 +195,8 @@ class LatentCache:
                     logger.warning("vidsparse: skipping video %s: %s", s.relpath, exc.reason)
                     bar.update(1)
                     continue
-                latents = model.encode_video(clip[None])[0]
-                save_tensors(self.latent_path(lk), {"latents": latents.float()},
-                             metadata={k: str(v) for k, v in linfo.items()})
+                encoded = {k: v[0].float() for k, v in model.encode_clip(clip[None]).items()}
+                save_tensors(self.latent_path(lk), encoded, metadata={k: str(v) for k, v in linfo.items()})
                 report.latents_computed += 1
                 bar.update(1)
             for _, _, _, tk, tinfo in mine_txt:
@@ -227,6 +227,13 @@ def load_latents(path: Path) -> torch.Tensor:
     return load_file(str(path))["latents"]
 
 
+def load_clip_conditioning(path: Path) -> dict[str, torch.Tensor]:
+    """What a latent file holds besides ``"latents"``: the clip's own conditioning (image-to-video)."""
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k != "latents"}
+
+
 def load_text(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -238,6 +245,7 @@ __all__ = [
     "CachedSample",
     "LatentCache",
     "latent_key",
+    "load_clip_conditioning",
     "load_latents",
     "load_text",
     "text_key",

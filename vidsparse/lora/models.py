@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vidsparse.families import families as registered_families
-from vidsparse.families import family_of_pipeline
+from vidsparse.families import family_of_pipeline, tiny_pipeline_of
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
@@ -30,7 +30,12 @@ def refused() -> dict[str, str]:
 
 def families() -> tuple[type[TrainableVideoModel], ...]:
     """Every supported family adapter, in registry order (families with a ``lora_adapter``)."""
-    return tuple(fam.lora_adapter() for fam in registered_families() if fam.lora_adapter is not None)
+    out: list[type[TrainableVideoModel]] = []
+    for fam in registered_families():
+        if fam.lora_adapter is not None:  # one adapter class, or several (Wan: text- and image-to-video)
+            found = fam.lora_adapter()
+            out += list(found) if isinstance(found, (tuple, list)) else [found]
+    return tuple(out)
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
@@ -58,44 +63,70 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideo
 
 
 def _tiny_family_pipeline(model: str, dtype: torch.dtype):
-    """``tiny-<family>``: the family record's embedded random-init pipeline (as ``vidsparse generate``)."""
-    from vidsparse.families import get_family
-
-    name = model[len(TINY_MODEL) + 1 :]
-    embedded = [f"{TINY_MODEL}-{f.name}" for f in registered_families() if f.tiny_pipeline is not None]
-    try:
-        family = get_family(name)
-    except ValueError:
-        family = None
-    if family is None or family.tiny_pipeline is None:
+    """``tiny-<name>``: a family record's embedded random-init pipeline (as ``vidsparse generate``)."""
+    found = tiny_pipeline_of(model[len(TINY_MODEL) + 1 :])
+    if found is None:
+        embedded = [f"{TINY_MODEL}-{n}" for f in registered_families() if f.tiny_pipeline is not None
+                    for n in (f.name, *f.tiny_geometries, *f.tiny_pipelines)]  # fmt: skip
         raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: tiny, {', '.join(embedded)}.")
-    return family.tiny_pipeline(seed=0, dtype=dtype)
+    family, variant, _ = found
+    return family.tiny_pipeline(seed=0, dtype=dtype, **({"variant": variant} if variant is not None else {}))
 
 
-def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
-    """The family adapter of a loaded diffusers pipeline (by its class name)."""
-    name = type(pipe).__name__
+def refusal(name: str, model_id: str) -> str | None:
+    """Why train-lora does not train the pipeline class ``name`` (the whole error message), or ``None``."""
     adapters = families()
     supported = ", ".join(n for cls in adapters for n in cls.pipeline_classes)
     reasons = refused()
     if name in reasons:
-        raise ValueError(
+        return (
             f"{model_id}: vidsparse train-lora does not train {name}: {reasons[name]}. "
             f"Supported: {supported} or --model tiny."
         )
-    for cls in adapters:
-        if name in cls.pipeline_classes:
-            return cls(pipe, model_id)
+    if any(name in cls.pipeline_classes for cls in adapters):
+        return None
     family = family_of_pipeline(name)
     if family is not None and family.lora_adapter is None:  # a pipeline of a family without an adapter
-        raise ValueError(
+        return (
             f"{model_id}: vidsparse train-lora does not train {name} ({family.name}): {family.lora_refusal}. "
             f"Supported: {supported} or --model tiny."
         )
-    raise ValueError(
+    return (
         f"{model_id}: pipeline {name} is not supported by vidsparse train-lora yet; supported: {supported} "
         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or --model tiny."
     )
 
 
-__all__ = ["TINY_MODEL", "TrainableVideoModel", "adapter_for", "families", "load_model", "module_fingerprint", "refused"]
+def check_trainable(model: str) -> None:
+    """Refuse ``--model`` from its configuration files alone (``model_index.json``'s pipeline class),
+    before any work: no output folder, no weights, no encoding. Tiny names are checked by the class
+    their family record builds."""
+    from vidsparse.generation.model import pipeline_class_of
+
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"--model must be 'tiny', a hub id or a pipeline folder, got {model!r}.")
+    why = refusal(pipeline_class_of(model), model)
+    if why is not None:
+        raise ValueError(why)
+
+
+def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
+    """The family adapter of a loaded diffusers pipeline (by its class name)."""
+    name = type(pipe).__name__
+    why = refusal(name, model_id)
+    if why is not None:
+        raise ValueError(why)
+    return next(cls for cls in families() if name in cls.pipeline_classes)(pipe, model_id)
+
+
+__all__ = [
+    "TINY_MODEL",
+    "TrainableVideoModel",
+    "adapter_for",
+    "check_trainable",
+    "families",
+    "load_model",
+    "module_fingerprint",
+    "refusal",
+    "refused",
+]

@@ -30,16 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vidsparse.lora.atomic import atomic_path, write_json
-from vidsparse.lora.cache import CachedSample, CacheReport, LatentCache, load_latents, load_text
+from vidsparse.lora.cache import (
+    CachedSample,
+    CacheReport,
+    LatentCache,
+    load_clip_conditioning,
+    load_latents,
+    load_text,
+)
 from vidsparse.lora.checkpoint import list_checkpoints, load_checkpoint, read_state, resolve_resume, save_checkpoint
 from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
 from vidsparse.lora.flow import NoiseSampler
-from vidsparse.lora.models import TrainableVideoModel, load_model
+from vidsparse.lora.models import TrainableVideoModel, check_trainable, load_model
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
 
 logger = logging.getLogger(__name__)
@@ -86,6 +92,9 @@ def flow_loss(
 ) -> torch.Tensor:
     """The training MSE of ``model`` on clean latents ``x0`` [B, C, f, h, w] at noise levels ``sigma`` [B].
 
+    ``text`` is the batch's conditioning: the caption's tensors and, for image-to-video, the
+    clip's own (``TrainableVideoModel.encode_clip``); ``adapter.loss`` picks the latents it covers.
+
     The adapter's objective (``TrainableVideoModel.training_inputs``) decides the noisy input, the
     target and the timestep: flow matching (``x_s = (1 - s) x0 + s noise``, target ``noise - x0``,
     timestep ``1000 s``) for every family but CogVideoX, whose ``sigma`` are integer DDPM
@@ -95,7 +104,7 @@ def flow_loss(
     noisy, target, timesteps = adapter.training_inputs(x0, noise, sigma)
     timesteps = timesteps.to(device)
     pred = adapter.predict(model, noisy.to(device, dtype), timesteps, text)
-    return F.mse_loss(pred.float(), target.to(device).float())
+    return adapter.loss(pred.float(), target.to(device).float(), text)
 
 
 def _resolve_precision(requested: str) -> str:
@@ -379,7 +388,7 @@ def _train_step(
         epoch = picks[-1][1]
         batch = [samples[i] for i, _ in picks]
         x0 = torch.stack([load_latents(s.latent_file) for s in batch])
-        text = _collate_text([load_text(s.text_file) for s in batch])
+        text = _collate_text([{**load_text(s.text_file), **load_clip_conditioning(s.latent_file)} for s in batch])
         sigma = adapter.sample_levels(sampler, len(batch), opt.generator, shift)
         noise = torch.randn(x0.shape, generator=opt.generator, dtype=x0.dtype)
         last = micro == cfg.gradient_accumulation_steps - 1
@@ -475,6 +484,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
     from tqdm.auto import tqdm
 
+    check_trainable(cfg.model)  # a refused pipeline class: said before the data scan, the output folder or weights
     _check_inputs(cfg)
     run = _start_run(cfg)
     resume_path = _resume_path(run)

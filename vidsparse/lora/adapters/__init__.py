@@ -1,8 +1,10 @@
-"""LoRA training adapters, one module per model family (text-to-video).
+"""LoRA training adapters, one module per model family (text-to-video; image-to-video beside it).
 
-Wan (``wan``: Wan 2.1 and Wan 2.2 A14B's two experts), CogVideoX (``cogvideox``: v-prediction on
-its scheduler's alphas, see that module) and the flow-matching table below (``hunyuan``, ``ltx``,
-``mochi``); the interface is ``base``.
+Wan (``wan``: Wan 2.1 and Wan 2.2 A14B's two experts, SkyReels-V2; ``wan_i2v``: their
+image-to-video pipelines), CogVideoX (``cogvideox``: v-prediction on its scheduler's alphas, T2V
+and I2V, see that module) and the flow-matching table below (``hunyuan``, ``ltx`` with LTX-Video
+I2V, ``mochi``); the interface is ``base``. docs/lora.md, "Image-to-video", lists each
+first-frame condition.
 
 Each follows its diffusers 0.42 pipeline exactly, so a LoRA trained here is trained on what the
 pipeline will feed the transformer at inference:

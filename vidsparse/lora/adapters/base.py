@@ -7,11 +7,15 @@ family is one subclass in ``vidsparse.lora.adapters.<family>``, referenced from 
 (``vidsparse.families.<family>.FAMILY.lora_adapter``).
 
 Adapters: Wan text-to-video, one transformer or Wan 2.2 A14B's two experts, and ``--model tiny``
-(``adapters.wan``); HunyuanVideo, LTX-Video and Mochi text-to-video (``adapters.hunyuan``,
-``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text-to-video with its v-prediction
-objective (``adapters.cogvideox``, which overrides ``sample_levels`` / ``training_inputs``).
-Refused with a reason (each family record's ``lora_refusal`` / ``lora_refusals``): the
-image-to-video and condition variants and the families without an adapter.
+(``adapters.wan``, also SkyReels-V2 T2V); Wan / SkyReels-V2 image-to-video (``adapters.wan_i2v``);
+HunyuanVideo, LTX-Video (and its image-to-video) and Mochi (``adapters.hunyuan``,
+``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text- and image-to-video with its
+v-prediction objective (``adapters.cogvideox``, which overrides ``sample_levels`` /
+``training_inputs``). Image-to-video adapters cache each clip's first-frame condition
+(``encode_clip``) and may leave the clean first frame out of the loss (``loss``). Refused with a
+reason (each family record's ``lora_refusal`` / ``lora_refusals``, checked from the pipeline class
+before any work: ``vidsparse.lora.models.check_trainable``): HunyuanVideo I2V, LTX-Video's
+condition pipeline, diffusion forcing and the families without an adapter.
 
 The training loop's convention is the standard rectified flow: noise level ``s``, timestep
 ``s * num_train_timesteps``, target velocity ``noise - x0``. ``predict`` maps it onto what the
@@ -204,6 +208,12 @@ class TrainableVideoModel:
         param = next(vae.parameters())
         return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode().float()
 
+    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, 3, F, H, W] in [-1, 1] -> what the cache stores per clip (batched): ``"latents"``
+        (``encode_video``) and, for image-to-video, the clip's own conditioning (e.g. the first
+        frame's image latents), which the training loop hands to ``predict`` with the text."""
+        return {"latents": self.encode_video(pixels)}
+
     def encode_text(self, caption: str) -> dict[str, torch.Tensor]:
         """One caption -> the transformer's text conditioning (tensors without batch dim)."""
         raise NotImplementedError
@@ -234,6 +244,11 @@ class TrainableVideoModel:
         """
         noisy, target = add_noise(x0, noise, levels)
         return noisy, target, levels * self.num_train_timesteps
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MSE of ``predict``'s output against ``training_inputs``' target, over the latents the
+        pipeline samples (all of them here; image-to-video with a clean first frame leaves it out)."""
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
 
     # -- the family's time / output convention (identity for Wan, HunyuanVideo, LTX-Video) -------
     def transformer_timestep(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -65,16 +65,18 @@ class CogVideoXModel(TrainableVideoModel):
                 f"pipeline's scheduler is {type(sched).__name__} (prediction_type={pred!r}). Load the pipeline with "
                 "its own CogVideoXDDIMScheduler / CogVideoXDPMScheduler (prediction_type='v_prediction')."
             )
-        cfg = pipe.transformer.config
+        self._check_transformer(pipe.transformer.config, model_id)
+        self._tiny = getattr(pipe, "text_encoder", None) is None
+        self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+        self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    def _check_transformer(self, cfg, model_id: str) -> None:
         if cfg.get("ofs_embed_dim") or cfg.in_channels != cfg.out_channels:
             raise ValueError(
                 f"{model_id}: this CogVideoX transformer takes image latents (in_channels {cfg.in_channels} != "
                 f"out_channels {cfg.out_channels}, or an ofs embedding): it is an image-to-video checkpoint, "
-                "which CogVideoXPipeline does not drive."
+                "which CogVideoXPipeline does not drive; load it as CogVideoXImageToVideoPipeline."
             )
-        self._tiny = getattr(pipe, "text_encoder", None) is None
-        self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-        self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
 
     # -- identity / validation ----------------------------------------------------------------
     def _compute_text_identity(self) -> str:
@@ -179,13 +181,92 @@ class CogVideoXModel(TrainableVideoModel):
         _, _, f, h, w = noisy.shape
         rope = self.rotary_embedding(f, h, w, dev)
         out = transformer(
-            hidden_states=noisy.permute(0, 2, 1, 3, 4),
+            hidden_states=self.transformer_input(noisy.permute(0, 2, 1, 3, 4), text),
             encoder_hidden_states=text["prompt_embeds"].to(dev, dt),
             timestep=timesteps.to(dev).long(),
             image_rotary_emb=None if rope is None else tuple(r.to(dev, dt) for r in rope),
             return_dict=False,
+            **self.extra_inputs(noisy),
         )[0]
         return out.permute(0, 2, 1, 3, 4)
 
+    def transformer_input(self, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's ``hidden_states`` from the noisy latents [B, f, C, h, w] (T2V: themselves)."""
+        return latents
 
-__all__ = ["CogVideoXModel"]
+    def extra_inputs(self, noisy: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class CogVideoXI2VModel(CogVideoXModel):
+    """CogVideoX 1.0 / 1.5 image-to-video (``CogVideoXImageToVideoPipeline``): the same v-prediction,
+    with the first frame's latents as extra input channels, built as the pipeline's ``prepare_latents``.
+
+    The condition is the clip's first frame as the 8-bit image a user would pass,
+    ``video_processor.preprocess``-ed, VAE-encoded alone, times ``scaling_factor`` (``1 / sf`` with
+    ``invert_scale_latents``), then zero latent frames up to the clip's length. CogVideoX 1.5's
+    ``__call__`` first raises the frame count to whole ``patch_size_t`` latent frames, so there the
+    image latents sit on the extra leading frame (the one the pipeline drops after sampling, which
+    ``encode_video`` fills with a copy of the first latent frame), then zeros. It is concatenated to the noisy latents on channels at every step; the pipeline samples all the
+    latent frames, so the loss covers them all. The pipeline draws the image latents from the VAE
+    posterior (``latent_dist.sample``); the cache takes its mode, so a cached condition is
+    reproducible (the posterior's spread is the VAE's small std). CogVideoX 1.5 I2V's ofs
+    embedding gets the pipeline's constant ``ofs = 2.0``. diffusers' I2V LoRA script also noises
+    the image before encoding (an augmentation the pipeline never applies); this trainer does not.
+    """
+
+    display_name = "CogVideoX I2V"
+    pipeline_classes = ("CogVideoXImageToVideoPipeline",)
+    #: the ``ofs`` value ``CogVideoXImageToVideoPipeline.__call__`` feeds a transformer with an ofs embedding
+    ofs = 2.0
+
+    def _check_transformer(self, cfg, model_id: str) -> None:
+        if cfg.in_channels != 2 * cfg.out_channels:
+            raise ValueError(
+                f"{model_id}: CogVideoXImageToVideoPipeline concatenates the image latents to the noisy latents "
+                f"on channels, so its transformer takes 2 x {cfg.out_channels} input channels; this one takes "
+                f"{cfg.in_channels}. Load an image-to-video checkpoint (e.g. THUDM/CogVideoX-5b-I2V)."
+            )
+
+    def vae_identity(self) -> str:
+        """The VAE's, marked as I2V: the cached latent file also holds the image latents."""
+        if self._vae_id is None:
+            self._vae_id = module_fingerprint(self.pipe.vae, {"family": self.family, "role": "vae+i2v"})
+        return self._vae_id
+
+    @torch.no_grad()
+    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        from vidsparse.lora.adapters.wan_i2v import first_frame_image
+
+        images = [self.image_latents(first_frame_image(clip), *clip.shape[1:]) for clip in pixels]
+        return {"latents": self.encode_video(pixels), "image_latents": torch.cat(images)}
+
+    @torch.no_grad()
+    def image_latents(self, image, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """``prepare_latents``' image latents [1, f, C, h, w] of ``image`` (PIL) for a ``num_frames`` video
+        (1.5: with the front padding to ``patch_size_t``), the posterior's mode."""
+        pipe = self.pipe
+        vae = self._ready(pipe.vae)
+        device = next(vae.parameters()).device
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        z = vae.encode(pixels.unsqueeze(2).to(vae.dtype)).latent_dist.mode().float().permute(0, 2, 1, 3, 4)
+        sf = float(pipe.vae_scaling_factor_image)
+        z = z / sf if pipe.vae.config.get("invert_scale_latents", False) else z * sf
+        frames = (num_frames - 1) // self._temporal + 1
+        p_t = self.patch_size_t
+        if p_t and frames % p_t:  # 1.5: __call__ first raises num_frames to whole patch_size_t latent frames
+            frames += p_t - frames % p_t
+        # the image, then zero frames (prepare_latents' own front padding by ``frames % p_t`` is then empty)
+        return torch.cat([z, z.new_zeros(1, frames - 1, *z.shape[2:])], dim=1).cpu()
+
+    def transformer_input(self, latents, text):
+        image = text["image_latents"].to(latents.device, latents.dtype)
+        return torch.cat([latents, image], dim=2)
+
+    def extra_inputs(self, noisy):
+        if not self.transformer.config.get("ofs_embed_dim"):
+            return {}
+        return {"ofs": noisy.new_full((1,), self.ofs)}
+
+
+__all__ = ["CogVideoXI2VModel", "CogVideoXModel"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from vidsparse.families.base import TINY_TEXT_LEN
+from vidsparse.families.wan import text_len_of
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2
@@ -44,13 +46,18 @@ class WanExperts(torch.nn.Module):
         """Bool [B]: which samples the high-noise expert (``transformer``) serves."""
         return timestep >= self.boundary_timestep
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False):
-        high = self.high_noise(timestep)
-        out = torch.empty_like(hidden_states)
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False, **kwargs):
+        """Each sample on its expert; ``kwargs`` (e.g. image-to-video's ``encoder_hidden_states_image``)
+        are split by sample too. Output channels are the transformer's (I2V inputs carry more)."""
+        high = self.high_noise(timestep.reshape(timestep.shape[0], -1).amax(1))  # per-token: the step's t
+        out = hidden_states.new_empty(hidden_states.shape[0], self.transformer.config.out_channels,
+                                      *hidden_states.shape[2:])  # fmt: skip
         for mask, expert in ((high, self.transformer), (~high, self.transformer_2)):
             if mask.any():
+                extra = {k: v[mask] if torch.is_tensor(v) else v for k, v in kwargs.items()}
                 out[mask] = expert(hidden_states=hidden_states[mask], timestep=timestep[mask],
-                                   encoder_hidden_states=encoder_hidden_states[mask], return_dict=False)[0]  # fmt: skip
+                                   encoder_hidden_states=encoder_hidden_states[mask], return_dict=False,
+                                   **extra)[0]  # fmt: skip
         return (out,)
 
 
@@ -80,6 +87,8 @@ class WanModel(TrainableVideoModel):
             raise ValueError(f"{model_id}: the Wan pipeline has no transformer to train.")
         self.check_flow_matching()
         self._tiny = getattr(pipe, "text_encoder", None) is None
+        # hashed stand-in prompts: 512 tokens for a transformer with an image context (I2V), as generate's
+        self._tiny_text_len = text_len_of((high if high is not None else low).config) or TINY_TEXT_LEN
         self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
         self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
 
@@ -96,14 +105,12 @@ class WanModel(TrainableVideoModel):
 
     def _compute_text_identity(self) -> str:
         if self._tiny:
-            from vidsparse.models import tiny
-
             return module_fingerprint(
                 None,
                 {
                     "encoder": "vidsparse.models.tiny.encode_prompt_tiny",
                     "dim": self.pipe.transformer.config.text_dim,
-                    "len": tiny.TINY_TEXT_LEN,
+                    "len": self._tiny_text_len,
                 },
             )
         tok = getattr(self.pipe, "tokenizer", None)
@@ -137,7 +144,7 @@ class WanModel(TrainableVideoModel):
         if self._tiny:
             from vidsparse.models.tiny import encode_prompt_tiny
 
-            emb = encode_prompt_tiny(caption, dim=self.pipe.transformer.config.text_dim)
+            emb = encode_prompt_tiny(caption, dim=self.transformer.config.text_dim, seq_len=self._tiny_text_len)
         else:
             device = next(self._ready(self.pipe.text_encoder).parameters()).device
             emb, _ = self.pipe.encode_prompt(
@@ -152,3 +159,14 @@ class WanModel(TrainableVideoModel):
     def predict(self, transformer, noisy, timesteps, text):
         emb = text["prompt_embeds"].to(device=noisy.device, dtype=noisy.dtype)
         return transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+class SkyReelsModel(WanModel):
+    """SkyReels-V2 text-to-video (``SkyReelsV2Pipeline``): a Wan 2.1 fine-tune whose pipeline calls the
+    transformer as ``WanPipeline`` does (one timestep per clip, UMT5 text); its UniPC scheduler runs on
+    flow sigmas (``use_flow_sigmas``, ``flow_prediction``), so the objective is Wan's flow matching with
+    the scheduler's ``flow_shift``."""
+
+    family = "skyreels-v2"
+    display_name = "SkyReels-V2"
+    pipeline_classes = ("SkyReelsV2Pipeline",)
