@@ -149,3 +149,13 @@ def test_unknown_vae_is_refused_with_the_known_ones():
         ValueError, match=r"No per-clip decode is known for AutoencoderKLHunyuanVideo15 \(known: .*AutoencoderKLWan"
     ):
         clip_bounds(tiny_vae(), 8, 2)
+
+
+def test_run_parallel_refuses_a_bad_overlap_before_any_work():
+    from vidsparse.parallel.pipeline import run_parallel
+
+    class Pipe:  # parallelize would fail on this: the overlap must be refused first
+        transformer = None
+
+    with pytest.raises(ValueError, match=r"vae_overlap must be None .* got 0"):
+        run_parallel(Pipe(), {}, "dense", "clip", None, vae_overlap=0)

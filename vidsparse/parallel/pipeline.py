@@ -24,7 +24,7 @@ from vidsparse.config import SparseConfig
 from vidsparse.families import clip_decode_of
 from vidsparse.parallel.model import parallelize, unparallelize
 from vidsparse.parallel.runtime import ParallelRuntime
-from vidsparse.parallel.vae import DECODE_OP, per_clip_decode
+from vidsparse.parallel.vae import DECODE_OP, check_overlap, per_clip_decode
 from vidsparse.patterns import Pattern
 from vidsparse.pipelines import get_state, transformers_of
 
@@ -88,6 +88,7 @@ def run_parallel(
         )
     vae = getattr(pipe, "vae", None)
     per_clip = output_type != "latent" and vae is not None and clip_decode_of(vae) is not None
+    check_overlap(vae_overlap)  # before any work
     parallelize(pipe, config, mode, runtime)
     video, decode = None, 0.0
     try:

@@ -37,7 +37,7 @@ from vidsparse.parallel.runtime import ParallelRuntime
 DECODE_OP = "video_to_rank0"
 
 
-def _check_overlap(overlap: int | None) -> None:
+def check_overlap(overlap: int | None) -> None:
     if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1):
         raise ValueError(
             f"vae_overlap must be None (full context: exact) or an int >= 1 latent frames of context, got {overlap!r}."
@@ -84,7 +84,7 @@ def decode_clip(
     ``decode`` is the VAE's decode function (default ``vae.decode``); ``args``/``kwargs`` go to it
     (LTX-Video's ``temb``).
     """
-    _check_overlap(overlap)
+    check_overlap(overlap)
     record = record_of(vae)
     frames = latents.shape[2]
     win = record.window(vae, frames, start, end, overlap)
@@ -148,7 +148,7 @@ def decode_parallel(
 def per_clip_decode(vae, runtime: ParallelRuntime, overlap: int | None) -> Iterator[None]:
     """While active, ``vae.decode(z, ...)`` decodes per clip: the whole video on rank 0, and on
     the other ranks a video of 0 frames (so the pipeline's post-processing runs and costs nothing)."""
-    _check_overlap(overlap)
+    check_overlap(overlap)
     record_of(vae)
     original = vae.decode
 
