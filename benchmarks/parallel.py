@@ -4,7 +4,7 @@ Three ways to run it (results: benchmarks/results/parallel_<device>_<date>.json 
 
     torchrun --nproc-per-node 4 benchmarks/parallel.py    # measured on 4 GPUs (NCCL)
     python benchmarks/parallel.py                          # one GPU: baseline + per-rank work
-    python benchmarks/parallel.py --quick                  # CPU smoke: 2 gloo ranks, tiny shape
+    python benchmarks/parallel.py --quick                  # CPU: gloo ranks on tiny models, volumes, decode
 
 Every run reports, for each shape, mode and world size N, the bytes the busiest rank sends per
 denoising step (all self-attention layers, both CFG branches, the output all-gather), computed
@@ -14,7 +14,10 @@ step it holds up). On one GPU it times the single-device attention of the whole 
 (baseline) and, for every N, the attention work of each rank without communication
 (``clip_compute``; Ulysses: the whole video with ceil(H/N) heads); an estimated per-call time is
 that compute plus bytes / --bandwidth-gbps (no overlap assumed, so it is pessimistic for clip
-mode, which overlaps the own-clip attention with the exchange).
+mode, which overlaps the own-clip attention with the exchange). ``--quick`` (CPU) also runs every
+family's tiny transformer on 2 and 3 gloo ranks (bytes measured against the estimator) and the
+per-clip VAE decode rows: each family's decode windows at its reference video and the error vs
+VAE overlap measured on its tiny VAE.
 """
 
 from __future__ import annotations
@@ -120,8 +123,21 @@ SHAPES = {
 }
 #: Shapes of the volume tables (every family).
 VOLUME_SHAPES = ("wan-1.3b", "wan-14b", "wan-1.3b-long", "hunyuan", "cogvideox-5b", "cogvideox1.5-5b", "mochi", "ltx")
-#: Link bandwidths (GB/s per rank) the volume rows convert bytes to time at: estimates, not measurements.
-LINKS = {"nvlink": 300.0, "pcie": 25.0}
+#: Link bandwidths (GB/s per rank and direction) the volume rows convert bytes to time at: estimates,
+#: not measurements (NVLink 4 on H100/H200: ~450 GB/s per direction; PCIe 5 x16: ~32 GB/s).
+LINKS = {"nvlink": 450.0, "pcie": 32.0}
+#: Families whose tiny transformers --quick runs on gloo ranks: (tiny variant, latent frames, h, w).
+TINY_FAMILIES = (("wan", 6, 4, 4), ("hunyuan", 6, 4, 4), ("cogvideox", 6, 4, 4), ("mochi", 6, 4, 4), ("ltx", 6, 4, 4))
+#: Reference videos' latent frames for the decode rows (family -> (shape name, latent frames, pixel h, w)).
+DECODE_VIDEOS = {
+    "wan": ("wan-14b", 21, 720, 1280),
+    "hunyuan": ("hunyuan", 33, 720, 1280),
+    "cogvideox": ("cogvideox-5b", 13, 480, 720),
+    "mochi": ("mochi", 28, 480, 848),
+    "ltx": ("ltx", 21, 512, 704),
+}
+#: VAE context (latent frames) the decode rows report: the default 4, and None = "all" (exact).
+DECODE_OVERLAPS = (1, 2, 4, 8, None)
 
 
 def _pattern(args: argparse.Namespace, mode: str):
@@ -295,14 +311,128 @@ def distributed_rows(args, shapes, runtime, dtype) -> list[dict[str, Any]]:
     return rows
 
 
-def _quick_worker(argv: list[str]) -> list[dict[str, Any]]:
-    """One rank of the --quick smoke run (spawned)."""
+def family_rows(args, runtime) -> list[dict[str, Any]]:
+    """Every family's tiny transformer forward under each mode: bytes each rank sent (measured,
+    and ``estimate.forward_bytes``), slowest rank's ms and the error against the single-process
+    forward of the same pattern (fp32, batch 2)."""
+    import torch.distributed as dist
+
+    import vidsparse.pipelines as vsp
+    from vidsparse.families import family_of
+    from vidsparse.models.tiny import tiny_inputs, tiny_transformer
+    from vidsparse.parallel import parallelize, unparallelize
+    from vidsparse.parallel.estimate import forward_bytes
+
+    rows = []
+    for name, frames, height, width in TINY_FAMILIES:
+        model = tiny_transformer(name)
+        fam = family_of(model)
+        inputs = tiny_inputs(name, model, frames, height, width, batch=2)
+        text = fam.text_len(model, inputs)
+        layout = VideoLayout(
+            *fam.grid(model, inputs), text_len=text, text_position=fam.text_position if text else "none"
+        )
+        heads = fam.attention_paths(model)[0][1].heads
+        for mode in args.modes:
+            pattern = _pattern(args, mode) if mode == "ulysses" else vs.DualScope(1, 3)  # tiny: 6 frames
+            cfg = vs.SparseConfig(pattern, dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
+            vsp.apply(model, cfg)
+            with torch.no_grad():
+                ref = model(**inputs, return_dict=False)[0]
+            vsp.remove(model)
+            parallelize(model, cfg, mode, runtime)
+            try:
+                runtime.stats.reset()
+                with torch.no_grad():
+                    got = model(**inputs, return_dict=False)[0]
+                sent = runtime.stats.total_bytes
+
+                def call(model=model, inputs=inputs):
+                    return model(**inputs, return_dict=False)
+
+                dist.barrier()
+                ms = torch.tensor([_time(call, runtime.device, 1, 3)])
+            finally:
+                unparallelize(model)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+            est = forward_bytes(mode, layout, pattern, heads, model.config.attention_head_dim, fam.num_layers(model),
+                                runtime.world_size, model.proj_out.out_features, element_size=4, batch=2)  # fmt: skip
+            sent_all = [0] * runtime.world_size
+            dist.all_gather_object(sent_all, sent)
+            rows.append(dict(
+                kind="family_forward", shape=f"tiny-{name}", family=fam.name, mode=mode, world_size=runtime.world_size,
+                pattern=repr(pattern), layout=str(layout), ms=float(ms.item()), bytes_per_rank=sent_all,
+                estimated_bytes_per_rank=est, max_abs_err=(got - ref).abs().max().item(), backend=runtime.backend,
+            ))  # fmt: skip
+    return rows
+
+
+def _vae_stand_in(family: str):
+    """The family's tiny VAE: the same temporal structure as the checkpoint's (factors, frame
+    batches, temporal tiles), so its ``ClipDecode`` windows are the real ones'."""
+    import importlib
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return importlib.import_module(f"vidsparse.families.{family}").tiny_vae().eval()
+
+
+def decode_rows(args) -> list[dict[str, Any]]:
+    """Per-clip VAE decode per family: (1) at the reference video, the latent frames the busiest
+    rank decodes (its window) per N and overlap, and the pixel bytes each rank sends to rank 0
+    (bf16, once per video); (2) measured on the tiny random-init VAE (fp32, 24 latent frames,
+    2 ranks), the mean / max abs error of the last rank's pixels against the whole decode."""
+    from vidsparse.families import clip_decode_of
+    from vidsparse.parallel.vae import clip_bounds, decode_clip, pixel_counts
+
+    rows = []
+    for family, (shape, frames, height, width) in DECODE_VIDEOS.items():
+        vae = _vae_stand_in(family)
+        record = clip_decode_of(vae)
+        for n in args.world_sizes:
+            if n > frames:
+                continue
+            bounds = clip_bounds(vae, frames, n)
+            counts = pixel_counts(vae, frames, n)
+            for overlap in DECODE_OVERLAPS:
+                windows = [record.window(vae, frames, s, e, overlap) for s, e in bounds if e > s]
+                busiest = max(w.end - w.first for w in windows)
+                rows.append(dict(
+                    kind="decode_window", shape=shape, family=family, world_size=n,
+                    overlap="all" if overlap is None else overlap, latent_frames=frames, busiest_window=busiest,
+                    decode_fraction=busiest / frames, pixel_frames=sum(counts),
+                    bytes_to_rank0=max(counts[1:]) * 3 * height * width * 2,
+                ))  # fmt: skip
+        frames_err, hw = 24, (1 if family == "ltx" else 2)
+        channels = getattr(vae.config, "latent_channels", None) or vae.config.z_dim
+        z = torch.randn(1, channels, frames_err, hw, hw, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            full = vae.decode(z, return_dict=False)[0]
+        (_, _), (s, e) = clip_bounds(vae, frames_err, 2)
+        tail = full[:, :, pixel_counts(vae, frames_err, 2)[0] :]
+        for overlap in (1, 2, 4, 6, 8, 12, None):
+            t0 = time.perf_counter()
+            err = (decode_clip(vae, z, s, e, overlap) - tail).abs()
+            rows.append(dict(
+                kind="decode_error", shape=f"tiny-{family}", family=family, world_size=2, clip=[s, e],
+                latent_frames=frames_err, overlap="all" if overlap is None else overlap,
+                mean_abs_err=err.mean().item(), max_abs_err=err.max().item(), pixel_mean_abs=full.abs().mean().item(),
+                ms=(time.perf_counter() - t0) * 1e3, exact=record.exact,
+            ))  # fmt: skip
+    return rows
+
+
+def _quick_worker(argv: list[str], families: bool = False) -> list[dict[str, Any]]:
+    """One rank of the --quick smoke run (spawned): the tiny attention shape, and with ``families``
+    every family's tiny transformer forward."""
     torch.set_num_threads(1)
     from vidsparse.parallel import init_distributed, shutdown
 
     args = parse_args(argv)
-    runtime = init_distributed(backend="gloo", timeout_s=120)
+    runtime = init_distributed(backend="gloo", timeout_s=240)
     try:
+        if families:
+            return family_rows(args, runtime)
         return distributed_rows(args, [SHAPES["tiny"]], runtime, torch.float32)
     finally:
         shutdown(runtime)
@@ -316,7 +446,8 @@ def markdown(report: dict[str, Any]) -> str:
     vol = [r for r in report["results"] if r["kind"] == "volume"]
     if vol:
         lines += ["", "## Bytes sent per denoising step by the busiest rank (bf16, CFG = 2 forwards)", "",
-                  "Times are estimates: bytes / link bandwidth (NVLink 300 GB/s, PCIe 25 GB/s per rank), no overlap.", "",
+                  f"Times are estimates: bytes / link bandwidth (NVLink {LINKS['nvlink']:.0f} GB/s, PCIe {LINKS['pcie']:.0f} GB/s "
+                  "per rank and direction), no overlap.", "",
                   "| shape | family | mode | N | attention GB | output gather GB | total GB | attn. memory GB/rank | "
                   "ms NVLink (est.) | ms PCIe (est.) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in vol:
@@ -324,7 +455,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{r['attention_bytes'] / gb:.3f} | {r['gather_bytes'] / gb:.4f} | {r['step_bytes'] / gb:.3f} | "
                          f"{r.get('attention_memory_bytes', 0) / gb:.3f} | {r.get('step_ms_estimated_nvlink', 0):.1f} | "
                          f"{r.get('step_ms_estimated_pcie', 0):.1f} |")  # fmt: skip
-    timed = [r for r in report["results"] if r["kind"] != "volume"]
+    timed = [r for r in report["results"] if r["kind"] in ("baseline", "estimate", "measured")]
     if timed:
         lines += ["", "## One self-attention call", "",
                   "| shape | mode | N | kind | ms | compute ms | comm ms | MB per call | speedup vs 1 |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -336,6 +467,37 @@ def markdown(report: dict[str, Any]) -> str:
             mb = f"{r['bytes_per_call'] / 1e6:.2f}" if r.get("bytes_per_call") is not None else ""
             lines.append(f"| {r['shape']} | {r['mode']} | {r['world_size']} | {r['kind']} | {f('ms')} | {f('compute_ms')} | "
                          f"{f('comm_ms')} | {mb} | {f('speedup_vs_baseline')} |")  # fmt: skip
+    fwd = [r for r in report["results"] if r["kind"] == "family_forward"]
+    if fwd:
+        lines += ["", "## Tiny transformer forward per family (gloo ranks, fp32, batch 2; bytes measured vs estimated)", "",
+                  "| model | layout | mode | N | bytes sent per rank (measured) | estimator | max abs err | ms (slowest rank) |",
+                  "|---|---|---|---:|---|---|---:|---:|"]  # fmt: skip
+        for r in fwd:
+            lines.append(f"| {r['shape']} | {r['layout']} | {r['mode']} | {r['world_size']} | "
+                         f"{' / '.join(f'{b:,}' for b in r['bytes_per_rank'])} | "
+                         f"{' / '.join(f'{b:,}' for b in r['estimated_bytes_per_rank'])} | {r['max_abs_err']:.1e} | "
+                         f"{r['ms']:.1f} |")  # fmt: skip
+    win = [r for r in report["results"] if r["kind"] == "decode_window"]
+    if win:
+        lines += ["", "## Per-clip VAE decode at the reference videos (from the families' ClipDecode records)", "",
+                  "Latent frames the busiest rank decodes (its window) out of the video's; bytes each rank "
+                  "sends rank 0 once per video (bf16 pixels, busiest rank).", "",
+                  "| video | family | N | overlap | busiest window / latent frames | MB to rank 0 |",
+                  "|---|---|---:|---|---:|---:|"]  # fmt: skip
+        for r in win:
+            lines.append(f"| {r['shape']} | {r['family']} | {r['world_size']} | {r['overlap']} | "
+                         f"{r['busiest_window']} / {r['latent_frames']} | {r['bytes_to_rank0'] / 1e6:.0f} |")  # fmt: skip
+    err = [r for r in report["results"] if r["kind"] == "decode_error"]
+    if err:
+        lines += ["", "## Per-clip decode error vs overlap (tiny random-init VAEs, fp32, measured)", "",
+                  "Last of 2 ranks' pixels against the whole decode (values in [-1, 1]); mean / max abs error.", "",
+                  "| VAE | clip (latent) | pixel mean abs | " + " | ".join(f"overlap {r['overlap']}" for r in err[:7]) + " |",
+                  "|---|---|---:|" + "---:|" * 7]  # fmt: skip
+        for fam in dict.fromkeys(r["family"] for r in err):
+            rs = [r for r in err if r["family"] == fam]
+            cells = " | ".join(f"{r['mean_abs_err']:.1e} / {r['max_abs_err']:.1e}" for r in rs)
+            lines.append(f"| {rs[0]['shape']} | {rs[0]['clip']} of {rs[0]['latent_frames']} | "
+                         f"{rs[0]['pixel_mean_abs']:.3f} | {cells} |")  # fmt: skip
     lines += ["", f"Patterns: clip {report['patterns']['clip']}; ulysses {report['patterns']['ulysses']}.", ""]
     return "\n".join(lines)
 
@@ -358,7 +520,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
-        "--quick", action="store_true", help="CPU smoke run: 2 gloo ranks on the tiny shape, volumes of all shapes"
+        "--quick",
+        action="store_true",
+        help="CPU run: gloo ranks on the tiny shape and every family's tiny model, volumes, VAE decode rows",
     )
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -391,7 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         results += single_device_rows(args, [SHAPES["tiny"]], torch.device("cpu"), dtype)
         for rows in check_results(spawn(_quick_worker, 2, (argv,), timeout_s=300))[:1]:
             results += rows
+        for n in (2, 3):  # every family's tiny transformer on n gloo ranks
+            results += check_results(spawn(_quick_worker, n, (argv, True), timeout_s=600))[0]
         results += volume_rows(args, [SHAPES[s] for s in VOLUME_SHAPES])
+        results += decode_rows(args)
         device_name = f"CPU {platform.machine()} (gloo)"
     elif distributed:
         from vidsparse.parallel import init_distributed, shutdown

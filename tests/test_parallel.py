@@ -14,7 +14,6 @@ from oracle import masked_attention, random_qkv
 import vidsparse as vs
 from vidsparse.parallel import FramePartition, exchange_plan, frame_reach, spawn
 from vidsparse.parallel.partials import dense_attention_lse, merge_partials
-from vidsparse.parallel.vae import clip_decode_range, pixel_frames
 
 # torchrun workers: outside the quick subset (pytest -m "not slow"), always in CI
 pytestmark = pytest.mark.slow
@@ -115,14 +114,15 @@ def test_merge_partials_equals_attention_over_the_union():
     torch.testing.assert_close(out2, a[0])
 
 
-def test_clip_decode_ranges():
-    part = FramePartition(7, 3)  # (0,3) (3,5) (5,7)
-    assert clip_decode_range(part, 0, 4) == (0, 3, 0)
-    assert clip_decode_range(part, 2, 2) == (3, 7, 2)
-    assert clip_decode_range(part, 2, None) == (0, 7, 5)
-    assert pixel_frames(7, 4) == 25
+def test_wan_clip_bounds_and_pixel_counts():
+    from vidsparse.families.wan import tiny_vae
+    from vidsparse.parallel.vae import clip_bounds, decode_clip, pixel_counts
+
+    vae = tiny_vae()
+    assert clip_bounds(vae, 7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert pixel_counts(vae, 7, 3) == [9, 8, 8]  # 1 + 4 * 2, then 4 per latent frame: 25 in all
     with pytest.raises(ValueError, match="vae_overlap"):
-        clip_decode_range(part, 1, 0)
+        decode_clip(vae, torch.zeros(1, 4, 7, 2, 2), 3, 5, 0)
 
 
 def test_per_clip_decode_with_full_context_is_exact_and_context_reduces_the_seam():
@@ -131,13 +131,12 @@ def test_per_clip_decode_with_full_context_is_exact_and_context_reduces_the_seam
 
     vae = build_tiny_pipeline().vae
     z = torch.randn(1, 4, 6, 4, 4, generator=torch.Generator().manual_seed(0))
-    part = FramePartition(6, 2)  # (0,3) (3,6)
     with torch.no_grad():
         full = vae.decode(z).sample
-    tail = full[:, :, pixel_frames(3, 4) :]
-    exact = decode_clip(vae, z, part, 1, None, 4)
+    tail = full[:, :, 9:]  # latent frames 3..5: pixels from 1 + 4 * 2
+    exact = decode_clip(vae, z, 3, 6, None)
     assert exact.shape == tail.shape and torch.equal(exact, tail)
-    errs = [(decode_clip(vae, z, part, 1, o, 4) - tail).abs().mean().item() for o in (1, 2)]
+    errs = [(decode_clip(vae, z, 3, 6, o) - tail).abs().mean().item() for o in (1, 2)]
     assert errs[0] > errs[1] > 0
 
 

@@ -19,10 +19,11 @@ import pkgutil
 from typing import Any
 
 from vidsparse.families.base import Family, Shard, ShardPlan, TinyRequest, TinyVariant, VideoGeometry, normalize_name
+from vidsparse.families.decode import ClipDecode
 
 _REGISTRY: dict[str, Family] = {}
 _BUILTIN = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
-_NOT_FAMILIES = frozenset({"base", "processor"})
+_NOT_FAMILIES = frozenset({"base", "decode", "processor"})
 
 
 def register_family(family: Family) -> Family:
@@ -123,6 +124,14 @@ def family_of_pipeline(class_name: str) -> Family | None:
     return best[1] if best else None
 
 
+def clip_decode_of(vae: Any) -> ClipDecode | None:
+    """The per-clip decode record of a diffusers VAE (by class, over every family), or None."""
+    for fam in _REGISTRY.values():
+        if fam.clip_decode is not None and fam.clip_decode.matches(vae):
+            return fam.clip_decode
+    return None
+
+
 def pipeline_prefixes() -> tuple[str, ...]:
     return tuple(p for fam in _REGISTRY.values() for p in fam.pipeline_prefixes)
 
@@ -164,12 +173,14 @@ def _load_builtin() -> None:
 _load_builtin()
 
 __all__ = [
+    "ClipDecode",
     "Family",
     "Shard",
     "ShardPlan",
     "TinyRequest",
     "TinyVariant",
     "VideoGeometry",
+    "clip_decode_of",
     "families",
     "family_names",
     "family_of",

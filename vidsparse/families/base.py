@@ -22,6 +22,7 @@ import torch
 from vidsparse.layout import VideoLayout
 
 if TYPE_CHECKING:
+    from vidsparse.families.decode import ClipDecode
     from vidsparse.families.processor import SparseProcessor
 
 Grid = tuple[int, int, int]
@@ -259,7 +260,9 @@ class Family:
     or ``None`` with ``lora_refusal`` saying why; ``lora_refusals`` maps pipeline class names of
     the family that train-lora refuses to the reason.
 
-    Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why).
+    Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why);
+    ``clip_decode``: how the family's VAE decodes one clip (``vidsparse.families.decode``; ``None``:
+    ``run_parallel`` lets the pipeline decode the whole video on every rank).
 
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
     (a whole random-init pipeline, or ``None``); ``tiny_geometries``: names of further
@@ -296,6 +299,7 @@ class Family:
     lora_refusals: Mapping[str, str] = field(default_factory=dict)
     shard_plan: ShardPlan | None = None
     parallel_refusal: str = "not supported yet"
+    clip_decode: ClipDecode | None = None
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
     tiny_prompt_kwargs: Callable[..., dict[str, Any]] | None = None

@@ -35,6 +35,7 @@ from vidsparse.families.base import (
     normalize_name,
     tiny_dims,
 )
+from vidsparse.families.decode import ClipDecode, DecodeWindow
 from vidsparse.families.processor import SparseProcessor
 
 # -- self-attention processor -----------------------------------------------------------------
@@ -246,6 +247,58 @@ _V2V_REFUSAL = (
     "weights: train the LoRA on CogVideoXPipeline (same checkpoint) and load it here"
 )
 
+# -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
+# ``AutoencoderKLCogVideoX._decode`` runs the decoder on batches of ``num_latent_frames_batch_size``
+# (2) latent frames, the remainder of F / 2 joining the first batch, and carries a causal
+# convolution cache from batch to batch; GroupNorm statistics are per batch. A clip therefore
+# starts on a batch boundary, and a decode from latent frame 0 repeats the whole decode's batches.
+
+
+def _vae_temporal_factor(vae) -> int:
+    return int(vae.config.temporal_compression_ratio)  # 4
+
+
+def _batch_starts(vae, frames: int) -> list[int]:
+    """Latent frames where ``AutoencoderKLCogVideoX`` starts a decode batch (0 first)."""
+    size = vae.num_latent_frames_batch_size
+    return [0] + [size * i + frames % size for i in range(1, max(frames // size, 1))]
+
+
+def _batch_pixels(vae, n: int) -> int:
+    """Pixel frames of one batch of n latent frames: an odd batch keeps its first frame single."""
+    k = _vae_temporal_factor(vae)
+    return 1 + k * (n - 1) if n % 2 else k * n
+
+
+def _pixel_start(vae, frames: int, t: int) -> int:
+    starts = [*_batch_starts(vae, frames), frames]
+    if t not in starts:
+        raise ValueError(f"CogVideoX VAE: latent frame {t} is not a decode batch boundary ({starts}).")
+    return sum(_batch_pixels(vae, b - a) for a, b in zip(starts, starts[1:]) if b <= t)
+
+
+def _cut(vae, frames: int, t: int) -> int:
+    """The batch boundary in (0, F] nearest latent frame t (a clip of the decode starts there)."""
+    bounds = [*_batch_starts(vae, frames)[1:], frames]
+    return min(bounds, key=lambda b: (abs(b - t), b))
+
+
+def _clip_window(vae, frames: int, start: int, end: int, overlap: int | None) -> DecodeWindow:
+    first = 0 if overlap is None else max([b for b in _batch_starts(vae, frames) if b <= max(0, start - overlap)])
+    return DecodeWindow(first, end, _pixel_start(vae, frames, first))
+
+
+CLIP_DECODE = ClipDecode(
+    vae_classes=("AutoencoderKLCogVideoX",),
+    temporal_factor=_vae_temporal_factor,
+    window=_clip_window,
+    pixel_start=_pixel_start,
+    cut=_cut,
+    exact="from latent frame 0 (overlap all): bit-identical (the same batches and convolution cache); "
+    "shorter context starts the cache cold at a batch boundary",
+)
+
+
 FAMILY = Family(
     name="cogvideox",
     transformer_classes=("CogVideoXTransformer3DModel",),
@@ -271,6 +324,7 @@ FAMILY = Family(
         "that conditioning path is not implemented",
     },
     shard_plan=SHARD_PLAN,
+    clip_decode=CLIP_DECODE,
     tiny={
         "cogvideox": TinyVariant("cogvideox", _tiny_config, _tiny_inputs),
         "cogvideox-1.5": TinyVariant("cogvideox-1.5", lambda: _tiny_config(True), _tiny_inputs),

@@ -33,6 +33,7 @@ from vidsparse.families.base import (
     tiny_dims,
     tiny_masked_prompt_kwargs,
 )
+from vidsparse.families.decode import ClipDecode, DecodeWindow, first_frame_pixels
 from vidsparse.families.processor import SparseProcessor, project_qkv
 
 # -- published checkpoint ------------------------------------------------------------------
@@ -264,6 +265,50 @@ def _lora_adapter() -> type:
     return HunyuanVideoModel
 
 
+# -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
+
+
+def _vae_temporal_factor(vae) -> int:
+    return int(vae.temporal_compression_ratio)  # 4
+
+
+def _clip_window(vae, frames: int, start: int, end: int, overlap: int | None) -> DecodeWindow:
+    """The temporal tiles of ``AutoencoderKLHunyuanVideo._temporal_tiled_decode`` that make the clip.
+
+    Above ``tile_sample_min_num_frames / 4`` (4) latent frames the VAE decodes tiles of 5 latent
+    frames every 3 (each an independent decoder call, so its GroupNorms see that tile only), keeps
+    12 pixel frames per tile (13 for the first) and blends the first 4 with the previous tile's
+    last 4. A clip's pixels need its tiles and the one before them, whatever ``overlap`` says:
+    the window is always exact. One decoder call over the whole video (framewise decoding off,
+    or a short video) couples every frame through GroupNorm: then every rank decodes it all.
+    """
+    k = _vae_temporal_factor(vae)
+    tile = vae.tile_sample_min_num_frames // k
+    if not vae.use_framewise_decoding or frames <= tile:
+        return DecodeWindow(0, frames, 0)
+    stride = vae.tile_sample_stride_num_frames // k
+    kept = vae.tile_sample_stride_num_frames
+
+    def tile_of(pixel: int) -> int:
+        return max(0, (pixel - 1) // kept)
+
+    j0, j1 = tile_of(first_frame_pixels(k, frames, start)), tile_of(first_frame_pixels(k, frames, end) - 1)
+    first = stride * max(0, j0 - 1)
+    last = min(frames, stride * j1 + tile + 1)
+    if last - first <= tile:  # a window this short would decode untiled: start from frame 0
+        first = 0
+    return DecodeWindow(first, last, kept * (first // stride))
+
+
+CLIP_DECODE = ClipDecode(
+    vae_classes=("AutoencoderKLHunyuanVideo",),
+    temporal_factor=_vae_temporal_factor,
+    window=_clip_window,
+    exact="always (its temporal tiles are independent decoder calls; the window holds the clip's tiles and the "
+    "one before): bit-identical; framewise decoding off or <= 4 latent frames: every rank decodes the whole video",
+)
+
+
 FAMILY = Family(
     name="hunyuan",
     aliases=("hunyuanvideo",),
@@ -292,6 +337,7 @@ FAMILY = Family(
         "Train on HunyuanVideoPipeline (text-to-video)",
     },
     shard_plan=SHARD_PLAN,
+    clip_decode=CLIP_DECODE,
     tiny={
         "hunyuan": TinyVariant("hunyuan", _tiny_config, _tiny_inputs),
         "hunyuan-i2v": TinyVariant("hunyuan-i2v", lambda: _tiny_config("token_replace"), _tiny_inputs),

@@ -37,6 +37,7 @@ from vidsparse.families.base import (
     tiny_dims,
     tiny_masked_prompt_kwargs,
 )
+from vidsparse.families.decode import ClipDecode, DecodeWindow, two_sided_window
 from vidsparse.families.processor import SparseProcessor
 
 # -- self-attention processor -----------------------------------------------------------------
@@ -220,6 +221,33 @@ def _lora_adapter() -> tuple[type, ...]:
     return LTXVideoModel, LTXImageToVideoModel
 
 
+# -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
+
+
+def _vae_temporal_factor(vae) -> int:
+    return int(vae.temporal_compression_ratio)  # 8
+
+
+def _clip_window(vae, frames: int, start: int, end: int, overlap: int | None) -> DecodeWindow:
+    if vae.use_framewise_decoding:  # temporal tiles blended across the whole video: decode it whole
+        return DecodeWindow(0, frames, 0)
+    return two_sided_window(vae, frames, start, end, overlap, k=_vae_temporal_factor(vae))
+
+
+#: ``AutoencoderKLLTXVideo``'s decoder (``decoder_causal=False``) pads every time convolution on
+#: both sides, normalises per token (RMSNorm) and upsamples depth-to-space dropping the first
+#: frame: a pixel frame depends on a bounded window of latent frames on both sides. Its timestep
+#: conditioning (``temb``) is per sample and the decode noise is added by the pipeline before
+#: ``vae.decode``, so every rank's window sees the same latents.
+CLIP_DECODE = ClipDecode(
+    vae_classes=("AutoencoderKLLTXVideo",),
+    temporal_factor=_vae_temporal_factor,
+    window=_clip_window,
+    exact="with the whole video as context (overlap all), and with any overlap covering the decoder's two-sided "
+    "receptive field: equal within float tolerance (the convolutions run on a shorter tensor)",
+)
+
+
 FAMILY = Family(
     name="ltx",
     aliases=("ltxvideo",),
@@ -249,6 +277,7 @@ FAMILY = Family(
         "transformer train-lora tunes",
     },
     shard_plan=SHARD_PLAN,
+    clip_decode=CLIP_DECODE,
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,

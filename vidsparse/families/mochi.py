@@ -35,6 +35,7 @@ from vidsparse.families.base import (
     joint_text,
     tiny_masked_prompt_kwargs,
 )
+from vidsparse.families.decode import ClipDecode, DecodeWindow, causal_window, first_frame_pixels
 from vidsparse.families.processor import SparseProcessor, project_qkv
 
 # -- self-attention processor -----------------------------------------------------------------
@@ -213,6 +214,37 @@ def _lora_adapter() -> type:
     return MochiModel
 
 
+# -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
+
+
+def _vae_temporal_factor(vae) -> int:
+    return int(vae.temporal_compression_ratio)  # 6: temporal_expansions (1, 2, 3)
+
+
+def _pixel_start(vae, frames: int, t: int) -> int:
+    """``AutoencoderKLMochi`` decodes every latent frame to 6 pixel frames and then drops the first 5
+    of the video (``drop_last_temporal_frames``, on by default): latent frame t > 0 starts at 6t - 5."""
+    k = _vae_temporal_factor(vae)
+    return first_frame_pixels(k, frames, t) if vae.drop_last_temporal_frames else k * t
+
+
+def _clip_window(vae, frames: int, start: int, end: int, overlap: int | None) -> DecodeWindow:
+    return causal_window(vae, frames, start, end, overlap, k=_vae_temporal_factor(vae))
+
+
+#: ``AutoencoderKLMochi``'s decoder is causal in time (``CogVideoXCausalConv3d`` padding the past
+#: with the first frame), normalises per frame (``MochiChunkedGroupNorm3D``) and has no attention:
+#: a pixel frame depends on a bounded window of earlier latent frames only.
+CLIP_DECODE = ClipDecode(
+    vae_classes=("AutoencoderKLMochi",),
+    temporal_factor=_vae_temporal_factor,
+    window=_clip_window,
+    pixel_start=_pixel_start,
+    exact="from latent frame 0 (overlap all), and with any overlap covering the decoder's causal receptive field: "
+    "equal within float tolerance (the convolutions run on a shorter tensor)",
+)
+
+
 FAMILY = Family(
     name="mochi",
     transformer_classes=("MochiTransformer3DModel",),
@@ -227,6 +259,7 @@ FAMILY = Family(
     pattern_defaults=GENERIC_PATTERN_DEFAULTS,
     lora_adapter=_lora_adapter,
     shard_plan=SHARD_PLAN,
+    clip_decode=CLIP_DECODE,
     tiny={"mochi": TinyVariant("mochi", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,

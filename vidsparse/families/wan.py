@@ -42,6 +42,7 @@ from vidsparse.families.base import (
     normalize_name,
     tiny_dims,
 )
+from vidsparse.families.decode import ClipDecode, DecodeWindow, causal_window
 from vidsparse.families.processor import SparseProcessor
 from vidsparse.layout import VideoLayout
 
@@ -428,6 +429,32 @@ def _lora_adapter() -> tuple[type, ...]:
 
 # -- the record -------------------------------------------------------------------------------
 
+# -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
+
+
+def vae_temporal_factor(vae) -> int:
+    """Pixel frames per latent frame after the first of an ``AutoencoderKLWan`` (4 for Wan 2.1 / 2.2)."""
+    cfg = vae.config
+    factor = getattr(cfg, "scale_factor_temporal", None)
+    if factor:
+        return int(factor)
+    return 2 ** sum(bool(d) for d in cfg.temperal_downsample)  # (sic) diffusers' spelling
+
+
+def _clip_window(vae, frames: int, start: int, end: int, overlap: int | None) -> DecodeWindow:
+    return causal_window(vae, frames, start, end, overlap, k=vae_temporal_factor(vae))
+
+
+#: ``AutoencoderKLWan`` is causal in time and decodes latent frame by latent frame with a feature
+#: cache of the frames before: a clip decoded from latent frame 0 is the whole decode's prefix.
+CLIP_DECODE = ClipDecode(
+    vae_classes=("AutoencoderKLWan",),
+    temporal_factor=vae_temporal_factor,
+    window=_clip_window,
+    exact="from latent frame 0 (overlap all): bit-identical; shorter context approximates (the causal cache chains every earlier frame)",
+)
+
+
 FAMILY = Family(
     name="wan",
     aliases=("wan2.1", "wan2.2", "wan21", "wan22"),
@@ -461,6 +488,7 @@ FAMILY = Family(
         outputs={"rope": {0: Shard(1, 4), 1: Shard(1, 4)}},
         gather={"proj_out": Shard(1, 3)},
     ),
+    clip_decode=CLIP_DECODE,
     tiny={
         "wan": TinyVariant("wan", tiny_transformer_kwargs, tiny_inputs),
         "wan-i2v": TinyVariant("wan-i2v", tiny_i2v_config, tiny_i2v_inputs),

@@ -2,21 +2,17 @@
 
 Every rank runs the same pipeline call with the same seed (the initial noise is drawn
 whole, so it does not depend on the number of ranks); the transformers are parallelized
-(``model.parallelize``) and the latents come back identical on every rank. Decoding:
-
-- Wan pipelines: the VAE decodes one clip per rank (``vae.decode_parallel``; Wan's VAE is
-  causal with a per-frame feature cache, so a clip decoded with context from frame 0 is
-  bit-identical) and rank 0 alone holds the finished video;
-- every other family (HunyuanVideo, CogVideoX, Mochi, LTX-Video): the pipeline decodes with
-  its own code on every rank (exact; the decode is replicated, not split). Their VAEs are not
-  per-frame causal streams (GroupNorm statistics over all frames: HunyuanVideo, CogVideoX's
-  frame-batched conv cache, Mochi's and LTX's non-causal decoders, LTX's timestep-conditioned
-  decode with noise), so a clip decoded alone differs from the whole-video decode even with
-  full context; rank 0 keeps the video, the other ranks drop theirs.
+(``model.parallelize``) and the latents come back identical on every rank. Decoding: the
+pipeline runs its own decode step (de-normalisation, LTX-Video's decode noise, CogVideoX 1.5's
+padding frames) with ``vae.decode`` replaced by the per-clip decode (``vae.per_clip_decode``)
+when the VAE's family says how to cut it (``Family.clip_decode``: Wan, HunyuanVideo, CogVideoX,
+Mochi, LTX-Video); rank 0 alone holds the finished video. A VAE without a record decodes the
+whole video on every rank (exact, replicated) and rank 0 keeps it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Mapping
@@ -26,10 +22,11 @@ from typing import Any
 import torch
 
 from vidsparse.config import SparseConfig
+from vidsparse.families import clip_decode_of
 from vidsparse.parallel.diffusers_cp import choose_ulysses, disable_diffusers_ulysses, enable_diffusers_ulysses
 from vidsparse.parallel.model import parallelize, unparallelize
 from vidsparse.parallel.runtime import ParallelRuntime
-from vidsparse.parallel.vae import decode_parallel
+from vidsparse.parallel.vae import DECODE_OP, check_overlap, per_clip_decode
 from vidsparse.patterns import Pattern
 from vidsparse.pipelines import get_state, transformers_of
 
@@ -48,24 +45,11 @@ class ParallelResult:
     comm: dict[str, Any] = field(default_factory=dict)
     patterns: dict[int, Any] = field(default_factory=dict)  # layer -> (pattern, block) of its sparse steps
     sparse_steps: int = 0  # denoising steps with at least one sparse self-attention layer
+    decode_bytes: int = 0  # this rank's share of the per-clip decode sent to rank 0 (not in ``comm``)
 
     @property
     def bytes_per_step(self) -> float:
         return self.comm.get("total_bytes", 0) / max(1, self.steps)
-
-
-def _wan_latents_for_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Undo Wan's latent normalisation exactly as ``WanPipeline.__call__`` does before decoding."""
-    vae = pipe.vae
-    latents = latents.to(vae.device, dtype=vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
-        latents.device, latents.dtype
-    )
-    return latents / inv_std + mean
-
-
-_PER_CLIP_DECODE = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
 
 
 class _LastLatents:
@@ -94,19 +78,23 @@ def run_parallel(
 ) -> ParallelResult:
     """Run ``pipe(**call_kwargs)`` with ``mode`` parallelism; rank 0 gets the decoded video.
 
-    ``call_kwargs`` must not contain ``output_type`` (decoding is done here: per clip for Wan, by the
-    pipeline itself on every rank for the other families); ``output_type="latent"`` skips decoding
-    and returns the latents on every rank. ``ulysses`` ("auto" | "diffusers" | "vidsparse"): which
-    Ulysses runs ``mode="ulysses"``; "auto" takes diffusers' context parallelism for transformers with
-    a ``_cp_plan`` (``diffusers_cp.choose_ulysses``), vidsparse's own for the others.
+    ``call_kwargs`` must not contain ``output_type`` (pass it here). The pipeline decodes with its
+    own code; ``vae.decode`` is per clip (``vae_overlap`` latent frames of context, ``None`` = full
+    context) for VAEs with a ``ClipDecode`` record, whole on every rank otherwise.
+    ``output_type="latent"`` skips decoding and returns the latents on every rank. ``ulysses``
+    ("auto" | "diffusers" | "vidsparse"): which Ulysses runs ``mode="ulysses"``; "auto" takes
+    diffusers' context parallelism for transformers with a ``_cp_plan`` (``diffusers_cp.choose_ulysses``),
+    vidsparse's own for the others.
     """
     if "output_type" in call_kwargs:
-        raise ValueError("run_parallel decodes per clip itself; pass output_type= to run_parallel, not in call_kwargs.")
-    per_clip = type(pipe).__name__ in _PER_CLIP_DECODE
+        raise ValueError("run_parallel decodes itself; pass output_type= to run_parallel, not in call_kwargs.")
     if not hasattr(pipe, "transformer"):
         raise ValueError(
             f"run_parallel expects a diffusers video pipeline with a transformer, got {type(pipe).__name__}."
         )
+    vae = getattr(pipe, "vae", None)
+    per_clip = output_type != "latent" and vae is not None and clip_decode_of(vae) is not None
+    check_overlap(vae_overlap)  # before any work
     impl = "vidsparse"
     if mode == "ulysses":
         impl, _ = choose_ulysses([t for _, t in transformers_of(pipe)], runtime, ulysses)
@@ -118,22 +106,27 @@ def run_parallel(
     try:
         runtime.stats.reset()
         t0 = time.perf_counter()
-        if per_clip or output_type == "latent":
+        if output_type == "latent":
             latents = pipe(**call_kwargs, output_type="latent").frames
             denoise = time.perf_counter() - t0
-        else:  # the pipeline's own decode on every rank (exact); the denoised latents from the step callback
+        else:  # the pipeline's own decode step; the denoised latents from the step callback
             keep = _LastLatents(call_kwargs.get("callback_on_step_end"))
             inputs = list(call_kwargs.get("callback_on_step_end_tensor_inputs") or [])
             kwargs = dict(call_kwargs)
             if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:  # HunyuanVideo 1.5: none
                 kwargs.update(callback_on_step_end=keep,
                               callback_on_step_end_tensor_inputs=sorted(set(inputs) | {"latents"}))  # fmt: skip
-            video = pipe(**kwargs, output_type=output_type).frames
+            decoding = per_clip_decode(vae, runtime, vae_overlap) if per_clip else contextlib.nullcontext()
+            with decoding:
+                video = pipe(**kwargs, output_type=output_type).frames
             end = time.perf_counter()
             latents = keep.latents
             denoise = (keep.last_step_at or end) - t0
             decode = end - t0 - denoise
         comm = runtime.stats.snapshot()
+        decode_bytes = comm["bytes_sent"].pop(DECODE_OP, 0)  # once per video, not per step
+        comm["calls"].pop(DECODE_OP, None)
+        comm["total_bytes"] -= decode_bytes
         fns = [get_state(t).attention_fn for _, t in transformers_of(pipe)]
         patterns = dict(fns[0].used)
         sparse_steps = len(set().union(*(fn.sparse_steps for fn in fns)))
@@ -143,20 +136,10 @@ def run_parallel(
         else:
             unparallelize(pipe)
     steps = int(call_kwargs.get("num_inference_steps", 0) or len(getattr(pipe.scheduler, "timesteps", [])) or 1)
-    if not per_clip and output_type != "latent":
-        video = video if runtime.is_main else None
-        return ParallelResult(
-            video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps
-        )
     if output_type == "latent":
-        return ParallelResult(
-            latents, latents, mode, runtime.world_size, steps, denoise, 0.0, comm, patterns, sparse_steps
-        )
-    t1 = time.perf_counter()
-    video = decode_parallel(pipe.vae, _wan_latents_for_decode(pipe, latents), runtime, overlap=vae_overlap)
-    if video is not None:
-        video = pipe.video_processor.postprocess_video(video, output_type=output_type)
-    decode = time.perf_counter() - t1
+        video = latents
+    elif not runtime.is_main:
+        video = None
     return ParallelResult(
-        video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps
+        video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps, decode_bytes
     )
