@@ -273,7 +273,8 @@ def variants(quick: bool):
              ("gather+query-select", dict(GATHER=True, HAS_KV=False, HAS_QSEL=True))]  # fmt: skip
     for role, (fn, space) in kernels.items():
         for label, flags in flag_sets + extra:
-            configs = tk.candidates(space, HEAD_DIM, BLOCK, 2, flags["GATHER"])  # shipped for this path
+            # the configs shipped for this path
+            configs = tk.candidates(space, HEAD_DIM, BLOCK, 2, flags["GATHER"], flags["HAS_QSEL"])
             if label in ("gather+key-valid", "gather+query-select") or quick:
                 configs = configs[:1]
             for i, cfg in enumerate(configs):

@@ -469,3 +469,53 @@ def test_kernel_order_helpers_round_trip_and_match_caller_order():
     torch.testing.assert_close(out, tb.attention(q, k, v, p, text_mask=tm), atol=ATOL, rtol=RTOL)
     with pytest.raises(ValueError, match="kernel order"):
         tb.attention_kernel_order(q, k, v, p)
+
+
+def test_kernel_order_backward_reads_q_and_do_tiles_by_tma(monkeypatch):
+    """dK/dV in contiguous kernel order loads its Q / dO tiles through tensor descriptors; the
+    gradients equal the pointer path's (VIDSPARSE_TRITON_TMA=0) and the caller-order path's."""
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    p = vs.plan(make("radial"), layout, num_heads=2, block_size=16)
+    q, k, v = random_qkv(layout, batch=2, heads=2, dim=16)
+    tm = random_text_mask(layout, 2)
+    g = torch.randn(2, p.padded_len, 2, 16) * p.order.token_valid.view(1, -1, 1, 1)  # padding rows: no gradient
+    seen = []
+    launch = tk._launch
+
+    def spy(kernel, *args, **kwargs):
+        if kernel is tk._bwd_dkdv_kernel:
+            seen.append(args[5]["USE_TMA"])
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tk, "_launch", spy)
+    grads = []
+    for tma in ("1", "0"):
+        monkeypatch.setenv("VIDSPARSE_TRITON_TMA", tma)
+        ins = [tb.to_kernel_order(t, p).requires_grad_(True) for t in (q, k, v)]
+        tb.attention_kernel_order(*ins, p, text_mask=tm).backward(g)
+        grads.append([tb.from_kernel_order(t.grad, p) for t in ins])
+    assert seen == [True, False]
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    tb.attention(*ins, p, text_mask=tm).backward(tb.from_kernel_order(g, p))
+    for got in grads:
+        for name, a, b in zip("qkv", got, (t.grad for t in ins)):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_query_select_launches_get_their_own_configs():
+    """Per-query selection ships its own (spill-free on sm_90) head-dim-128 configs, first; the
+    other paths never get them."""
+    fwd_q = tk.candidates(tk._FWD_SPACE, 128, 128, 2, gather=True, qsel=True)
+    dq_q = tk.candidates(tk._DQ_SPACE, 128, 128, 2, gather=True, qsel=True)
+    assert fwd_q[0] == tk.TileConfig(64, 64, 8, 3) and dq_q[0] == tk.TileConfig(64, 32, 8, 3)
+    for space in (tk._FWD_SPACE, tk._DQ_SPACE):
+        for gather in (True, False):
+            plain = tk.candidates(space, 128, 128, 2, gather=gather)
+            assert not set(plain) & set(tk.candidates(space, 128, 128, 2, gather=gather, qsel=True))
+    # A space without "qsel" entries (dK/dV) serves selections with its path's own list.
+    assert tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True, True) == tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True)
+    # Every shipped config is in the autotuner's list.
+    every = {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tk._all_configs(tk._FWD_SPACE)
+    }
+    assert {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in fwd_q} <= every

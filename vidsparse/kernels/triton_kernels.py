@@ -106,8 +106,13 @@ def _dkdv_tile(
     Rows, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list."""
+    """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list.
+
+    With ``USE_TMA`` (contiguous kernel order) ``q_base`` / ``do_base`` are tensor descriptors:
+    the Q and dO tiles come in whole through TMA, with no per-row address registers.
+    """
     SUB: tl.constexpr = BLOCK // BLOCK_M
     j = it // SUB
     r_in = (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -118,11 +123,15 @@ def _dkdv_tile(
         q_row = tl.load(Rows + offs_m)
         q_ok = q_row >= 0
         q_row = tl.maximum(q_row, 0).to(tl.int64)
-    else:
-        q_row = offs_m
-        q_ok = offs_m >= 0
-    qT = tl.load(q_base + q_row[None, :] * s_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
-    do = tl.load(do_base + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        qT = tl.load(q_base + q_row[None, :] * s_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+        do = tl.load(do_base + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    elif USE_TMA:
+        row0 = qb * BLOCK + (it % SUB) * BLOCK_M
+        qT = q_base.load([row0, 0]).T
+        do = do_base.load([row0, 0])
+    else:  # kernel order: every position of [0, S_pad) is a row, no predicate registers
+        qT = tl.load(q_base + offs_m[None, :] * s_qs + offs_d[:, None])
+        do = tl.load(do_base + offs_m[:, None] * s_ds + offs_d[None, :])
     m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
     di = tl.load(Delta + row_base + offs_m)
@@ -328,6 +337,7 @@ def _bwd_dkdv_kernel(
     H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys, walking the transposed plan (query blocks listing this key block)."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -351,6 +361,16 @@ def _bwd_dkdv_kernel(
     v = tl.load(V + b * s_vb + h * s_vh + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
+    if USE_TMA:  # contiguous kernel order: Q and dO tiles by the tensor-memory accelerator
+        q_src = tl.make_tensor_descriptor(
+            q_base, shape=[S_PAD, HEAD_DIM], strides=[s_qs, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+        do_src = tl.make_tensor_descriptor(
+            do_base, shape=[S_PAD, HEAD_DIM], strides=[s_ds, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+    else:
+        q_src = q_base
+        do_src = do_base
     row_base = pid_bh.to(tl.int64) * S_PAD
     lst = b * s_ib + h * s_ih + kb * s_iq
     cnt = b * s_nb + h * s_nh + kb
@@ -373,13 +393,13 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for it in range(0, n_mask * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
-            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC, MASK_TMA,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
+            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
         )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
-            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC, MASK_TMA,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
+            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -492,13 +512,22 @@ class TileConfig:
 # block size are clipped at launch.
 _FWD_SPACE = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3, "order"), (128, 64, 8, 2), (64, 64, 4, 3, "order")],
+    128: [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3, "order"),
+        (128, 64, 8, 2),
+        (64, 64, 4, 3, "order"),
+        (64, 64, 8, 3, "qsel"),
+        (128, 32, 8, 3, "qsel"),
+    ],
     256: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
 }
 # dK/dV walks query tiles (BLOCK_M) for a fixed key tile (BLOCK_N); dQ the other way round.
 # Head dim 128 (every supported video model) is checked by benchmarks/offline_compile.py
-# (results/offline_sm90.json); a 5th element ships an entry for one path only. dK/dV in
-# kernel order has no spill-free config yet (least: 32x64/w8, 100 bytes).
+# (results/offline_sm90.json); a 5th element ships an entry for one path only: "order"
+# (contiguous kernel order), "gather" (caller-order rows) or "qsel" (per-query selection,
+# either order; where a space has "qsel" entries they replace the others for that path:
+# the selection's row pointers cost registers, and 128x64 forward / 64x64 dQ spilled).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
     128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather")],
@@ -506,7 +535,13 @@ _DKDV_SPACE = {
 }
 _DQ_SPACE = {
     64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    128: [(128, 64, 8, 3, "order"), (128, 32, 8, 3, "order"), (64, 32, 4, 3, "order"), (64, 64, 8, 3, "gather")],
+    128: [
+        (128, 64, 8, 3, "order"),
+        (128, 32, 8, 3, "order"),
+        (64, 32, 4, 3, "order"),
+        (64, 64, 8, 3, "gather"),
+        (64, 32, 8, 3, "qsel"),
+    ],
     256: [(64, 32, 8, 2), (32, 32, 4, 3), (32, 64, 8, 2)],
 }
 
@@ -522,17 +557,26 @@ def _fit(cfg: tuple, block: int, itemsize: int) -> TileConfig:
     return TileConfig(min(bm, block), min(bn, block), w, s)
 
 
-def candidates(space: dict, head_dim: int, block: int, itemsize: int, gather: bool | None = None) -> list[TileConfig]:
+def candidates(
+    space: dict, head_dim: int, block: int, itemsize: int, gather: bool | None = None, qsel: bool = False
+) -> list[TileConfig]:
     """Distinct tile configs of a search space that fit the plan block size (in order).
 
     An entry tagged ``"order"`` or ``"gather"`` (5th element) is shipped only for that path
     (contiguous kernel order, or the caller-order row gather): its register budget differs.
+    With ``qsel`` (per-query selection) the ``"qsel"`` entries are the whole list when the
+    space has any; they are never used without it. ``gather=None`` lists every entry.
     """
     out: list[TileConfig] = []
-    path = None if gather is None else ("gather" if gather else "order")
-    for cfg in _space_for(space, head_dim):
-        if path is not None and len(cfg) > 4 and cfg[4] != path:
-            continue
+    entries = _space_for(space, head_dim)
+    if gather is not None:
+        tagged_qsel = [cfg for cfg in entries if len(cfg) > 4 and cfg[4] == "qsel"]
+        if qsel and tagged_qsel:
+            entries = tagged_qsel
+        else:
+            path = "gather" if gather else "order"
+            entries = [cfg for cfg in entries if len(cfg) == 4 or cfg[4] == path]
+    for cfg in entries:
         c = _fit(cfg, block, itemsize)
         if c not in out:
             out.append(c)
@@ -545,7 +589,8 @@ def _prune(space: dict):
         block = named_args.get("BLOCK", kwargs.get("BLOCK"))
         head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
         gather = named_args.get("GATHER", kwargs.get("GATHER"))
-        allowed = set(candidates(space, head_dim, block, q.element_size(), bool(gather)))
+        qsel = named_args.get("HAS_QSEL", kwargs.get("HAS_QSEL"))
+        allowed = set(candidates(space, head_dim, block, q.element_size(), bool(gather), bool(qsel)))
         kept = [
             c
             for c in configs
@@ -638,7 +683,8 @@ def _launch(
         tuned[lambda meta: grid(grid_rows // meta[tile_of_grid])](*args, **consts)
         return
     if config is None:
-        config = candidates(space, head_dim, block, q.element_size(), bool(consts["GATHER"]))[0]
+        gather, qsel = bool(consts["GATHER"]), bool(consts["HAS_QSEL"])
+        config = candidates(space, head_dim, block, q.element_size(), gather, qsel)[0]
         if INTERPRETED:  # the interpreter is fastest with the biggest tiles
             config = TileConfig(min(block, 64), min(block, 64))
     tile = config.block_m if tile_of_grid == "BLOCK_M" else config.block_n
@@ -796,8 +842,12 @@ def backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    mask_tma = tma_enabled(q.device) and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
-    if mask_tma:
+    tma = tma_enabled(q.device)
+    mask_tma = tma and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
+    # dK/dV in contiguous kernel order reads its Q and dO tiles through descriptors (the
+    # per-row address registers were what spilled at 32x64/w8).
+    dkdv_tma = p.rows is None and tma and _tma_ok(q) and _tma_ok(do)
+    if mask_tma or dkdv_tma:
         _ensure_allocator()
     flags = {**_flags(q, p), "MASK_TMA": mask_tma}
     base = (*_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq))
@@ -812,7 +862,7 @@ def backward(
         S_pad,
         B * H,
         args,
-        flags,
+        {**flags, "USE_TMA": dkdv_tma},
         q,
         p.block,
         dkdv_config,
