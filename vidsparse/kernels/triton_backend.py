@@ -314,17 +314,12 @@ def to_kernel_order(x: Tensor, plan: BlockSparsePlan) -> Tensor:
     hidden states once per forward and call ``attention_kernel_order`` in every layer: the
     kernels then read whole contiguous tiles through TMA descriptors instead of gathering rows.
     """
-    order = plan.order
-    if order.identity:
-        return x.contiguous()
-    out = x[:, order.gather.to(x.device)]
-    return out * order.token_valid.to(x.device, x.dtype).view(1, -1, 1, 1)
+    return plan.order.to_kernel(x).contiguous()
 
 
 def from_kernel_order(y: Tensor, plan: BlockSparsePlan) -> Tensor:
     """Kernel-order [B, S_pad, H, D] -> caller-order [B, S, H, D] (the inverse of ``to_kernel_order``)."""
-    order = plan.order
-    return y if order.identity else y[:, order.scatter.to(y.device)]
+    return plan.order.to_caller(y)
 
 
 def attention_kernel_order(
