@@ -138,6 +138,8 @@ def test_remove_takes_the_permutation_hooks_away():
     with torch.no_grad():
         before = model(**inputs).sample
     _run(model, inputs, _config(*TILE), kernel_order=True)
-    assert not model.blocks[0]._forward_pre_hooks and not model.rope._forward_hooks and not model.proj_out._forward_hooks
+    assert (
+        not model.blocks[0]._forward_pre_hooks and not model.rope._forward_hooks and not model.proj_out._forward_hooks
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).sample, before, atol=0, rtol=0)
