@@ -12,6 +12,9 @@ Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "
 "uncond", "cond_uncond"; "default" without one):
 
 1. a ``cache_context(..., step_index=i)`` (WanPipeline sets it) is taken as is;
+1b. otherwise, applied to a pipeline whose scheduler keeps a ``step_index`` (every diffusers
+   scheduler the video pipelines use), that index less the scheduler's ``begin_index``: host
+   integers, so no device sync (a sequential CFG pass calls twice with the same index);
 2. otherwise the largest timestep value of the call is compared with the branch's previous
    call: equal -> same step (sequential CFG without contexts calls twice per step); moved in
    the run's direction -> next step; moved the other way, or back to the run's first value
@@ -43,7 +46,7 @@ Extension points (used by ``vidsparse.parallel``):
 torch.compile: the bookkeeping runs eagerly (``torch.compiler.disable``, one graph break per
 forward); when the transformer runs compiled, it also builds the call's static plans there,
 so the compiled attention calls only look them up. Reading the timestep (rule 2) is one
-host sync per forward; rule 1 needs none.
+host sync per forward; rules 1 and 1b need none.
 """
 
 from __future__ import annotations
@@ -241,6 +244,20 @@ class SparseState:
             return len(timesteps)
         return self.config.num_inference_steps
 
+    def scheduler_step(self) -> int | None:
+        """The step from the pipeline's scheduler (rule 1b): ``step_index`` counts the
+        ``scheduler.step`` calls of this run (``None`` before the first: step 0), less its
+        ``begin_index`` (video-to-video starts part-way). Plain host integers, so reading them
+        costs no device sync, unlike the timestep. ``None`` without a pipeline or a scheduler
+        that keeps a step index."""
+        pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not hasattr(type(scheduler), "step_index"):
+            return None
+        index = scheduler.step_index
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return 0 if index is None else max(0, int(index) - int(begin))
+
     def dense_step(self, step: int, total: int | None) -> bool:
         cfg = self.config
         first = cfg.dense_first_steps
@@ -282,6 +299,9 @@ class SparseState:
             self.tracker.set(branch, step)
         elif per_frame:
             step = self.tracker.step_frames(branch, timestep.detach()[0].flatten().float().cpu())
+        elif (sched_step := self.scheduler_step()) is not None:  # host state: no timestep read (sync)
+            step = sched_step
+            self.tracker.set(branch, step)
         elif isinstance(timestep, torch.Tensor):
             step = self.tracker.step(branch, float(timestep.detach().max()))
         elif isinstance(timestep, (int, float)):
