@@ -56,7 +56,7 @@ def test_only_families_whose_blocks_are_per_token_run_in_kernel_order():
     assert [f.name for f in families() if f.kernel_order] == ["wan"]
 
 
-@pytest.mark.parametrize("variant", ["wan", "wan22-5b"])  # TI2V-5B: per-token timestep [B, S], permuted too
+@pytest.mark.parametrize("variant", ["wan", "wan-i2v", "wan22-5b"])  # I2V: image context; TI2V-5B: per-token timestep
 @pytest.mark.parametrize("spec", [TILE, RADIAL], ids=["tile", "radial-dense-layer0"])
 def test_wan_forward_in_kernel_order_equals_per_layer_gather(variant, spec):
     model = tiny_transformer(variant)
