@@ -251,7 +251,7 @@ def analyse(kernel, hgmma_per_tile: int) -> dict:
 
 _PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
         "DV": "*bf16", "Lse": "*fp32", "Delta": "*fp32", "Rows": "*i32", "Idx": "*i32", "Mid": "*i32",
-        "NMask": "*i32", "NAll": "*i32", "Masks": "*u8", "KeyValid": "*u8", "QSel": "*u8", "KGroup": "*i32",
+        "NElem": "*i32", "NMask": "*i32", "NAll": "*i32", "Valid": "*u8", "Masks": "*u8", "KeyValid": "*u8", "QSel": "*u8", "KGroup": "*i32",
         "QOrder": "*i32"}  # fmt: skip
 
 
@@ -273,7 +273,8 @@ def variants(quick: bool):
              ("gather+query-select", dict(GATHER=True, HAS_KV=False, HAS_QSEL=True))]  # fmt: skip
     for role, (fn, space) in kernels.items():
         for label, flags in flag_sets + extra:
-            configs = tk.candidates(space, HEAD_DIM, BLOCK, 2, flags["GATHER"])  # shipped for this path
+            # the configs shipped for this path
+            configs = tk.candidates(space, HEAD_DIM, BLOCK, 2, flags["GATHER"], flags["HAS_QSEL"])
             if label in ("gather+key-valid", "gather+query-select") or quick:
                 configs = configs[:1]
             for i, cfg in enumerate(configs):

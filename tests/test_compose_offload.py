@@ -13,6 +13,7 @@ from compose_pipelines import FAMILIES, run, tiny_pipeline
 from diffusers.hooks import HookRegistry
 
 import vidsparse as vs
+from vidsparse.families import family_of
 from vidsparse.pipelines import get_state, is_applied
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -140,7 +141,9 @@ def test_reapply_under_offload_does_not_double_hooks(order, references, monkeypa
         assert state.calls["sparse"] == references[family][2]
     handle.remove()
     assert len(begins) == len(forwards) > 0
-    assert len(pipe.transformer._forward_pre_hooks) == 1
+    # the bookkeeping pre-hook, plus (Wan: Family.kernel_order) the per-token timestep's permutation
+    assert len(pipe.transformer._forward_pre_hooks) == 1 + int(family_of(pipe.transformer).kernel_order)
+    assert len(pipe.transformer.blocks[0]._forward_pre_hooks) == int(family_of(pipe.transformer).kernel_order)
 
 
 def test_sequential_cpu_offload_both_orders(references):

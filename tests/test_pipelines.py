@@ -348,3 +348,35 @@ def test_plain_gradient_checkpointing_recomputes_under_the_same_pattern():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_pipeline_step_comes_from_the_scheduler_without_reading_the_timestep(monkeypatch):
+    """LTXPipeline sets no step index in its cache context: the hook takes the scheduler's
+    ``step_index`` (host state) instead of reading the timestep tensor (a device sync on a GPU),
+    and counts the steps exactly as before (dense first step, then sparse)."""
+    import sys
+
+    from vidsparse.families import get_family
+
+    fam = get_family("ltx")
+    pipe = fam.tiny_pipeline(seed=0)
+    vs.apply(pipe, vs.SparseConfig("radial", dense_first_steps=1, backend="torch"))
+    state = get_state(pipe.transformer)
+    steps = []
+    pipe.transformer.register_forward_hook(lambda m, a, o: steps.append((state.current.step, state.current.patterns)))
+    reads = []
+    for name in ("item", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith("hooks.py"):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    kwargs = fam.tiny_prompt_kwargs(pipe, "a red ball", "")
+    pipe(**kwargs, num_frames=9, height=64, width=96, num_inference_steps=3, output_type="latent")
+    monkeypatch.undo()
+    assert reads == []
+    assert [s for s, _ in steps] == [0, 1, 2]
+    assert all(p is None for p in steps[0][1]) and any(p is not None for p in steps[1][1])

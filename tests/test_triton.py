@@ -469,3 +469,104 @@ def test_kernel_order_helpers_round_trip_and_match_caller_order():
     torch.testing.assert_close(out, tb.attention(q, k, v, p, text_mask=tm), atol=ATOL, rtol=RTOL)
     with pytest.raises(ValueError, match="kernel order"):
         tb.attention_kernel_order(q, k, v, p)
+
+
+def test_kernel_order_backward_reads_tiles_by_tma(monkeypatch):
+    """In contiguous kernel order dK/dV loads its Q / dO tiles and dQ its K / V tiles through
+    tensor descriptors; the
+    gradients equal the pointer path's (VIDSPARSE_TRITON_TMA=0) and the caller-order path's."""
+    layout = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    p = vs.plan(make("radial"), layout, num_heads=2, block_size=16)
+    q, k, v = random_qkv(layout, batch=2, heads=2, dim=16)
+    tm = random_text_mask(layout, 2)
+    g = torch.randn(2, p.padded_len, 2, 16) * p.order.token_valid.view(1, -1, 1, 1)  # padding rows: no gradient
+    seen = []
+    launch = tk._launch
+
+    def spy(kernel, *args, **kwargs):
+        if kernel in (tk._bwd_dkdv_kernel, tk._bwd_dq_kernel):
+            seen.append(args[5]["USE_TMA"])
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tk, "_launch", spy)
+    grads = []
+    for tma in ("1", "0"):
+        monkeypatch.setenv("VIDSPARSE_TRITON_TMA", tma)
+        ins = [tb.to_kernel_order(t, p).requires_grad_(True) for t in (q, k, v)]
+        tb.attention_kernel_order(*ins, p, text_mask=tm).backward(g)
+        grads.append([tb.from_kernel_order(t.grad, p) for t in ins])
+    assert seen == [True, True, False, False]  # dK/dV and dQ, with and without descriptors
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    tb.attention(*ins, p, text_mask=tm).backward(tb.from_kernel_order(g, p))
+    for got in grads:
+        for name, a, b in zip("qkv", got, (t.grad for t in ins)):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_query_select_launches_get_their_own_configs():
+    """Per-query selection ships its own (spill-free on sm_90) head-dim-128 configs, first; the
+    other paths never get them."""
+    fwd_q = tk.candidates(tk._FWD_SPACE, 128, 128, 2, gather=True, qsel=True)
+    dq_q = tk.candidates(tk._DQ_SPACE, 128, 128, 2, gather=True, qsel=True)
+    assert fwd_q[0] == tk.TileConfig(64, 64, 8, 3) and dq_q[0] == tk.TileConfig(64, 32, 8, 3)
+    for space in (tk._FWD_SPACE, tk._DQ_SPACE):
+        for gather in (True, False):
+            plain = tk.candidates(space, 128, 128, 2, gather=gather)
+            assert not set(plain) & set(tk.candidates(space, 128, 128, 2, gather=gather, qsel=True))
+    # A space without "qsel" entries (dK/dV) serves selections with its path's own list.
+    assert tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True, True) == tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True)
+    # Every shipped config is in the autotuner's list.
+    every = {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tk._all_configs(tk._FWD_SPACE)
+    }
+    assert {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in fwd_q} <= every
+
+
+def _with_row_and_column_padding_mask(p):
+    """``p`` with the padded last block's diagonal entry under the mask (valid rows x valid
+    columns): a block partial only through padding on both sides (code PAD_ROWS_COLS)."""
+    last = p.num_blocks - 1
+    vb = p.order.token_valid.view(-1, p.block_size)
+    row = int(torch.nonzero(p.kv_indices[0, 0, last, : p.kv_counts[0, 0, last]] == last)[0])
+    mask = (vb[last][:, None] & vb[last][None, :]).unsqueeze(0)
+    mask_ids = p.mask_ids.clone()
+    mask_ids[..., last, row] = p.block_masks.shape[0]
+    return dataclasses.replace(p, mask_ids=mask_ids, block_masks=torch.cat([p.block_masks, mask]))
+
+
+def test_padding_only_blocks_take_the_1d_validity_path():
+    """Blocks whole but for padding (the last key block of every row of a dense plan, and a
+    padded diagonal block) get padding codes and their own loop: out, lse and all gradients
+    equal the reference's element masks, padding rows included, in both orders."""
+    from vidsparse.kernels.triton_plan import PAD_COLS, PAD_ROWS_COLS, padding_codes
+
+    layout = vs.VideoLayout(3, 3, 5)  # 45 tokens: the last block of 16 holds 13
+    p = _with_row_and_column_padding_mask(vs.plan(make("dense"), layout, num_heads=1, block_size=16))
+    codes = padding_codes(p.kv_indices, p.mask_ids, p.block_masks, p.order.token_valid, p.block_size)
+    assert int((codes == PAD_COLS).sum()) == p.num_blocks - 1 and int((codes == PAD_ROWS_COLS).sum()) == 1
+    lists = split_lists(p.kv_counts, p.kv_indices, p.mask_ids, None, codes)
+    assert int(lists.n_elem.sum()) == 0 and int(lists.n_masked.sum()) == p.num_blocks
+    t = transpose_lists(p.kv_counts, p.kv_indices, codes, p.num_blocks)
+    assert int(t.n_elem.sum()) == 0 and int(t.n_masked.sum()) == p.num_blocks
+    q, k, v = (torch.randn(2, 1, p.padded_len, 16, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 1, p.padded_len, 16)
+    results = []
+    for fn in (tb.run, reference.run):
+        ins = [t_.detach().clone().requires_grad_(True) for t_ in (q, k, v)]
+        out, lse = fn(*ins, p)
+        (out * g).sum().backward()
+        results.append((out.detach(), lse, [t_.grad for t_ in ins]))
+    (o, lse, grads), (ro, rlse, rgrads) = results
+    torch.testing.assert_close(o, ro, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, rlse, atol=ATOL, rtol=RTOL)
+    for name, a, b in zip("qkv", grads, rgrads):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
+    # Caller order (fused gather): the same through vs.attention's triton path.
+    qc, kc, vc = random_qkv(layout, batch=2, heads=1, dim=16)
+    torch.testing.assert_close(tb.attention(qc, kc, vc, p), run_permuted_reference(qc, kc, vc, p), atol=ATOL, rtol=RTOL)
+
+
+def run_permuted_reference(q, k, v, p):
+    from vidsparse.attention import run_permuted
+
+    return run_permuted(reference.run, q, k, v, p, None, None)

@@ -210,15 +210,23 @@ def attention(
     text_mask: torch.Tensor | None = None,
     scale: float | None = None,
     block_size: int | None = None,
+    kernel_order: bool = False,
 ) -> torch.Tensor:
     """Sparse self-attention of q, k, v [B, S, H, D] under ``pattern`` -> [B, S, H, D].
 
     Exactly softmax attention restricted to ``token_mask(pattern, layout)`` (and to the valid
     text tokens of ``text_mask`` [B, text_len]), whatever the backend.
+
+    ``kernel_order=True``: q, k, v are [B, S_pad, H, D] already in the plan's kernel order
+    (``plan(...).order.to_kernel``, padding rows 0), e.g. a transformer forward permuted once
+    for all its layers (``vidsparse.pipelines.hooks``); the output comes back in that order
+    (padding rows are don't-care). Static patterns only (a dynamic plan reads caller-order q, k).
     """
     pattern = _as_pattern(pattern)
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
+    if kernel_order:
+        return _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask, scale, block_size)
     _check_inputs(q, k, v, layout, text_mask)
     _check_call_options(scale, block_size)
     chosen = backend_for(backend, q)
@@ -241,6 +249,32 @@ def attention(
         # Backends that fuse the permutation (and register a custom op) take the caller layout.
         return chosen.attention(q, k, v, p, text_mask=text_mask, scale=scale)
     return run_permuted(chosen.run, q, k, v, p, text_mask, scale)
+
+
+def _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask, scale, block_size) -> torch.Tensor:
+    """``attention(..., kernel_order=True)``: q, k, v [B, S_pad, H, D] in the plan's kernel order."""
+    if pattern.dynamic:
+        raise ValueError(
+            f"{type(pattern).__name__} plans from caller-order q and k; call vidsparse.attention without kernel_order."
+        )
+    _check_call_options(scale, block_size)
+    chosen = backend_for(backend, q)
+    reason = chosen.can_run(q, k, v)
+    if reason is not None:
+        raise ValueError(f"backend={chosen.name!r} cannot run this call: {reason}.")
+    bs = chosen.default_block if block_size is None else block_size
+    p = plan(pattern, layout, num_heads=q.shape[2], layer=layer, device=q.device, block_size=bs)
+    if q.dim() != 4 or q.shape[1] != p.padded_len or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"kernel_order=True takes q, k, v [B, S_pad, H, D] with S_pad = {p.padded_len} (the plan's kernel "
+            f"sequence for {layout}, block {bs}); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}. "
+            "Permute with vidsparse.plan(...).order.to_kernel(x)."
+        )
+    if text_mask is not None and tuple(text_mask.shape) != (q.shape[0], layout.text_len):
+        raise ValueError(
+            f"text_mask must be [B, text_len] = [{q.shape[0]}, {layout.text_len}], got {tuple(text_mask.shape)}."
+        )
+    return chosen.attention_kernel_order(q, k, v, p, text_mask=text_mask, scale=scale)
 
 
 def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale, *, return_lse: bool = False):

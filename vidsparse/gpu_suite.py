@@ -21,8 +21,9 @@ Stages, in order (``STAGES``):
   once per (shape, plan, direction); the recompile limit is raised and a hit made an error so
   Flex never silently runs eagerly (which materialises the full score matrix).
 - ``step-wan-1.3b``: one Wan2.1-1.3B transformer forward at 81x480x832 (published config,
-  random bf16 weights), dense vs radial and tile at the family defaults, output compared to
-  dense.
+  random bf16 weights), dense vs radial and tile at the family defaults (each forward in the
+  plans' kernel order), and radial on the per-layer gather path (``kernel_order`` False) for the
+  A/B; outputs compared to dense.
 - ``attention-hunyuan``: HunyuanVideo 720p shapes, only if budget remains.
 
 ``render_markdown`` turns the JSON into ``gpu_suite.md``: versions, tables, and the issue's
@@ -689,12 +690,17 @@ def stage_step(ctx: Ctx) -> dict[str, Any]:
     ctx.add({"pattern": "dense", "forward_ms": dense_ms, "step_ms": dense_ms * passes, "first_ms": first})
     ok = True
     with autotune_setting(ctx.autotune):
-        for name in ("radial",) if ctx.dry_run else ("radial", "tile"):
-            ctx.need(5.0 if ctx.dry_run else 40.0, f"step {name}")
-            case: dict[str, Any] = {"pattern": name}
+        # Wan runs each sparse forward in the plans' kernel order (one permutation, contiguous
+        # tiles); the last GPU case is radial on the per-layer gather path, for the A/B.
+        variants = [("radial", True)] if ctx.dry_run else [("radial", True), ("tile", True), ("radial", False)]
+        for name, in_order in variants:
+            label = name if in_order else f"{name} (per-layer gather)"
+            ctx.need(5.0 if ctx.dry_run else 40.0, f"step {label}")
+            case: dict[str, Any] = {"pattern": label}
             try:
                 vs.apply(model, SparseConfig(name, dense_first_steps=0, num_inference_steps=50, backend="triton"))
                 state = get_state(model)
+                state.kernel_order = in_order
                 recorder = DensityRecorder(state.attention_fn)
                 state.attention_fn = recorder
                 first, ms = _time_case(ctx, forward)
@@ -708,6 +714,7 @@ def stage_step(ctx: Ctx) -> dict[str, Any]:
                             resolved="; ".join(sorted({x[0] for x in seen.values()})),
                             dense_layers=sorted(state.dense_layers))  # fmt: skip
                 case["finite"] = bool(torch.isfinite(out).all())
+                case["kernel_order"] = state.current is not None and state.current.order is not None
                 ok = ok and case["finite"]
             except Exception as exc:
                 case.update(error=_short(exc))
@@ -715,7 +722,7 @@ def stage_step(ctx: Ctx) -> dict[str, Any]:
             finally:
                 vs.remove(model)
             ctx.add(case)
-            ctx.log(f"  step {name}: {case.get('forward_ms', float('nan')):.1f} ms/forward, "
+            ctx.log(f"  step {label}: {case.get('forward_ms', float('nan')):.1f} ms/forward, "
                     f"dense {dense_ms:.1f}")  # fmt: skip
     model = inputs = None
     _free(ctx.device)
@@ -738,7 +745,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("environment", stage_environment, _est(2, 5), "versions, device, natten kernels"),
     Stage("correctness", stage_correctness, _est(60, 120), "compiled kernels vs SDPA / exact reference"),
     Stage("attention-wan-1.3b", _attention_stage("wan-1.3b"), _est(60, 150), "one attention call, Wan2.1-1.3B 480p"),
-    Stage("step-wan-1.3b", stage_step, _est(40, 70), "one Wan2.1-1.3B forward, dense vs radial/tile"),
+    Stage("step-wan-1.3b", stage_step, _est(40, 90), "one Wan2.1-1.3B forward, dense vs radial/tile"),
     Stage("attention-wan-14b", _attention_stage("wan-14b"), _est(10, 170), "one attention call, Wan2.1-14B 720p"),
     Stage("attention-hunyuan", _attention_stage("hunyuan"), _est(10, 170), "HunyuanVideo 720p (if budget remains)"),
 )

@@ -55,6 +55,36 @@ class KernelOrder:
     padded_len: int
     identity: bool  # kernel order == caller order, no padding
 
+    def to(self, device: torch.device | str) -> KernelOrder:
+        return replace(
+            self,
+            gather=self.gather.to(device),
+            scatter=self.scatter.to(device),
+            token_valid=self.token_valid.to(device),
+            video_index=self.video_index.to(device),
+        )
+
+    def same_as(self, other: KernelOrder) -> bool:
+        """Whether ``other`` puts every token at the same kernel position (host tensors)."""
+        return (
+            self.padded_len == other.padded_len
+            and torch.equal(self.gather.cpu(), other.gather.cpu())
+            and bool(torch.equal(self.token_valid.cpu(), other.token_valid.cpu()))
+        )
+
+    def to_kernel(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Caller order -> kernel order along ``dim`` (length S -> S_pad; padding positions 0)."""
+        if self.identity:
+            return x
+        out = x.index_select(dim, self.gather.to(x.device))
+        shape = [1] * x.dim()
+        shape[dim] = self.padded_len
+        return out * self.token_valid.to(x.device, x.dtype).view(shape)
+
+    def to_caller(self, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Kernel order -> caller order along ``dim`` (the inverse of ``to_kernel``)."""
+        return y if self.identity else y.index_select(dim, self.scatter.to(y.device))
+
 
 def kernel_order(layout: VideoLayout, video_order: torch.Tensor | None, block_size: int) -> KernelOrder:
     """Build the kernel sequence for a layout and a pattern's video order."""
@@ -137,16 +167,9 @@ class BlockSparsePlan:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        order = replace(
-            self.order,
-            gather=self.order.gather.to(device),
-            scatter=self.order.scatter.to(device),
-            token_valid=self.order.token_valid.to(device),
-            video_index=self.order.video_index.to(device),
-        )
         return replace(
             self,
-            order=order,
+            order=self.order.to(device),
             kv_counts=self.kv_counts.to(device),
             kv_indices=self.kv_indices.to(device),
             mask_ids=self.mask_ids.to(device),

@@ -264,6 +264,15 @@ class Family:
     ``clip_decode``: how the family's VAE decodes one clip (``vidsparse.families.decode``; ``None``:
     ``run_parallel`` lets the pipeline decode the whole video on every rank).
 
+    Kernel order: ``kernel_order=True`` says that between the shard plan's cut points (its
+    ``inputs`` / ``outputs`` in, its ``gather`` modules out) every operation but self-attention
+    is per token (norms, FFN, cross-attention queries, per-token timestep embeddings, RoPE
+    tables as cut), and that the family processor handles a kernel-order call. Then a sparse
+    forward whose layers share one kernel order (``vidsparse.pipelines.hooks``) permutes the
+    token sequence there once, every layer attends in that order (contiguous tiles, the Triton
+    kernels' TMA path) and the output is permuted back. Families whose blocks mix tokens in
+    caller order (joint text spans, VACE hints, frame packing) keep ``False``.
+
     Tiny: ``tiny`` (variant name -> ``TinyVariant``) and ``tiny_pipeline(seed, dtype, **kw)``
     (a whole random-init pipeline, or ``None``); ``tiny_geometries``: names of further
     geometries whose tiny pipeline ``tiny_pipeline(seed, dtype, variant=<name>)`` builds
@@ -300,6 +309,7 @@ class Family:
     shard_plan: ShardPlan | None = None
     parallel_refusal: str = "not supported yet"
     clip_decode: ClipDecode | None = None
+    kernel_order: bool = False
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
     tiny_prompt_kwargs: Callable[..., dict[str, Any]] | None = None
@@ -318,6 +328,10 @@ class Family:
             raise ValueError(f"Family {self.name!r} declares no VideoGeometry.")
         if self.lora_adapter is None and not self.lora_refusal:
             raise ValueError(f"Family {self.name!r}: give a lora_adapter or a lora_refusal saying why there is none.")
+        if self.kernel_order and self.shard_plan is None:
+            raise ValueError(
+                f"Family {self.name!r}: kernel_order=True permutes at the shard plan's cut points; give one."
+            )
         for attr in ("pattern_defaults", "dense_layers", "lora_refusals", "tiny", "tiny_pipelines"):
             object.__setattr__(self, attr, _frozen(getattr(self, attr)))
 

@@ -69,8 +69,12 @@ class SparseProcessor(WrappedProcessor):
         return self.original(*args, **kwargs)
 
     def _layout(self, seq_len: int, text_len: int, position: str) -> VideoLayout:
-        """The call's layout, checked against this attention's token count."""
+        """The call's layout, checked against this attention's token count (the padded kernel
+        sequence when the forward runs in kernel order)."""
         layout = self.state.current.layout
+        order = self.state.current.order
+        if order is not None and seq_len == order.padded_len and text_len == layout.text_len:
+            return layout
         seq_len = seq_len * self.state.ulysses  # diffusers' Ulysses: this rank holds 1/N of the rows
         if layout.text_len != text_len or layout.seq_len != seq_len:
             grid_layout = VideoLayout(*layout.grid, text_len=text_len, text_position=position if text_len else "none")

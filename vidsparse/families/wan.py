@@ -99,7 +99,14 @@ class WanSparseProcessor(SparseProcessor):
     ) -> torch.Tensor:
         pattern = self.state.pattern_for(self.layer)
         if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
-            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            order = self.state.current.order
+            if order is None:
+                return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            # A dense layer of a forward that runs in kernel order: the model's own attention
+            # sees the caller's tokens (no padding rows among its keys), then back.
+            rotary = None if rotary_emb is None else tuple(order.to_caller(t) for t in rotary_emb)
+            out = self._dense(attn, order.to_caller(hidden_states), encoder_hidden_states, attention_mask, rotary)
+            return order.to_kernel(out)
         query, key, value = _wan_qkv(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
@@ -489,6 +496,10 @@ FAMILY = Family(
         gather={"proj_out": Shard(1, 3)},
     ),
     clip_decode=CLIP_DECODE,
+    # Between those cut points a Wan block is per token but for attn1 (norms, FFN, the text /
+    # image cross-attention's queries, TI2V's per-token timestep embedding): a sparse forward
+    # runs in the plans' kernel order there (vidsparse.pipelines.kernel_order).
+    kernel_order=True,
     tiny={
         "wan": TinyVariant("wan", tiny_transformer_kwargs, tiny_inputs),
         "wan-i2v": TinyVariant("wan-i2v", tiny_i2v_config, tiny_i2v_inputs),

@@ -25,6 +25,14 @@ class DensityRecorder:
         self.layers: dict[int, tuple[str, float, float, float, str]] = {}
         self.sparse_calls = 0
 
+    @property
+    def accepts_kernel_order(self) -> bool:
+        """Kernel-order calls pass through when the wrapped function takes them (static plans:
+        the measurement reads only q's heads and device)."""
+        from vidsparse.pipelines.hooks import accepts_kernel_order
+
+        return accepts_kernel_order(self.inner)
+
     def __call__(self, q, k, v, layout, pattern, *args, layer: int = 0, block_size: int | None = None, **kwargs):
         record = self._record
         if torch.compiler.is_compiling():  # host-side bookkeeping stays out of the graph (--compile)

@@ -71,6 +71,18 @@ class Backend:
             raise TypeError(f"backend {self.name!r} runs kernel-order tensors only; use vidsparse.attention.")
         return self.load().attention(q, k, v, plan, text_mask=text_mask, scale=scale)
 
+    def attention_kernel_order(self, q, k, v, plan, text_mask=None, scale=None) -> torch.Tensor:
+        """Attention of q, k, v [B, S_pad, H, D] already in ``plan.order`` -> out, same order.
+
+        ``fused`` backends take these tensors as they are (the Triton kernels then read whole
+        contiguous tiles through TMA); the others get [B, H, S_pad, D] views through ``run``.
+        """
+        if self.fused:
+            return self.load().attention_kernel_order(q, k, v, plan, text_mask=text_mask, scale=scale)
+        key_valid = plan.key_valid(text_mask, q.shape[0])
+        out, _ = self.run(*(t.transpose(1, 2) for t in (q, k, v)), plan, key_valid=key_valid, scale=scale)
+        return out.transpose(1, 2)
+
 
 _BACKENDS: dict[str, Backend] = {}
 

@@ -18,7 +18,15 @@ imported): slow, for tests only.
 import torch
 
 from vidsparse.kernels import triton_kernels as tk
-from vidsparse.kernels.triton_plan import CACHE, BlockLists, kernel_rows, mask_table, split_lists, transpose_lists
+from vidsparse.kernels.triton_plan import (
+    CACHE,
+    BlockLists,
+    kernel_rows,
+    mask_table,
+    padding_codes,
+    split_lists,
+    transpose_lists,
+)
 from vidsparse.plan import BlockSparsePlan
 
 DEFAULT_BLOCK_SIZE = 128
@@ -77,16 +85,19 @@ def _plan_args(
     dyn = _is_dynamic(query_select)
     padded = gather.shape[0] if gather is not None else S
     with_kv = key_valid is not None
+    codes = _codes(kv_indices, mask_ids, block_masks, token_valid, gather, block_size, dyn)
     lists = _cached(
         "lists",
-        (kv_counts, kv_indices, mask_ids, text_blocks),
-        lambda: split_lists(kv_counts, kv_indices, mask_ids, text_blocks if with_kv else None),
+        (kv_counts, kv_indices, mask_ids, text_blocks, codes),
+        lambda: split_lists(kv_counts, kv_indices, mask_ids, text_blocks if with_kv else None, codes),
         dyn,
         (with_kv,),
     )
-    rows = None
+    rows = valid = None
     if gather is not None:
         rows = _cached("rows", (gather, token_valid), lambda: kernel_rows(gather, token_valid), False)
+    if token_valid is not None:
+        valid = _cached("valid", (token_valid,), lambda: token_valid.to(torch.uint8).contiguous(), False)
     masks = _cached("masks", (block_masks,), lambda: mask_table(block_masks, block_size), dyn, (block_size,))
     qs = kg = None
     if query_select is not None:
@@ -94,7 +105,21 @@ def _plan_args(
         kg = key_group.to(torch.int32).contiguous()
     kv = None if key_valid is None else _as_u8(key_valid).expand(B, padded).contiguous()
     order = _cached("query-order", (kv_counts,), lambda: tk.longest_first(lists), dyn)
-    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded, order)
+    return tk.PlanArgs(rows, lists, masks, kv, qs, kg, block_size, padded, order, valid)
+
+
+def _codes(kv_indices, mask_ids, block_masks, token_valid, gather, block_size: int, dynamic: bool) -> Tensor:
+    """Mask ids with padding-only blocks recoded (``padding_codes``) for the kernel-order
+    kernels; unchanged without padding or with a row gather (those kernels mask by element)."""
+    if token_valid is None or gather is not None:  # the row-gather kernels have no padding-only loop
+        return mask_ids
+    return _cached(
+        "pad-codes",
+        (kv_indices, mask_ids, block_masks, token_valid),
+        lambda: padding_codes(kv_indices, mask_ids, block_masks, token_valid, block_size),
+        dynamic,
+        (block_size,),
+    )
 
 
 def _as_u8(t: Tensor) -> Tensor:
@@ -140,7 +165,9 @@ def block_sparse_attention(
     """Block-sparse attention of q, k, v [B, S, H, D] -> (out [B, S, H, D], lse fp32 [B, H, S_pad]).
 
     With ``gather`` (int64 [S_pad], caller token per kernel position) and ``token_valid``
-    the kernels read and write caller order; without, kernel order is caller order.
+    the kernels read and write caller order; without ``gather``, kernel order is caller order.
+    ``token_valid`` (bool [S_pad]) also lets blocks that are partial only through padding skip
+    their element mask for a 1-D validity test (``triton_plan.padding_codes``).
     """
     q, k, v = _d_contig(q), _d_contig(k), _d_contig(v)
     p = _plan_args(q, kv_counts, kv_indices, mask_ids, block_masks, text_blocks, gather, token_valid,
@@ -182,7 +209,9 @@ def block_sparse_attention_backward(
     q, k, v, out, grad_out = (_d_contig(t) for t in (q, k, v, out, grad_out))
     p = _plan_args(q, kv_counts, kv_indices, mask_ids, block_masks, text_blocks, gather, token_valid,
                    key_valid, query_select, key_group, block_size)  # fmt: skip
-    t_lists = _transposed(kv_counts, kv_indices, mask_ids, p.padded_len // block_size, _is_dynamic(query_select))
+    dyn = _is_dynamic(query_select)
+    codes = _codes(kv_indices, mask_ids, block_masks, token_valid, gather, block_size, dyn)
+    t_lists = _transposed(kv_counts, kv_indices, codes, p.padded_len // block_size, dyn)
     dlse = None if grad_lse is None else grad_lse.float().contiguous()
     return tk.backward(grad_out, dlse, q, k, v, out, lse.contiguous(), p, t_lists, scale)
 
@@ -249,6 +278,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan, seq_len: int,
 
 
 def _op_args(plan: BlockSparsePlan, fused_order: bool):
+    """The plan tensors of the custom op: ``gather`` only when the kernels fuse the caller
+    order; ``token_valid`` whenever the sequence has padding (padding-only blocks)."""
     order = plan.order
     fuse = fused_order and not order.identity
     return (
@@ -258,7 +289,7 @@ def _op_args(plan: BlockSparsePlan, fused_order: bool):
         plan.block_masks,
         plan.text_blocks,
         order.gather if fuse else None,
-        order.token_valid if fuse else None,
+        None if order.identity else order.token_valid,
     )
 
 
@@ -314,17 +345,12 @@ def to_kernel_order(x: Tensor, plan: BlockSparsePlan) -> Tensor:
     hidden states once per forward and call ``attention_kernel_order`` in every layer: the
     kernels then read whole contiguous tiles through TMA descriptors instead of gathering rows.
     """
-    order = plan.order
-    if order.identity:
-        return x.contiguous()
-    out = x[:, order.gather.to(x.device)]
-    return out * order.token_valid.to(x.device, x.dtype).view(1, -1, 1, 1)
+    return plan.order.to_kernel(x).contiguous()
 
 
 def from_kernel_order(y: Tensor, plan: BlockSparsePlan) -> Tensor:
     """Kernel-order [B, S_pad, H, D] -> caller-order [B, S, H, D] (the inverse of ``to_kernel_order``)."""
-    order = plan.order
-    return y if order.identity else y[:, order.scatter.to(y.device)]
+    return plan.order.to_caller(y)
 
 
 def attention_kernel_order(

@@ -32,13 +32,18 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr,
-    Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
+    acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid,
+    Rows, Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
     USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update of one query tile with key sub-tile ``it`` of its list."""
+    """Online-softmax update of one query tile with key sub-tile ``it`` of its list.
+
+    ``MASKED``: 0 whole block; 1 element mask (``Mid``, or only run-time masks when -1);
+    2 padding only: the block is whole but for padding rows / columns, tested on the 1-D
+    validity of the keys (and of the queries, mask code -3) instead of a 2-D mask tile.
+    """
     SUB: tl.constexpr = BLOCK // BLOCK_N
     j = it // SUB
     c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +70,13 @@ def _fwd_tile(
         qk = qk * qk_scale
         if MASKED:
             mid = tl.load(Mid + lst + j)
-            if MASK_TMA:  # the element mask as one TMA tile: no per-element pointers in registers
+            if MASKED == 2:  # padding only: 1-D key (and query) validity, no mask tile
+                if GATHER:
+                    k_in = k_ok
+                else:
+                    k_in = tl.load(Valid + offs_n) != 0
+                keep = k_in[None, :] & (q_valid[:, None] | (mid == -2))
+            elif MASK_TMA:  # the element mask as one TMA tile: no per-element pointers in registers
                 mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
                 keep = (mt != 0) | (mid < 0)
             else:
@@ -102,12 +113,17 @@ def _fwd_tile(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc,
-    Rows, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
+    dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, k_valid,
+    Rows, Valid, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list."""
+    """dK/dV contribution of query sub-tile ``it`` of a key tile's transposed list.
+
+    With ``USE_TMA`` (contiguous kernel order) ``q_base`` / ``do_base`` are tensor descriptors:
+    the Q and dO tiles come in whole through TMA, with no per-row address registers.
+    """
     SUB: tl.constexpr = BLOCK // BLOCK_M
     j = it // SUB
     r_in = (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -118,18 +134,28 @@ def _dkdv_tile(
         q_row = tl.load(Rows + offs_m)
         q_ok = q_row >= 0
         q_row = tl.maximum(q_row, 0).to(tl.int64)
-    else:
-        q_row = offs_m
-        q_ok = offs_m >= 0
-    qT = tl.load(q_base + q_row[None, :] * s_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
-    do = tl.load(do_base + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        qT = tl.load(q_base + q_row[None, :] * s_qs + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+        do = tl.load(do_base + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    elif USE_TMA:
+        row0 = qb * BLOCK + (it % SUB) * BLOCK_M
+        qT = q_base.load([row0, 0]).T
+        do = do_base.load([row0, 0])
+    else:  # kernel order: every position of [0, S_pad) is a row, no predicate registers
+        qT = tl.load(q_base + offs_m[None, :] * s_qs + offs_d[:, None])
+        do = tl.load(do_base + offs_m[:, None] * s_ds + offs_d[None, :])
     m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
     di = tl.load(Delta + row_base + offs_m)
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
     if MASKED:
         mid = tl.load(Mid + lst + j)
-        if MASK_TMA:
+        if MASKED == 2:  # padding only: 1-D validity (see _fwd_tile)
+            if GATHER:
+                q_in = q_ok
+            else:
+                q_in = tl.load(Valid + offs_m) != 0
+            keepT = k_valid[:, None] & (q_in[None, :] | (mid == -2))
+        elif MASK_TMA:
             mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + (it % SUB) * BLOCK_M, c_in0])
             keepT = (mt.T != 0) | (mid < 0)
         else:
@@ -151,31 +177,45 @@ def _dkdv_tile(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc,
-    Rows, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
+    dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, q_valid,
+    Rows, Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """dQ contribution of key sub-tile ``it`` of a query tile's list."""
+    """dQ contribution of key sub-tile ``it`` of a query tile's list (with ``USE_TMA``,
+    ``k_base`` / ``v_base`` are tensor descriptors of contiguous kernel-order K and V)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
     j = it // SUB
     c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kb = tl.load(Idx + lst + j)
     offs_n = kb.to(tl.int64) * BLOCK + c_in
-    if GATHER:
-        k_row = tl.load(Rows + offs_n)
-        k_ok = k_row >= 0
-        k_row = tl.maximum(k_row, 0).to(tl.int64)
+    if USE_TMA:
+        row0 = kb * BLOCK + (it % SUB) * BLOCK_N
+        kT = k_base.load([row0, 0]).T
+        vT = v_base.load([row0, 0]).T
+        k_ok = c_in >= 0
     else:
-        k_row = offs_n
-        k_ok = offs_n >= 0
-    kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
-    vT = tl.load(v_base + k_row[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        if GATHER:
+            k_row = tl.load(Rows + offs_n)
+            k_ok = k_row >= 0
+            k_row = tl.maximum(k_row, 0).to(tl.int64)
+        else:
+            k_row = offs_n
+            k_ok = offs_n >= 0
+        kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        vT = tl.load(v_base + k_row[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
     p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
     if MASKED:
         mid = tl.load(Mid + lst + j)
-        if MASK_TMA:
+        if MASKED == 2:  # padding only: 1-D validity (see _fwd_tile)
+            if GATHER:
+                k_in = k_ok
+            else:
+                k_in = tl.load(Valid + offs_n) != 0
+            keep = k_in[None, :] & (q_valid[:, None] | (mid == -2))
+        elif MASK_TMA:
             mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
             keep = (mt != 0) | (mid < 0)
         else:
@@ -200,8 +240,8 @@ def _dq_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Rows,
-    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup, QOrder,
+    Q, K, V, Out, Lse, Rows, Valid,
+    Idx, Mid, NElem, NMask, NAll, Masks, KeyValid, QSel, KGroup, QOrder,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
@@ -256,6 +296,7 @@ def _fwd_kernel(
     r_in0 = start_m % BLOCK
     lst = b * s_ib + h * s_ih + qb * s_iq
     cnt = b * s_nb + h * s_nh + qb
+    n_elem = tl.load(NElem + cnt)
     n_mask = tl.load(NMask + cnt)
     n_all = tl.load(NAll + cnt)
     qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
@@ -265,18 +306,32 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Blocks under a mask first (element mask, run-time key validity), then whole blocks.
-    for it in range(0, n_mask * SUB):
+    if GATHER:
+        q_valid = q_ok
+    else:
+        q_valid = tl.load(Valid + offs_m) != 0
+    # Blocks under an element mask (or run-time key validity) first, then blocks partial only
+    # through padding (1-D validity test), then whole blocks.
+    for it in range(0, n_elem * SUB):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks,
-            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC, USE_TMA,
-            MASK_TMA, NEG_SCALE,
+            acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid, Rows,
+            Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 1, HAS_KV, HAS_QSEL,
+            PREC, USE_TMA, MASK_TMA, NEG_SCALE,
         )  # fmt: skip
+    # Padding-only blocks (kernel order only: with a row gather they stay in the element
+    # loop, whose 2-loop build is spill-free at the shipped configs; a third loop is not).
+    if not GATHER:
+        for it in range(n_elem * SUB, n_mask * SUB):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid, Rows,
+                Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 2, HAS_KV, HAS_QSEL,
+                PREC, USE_TMA, MASK_TMA, NEG_SCALE,
+            )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, Rows, Idx, Mid, Masks,
-            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC, USE_TMA,
-            MASK_TMA, NEG_SCALE,
+            acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid, Rows,
+            Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 0, HAS_KV, HAS_QSEL,
+            PREC, USE_TMA, MASK_TMA, NEG_SCALE,
         )  # fmt: skip
 
     seen = l_i > 0.0  # rows with no visible key: out 0, lse -inf
@@ -320,14 +375,15 @@ def _bwd_preprocess(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, Rows,
-    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup,
+    Q, K, V, DO, DK, DV, Lse, Delta, Rows, Valid,
+    Idx, Mid, NElem, NMask, NAll, Masks, KeyValid, QSel, KGroup,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
     H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys, walking the transposed plan (query blocks listing this key block)."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -351,9 +407,20 @@ def _bwd_dkdv_kernel(
     v = tl.load(V + b * s_vb + h * s_vh + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
+    if USE_TMA:  # contiguous kernel order: Q and dO tiles by the tensor-memory accelerator
+        q_src = tl.make_tensor_descriptor(
+            q_base, shape=[S_PAD, HEAD_DIM], strides=[s_qs, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+        do_src = tl.make_tensor_descriptor(
+            do_base, shape=[S_PAD, HEAD_DIM], strides=[s_ds, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+    else:
+        q_src = q_base
+        do_src = do_base
     row_base = pid_bh.to(tl.int64) * S_PAD
     lst = b * s_ib + h * s_ih + kb * s_iq
     cnt = b * s_nb + h * s_nh + kb
+    n_elem = tl.load(NElem + cnt)
     n_mask = tl.load(NMask + cnt)
     n_all = tl.load(NAll + cnt)
     if HAS_QSEL:
@@ -371,15 +438,30 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for it in range(0, n_mask * SUB):
+    if GATHER:
+        k_valid = k_ok
+    else:
+        k_valid = tl.load(Valid + offs_n) != 0
+    for it in range(0, n_elem * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
-            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, True, HAS_QSEL, PREC, MASK_TMA,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, k_valid, Rows, Valid, Idx, Mid,
+            Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 1, HAS_QSEL, PREC,
+            MASK_TMA, USE_TMA,
         )  # fmt: skip
+    # Padding-only blocks (kernel order only: with a row gather they stay in the element
+    # loop, whose 2-loop build is spill-free at the shipped configs; a third loop is not).
+    if not GATHER:
+        for it in range(n_elem * SUB, n_mask * SUB):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, k_valid, Rows, Valid, Idx, Mid,
+                Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 2, HAS_QSEL, PREC,
+                MASK_TMA, USE_TMA,
+            )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, Rows, Idx, Mid, Masks, Lse,
-            Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, False, HAS_QSEL, PREC, MASK_TMA,
+            dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, k_valid, Rows, Valid, Idx, Mid,
+            Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 0, HAS_QSEL, PREC,
+            MASK_TMA, USE_TMA,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -395,14 +477,15 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, Rows,
-    Idx, Mid, NMask, NAll, Masks, KeyValid, QSel, KGroup,
+    Q, K, V, DO, DQ, Lse, Delta, Rows, Valid,
+    Idx, Mid, NElem, NMask, NAll, Masks, KeyValid, QSel, KGroup,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
     s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
     H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ of BLOCK_M queries, walking the forward key lists."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -430,8 +513,19 @@ def _bwd_dq_kernel(
     di = tl.load(Delta + row_base + offs_m)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if USE_TMA:  # contiguous kernel order: K and V tiles by the tensor-memory accelerator
+        k_src = tl.make_tensor_descriptor(
+            k_base, shape=[S_PAD, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+        v_src = tl.make_tensor_descriptor(
+            v_base, shape=[S_PAD, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+    else:
+        k_src = k_base
+        v_src = v_base
     lst = b * s_ib + h * s_ih + qb * s_iq
     cnt = b * s_nb + h * s_nh + qb
+    n_elem = tl.load(NElem + cnt)
     n_mask = tl.load(NMask + cnt)
     n_all = tl.load(NAll + cnt)
     qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
@@ -446,15 +540,27 @@ def _bwd_dq_kernel(
     r_in0 = start_m % BLOCK
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for it in range(0, n_mask * SUB):
+    if GATHER:
+        q_valid = q_ok
+    else:
+        q_valid = tl.load(Valid + offs_m) != 0
+    for it in range(0, n_elem * SUB):
         dq = _dq_tile(
-            dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, Rows, Idx, Mid, Masks,
-            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, True, HAS_KV, HAS_QSEL, PREC, MASK_TMA,
+            dq, q, do, m, di, it, lst, r_in, r_in0, k_src, v_src, kv_ptr, qs_ptr, m_desc, q_valid, Rows, Valid, Idx, Mid,
+            Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 1, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
         )  # fmt: skip
+    # Padding-only blocks (kernel order only: with a row gather they stay in the element
+    # loop, whose 2-loop build is spill-free at the shipped configs; a third loop is not).
+    if not GATHER:
+        for it in range(n_elem * SUB, n_mask * SUB):
+            dq = _dq_tile(
+                dq, q, do, m, di, it, lst, r_in, r_in0, k_src, v_src, kv_ptr, qs_ptr, m_desc, q_valid, Rows, Valid, Idx, Mid,
+                Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 2, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
+            )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dq = _dq_tile(
-            dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, Rows, Idx, Mid, Masks,
-            KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, False, HAS_KV, HAS_QSEL, PREC, MASK_TMA,
+            dq, q, do, m, di, it, lst, r_in, r_in0, k_src, v_src, kv_ptr, qs_ptr, m_desc, q_valid, Rows, Valid, Idx, Mid,
+            Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 0, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
         )  # fmt: skip
 
     dq *= sm_scale
@@ -492,13 +598,22 @@ class TileConfig:
 # block size are clipped at launch.
 _FWD_SPACE = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3, "order"), (128, 64, 8, 2), (64, 64, 4, 3, "order")],
+    128: [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3, "order"),
+        (128, 64, 8, 2),
+        (64, 64, 4, 3, "order"),
+        (64, 64, 8, 3, "qsel"),
+        (128, 32, 8, 3, "qsel"),
+    ],
     256: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
 }
 # dK/dV walks query tiles (BLOCK_M) for a fixed key tile (BLOCK_N); dQ the other way round.
 # Head dim 128 (every supported video model) is checked by benchmarks/offline_compile.py
-# (results/offline_sm90.json); a 5th element ships an entry for one path only. dK/dV in
-# kernel order has no spill-free config yet (least: 32x64/w8, 100 bytes).
+# (results/offline_sm90.json); a 5th element ships an entry for one path only: "order"
+# (contiguous kernel order), "gather" (caller-order rows) or "qsel" (per-query selection,
+# either order; where a space has "qsel" entries they replace the others for that path:
+# the selection's row pointers cost registers, and 128x64 forward / 64x64 dQ spilled).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
     128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather")],
@@ -506,7 +621,8 @@ _DKDV_SPACE = {
 }
 _DQ_SPACE = {
     64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    128: [(128, 64, 8, 3, "order"), (128, 32, 8, 3, "order"), (64, 32, 4, 3, "order"), (64, 64, 8, 3, "gather")],
+    # 128x64, 128x32 and 64x32/w4 spilled (4-16 B) once dQ in kernel order got its padding-only loop.
+    128: [(64, 64, 8, 3), (64, 32, 8, 3, "qsel")],
     256: [(64, 32, 8, 2), (32, 32, 4, 3), (32, 64, 8, 2)],
 }
 
@@ -522,17 +638,26 @@ def _fit(cfg: tuple, block: int, itemsize: int) -> TileConfig:
     return TileConfig(min(bm, block), min(bn, block), w, s)
 
 
-def candidates(space: dict, head_dim: int, block: int, itemsize: int, gather: bool | None = None) -> list[TileConfig]:
+def candidates(
+    space: dict, head_dim: int, block: int, itemsize: int, gather: bool | None = None, qsel: bool = False
+) -> list[TileConfig]:
     """Distinct tile configs of a search space that fit the plan block size (in order).
 
     An entry tagged ``"order"`` or ``"gather"`` (5th element) is shipped only for that path
     (contiguous kernel order, or the caller-order row gather): its register budget differs.
+    With ``qsel`` (per-query selection) the ``"qsel"`` entries are the whole list when the
+    space has any; they are never used without it. ``gather=None`` lists every entry.
     """
     out: list[TileConfig] = []
-    path = None if gather is None else ("gather" if gather else "order")
-    for cfg in _space_for(space, head_dim):
-        if path is not None and len(cfg) > 4 and cfg[4] != path:
-            continue
+    entries = _space_for(space, head_dim)
+    if gather is not None:
+        tagged_qsel = [cfg for cfg in entries if len(cfg) > 4 and cfg[4] == "qsel"]
+        if qsel and tagged_qsel:
+            entries = tagged_qsel
+        else:
+            path = "gather" if gather else "order"
+            entries = [cfg for cfg in entries if len(cfg) == 4 or cfg[4] == path]
+    for cfg in entries:
         c = _fit(cfg, block, itemsize)
         if c not in out:
             out.append(c)
@@ -545,7 +670,8 @@ def _prune(space: dict):
         block = named_args.get("BLOCK", kwargs.get("BLOCK"))
         head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
         gather = named_args.get("GATHER", kwargs.get("GATHER"))
-        allowed = set(candidates(space, head_dim, block, q.element_size(), bool(gather)))
+        qsel = named_args.get("HAS_QSEL", kwargs.get("HAS_QSEL"))
+        allowed = set(candidates(space, head_dim, block, q.element_size(), bool(gather), bool(qsel)))
         kept = [
             c
             for c in configs
@@ -638,7 +764,8 @@ def _launch(
         tuned[lambda meta: grid(grid_rows // meta[tile_of_grid])](*args, **consts)
         return
     if config is None:
-        config = candidates(space, head_dim, block, q.element_size(), bool(consts["GATHER"]))[0]
+        gather, qsel = bool(consts["GATHER"]), bool(consts["HAS_QSEL"])
+        config = candidates(space, head_dim, block, q.element_size(), gather, qsel)[0]
         if INTERPRETED:  # the interpreter is fastest with the biggest tiles
             config = TileConfig(min(block, 64), min(block, 64))
     tile = config.block_m if tile_of_grid == "BLOCK_M" else config.block_n
@@ -698,6 +825,7 @@ class PlanArgs:
     block: int
     padded_len: int
     query_order: torch.Tensor | None = None  # int32 [NQ]: query blocks, longest key list first
+    valid: torch.Tensor | None = None  # uint8 [S_pad]: real token (1) or padding (0), for padding-only blocks
 
 
 def _list_strides(lists) -> tuple[int, int, int, int, int]:
@@ -719,7 +847,7 @@ def _common(p: PlanArgs, lists, dummy: torch.Tensor):
         s_sb, s_sh, s_ss = qs.stride(0), qs.stride(1), qs.stride(2)
     else:
         s_sb = s_sh = s_ss = 0
-    tensors = (lists.idx, lists.mid, lists.n_masked, lists.n_total, p.masks, kv, qs, kg)
+    tensors = (lists.idx, lists.mid, lists.n_elem, lists.n_masked, lists.n_total, p.masks, kv, qs, kg)
     strides = (*_list_strides(lists), s_kvb, s_sb, s_sh, s_ss)
     return rows, tensors, strides
 
@@ -748,7 +876,8 @@ def forward(q, k, v, p: PlanArgs, scale: float, config: TileConfig | None = None
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # never read: its flag is off
     rows, tensors, strides = _common(p, p.lists, dummy)
     order = p.query_order if p.query_order is not None else longest_first(p.lists)
-    args = (q, k, v, out, lse, rows, *tensors, order, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H,
+    valid = p.valid if p.valid is not None else dummy
+    args = (q, k, v, out, lse, rows, valid, *tensors, order, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H,
             p.padded_len, p.masks.shape[0])  # fmt: skip
     tma = tma_enabled(q.device)
     use_tma = p.rows is None and tma and _tma_ok(k) and _tma_ok(v)
@@ -796,15 +925,20 @@ def backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    mask_tma = tma_enabled(q.device) and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
-    if mask_tma:
+    tma = tma_enabled(q.device)
+    mask_tma = tma and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
+    # dK/dV in contiguous kernel order reads its Q and dO tiles through descriptors (the
+    # per-row address registers were what spilled at 32x64/w8).
+    dkdv_tma = p.rows is None and tma and _tma_ok(q) and _tma_ok(do)
+    if mask_tma or dkdv_tma or p.rows is None:
         _ensure_allocator()
     flags = {**_flags(q, p), "MASK_TMA": mask_tma}
     base = (*_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq))
     n_masks = p.masks.shape[0]
 
     _, tensors, strides = _common(p, t_lists, dummy)
-    args = (q, k, v, do, dk, dv, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad, n_masks)
+    valid = p.valid if p.valid is not None else dummy
+    args = (q, k, v, do, dk, dv, lse, delta, rows, valid, *tensors, scale, *base, *strides, H, S_pad, n_masks)
     _launch(
         _bwd_dkdv_kernel,
         _dkdv_tuned,
@@ -812,7 +946,7 @@ def backward(
         S_pad,
         B * H,
         args,
-        flags,
+        {**flags, "USE_TMA": dkdv_tma},
         q,
         p.block,
         dkdv_config,
@@ -821,6 +955,7 @@ def backward(
     )
 
     _, tensors, strides = _common(p, p.lists, dummy)
-    args = (q, k, v, do, dq, lse, delta, rows, *tensors, scale, *base, *strides, H, S_pad, n_masks)
-    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, flags, q, p.block, dq_config, "BLOCK_M", "dq")
+    args = (q, k, v, do, dq, lse, delta, rows, valid, *tensors, scale, *base, *strides, H, S_pad, n_masks)
+    dq_flags = {**flags, "USE_TMA": p.rows is None and tma and _tma_ok(k) and _tma_ok(v)}
+    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, dq_flags, q, p.block, dq_config, "BLOCK_M", "dq")
     return dq, dk, dv

@@ -28,14 +28,47 @@ _SYNC_FREE_ENTRIES = 1 << 23
 class BlockLists:
     """Per (batch, head, block) partner lists in kernel walking order.
 
-    ``idx[..., :n_masked]`` need an element mask (or a run-time key/query mask),
+    ``idx[..., :n_elem]`` need an element mask (or a run-time key/query mask),
+    ``idx[..., n_elem:n_masked]`` are partial only through padding (mask codes
+    ``PAD_COLS`` / ``PAD_ROWS_COLS``: a 1-D validity test, ``padding_codes``),
     ``idx[..., n_masked:n_total]`` are computed whole. Leading dims broadcast (size 1).
     """
 
     idx: torch.Tensor  # int32 [Bp, Hp, N, L]
-    mid: torch.Tensor  # int32 [Bp, Hp, N, L], -1 = no element mask
+    mid: torch.Tensor  # int32 [Bp, Hp, N, L], -1 = no element mask, < -1 = a padding code
     n_masked: torch.Tensor  # int32 [Bp, Hp, N]
     n_total: torch.Tensor  # int32 [Bp, Hp, N]
+    n_elem: torch.Tensor  # int32 [Bp, Hp, N]
+
+
+#: Kernel-side mask codes of blocks that are whole but for padding: only the key columns'
+#: validity matters (the plan's mask keeps every row), or the rows' and the columns'.
+PAD_COLS = -2
+PAD_ROWS_COLS = -3
+
+
+def padding_codes(
+    indices: torch.Tensor, mask_ids: torch.Tensor, block_masks: torch.Tensor, token_valid: torch.Tensor, block: int
+) -> torch.Tensor:
+    """``mask_ids`` with the entries whose element mask is exactly the padding of their blocks
+    replaced by ``PAD_COLS`` (mask = every row x valid key columns) or ``PAD_ROWS_COLS`` (valid
+    query rows x valid key columns): the kernels test those with two 1-D validity vectors
+    instead of loading a 2-D mask tile. Exact (the same keep set, padding rows included), on
+    the device, no host read. Query-major lists only (the query block is the list's row)."""
+    if block_masks.shape[0] == 0:
+        return mask_ids
+    m = block_masks.to(indices.device, torch.bool)
+    row_any, col_any = m.any(2), m.any(1)  # [P, bs] each
+    outer = (m == (row_any[:, :, None] & col_any[:, None, :])).flatten(1).all(1)  # [P]
+    vb = token_valid.to(indices.device, torch.bool).view(-1, block)  # [NB, bs]
+    mid = mask_ids.long().clamp_min(0)
+    nq = indices.shape[2]
+    cols_pad = (col_any[mid] == vb[indices.long()]).all(-1)  # [Bp, Hp, NQ, L]
+    rows_all = row_any.all(1)[mid]
+    rows_pad = (row_any[mid] == vb[:nq].view(1, 1, nq, 1, block)).all(-1)
+    pad = (mask_ids >= 0) & outer[mid] & cols_pad
+    codes = torch.where(pad & rows_pad, PAD_ROWS_COLS, mask_ids)
+    return torch.where(pad & rows_all, PAD_COLS, codes).to(torch.int32)
 
 
 def split_lists(
@@ -43,26 +76,34 @@ def split_lists(
     indices: torch.Tensor,
     mask_ids: torch.Tensor,
     extra_masked: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
 ) -> BlockLists:
-    """Reorder query-major lists: masked blocks first, then whole blocks (each ascending).
+    """Reorder query-major lists: element-masked blocks first, then padding-only blocks
+    (mask codes < -1), then whole blocks (each ascending).
 
     ``extra_masked`` (bool [NK]) marks key blocks that need the masked path even without an
-    element mask (text blocks when a run-time ``key_valid`` is given).
+    element mask (text blocks when a run-time ``key_valid`` is given); ``codes`` is
+    ``padding_codes(...)`` of ``mask_ids`` (None: no padding-only path). A block under a
+    run-time mask keeps its element mask even where it is padding-only.
     """
     L = indices.shape[-1]
     slot = torch.arange(L, device=indices.device)
     listed = slot < counts.long().unsqueeze(-1)
-    masked = mask_ids >= 0
+    codes = mask_ids if codes is None else codes
+    extra = torch.zeros_like(listed)
     if extra_masked is not None:
-        masked = masked | extra_masked.to(indices.device, torch.bool)[indices.long()]
-    masked = masked & listed
-    rank = torch.where(listed, torch.where(masked, 0, 1), 2).to(torch.int64)
+        extra = extra_masked.to(indices.device, torch.bool)[indices.long()]
+    masked = ((codes >= 0) | extra) & listed
+    pad = (codes < -1) & listed & ~masked
+    rank = torch.where(listed, torch.where(masked, 0, torch.where(pad, 1, 2)), 3).to(torch.int64)
     order = torch.argsort(rank * L + slot, dim=-1)
+    mids = torch.where(pad, codes, mask_ids)
     return BlockLists(
         idx=torch.gather(indices, -1, order).to(torch.int32).contiguous(),
-        mid=torch.gather(mask_ids, -1, order).to(torch.int32).contiguous(),
-        n_masked=masked.sum(-1).to(torch.int32).contiguous(),
+        mid=torch.gather(mids, -1, order).to(torch.int32).contiguous(),
+        n_masked=(masked | pad).sum(-1).to(torch.int32).contiguous(),
         n_total=counts.to(torch.int32).contiguous(),
+        n_elem=masked.sum(-1).to(torch.int32).contiguous(),
     )
 
 
@@ -76,10 +117,12 @@ def transpose_lists(
     slot = torch.arange(L, device=dev)
     listed = slot < counts.long().unsqueeze(-1)
     masked = (mask_ids >= 0) & listed
+    pad = (mask_ids < -1) & listed  # padding codes (``padding_codes``): second segment
     bh = torch.arange(Bp * Hp, device=dev).view(Bp, Hp, 1, 1)
     gid = torch.where(listed, bh * num_kv_blocks + indices.long(), groups)  # sentinel: unlisted
     qb = torch.arange(NQ, device=dev).view(1, 1, NQ, 1).expand_as(gid)
-    sort_key = (gid * 2 + (~masked).long()) * NQ + qb
+    cls = torch.where(masked, 0, torch.where(pad, 1, 2))
+    sort_key = (gid * 3 + cls) * NQ + qb
     order = torch.argsort(sort_key.flatten())
     g_sorted = gid.flatten()[order]
     q_sorted = qb.flatten()[order]
@@ -88,6 +131,9 @@ def transpose_lists(
     ones = torch.ones_like(gid.flatten())
     n_total = torch.zeros(groups + 1, dtype=torch.int64, device=dev).scatter_add_(0, gid.flatten(), ones)
     n_masked = torch.zeros(groups + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, gid.flatten(), (masked | pad).flatten().long()
+    )
+    n_elem = torch.zeros(groups + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, gid.flatten(), masked.flatten().long()
     )
     # A key block is listed by at most NQ query blocks: that width needs no host read of the
@@ -111,6 +157,7 @@ def transpose_lists(
         mid=t_mid[:groups].view(*shape, width).contiguous(),
         n_masked=n_masked[:groups].view(shape).to(torch.int32),
         n_total=n_total[:groups].view(shape).to(torch.int32),
+        n_elem=n_elem[:groups].view(shape).to(torch.int32),
     )
 
 

@@ -12,6 +12,9 @@ Step index rule, per CFG branch (the ``cache_context`` name the pipeline sets: "
 "uncond", "cond_uncond"; "default" without one):
 
 1. a ``cache_context(..., step_index=i)`` (WanPipeline sets it) is taken as is;
+1b. otherwise, applied to a pipeline whose scheduler keeps a ``step_index`` (every diffusers
+   scheduler the video pipelines use), that index less the scheduler's ``begin_index``: host
+   integers, so no device sync (a sequential CFG pass calls twice with the same index);
 2. otherwise the largest timestep value of the call is compared with the branch's previous
    call: equal -> same step (sequential CFG without contexts calls twice per step); moved in
    the run's direction -> next step; moved the other way, or back to the run's first value
@@ -43,12 +46,13 @@ Extension points (used by ``vidsparse.parallel``):
 torch.compile: the bookkeeping runs eagerly (``torch.compiler.disable``, one graph break per
 forward); when the transformer runs compiled, it also builds the call's static plans there,
 so the compiled attention calls only look them up. Reading the timestep (rule 2) is one
-host sync per forward; rule 1 needs none.
+host sync per forward; rules 1 and 1b need none.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -67,6 +71,8 @@ from vidsparse.kernels.backends import AUTO, get_backend
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.lru import LRUCache
 from vidsparse.patterns import Pattern, make_pattern
+from vidsparse.pipelines import kernel_order as _kernel_order
+from vidsparse.plan import KernelOrder, kernel_order
 
 HOOK_NAME = "vidsparse"
 
@@ -89,6 +95,9 @@ class CallInfo:
     batch: int
     patterns: tuple[Pattern | None, ...]  # per layer; None = the model's own dense attention
     block_size: int | None
+    # The kernel order this forward's token sequence runs in between the family's cut points
+    # (``vidsparse.pipelines.kernel_order``); None: caller order, each layer gathers its own.
+    order: KernelOrder | None = None
 
 
 class StepTracker:
@@ -161,7 +170,11 @@ class SparseState:
     original_processors: dict[str, Any] = field(default_factory=dict)
     ulysses: int = 1  # diffusers' Ulysses degree on this transformer (read at every forward)
     runs: int = 0  # pipeline calls finished (diffusers resets stateful hooks after each)
+    # Permute the whole forward into the plans' kernel order where the family allows it
+    # (``Family.kernel_order``); VIDSPARSE_KERNEL_ORDER=0 turns it off for new states.
+    kernel_order: bool = field(default_factory=lambda: os.environ.get("VIDSPARSE_KERNEL_ORDER", "1") != "0")
     _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
+    _orders: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -231,6 +244,20 @@ class SparseState:
             return len(timesteps)
         return self.config.num_inference_steps
 
+    def scheduler_step(self) -> int | None:
+        """The step from the pipeline's scheduler (rule 1b): ``step_index`` counts the
+        ``scheduler.step`` calls of this run (``None`` before the first: step 0), less its
+        ``begin_index`` (video-to-video starts part-way). Plain host integers, so reading them
+        costs no device sync, unlike the timestep. ``None`` without a pipeline or a scheduler
+        that keeps a step index."""
+        pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not hasattr(type(scheduler), "step_index"):
+            return None
+        index = scheduler.step_index
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return 0 if index is None else max(0, int(index) - int(begin))
+
     def dense_step(self, step: int, total: int | None) -> bool:
         cfg = self.config
         first = cfg.dense_first_steps
@@ -259,7 +286,9 @@ class SparseState:
         return False
 
     # -- per forward ---------------------------------------------------------------------
-    def begin_call(self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any) -> CallInfo:
+    def begin_call(
+        self, transformer: torch.nn.Module, kwargs: dict[str, Any], context: Any, compiling: bool = False
+    ) -> CallInfo:
         self.ulysses = check_context_parallel(transformer)
         branch = getattr(context, "name", None) or "default"
         ctx_step = getattr(context, "step_index", None)
@@ -270,6 +299,9 @@ class SparseState:
             self.tracker.set(branch, step)
         elif per_frame:
             step = self.tracker.step_frames(branch, timestep.detach()[0].flatten().float().cpu())
+        elif (sched_step := self.scheduler_step()) is not None:  # host state: no timestep read (sync)
+            step = sched_step
+            self.tracker.set(branch, step)
         elif isinstance(timestep, torch.Tensor):
             step = self.tracker.step(branch, float(timestep.detach().max()))
         elif isinstance(timestep, (int, float)):
@@ -280,6 +312,7 @@ class SparseState:
         layout = self.discover_layout(transformer, kwargs)
         hs = kwargs.get("hidden_states")
         batch = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
+        order = None
         if layout is None:
             patterns: tuple[Pattern | None, ...] = (None,) * self.num_layers
             block = None
@@ -288,9 +321,33 @@ class SparseState:
             patterns = self.layer_patterns(layout, block)
             if self.dense_step(step, total):
                 patterns = (None,) * self.num_layers
-        info = CallInfo(layout, step, total, branch, batch, patterns, block)
+            elif isinstance(hs, torch.Tensor) and not compiling:
+                order = self.shared_order(layout, patterns, block, hs.device)
+        info = CallInfo(layout, step, total, branch, batch, patterns, block, order)
         self.current = info
         return info
+
+    def shared_order(
+        self, layout: VideoLayout, patterns: tuple[Pattern | None, ...], block: int, device: torch.device
+    ) -> KernelOrder | None:
+        """The kernel order every sparse layer of this forward shares, on ``device``, if the
+        whole forward can run in it: the family allows it (``Family.kernel_order``), the
+        patterns are static and agree on one non-trivial order, and the attention is
+        vidsparse's own (not a parallel run's, not under Ulysses). Cached per (patterns, layout)."""
+        if not (self.kernel_order and self.family.kernel_order) or self.ulysses > 1:
+            return None
+        if not accepts_kernel_order(self.attention_fn):
+            return None
+        sparse = tuple(dict.fromkeys(p for p in patterns if p is not None))
+        if not sparse or any(p.dynamic for p in sparse):
+            return None
+        key = (sparse, layout, block, str(device))
+        return self._orders.get_or_build(key, lambda: (_common_order(sparse, layout, block, device),))[0]
+
+    def current_order(self) -> tuple[KernelOrder, VideoLayout] | None:
+        """(order, layout) of the running forward when it runs in kernel order, else None."""
+        info = self.current
+        return None if info is None or info.order is None else (info.order, info.layout)
 
     def prebuild_plans(self, transformer: torch.nn.Module, device: torch.device) -> None:
         """Build this call's static plans now, outside any torch.compile region: a compiled
@@ -354,6 +411,19 @@ class SparseState:
                 text_mask,
                 info.block_size,
             )
+        if info.order is not None:  # q, k, v [B, S_pad, H, D] in the forward's kernel order
+            return self.attention_fn(
+                q,
+                k,
+                v,
+                layout,
+                pattern,
+                backend=self.config.backend,
+                layer=layer,
+                text_mask=text_mask,
+                block_size=info.block_size,
+                kernel_order=True,
+            )
         return self.attention_fn(
             q,
             k,
@@ -402,6 +472,7 @@ class VidsparseHook(ModelHook):
         self.context_manager = StateManager(_NoState)
         self._signature: inspect.Signature | None = None
         self._torch_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._order_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_wrapper: Any = None  # the module.forward the registry installed for this hook
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -409,13 +480,21 @@ class VidsparseHook(ModelHook):
         return module
 
     def attach(self, module: torch.nn.Module) -> None:
-        """Install the torch forward pre-hook that runs the bookkeeping (once per ``__call__``)."""
+        """Install the torch forward pre-hook that runs the bookkeeping (once per ``__call__``),
+        then, for a family that allows it, the kernel-order permutation hooks (registered after
+        it: the transformer-level one reads the order the bookkeeping just chose)."""
         self._torch_handle = module.register_forward_pre_hook(self._torch_pre_hook, with_kwargs=True)
+        family = self.state.family
+        if family.kernel_order:
+            self._order_handles = _kernel_order.install(module, family.shard_plan, self.state.current_order)
 
     def detach(self) -> None:
         if self._torch_handle is not None:
             self._torch_handle.remove()
             self._torch_handle = None
+        for handle in self._order_handles:
+            handle.remove()
+        self._order_handles = []
 
     def _torch_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # Under whole-model torch.compile this flag is traced as True (the processors then do
@@ -430,7 +509,7 @@ class VidsparseHook(ModelHook):
             bound = self._signature.bind(module, *args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
-        info = self.state.begin_call(module, bound, self.context_manager._context)
+        info = self.state.begin_call(module, bound, self.context_manager._context, compiling)
         if compiling:
             sparse = sum(p is not None for p in info.patterns)
             self.state.calls["sparse"] += sparse
@@ -454,6 +533,21 @@ class VidsparseHook(ModelHook):
         self.state.current = None
         self.state.runs += 1
         return module
+
+
+def accepts_kernel_order(attention_fn: Callable[..., torch.Tensor]) -> bool:
+    """Whether an ``attention_fn`` takes ``kernel_order=True`` calls (q/k/v [B, S_pad, H, D]):
+    ``vidsparse.attention`` and wrappers that say so (``accepts_kernel_order`` attribute)."""
+    return attention_fn is _vidsparse_attention or bool(getattr(attention_fn, "accepts_kernel_order", False))
+
+
+def _common_order(sparse: tuple[Pattern, ...], layout: VideoLayout, block: int, device) -> KernelOrder | None:
+    """The patterns' shared kernel order on ``device``; None if they differ or it is the caller order."""
+    orders = [kernel_order(layout, p.video_order(layout, block), block) for p in sparse]
+    first = orders[0]
+    if first.identity or not all(first.same_as(o) for o in orders[1:]):
+        return None
+    return first.to(device)
 
 
 def _attention_heads(transformer: torch.nn.Module, state: SparseState) -> int | None:
