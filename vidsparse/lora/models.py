@@ -18,6 +18,7 @@ from vidsparse.families import family_of_pipeline
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
+TINY_RANDOM_MODEL = "tiny-random"
 
 
 def refused() -> dict[str, str]:
@@ -34,10 +35,15 @@ def families() -> tuple[type[TrainableVideoModel], ...]:
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
-    """The adapter for ``model``: ``"tiny"``, ``"tiny-<family>"``, a hub id or a local diffusers pipeline folder."""
+    """The adapter for ``model``: ``"tiny"`` (the trained tiny model of the synthetic world),
+    ``"tiny-random"`` / ``"tiny-<family>"`` (random-init), a hub id or a local diffusers pipeline folder."""
     if not isinstance(model, str) or not model:
         raise ValueError(f"--model must be 'tiny', a hub id or a pipeline folder, got {model!r}.")
     if model == TINY_MODEL:
+        from vidsparse.models.tiny_trained import load_trained_tiny
+
+        pipe = load_trained_tiny(dtype)
+    elif model == TINY_RANDOM_MODEL:
         from vidsparse.models.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=0, dtype=dtype)
@@ -68,7 +74,7 @@ def _tiny_family_pipeline(model: str, dtype: torch.dtype):
     except ValueError:
         family = None
     if family is None or family.tiny_pipeline is None:
-        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: tiny, {', '.join(embedded)}.")
+        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: tiny, tiny-random, {', '.join(embedded)}.")
     return family.tiny_pipeline(seed=0, dtype=dtype)
 
 
@@ -98,4 +104,4 @@ def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
     )
 
 
-__all__ = ["TINY_MODEL", "TrainableVideoModel", "adapter_for", "families", "load_model", "module_fingerprint", "refused"]
+__all__ = ["TINY_MODEL", "TINY_RANDOM_MODEL", "TrainableVideoModel", "adapter_for", "families", "load_model", "module_fingerprint", "refused"]
