@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-dir", required=True, help="folder of videos with captions (.txt or metadata.jsonl/.csv)")
     data.add_argument("--output-dir", required=True, help="where the LoRA, checkpoints and metrics go")
     data.add_argument("--model", required=True,
-                      help="'tiny' (built-in test model), a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
+                      help="'tiny' (the built-in small model of a synthetic world, docs/tiny_model.md), 'tiny-random' "
+                           "(built-in random-init test model), a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
                            "or a local diffusers pipeline folder; flow-matching text-to-video pipelines of Wan 2.1 "
                            "(one transformer), HunyuanVideo, LTX-Video and Mochi")
     data.add_argument("--cache-dir", default=None, help="latent/text cache (default <data-dir>/.vidsparse-cache)")

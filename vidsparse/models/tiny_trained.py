@@ -40,13 +40,18 @@ def load_trained_tiny(dtype: torch.dtype = torch.float32, folder: str | Path | N
     from diffusers import WanPipeline
     from diffusers.utils import logging as dlogging
 
+    import vidsparse.models.tiny_vae  # noqa: F401  diffusers loads custom classes only from imported modules
+
     key = "dtype" if hasattr(dep, "_resolve_dtype") else "torch_dtype"  # torch_dtype is deprecated in 0.42
-    level = dlogging.get_verbosity()
+    level, bars = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()
     dlogging.set_verbosity_error()  # no "Expected types for vae" line: TinyVideoVAE is the VAE by design
+    dlogging.disable_progress_bar()  # no "Loading pipeline components" bar for a 1 MB model
     try:
         pipe = WanPipeline.from_pretrained(str(weights_dir(folder)), **{key: dtype})
     finally:
         dlogging.set_verbosity(level)
+        if bars:
+            dlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
