@@ -39,6 +39,7 @@ def load_trained_tiny(dtype: torch.dtype = torch.float32, folder: str | Path | N
     import diffusers.utils.deprecation_utils as dep
     from diffusers import WanPipeline
     from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
 
     import vidsparse.models.tiny_vae  # noqa: F401  diffusers loads custom classes only from imported modules
 
@@ -46,12 +47,16 @@ def load_trained_tiny(dtype: torch.dtype = torch.float32, folder: str | Path | N
     level, bars = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()
     dlogging.set_verbosity_error()  # no "Expected types for vae" line: TinyVideoVAE is the VAE by design
     dlogging.disable_progress_bar()  # no "Loading pipeline components" bar for a 1 MB model
+    tbars = tlogging.is_progress_bar_enabled()
+    tlogging.disable_progress_bar()  # nor transformers' "Loading weights" one (the text encoder)
     try:
         pipe = WanPipeline.from_pretrained(str(weights_dir(folder)), **{key: dtype})
     finally:
         dlogging.set_verbosity(level)
         if bars:
             dlogging.enable_progress_bar()
+        if tbars:
+            tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
