@@ -45,6 +45,11 @@ class TinyVideoVAE(ModelMixin, ConfigMixin):
         if latents_mean is None or latents_std is None:  # the config must carry them (the pipeline reads them)
             self.register_to_config(latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
         t = scale_factor_temporal
+        if t != 4:
+            raise ValueError(f"TinyVideoVAE compresses time 4x (Wan's causal groups); got {t}.")
+        # (sic) AutoencoderKLWan's attribute: WanVideoToVideoPipeline / WanVACEPipeline derive their
+        # factors from it (2 ** sum = 4x in time, 2 ** len = 8x in space), e.g. in FreeSwim's stage 2.
+        self.temperal_downsample = [False, True, True]
         c1, c2, c3 = channels
         # No convolution at full resolution (the cost on a CPU): pixels are folded 2x2 into channels
         # first and unfolded last (pixel (un)shuffle), the convolutions run at 1/2, 1/4 and 1/8.
