@@ -195,7 +195,7 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
 
     res: dict[str, Any] = {}
     path = os.path.join(out_dir, "video.gif")
-    args = ["generate", "--model", "tiny", "--parallel", "clip", "--pattern", "dual-scope", "--local-frames", "1",
+    args = ["generate", "--model", "tiny-random", "--parallel", "clip", "--pattern", "dual-scope", "--local-frames", "1",
             "--global-stride", "3", "--frames", "17", "--height", "32", "--width", "32", "--steps", "2",
             "--dense-first-steps", "0", "--backend", "torch", "--no-progress"]  # fmt: skip
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -209,7 +209,7 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
     # An option only one rank rejects stops every rank (generate_parallel checks collectively).
     from vidsparse.parallel import generate_parallel
 
-    bad = GenerateOptions(model="tiny", parallel="clip", steps=0 if rt.rank == 1 else 2, out=None, progress=False)
+    bad = GenerateOptions(model="tiny-random", parallel="clip", steps=0 if rt.rank == 1 else 2, out=None, progress=False)
     try:
         generate_parallel(bad)
     except ValueError as exc:
@@ -221,7 +221,7 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
 
         from vidsparse.video_io import psnr
 
-        single = generate(GenerateOptions(model="tiny", pattern="dual-scope", pattern_options={"local_frames": 1, "global_stride": 3},
+        single = generate(GenerateOptions(model="tiny-random", pattern="dual-scope", pattern_options={"local_frames": 1, "global_stride": 3},
                                           frames=17, height=32, width=32, steps=2, dense_first_steps=0, backend="torch",
                                           out=os.path.join(out_dir, "..", "single.gif"), progress=False))  # fmt: skip
         written = iio.imread(path)

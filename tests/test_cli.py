@@ -16,8 +16,8 @@ from vidsparse.cli import add_pattern_arguments, main, pattern_field_specs, patt
 from vidsparse.generation import GenerateOptions, generate, resolve_model
 
 # Small and fast: 9 frames of 32x48 -> latent token grid 3x2x3 on the tiny Wan pipeline.
-SMALL = ["--model", "tiny", "--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
-SMALL_OPTS = dict(model="tiny", frames=9, height=32, width=48, steps=2, progress=False)
+SMALL = ["--model", "tiny-random", "--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
+SMALL_OPTS = dict(model="tiny-random", frames=9, height=32, width=48, steps=2, progress=False)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -113,8 +113,8 @@ def test_lora_adapter_and_shard_plan_fit_the_model():
 def test_tiny_model_names_come_from_the_registry():
     from vidsparse.generation import resolve_model, tiny_models
 
-    assert tiny_models()[:2] == ("tiny", "tiny-wan")
+    assert tiny_models()[:3] == ("tiny", "tiny-random", "tiny-wan")
     info = resolve_model("tiny-wan")
-    assert info.kind == "tiny" and info.model_family is FAMILY and info.defaults == resolve_model("tiny").defaults
-    with pytest.raises(ValueError, match="no such tiny pipeline. Embedded ones: tiny, tiny-wan"):
+    assert info.kind == "tiny" and info.model_family is FAMILY and info.defaults == resolve_model("tiny-random").defaults
+    with pytest.raises(ValueError, match="no such tiny pipeline. Embedded ones: tiny, tiny-random, tiny-wan"):
         resolve_model("tiny-sora")

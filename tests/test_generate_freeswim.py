@@ -15,7 +15,7 @@ from vidsparse.generation import GenerateOptions, format_summary, generate
 from vidsparse.layout import VideoLayout
 
 # Target 48x64 (WxH) px, 5 frames, 3 steps; the tiny checkpoint's native size is 32x32.
-FS = ["--model", "tiny", "--freeswim", "--frames", "5", "--height", "64", "--width", "48", "--steps", "3"]
+FS = ["--model", "tiny-random", "--freeswim", "--frames", "5", "--height", "64", "--width", "48", "--steps", "3"]
 
 
 def test_two_stage_command_on_tiny_writes_the_target_size(tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_two_stage_command_on_tiny_writes_the_target_size(tmp_path, capsys):
 
 
 def test_compare_dense_runs_dense_at_the_target_size():
-    opts = GenerateOptions(model="tiny", frames=5, height=48, width=48, steps=2, progress=False)
+    opts = GenerateOptions(model="tiny-random", frames=5, height=48, width=48, steps=2, progress=False)
     result = generate(GenerateOptions(**{**opts.__dict__, "freeswim": {"strength": 0.5}, "compare_dense": True}))
     dense = result.dense
     assert result.frames.shape == dense.frames.shape == (5, 48, 48, 3)
@@ -91,15 +91,15 @@ def test_bad_input_is_one_line_before_any_weights_load(argv, message, tmp_path, 
 
 
 def test_freeswim_flags_without_freeswim_are_refused(capsys):
-    assert main(["generate", "--model", "tiny", "--base-size", "32x32"]) == 2
+    assert main(["generate", "--model", "tiny-random", "--base-size", "32x32"]) == 2
     assert "--base-size apply to --freeswim" in capsys.readouterr().err
 
 
 def test_library_options_owned_by_generate_are_refused():
     with pytest.raises(ValueError, match=r"set it as GenerateOptions.height"):
-        generate(GenerateOptions(model="tiny", freeswim={"height": 64}))
+        generate(GenerateOptions(model="tiny-random", freeswim={"height": 64}))
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
-        generate(GenerateOptions(model="tiny", freeswim={"bogus": 1}))
+        generate(GenerateOptions(model="tiny-random", freeswim={"bogus": 1}))
 
 
 def test_family_default_base_grid_is_the_native_video_grid():
@@ -113,7 +113,7 @@ def test_family_default_base_grid_is_the_native_video_grid():
 
 def test_freeswim_by_name_runs_with_the_family_base_grid():
     # The tiny grid (3x2x3 tokens) is smaller than the base: the window covers every axis, i.e. dense.
-    opts = dict(model="tiny", frames=9, height=32, width=48, steps=2, dense_first_steps=0, progress=False)
+    opts = dict(model="tiny-random", frames=9, height=32, width=48, steps=2, dense_first_steps=0, progress=False)
     result = generate(GenerateOptions(pattern="freeswim", **opts))
     (group,) = result.densities
     assert "base_grid=(30, 52)" in group.pattern and group.token_density == pytest.approx(1.0)

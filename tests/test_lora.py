@@ -31,7 +31,7 @@ FLAGS = dict(num_frames=17, height=48, width=48, rank=8, learning_rate=2e-2, max
 
 
 def _argv(cfg: dict, data, out, cache):
-    argv = ["train-lora", "--model", "tiny", "--data-dir", str(data), "--output-dir", str(out),
+    argv = ["train-lora", "--model", "tiny-random", "--data-dir", str(data), "--output-dir", str(out),
             "--cache-dir", str(cache), "--no-progress"]
     for key, value in cfg.items():
         if key == "progress":
@@ -94,7 +94,7 @@ def _eval_loss(transformer, samples, adapter):
 def test_loss_decreases_and_lora_loads_into_pipeline(run):
     root, data, out = run
     cfg = TrainConfig(data_dir=str(data), output_dir=str(out), **FLAGS)
-    adapter = load_model("tiny")
+    adapter = load_model("tiny-random")
     samples = LatentCache(root / "cache").prepare(
         scan_dataset(data).samples, ClipSpec(17, 48, 48), adapter, progress=False
     ).samples
@@ -126,7 +126,7 @@ def test_vidsparse_generate_loads_the_lora(run):
     from vidsparse.generation import GenerateOptions, generate
 
     _, _, out = run
-    opts = dict(model="tiny", frames=17, height=48, width=48, steps=2, backend="torch", progress=False)
+    opts = dict(model="tiny-random", frames=17, height=48, width=48, steps=2, backend="torch", progress=False)
     base = generate(GenerateOptions(**opts)).frames
     tuned = generate(GenerateOptions(**opts, lora=str(out))).frames
     assert base.shape == tuned.shape and (base.astype(int) - tuned.astype(int)).__abs__().max() > 0

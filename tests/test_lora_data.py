@@ -59,7 +59,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny")
+    return load_model("tiny-random")
 
 
 def test_scan_dataset_captions_and_reports(tmp_path, dataset):
@@ -324,7 +324,7 @@ def test_cli_flags_build_the_config():
     parser, subs = build_parser("train-lora")
     cli.add_arguments(subs["train-lora"])
     args = parser.parse_args([
-        "train-lora", "--model", "tiny", "--data-dir", "d", "--output-dir", "o", "--num-frames", "33",
+        "train-lora", "--model", "tiny-random", "--data-dir", "d", "--output-dir", "o", "--num-frames", "33",
         "--pattern", "radial", "--decay-factor", "0.5", "--dense-layers", "0-1,-1", "--target-modules",
         "attn1.to_q, attn1.to_v", "--resume", "--checkpoints-total-limit", "0", "--lr", "3e-4",
     ])

@@ -15,8 +15,8 @@ from vidsparse.cli import main
 from vidsparse.generation import GenerateOptions, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--model", "tiny", "--frames", "9", "--height", "32", "--width", "48", "--steps", "4", "--no-progress"]
-SMALL_OPTS = dict(model="tiny", frames=9, height=32, width=48, steps=4, progress=False)
+SMALL = ["--model", "tiny-random", "--frames", "9", "--height", "32", "--width", "48", "--steps", "4", "--no-progress"]
+SMALL_OPTS = dict(model="tiny-random", frames=9, height=32, width=48, steps=4, progress=False)
 HEAVY = ("torch", "diffusers", "transformers", "triton", "matplotlib", "torch._dynamo", "peft", "accelerate")
 
 
@@ -245,7 +245,7 @@ def _sub(command: str):
 
 
 def test_block_size_means_the_kernel_block_and_pattern_block_size_radials_everywhere(capsys):
-    common = ["--model", "tiny", "--data-dir", "d", "--output-dir", "o"]
+    common = ["--model", "tiny-random", "--data-dir", "d", "--output-dir", "o"]
     for command, extra in (("generate", []), ("inspect", ["--pattern", "radial"]), ("train-lora", common)):
         args = _parser(command).parse_args([command, *extra, "--pattern-block-size", "64"])
         assert cli.pattern_options_from_args(args)[1] == {"block_size": 64}, command
@@ -331,7 +331,7 @@ def test_train_lora_bad_data_dir_creates_nothing(kind, tmp_path, capsys):
     if kind == "empty":
         data.mkdir()
     out = tmp_path / "runs" / "x"
-    argv = ["train-lora", "--model", "tiny", "--data-dir", str(data), "--output-dir", str(out), "--no-progress"]
+    argv = ["train-lora", "--model", "tiny-random", "--data-dir", str(data), "--output-dir", str(out), "--no-progress"]
     assert main(argv) == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()

@@ -221,7 +221,7 @@ def test_parallel_without_a_launcher_is_a_clear_user_error(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "vidsparse", "generate", "--model", "tiny", "--parallel", "clip",
+        [sys.executable, "-m", "vidsparse", "generate", "--model", "tiny-random", "--parallel", "clip",
          "--pattern", "dual-scope", "--out", str(tmp_path / "x.mp4")],
         capture_output=True, text=True, timeout=300,
         env={k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},

@@ -101,7 +101,7 @@ def test_work_warning_at_95_percent_of_dense():
 
 
 def test_generate_summary_reports_the_work_of_the_path_it_ran():
-    result = generate(GenerateOptions(model="tiny", frames=9, height=32, width=48, steps=2, dense_first_steps=0,
+    result = generate(GenerateOptions(model="tiny-random", frames=9, height=32, width=48, steps=2, dense_first_steps=0,
                                       dense_layers=(1,), progress=False))  # fmt: skip
     sparse, dense = result.densities
     assert sparse.path == "query_tile" and dense.path == "dense" and dense.work == 1.0

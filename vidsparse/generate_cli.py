@@ -1,8 +1,8 @@
 """Generate a video with a diffusers pipeline whose self-attention runs a sparse pattern.
 
---model is a diffusers pipeline (hub id or local folder) or "tiny", an embedded random-init
-Wan pipeline that needs no download (its prompt is embedded by hashing the text, so different
-prompts give different videos). The pattern is applied with vidsparse.apply: a pattern given
+--model is a diffusers pipeline (hub id or local folder) or "tiny", an embedded small Wan
+pipeline trained on a synthetic world of coloured shapes (docs/tiny_model.md; no download), or
+"tiny-random", the random-init one (its prompt is embedded by hashing the text). The pattern is applied with vidsparse.apply: a pattern given
 by name gets the model family's defaults, which the pattern flags below override. Sizes, paths
 and options are checked before any model is loaded. The summary reports the time from process
 start (start-up, loading, denoising with time per step, VAE decode, writing), the LoRA if any,
@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=TINY,
         help="diffusers pipeline: hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), local folder, or 'tiny' "
-        "(embedded random-init Wan pipeline, no download; default) or another embedded random-init pipeline: "
-        + ", ".join(tiny_models()[1:]),
+        "(embedded small Wan pipeline trained on a synthetic world of coloured shapes, no download; default) "
+        "or an embedded random-init pipeline: " + ", ".join(tiny_models()[1:]),
     )
     model.add_argument(
         "--prompt", default=GenerateOptions.prompt, help=f"text prompt (default {GenerateOptions.prompt!r})"

@@ -182,6 +182,29 @@ def psnr(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> float:
     return 10.0 * float(np.log10(255.0**2 / mse))
 
 
+def ssim(a: np.ndarray | Sequence, b: np.ndarray | Sequence, window: int = 7) -> float:
+    """Mean structural similarity of two uint8 videos of the same shape, frame by frame on each
+    RGB channel (uniform ``window`` x ``window`` means, the constants of Wang et al. 2004), in [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = as_uint8_frames(a), as_uint8_frames(b)
+    if x.shape != y.shape:
+        raise ValueError(f"SSIM needs two videos of the same shape, got {x.shape} and {y.shape}.")
+    tx = torch.from_numpy(x).double().permute(0, 3, 1, 2).reshape(-1, 1, *x.shape[1:3])
+    ty = torch.from_numpy(y).double().permute(0, 3, 1, 2).reshape(-1, 1, *y.shape[1:3])
+    k = min(window, *x.shape[1:3])
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, k, stride=1)
+
+    mx, my = mean(tx), mean(ty)
+    vx, vy, cxy = mean(tx * tx) - mx * mx, mean(ty * ty) - my * my, mean(tx * ty) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
 __all__ = [
     "VIDEO_SUFFIXES",
     "as_uint8_frames",
@@ -189,5 +212,6 @@ __all__ = [
     "check_video_path",
     "check_writable_dir",
     "psnr",
+    "ssim",
     "write_video",
 ]

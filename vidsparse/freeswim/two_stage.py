@@ -31,6 +31,8 @@ from vidsparse.freeswim.dual_path import (
     check_wan_transformer,
     remove_dual_path,
 )
+from vidsparse.models.synthetic_world import HEIGHT as WORLD_HEIGHT
+from vidsparse.models.synthetic_world import WIDTH as WORLD_WIDTH
 
 # Native (training) sizes of known Wan transformers, keyed by (blocks, hidden size).
 _NATIVE_SIZES: dict[tuple[int, int], tuple[int, int]] = {
@@ -38,6 +40,7 @@ _NATIVE_SIZES: dict[tuple[int, int], tuple[int, int]] = {
     (40, 5120): (720, 1280),  # Wan 2.1 / 2.2 14B
     (30, 3072): (704, 1280),  # Wan 2.2 TI2V 5B
     (2, 16): (32, 32),  # vidsparse's tiny random Wan (vidsparse.models.tiny)
+    (4, 64): (WORLD_HEIGHT, WORLD_WIDTH),  # vidsparse's trained tiny Wan (vidsparse.models.tiny_trained)
 }
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +146,10 @@ class FreeSwimRun:
 def _transformer_config(info: ModelInfo) -> dict[str, Any] | None:
     """The checkpoint's transformer ``config.json`` (tiny: the family's tiny config), no weights."""
     family = info.model_family
+    if info.kind == TINY and info.source == TINY:  # the trained tiny model: its shipped config
+        from vidsparse.models.tiny_trained import WEIGHTS_DIR
+
+        info = replace(info, kind="local", source=str(WEIGHTS_DIR))
     if info.kind == TINY:
         variant = family.tiny.get(info.grid.name) or family.tiny.get(family.name)  # tiny-<geometry> first
         return variant.config() if variant is not None else None

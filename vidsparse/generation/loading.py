@@ -13,11 +13,16 @@ from vidsparse.generation.options import GenerationPlan
 def load_pipeline(plan: GenerationPlan, seed: int = 0):
     """The diffusers pipeline of ``plan`` in its dtype, on the CPU (placement is the caller's).
 
-    The tiny pipeline is built in memory with fixed weights (seed 0 whatever ``seed`` is), so
-    that ``--seed`` changes only the noise, as it does for a real checkpoint.
+    "tiny" is the trained pipeline shipped in the package (``vidsparse.models.tiny_trained``); the
+    random-init tiny pipelines are built in memory with fixed weights (seed 0 whatever ``seed``
+    is), so that ``--seed`` changes only the noise, as it does for a real checkpoint.
     """
     info = plan.info
-    if info.kind == TINY:  # "tiny" / "tiny-<family>": the family record's random-init pipeline
+    if info.kind == TINY and info.source == TINY:
+        from vidsparse.models.tiny_trained import load_trained_tiny
+
+        pipe = load_trained_tiny(plan.dtype)
+    elif info.kind == TINY:  # "tiny-random" / "tiny-<family>": the family record's random-init pipeline
         family = info.model_family
         variant = {"variant": info.tiny_variant} if info.tiny_variant is not None else {}
         pipe = family.tiny_pipeline(seed=0, dtype=plan.dtype, **variant)

@@ -1,7 +1,8 @@
 """Which model ``--model`` names, from its configuration files only (no weights loaded).
 
-``resolve_model`` accepts "tiny" (the embedded random-init Wan pipeline), a local diffusers
-pipeline folder or a hub id; it reads ``model_index.json`` and ``transformer/config.json``,
+``resolve_model`` accepts "tiny" (the embedded trained Wan pipeline of the synthetic world,
+``vidsparse.models.tiny_trained``), "tiny-random" / "tiny-<family>" (embedded random-init
+pipelines), a local diffusers pipeline folder or a hub id; it reads ``model_index.json`` and ``transformer/config.json``,
 finds the family by pipeline class (``vidsparse.families.family_of_pipeline``) and its video
 geometry (``Family.geometry_for``), and the pipeline's own call defaults.
 """
@@ -29,8 +30,10 @@ from vidsparse.families import (
 )
 
 TINY = "tiny"
-# Small enough for a CPU (benchmarks/results/tiny_generate_cpu.md), big enough (9x6x10 latent tokens, 540)
-# for visible sparsity.
+#: The random-init tiny Wan pipeline (what "tiny" was before the trained model): fast, for tests.
+TINY_RANDOM = "tiny-random"
+# Random-init tiny pipelines: small enough for a CPU (benchmarks/results/tiny_generate_cpu.md), big
+# enough (9x6x10 latent tokens, 540) for visible sparsity.
 TINY_DEFAULTS = {"frames": 33, "height": 96, "width": 160, "steps": 8, "guidance": 5.0}
 
 
@@ -168,10 +171,11 @@ def _call_defaults(class_name: str) -> dict[str, Any]:
 
 
 def tiny_models() -> tuple[str, ...]:
-    """``--model`` names of the embedded tiny pipelines: "tiny" (Wan), "tiny-<family>",
-    "tiny-<geometry>" for a family's ``tiny_geometries`` (e.g. "tiny-wan22-5b") and "tiny-<name>"
-    for its ``tiny_pipelines`` (e.g. "tiny-wan-i2v")."""
-    names = [TINY]
+    """``--model`` names of the embedded tiny pipelines: "tiny" (the trained Wan), "tiny-random"
+    (the random-init Wan), "tiny-<family>", "tiny-<geometry>" for a family's ``tiny_geometries``
+    (e.g. "tiny-wan22-5b") and "tiny-<name>" for its ``tiny_pipelines`` (e.g. "tiny-wan-i2v");
+    all but "tiny" are random-init."""
+    names = [TINY, TINY_RANDOM]
     for f in families():
         if f.tiny_pipeline is not None:
             names += [f"{TINY}-{n}" for n in (f.name, *f.tiny_geometries, *f.tiny_pipelines)]
@@ -228,7 +232,7 @@ def read_model_config(model: str) -> tuple[str, dict[str, Any], dict[str, Any] |
 
 def pipeline_class_of(model: str) -> str:
     """The diffusers pipeline class ``--model`` names (tiny names included), from its config files only."""
-    if model == TINY:
+    if model in (TINY, TINY_RANDOM):
         return "WanPipeline"
     if model.startswith(TINY + "-"):
         found = tiny_pipeline_of(model[len(TINY) + 1 :])
@@ -246,8 +250,12 @@ def resolve_model(model: str) -> ModelInfo:
     if not isinstance(model, str) or not model.strip():
         raise ValueError("--model must be 'tiny', a local diffusers pipeline folder or a hub id like org/name.")
     model = model.strip()
-    if model == TINY:
-        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
+    if model == TINY:  # the trained model of the synthetic world (shipped weights)
+        from vidsparse.models.tiny_trained import TRAINED_DEFAULTS
+
+        return ModelInfo(TINY, TINY, "WanPipeline", video_geometry("wan"), dict(TRAINED_DEFAULTS))
+    if model == TINY_RANDOM:
+        return ModelInfo(TINY, TINY_RANDOM, "WanPipeline", video_geometry("wan"), dict(TINY_DEFAULTS))
     if model.startswith(TINY + "-"):
         return _tiny_model(model)
     kind, index, tcfg = read_model_config(model)
@@ -264,6 +272,7 @@ def resolve_model(model: str) -> ModelInfo:
 __all__ = [
     "TINY",
     "TINY_DEFAULTS",
+    "TINY_RANDOM",
     "ModelInfo",
     "pipeline_class_of",
     "read_model_config",

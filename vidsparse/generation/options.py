@@ -38,8 +38,8 @@ PARALLEL_MODES = ("none", "clip", "ulysses")
 class GenerateOptions:
     """Everything ``generate`` needs; the CLI fills it from flags, tests and scripts directly.
 
-    ``None`` sizes, steps and guidance take the pipeline's defaults (tiny: 33 frames, 96x160,
-    8 steps, guidance 5). ``pattern`` is a name (family defaults, then ``pattern_options``)
+    ``None`` sizes, steps and guidance take the pipeline's defaults (tiny: the trained size, 17
+    frames of 64x96, 12 steps, guidance 4; tiny-random: 33 frames, 96x160, 8 steps, guidance 5). ``pattern`` is a name (family defaults, then ``pattern_options``)
     or a pattern object. ``dense_first_steps`` ``None`` = the family default (25 % of the steps
     for sparse patterns); ints are steps, floats in [0, 1) fractions of the steps.
     """

@@ -38,10 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-dir", required=True, help="folder of videos with captions (.txt or metadata.jsonl/.csv)")
     data.add_argument("--output-dir", required=True, help="where the LoRA, checkpoints and metrics go")
     data.add_argument("--model", required=True,
-                      help="'tiny' / 'tiny-<name>' (built-in test models, e.g. tiny-wan-i2v), a hub id such as "
-                           "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers pipeline folder: text-to-video "
-                           "Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, LTX-Video, Mochi, CogVideoX; image-to-video "
-                           "Wan, SkyReels-V2, CogVideoX, LTX-Video (docs/lora.md lists what is refused and why)")
+                      help="'tiny' (the built-in small model of a synthetic world, docs/tiny_model.md), "
+                           "'tiny-random' / 'tiny-<name>' (built-in random-init test models, e.g. tiny-wan-i2v), a "
+                           "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers pipeline folder: "
+                           "text-to-video Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, LTX-Video, Mochi, CogVideoX; "
+                           "image-to-video Wan, SkyReels-V2, CogVideoX, LTX-Video (docs/lora.md lists what is "
+                           "refused and why)")
     data.add_argument("--cache-dir", default=None, help="latent/text cache (default <data-dir>/.vidsparse-cache)")
     data.add_argument("--caption-column", default=None,
                       help="caption column of metadata.jsonl/.csv (default: text, caption or prompt)")

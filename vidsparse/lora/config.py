@@ -40,7 +40,7 @@ class TrainConfig:
 
     data_dir: str
     output_dir: str
-    model: str = "tiny"
+    model: str = "tiny-random"  # the fast random-init pipeline (the CLI requires --model)
     cache_dir: str | None = None
     caption_column: str | None = None
     num_frames: int = 161

@@ -18,6 +18,7 @@ from vidsparse.families import family_of_pipeline, tiny_pipeline_of
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
+TINY_RANDOM_MODEL = "tiny-random"
 
 
 def refused() -> dict[str, str]:
@@ -39,10 +40,15 @@ def families() -> tuple[type[TrainableVideoModel], ...]:
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideoModel:
-    """The adapter for ``model``: ``"tiny"``, ``"tiny-<family>"``, a hub id or a local diffusers pipeline folder."""
+    """The adapter for ``model``: ``"tiny"`` (the trained tiny model of the synthetic world),
+    ``"tiny-random"`` / ``"tiny-<family>"`` (random-init), a hub id or a local diffusers pipeline folder."""
     if not isinstance(model, str) or not model:
         raise ValueError(f"--model must be 'tiny', a hub id or a pipeline folder, got {model!r}.")
     if model == TINY_MODEL:
+        from vidsparse.models.tiny_trained import load_trained_tiny
+
+        pipe = load_trained_tiny(dtype)
+    elif model == TINY_RANDOM_MODEL:
         from vidsparse.models.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=0, dtype=dtype)
@@ -66,9 +72,9 @@ def _tiny_family_pipeline(model: str, dtype: torch.dtype):
     """``tiny-<name>``: a family record's embedded random-init pipeline (as ``vidsparse generate``)."""
     found = tiny_pipeline_of(model[len(TINY_MODEL) + 1 :])
     if found is None:
-        embedded = [f"{TINY_MODEL}-{n}" for f in registered_families() if f.tiny_pipeline is not None
-                    for n in (f.name, *f.tiny_geometries, *f.tiny_pipelines)]  # fmt: skip
-        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: tiny, {', '.join(embedded)}.")
+        from vidsparse.generation.model import tiny_models
+
+        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
     family, variant, _ = found
     return family.tiny_pipeline(seed=0, dtype=dtype, **({"variant": variant} if variant is not None else {}))
 
@@ -121,6 +127,7 @@ def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
 
 __all__ = [
     "TINY_MODEL",
+    "TINY_RANDOM_MODEL",
     "TrainableVideoModel",
     "adapter_for",
     "check_trainable",

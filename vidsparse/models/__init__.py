@@ -1,4 +1,5 @@
-"""Small built-in models (tiny random-init diffusers pipelines and transformers)."""
+"""Small built-in models: the trained tiny Wan pipeline of a synthetic world (``tiny_trained``,
+``synthetic_world``, ``train_tiny``) and tiny random-init diffusers pipelines and transformers (``tiny``)."""
 
 from vidsparse.models.tiny import (
     TINY_FAMILIES,
