@@ -331,9 +331,17 @@ def run_freeswim(
     from diffusers import WanVideoToVideoPipeline
 
     plan = check_freeswim(pipe, options, prompt=prompt, prompt_embeds=prompt_embeds)
-    text = dict(prompt=prompt, negative_prompt=negative_prompt)
-    if prompt_embeds is not None:
-        text = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+    if prompt is not None:
+        # Encode the text once for both stages. diffusers 0.42.1's WanVideoToVideoPipeline also
+        # calls ftfy without checking that it is installed (WanPipeline checks), so stage 2
+        # must get embeddings, not text.
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=options.guidance_scale > 1.0,
+            device=pipe._execution_device,
+        )
+    text = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
 
     def generator():
         return None if options.seed is None else torch.Generator(generator_device).manual_seed(options.seed)
