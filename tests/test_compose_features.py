@@ -79,6 +79,22 @@ def test_caching_hooks_in_both_orders(cache):
     torch.testing.assert_close(outs["cache_first"], outs["apply_first"])
 
 
+def test_caches_under_a_dense_then_sparse_schedule_match_the_per_layer_path():
+    """With a cache on, the forward keeps caller order (a cache compares or reuses hidden states
+    across steps, and dense steps run in caller order): the same video as without kernel order."""
+    for cache in CACHES:
+        outs = []
+        for kernel_order in (True, False):
+            pipe = tiny_pipeline("wan")
+            pipe.transformer.enable_cache(_cache(cache, pipe))
+            vs.apply(pipe, vs.SparseConfig("radial", backend="torch", dense_first_steps=1, dense_layers=(0,)))
+            get_state(pipe.transformer).kernel_order = kernel_order
+            outs.append(run(pipe, "wan", steps=STEPS))
+            vs.remove(pipe)
+            pipe.transformer.disable_cache()
+        torch.testing.assert_close(outs[0], outs[1], msg=cache)
+
+
 def test_set_attention_backend_keeps_sparse_layers_on_vidsparse():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 

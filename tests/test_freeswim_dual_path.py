@@ -7,6 +7,7 @@ import torch
 import vidsparse as vs
 from vidsparse.freeswim import DualPathConfig, apply_dual_path, get_dual_state, remove_dual_path, reset_dual_path
 from vidsparse.models.tiny import build_tiny_pipeline, run_tiny_pipeline, tiny_inputs, tiny_transformer
+from vidsparse.pipelines import get_state
 
 GRID = dict(frames=3, height=8, width=12)  # latent 3x8x12 -> tokens 3x4x6
 BASE = (2, 2)  # window 3x3 of a 4x6 token grid: really sparse
@@ -79,6 +80,7 @@ def test_dual_forward_equals_an_independent_window_model_with_replaced_cross_att
     spy.close()
     dense_cross = {layer: out for layer, _, _, _, out in spy.records}
     vs.apply(t, vs.SparseConfig(vs.FreeSwim(base_grid=BASE), dense_first_steps=0, backend="torch"))
+    get_state(t).kernel_order = False  # the attn2 hooks below return the dense model's caller-order rows
     handles = [b.attn2.register_forward_hook(lambda m, a, o, i=i: dense_cross[i]) for i, b in enumerate(t.blocks)]
     expected = _forward(t, inputs)
     for h in handles:

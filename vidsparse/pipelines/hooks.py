@@ -84,6 +84,17 @@ class _NoState(BaseState):
         pass
 
 
+def _caches_across_steps(transformer: torch.nn.Module) -> bool:
+    """Whether a diffusers cache (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache, ...) is
+    on: it keeps block hidden states or residuals from one step for the next, and a forward in
+    kernel order holds those tokens permuted and padded while a dense step holds them in caller
+    order, so a schedule that mixes the two would compare or reuse mismatched tensors
+    (measured: FirstBlockCache fails on the shape, MagCache silently changes the video). Such
+    forwards keep the per-layer path."""
+    enabled = getattr(transformer, "is_cache_enabled", False)
+    return bool(enabled() if callable(enabled) else enabled)
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What one transformer forward looks like to the self-attention processors."""
@@ -321,7 +332,7 @@ class SparseState:
             patterns = self.layer_patterns(layout, block)
             if self.dense_step(step, total):
                 patterns = (None,) * self.num_layers
-            elif isinstance(hs, torch.Tensor) and not compiling:
+            elif isinstance(hs, torch.Tensor) and not compiling and not _caches_across_steps(transformer):
                 order = self.shared_order(layout, patterns, block, hs.device)
         info = CallInfo(layout, step, total, branch, batch, patterns, block, order)
         self.current = info
