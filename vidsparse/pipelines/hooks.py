@@ -422,19 +422,8 @@ class SparseState:
                 text_mask,
                 info.block_size,
             )
-        if info.order is not None:  # q, k, v [B, S_pad, H, D] in the forward's kernel order
-            return self.attention_fn(
-                q,
-                k,
-                v,
-                layout,
-                pattern,
-                backend=self.config.backend,
-                layer=layer,
-                text_mask=text_mask,
-                block_size=info.block_size,
-                kernel_order=True,
-            )
+        # In a kernel-order forward, q, k, v are [B, S_pad, H, D] in the plans' order.
+        ordered = {"kernel_order": True} if info.order is not None else {}
         return self.attention_fn(
             q,
             k,
@@ -445,6 +434,7 @@ class SparseState:
             layer=layer,
             text_mask=text_mask,
             block_size=info.block_size,
+            **ordered,
         )
 
     def warn_each_run(self, key: str, message: str) -> None:
