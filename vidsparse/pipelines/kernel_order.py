@@ -41,7 +41,7 @@ def _permute(x: Any, spec: Shard, order: KernelOrder, layout: VideoLayout, where
         raise ValueError(
             f"vidsparse: {where} has {n} tokens along dim {spec.dim} (shape {tuple(x.shape)}), expected {expected} "
             f"for {layout} in {'caller' if forward else 'kernel'} order. The family's kernel_order record does not fit "
-            "this model; set vidsparse.get_state(pipe).kernel_order = False to run without it."
+            "this model; set vidsparse.pipelines.get_state(pipe.transformer).kernel_order = False (or VIDSPARSE_KERNEL_ORDER=0) to run without it."
         )
     return order.to_kernel(x, spec.dim) if forward else order.to_caller(x, spec.dim)
 
