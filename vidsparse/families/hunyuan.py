@@ -225,12 +225,9 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     from vidsparse.models.tiny import tiny_transformer
 
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         vae = tiny_vae()
-    finally:
-        torch.random.set_rng_state(state)
     pipe = diffusers.HunyuanVideoPipeline(
         text_encoder=None,
         tokenizer=None,

@@ -187,12 +187,9 @@ def tiny_pipeline(
 
     from vidsparse.models.tiny import tiny_transformer
 
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         vae = tiny_vae(latent_channels)
-    finally:
-        torch.random.set_rng_state(state)
     pipe = diffusers.MochiPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=invert_sigmas),
         vae=vae,
