@@ -31,6 +31,7 @@ import json
 import math
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from vidsparse.lora.data import ClipSpec
@@ -64,6 +65,14 @@ def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str
             step = max(1, flat.numel() // 256)
             h.update(flat[::step][:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def first_frame_image(pixels: torch.Tensor):
+    """The first frame of a clip [3, F, H, W] in [-1, 1] as the 8-bit PIL image a user would pass."""
+    from PIL import Image
+
+    frame = ((pixels[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(frame.permute(1, 2, 0).cpu().numpy()))
 
 
 class TrainableVideoModel:
@@ -260,4 +269,40 @@ class TrainableVideoModel:
         return velocity
 
 
-__all__ = ["TrainableVideoModel", "module_fingerprint"]
+class ClipConditionMixin:
+    """Image-to-video (and video-conditioned) adapters: each clip's own condition, cached beside its latents.
+
+    The condition of a training clip is what its pipeline would build from the frames a user
+    passes (its first frame as an 8-bit image, ``first_frame_image``; a conditioning video prefix),
+    so it is a function of the clip and is cached with its latents. A subclass says how one clip's
+    condition is built (``clip_condition``, by the pipeline's own code) and what besides the VAE
+    decides it (``condition_identity``); ``encode_clip`` stacks them and ``vae_identity`` keys the
+    cache on all of it, so a text-to-video cache of the same VAE (latents only) is never reused.
+    Put it before the family's adapter in the bases (its methods override ``TrainableVideoModel``'s).
+    """
+
+    def condition_identity(self) -> dict[str, Any]:
+        """What else (JSON-able) decides the cached condition: an image encoder, a condition mode, ..."""
+        return {}
+
+    def vae_identity(self) -> str:
+        """The VAE's fingerprint, marked as holding a condition and keyed on ``condition_identity``."""
+        if self._vae_id is None:
+            extra = {"family": self.family, "role": "vae+i2v", **self.condition_identity()}
+            self._vae_id = module_fingerprint(self.pipe.vae, extra)
+        return self._vae_id
+
+    @torch.no_grad()
+    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``"latents"`` of the clips [B, 3, F, H, W] and each clip's condition (``clip_condition``), batched."""
+        out = {"latents": self.encode_video(pixels)}
+        per_clip = [self.clip_condition(clip) for clip in pixels]
+        out.update({key: torch.cat([c[key] for c in per_clip]) for key in per_clip[0]})
+        return out
+
+    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One clip [3, F, H, W] in [-1, 1] -> its condition tensors, each batched [1, ...] (CPU, float32)."""
+        raise NotImplementedError
+
+
+__all__ = ["ClipConditionMixin", "TrainableVideoModel", "first_frame_image", "module_fingerprint"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vidsparse.lora.adapters.base import TrainableVideoModel
+from vidsparse.lora.adapters.base import ClipConditionMixin, TrainableVideoModel, first_frame_image
 from vidsparse.lora.adapters.text import T5TextMixin
 from vidsparse.lora.data import ClipSpec
 
@@ -73,7 +73,7 @@ class LTXVideoModel(T5TextMixin, TrainableVideoModel):
         return noisy, timesteps
 
 
-class LTXImageToVideoModel(LTXVideoModel):
+class LTXImageToVideoModel(ClipConditionMixin, LTXVideoModel):
     """LTX-Video image-to-video (``LTXImageToVideoPipeline``): the first latent frame is the image's, kept clean.
 
     As the pipeline's ``prepare_latents`` and sampling loop: the image (the clip's first frame as the
@@ -89,20 +89,8 @@ class LTXImageToVideoModel(LTXVideoModel):
     display_name = "LTX-Video I2V"
     pipeline_classes = ("LTXImageToVideoPipeline",)
 
-    def vae_identity(self) -> str:
-        """The VAE's, marked as I2V: the cached latent file also holds the image latents."""
-        from vidsparse.lora.adapters.base import module_fingerprint
-
-        if self._vae_id is None:
-            self._vae_id = module_fingerprint(self.pipe.vae, {"family": self.family, "role": "vae+i2v"})
-        return self._vae_id
-
-    @torch.no_grad()
-    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        from vidsparse.lora.adapters.wan_i2v import first_frame_image
-
-        images = [self.image_latents(first_frame_image(clip), *clip.shape[2:]) for clip in pixels]
-        return {"latents": self.encode_video(pixels), "image_latents": torch.cat(images)}
+    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image_latents": self.image_latents(first_frame_image(clip), *clip.shape[2:])}
 
     @torch.no_grad()
     def image_latents(self, image, height: int, width: int) -> torch.Tensor:
