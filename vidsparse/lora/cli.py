@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--width", type=int, default=_default("width"), help="clip width (default %(default)s)")
     data.add_argument("--frame-stride", type=int, default=_default("frame_stride"),
                       help="take every n-th source frame (default %(default)s)")
+    data.add_argument("--condition-frames", type=int, default=None, metavar="N",
+                      help="LTXConditionPipeline: condition each clip on its first N frames, 1 (an image, the "
+                           "default) or 8k + 1 (a video prefix, to extend videos); refused for other pipelines")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=_default("rank"), help="LoRA rank (default %(default)s)")
@@ -151,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data_dir=args.data_dir, output_dir=args.output_dir, model=args.model, cache_dir=args.cache_dir,
         caption_column=args.caption_column, num_frames=args.num_frames, height=args.height, width=args.width,
-        frame_stride=args.frame_stride, pattern=pattern, pattern_options=tuple(options.items()),
+        frame_stride=args.frame_stride, condition_frames=args.condition_frames, pattern=pattern, pattern_options=tuple(options.items()),
         attention_backend=args.attention_backend,
         dense_layers=None if args.dense_layers is None else parse_layers(args.dense_layers), rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
         target_modules=targets, learning_rate=args.learning_rate, weight_decay=args.weight_decay,

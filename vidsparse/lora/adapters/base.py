@@ -169,6 +169,20 @@ class TrainableVideoModel:
     def validate_clip(self, spec: ClipSpec) -> None:
         raise NotImplementedError
 
+    #: whether the pipeline takes a conditioning video prefix (``--condition-frames``; LTX-Video's condition pipeline)
+    takes_condition_frames: ClassVar[bool] = False
+
+    def set_condition_frames(self, frames: int | None) -> None:
+        """``--condition-frames``: how many of the clip's first frames condition it (None: the adapter's default).
+
+        Only a pipeline that takes a conditioning video has such a setting; any other refuses it.
+        """
+        if frames is not None:
+            raise ValueError(
+                f"--condition-frames {frames}: {self.display_name} ({type(self.pipe).__name__}) takes no conditioning "
+                "video; it is for LTXConditionPipeline (e.g. --model tiny-ltx-condition). Drop --condition-frames."
+            )
+
     def encoders_to(self, device: torch.device | str) -> None:
         """Where the VAE and text encoder run while the cache is built.
 
@@ -245,11 +259,13 @@ class TrainableVideoModel:
         return sampler.sample(n, generator, shift)
 
     def training_inputs(
-        self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+        self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, regression target, timestep the loop passes to ``predict``) at ``levels``.
 
         Flow matching: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, timestep ``s * N``.
+        ``cond`` is the batch's conditioning (as ``predict`` gets it), for a pipeline whose latents
+        at a step depend on it (LTX-Video's condition pipeline re-noises its condition latents).
         """
         noisy, target = add_noise(x0, noise, levels)
         return noisy, target, levels * self.num_train_timesteps

@@ -116,7 +116,7 @@ class CogVideoXModel(TrainableVideoModel):
         table = self.pipe.scheduler.alphas_cumprod.float()
         return table[timesteps.long().cpu()].to(timesteps.device)
 
-    def training_inputs(self, x0, noise, levels):
+    def training_inputs(self, x0, noise, levels, cond=None):
         a = self.alphas(levels).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return noisy, a.sqrt() * noise - (1 - a).sqrt() * x0, levels
