@@ -14,6 +14,8 @@ leaves the condition frames out; then ``train-lora --model tiny-ltx-condition`` 
 with ``--image`` and with ``--condition-video`` end to end.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -188,26 +190,52 @@ def test_condition_frames_are_checked():
     check_condition_frames("tiny-ltx-condition", 9)
 
 
-def test_train_then_generate_end_to_end(tmp_path):
+def test_train_then_generate_end_to_end(tmp_path, monkeypatch):
+    from diffusers import LTXConditionPipeline
     from test_lora_data import make_dataset
 
+    from vidsparse.cli import main
     from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
     from vidsparse.video_io import write_video
 
     out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-ltx-condition",
-        num_frames=17, height=64, width=64, condition_frames=9, rank=4, max_train_steps=2, checkpointing_steps=2,
-        mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and result.cache.latents_computed == 3
+    rc = main(["train-lora", "--model", "tiny-ltx-condition", "--data-dir", str(make_dataset(tmp_path / "data")),
+               "--output-dir", str(out), "--num-frames", "17", "--height", "64", "--width", "64",
+               "--condition-frames", "9", "--rank", "4", "--max-train-steps", "2", "--mixed-precision", "no",
+               "--pattern", "radial", "--attention-backend", "torch", "--no-progress"])  # fmt: skip
+    assert rc in (0, None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
     clip = _clip(ClipSpec(17, 64, 64))[0]
     first_frame_image(clip).save(tmp_path / "first.png")
     frames = ((clip[:, :9].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
     write_video(tmp_path / "prefix.gif", frames, fps=8)  # lossless 8-bit frames
     common = dict(model="tiny-ltx-condition", lora=str(out), frames=17, height=64, width=64, steps=2, backend="torch",
                   progress=False)  # fmt: skip
-    for condition in (dict(image=str(tmp_path / "first.png")), dict(condition_video=str(tmp_path / "prefix.gif"))):
+    seen = []  # the condition pixels generate hands the pipeline (prepare_latents' conditions)
+    prepare = LTXConditionPipeline.prepare_latents
+
+    def record(self, conditions=None, *args, **kwargs):
+        seen.append([c.detach().clone() for c in conditions])
+        return prepare(self, conditions, *args, **kwargs)
+
+    monkeypatch.setattr(LTXConditionPipeline, "prepare_latents", record)
+    for condition, frames in ((dict(image=str(tmp_path / "first.png")), 1),
+                              (dict(condition_video=str(tmp_path / "prefix.gif")), 9)):  # fmt: skip
         res = generate(GenerateOptions(**common, **condition))
         assert res.frames.shape[:3] == (17, 64, 64)
+        (pixels,) = seen[-1]
+        torch.testing.assert_close(pixels[0].float(), clip[:, :frames], rtol=0, atol=1e-6)
+    video = tmp_path / "v.gif"
+    rc = main(["generate", "--model", "tiny-ltx-condition", "--lora", str(out), "--condition-video",
+               str(tmp_path / "prefix.gif"), "--frames", "17", "--height", "64", "--width", "64", "--steps", "2",
+               "--pattern", "radial", "--backend", "torch", "--out", str(video)])  # fmt: skip
+    assert rc in (0, None) and video.is_file() and video.stat().st_size > 0
+    with pytest.raises(ValueError, match="--condition-video is the video prefix of LTXConditionPipeline"):
+        generate(GenerateOptions(**{**common, "model": "tiny-ltx", "lora": None},
+                                 condition_video=str(tmp_path / "prefix.gif")))  # fmt: skip
+    with pytest.raises(ValueError, match="pass one of them"):
+        generate(GenerateOptions(**common, image=str(tmp_path / "first.png"),
+                                 condition_video=str(tmp_path / "prefix.gif")))  # fmt: skip
+    with pytest.raises(ValueError, match="cannot be read"):
+        generate(GenerateOptions(**common, condition_video=str(tmp_path / "first.png.missing")))

@@ -169,6 +169,10 @@ def tiny_vae():
 I2V_TINY = "ltx-i2v"
 #: ``generate --model tiny-ltx-condition`` / ``train-lora --model tiny-ltx-condition``: ``LTXConditionPipeline``.
 CONDITION_TINY = "ltx-condition"
+#: The pipeline that takes a conditioning video (``generate --condition-video``), given to it as
+#: ``conditions=[LTXVideoCondition(video=frames, frame_index=0)]``: a bare ``video=[frames]``
+#: list is read as one condition per frame by its ``__call__``.
+CONDITION_VIDEO_PIPELINE = "LTXConditionPipeline"
 
 
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant: str = "ltx"):
