@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -168,6 +169,10 @@ class TrainableVideoModel:
 
     def validate_clip(self, spec: ClipSpec) -> None:
         raise NotImplementedError
+
+    #: whether the clip's cached condition depends on its caption too (``encode_clip(pixels, captions)``;
+    #: the cache then keys the clip's file on the caption and the text encoders as well)
+    condition_reads_caption: ClassVar[bool] = False
 
     #: whether the pipeline takes a conditioning video prefix (``--condition-frames``; LTX-Video's condition pipeline)
     takes_condition_frames: ClassVar[bool] = False
@@ -309,15 +314,28 @@ class ClipConditionMixin:
         return self._vae_id
 
     @torch.no_grad()
-    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``"latents"`` of the clips [B, 3, F, H, W] and each clip's condition (``clip_condition``), batched."""
+    def encode_clip(self, pixels: torch.Tensor, captions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """``"latents"`` of the clips [B, 3, F, H, W] and each clip's condition (``clip_condition``), batched.
+
+        ``captions`` (one per clip) are required when the condition reads them
+        (``condition_reads_caption``: HunyuanVideo I2V's prompt embeddings hold the image).
+        """
         out = {"latents": self.encode_video(pixels)}
-        per_clip = [self.clip_condition(clip) for clip in pixels]
+        if self.condition_reads_caption:
+            if captions is None or len(captions) != len(pixels):
+                raise ValueError(
+                    f"{self.display_name}: the clip's condition is its caption's prompt embeddings with the first "
+                    f"frame in them; encode_clip needs one caption per clip, got {captions!r} for {len(pixels)}."
+                )
+            per_clip = [self.clip_condition(clip, caption) for clip, caption in zip(pixels, captions)]
+        else:
+            per_clip = [self.clip_condition(clip) for clip in pixels]
         out.update({key: torch.cat([c[key] for c in per_clip]) for key in per_clip[0]})
         return out
 
-    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One clip [3, F, H, W] in [-1, 1] -> its condition tensors, each batched [1, ...] (CPU, float32)."""
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
+        """One clip [3, F, H, W] in [-1, 1] (and its caption, if the condition reads it) -> its condition
+        tensors, each batched [1, ...] (CPU, float32)."""
         raise NotImplementedError
 
 

@@ -228,7 +228,7 @@ class CogVideoXI2VModel(ClipConditionMixin, CogVideoXModel):
                 f"{cfg.in_channels}. Load an image-to-video checkpoint (e.g. THUDM/CogVideoX-5b-I2V)."
             )
 
-    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
         return {"image_latents": self.image_latents(first_frame_image(clip), *clip.shape[1:])}
 
     @torch.no_grad()

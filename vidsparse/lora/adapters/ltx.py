@@ -89,7 +89,7 @@ class LTXImageToVideoModel(ClipConditionMixin, LTXVideoModel):
     display_name = "LTX-Video I2V"
     pipeline_classes = ("LTXImageToVideoPipeline",)
 
-    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
         return {"image_latents": self.image_latents(first_frame_image(clip), *clip.shape[2:])}
 
     @torch.no_grad()
@@ -193,7 +193,7 @@ class LTXConditionModel(ClipConditionMixin, LTXVideoModel):
         """The first ``condition_frames`` frames of a clip [3, F, H, W] as the 8-bit PIL images a user would pass."""
         return [first_frame_image(clip[:, i : i + 1]) for i in range(self.condition_frames)]
 
-    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
         return {"condition_latents": self.condition_latents(self.condition_images(clip), *clip.shape[1:])}
 
     @torch.no_grad()

@@ -65,7 +65,7 @@ class WanI2VModel(ClipConditionMixin, WanModel):
         encoder = module_fingerprint(self.pipe.image_encoder) if self.image_context else None
         return {"expand_timesteps": self.expand_timesteps, "image_encoder": encoder}
 
-    def clip_condition(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
         """The clip's first frame's condition, built by the pipeline's own code (``image_condition``)."""
         return self.image_condition(first_frame_image(clip), clip.shape[1], *clip.shape[2:])
 
