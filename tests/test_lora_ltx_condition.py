@@ -139,6 +139,10 @@ def test_condition_is_the_pipelines_and_training_inputs_are_its_latents(ltx, pos
     # RoPE: LTXPipeline's latent frame f is at 8 f, the condition pipeline's at max(8 f - 7, 0) (over frame_rate)
     frames = coords[0, 0].view(x0.shape[2:])[:, 0, 0] * adapter.frame_rate
     torch.testing.assert_close(frames, torch.tensor([0.0, 1.0, 9.0, 17.0]), rtol=0, atol=1e-5)
+    # the sparse patterns read the latent grid from these coordinates (the call has no num_frames)
+    from vidsparse.families.ltx import grid_from_coords
+
+    assert grid_from_coords(coords[0], x0[0, 0].numel()) == tuple(x0.shape[2:])
 
 
 def test_ideal_model_reaches_the_clip_and_predict_is_the_pipelines_call(ltx, posterior_mode):

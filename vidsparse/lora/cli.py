@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "'tiny-random' / 'tiny-<name>' (built-in random-init test models, e.g. tiny-wan-i2v), a "
                            "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers pipeline folder: "
                            "text-to-video Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, LTX-Video, Mochi, CogVideoX; "
-                           "image-to-video Wan, SkyReels-V2, CogVideoX, LTX-Video (docs/lora.md lists what is "
-                           "refused and why)")
+                           "image-to-video Wan, SkyReels-V2, CogVideoX, LTX-Video, HunyuanVideo; LTXConditionPipeline "
+                           "(docs/lora.md lists what is refused and why)")
     data.add_argument("--cache-dir", default=None, help="latent/text cache (default <data-dir>/.vidsparse-cache)")
     data.add_argument("--caption-column", default=None,
                       help="caption column of metadata.jsonl/.csv (default: text, caption or prompt)")

@@ -8,14 +8,16 @@ family is one subclass in ``vidsparse.lora.adapters.<family>``, referenced from 
 
 Adapters: Wan text-to-video, one transformer or Wan 2.2 A14B's two experts, and ``--model tiny``
 (``adapters.wan``, also SkyReels-V2 T2V); Wan / SkyReels-V2 image-to-video (``adapters.wan_i2v``);
-HunyuanVideo, LTX-Video (and its image-to-video) and Mochi (``adapters.hunyuan``,
-``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text- and image-to-video with its
-v-prediction objective (``adapters.cogvideox``, which overrides ``sample_levels`` /
-``training_inputs``). Image-to-video adapters cache each clip's first-frame condition
-(``encode_clip``) and may leave the clean first frame out of the loss (``loss``). Refused with a
-reason (each family record's ``lora_refusal`` / ``lora_refusals``, checked from the pipeline class
-before any work: ``vidsparse.lora.models.check_trainable``): HunyuanVideo I2V, LTX-Video's
-condition pipeline, diffusion forcing and the families without an adapter.
+HunyuanVideo (and its image-to-video), LTX-Video (and its image-to-video and condition pipelines)
+and Mochi (``adapters.hunyuan``, ``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text-
+and image-to-video with its v-prediction objective (``adapters.cogvideox``, which overrides
+``sample_levels`` / ``training_inputs``). Image-to-video adapters (``ClipConditionMixin``) cache
+each clip's own condition (``encode_clip``: its first frame, LTX's condition pipeline a video
+prefix, HunyuanVideo I2V's LLaVA prompt embeddings with the caption) and may leave the clean
+condition frames out of the loss (``loss``). Refused with a reason (each family record's
+``lora_refusal`` / ``lora_refusals``, checked from the pipeline class before any work:
+``vidsparse.lora.models.check_trainable``): diffusion forcing, LTX-Video's long multi-prompt and
+upsampler pipelines, and the families without an adapter.
 
 The training loop's convention is the standard rectified flow: noise level ``s``, timestep
 ``s * num_train_timesteps``, target velocity ``noise - x0``. ``predict`` maps it onto what the
