@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vidsparse.families.cogvideox import tiny_pipeline
-from vidsparse.lora.adapters.wan_i2v import first_frame_image
+from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
 from vidsparse.lora.train import _collate_text

@@ -95,6 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image", default=None, metavar="PATH",
         help="first frame of an image-to-video pipeline (e.g. Wan I2V, tiny-wan-i2v); refused for text-to-video",
     )  # fmt: skip
+    model.add_argument(
+        "--condition-video", default=None, metavar="PATH",
+        help="LTXConditionPipeline (e.g. tiny-ltx-condition): a video whose first 8k + 1 frames start the clip "
+             "(extend a video); refused for other pipelines",
+    )  # fmt: skip
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=None, help="number of frames (default: the pipeline's; tiny 33)")
     video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 96)")
@@ -234,6 +239,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         lora=args.lora,
         lora_scale=args.lora_scale,
         image=args.image,
+        condition_video=args.condition_video,
         dense_first_steps=None
         if args.dense_first_steps is None
         else _parse_steps(args.dense_first_steps, "--dense-first-steps"),

@@ -63,6 +63,28 @@ def as_uint8_frames(video) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def read_frames(path: str | os.PathLike, max_frames: int | None = None) -> list:
+    """The first ``max_frames`` (all if None) frames of a video file as RGB PIL images (a pipeline's video input).
+
+    A ValueError names the file when it cannot be decoded or holds no frame.
+    """
+    import imageio.v3 as iio
+    from PIL import Image
+
+    p = Path(path).expanduser()
+    frames = []
+    try:
+        for frame in iio.imiter(p):
+            frames.append(Image.fromarray(as_uint8_frames(np.asarray(frame)[None])[0]))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    except Exception as exc:  # decoders raise many types (OSError, RuntimeError, ValueError, ...)
+        raise ValueError(f"Video {str(path)!r} cannot be read ({type(exc).__name__}: {exc}).") from None
+    if not frames:
+        raise ValueError(f"Video {str(path)!r} holds no frame.")
+    return frames
+
+
 def check_video_path(path: str | os.PathLike) -> Path:
     """Validate an output path before any heavy work: known suffix, existing writable directory."""
     p = Path(path).expanduser()
@@ -212,6 +234,7 @@ __all__ = [
     "check_video_path",
     "check_writable_dir",
     "psnr",
+    "read_frames",
     "ssim",
     "write_video",
 ]

@@ -213,30 +213,164 @@ def tiny_vae():
     )
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+#: ``generate --model tiny-hunyuan-i2v`` / ``train-lora --model tiny-hunyuan-i2v``:
+#: ``HunyuanVideoImageToVideoPipeline`` with a ``token_replace`` transformer (``tiny-hunyuan-i2v-concat``:
+#: ``latent_concat``, image latents + mask on channels), its text path a tiny LLaVA (``tiny_i2v_text_stack``).
+I2V_TINY = "hunyuan-i2v"
+I2V_CONCAT_TINY = "hunyuan-i2v-concat"
+
+#: Llama 3's pre-tokenizer split (its tokenizer.json): with every piece of the I2V prompt template
+#: one token, the template has the token offsets the pipeline's DEFAULT_PROMPT_TEMPLATE hard-codes
+#: (crop_start 103, the image token at 5, four tokens of assistant header), as the checkpoint's tokenizer.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>",
+)  # fmt: skip
+
+
+def tiny_i2v_tokenizer(model_max_length: int | None = None):
+    """A Llama-3-style fast tokenizer built offline: byte-level BPE whose vocabulary holds the 256 byte
+    symbols and every piece of the I2V prompt template whole (``ignore_merges``: a piece in the
+    vocabulary is one token, any other text falls back to bytes), Llama 3's specials and split, and
+    ``<|begin_of_text|>`` in front. So ``DEFAULT_PROMPT_TEMPLATE``'s offsets hold for it as for the
+    checkpoint's: it is the pipeline's own prompt cropping that runs, at its real offsets."""
+    import re
+
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab: dict[str, int] = {}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    specials = "(" + "|".join(map(re.escape, LLAMA3_SPECIAL_TOKENS)) + ")"
+    for part in re.split(specials, DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", "")):
+        if part and part not in LLAMA3_SPECIAL_TOKENS:
+            for piece, _ in split.pre_tokenize_str(part):
+                vocab.setdefault(byte_level.pre_tokenize_str(piece)[0][0], len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", **extra
+    )
+
+
+def tiny_i2v_text_stack(text_dim: int, pooled_dim: int):
+    """(text_encoder, tokenizer, text_encoder_2, tokenizer_2, image_processor) of a tiny HunyuanVideo I2V pipeline.
+
+    ``LlavaForConditionalGeneration``: a 3-layer Llama (``hidden_states[-3]`` is what the pipeline
+    takes) of ``text_dim`` and a 2-layer CLIP vision tower on 336 px / patch 14, i.e. the
+    checkpoint's 576 image tokens (``image_emb_len``), 8 wide; a CLIP text model of ``pooled_dim``
+    (its pooled output is the transformer's ``pooled_projections``); both tokenizers
+    ``tiny_i2v_tokenizer`` (CLIP's cut at 77); the image processor at the checkpoint's 336 px.
+    Initialised from the caller's RNG (build it under a seeded ``fork_rng``).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    tokenizer = tiny_i2v_tokenizer()
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=8)  # fmt: skip
+    llama = LlamaConfig(vocab_size=vocab, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=3,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=pad)  # fmt: skip
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=vision,
+            text_config=llama,
+            image_token_index=image_token,
+            image_seq_length=576,
+            pad_token_id=pad,
+        )
+    ).eval()
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=pooled_dim,
+            intermediate_size=2 * pooled_dim,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=pooled_dim,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+    ).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    return llava, tokenizer, clip, tiny_i2v_tokenizer(model_max_length=77), processor
+
+
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant: str = "hunyuan"):
     """A tiny random-init ``diffusers.HunyuanVideoPipeline`` (no tokenizers / text encoders).
 
     The family's ``hunyuan`` tiny transformer, ``tiny_vae`` and the flow-matching Euler scheduler
     of hunyuanvideo-community/HunyuanVideo (shift 7). Prompts go in as hashed embeddings, a
     padding mask and a pooled embedding (``tiny_prompt_kwargs``). Served as
     ``vidsparse generate --model tiny-hunyuan``; the LoRA tests train on it.
+
+    ``variant="hunyuan-i2v"`` / ``"hunyuan-i2v-concat"``: a ``HunyuanVideoImageToVideoPipeline``
+    (``image_condition_type`` token_replace / latent_concat) whose text path is real and tiny
+    (``tiny_i2v_text_stack``): the image enters the prompt embeddings through LLaVA, as in the
+    checkpoint, so prompts go in as text.
     """
     import diffusers
 
     from vidsparse.models.tiny import tiny_transformer
 
+    variants = ("hunyuan", I2V_TINY, I2V_CONCAT_TINY)
+    if variant not in variants:
+        raise ValueError(f"Unknown tiny HunyuanVideo pipeline variant {variant!r}. Expected one of {variants}.")
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         vae = tiny_vae()
-    pipe = diffusers.HunyuanVideoPipeline(
-        text_encoder=None,
-        tokenizer=None,
-        transformer=tiny_transformer("hunyuan", seed=seed),
-        vae=vae,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=None,
-        tokenizer_2=None,
-    )
+        if variant != "hunyuan":
+            cfg = _tiny_config()
+            text = tiny_i2v_text_stack(int(cfg["text_embed_dim"]), int(cfg["pooled_projection_dim"]))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    if variant == "hunyuan":
+        pipe = diffusers.HunyuanVideoPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            transformer=tiny_transformer("hunyuan", seed=seed),
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder_2=None,
+            tokenizer_2=None,
+        )
+    else:
+        concat = variant == I2V_CONCAT_TINY
+        overrides = dict(image_condition_type="latent_concat", in_channels=2 * vae.config.latent_channels + 1)
+        transformer = tiny_transformer("hunyuan-i2v", seed=seed, **(overrides if concat else {}))
+        llava, tokenizer, clip, tokenizer_2, processor = text
+        pipe = diffusers.HunyuanVideoImageToVideoPipeline(
+            text_encoder=llava,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder_2=clip,
+            tokenizer_2=tokenizer_2,
+            image_processor=processor,
+        )
     return finish_tiny_pipeline(pipe, dtype)
 
 
@@ -256,10 +390,10 @@ def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str
     return out
 
 
-def _lora_adapter() -> type:
-    from vidsparse.lora.adapters.hunyuan import HunyuanVideoModel
+def _lora_adapter() -> tuple[type, ...]:
+    from vidsparse.lora.adapters.hunyuan import HunyuanVideoI2VModel, HunyuanVideoModel
 
-    return HunyuanVideoModel
+    return HunyuanVideoModel, HunyuanVideoI2VModel
 
 
 # -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
@@ -324,15 +458,6 @@ FAMILY = Family(
         "gna": dict(kernel_size=(18, 24, 24), stride=(16, 8, 8)),
     },
     lora_adapter=_lora_adapter,
-    lora_refusals={
-        "HunyuanVideoImageToVideoPipeline": "image-to-video LoRA is not implemented: its text conditioning is a "
-        "LLaVA (LlavaForConditionalGeneration) forward over a Llama-3 prompt template holding the first frame's 576 "
-        "CLIP image tokens, cut at token offsets of that template (crop_start, image_emb_start/end, "
-        "double_return_token_id) that only the checkpoint's own tokenizer reproduces, so the path cannot be built "
-        "and checked at tiny size offline; the image also enters through the transformer's image_condition_type "
-        "(latent_concat: image latents + mask channels; token_replace: the clean first latent frame at timestep 0). "
-        "Train on HunyuanVideoPipeline (text-to-video)",
-    },
     shard_plan=SHARD_PLAN,
     clip_decode=CLIP_DECODE,
     tiny={
@@ -341,4 +466,5 @@ FAMILY = Family(
     },
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
+    tiny_pipelines={I2V_TINY: "HunyuanVideoImageToVideoPipeline", I2V_CONCAT_TINY: "HunyuanVideoImageToVideoPipeline"},
 )

@@ -167,6 +167,12 @@ def tiny_vae():
 
 #: ``generate --model tiny-ltx-i2v`` / ``train-lora --model tiny-ltx-i2v``: ``LTXImageToVideoPipeline``.
 I2V_TINY = "ltx-i2v"
+#: ``generate --model tiny-ltx-condition`` / ``train-lora --model tiny-ltx-condition``: ``LTXConditionPipeline``.
+CONDITION_TINY = "ltx-condition"
+#: The pipeline that takes a conditioning video (``generate --condition-video``), given to it as
+#: ``conditions=[LTXVideoCondition(video=frames, frame_index=0)]``: a bare ``video=[frames]``
+#: list is read as one condition per frame by its ``__call__``.
+CONDITION_VIDEO_PIPELINE = "LTXConditionPipeline"
 
 
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant: str = "ltx"):
@@ -176,27 +182,37 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant:
     Lightricks/LTX-Video's scheduler_config.json (resolution-dependent shift, terminal 0.1).
     Prompts go in as hashed embeddings with a padding mask (``tiny_prompt_kwargs``). Served as
     ``vidsparse generate --model tiny-ltx``; the LoRA tests train on it. ``variant="ltx-i2v"``:
-    the same parts as an ``LTXImageToVideoPipeline`` (``tiny-ltx-i2v``).
+    the same parts as an ``LTXImageToVideoPipeline`` (``tiny-ltx-i2v``); ``variant="ltx-condition"``:
+    an ``LTXConditionPipeline`` (``tiny-ltx-condition``), whose scheduler has no resolution-dependent
+    shift: that pipeline sets its own timesteps (``linear_quadratic_schedule``), which a
+    dynamic-shifting scheduler refuses (``mu`` is required), so the 0.9.5+ checkpoints it serves
+    ship ``use_dynamic_shifting = false`` (diffusers' own tests of it use the default scheduler).
     """
     import diffusers
 
-    if variant not in ("ltx", I2V_TINY):
-        raise ValueError(f"Unknown tiny LTX-Video pipeline variant {variant!r}. Expected 'ltx' or {I2V_TINY!r}.")
+    variants = ("ltx", I2V_TINY, CONDITION_TINY)
+    if variant not in variants:
+        raise ValueError(f"Unknown tiny LTX-Video pipeline variant {variant!r}. Expected one of {variants}.")
 
     from vidsparse.models.tiny import tiny_transformer
 
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         vae = tiny_vae()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.95,
-        max_shift=2.05,
-        base_image_seq_len=1024,
-        max_image_seq_len=4096,
-        shift_terminal=0.1,
+    if variant == CONDITION_TINY:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    else:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.95,
+            max_shift=2.05,
+            base_image_seq_len=1024,
+            max_image_seq_len=4096,
+            shift_terminal=0.1,
+        )
+    cls = {I2V_TINY: diffusers.LTXImageToVideoPipeline, CONDITION_TINY: diffusers.LTXConditionPipeline}.get(
+        variant, diffusers.LTXPipeline
     )
-    cls = diffusers.LTXImageToVideoPipeline if variant == I2V_TINY else diffusers.LTXPipeline
     pipe = cls(
         scheduler=scheduler,
         vae=vae,
@@ -213,9 +229,9 @@ def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict[str
 
 
 def _lora_adapter() -> tuple[type, ...]:
-    from vidsparse.lora.adapters.ltx import LTXImageToVideoModel, LTXVideoModel
+    from vidsparse.lora.adapters.ltx import LTXConditionModel, LTXImageToVideoModel, LTXVideoModel
 
-    return LTXVideoModel, LTXImageToVideoModel
+    return LTXVideoModel, LTXImageToVideoModel, LTXConditionModel
 
 
 # -- per-clip VAE decode (vidsparse.parallel.vae) --------------------------------------------
@@ -264,10 +280,6 @@ FAMILY = Family(
     },
     lora_adapter=_lora_adapter,
     lora_refusals={
-        "LTXConditionPipeline": "its conditioning is not built: condition videos/images at any frame_index, "
-        "blended in by strength, re-noised at every step (image_cond_noise_scale, 0.15 by default), with RoPE from "
-        "conditioning-shifted video_coords; train on LTXImageToVideoPipeline (first-frame image) or LTXPipeline "
-        "of the same checkpoint: the LoRA file loads into LTXConditionPipeline's transformer",
         "LTXI2VLongMultiPromptPipeline": "long multi-prompt image-to-video chains conditioned windows (clean "
         "conditioning latents with per-token timesteps), which train-lora does not build; train on LTXPipeline",
         "LTXLatentUpsamplePipeline": "the latent upsampler is a separate convolutional model, not the "
@@ -278,5 +290,5 @@ FAMILY = Family(
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
-    tiny_pipelines={I2V_TINY: "LTXImageToVideoPipeline"},
+    tiny_pipelines={I2V_TINY: "LTXImageToVideoPipeline", CONDITION_TINY: "LTXConditionPipeline"},
 )

@@ -112,6 +112,13 @@ def call_kwargs(
 
         with Image.open(plan.image) as im:
             kwargs["image"] = im.convert("RGB")
+    if plan.condition_video is not None:  # LTXConditionPipeline: the video prefix at frame 0, strength 1
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+        from vidsparse.video_io import read_frames
+
+        frames = read_frames(plan.condition_video, max_frames=plan.frames)  # the pipeline cuts to 8k + 1
+        kwargs["conditions"] = [LTXVideoCondition(video=frames, frame_index=0, strength=1.0)]
     accepted = inspect.signature(pipe.__call__).parameters
     if "num_frames" not in accepted:
         raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")

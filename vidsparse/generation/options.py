@@ -62,6 +62,7 @@ class GenerateOptions:
     lora: str | None = None
     lora_scale: float = 1.0
     image: str | None = None  # the first frame of an image-to-video pipeline (an image file)
+    condition_video: str | None = None  # LTXConditionPipeline: a video whose frames start the clip (8k + 1 used)
     dense_first_steps: int | float | None = None
     dense_last_steps: int | float = 0
     dense_layers: tuple[int, ...] | None = None
@@ -104,6 +105,7 @@ class GenerationPlan:
     freeswim: Any = None  # generation.freeswim.FreeSwimPrepared with GenerateOptions.freeswim
     lora_summary: LoraSummary | None = None  # the LoRA, what it was trained for, and mismatches
     image: Path | None = None  # image-to-video: the first frame (checked readable)
+    condition_video: Path | None = None  # LTXConditionPipeline: the conditioning video prefix (checked readable)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -226,6 +228,25 @@ def _check_image(path: str | None, info: ModelInfo) -> Path | None:
     return p
 
 
+def _check_condition_video(path: str | None, image: Path | None, info: ModelInfo) -> Path | None:
+    """``--condition-video`` for LTX-Video's condition pipeline only: a readable video, not with ``--image``."""
+    if path is None:
+        return None
+    from vidsparse.families.ltx import CONDITION_VIDEO_PIPELINE
+
+    if info.pipeline_class != CONDITION_VIDEO_PIPELINE:
+        raise ValueError(
+            f"--condition-video is the video prefix of {CONDITION_VIDEO_PIPELINE} (LTX-Video 0.9.5+, --model "
+            f"tiny-ltx-condition); {info.source!r} is a {info.pipeline_class}. Drop --condition-video."
+        )
+    if image is not None:
+        raise ValueError("--condition-video and --image both condition the first frames; pass one of them.")
+    from vidsparse.video_io import read_frames
+
+    read_frames(path, max_frames=1)  # a clear error now, not after the weights are loaded
+    return Path(path).expanduser()
+
+
 def _steps_value(value: Any, name: str) -> Any:
     if value is None:
         return None
@@ -324,8 +345,9 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
     image = _check_image(options.image, info)
-    if options.freeswim is not None and image is not None:
-        raise ValueError("--freeswim runs text-to-video pipelines; drop --image or --freeswim.")
+    condition_video = _check_condition_video(options.condition_video, image, info)
+    if options.freeswim is not None and (image is not None or condition_video is not None):
+        raise ValueError("--freeswim runs text-to-video pipelines; drop --image / --condition-video or --freeswim.")
     if options.freeswim is not None:  # FreeSwim's two stages: its own attention, checked here
         from vidsparse.generation.freeswim import prepare_freeswim
 
@@ -366,6 +388,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         lora,
         lora_summary=lora_summary,
         image=image,
+        condition_video=condition_video,
     )
 
 

@@ -57,7 +57,9 @@ def video_identity(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges": h.hexdigest()[:16]}
 
 
-def latent_key(sample: VideoSample, spec: ClipSpec, vae_id: str) -> tuple[str, dict]:
+def latent_key(sample: VideoSample, spec: ClipSpec, vae_id: str, text_id: str | None = None) -> tuple[str, dict]:
+    """The key of a clip's latent file; ``text_id`` (a condition that reads the caption) adds the caption
+    and the text encoders' identity to it."""
     info = {
         "video": sample.relpath,
         **video_identity(sample.path),
@@ -67,6 +69,8 @@ def latent_key(sample: VideoSample, spec: ClipSpec, vae_id: str) -> tuple[str, d
         "width": spec.width,
         "vae": vae_id,
     }
+    if text_id is not None:
+        info.update(caption=sample.caption, text_encoder=text_id)
     return _digest(info), info
 
 
@@ -166,7 +170,7 @@ class LatentCache:
         plan: list[tuple[VideoSample, str, dict, str, dict]] = []
         for s in samples:
             try:
-                lk, linfo = latent_key(s, spec, vae_id)
+                lk, linfo = latent_key(s, spec, vae_id, text_id if model.condition_reads_caption else None)
             except OSError as exc:
                 report.skipped.append((s.relpath, f"cannot be read ({exc})"))
                 continue
@@ -195,7 +199,8 @@ class LatentCache:
                     logger.warning("vidsparse: skipping video %s: %s", s.relpath, exc.reason)
                     bar.update(1)
                     continue
-                encoded = {k: v[0].float() for k, v in model.encode_clip(clip[None]).items()}
+                captions = {"captions": [s.caption]} if model.condition_reads_caption else {}
+                encoded = {k: v[0].float() for k, v in model.encode_clip(clip[None], **captions).items()}
                 save_tensors(self.latent_path(lk), encoded, metadata={k: str(v) for k, v in linfo.items()})
                 report.latents_computed += 1
                 bar.update(1)

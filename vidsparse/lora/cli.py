@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "'tiny-random' / 'tiny-<name>' (built-in random-init test models, e.g. tiny-wan-i2v), a "
                            "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers pipeline folder: "
                            "text-to-video Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, LTX-Video, Mochi, CogVideoX; "
-                           "image-to-video Wan, SkyReels-V2, CogVideoX, LTX-Video (docs/lora.md lists what is "
-                           "refused and why)")
+                           "image-to-video Wan, SkyReels-V2, CogVideoX, LTX-Video, HunyuanVideo; LTXConditionPipeline "
+                           "(docs/lora.md lists what is refused and why)")
     data.add_argument("--cache-dir", default=None, help="latent/text cache (default <data-dir>/.vidsparse-cache)")
     data.add_argument("--caption-column", default=None,
                       help="caption column of metadata.jsonl/.csv (default: text, caption or prompt)")
@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--width", type=int, default=_default("width"), help="clip width (default %(default)s)")
     data.add_argument("--frame-stride", type=int, default=_default("frame_stride"),
                       help="take every n-th source frame (default %(default)s)")
+    data.add_argument("--condition-frames", type=int, default=None, metavar="N",
+                      help="LTXConditionPipeline: condition each clip on its first N frames, 1 (an image, the "
+                           "default) or 8k + 1 (a video prefix, to extend videos); refused for other pipelines")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=_default("rank"), help="LoRA rank (default %(default)s)")
@@ -151,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data_dir=args.data_dir, output_dir=args.output_dir, model=args.model, cache_dir=args.cache_dir,
         caption_column=args.caption_column, num_frames=args.num_frames, height=args.height, width=args.width,
-        frame_stride=args.frame_stride, pattern=pattern, pattern_options=tuple(options.items()),
+        frame_stride=args.frame_stride, condition_frames=args.condition_frames, pattern=pattern, pattern_options=tuple(options.items()),
         attention_backend=args.attention_backend,
         dense_layers=None if args.dense_layers is None else parse_layers(args.dense_layers), rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
         target_modules=targets, learning_rate=args.learning_rate, weight_decay=args.weight_decay,

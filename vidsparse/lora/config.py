@@ -23,7 +23,7 @@ RESUME_KEYS = (
     "model", "num_frames", "height", "width", "frame_stride", "pattern", "attention_backend", "dense_layers",
     "rank", "alpha", "dropout", "target_modules", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "batch_size", "gradient_accumulation_steps",
-    "timestep_sampling", "flow_shift", "logit_mean", "logit_std", "seed",
+    "timestep_sampling", "flow_shift", "logit_mean", "logit_std", "seed", "condition_frames",
 )
 
 
@@ -34,7 +34,9 @@ class TrainConfig:
     ``pattern`` is a vidsparse pattern object or a registry name (``"radial"``, ``"dense"``, ...);
     a name takes the model family's defaults (as ``vidsparse.apply`` at inference), overridden by
     ``pattern_options`` as (name, value) pairs. ``dense_layers=None`` keeps the family's dense
-    layers (Radial on Wan: block 0), a tuple lists the blocks that stay dense. ``alpha=None`` means alpha = rank (scale 1).
+    layers (Radial on Wan: block 0), a tuple lists the blocks that stay dense.
+    ``condition_frames`` (LTXConditionPipeline only): the clip's first frames that condition it, 1
+    (an image) or ``8k + 1`` (a video prefix); None is the pipeline's default (1). ``alpha=None`` means alpha = rank (scale 1).
     ``target_modules=None`` takes the model family's self-attention q/k/v/o projections.
     """
 
@@ -47,6 +49,7 @@ class TrainConfig:
     height: int = 480
     width: int = 832
     frame_stride: int = 1
+    condition_frames: int | None = None  # LTXConditionPipeline: the clip's first N frames condition it
     pattern: Any = "radial"
     pattern_options: tuple[tuple[str, Any], ...] = ()
     attention_backend: str = "auto"
@@ -92,6 +95,8 @@ class TrainConfig:
             positive_int(name)
         for name in ("lr_warmup_steps", "seed"):
             positive_int(name, allow_zero=True)
+        if self.condition_frames is not None:
+            positive_int("condition_frames")
         if self.dense_layers is not None:
             layers = self.dense_layers
             if isinstance(layers, (list, range)):

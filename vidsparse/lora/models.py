@@ -116,6 +116,22 @@ def check_trainable(model: str) -> None:
         raise ValueError(why)
 
 
+def check_condition_frames(model: str, frames: int | None) -> None:
+    """Refuse ``--condition-frames`` for a pipeline that takes no conditioning video, from its class alone."""
+    if frames is None:
+        return
+    from vidsparse.generation.model import pipeline_class_of
+
+    name = pipeline_class_of(model)
+    cls = next((c for c in families() if name in c.pipeline_classes), None)
+    if cls is None or not cls.takes_condition_frames:
+        takes = ", ".join(n for c in families() if c.takes_condition_frames for n in c.pipeline_classes)
+        raise ValueError(
+            f"--condition-frames {frames}: {model} is a {name}, which takes no conditioning video; it is for "
+            f"{takes} (e.g. --model tiny-ltx-condition). Drop --condition-frames."
+        )
+
+
 def adapter_for(pipe, model_id: str) -> TrainableVideoModel:
     """The family adapter of a loaded diffusers pipeline (by its class name)."""
     name = type(pipe).__name__
@@ -130,6 +146,7 @@ __all__ = [
     "TINY_RANDOM_MODEL",
     "TrainableVideoModel",
     "adapter_for",
+    "check_condition_frames",
     "check_trainable",
     "families",
     "load_model",

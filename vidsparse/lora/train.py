@@ -45,7 +45,7 @@ from vidsparse.lora.config import RESUME_KEYS, TrainConfig
 from vidsparse.lora.data import ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
 from vidsparse.lora.flow import NoiseSampler
-from vidsparse.lora.models import TrainableVideoModel, check_trainable, load_model
+from vidsparse.lora.models import TrainableVideoModel, check_condition_frames, check_trainable, load_model
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def flow_loss(
     timesteps and whose target is the v-prediction ``sqrt(a) noise - sqrt(1 - a) x0``.
     """
     device = torch.device(device) if device is not None else x0.device
-    noisy, target, timesteps = adapter.training_inputs(x0, noise, sigma)
+    noisy, target, timesteps = adapter.training_inputs(x0, noise, sigma, text)
     timesteps = timesteps.to(device)
     pred = adapter.predict(model, noisy.to(device, dtype), timesteps, text)
     return adapter.loss(pred.float(), target.to(device).float(), text)
@@ -485,10 +485,12 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     check_trainable(cfg.model)  # a refused pipeline class: said before the data scan, the output folder or weights
+    check_condition_frames(cfg.model, cfg.condition_frames)
     _check_inputs(cfg)
     run = _start_run(cfg)
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)
+    adapter.set_condition_frames(cfg.condition_frames)  # its 8k + 1 rule needs the VAE; before any encoding
     sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
     adapter.check_sampling(sampler)  # before any encoding: e.g. CogVideoX refuses a flow shift
     transformer = _prepare_transformer(cfg, adapter)

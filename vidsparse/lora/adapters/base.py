@@ -8,14 +8,16 @@ family is one subclass in ``vidsparse.lora.adapters.<family>``, referenced from 
 
 Adapters: Wan text-to-video, one transformer or Wan 2.2 A14B's two experts, and ``--model tiny``
 (``adapters.wan``, also SkyReels-V2 T2V); Wan / SkyReels-V2 image-to-video (``adapters.wan_i2v``);
-HunyuanVideo, LTX-Video (and its image-to-video) and Mochi (``adapters.hunyuan``,
-``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text- and image-to-video with its
-v-prediction objective (``adapters.cogvideox``, which overrides ``sample_levels`` /
-``training_inputs``). Image-to-video adapters cache each clip's first-frame condition
-(``encode_clip``) and may leave the clean first frame out of the loss (``loss``). Refused with a
-reason (each family record's ``lora_refusal`` / ``lora_refusals``, checked from the pipeline class
-before any work: ``vidsparse.lora.models.check_trainable``): HunyuanVideo I2V, LTX-Video's
-condition pipeline, diffusion forcing and the families without an adapter.
+HunyuanVideo (and its image-to-video), LTX-Video (and its image-to-video and condition pipelines)
+and Mochi (``adapters.hunyuan``, ``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text-
+and image-to-video with its v-prediction objective (``adapters.cogvideox``, which overrides
+``sample_levels`` / ``training_inputs``). Image-to-video adapters (``ClipConditionMixin``) cache
+each clip's own condition (``encode_clip``: its first frame, LTX's condition pipeline a video
+prefix, HunyuanVideo I2V's LLaVA prompt embeddings with the caption) and may leave the clean
+condition frames out of the loss (``loss``). Refused with a reason (each family record's
+``lora_refusal`` / ``lora_refusals``, checked from the pipeline class before any work:
+``vidsparse.lora.models.check_trainable``): diffusion forcing, LTX-Video's long multi-prompt and
+upsampler pipelines, and the families without an adapter.
 
 The training loop's convention is the standard rectified flow: noise level ``s``, timestep
 ``s * num_train_timesteps``, target velocity ``noise - x0``. ``predict`` maps it onto what the
@@ -29,8 +31,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from vidsparse.lora.data import ClipSpec
@@ -64,6 +68,14 @@ def module_fingerprint(module: torch.nn.Module | None, extra: Any = None) -> str
             step = max(1, flat.numel() // 256)
             h.update(flat[::step][:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def first_frame_image(pixels: torch.Tensor):
+    """The first frame of a clip [3, F, H, W] in [-1, 1] as the 8-bit PIL image a user would pass."""
+    from PIL import Image
+
+    frame = ((pixels[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(frame.permute(1, 2, 0).cpu().numpy()))
 
 
 class TrainableVideoModel:
@@ -160,6 +172,24 @@ class TrainableVideoModel:
     def validate_clip(self, spec: ClipSpec) -> None:
         raise NotImplementedError
 
+    #: whether the clip's cached condition depends on its caption too (``encode_clip(pixels, captions)``;
+    #: the cache then keys the clip's file on the caption and the text encoders as well)
+    condition_reads_caption: ClassVar[bool] = False
+
+    #: whether the pipeline takes a conditioning video prefix (``--condition-frames``; LTX-Video's condition pipeline)
+    takes_condition_frames: ClassVar[bool] = False
+
+    def set_condition_frames(self, frames: int | None) -> None:
+        """``--condition-frames``: how many of the clip's first frames condition it (None: the adapter's default).
+
+        Only a pipeline that takes a conditioning video has such a setting; any other refuses it.
+        """
+        if frames is not None:
+            raise ValueError(
+                f"--condition-frames {frames}: {self.display_name} ({type(self.pipe).__name__}) takes no conditioning "
+                "video; it is for LTXConditionPipeline (e.g. --model tiny-ltx-condition). Drop --condition-frames."
+            )
+
     def encoders_to(self, device: torch.device | str) -> None:
         """Where the VAE and text encoder run while the cache is built.
 
@@ -236,11 +266,13 @@ class TrainableVideoModel:
         return sampler.sample(n, generator, shift)
 
     def training_inputs(
-        self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+        self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, regression target, timestep the loop passes to ``predict``) at ``levels``.
 
         Flow matching: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, timestep ``s * N``.
+        ``cond`` is the batch's conditioning (as ``predict`` gets it), for a pipeline whose latents
+        at a step depend on it (LTX-Video's condition pipeline re-noises its condition latents).
         """
         noisy, target = add_noise(x0, noise, levels)
         return noisy, target, levels * self.num_train_timesteps
@@ -260,4 +292,53 @@ class TrainableVideoModel:
         return velocity
 
 
-__all__ = ["TrainableVideoModel", "module_fingerprint"]
+class ClipConditionMixin:
+    """Image-to-video (and video-conditioned) adapters: each clip's own condition, cached beside its latents.
+
+    The condition of a training clip is what its pipeline would build from the frames a user
+    passes (its first frame as an 8-bit image, ``first_frame_image``; a conditioning video prefix),
+    so it is a function of the clip and is cached with its latents. A subclass says how one clip's
+    condition is built (``clip_condition``, by the pipeline's own code) and what besides the VAE
+    decides it (``condition_identity``); ``encode_clip`` stacks them and ``vae_identity`` keys the
+    cache on all of it, so a text-to-video cache of the same VAE (latents only) is never reused.
+    Put it before the family's adapter in the bases (its methods override ``TrainableVideoModel``'s).
+    """
+
+    def condition_identity(self) -> dict[str, Any]:
+        """What else (JSON-able) decides the cached condition: an image encoder, a condition mode, ..."""
+        return {}
+
+    def vae_identity(self) -> str:
+        """The VAE's fingerprint, marked as holding a condition and keyed on ``condition_identity``."""
+        if self._vae_id is None:
+            extra = {"family": self.family, "role": "vae+i2v", **self.condition_identity()}
+            self._vae_id = module_fingerprint(self.pipe.vae, extra)
+        return self._vae_id
+
+    @torch.no_grad()
+    def encode_clip(self, pixels: torch.Tensor, captions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """``"latents"`` of the clips [B, 3, F, H, W] and each clip's condition (``clip_condition``), batched.
+
+        ``captions`` (one per clip) are required when the condition reads them
+        (``condition_reads_caption``: HunyuanVideo I2V's prompt embeddings hold the image).
+        """
+        out = {"latents": self.encode_video(pixels)}
+        if self.condition_reads_caption:
+            if captions is None or len(captions) != len(pixels):
+                raise ValueError(
+                    f"{self.display_name}: the clip's condition is its caption's prompt embeddings with the first "
+                    f"frame in them; encode_clip needs one caption per clip, got {captions!r} for {len(pixels)}."
+                )
+            per_clip = [self.clip_condition(clip, caption) for clip, caption in zip(pixels, captions)]
+        else:
+            per_clip = [self.clip_condition(clip) for clip in pixels]
+        out.update({key: torch.cat([c[key] for c in per_clip]) for key in per_clip[0]})
+        return out
+
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
+        """One clip [3, F, H, W] in [-1, 1] (and its caption, if the condition reads it) -> its condition
+        tensors, each batched [1, ...] (CPU, float32)."""
+        raise NotImplementedError
+
+
+__all__ = ["ClipConditionMixin", "TrainableVideoModel", "first_frame_image", "module_fingerprint"]

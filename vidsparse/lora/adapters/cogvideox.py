@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
+from vidsparse.lora.adapters.base import ClipConditionMixin, TrainableVideoModel, first_frame_image, module_fingerprint
 from vidsparse.lora.adapters.text import tiny_text
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.flow import NoiseSampler
@@ -116,7 +116,7 @@ class CogVideoXModel(TrainableVideoModel):
         table = self.pipe.scheduler.alphas_cumprod.float()
         return table[timesteps.long().cpu()].to(timesteps.device)
 
-    def training_inputs(self, x0, noise, levels):
+    def training_inputs(self, x0, noise, levels, cond=None):
         a = self.alphas(levels).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return noisy, a.sqrt() * noise - (1 - a).sqrt() * x0, levels
@@ -198,7 +198,7 @@ class CogVideoXModel(TrainableVideoModel):
         return {}
 
 
-class CogVideoXI2VModel(CogVideoXModel):
+class CogVideoXI2VModel(ClipConditionMixin, CogVideoXModel):
     """CogVideoX 1.0 / 1.5 image-to-video (``CogVideoXImageToVideoPipeline``): the same v-prediction,
     with the first frame's latents as extra input channels, built as the pipeline's ``prepare_latents``.
 
@@ -228,18 +228,8 @@ class CogVideoXI2VModel(CogVideoXModel):
                 f"{cfg.in_channels}. Load an image-to-video checkpoint (e.g. THUDM/CogVideoX-5b-I2V)."
             )
 
-    def vae_identity(self) -> str:
-        """The VAE's, marked as I2V: the cached latent file also holds the image latents."""
-        if self._vae_id is None:
-            self._vae_id = module_fingerprint(self.pipe.vae, {"family": self.family, "role": "vae+i2v"})
-        return self._vae_id
-
-    @torch.no_grad()
-    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        from vidsparse.lora.adapters.wan_i2v import first_frame_image
-
-        images = [self.image_latents(first_frame_image(clip), *clip.shape[1:]) for clip in pixels]
-        return {"latents": self.encode_video(pixels), "image_latents": torch.cat(images)}
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
+        return {"image_latents": self.image_latents(first_frame_image(clip), *clip.shape[1:])}
 
     @torch.no_grad()
     def image_latents(self, image, num_frames: int, height: int, width: int) -> torch.Tensor:

@@ -22,22 +22,13 @@ target ``noise - x0`` and Wan 2.2 A14B's per-expert routing are those of ``WanMo
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from vidsparse.lora.adapters.base import module_fingerprint
+from vidsparse.lora.adapters.base import ClipConditionMixin, first_frame_image, module_fingerprint
 from vidsparse.lora.adapters.wan import WanModel
 
 
-def first_frame_image(pixels: torch.Tensor):
-    """The first frame of a clip [3, F, H, W] in [-1, 1] as the 8-bit PIL image a user would pass."""
-    from PIL import Image
-
-    frame = ((pixels[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(np.ascontiguousarray(frame.permute(1, 2, 0).cpu().numpy()))
-
-
-class WanI2VModel(WanModel):
+class WanI2VModel(ClipConditionMixin, WanModel):
     """Wan image-to-video: Wan 2.1 I2V (CLIP image context), Wan 2.2 I2V-A14B (two experts), Wan 2.2 TI2V-5B."""
 
     display_name = "Wan I2V"
@@ -69,25 +60,14 @@ class WanI2VModel(WanModel):
                 + ". This pipeline's transformer and VAE do not belong together."
             )
 
-    def vae_identity(self) -> str:
-        """The VAE's, plus what else the cached latent file holds: the condition mode and the image encoder."""
-        if self._vae_id is None:
-            extra = {"family": self.family, "role": "i2v", "expand_timesteps": self.expand_timesteps,
-                     "vae": module_fingerprint(self.pipe.vae),
-                     "image_encoder": module_fingerprint(self.pipe.image_encoder) if self.image_context else None}  # fmt: skip
-            self._vae_id = module_fingerprint(None, extra)
-        return self._vae_id
+    def condition_identity(self) -> dict:
+        """The condition mode and the image encoder (the CLIP image context is cached too)."""
+        encoder = module_fingerprint(self.pipe.image_encoder) if self.image_context else None
+        return {"expand_timesteps": self.expand_timesteps, "image_encoder": encoder}
 
-    @torch.no_grad()
-    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Latents of the clip, and its first frame's condition built by the pipeline's own code."""
-        out = {"latents": self.encode_video(pixels)}
-        conditions: dict[str, list[torch.Tensor]] = {}
-        for clip in pixels:
-            for key, value in self.image_condition(first_frame_image(clip), clip.shape[1], *clip.shape[2:]).items():
-                conditions.setdefault(key, []).append(value)
-        out.update({k: torch.cat(v) for k, v in conditions.items()})
-        return out
+    def clip_condition(self, clip: torch.Tensor, caption: str | None = None) -> dict[str, torch.Tensor]:
+        """The clip's first frame's condition, built by the pipeline's own code (``image_condition``)."""
+        return self.image_condition(first_frame_image(clip), clip.shape[1], *clip.shape[2:])
 
     @torch.no_grad()
     def image_condition(self, image, num_frames: int, height: int, width: int) -> dict[str, torch.Tensor]:
