@@ -4,7 +4,8 @@
 scans the data, creates the output folder or loads a weight, so each case here is a folder holding
 just that file: a refused pipeline's error names the class and the record's own reason, and the
 (absent) data folder and output folder show that no work started. The trained ones (SkyReels-V2
-T2V / I2V, Wan-architecture pipelines) pass the check (their training: tests/test_lora_skyreels.py).
+T2V / I2V, HunyuanVideo 1.5 T2V / I2V, ...) pass the check (their training: tests/test_lora_skyreels.py,
+tests/test_lora_hunyuan15.py, ...).
 """
 
 import json
@@ -51,7 +52,9 @@ def test_trains_or_refuses_before_any_work(family, pipeline, tmp_path):
 
 
 def test_tiny_names_are_checked_by_the_class_they_build(tmp_path):
-    with pytest.raises(ValueError, match="HunyuanVideo15Pipeline.*Qwen2.5-VL"):
-        train_lora(TrainConfig(model="tiny-hunyuan15", data_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="LTX2Pipeline.*audio"):
+        train_lora(TrainConfig(model="tiny-ltx2", data_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "o")))
+    check_trainable("tiny-hunyuan15")
+    check_trainable("tiny-hunyuan15-i2v")
     check_trainable("tiny-wan-i2v")
     check_trainable("tiny-skyreels-v2-i2v")
