@@ -255,15 +255,14 @@ def test_pattern_defaults_are_fitted_to_the_grid():
     assert FAMILY.default_schedule("tile") == (0.25, ()) and FAMILY.default_schedule("dense") == (0, ())
 
 
-def test_lora_and_parallel_refuse_with_the_reason():
+def test_lora_trains_t2v_and_parallel_runs():
     from vidsparse.lora.models import adapter_for
     from vidsparse.parallel.model import parallelize, unparallelize
 
-    with pytest.raises(ValueError, match="train-lora does not train kandinsky5: Kandinsky 5 has no train-lora"):
-        FAMILY.lora_adapter_class()
     pipe = FAMILY.tiny_pipeline()
-    with pytest.raises(ValueError, match="does not train Kandinsky5T2VPipeline: Kandinsky 5 has no train-lora"):
-        adapter_for(pipe, "tiny-kandinsky5")
+    assert type(adapter_for(pipe, "tiny-kandinsky5")) is FAMILY.lora_adapter_class()  # tests/test_lora_kandinsky5.py
+    with pytest.raises(ValueError, match="does not train Kandinsky5I2VPipeline: image-to-video"):
+        adapter_for(object.__new__(__import__("diffusers").Kandinsky5I2VPipeline), "kandinsky-i2v")
     parallelize(pipe, "radial", mode="clip", runtime=None)  # runs: tests/test_parallel_new_families.py
     unparallelize(pipe)
 

@@ -25,7 +25,8 @@ stride (1, 8, 8) *is* NABLA's STA window at the NABLA checkpoints' ``attention_w
 Tile (2, 8, 8) tiles (one 128-token block) with a (5, 3, 3) window, the same reach (12 %);
 Radial the paper's base setting (decay 1.0, no sink).
 
-LoRA training refuses (see ``LORA_REFUSAL``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
+LoRA: text-to-video trains (``vidsparse.lora.adapters.kandinsky5``); image-to-video and the image
+pipelines are refused (``LORA_REFUSALS``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
 """
 
 from __future__ import annotations
@@ -50,10 +51,18 @@ from vidsparse.families.base import (
 )
 from vidsparse.families.processor import SparseProcessor
 
-LORA_REFUSAL = (
-    "Kandinsky 5 has no train-lora adapter yet: its channel-last [B, F, H, W, C] latents, Qwen2.5-VL + CLIP "
-    "prompt conditioning (cu_seqlens) and RoPE position inputs are not implemented in vidsparse's trainer"
-)
+#: Why train-lora refuses the Kandinsky 5 pipelines other than text-to-video (which trains:
+#: ``vidsparse.lora.adapters.kandinsky5``).
+LORA_REFUSALS = {
+    "Kandinsky5I2VPipeline": "image-to-video LoRA is not implemented: its pipeline puts the image's sampled VAE "
+    "latents in place of the first latent frame at every step (same timestep on all tokens), marks it in the "
+    "visual-condition mask channel, never steps it, and re-normalises the first four latent frames after sampling "
+    "(normalize_first_frame), a path no tiny pipeline here builds or checks yet; train Kandinsky5T2VPipeline "
+    "(the text-to-video checkpoint of the same size) instead",
+    "Kandinsky5T2IPipeline": "it generates images; train-lora trains video length extension. Train "
+    "Kandinsky5T2VPipeline",
+    "Kandinsky5I2IPipeline": "it edits images; train-lora trains video length extension. Train Kandinsky5T2VPipeline",
+}
 #: ``fractal_flatten``'s spatial tile (hard-coded 8 in diffusers 0.42).
 FRACTAL_TILE = 8
 
@@ -323,8 +332,16 @@ def tiny_prompt_kwargs(
     return out
 
 
-#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` refuses each with ``LORA_REFUSAL``).
+#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` trains the first, refuses the rest: ``LORA_REFUSALS``).
 PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
+
+
+def _lora_adapter() -> type:
+    """Text-to-video (``vidsparse.lora.adapters.kandinsky5``: the pipeline's own inputs, channel-last)."""
+    from vidsparse.lora.adapters.kandinsky5 import Kandinsky5Model
+
+    return Kandinsky5Model
+
 
 # -- parallel ---------------------------------------------------------------------------------
 
@@ -361,7 +378,7 @@ FAMILY = Family(
     name="kandinsky5",
     aliases=("kandinsky", "kandinsky-5", "kandinsky5.0"),
     transformer_classes=("Kandinsky5Transformer3DModel",),
-    pipeline_prefixes=("Kandinsky5",),
+    pipeline_prefixes=("Kandinsky5T2V", "Kandinsky5"),  # the first names the tiny pipeline's class
     processor_names=("Kandinsky5AttnProcessor",),
     processor=Kandinsky5SparseProcessor,
     attention_paths=indexed_paths("visual_transformer_blocks", "self_attention"),
@@ -375,8 +392,8 @@ FAMILY = Family(
         "gna": dict(kernel_size=(11, 24, 24), stride=(1, 8, 8)),
     },
     dense_first_steps=0.25,
-    lora_refusal=LORA_REFUSAL,
-    lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
+    lora_adapter=_lora_adapter,
+    lora_refusals=LORA_REFUSALS,
     shard_plan=SHARD_PLAN,
     tiny={
         "kandinsky5": TinyVariant("kandinsky5", tiny_transformer_kwargs, _tiny_inputs),
