@@ -171,6 +171,28 @@ def test_text_is_the_pipelines_encode_prompt_unpadded():
     torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-6)
 
 
+def test_visual_cond_channels_are_the_pipelines():
+    """A ``visual_cond`` transformer: the T2V pipeline's zero condition latents and zero mask after the noise."""
+    import diffusers
+
+    from vidsparse.families.kandinsky5 import tiny_transformer_kwargs
+
+    pipe = tiny_pipeline()
+    cond = diffusers.Kandinsky5Transformer3DModel(**tiny_transformer_kwargs(visual_cond=True)).eval()
+    pipe.register_modules(transformer=cond)
+    adapter = adapter_for(pipe, "tiny-kandinsky5-visual-cond")
+    spec = SPECS[False]
+    c = cond.config.in_visual_dim
+    made = pipe.prepare_latents(1, c, spec.height, spec.width, spec.num_frames, torch.float32, torch.device("cpu"),
+                                torch.Generator().manual_seed(0))  # fmt: skip
+    assert made.shape[-1] == 2 * c + 1
+    torch.testing.assert_close(adapter.model_input(made[..., :c].permute(0, 4, 1, 2, 3)), made, rtol=0, atol=0)
+    text = _collate_text([adapter.encode_text(CAPTION)])
+    with torch.no_grad():
+        out = adapter.predict(cond, made[..., :c].permute(0, 4, 1, 2, 3), torch.tensor([500.0]), text)
+    assert out.shape == (1, c, *made.shape[1:4])
+
+
 def test_refusals_name_what_to_train():
     from vidsparse.lora.models import refusal
 
