@@ -1,4 +1,4 @@
-"""Kandinsky 5 T2V LoRA (``vidsparse.lora.adapters.kandinsky5``): the pipeline's own call, channel-last.
+"""Kandinsky 5 T2V and I2V LoRA (``vidsparse.lora.adapters.kandinsky5``): the pipelines' own call, channel-last.
 
 Checked on the family record's tiny ``Kandinsky5T2VPipeline`` (hashed prompts, as ``generate``
 passes them; flow-matching Euler, shift 5; guidance 5): an ideal model of the trained flow
@@ -8,7 +8,10 @@ visual / text RoPE positions, ``scale_factor``, NABLA ``sparse_params``) are exa
 ``adapter.predict`` passes at that noise level; NABLA included. With tiny Qwen2.5-VL and CLIP
 text encoders built here, the cached text is the pipeline's ``encode_prompt`` (unpadded, as the
 pipeline's own call with that prompt feeds it), and a batch of captions of different lengths
-predicts what each does alone. Then ``train_lora`` and ``generate --lora`` on ``tiny-kandinsky5``.
+predicts what each does alone. I2V (``tiny-kandinsky5-i2v``, a ``visual_cond`` transformer): the cached first-frame condition
+is what the real pipeline's ``prepare_latents`` gives it, frame 0 stays the clean image at every
+step and the other frames reach the clip. Then ``train_lora`` and ``generate --lora`` on
+``tiny-kandinsky5`` and ``tiny-kandinsky5-i2v``.
 """
 
 import pytest
@@ -129,6 +132,74 @@ def _text_encoders():
     return tok, qwen, clip
 
 
+def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
+    """I2V: the cached first-frame condition is what the real pipeline feeds (its own prepare_latents
+    with the adapter's seed), frame 0 stays the clean image, the other frames reach the clip."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from vidsparse.lora.adapters.wan_i2v import first_frame_image
+
+    pipe = tiny_pipeline(variant="kandinsky5-i2v")
+    adapter = adapter_for(pipe, "tiny-kandinsky5-i2v")
+    spec = ClipSpec(17, 32, 48)  # 5 latent frames: the fewest the pipeline's normalize_first_frame takes
+    with pytest.raises(ValueError, match="at least 17 frames"):
+        adapter.validate_clip(ClipSpec(9, 32, 48))
+    adapter.validate_clip(spec)
+    clip = _clip(spec)
+    enc = adapter.encode_clip(clip)
+    x0, made = enc["latents"], enc["image_condition"]
+    c = x0.shape[1]
+    assert made.shape == (1, *x0.shape[2:], 2 * c + 1)
+    assert made[:, 1:, ..., :c].eq(0).all() and made[:, 0, ..., :c].abs().max() > 0  # only the image frame
+    assert made[:, 0, ..., -1].eq(1).all() and made[:, 1:, ..., -1].eq(0).all() and made[..., c:-1].eq(0).all()
+    text = {**_collate_text([adapter.encode_text(CAPTION)]), "image_condition": made}
+    # the noise the pipeline draws first from a generator seeded as the adapter's (then the image's sample)
+    noise = randn_tensor((1, *x0.shape[2:], c), generator=torch.Generator().manual_seed(adapter.image_seed))
+    noise = noise.permute(0, 4, 1, 2, 3)
+    velocity = (noise - x0).permute(0, 2, 3, 4, 1)
+    calls, last = [], {}
+
+    def hook(module, args, kwargs, out):
+        calls.append(_captured(kwargs))
+        return type(out)(sample=velocity.to(out.sample.dtype))
+
+    def at_step_end(pipe_, i, t, kwargs):
+        last["latents"] = kwargs["latents"].clone()  # before normalize_first_frame
+        return kwargs
+
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        pipe(image=first_frame_image(clip[0]), num_frames=spec.num_frames, height=spec.height, width=spec.width,
+             num_inference_steps=4, generator=torch.Generator().manual_seed(adapter.image_seed), output_type="latent",
+             callback_on_step_end=at_step_end, callback_on_step_end_tensor_inputs=["latents"],
+             **tiny_prompt_kwargs(pipe, CAPTION, ""))  # fmt: skip
+    finally:
+        handle.remove()
+    final = last["latents"].permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(final[:, :c, 1:], x0[:, :, 1:], rtol=0, atol=2e-4)  # the sampled frames
+    assert len(calls) == 8
+    seen = []
+    for step in range(4):
+        call = calls[2 * step]
+        torch.testing.assert_close(call["hidden_states"][:, :1], made[:, :1], rtol=0, atol=0)  # clean image frame
+        torch.testing.assert_close(call["hidden_states"][..., c:], made[..., c:], rtol=0, atol=0)
+        hidden = call["hidden_states"][..., :c].permute(0, 4, 1, 2, 3).float()
+        d = (noise - x0)[:, :, 1:]
+        s = float(((hidden[:, :, 1:] - x0[:, :, 1:]) * d).sum() / (d * d).sum())
+        torch.testing.assert_close(hidden[:, :, 1:], x0[:, :, 1:] + s * d, rtol=0, atol=2e-4)
+        handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_captured(k)), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                adapter.predict(pipe.transformer, hidden, call["timestep"], text)
+        finally:
+            handle.remove()
+        _assert_same_inputs(seen.pop(), call)
+    pred = torch.randn(x0.shape)
+    target = pred.clone()
+    target[:, :, 0] += 1.0
+    assert adapter.loss(pred, target, text) == 0  # frame 0 is never stepped: out of the loss
+
+
 def test_text_is_the_pipelines_encode_prompt_unpadded():
     pipe = tiny_pipeline()
     tok, qwen, clip = _text_encoders()
@@ -186,7 +257,7 @@ def test_visual_cond_channels_are_the_pipelines():
     made = pipe.prepare_latents(1, c, spec.height, spec.width, spec.num_frames, torch.float32, torch.device("cpu"),
                                 torch.Generator().manual_seed(0))  # fmt: skip
     assert made.shape[-1] == 2 * c + 1
-    torch.testing.assert_close(adapter.model_input(made[..., :c].permute(0, 4, 1, 2, 3)), made, rtol=0, atol=0)
+    torch.testing.assert_close(adapter.model_input(made[..., :c].permute(0, 4, 1, 2, 3), {}), made, rtol=0, atol=0)
     text = _collate_text([adapter.encode_text(CAPTION)])
     with torch.no_grad():
         out = adapter.predict(cond, made[..., :c].permute(0, 4, 1, 2, 3), torch.tensor([500.0]), text)
@@ -196,13 +267,35 @@ def test_visual_cond_channels_are_the_pipelines():
 def test_refusals_name_what_to_train():
     from vidsparse.lora.models import refusal
 
-    for name in ("Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"):
+    for name in ("Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"):
         assert "Train Kandinsky5T2VPipeline" in refusal(name, "kandinsky") or "train Kandinsky5T2VPipeline" in refusal(
             name, "kandinsky"
         )
-    assert refusal("Kandinsky5T2VPipeline", "kandinsky") is None
+    assert refusal("Kandinsky5T2VPipeline", "kandinsky") is None and refusal("Kandinsky5I2VPipeline", "k") is None
     with pytest.raises(ValueError, match="NABLA"):
         adapter_for(tiny_pipeline(nabla=True), "tiny").validate_clip(ClipSpec(9, 32, 48))
+
+
+@pytest.mark.slow  # a LoRA training run and a generation
+def test_train_then_generate_i2v(tmp_path):
+    from test_lora_data import make_dataset
+
+    from vidsparse.generation import GenerateOptions, generate
+    from vidsparse.lora import TrainConfig, train_lora
+    from vidsparse.lora.adapters.wan_i2v import first_frame_image
+
+    spec, out = ClipSpec(17, 32, 48), tmp_path / "out"
+    result = train_lora(TrainConfig(
+        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-kandinsky5-i2v",
+        num_frames=spec.num_frames, height=spec.height, width=spec.width, rank=4, max_train_steps=2,
+        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
+    ))  # fmt: skip
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    first_frame_image(_clip(spec)[0]).save(tmp_path / "first.png")
+    res = generate(GenerateOptions(model="tiny-kandinsky5-i2v", image=str(tmp_path / "first.png"), lora=str(out),
+                                   frames=spec.num_frames, height=spec.height, width=spec.width, steps=2,
+                                   backend="torch", progress=False))  # fmt: skip
+    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
 
 
 @pytest.mark.slow  # a LoRA training run and a generation

@@ -25,8 +25,8 @@ stride (1, 8, 8) *is* NABLA's STA window at the NABLA checkpoints' ``attention_w
 Tile (2, 8, 8) tiles (one 128-token block) with a (5, 3, 3) window, the same reach (12 %);
 Radial the paper's base setting (decay 1.0, no sink).
 
-LoRA: text-to-video trains (``vidsparse.lora.adapters.kandinsky5``); image-to-video and the image
-pipelines are refused (``LORA_REFUSALS``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
+LoRA: text- and image-to-video train (``vidsparse.lora.adapters.kandinsky5``; ``tiny-kandinsky5-i2v``
+is the tiny I2V pipeline); the image pipelines are refused (``LORA_REFUSALS``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
 """
 
 from __future__ import annotations
@@ -51,14 +51,9 @@ from vidsparse.families.base import (
 )
 from vidsparse.families.processor import SparseProcessor
 
-#: Why train-lora refuses the Kandinsky 5 pipelines other than text-to-video (which trains:
+#: Why train-lora refuses the Kandinsky 5 image pipelines (text- and image-to-video train:
 #: ``vidsparse.lora.adapters.kandinsky5``).
 LORA_REFUSALS = {
-    "Kandinsky5I2VPipeline": "image-to-video LoRA is not implemented: its pipeline puts the image's sampled VAE "
-    "latents in place of the first latent frame at every step (same timestep on all tokens), marks it in the "
-    "visual-condition mask channel, never steps it, and re-normalises the first four latent frames after sampling "
-    "(normalize_first_frame), a path no tiny pipeline here builds or checks yet; train Kandinsky5T2VPipeline "
-    "(the text-to-video checkpoint of the same size) instead",
     "Kandinsky5T2IPipeline": "it generates images; train-lora trains video length extension. Train "
     "Kandinsky5T2VPipeline",
     "Kandinsky5I2IPipeline": "it edits images; train-lora trains video length extension. Train Kandinsky5T2VPipeline",
@@ -283,8 +278,16 @@ def tiny_vae():
     )
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: bool = False):
-    """A tiny random-init ``diffusers.Kandinsky5T2VPipeline`` (no tokenizers / text encoders).
+#: ``vidsparse generate --model tiny-kandinsky5-i2v``: the image-to-video pipeline.
+I2V_TINY = "kandinsky5-i2v"
+
+
+def tiny_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: bool = False, variant: str | None = None
+):
+    """A tiny random-init ``diffusers.Kandinsky5T2VPipeline`` (no tokenizers / text encoders), or with
+    ``variant="kandinsky5-i2v"`` a ``Kandinsky5I2VPipeline`` whose transformer has ``visual_cond``
+    (condition latents and mask channels after the latents).
 
     Prompts are passed as ``prompt_embeds_qwen`` [B, L, 16], ``prompt_embeds_clip`` [B, 16] and
     ``prompt_cu_seqlens`` (and the negative ones); see ``tiny_prompt_kwargs``. ``nabla=True`` builds
@@ -293,13 +296,18 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: b
     """
     import diffusers
 
+    if variant not in (None, "kandinsky5", I2V_TINY):
+        raise ValueError(f"tiny Kandinsky 5 variants are 'kandinsky5' and {I2V_TINY!r}, got {variant!r}.")
+    i2v = variant == I2V_TINY
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         config = _tiny_nabla_config() if nabla else tiny_transformer_kwargs()
+        if i2v:
+            config = dict(config, visual_cond=True)
         transformer = randomize_zero_parameters(diffusers.Kandinsky5Transformer3DModel(**config))
         vae = tiny_vae()
     transformer.eval()
-    pipe = diffusers.Kandinsky5T2VPipeline(
+    pipe = (diffusers.Kandinsky5I2VPipeline if i2v else diffusers.Kandinsky5T2VPipeline)(
         transformer=transformer,
         vae=vae,
         text_encoder=None,
@@ -336,11 +344,11 @@ def tiny_prompt_kwargs(
 PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
 
 
-def _lora_adapter() -> type:
-    """Text-to-video (``vidsparse.lora.adapters.kandinsky5``: the pipeline's own inputs, channel-last)."""
-    from vidsparse.lora.adapters.kandinsky5 import Kandinsky5Model
+def _lora_adapter() -> tuple[type, ...]:
+    """Text- and image-to-video (``vidsparse.lora.adapters.kandinsky5``: the pipelines' own inputs, channel-last)."""
+    from vidsparse.lora.adapters.kandinsky5 import Kandinsky5I2VModel, Kandinsky5Model
 
-    return Kandinsky5Model
+    return Kandinsky5Model, Kandinsky5I2VModel
 
 
 # -- parallel ---------------------------------------------------------------------------------
@@ -401,4 +409,5 @@ FAMILY = Family(
     },
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
+    tiny_pipelines={I2V_TINY: "Kandinsky5I2VPipeline"},
 )

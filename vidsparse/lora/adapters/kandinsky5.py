@@ -147,7 +147,7 @@ class Kandinsky5Model(TrainableVideoModel):
             sparse_params=pipe.get_sparse_params(hidden, device),
         )
 
-    def model_input(self, noisy: torch.Tensor) -> torch.Tensor:
+    def model_input(self, noisy: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, C, f, h, w] -> the transformer's channel-last input, with the T2V pipeline's zero visual
         condition and mask after the latents when the transformer has ``visual_cond``."""
         hidden = noisy.permute(0, 2, 3, 4, 1)
@@ -157,7 +157,7 @@ class Kandinsky5Model(TrainableVideoModel):
 
     def predict(self, transformer, noisy, timesteps, text):
         dev, dt = noisy.device, noisy.dtype
-        hidden = self.model_input(noisy)
+        hidden = self.model_input(noisy, text)
         extra = self.transformer_kwargs(hidden)
         lengths = text["prompt_length"].view(-1).tolist()
         outs = []
@@ -180,4 +180,75 @@ class Kandinsky5Model(TrainableVideoModel):
         return out.permute(0, 4, 1, 2, 3)
 
 
-__all__ = ["Kandinsky5Model"]
+class Kandinsky5I2VModel(Kandinsky5Model):
+    """Kandinsky 5 image-to-video (``Kandinsky5I2VPipeline``): the image's latents as the clean first latent frame.
+
+    As the pipeline's ``prepare_latents`` and sampling loop: the image (the clip's first frame as
+    the 8-bit image a user would pass) is ``video_processor.preprocess``-ed to the clip's size,
+    VAE-encoded and scaled by ``scaling_factor``, and put in place of the first latent frame; a
+    ``visual_cond`` transformer also gets zero condition latents and a mask of 1 on that frame.
+    Every step feeds that clean frame again at the step's one timestep (no per-token timestep) and
+    the scheduler steps frames 1 onwards only, so the loss leaves frame 0 out. The pipeline draws
+    the image latents from the VAE posterior; the cache keeps one such draw per clip, made by the
+    pipeline's ``prepare_latents`` itself with a generator seeded ``image_seed``. The pipeline's
+    ``normalize_first_frame`` re-normalises the first latent frames after sampling, which does
+    not change what the transformer is fed.
+    """
+
+    display_name = "Kandinsky 5 I2V"
+    pipeline_classes = ("Kandinsky5I2VPipeline",)
+    #: seed of the generator ``prepare_latents`` draws the image latents' posterior sample with
+    image_seed: int = 0
+
+    def vae_identity(self) -> str:
+        """The VAE's, marked: each cached latent file also holds the first-frame condition."""
+        if self._vae_id is None:
+            extra = {"family": self.family, "role": "vae+i2v", "seed": self.image_seed}
+            self._vae_id = module_fingerprint(self.pipe.vae, extra)
+        return self._vae_id
+
+    def validate_clip(self, spec: ClipSpec) -> None:
+        super().validate_clip(spec)
+        least = 4 * self._temporal + 1  # 5 latent frames
+        if spec.num_frames < least:
+            raise ValueError(
+                f"{self.display_name} needs at least {least} frames: after sampling, the pipeline's normalize_first_frame "
+                f"rescales the first 4 latent frames to the statistics of the following ones, and with "
+                f"{(spec.num_frames - 1) // self._temporal + 1} latent frames there are none (the video comes out NaN); "
+                f"got {spec.num_frames}, use {least} or more."
+            )
+
+    @torch.no_grad()
+    def encode_clip(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        from vidsparse.lora.adapters.wan_i2v import first_frame_image
+
+        made = [self.image_condition(first_frame_image(clip), *clip.shape[1:]) for clip in pixels]
+        return {"latents": self.encode_video(pixels), "image_condition": torch.cat(made)}
+
+    @torch.no_grad()
+    def image_condition(self, image, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """``prepare_latents``' channel-last latents [1, f, h, w, C'] for ``image`` (PIL), without their noise:
+        the image latents on frame 0 (and, with ``visual_cond``, the condition channels and mask)."""
+        pipe = self.pipe
+        vae = self._ready(pipe.vae)
+        device = next(vae.parameters()).device
+        channels = int(self.transformer.config.in_visual_dim)
+        made = pipe.prepare_latents(image=image, batch_size=1, num_channels_latents=channels, height=height,
+                                    width=width, num_frames=num_frames, dtype=torch.float32, device=device,
+                                    generator=torch.Generator().manual_seed(self.image_seed))  # fmt: skip
+        made[:, 1:, ..., :channels] = 0  # the noise prepare_latents drew for the other frames is not kept
+        return made.float().cpu()
+
+    def model_input(self, noisy, text):
+        channels = noisy.shape[1]
+        made = text["image_condition"].to(noisy.device, noisy.dtype)
+        hidden = noisy.permute(0, 2, 3, 4, 1)
+        hidden = torch.cat([made[:, :1, ..., :channels], hidden[:, 1:]], dim=1)  # the clean image frame
+        return torch.cat([hidden, made[..., channels:]], dim=-1)
+
+    def loss(self, pred, target, cond):
+        """Frames 1 onwards: the pipeline's scheduler never steps the first (the image's) latent frame."""
+        return super().loss(pred[:, :, 1:], target[:, :, 1:], cond)
+
+
+__all__ = ["Kandinsky5I2VModel", "Kandinsky5Model"]
