@@ -83,9 +83,12 @@ def test_registered_and_matched():
     vs.remove(model)
 
 
-def test_lora_refuses_with_the_reason_and_the_shard_plan_fits_the_model():
-    with pytest.raises(ValueError, match="train-lora does not train hunyuan15: no HunyuanVideo 1.5 adapter"):
-        FAMILY.lora_adapter_class()
+def test_lora_adapters_and_the_shard_plan_fits_the_model():
+    # LoRA trains text- and image-to-video (tests/test_lora_hunyuan15.py)
+    assert {n for cls in FAMILY.lora_adapter_class() for n in cls.pipeline_classes} == {
+        "HunyuanVideo15Pipeline",
+        "HunyuanVideo15ImageToVideoPipeline",
+    }
     model = tiny_transformer("hunyuan15")
     plan = FAMILY.require_shard_plan()  # vidsparse.parallel runs it (tests/test_parallel_new_families.py)
     for path in (*plan.inputs, *plan.outputs, *plan.gather):

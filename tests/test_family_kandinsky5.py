@@ -255,15 +255,16 @@ def test_pattern_defaults_are_fitted_to_the_grid():
     assert FAMILY.default_schedule("tile") == (0.25, ()) and FAMILY.default_schedule("dense") == (0, ())
 
 
-def test_lora_and_parallel_refuse_with_the_reason():
+def test_lora_trains_video_and_parallel_runs():
     from vidsparse.lora.models import adapter_for
     from vidsparse.parallel.model import parallelize, unparallelize
 
-    with pytest.raises(ValueError, match="train-lora does not train kandinsky5: Kandinsky 5 has no train-lora"):
-        FAMILY.lora_adapter_class()
+    t2v, i2v = FAMILY.lora_adapter_class()  # tests/test_lora_kandinsky5.py
     pipe = FAMILY.tiny_pipeline()
-    with pytest.raises(ValueError, match="does not train Kandinsky5T2VPipeline: Kandinsky 5 has no train-lora"):
-        adapter_for(pipe, "tiny-kandinsky5")
+    assert type(adapter_for(pipe, "tiny-kandinsky5")) is t2v
+    assert type(adapter_for(FAMILY.tiny_pipeline(variant="kandinsky5-i2v"), "tiny-kandinsky5-i2v")) is i2v
+    with pytest.raises(ValueError, match="does not train Kandinsky5T2IPipeline: it generates images"):
+        adapter_for(object.__new__(__import__("diffusers").Kandinsky5T2IPipeline), "kandinsky-t2i")
     parallelize(pipe, "radial", mode="clip", runtime=None)  # runs: tests/test_parallel_new_families.py
     unparallelize(pipe)
 

@@ -91,9 +91,9 @@ def test_torch_compile_of_the_patched_transformer():
     check_compile(*setup("wan-vace", LATENT, num_layers=1, vace_layers=[0]))
 
 
-def test_lora_refuses_with_the_reason_and_the_shard_plan_fits_the_model():
-    with pytest.raises(ValueError, match="train-lora does not train wan-vace: .*control latents"):
-        FAMILY.lora_adapter_class()
+def test_lora_adapter_and_the_shard_plan_fits_the_model():
+    # trained as text-to-video with the pipeline's empty control (tests/test_lora_wan_vace.py)
+    assert FAMILY.lora_adapter_class().pipeline_classes == ("WanVACEPipeline",)
     model = tiny_transformer("wan-vace")
     plan = FAMILY.require_shard_plan()  # vidsparse.parallel runs it (tests/test_parallel_new_families.py)
     for path in (*plan.inputs, *plan.outputs, *plan.gather):

@@ -31,7 +31,7 @@ Defaults, fitted to the 24x44x80 grid:
   pairs, in STA's 10-20 % range.
 - Radial: the paper's base setting (decay 1.0, no attention sink; it publishes no Cosmos tuning).
 
-LoRA training refuses (see ``LORA_REFUSAL``); ``--parallel clip|ulysses`` cuts the video tokens and the
+LoRA training refuses (``LORA_REFUSAL``: each pipeline's objective, and what to train instead); ``--parallel clip|ulysses`` cuts the video tokens and the
 per-token embeddings every block takes (``SHARD_PLAN``).
 
 Tiny model: a 2-layer, 2-head random-init transformer with a 4-channel Wan VAE. It leaves out the
@@ -66,9 +66,14 @@ from vidsparse.families.processor import SparseProcessor
 from vidsparse.layout import VideoLayout
 
 LORA_REFUSAL = (
-    "Cosmos trains with its own objectives (Predict2: EDM preconditioning c_in/c_skip/c_out of sigma; "
-    "Predict2.5: velocity with the conditioning frames' ground-truth velocity and per-frame timesteps "
-    "under a condition mask), for which vidsparse has no train-lora adapter"
+    "Cosmos trains with its own objectives, which vidsparse's trainer does not implement: Predict2 "
+    "(Cosmos2VideoToWorld / Cosmos2TextToImage) preconditions the transformer on sigma (input c_in x at "
+    "timestep sigma / (sigma + 1), output mixed as c_skip x + c_out F) and video2world holds its conditioning "
+    "frames clean at their own per-frame timestep (cond_indicator); Predict2.5 (Cosmos2_5_PredictBase / Transfer) "
+    "replaces the conditioning frames' velocity by the ground truth under a condition mask (Transfer adds a "
+    "ControlNet branch); Cosmos 1.0 (TextToWorld / VideoToWorld) is EDM on its own scheduler. Post-train Cosmos "
+    "with NVIDIA's cosmos-predict2 / cosmos-predict2.5 scripts, or train the LoRA on a flow-matching model "
+    "train-lora supports (WanPipeline: Wan 2.1 / 2.2; HunyuanVideo15Pipeline; Kandinsky5T2VPipeline)"
 )
 #: Where the sequence is cut: the video tokens at the first block's input, RoPE (cos, sin) [S, D]
 #: where ``rope`` returns them, and what the forward builds per token and hands whole to every block

@@ -24,7 +24,8 @@ Radial Attention publishes none for 1.5). The token-refiner attention
 Tiny: transformers "hunyuan15" / "hunyuan15-i2v" (2 blocks, 2 heads of 8, patch 1) and
 ``tiny_pipeline`` (``vidsparse generate --model tiny-hunyuan15``): the real T2V (or I2V)
 pipeline with a 16x/4x VAE, byte-level Qwen2.5-VL and ByT5 text encoders and, for I2V, a
-1-layer SigLIP, all random-init and built offline. LoRA refuses (see the record's reason);
+1-layer SigLIP, all random-init and built offline (``tiny-hunyuan15-i2v``). LoRA: text- and
+image-to-video, every input built by the pipeline (``vidsparse.lora.adapters.hunyuan15``);
 ``--parallel clip|ulysses`` splits the video tokens and replicates the condition span (``SHARD_PLAN``).
 """
 
@@ -290,9 +291,16 @@ def _tiny_feature_extractor():
     return cls(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to_video: bool = False):
+#: ``vidsparse generate --model tiny-hunyuan15-i2v``: the tiny image-to-video pipeline.
+I2V_TINY = "hunyuan15-i2v"
+
+
+def tiny_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to_video: bool = False, variant: str | None = None
+):
     """A tiny random-init ``HunyuanVideo15Pipeline`` (or ``HunyuanVideo15ImageToVideoPipeline``
-    with a 1-layer SigLIP image encoder), offline, prompts through its own tiny text encoders.
+    with a 1-layer SigLIP image encoder: ``image_to_video=True`` or ``variant="hunyuan15-i2v"``),
+    offline, prompts through its own tiny text encoders.
 
     Its text lengths are the pipeline's own attributes, made small: ``tokenizer_max_length``
     ``TINY_PROMPT_LEN``, ``tokenizer_2_max_length`` ``TINY_GLYPH_LEN``, 16 SigLIP tokens, and a
@@ -308,6 +316,9 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, image_to
     )
     from diffusers.guiders import ClassifierFreeGuidance
 
+    if variant is not None and variant not in ("hunyuan15", I2V_TINY):
+        raise ValueError(f"tiny HunyuanVideo 1.5 variants are 'hunyuan15' and {I2V_TINY!r}, got {variant!r}.")
+    image_to_video = image_to_video or variant == I2V_TINY
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         transformer = HunyuanVideo15Transformer3DModel(
@@ -361,6 +372,16 @@ SHARD_PLAN = ShardPlan(
 )
 
 
+# -- LoRA -------------------------------------------------------------------------------------
+
+
+def _lora_adapter() -> tuple[type, ...]:
+    """Text- and image-to-video (``vidsparse.lora.adapters.hunyuan15``: every input as the pipelines build it)."""
+    from vidsparse.lora.adapters.hunyuan15 import HunyuanVideo15I2VModel, HunyuanVideo15Model
+
+    return HunyuanVideo15Model, HunyuanVideo15I2VModel
+
+
 # -- the record -------------------------------------------------------------------------------
 
 _TEXT_LEN = 729 + 256 + 1000  # SigLIP image slots + ByT5 + Qwen2.5-VL (the pipelines' max lengths)
@@ -389,11 +410,7 @@ FAMILY = Family(
         "gna": dict(kernel_size=(18, 24, 24), stride=(6, 8, 8)),
     },
     dense_first_steps=0.25,
-    lora_refusal=(
-        "no HunyuanVideo 1.5 adapter yet: its conditioning (Qwen2.5-VL + ByT5 prompt tokens, SigLIP image "
-        "tokens, condition-latent and mask input channels, the pipeline's guider) is not implemented in "
-        "vidsparse.lora"
-    ),
+    lora_adapter=_lora_adapter,
     shard_plan=SHARD_PLAN,
     tiny={
         "hunyuan15": TinyVariant("hunyuan15", tiny_transformer_kwargs, _tiny_inputs),
@@ -402,4 +419,5 @@ FAMILY = Family(
         ),
     },
     tiny_pipeline=tiny_pipeline,
+    tiny_pipelines={I2V_TINY: "HunyuanVideo15ImageToVideoPipeline"},
 )

@@ -25,7 +25,8 @@ stride (1, 8, 8) *is* NABLA's STA window at the NABLA checkpoints' ``attention_w
 Tile (2, 8, 8) tiles (one 128-token block) with a (5, 3, 3) window, the same reach (12 %);
 Radial the paper's base setting (decay 1.0, no sink).
 
-LoRA training refuses (see ``LORA_REFUSAL``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
+LoRA: text- and image-to-video train (``vidsparse.lora.adapters.kandinsky5``; ``tiny-kandinsky5-i2v``
+is the tiny I2V pipeline); the image pipelines are refused (``LORA_REFUSALS``); ``--parallel clip|ulysses`` runs the non-NABLA checkpoints (``SHARD_PLAN``).
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ from vidsparse.families.base import (
 )
 from vidsparse.families.processor import SparseProcessor
 
-LORA_REFUSAL = (
-    "Kandinsky 5 has no train-lora adapter yet: its channel-last [B, F, H, W, C] latents, Qwen2.5-VL + CLIP "
-    "prompt conditioning (cu_seqlens) and RoPE position inputs are not implemented in vidsparse's trainer"
-)
+#: Why train-lora refuses the Kandinsky 5 image pipelines (text- and image-to-video train:
+#: ``vidsparse.lora.adapters.kandinsky5``).
+LORA_REFUSALS = {
+    "Kandinsky5T2IPipeline": "it generates images; train-lora trains video length extension. Train "
+    "Kandinsky5T2VPipeline",
+    "Kandinsky5I2IPipeline": "it edits images; train-lora trains video length extension. Train Kandinsky5T2VPipeline",
+}
 #: ``fractal_flatten``'s spatial tile (hard-coded 8 in diffusers 0.42).
 FRACTAL_TILE = 8
 
@@ -274,8 +278,16 @@ def tiny_vae():
     )
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: bool = False):
-    """A tiny random-init ``diffusers.Kandinsky5T2VPipeline`` (no tokenizers / text encoders).
+#: ``vidsparse generate --model tiny-kandinsky5-i2v``: the image-to-video pipeline.
+I2V_TINY = "kandinsky5-i2v"
+
+
+def tiny_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: bool = False, variant: str | None = None
+):
+    """A tiny random-init ``diffusers.Kandinsky5T2VPipeline`` (no tokenizers / text encoders), or with
+    ``variant="kandinsky5-i2v"`` a ``Kandinsky5I2VPipeline`` whose transformer has ``visual_cond``
+    (condition latents and mask channels after the latents).
 
     Prompts are passed as ``prompt_embeds_qwen`` [B, L, 16], ``prompt_embeds_clip`` [B, 16] and
     ``prompt_cu_seqlens`` (and the negative ones); see ``tiny_prompt_kwargs``. ``nabla=True`` builds
@@ -284,13 +296,18 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, nabla: b
     """
     import diffusers
 
+    if variant not in (None, "kandinsky5", I2V_TINY):
+        raise ValueError(f"tiny Kandinsky 5 variants are 'kandinsky5' and {I2V_TINY!r}, got {variant!r}.")
+    i2v = variant == I2V_TINY
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
         torch.manual_seed(seed)
         config = _tiny_nabla_config() if nabla else tiny_transformer_kwargs()
+        if i2v:
+            config = dict(config, visual_cond=True)
         transformer = randomize_zero_parameters(diffusers.Kandinsky5Transformer3DModel(**config))
         vae = tiny_vae()
     transformer.eval()
-    pipe = diffusers.Kandinsky5T2VPipeline(
+    pipe = (diffusers.Kandinsky5I2VPipeline if i2v else diffusers.Kandinsky5T2VPipeline)(
         transformer=transformer,
         vae=vae,
         text_encoder=None,
@@ -323,8 +340,16 @@ def tiny_prompt_kwargs(
     return out
 
 
-#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` refuses each with ``LORA_REFUSAL``).
+#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` trains the first, refuses the rest: ``LORA_REFUSALS``).
 PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
+
+
+def _lora_adapter() -> tuple[type, ...]:
+    """Text- and image-to-video (``vidsparse.lora.adapters.kandinsky5``: the pipelines' own inputs, channel-last)."""
+    from vidsparse.lora.adapters.kandinsky5 import Kandinsky5I2VModel, Kandinsky5Model
+
+    return Kandinsky5Model, Kandinsky5I2VModel
+
 
 # -- parallel ---------------------------------------------------------------------------------
 
@@ -361,7 +386,7 @@ FAMILY = Family(
     name="kandinsky5",
     aliases=("kandinsky", "kandinsky-5", "kandinsky5.0"),
     transformer_classes=("Kandinsky5Transformer3DModel",),
-    pipeline_prefixes=("Kandinsky5",),
+    pipeline_prefixes=("Kandinsky5T2V", "Kandinsky5"),  # the first names the tiny pipeline's class
     processor_names=("Kandinsky5AttnProcessor",),
     processor=Kandinsky5SparseProcessor,
     attention_paths=indexed_paths("visual_transformer_blocks", "self_attention"),
@@ -375,8 +400,8 @@ FAMILY = Family(
         "gna": dict(kernel_size=(11, 24, 24), stride=(1, 8, 8)),
     },
     dense_first_steps=0.25,
-    lora_refusal=LORA_REFUSAL,
-    lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
+    lora_adapter=_lora_adapter,
+    lora_refusals=LORA_REFUSALS,
     shard_plan=SHARD_PLAN,
     tiny={
         "kandinsky5": TinyVariant("kandinsky5", tiny_transformer_kwargs, _tiny_inputs),
@@ -384,4 +409,5 @@ FAMILY = Family(
     },
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
+    tiny_pipelines={I2V_TINY: "Kandinsky5I2VPipeline"},
 )

@@ -80,8 +80,10 @@ PIPELINES = (
     "LTX2DFRTemporalRefinePipeline",
 )
 LORA_REFUSAL = (
-    "LTX-2 denoises audio and video latents jointly (audio VAE, Gemma-3 text connectors, per-modality "
-    "timesteps and guidance); its training adapter is not written"
+    "LTX-2 denoises audio and video latents jointly in one transformer (audio VAE, Gemma-3 text connectors, "
+    "per-modality timesteps and guidance, audio<->video cross-attention), and train-lora's data and objective are "
+    "video-only, so a LoRA would learn half the model's task; train LTX-Video instead (LTXPipeline / "
+    "LTXImageToVideoPipeline, which train-lora trains), or LTX-2 with Lightricks' own LTX-2 trainer"
 )
 GEOMETRY = VideoGeometry("ltx2", VAE_TEMPORAL, VAE_SPATIAL, (1, 1, 1), (121, 512, 768), fps=24)
 

@@ -114,8 +114,11 @@ FAMILY = Family(
     dense_first_steps=WAN.dense_first_steps,
     dense_layers=dict(WAN.dense_layers),
     lora_refusal=(
-        "no Wan-Animate training adapter: it conditions on pose latents, face videos and reference-image latents "
-        "through its own transformer inputs, which the Wan adapter does not build"
+        "Wan-Animate is trained on (video, reference image, pose video, face video) sets: its transformer takes "
+        "pose latents added to the patch embeddings, per-frame face motion vectors (face_adapter cross-attention) "
+        "and the reference image's latents and CLIP embeddings, none of which train-lora's captioned clips "
+        "provide; for longer Wan 2.2 clips train WanPipeline (T2V-A14B) or WanImageToVideoPipeline (I2V-A14B), "
+        "which train-lora trains"
     ),
     parallel_refusal=(
         "the face adapter cross-attends per latent frame, which the sequence-parallel shard plan does not cut"

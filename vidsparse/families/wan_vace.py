@@ -12,6 +12,9 @@ zero-padded to the video's length) lie on the same token grid and share the vide
 ``N .. N+V-1`` are ``vace_blocks.j.attn1`` (the control branch runs first in the forward).
 Cross-attention (``attn2``) stays the model's own.
 
+LoRA: trained as text-to-video with the control the pipeline itself builds when given no control
+video, mask or reference images (``vidsparse.lora.adapters.wan_vace``).
+
 Parallel: Wan's shard plan with the control branch's inputs cut at ``vace_blocks.0``.
 
 Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
@@ -108,6 +111,16 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish_tiny_pipeline(pipe, dtype)
 
 
+# -- LoRA -------------------------------------------------------------------------------------
+
+
+def _lora_adapter() -> type:
+    """Text-to-video through VACE with the pipeline's own empty control (``vidsparse.lora.adapters.wan_vace``)."""
+    from vidsparse.lora.adapters.wan_vace import WanVACEModel
+
+    return WanVACEModel
+
+
 # -- the record -------------------------------------------------------------------------------
 
 FAMILY = Family(
@@ -125,10 +138,7 @@ FAMILY = Family(
     pattern_defaults=dict(WAN.pattern_defaults),
     dense_first_steps=WAN.dense_first_steps,
     dense_layers=dict(WAN.dense_layers),
-    lora_refusal=(
-        "no VACE training adapter yet: VACE adds control blocks fed by reference/control latents and masks "
-        "(vace_context), which the Wan adapter does not build"
-    ),
+    lora_adapter=_lora_adapter,
     shard_plan=SHARD_PLAN,
     tiny={"wan-vace": TinyVariant("wan-vace", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,

@@ -47,7 +47,7 @@ def load_lora(pipe, path: Path, scale: float) -> None:
     A train-lora folder of a two-expert Wan 2.2 run also holds the low-noise expert's file
     (``LORA_WEIGHT_NAME_2``); it is loaded into ``transformer_2`` (``load_into_transformer_2``).
     """
-    from vidsparse.lora.export import expert_lora_file, resolve_lora_path
+    from vidsparse.lora.export import expert_lora_file, load_transformer_lora, resolve_lora_path, set_lora_scale
 
     before = _adapter_count(pipe)
     try:
@@ -57,7 +57,7 @@ def load_lora(pipe, path: Path, scale: float) -> None:
             raise ValueError(
                 f"it holds a LoRA per Wan 2.2 expert ({second.name}) and this pipeline has no transformer_2"
             )
-        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="vidsparse_lora")
+        load_transformer_lora(pipe, folder, weight_name, "vidsparse_lora")
         if second is not None:
             pipe.load_lora_weights(str(folder), weight_name=second.name, adapter_name="vidsparse_lora",
                                    load_into_transformer_2=True)  # fmt: skip
@@ -72,7 +72,7 @@ def load_lora(pipe, path: Path, scale: float) -> None:
             "layer of this model. Use a LoRA trained for this model, saved in diffusers format."
         )
     if scale != 1.0:
-        pipe.set_adapters(["vidsparse_lora"], adapter_weights=[scale])
+        set_lora_scale(pipe, "vidsparse_lora", scale)
 
 
 def _adapter_count(pipe) -> int:

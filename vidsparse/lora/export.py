@@ -2,7 +2,8 @@
 
 The weights file is what diffusers' own LoRA training scripts write: PEFT-style keys
 (``transformer.blocks.0.attn1.to_q.lora_A.weight``) through the pipeline class's
-``save_lora_weights``, with the adapter config (rank, alpha, targets) in the safetensors
+``save_lora_weights`` (``lora_writer``: a pipeline without LoRA loading in diffusers, such as
+HunyuanVideo 1.5's, gets the same transformer-only file), with the adapter config (rank, alpha, targets) in the safetensors
 metadata so that ``pipe.load_lora_weights(path)`` restores the exact ``alpha / rank`` scale.
 A small ``vidsparse_lora.json`` beside it records how it was trained (pattern, frames, size),
 so ``vidsparse generate --lora`` can tell the user what the LoRA expects.
@@ -49,6 +50,46 @@ def lora_state_dict(transformer: torch.nn.Module, dtype: str = "fp32") -> dict[s
     return {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in sd.items()}
 
 
+def lora_writer(pipeline_class: type) -> type:
+    """The class whose ``save_lora_weights`` writes ``pipeline_class``'s LoRA file.
+
+    The pipeline's own when it has one. A pipeline diffusers gives no LoRA loader
+    (``HunyuanVideo15Pipeline`` in 0.42) but whose transformer loads adapters
+    (``PeftAdapterMixin.load_lora_adapter``) gets diffusers' transformer-only writer, here
+    HunyuanVideo's: the file is the same (``transformer.``-prefixed PEFT keys, the adapter config
+    in the metadata), and ``load_transformer_lora`` reads it back.
+    """
+    if hasattr(pipeline_class, "save_lora_weights"):
+        return pipeline_class
+    from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+
+    return HunyuanVideoLoraLoaderMixin
+
+
+def load_transformer_lora(pipe, folder: str | os.PathLike, weight_name: str | None, adapter_name: str) -> None:
+    """``pipe.load_lora_weights`` or, for a pipeline without it (see ``lora_writer``), the transformer's
+    ``load_lora_adapter`` of the same file; a TypeError when neither can load it."""
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+        return
+    transformer = getattr(pipe, "transformer", None)
+    if not hasattr(transformer, "load_lora_adapter"):
+        raise TypeError(
+            f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights, and its transformer no "
+            "load_lora_adapter); pass a diffusers pipeline."
+        )
+    transformer.load_lora_adapter(str(folder), weight_name=weight_name, prefix="transformer", adapter_name=adapter_name)
+
+
+def set_lora_scale(pipe, adapter_name: str, scale: float) -> None:
+    """``pipe.set_adapters`` (or the transformer's, for a pipeline without LoRA loading) at ``scale``."""
+    target = pipe if hasattr(pipe, "set_adapters") else pipe.transformer
+    if target is pipe:
+        pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
+    else:
+        target.set_adapters([adapter_name], weights=[float(scale)])
+
+
 def save_lora(
     output_dir: str | os.PathLike,
     pipeline_class: type,
@@ -72,7 +113,7 @@ def save_lora(
     metadata = {"transformer_lora_adapter_metadata": model.peft_config[adapter].to_dict()}
     tmp_dir = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
     try:
-        pipeline_class.save_lora_weights(
+        lora_writer(pipeline_class).save_lora_weights(
             tmp_dir, transformer_lora_layers=lora_state_dict(model, dtype), weight_name=weight_name, **metadata
         )
         with open(tmp_dir / weight_name, "rb+") as fh:
@@ -132,19 +173,19 @@ def read_lora_info(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, adapter_name: str = "vidsparse") -> str:
-    """Load a LoRA into ``pipe`` with ``pipe.load_lora_weights`` and set its scale; returns the adapter name."""
-    if not hasattr(pipe, "load_lora_weights"):
-        raise TypeError(f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights); pass a diffusers pipeline.")
+    """Load a LoRA into ``pipe`` (``load_transformer_lora``) and set its scale; returns the adapter name."""
     folder, weight_name = resolve_lora_path(path)
     existing = set()
     if hasattr(pipe, "get_list_adapters"):
         for names in pipe.get_list_adapters().values():
             existing.update(names)
+    else:  # a pipeline without LoRA loading: its transformer's adapters
+        existing.update(getattr(getattr(pipe, "transformer", None), "peft_config", None) or {})
     name, i = adapter_name, 1
     while name in existing:
         i += 1
         name = f"{adapter_name}_{i}"
-    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    load_transformer_lora(pipe, folder, weight_name, name)
     second = expert_lora_file(folder, weight_name)
     if second is not None:
         if getattr(pipe, "transformer_2", None) is None:
@@ -154,7 +195,7 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0, adapter_name: s
             )
         pipe.load_lora_weights(str(folder), weight_name=second.name, adapter_name=name, load_into_transformer_2=True)
     if scale != 1.0:
-        pipe.set_adapters([name], [float(scale)])
+        set_lora_scale(pipe, name, scale)
     return name
 
 
@@ -164,8 +205,11 @@ __all__ = [
     "LORA_WEIGHT_NAME_2",
     "expert_lora_file",
     "load_lora",
+    "load_transformer_lora",
     "lora_state_dict",
+    "lora_writer",
     "read_lora_info",
     "resolve_lora_path",
     "save_lora",
+    "set_lora_scale",
 ]
