@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="'tiny' (the built-in small model of a synthetic world, docs/tiny_model.md), "
                            "'tiny-random' / 'tiny-<name>' (built-in random-init test models, e.g. tiny-wan-i2v), a "
                            "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers pipeline folder: "
-                           "text-to-video Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, LTX-Video, Mochi, CogVideoX; "
-                           "image-to-video Wan, SkyReels-V2, CogVideoX, LTX-Video, HunyuanVideo; LTXConditionPipeline "
+                           "text-to-video Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5, "
+                           "Wan VACE, LTX-Video, Mochi, CogVideoX; image-to-video Wan, SkyReels-V2, CogVideoX, "
+                           "LTX-Video, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5; LTXConditionPipeline "
                            "(docs/lora.md lists what is refused and why)")
     data.add_argument("--cache-dir", default=None, help="latent/text cache (default <data-dir>/.vidsparse-cache)")
     data.add_argument("--caption-column", default=None,

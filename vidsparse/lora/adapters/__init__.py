@@ -2,11 +2,12 @@
 
 Wan (``wan``: Wan 2.1 and Wan 2.2 A14B's two experts, SkyReels-V2; ``wan_i2v``: their
 image-to-video pipelines), CogVideoX (``cogvideox``: v-prediction on its scheduler's alphas, T2V
-and I2V, see that module) and the flow-matching table below (``hunyuan``, ``ltx`` with LTX-Video
-I2V, ``mochi``), HunyuanVideo 1.5 T2V / I2V, Kandinsky 5 T2V and Wan VACE without control
-(``hunyuan15``, ``kandinsky5``, ``wan_vace``: every input from their pipelines' own methods); the
-interface is ``base``. docs/lora.md, "Image-to-video", lists each
-first-frame condition.
+and I2V, see that module) and the flow-matching table below (``hunyuan`` with HunyuanVideo I2V,
+``ltx`` with LTX-Video I2V and ``LTXConditionPipeline``, ``mochi``), HunyuanVideo 1.5 T2V / I2V,
+Kandinsky 5 T2V / I2V and Wan VACE without control (``hunyuan15``, ``kandinsky5``, ``wan_vace``:
+every input from their pipelines' own methods); the interface is ``base`` (with
+``ClipConditionMixin`` for the per-clip image conditions). docs/lora.md, "Image-to-video", lists
+each first-frame condition.
 
 Each follows its diffusers 0.42 pipeline exactly, so a LoRA trained here is trained on what the
 pipeline will feed the transformer at inference:
