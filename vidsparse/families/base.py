@@ -150,6 +150,8 @@ class ShardPlan:
     each returned processor for the run and restores the original after. ``attend(q, k, v, scale=None)``
     (q [B, T, H, D] replicated, k / v [B, S_r, H, D] local) returns the exact rows over every rank's
     keys (``partials.merged_rows_attention``: per-rank partials merged by log-sum-exp).
+    ``merged_calls(transformer, forward_kwargs) -> [(rows, heads, head_dim), ...]``: the merged
+    attention calls one forward makes (what ``estimate.forward_bytes`` counts for them).
     """
 
     inputs: Mapping[str, Mapping[str, Shard | tuple[Shard, ...]]]
@@ -158,6 +160,7 @@ class ShardPlan:
     refuse: Callable[[torch.nn.Module], str | None] | None = None
     refuse_call: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
     merged_attention: MergedAttention | None = None
+    merged_calls: Callable[[torch.nn.Module, dict[str, Any]], list[tuple[int, int, int]]] | None = None
 
 
 # -- tiny random-init models ------------------------------------------------------------------

@@ -300,6 +300,16 @@ def _merged_attention(transformer: torch.nn.Module, attend) -> list[tuple[torch.
     ]
 
 
+def merged_calls(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(audio tokens, heads, head dim) of each block's video->audio cross-attention in this forward
+    (none with ``isolate_modalities``, which turns the audio<->video cross-attention off)."""
+    audio = kwargs.get("audio_hidden_states")
+    if kwargs.get("isolate_modalities") or not isinstance(audio, torch.Tensor):
+        return []
+    attn = transformer.transformer_blocks[0].video_to_audio_attn
+    return [(int(audio.shape[1]), attn.heads, attn.to_q.out_features // attn.heads)] * len(transformer.transformer_blocks)
+
+
 def _refuse_call(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
     if kwargs.get("video_self_attention_mask") is not None:
         return (
@@ -323,6 +333,7 @@ SHARD_PLAN = ShardPlan(
     gather={"proj_out": Shard(1, 3)},
     refuse_call=_refuse_call,
     merged_attention=_merged_attention,
+    merged_calls=merged_calls,
 )
 
 
