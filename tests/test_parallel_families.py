@@ -27,7 +27,8 @@ def test_every_family_equals_single_process_on_two_ranks():
                 assert r["video_err"] < 1e-4 and r["video_shape"] == r["ref_shape"] == (1, 16, 32, 32, 3), (mode, r)
             else:
                 assert r["video_is_none"]
-        assert res["ltx"]["per_token_timestep_err"] < 1e-10, res["ltx"]  # LTX I2V's (B, S) timestep
+        for name in ("ltx", "ltx2"):  # LTX-Video / LTX-2 I2V's (B, S) timestep
+            assert res[name]["per_token_timestep_err"] < 1e-10, res[name]
         for name, row in res.items():
             for mode in ("clip", "ulysses"):
                 r = row[mode]
@@ -46,11 +47,10 @@ def test_three_ranks_uneven_clips_hunyuan():
             assert r["err"] < 1e-10 and r["sent"] == r["predicted"] and r["restored"] == 0.0, (rank, mode, r)
 
 
-def test_generate_parallel_refuses_a_family_without_a_shard_plan_before_loading():
-    from vidsparse.generation import GenerateOptions, generate
-
-    with pytest.raises(ValueError, match=r"ltx2 model, which vidsparse.parallel does not split \(.+\)"):
-        generate(GenerateOptions(model="tiny-ltx2", parallel="clip", out=None, progress=False))
+def test_parallelize_refuses_a_family_without_a_shard_plan_with_its_reason():
+    model = tiny_transformer("wan-animate")
+    with pytest.raises(ValueError, match=r"\(wan-animate\) is not supported yet \(the face adapter"):
+        parallelize(model, vs.DualScope(1, 2), "clip", None)  # refused before the runtime is used
 
 
 def test_hunyuan_i2v_token_replace_is_refused_with_the_reason():

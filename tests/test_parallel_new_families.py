@@ -4,9 +4,9 @@ replicated condition span), Cosmos (per-token embeddings cut at every block) and
 cut at every visual block, the last visual block gathered; NABLA calls refused). On 2 gloo ranks (CPU) the tiny transformer's forward equals the
 single-process forward of the same pattern, the bytes sent equal the estimator's and the model is
 restored exactly; whole tiny pipelines through ``vidsparse generate`` equal the single-process video;
-mismatched settings and a dying rank end every rank with a clear error. Families that stay refused
-say why (checked without processes: LTX-2; SkyReels-V2 diffusion forcing and Kandinsky 5 NABLA calls
-at the forward)."""
+mismatched settings and a dying rank end every rank with a clear error. Calls that stay refused
+say why (checked without processes: SkyReels-V2 diffusion forcing and Kandinsky 5 NABLA calls at
+the forward). LTX-2: tests/test_parallel_ltx2.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_worker import generate_runs
 
 import vidsparse as vs
 from vidsparse.parallel import check_results, spawn
@@ -66,25 +67,9 @@ def cli_checks(rt, out_dir: str) -> dict[str, Any]:
     import io
 
     from vidsparse.cli import main
-    from vidsparse.generation import GenerateOptions, generate
 
-    out: dict[str, Any] = {}
+    out = generate_runs(rt, tuple((model, mode, frames, 32) for model, mode, frames in CLI))
     real = os.sys.stdout
-    for model, mode, frames in CLI:
-        opts = dict(model=model, pattern="dual-scope", pattern_options={"local_frames": 1, "global_stride": 2},
-                    frames=frames, height=32, width=32, steps=2, dense_first_steps=0, backend="torch", out=None,
-                    progress=False)  # fmt: skip
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-            got = generate(GenerateOptions(**opts, parallel=mode))
-        os.sys.stdout = real
-        row: dict[str, Any] = {"stdout": stdout.getvalue()[-2000:], "shape": tuple(got.frames.shape)}
-        if rt.rank == 0:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                single = generate(GenerateOptions(**opts))
-            a, b = got.frames.astype(int), single.frames.astype(int)
-            row["max_diff"] = int(abs(a - b).max()) if a.shape == b.shape else -1
-        out[f"{model} {mode}"] = row
     # Ranks started with different settings stop before loading (config check).
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         rc = main(["generate", "--model", "tiny-hunyuan15", "--parallel", "ulysses", "--frames", "9", "--height",
@@ -200,13 +185,6 @@ def test_skyreels_diffusion_forcing_is_refused_at_the_forward_before_any_collect
             model(**inputs)
     finally:
         unparallelize(model)
-
-
-def test_ltx2_is_still_refused_with_a_specific_reason_before_loading():
-    from vidsparse.generation import GenerateOptions, generate
-
-    with pytest.raises(ValueError, match=r"which vidsparse.parallel does not split \(.*whole audio stream"):
-        generate(GenerateOptions(model="tiny-ltx2", parallel="clip", out=None, progress=False))
 
 
 def test_kandinsky5_nabla_calls_are_refused_at_the_forward():

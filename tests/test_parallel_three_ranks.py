@@ -1,6 +1,7 @@
 """3 gloo ranks (CPU): every family's shard plan with clips of 2 token frames (halos on both sides
 of the middle rank) and Ulysses with 2 heads padded to 3 (``heads_per_rank``), and every family's
-tiny pipeline end to end with the per-clip VAE decode assembled on rank 0."""
+tiny pipeline end to end with the per-clip VAE decode assembled on rank 0 (LTX-2 and LTX-2.3
+included: audio replicated, video->audio rows merged, the audio decoded on rank 0 only)."""
 
 from __future__ import annotations
 
@@ -39,4 +40,7 @@ def test_every_family_pipeline_decodes_per_clip_on_three_ranks():
             if rank == 0:
                 assert r["shape"] == tuple(r["ref_shape"]) and r["video_err"] < 1e-5, (name, r)
             else:
-                assert r["video_is_none"], (rank, name)
+                assert r["video_is_none"] and r["audio_is_none"], (rank, name)
+            if name == "ltx2":  # the audio: decoded once, on rank 0, equal to the single-process audio
+                assert r["audio_decodes"] == (1 if rank == 0 else 0), (rank, r)
+                assert rank != 0 or r["audio_err"] < 1e-5, r
