@@ -80,7 +80,11 @@ def pipelines_suite(cases: tuple[str, ...] | None = None) -> dict[str, Any]:
         log = _ForwardLog(pipe.transformer, pattern, rt.world_size)
         audio_decodes: list[int] = []  # LTX-2: the audio VAE's decoder runs on rank 0 only
         audio_vae = getattr(pipe, "audio_vae", None)
-        hook = audio_vae.decoder.register_forward_pre_hook(lambda *a, seen=audio_decodes: seen.append(1)) if audio_vae else None
+        hook = (
+            audio_vae.decoder.register_forward_pre_hook(lambda *a, seen=audio_decodes: seen.append(1))
+            if audio_vae
+            else None
+        )
         try:
             with torch.no_grad():
                 out = run_parallel(pipe, _call_kwargs(family, pipe, frames, size), cfg, "clip", rt, vae_overlap=None)

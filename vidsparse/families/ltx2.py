@@ -307,7 +307,9 @@ def merged_calls(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> list[t
     if kwargs.get("isolate_modalities") or not isinstance(audio, torch.Tensor):
         return []
     attn = transformer.transformer_blocks[0].video_to_audio_attn
-    return [(int(audio.shape[1]), attn.heads, attn.to_q.out_features // attn.heads)] * len(transformer.transformer_blocks)
+    return [(int(audio.shape[1]), attn.heads, attn.to_q.out_features // attn.heads)] * len(
+        transformer.transformer_blocks
+    )
 
 
 def _refuse_call(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:

@@ -74,9 +74,7 @@ def _gathered_width(model: torch.nn.Module) -> int:
     return int(width)
 
 
-def forward_estimate(
-    model: torch.nn.Module, inputs: dict[str, Any], pattern, mode: str, world_size: int
-) -> list[int]:
+def forward_estimate(model: torch.nn.Module, inputs: dict[str, Any], pattern, mode: str, world_size: int) -> list[int]:
     """Per rank, ``estimate.forward_bytes`` of this forward (sizes from the model, its inputs and family)."""
     from vidsparse.families import family_of
     from vidsparse.parallel.estimate import forward_bytes
