@@ -102,17 +102,21 @@ def step_bytes(
     element_size: int = 2,
     forwards: int = 2,
     batch: int = 1,
+    merged: Sequence[tuple[int, int, int]] = (),
 ) -> StepVolume:
     """Busiest rank's bytes per step: ``layers`` attention calls and one output gather per forward.
 
     ``out_features`` is the width of the transformer's output projection per token (Wan:
-    out_channels * prod(patch_size) = 16 * 4 = 64).
+    out_channels * prod(patch_size) = 16 * 4 = 64). ``merged``: (rows, heads, head_dim) of every
+    ``ShardPlan.merged_attention`` call of one forward (LTX-2: its audio rows, one call per block),
+    counted with the attention.
     """
     per_rank = attention_bytes(mode, layout, pattern, heads, head_dim, world_size, element_size, batch)
-    attn = max(sum(d.values()) for d in per_rank)
+    extra = sum(merged_rows_bytes(t, h, d, world_size, element_size, batch) for t, h, d in merged)
+    attn = max(sum(d.values()) for d in per_rank) * layers + extra
     sizes = FramePartition(layout.frames, world_size).video_token_counts(layout)
     gather = max(sizes) * out_features * element_size * batch * (world_size - 1)
-    return StepVolume(attn * layers * forwards, gather * forwards, forwards)
+    return StepVolume(attn * forwards, gather * forwards, forwards)
 
 
 def forward_bytes(
