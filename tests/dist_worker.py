@@ -288,6 +288,7 @@ FAMILY_CASES = (
     ("ltx", 6, 4, 4),  # packed tokens, no text in self-attention
     ("ltx2", 6, 4, 4),  # packed video tokens + a replicated audio stream, video->audio rows merged
     ("ltx2-gated", 6, 4, 4),  # LTX-2.3: split RoPE [B, H, S, D/2], gated attention, STG processor
+    ("wan-animate", 6, 4, 4),  # Wan's plan + the face adapter's per-frame motion vectors cut by frame
 )
 
 

@@ -48,9 +48,20 @@ def test_three_ranks_uneven_clips_hunyuan():
 
 
 def test_parallelize_refuses_a_family_without_a_shard_plan_with_its_reason():
+    """Every family vidsparse patches has a shard plan now; a record without one (a new family) is
+    refused with its ``parallel_refusal`` before the runtime is used."""
+    from vidsparse.families.wan_animate import FAMILY
+
     model = tiny_transformer("wan-animate")
-    with pytest.raises(ValueError, match=r"\(wan-animate\) is not supported yet \(the face adapter"):
-        parallelize(model, vs.DualScope(1, 2), "clip", None)  # refused before the runtime is used
+    plan, reason = FAMILY.shard_plan, FAMILY.parallel_refusal
+    object.__setattr__(FAMILY, "shard_plan", None)  # the record is frozen: a stand-in for a family without a plan
+    object.__setattr__(FAMILY, "parallel_refusal", "its shard plan is not written")
+    try:
+        with pytest.raises(ValueError, match=r"\(wan-animate\) is not supported yet \(its shard plan is not written"):
+            parallelize(model, vs.DualScope(1, 2), "clip", None)
+    finally:
+        object.__setattr__(FAMILY, "shard_plan", plan)
+        object.__setattr__(FAMILY, "parallel_refusal", reason)
 
 
 def test_hunyuan_i2v_token_replace_is_refused_with_the_reason():

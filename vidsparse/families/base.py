@@ -116,10 +116,15 @@ class VideoGeometry:
 
 @dataclass(frozen=True)
 class Shard:
-    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims)."""
+    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims).
+
+    ``per_frame``: the tensor has one entry per latent frame along ``dim`` (Wan-Animate's motion
+    vectors [B, T, N, C]) and is cut to the rank's frames instead of its tokens.
+    """
 
     dim: int
     ndim: int
+    per_frame: bool = False
 
 
 #: (transformer, attend) -> [(attention module, processor to set for the parallel run), ...]

@@ -34,6 +34,8 @@ from vidsparse.families.base import (
     TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -48,6 +50,22 @@ from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs
 def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     """Latents [B, 2C + 4, T + 1, H, W] patchified by ``config.patch_size``."""
     return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- parallel ---------------------------------------------------------------------------------
+
+#: Wan's plan (tokens cut entering ``blocks.0``, RoPE, ``proj_out`` gathered; the pose latents are
+#: added to the patch embeddings before the cut) plus the face adapter's motion vectors: each
+#: ``face_adapter.<i>`` cross-attends the tokens of latent frame t to motion vector t only
+#: ([B, T, N, C], the reference frame's a zero pad), so every rank keeps its clip's frames of them.
+SHARD_PLAN = ShardPlan(
+    inputs={
+        **WAN.require_shard_plan().inputs,
+        "face_adapter.*": {"encoder_hidden_states": Shard(1, 4, per_frame=True)},
+    },
+    outputs=WAN.require_shard_plan().outputs,
+    gather=WAN.require_shard_plan().gather,
+)
 
 
 # -- tiny model -------------------------------------------------------------------------------
@@ -117,9 +135,7 @@ FAMILY = Family(
         "no Wan-Animate training adapter: it conditions on pose latents, face videos and reference-image latents "
         "through its own transformer inputs, which the Wan adapter does not build"
     ),
-    parallel_refusal=(
-        "the face adapter cross-attends per latent frame, which the sequence-parallel shard plan does not cut"
-    ),
+    shard_plan=SHARD_PLAN,
     tiny={"wan-animate": TinyVariant("wan-animate", _tiny_config, _tiny_inputs)},
     tiny_pipeline=None,
     generate_refusal=(

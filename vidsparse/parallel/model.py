@@ -79,12 +79,19 @@ class ParallelContext:
             return x
         layout = self.layout
         n = x.shape[spec.dim]
+        a, b = self.partition().bounds[self.runtime.rank]
+        if spec.per_frame:
+            if n != layout.frames:
+                raise ValueError(
+                    f"vidsparse.parallel: expected one entry per latent frame ({layout.frames}, {layout}) along dim "
+                    f"{spec.dim}, got a tensor of shape {tuple(x.shape)}."
+                )
+            return x.narrow(spec.dim, a, b - a)
         if n != layout.video_len:
             raise ValueError(
                 f"vidsparse.parallel: expected {layout.video_len} video tokens ({layout}) along dim {spec.dim}, "
                 f"got a tensor of shape {tuple(x.shape)}. This model's token sequence does not match its grid."
             )
-        a, b = self.partition().bounds[self.runtime.rank]
         hw = layout.tokens_per_frame
         return x.narrow(spec.dim, a * hw, (b - a) * hw)
 
