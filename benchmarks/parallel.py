@@ -399,7 +399,7 @@ def decode_rows(args) -> list[dict[str, Any]]:
                     decode_fraction=busiest / frames, pixel_frames=sum(counts),
                     bytes_to_rank0=max(counts[1:]) * 3 * height * width * 2,
                 ))  # fmt: skip
-        frames_err, hw = 24, (1 if family in ("ltx", "ltx2") else 2)
+        frames_err, hw = 24, (1 if family == "ltx" else 2)
         channels = getattr(vae.config, "latent_channels", None) or vae.config.z_dim
         z = torch.randn(1, channels, frames_err, hw, hw, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():

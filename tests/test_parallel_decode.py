@@ -20,7 +20,7 @@ CASES = {
     "cogvideox": (9, 2, "equal"),  # odd: the first decode batch holds 3 latent frames
     "mochi": (8, 2, "close"),
     "ltx": (8, 1, "close"),
-    "ltx2": (8, 1, "close"),  # AutoencoderKLLTX2Video, decoder_causal=False (the checkpoints')
+    "ltx2": (8, 2, "close"),  # AutoencoderKLLTX2Video, decoder_causal=False (the checkpoints')
 }
 
 
@@ -139,7 +139,7 @@ def test_ltx2_causal_decoder_decodes_context_before_the_clip_only():
     vae.decoder.is_causal = True
     record = clip_decode_of(vae)
     assert record.window(vae, 8, 4, 6, 2) == type(record.window(vae, 8, 4, 6, 2))(2, 6, 16)
-    z = _latents(vae, 8, 1)
+    z = _latents(vae, 8, 2)
     with torch.no_grad():
         full = vae.decode(z, return_dict=False)[0]
         two_sided = _vae("ltx2").decode(z, return_dict=False)[0]

@@ -35,6 +35,18 @@ of the same size): Radial decay 1.0 without sink (~55 % of the pairs at 16x16x24
 (~23 % of the pairs at 16x16x24); GNA kernel (9, 9, 13), stride 1 (~17 %). The first 25 % of
 the steps run dense.
 
+Parallel (``--parallel clip|ulysses``, ``SHARD_PLAN``): the packed video tokens are split by clip
+(with their RoPE tables and a per-token timestep); the audio stream is small (126 tokens for the
+reference 121 frames) and is replicated on every rank, so audio self-attention, audio-text
+cross-attention, the audio FFN and the audio output are computed whole and identically on every
+rank. The audio->video cross-attention (video queries, audio keys) is local to each rank; the
+video->audio one (audio queries over every video key) runs per rank over its video keys and the
+rows are merged exactly by log-sum-exp (``LTX2MergedCrossProcessor``). Ulysses is vidsparse's own:
+diffusers 0.42.1's ``_cp_plan`` for this model fails on the pipeline's inputs
+(``vidsparse.parallel.diffusers_cp.CP_PLAN_FAILS``). The video VAE decodes per clip
+(``CLIP_DECODE``); the audio VAE and vocoder run once, on rank 0 (``MAIN_RANK_DECODE``). A call with
+``video_self_attention_mask`` (IC-LoRA) is refused.
+
 Tiny: ``tiny_pipeline`` builds a whole ``LTX2Pipeline`` offline — 2-layer transformer, a
 video VAE with LTX-2's real 8x/32x factors, audio VAE, vocoder, text connectors and a 2-layer
 Gemma-3 text encoder with a byte-level tokenizer, all random-init — so ``prompt=`` works as

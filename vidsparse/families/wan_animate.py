@@ -18,6 +18,11 @@ image encoder, a reference image, a pose video and a face video besides the prom
 on a pipeline the caller runs (``pipeline_prefixes`` still names it, so the record, not Wan's,
 describes a ``WanAnimatePipeline`` folder).
 
+Parallel: Wan's shard plan, plus the face adapter's motion vectors [B, T, N, C] cut per latent
+frame (``SHARD_PLAN``): the adapter cross-attends frame t's tokens to motion vector t only, so it
+is clip-local. Through ``vidsparse.parallel.parallelize`` / ``run_parallel`` on the caller's
+pipeline (``generate`` does not drive it, see above).
+
 Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
 (9, 25, 25)).
 """

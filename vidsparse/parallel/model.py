@@ -11,6 +11,11 @@
   processors see) and records the whole-video layout; ``attention_fn`` runs
   ``clip_attention`` or ``ulysses_attention`` on the whole-video pattern.
 
+Attention modules whose queries every rank holds whole while their keys are the rank's video
+tokens (``ShardPlan.merged_attention``: LTX-2's video->audio cross-attention) get the family's
+processor for the run, attending local keys and merging rows across ranks by log-sum-exp
+(``partials.merged_rows_attention``); ``unparallelize`` sets their original processors back.
+
 Dense steps and dense layers of the ``SparseConfig`` run ``Dense()`` through the same
 distributed path (the model's own processor would only see the rank's clip). ``unparallelize``
 removes everything and gives the model back its original forward and processors.
