@@ -48,10 +48,10 @@ from vidsparse.patterns import Dense, Pattern
 MODES = ("clip", "ulysses")
 
 _SHARD_HOOK = "vidsparse_parallel_shard"
+_GATHER_HOOK = "vidsparse_parallel_gather"
 _MERGED_ORIGINAL = "_vidsparse_parallel_original_processor"
 #: ``CommStats`` name of the partials ``ShardPlan.merged_attention`` modules all-gather (LTX-2's audio rows).
 MERGED_ROWS_OP = "merged_rows"
-_GATHER_HOOK = "vidsparse_parallel_gather"
 
 
 def shard_plans() -> dict[str, ShardPlan]:
