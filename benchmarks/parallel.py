@@ -59,6 +59,9 @@ class Shape:
     text_len: int = 0  # joint-attention text replicated on every rank (HunyuanVideo, CogVideoX, Mochi)
     text_position: str = "none"
     family: str = "wan"
+    #: (rows, heads, head_dim) of one cross-attention per layer whose replicated queries are merged
+    #: across ranks (LTX-2: the audio tokens of its video->audio cross-attention); () = none.
+    merged: tuple[int, ...] = ()
 
     @property
     def layout(self) -> VideoLayout:
@@ -119,15 +122,26 @@ SHAPES = {
     "ltx": Shape(
         "ltx", 21, 16, 22, heads=32, head_dim=64, layers=28, out_features=128, family="ltx"
     ),  # 161 x 512 x 704
+    # 121 x 512 x 768 at 24 fps (LTX2Pipeline's default): 16 x 16 x 24 video tokens and
+    # round(121 / 24 * 25) = 126 audio tokens (16 kHz, hop 160, audio VAE 4x), replicated on every rank.
+    # Sizes: LTX2VideoTransformer3DModel's defaults in diffusers 0.42.1 (the 19B checkpoint's config).
+    "ltx2": Shape(
+        "ltx2", 16, 16, 24, heads=32, head_dim=128, layers=48, out_features=128, family="ltx2", merged=(126, 32, 64)
+    ),
     "tiny": Shape("tiny", 6, 4, 4, heads=2, head_dim=16, layers=2, out_features=16),
 }
 #: Shapes of the volume tables (every family).
-VOLUME_SHAPES = ("wan-1.3b", "wan-14b", "wan-1.3b-long", "hunyuan", "cogvideox-5b", "cogvideox1.5-5b", "mochi", "ltx")
+VOLUME_SHAPES = (
+    "wan-1.3b", "wan-14b", "wan-1.3b-long", "hunyuan", "cogvideox-5b", "cogvideox1.5-5b", "mochi", "ltx", "ltx2"
+)  # fmt: skip
 #: Link bandwidths (GB/s per rank and direction) the volume rows convert bytes to time at: estimates,
 #: not measurements (NVLink 4 on H100/H200: ~450 GB/s per direction; PCIe 5 x16: ~32 GB/s).
 LINKS = {"nvlink": 450.0, "pcie": 32.0}
 #: Families whose tiny transformers --quick runs on gloo ranks: (tiny variant, latent frames, h, w).
-TINY_FAMILIES = (("wan", 6, 4, 4), ("hunyuan", 6, 4, 4), ("cogvideox", 6, 4, 4), ("mochi", 6, 4, 4), ("ltx", 6, 4, 4))
+TINY_FAMILIES = (
+    ("wan", 6, 4, 4), ("hunyuan", 6, 4, 4), ("cogvideox", 6, 4, 4), ("mochi", 6, 4, 4), ("ltx", 6, 4, 4),
+    ("ltx2", 6, 4, 4),
+)  # fmt: skip
 #: Reference videos' latent frames for the decode rows (family -> (shape name, latent frames, pixel h, w)).
 DECODE_VIDEOS = {
     "wan": ("wan-14b", 21, 720, 1280),
@@ -135,6 +149,7 @@ DECODE_VIDEOS = {
     "cogvideox": ("cogvideox-5b", 13, 480, 720),
     "mochi": ("mochi", 28, 480, 848),
     "ltx": ("ltx", 21, 512, 704),
+    "ltx2": ("ltx2", 16, 512, 768),
 }
 #: VAE context (latent frames) the decode rows report: the default 4, and None = "all" (exact).
 DECODE_OVERLAPS = (1, 2, 4, 8, None)
@@ -193,6 +208,7 @@ def volume_rows(args, shapes) -> list[dict[str, Any]]:
                     shape.out_features,
                     element_size=2,
                     forwards=2,
+                    merged=(shape.merged,) * shape.layers if shape.merged else (),
                 )
                 rows.append(dict(
                     kind="volume", shape=shape.name, family=shape.family, mode=mode, world_size=n,
@@ -314,55 +330,35 @@ def distributed_rows(args, shapes, runtime, dtype) -> list[dict[str, Any]]:
 def family_rows(args, runtime) -> list[dict[str, Any]]:
     """Every family's tiny transformer forward under each mode: bytes each rank sent (measured,
     and ``estimate.forward_bytes``), slowest rank's ms and the error against the single-process
-    forward of the same pattern (fp32, batch 2)."""
+    forward of the same pattern (fp32, batch 2; every output, LTX-2's audio included)."""
     import torch.distributed as dist
 
-    import vidsparse.pipelines as vsp
     from vidsparse.families import family_of
     from vidsparse.models.tiny import tiny_inputs, tiny_transformer
-    from vidsparse.parallel import parallelize, unparallelize
-    from vidsparse.parallel.estimate import forward_bytes
+    from vidsparse.parallel.verify import check_forward, forward_estimate
 
     rows = []
     for name, frames, height, width in TINY_FAMILIES:
         model = tiny_transformer(name)
-        fam = family_of(model)
         inputs = tiny_inputs(name, model, frames, height, width, batch=2)
-        text = fam.text_len(model, inputs)
-        layout = VideoLayout(
-            *fam.grid(model, inputs), text_len=text, text_position=fam.text_position if text else "none"
-        )
-        heads = fam.attention_paths(model)[0][1].heads
         for mode in args.modes:
             pattern = _pattern(args, mode) if mode == "ulysses" else vs.DualScope(1, 3)  # tiny: 6 frames
             cfg = vs.SparseConfig(pattern, dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
-            vsp.apply(model, cfg)
-            with torch.no_grad():
-                ref = model(**inputs, return_dict=False)[0]
-            vsp.remove(model)
-            parallelize(model, cfg, mode, runtime)
-            try:
-                runtime.stats.reset()
-                with torch.no_grad():
-                    got = model(**inputs, return_dict=False)[0]
-                sent = runtime.stats.total_bytes
 
-                def call(model=model, inputs=inputs):
-                    return model(**inputs, return_dict=False)
-
+            def timed(model=model, inputs=inputs):
                 dist.barrier()
-                ms = torch.tensor([_time(call, runtime.device, 1, 3)])
-            finally:
-                unparallelize(model)
+                return _time(lambda: model(**inputs, return_dict=False), runtime.device, 1, 3)
+
+            check = check_forward(model, inputs, cfg, mode, runtime, timed=timed)
+            ms = torch.tensor([check.timed])
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-            est = forward_bytes(mode, layout, pattern, heads, model.config.attention_head_dim, fam.num_layers(model),
-                                runtime.world_size, model.proj_out.out_features, element_size=4, batch=2)  # fmt: skip
             sent_all = [0] * runtime.world_size
-            dist.all_gather_object(sent_all, sent)
+            dist.all_gather_object(sent_all, check.sent)
             rows.append(dict(
-                kind="family_forward", shape=f"tiny-{name}", family=fam.name, mode=mode, world_size=runtime.world_size,
-                pattern=repr(pattern), layout=str(layout), ms=float(ms.item()), bytes_per_rank=sent_all,
-                estimated_bytes_per_rank=est, max_abs_err=(got - ref).abs().max().item(), backend=runtime.backend,
+                kind="family_forward", shape=f"tiny-{name}", family=family_of(model).name, mode=mode,
+                world_size=runtime.world_size, pattern=repr(pattern), layout=check.layout, ms=float(ms.item()),
+                bytes_per_rank=sent_all, estimated_bytes_per_rank=forward_estimate(model, inputs, pattern, mode,
+                runtime.world_size), max_abs_err=check.err, backend=runtime.backend,
             ))  # fmt: skip
     return rows
 

@@ -1,5 +1,6 @@
 """Rank side of tests/test_parallel_three_ranks.py's end-to-end run: every family's tiny pipeline
-through ``run_parallel`` (clip mode, per-clip VAE decode with full context) on each rank."""
+through ``run_parallel`` (clip mode, per-clip VAE decode with full context) on each rank; LTX-2's
+audio decoded on rank 0 only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ PIPELINE_CASES = {
     "cogvideox": (25, 32),
     "mochi": (37, 16),
     "ltx": (49, 64),
+    "ltx2": (49, 64),  # and its audio, decoded on rank 0 only
 }
 
 
@@ -25,6 +27,8 @@ def _call_kwargs(family, pipe, frames: int, size: int) -> dict[str, Any]:
                                   guidance_scale=5.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
     if family.tiny_prompt_kwargs is not None:
         kwargs.update(family.tiny_prompt_kwargs(pipe, "a tiny cat", ""))
+    elif getattr(pipe, "tokenizer", None) is not None:  # LTX-2: its tiny tokenizer and Gemma-3 encoder
+        kwargs.update(prompt="a tiny cat", negative_prompt="", max_sequence_length=32)
     else:  # Wan: prompts hashed into embeddings of the transformer's text_dim
         dim = pipe.transformer.config.text_dim
         kwargs.update(prompt_embeds=encode_prompt_tiny("a tiny cat", dim=dim),
@@ -33,19 +37,16 @@ def _call_kwargs(family, pipe, frames: int, size: int) -> dict[str, Any]:
 
 
 class _ForwardLog:
-    """Every transformer forward's (layout, batch): what the estimator needs to predict the bytes."""
+    """The estimator's bytes of every transformer forward (``verify.forward_estimate``), per rank."""
 
-    def __init__(self, family, model) -> None:
-        self.family, self.calls = family, []
+    def __init__(self, model, pattern, world_size: int) -> None:
+        self.pattern, self.world_size, self.calls = pattern, world_size, []
         self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def _pre(self, module, args, kwargs) -> None:
-        import vidsparse as vs
+        from vidsparse.parallel.verify import forward_estimate
 
-        text = self.family.text_len(module, kwargs)
-        position = self.family.text_position if text else "none"
-        layout = vs.VideoLayout(*self.family.grid(module, kwargs), text_len=text, text_position=position)
-        self.calls.append((layout, kwargs["hidden_states"].shape[0]))
+        self.calls.append(forward_estimate(module, kwargs, self.pattern, "clip", self.world_size))
 
 
 def pipelines_suite(cases: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -57,7 +58,6 @@ def pipelines_suite(cases: tuple[str, ...] | None = None) -> dict[str, Any]:
     import vidsparse.pipelines as vsp
     from vidsparse.families import get_family
     from vidsparse.parallel import init_distributed
-    from vidsparse.parallel.estimate import forward_bytes
     from vidsparse.parallel.pipeline import run_parallel
     from vidsparse.parallel.vae import pixel_counts
 
@@ -74,26 +74,34 @@ def pipelines_suite(cases: tuple[str, ...] | None = None) -> dict[str, Any]:
         if rt.is_main:  # the single-process reference (the other ranks wait at the first collective)
             vsp.apply(pipe, cfg)
             with torch.no_grad():
-                ref = pipe(**_call_kwargs(family, pipe, frames, size), output_type="np").frames
+                ref_out = pipe(**_call_kwargs(family, pipe, frames, size), output_type="np")
+            ref, ref_audio = ref_out.frames, getattr(ref_out, "audio", None)
             vsp.remove(pipe)
-        model = pipe.transformer
-        log = _ForwardLog(family, model)
+        log = _ForwardLog(pipe.transformer, pattern, rt.world_size)
+        audio_decodes: list[int] = []  # LTX-2: the audio VAE's decoder runs on rank 0 only
+        audio_vae = getattr(pipe, "audio_vae", None)
+        hook = (
+            audio_vae.decoder.register_forward_pre_hook(lambda *a, seen=audio_decodes: seen.append(1))
+            if audio_vae
+            else None
+        )
         try:
             with torch.no_grad():
                 out = run_parallel(pipe, _call_kwargs(family, pipe, frames, size), cfg, "clip", rt, vae_overlap=None)
         finally:
             log.handle.remove()
-        heads = family.attention_paths(model)[0][1].heads
-        predicted = sum(
-            forward_bytes("clip", layout, pattern, heads, model.config.attention_head_dim, family.num_layers(model),
-                          rt.world_size, model.proj_out.out_features, element_size=4, batch=batch)[rt.rank]
-            for layout, batch in log.calls
-        )  # fmt: skip
+            if hook is not None:
+                hook.remove()
+        row["audio_decodes"] = len(audio_decodes)
+        predicted = sum(per_rank[rt.rank] for per_rank in log.calls)
         counts = pixel_counts(pipe.vae, (frames - 1) // family.geometry.temporal + 1, rt.world_size)
         row.update(sent=out.comm["total_bytes"], predicted=predicted, forwards=len(log.calls), counts=counts,
                    decode_bytes=out.decode_bytes, decode_predicted=0 if rt.rank == 0 else counts[rt.rank] * 3 * size * size * 4,
                    video_is_none=out.video is None)  # fmt: skip
+        row["audio_is_none"] = out.audio is None
         if rt.is_main:
             row.update(video_err=float(abs(out.video - ref).max()), shape=tuple(out.video.shape), ref_shape=ref.shape)
+            if ref_audio is not None:
+                row["audio_err"] = float((out.audio.double() - ref_audio.double()).abs().max())
         res[name] = row
     return res

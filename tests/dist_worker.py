@@ -286,20 +286,21 @@ FAMILY_CASES = (
     ("cogvideox-1.5", 12, 4, 4),  # time patchified by 2: 6 token frames
     ("mochi", 6, 4, 4),  # text after the video, per-sample validity
     ("ltx", 6, 4, 4),  # packed tokens, no text in self-attention
+    ("ltx2", 6, 4, 4),  # packed video tokens + a replicated audio stream, video->audio rows merged
+    ("ltx2-gated", 6, 4, 4),  # LTX-2.3: split RoPE [B, H, S, D/2], gated attention, STG processor
+    ("wan-animate", 6, 4, 4),  # Wan's plan + the face adapter's per-frame motion vectors cut by frame
 )
 
 
 def family_suite(cases: tuple[str, ...] | None = None, pipeline: bool = True) -> dict[str, Any]:
     """Per family: the tiny transformer's forward under clip / Ulysses parallelism against the
-    single-process forward of the same pattern, the bytes sent against the estimator, and the
-    model restored exactly by ``unparallelize``."""
+    single-process forward of the same pattern (every output: LTX-2's audio too), the bytes sent
+    against the estimator, and the model restored exactly by ``unparallelize`` (``verify.check_forward``)."""
     torch.set_num_threads(1)
     import vidsparse as vs
-    import vidsparse.pipelines as vsp
-    from vidsparse.families import family_of
     from vidsparse.models.tiny import tiny_inputs, tiny_transformer
-    from vidsparse.parallel import init_distributed, parallelize, unparallelize
-    from vidsparse.parallel.estimate import forward_bytes
+    from vidsparse.parallel import init_distributed
+    from vidsparse.parallel.verify import check_forward
 
     rt = init_distributed(timeout_s=120)
     modes = {
@@ -311,57 +312,21 @@ def family_suite(cases: tuple[str, ...] | None = None, pipeline: bool = True) ->
         if cases is not None and name not in cases:
             continue
         model = tiny_transformer(name, dtype=torch.float64)
-        fam = family_of(model)
         inputs = tiny_inputs(name, model, frames, height, width, batch=2)
-        with torch.no_grad():
-            dense = model(**inputs, return_dict=False)[0]
-        grid = fam.grid(model, inputs)
-        text = fam.text_len(model, inputs)
-        layout = vs.VideoLayout(*grid, text_len=text, text_position=fam.text_position if text else "none")
-        heads = fam.attention_paths(model)[0][1].heads
-        head_dim = model.config.attention_head_dim
-        out_features = model.proj_out.out_features
-        row: dict[str, Any] = {"layout": str(layout)}
+        row: dict[str, Any] = {}
         for mode, pattern in modes.items():
             cfg = vs.SparseConfig(pattern, dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
-            vsp.apply(model, cfg)
-            with torch.no_grad():
-                ref = model(**inputs, return_dict=False)[0]
-            vsp.remove(model)
-            parallelize(model, cfg, mode, rt)
-            before = rt.stats.total_bytes
-            try:
-                with torch.no_grad():
-                    got = model(**inputs, return_dict=False)[0]
-            finally:
-                unparallelize(model)
-            sent = rt.stats.total_bytes - before
-            with torch.no_grad():
-                restored = model(**inputs, return_dict=False)[0]
-            predicted = forward_bytes(mode, layout, pattern, heads, head_dim, fam.num_layers(model), rt.world_size,
-                                      out_features, element_size=8, batch=2)[rt.rank]  # fmt: skip
-            row[mode] = {
-                "err": (got - ref).abs().max().item(),
-                "sparse_vs_dense": (ref - dense).abs().max().item(),
-                "sent": sent,
-                "predicted": predicted,
-                "restored": (restored - dense).abs().max().item(),
-            }
-        if name == "ltx":  # image-to-video: a per-token timestep (B, S) is cut with the tokens
+            check = check_forward(model, inputs, cfg, mode, rt)
+            row["layout"] = check.layout
+            row[mode] = {k: getattr(check, k) for k in ("err", "sparse_vs_dense", "sent", "predicted", "restored")}
+        if name in ("ltx", "ltx2"):  # image-to-video: a per-token timestep (B, S) is cut with the tokens
             g = torch.Generator().manual_seed(3)
-            per_token = dict(inputs, timestep=torch.rand(2, layout.video_len, generator=g, dtype=torch.float64) * 1000)
+            seq = inputs["hidden_states"].shape[1]
+            per_token = dict(inputs, timestep=torch.rand(2, seq, generator=g, dtype=torch.float64) * 1000)
+            if name == "ltx2":  # LTX2ImageToVideoPipeline: the audio keeps its (B,) timestep
+                per_token["audio_timestep"] = inputs["timestep"]
             cfg = vs.SparseConfig(modes["clip"], dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
-            vsp.apply(model, cfg)
-            with torch.no_grad():
-                ref = model(**per_token, return_dict=False)[0]
-            vsp.remove(model)
-            parallelize(model, cfg, "clip", rt)
-            try:
-                with torch.no_grad():
-                    got = model(**per_token, return_dict=False)[0]
-            finally:
-                unparallelize(model)
-            row["per_token_timestep_err"] = (got - ref).abs().max().item()
+            row["per_token_timestep_err"] = check_forward(model, per_token, cfg, "clip", rt).err
         res[name] = row
     if pipeline:
         res["cogvideox_pipeline"] = _cogvideox_pipeline(rt)

@@ -72,18 +72,15 @@ def test_family_is_registered_and_matched():
     assert FAMILY.num_layers(model) == 2 and FAMILY.text_position == "none"
 
 
-def test_lora_and_parallel_refuse_with_the_reason():
+def test_lora_refuses_with_the_reason_and_parallel_has_a_shard_plan():
     with pytest.raises(ValueError, match="does not train ltx2: LTX-2 denoises audio and video latents jointly"):
         FAMILY.lora_adapter_class()
-    with pytest.raises(ValueError, match="does not run ltx2: .*audio<->video cross-attention"):
-        FAMILY.require_shard_plan()
     from vidsparse.lora.models import refused
 
     assert refused()["LTX2Pipeline"].startswith("LTX-2 denoises audio and video latents jointly")
-    with pytest.raises(ValueError, match="\\(ltx2\\) is not supported yet \\(its shard plan is not written"):
-        from vidsparse.parallel.model import parallelize
-
-        parallelize(tiny_transformer("ltx2"), "dense", "clip", runtime=None)  # refused before any use
+    # clip / Ulysses runs are checked on gloo ranks (tests/test_parallel_families.py, test_parallel_ltx2.py)
+    assert FAMILY.require_shard_plan().merged_attention is not None
+    assert FAMILY.main_rank_decode == ("audio_vae.decode", "vocoder.forward")
 
 
 def test_pattern_defaults_fit_the_typical_grid():

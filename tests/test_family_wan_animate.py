@@ -66,8 +66,8 @@ def test_torch_compile_of_the_patched_transformer():
 def test_refusals_name_what_is_missing():
     with pytest.raises(ValueError, match="train-lora does not train wan-animate: .*pose latents"):
         FAMILY.lora_adapter_class()
-    with pytest.raises(ValueError, match="parallel does not run wan-animate: .*face adapter"):
-        FAMILY.require_shard_plan()
+    # --parallel: the face adapter's motion vectors are cut per frame (tests/test_parallel_families.py)
+    assert FAMILY.require_shard_plan().inputs["face_adapter.*"]["encoder_hidden_states"].per_frame
     with pytest.raises(ValueError, match="frames >= 2"):
         setup("wan-animate", (1, 8, 8))
 

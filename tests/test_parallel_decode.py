@@ -20,6 +20,7 @@ CASES = {
     "cogvideox": (9, 2, "equal"),  # odd: the first decode batch holds 3 latent frames
     "mochi": (8, 2, "close"),
     "ltx": (8, 1, "close"),
+    "ltx2": (8, 2, "close"),  # AutoencoderKLLTX2Video, decoder_causal=False (the checkpoints')
 }
 
 
@@ -71,7 +72,7 @@ def test_full_context_per_clip_decode_equals_the_whole_decode(family):
 
 @pytest.mark.parametrize(
     "family, frames, overlaps",
-    [("wan", 8, (1, 2)), ("cogvideox", 13, (1, 3)), ("mochi", 8, (1, 2)), ("ltx", 8, (1, 2))],
+    [("wan", 8, (1, 2)), ("cogvideox", 13, (1, 3)), ("mochi", 8, (1, 2)), ("ltx", 8, (1, 2)), ("ltx2", 8, (1, 2))],
 )
 def test_short_context_is_approximate_and_more_context_helps(family, frames, overlaps):
     """CogVideoX: context starts on a decode batch (2 latent frames), so 1 and 3 frames differ."""
@@ -130,6 +131,20 @@ def test_ltx_timestep_conditioned_decoder_per_clip():
         other = vae.decode(z, torch.tensor([0.5]), return_dict=False)[0]
     assert (full - other).abs().max() > 1e-4  # the timestep matters, so passing it is checked
     _check_exact(_decode_by_clips(vae, z, 3, None, temb=temb), full, "close")
+
+
+def test_ltx2_causal_decoder_decodes_context_before_the_clip_only():
+    """``decoder_causal=True``: time convolutions pad the past only, so the window needs no frames after."""
+    vae = _vae("ltx2")
+    vae.decoder.is_causal = True
+    record = clip_decode_of(vae)
+    assert record.window(vae, 8, 4, 6, 2) == type(record.window(vae, 8, 4, 6, 2))(2, 6, 16)
+    z = _latents(vae, 8, 2)
+    with torch.no_grad():
+        full = vae.decode(z, return_dict=False)[0]
+        two_sided = _vae("ltx2").decode(z, return_dict=False)[0]
+    assert (full - two_sided).abs().max() > 1e-4  # the causal setting changes the decode: the check can fail
+    _check_exact(_decode_by_clips(vae, z, 3, None), full, "close")
 
 
 def test_mochi_without_dropped_frames():

@@ -27,7 +27,8 @@ def test_every_family_equals_single_process_on_two_ranks():
                 assert r["video_err"] < 1e-4 and r["video_shape"] == r["ref_shape"] == (1, 16, 32, 32, 3), (mode, r)
             else:
                 assert r["video_is_none"]
-        assert res["ltx"]["per_token_timestep_err"] < 1e-10, res["ltx"]  # LTX I2V's (B, S) timestep
+        for name in ("ltx", "ltx2"):  # LTX-Video / LTX-2 I2V's (B, S) timestep
+            assert res[name]["per_token_timestep_err"] < 1e-10, res[name]
         for name, row in res.items():
             for mode in ("clip", "ulysses"):
                 r = row[mode]
@@ -46,11 +47,21 @@ def test_three_ranks_uneven_clips_hunyuan():
             assert r["err"] < 1e-10 and r["sent"] == r["predicted"] and r["restored"] == 0.0, (rank, mode, r)
 
 
-def test_generate_parallel_refuses_a_family_without_a_shard_plan_before_loading():
-    from vidsparse.generation import GenerateOptions, generate
+def test_parallelize_refuses_a_family_without_a_shard_plan_with_its_reason():
+    """Every family vidsparse patches has a shard plan now; a record without one (a new family) is
+    refused with its ``parallel_refusal`` before the runtime is used."""
+    from vidsparse.families.wan_animate import FAMILY
 
-    with pytest.raises(ValueError, match=r"ltx2 model, which vidsparse.parallel does not split \(.+\)"):
-        generate(GenerateOptions(model="tiny-ltx2", parallel="clip", out=None, progress=False))
+    model = tiny_transformer("wan-animate")
+    plan, reason = FAMILY.shard_plan, FAMILY.parallel_refusal
+    object.__setattr__(FAMILY, "shard_plan", None)  # the record is frozen: a stand-in for a family without a plan
+    object.__setattr__(FAMILY, "parallel_refusal", "its shard plan is not written")
+    try:
+        with pytest.raises(ValueError, match=r"\(wan-animate\) is not supported yet \(its shard plan is not written"):
+            parallelize(model, vs.DualScope(1, 2), "clip", None)
+    finally:
+        object.__setattr__(FAMILY, "shard_plan", plan)
+        object.__setattr__(FAMILY, "parallel_refusal", reason)
 
 
 def test_hunyuan_i2v_token_replace_is_refused_with_the_reason():

@@ -4,9 +4,9 @@ replicated condition span), Cosmos (per-token embeddings cut at every block) and
 cut at every visual block, the last visual block gathered; NABLA calls refused). On 2 gloo ranks (CPU) the tiny transformer's forward equals the
 single-process forward of the same pattern, the bytes sent equal the estimator's and the model is
 restored exactly; whole tiny pipelines through ``vidsparse generate`` equal the single-process video;
-mismatched settings and a dying rank end every rank with a clear error. Families that stay refused
-say why (checked without processes: LTX-2; SkyReels-V2 diffusion forcing and Kandinsky 5 NABLA calls
-at the forward)."""
+mismatched settings and a dying rank end every rank with a clear error. Calls that stay refused
+say why (checked without processes: SkyReels-V2 diffusion forcing and Kandinsky 5 NABLA calls at
+the forward). LTX-2: tests/test_parallel_ltx2.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_worker import generate_runs
 
 import vidsparse as vs
 from vidsparse.parallel import check_results, spawn
@@ -37,11 +38,8 @@ CLI = (("tiny-skyreels-v2", "clip", 9), ("tiny-wan-vace", "ulysses", 9), ("tiny-
 
 
 def forward_checks(rt, names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    import vidsparse.pipelines as vsp
-    from vidsparse.families import family_of
     from vidsparse.models.tiny import tiny_inputs, tiny_transformer
-    from vidsparse.parallel import parallelize, unparallelize
-    from vidsparse.parallel.estimate import forward_bytes
+    from vidsparse.parallel.verify import check_forward
 
     modes = {"clip": vs.DualScope(local_frames=1, global_stride=3), "ulysses": vs.DualScope(0, 4)}
     res: dict[str, Any] = {}
@@ -51,54 +49,15 @@ def forward_checks(rt, names: tuple[str, ...] | None = None) -> dict[str, Any]:
         # fp64, but Kandinsky 5 (its time embedding is float32 only in diffusers 0.42.1)
         dtype = torch.float32 if name.startswith("kandinsky5") else torch.float64
         model = tiny_transformer(name, dtype=dtype)
-        fam = family_of(model)
         inputs = tiny_inputs(name, model, frames, height, width, batch=2)
-        with torch.no_grad():
-            dense = model(**inputs, return_dict=False)[0]
-        grid = fam.grid(model, inputs)
-        text = fam.text_len(model, inputs)
-        layout = vs.VideoLayout(*grid, text_len=text, text_position=fam.text_position if text else "none")
-        attn = fam.attention_paths(model)[0][1]
-        heads = getattr(attn, "heads", None) or attn.num_heads  # Kandinsky 5: num_heads
-        # channels of the gathered output: proj_out's, or Kandinsky 5's last visual block's (model_dim)
-        gathered = model.proj_out.out_features if hasattr(model, "proj_out") else model.config.model_dim
-        row: dict[str, Any] = {
-            "layout": str(layout),
-            "family": fam.name,
-            "tol": 1e-10 if dtype == torch.float64 else 2e-6,
-        }
+        row: dict[str, Any] = {"tol": 1e-10 if dtype == torch.float64 else 2e-6}
         for mode, pattern in modes.items():
             cfg = vs.SparseConfig(pattern, dense_first_steps=0, dense_layers=(), backend="torch", block_size=16)
-            vsp.apply(model, cfg)
-            with torch.no_grad():
-                ref = model(**inputs, return_dict=False)[0]
-            vsp.remove(model)
-            parallelize(model, cfg, mode, rt)
-            before = rt.stats.total_bytes
-            try:
-                with torch.no_grad():
-                    got = model(**inputs, return_dict=False)[0]
-            finally:
-                unparallelize(model)
-            sent = rt.stats.total_bytes - before
-            with torch.no_grad():
-                restored = model(**inputs, return_dict=False)[0]
-            predicted = forward_bytes(mode, layout, pattern, heads, q_dim(attn, heads), fam.num_layers(model),
-                                      rt.world_size, gathered, element_size=dtype.itemsize, batch=2)  # fmt: skip
-            row[mode] = {
-                "err": (got - ref).abs().max().item(),
-                "sparse_vs_dense": (ref - dense).abs().max().item(),
-                "sent": sent,
-                "predicted": predicted[rt.rank],
-                "restored": (restored - dense).abs().max().item(),
-            }
+            check = check_forward(model, inputs, cfg, mode, rt)
+            row["layout"] = check.layout
+            row[mode] = {k: getattr(check, k) for k in ("err", "sparse_vs_dense", "sent", "predicted", "restored")}
         res[name] = row
     return res
-
-
-def q_dim(attn, heads: int) -> int:
-    """Head dim of a diffusers attention module (inner dim / heads)."""
-    return (attn.to_q if hasattr(attn, "to_q") else attn.to_query).out_features // heads  # Kandinsky: to_query
 
 
 def cli_checks(rt, out_dir: str) -> dict[str, Any]:
@@ -108,25 +67,9 @@ def cli_checks(rt, out_dir: str) -> dict[str, Any]:
     import io
 
     from vidsparse.cli import main
-    from vidsparse.generation import GenerateOptions, generate
 
-    out: dict[str, Any] = {}
+    out = generate_runs(rt, tuple((model, mode, frames, 32) for model, mode, frames in CLI))
     real = os.sys.stdout
-    for model, mode, frames in CLI:
-        opts = dict(model=model, pattern="dual-scope", pattern_options={"local_frames": 1, "global_stride": 2},
-                    frames=frames, height=32, width=32, steps=2, dense_first_steps=0, backend="torch", out=None,
-                    progress=False)  # fmt: skip
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-            got = generate(GenerateOptions(**opts, parallel=mode))
-        os.sys.stdout = real
-        row: dict[str, Any] = {"stdout": stdout.getvalue()[-2000:], "shape": tuple(got.frames.shape)}
-        if rt.rank == 0:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                single = generate(GenerateOptions(**opts))
-            a, b = got.frames.astype(int), single.frames.astype(int)
-            row["max_diff"] = int(abs(a - b).max()) if a.shape == b.shape else -1
-        out[f"{model} {mode}"] = row
     # Ranks started with different settings stop before loading (config check).
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         rc = main(["generate", "--model", "tiny-hunyuan15", "--parallel", "ulysses", "--frames", "9", "--height",
@@ -242,13 +185,6 @@ def test_skyreels_diffusion_forcing_is_refused_at_the_forward_before_any_collect
             model(**inputs)
     finally:
         unparallelize(model)
-
-
-def test_ltx2_is_still_refused_with_a_specific_reason_before_loading():
-    from vidsparse.generation import GenerateOptions, generate
-
-    with pytest.raises(ValueError, match=r"which vidsparse.parallel does not split \(.*whole audio stream"):
-        generate(GenerateOptions(model="tiny-ltx2", parallel="clip", out=None, progress=False))
 
 
 def test_kandinsky5_nabla_calls_are_refused_at_the_forward():

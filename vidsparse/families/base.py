@@ -116,10 +116,19 @@ class VideoGeometry:
 
 @dataclass(frozen=True)
 class Shard:
-    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims)."""
+    """A tensor to cut to the rank's video tokens along ``dim`` (only when it has ``ndim`` dims).
+
+    ``per_frame``: the tensor has one entry per latent frame along ``dim`` (Wan-Animate's motion
+    vectors [B, T, N, C]) and is cut to the rank's frames instead of its tokens.
+    """
 
     dim: int
     ndim: int
+    per_frame: bool = False
+
+
+#: (transformer, attend) -> [(attention module, processor to set for the parallel run), ...]
+MergedAttention = Callable[[torch.nn.Module, Callable[..., torch.Tensor]], list[tuple[torch.nn.Module, Any]]]
 
 
 @dataclass(frozen=True)
@@ -138,13 +147,25 @@ class ShardPlan:
     ``refuse_call(transformer, forward_kwargs) -> reason | None``: a forward the plan cannot split,
     known only from the call (SkyReels-V2 diffusion forcing); checked at every parallel forward
     before anything runs, so every rank raises the same error.
+    A spec may be a tuple of ``Shard`` alternatives: the one whose ``ndim`` matches the tensor is
+    used (LTX-2's RoPE tables are [B, S, D] or [B, H, S, D / 2] by ``rope_type``).
+    ``merged_attention(transformer, attend) -> [(module, processor), ...]``: attention modules whose
+    queries every rank holds whole while their keys are the rank's video tokens (LTX-2's
+    video->audio cross-attention: replicated audio queries, video keys): ``vidsparse.parallel`` sets
+    each returned processor for the run and restores the original after. ``attend(q, k, v, scale=None)``
+    (q [B, T, H, D] replicated, k / v [B, S_r, H, D] local) returns the exact rows over every rank's
+    keys (``partials.merged_rows_attention``: per-rank partials merged by log-sum-exp).
+    ``merged_calls(transformer, forward_kwargs) -> [(rows, heads, head_dim), ...]``: the merged
+    attention calls one forward makes (what ``estimate.forward_bytes`` counts for them).
     """
 
-    inputs: Mapping[str, Mapping[str, Shard]]
-    outputs: Mapping[str, Mapping[int, Shard]]
+    inputs: Mapping[str, Mapping[str, Shard | tuple[Shard, ...]]]
+    outputs: Mapping[str, Mapping[int, Shard | tuple[Shard, ...]]]
     gather: Mapping[str, Shard]
     refuse: Callable[[torch.nn.Module], str | None] | None = None
     refuse_call: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
+    merged_attention: MergedAttention | None = None
+    merged_calls: Callable[[torch.nn.Module, dict[str, Any]], list[tuple[int, int, int]]] | None = None
 
 
 # -- tiny random-init models ------------------------------------------------------------------
@@ -262,7 +283,10 @@ class Family:
 
     Parallel: ``shard_plan`` (``None``: not supported, ``parallel_refusal`` says why);
     ``clip_decode``: how the family's VAE decodes one clip (``vidsparse.families.decode``; ``None``:
-    ``run_parallel`` lets the pipeline decode the whole video on every rank).
+    ``run_parallel`` lets the pipeline decode the whole video on every rank); ``main_rank_decode``:
+    pipeline steps ("<component>.<method>") that decode what only rank 0 keeps and that the pipeline
+    runs after the video decode (LTX-2's audio: ``audio_vae.decode``, ``vocoder.forward``): under
+    ``run_parallel`` they run on rank 0 only, the other ranks get an empty tensor.
 
     Kernel order: ``kernel_order=True`` says that between the shard plan's cut points (its
     ``inputs`` / ``outputs`` in, its ``gather`` modules out) every operation but self-attention
@@ -309,6 +333,7 @@ class Family:
     shard_plan: ShardPlan | None = None
     parallel_refusal: str = "not supported yet"
     clip_decode: ClipDecode | None = None
+    main_rank_decode: tuple[str, ...] = ()
     kernel_order: bool = False
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None

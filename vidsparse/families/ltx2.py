@@ -35,6 +35,18 @@ of the same size): Radial decay 1.0 without sink (~55 % of the pairs at 16x16x24
 (~23 % of the pairs at 16x16x24); GNA kernel (9, 9, 13), stride 1 (~17 %). The first 25 % of
 the steps run dense.
 
+Parallel (``--parallel clip|ulysses``, ``SHARD_PLAN``): the packed video tokens are split by clip
+(with their RoPE tables and a per-token timestep); the audio stream is small (126 tokens for the
+reference 121 frames) and is replicated on every rank, so audio self-attention, audio-text
+cross-attention, the audio FFN and the audio output are computed whole and identically on every
+rank. The audio->video cross-attention (video queries, audio keys) is local to each rank; the
+video->audio one (audio queries over every video key) runs per rank over its video keys and the
+rows are merged exactly by log-sum-exp (``LTX2MergedCrossProcessor``). Ulysses is vidsparse's own:
+diffusers 0.42.1's ``_cp_plan`` for this model fails on the pipeline's inputs
+(``vidsparse.parallel.diffusers_cp.CP_PLAN_FAILS``). The video VAE decodes per clip
+(``CLIP_DECODE``); the audio VAE and vocoder run once, on rank 0 (``MAIN_RANK_DECODE``). A call with
+``video_self_attention_mask`` (IC-LoRA) is refused.
+
 Tiny: ``tiny_pipeline`` builds a whole ``LTX2Pipeline`` offline — 2-layer transformer, a
 video VAE with LTX-2's real 8x/32x factors, audio VAE, vocoder, text connectors and a 2-layer
 Gemma-3 text encoder with a byte-level tokenizer, all random-init — so ``prompt=`` works as
@@ -55,6 +67,8 @@ from vidsparse.families.base import (
     TINY_TEXT_DIM,
     Family,
     Grid,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -62,6 +76,7 @@ from vidsparse.families.base import (
     indexed_paths,
     no_text,
 )
+from vidsparse.families.decode import ClipDecode, DecodeWindow, causal_window, two_sided_window
 from vidsparse.families.processor import SparseProcessor
 
 #: The diffusers processors of ``LTX2Attention`` that the sparse processor mirrors.
@@ -237,6 +252,137 @@ def _grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> Grid | GridUnknown:
     return grid
 
 
+# -- parallel ---------------------------------------------------------------------------------
+
+#: A RoPE table of the video tokens: [B, S, D] ("interleaved") or [B, H, S, D / 2] ("split").
+_ROPE = (Shard(1, 3), Shard(2, 4))
+
+
+class LTX2MergedCrossProcessor:
+    """``video_to_audio_attn`` (queries: audio, keys / values: video) under ``vidsparse.parallel``.
+
+    Every rank holds the whole audio stream and its clip's video tokens. The audio queries attend
+    the rank's video keys; ``attend`` merges the rows of all ranks exactly (log-sum-exp,
+    ``vidsparse.parallel.partials.merged_rows_attention``), so every rank gets the same audio rows.
+    Mirrors ``LTX2AudioVideoAttnProcessor`` / ``LTX2PerturbedAttnProcessor`` for this call: q/k RMS
+    norm across heads, RoPE on the whole inner dim (audio positions for q, video for k), the per-head
+    output gate of ``gated_attn`` models. The block passes no mask and no STG perturbation here.
+    """
+
+    def __init__(self, original: Any, attend) -> None:
+        self.original, self.attend = original, attend
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        perturbation_mask: torch.Tensor | None = None,
+        all_perturbed: bool | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None or attention_mask is not None or perturbation_mask is not None:
+            raise ValueError(
+                "vidsparse.parallel: LTX-2's video->audio cross-attention was called with "
+                f"{'no video keys' if encoder_hidden_states is None else 'a mask or an STG perturbation'}, which "
+                "the split run does not cover (diffusers 0.42's block passes neither). Run it on one GPU."
+            )
+        gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(encoder_hidden_states))
+        value = attn.to_v(encoder_hidden_states)
+        if query_rotary_emb is not None:
+            query = _rope(attn, query, query_rotary_emb)
+            key = _rope(attn, key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        out = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+        if gate_logits is not None:
+            gates = 2.0 * torch.sigmoid(gate_logits)
+            out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _merged_attention(transformer: torch.nn.Module, attend) -> list[tuple[torch.nn.Module, Any]]:
+    return [
+        (block.video_to_audio_attn, LTX2MergedCrossProcessor(block.video_to_audio_attn.processor, attend))
+        for block in transformer.transformer_blocks
+    ]
+
+
+def merged_calls(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(audio tokens, heads, head dim) of each block's video->audio cross-attention in this forward
+    (none with ``isolate_modalities``, which turns the audio<->video cross-attention off)."""
+    audio = kwargs.get("audio_hidden_states")
+    if kwargs.get("isolate_modalities") or not isinstance(audio, torch.Tensor):
+        return []
+    attn = transformer.transformer_blocks[0].video_to_audio_attn
+    return [(int(audio.shape[1]), attn.heads, attn.to_q.out_features // attn.heads)] * len(
+        transformer.transformer_blocks
+    )
+
+
+def _refuse_call(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+    if kwargs.get("video_self_attention_mask") is not None:
+        return (
+            "it passes video_self_attention_mask (IC-LoRA reference conditioning), a [B, S, S] mask over the "
+            "whole video that the clip split does not cut"
+        )
+    return None
+
+
+#: Packed video tokens cut where the blocks start (after ``proj_in`` and the keyframe embedding,
+#: both per token); the video RoPE tables of self-attention (``rope``) and of the audio<->video
+#: cross-attention (``cross_attn_rope``) cut with them; a per-token timestep [B, S] (image-to-video)
+#: cut at the input (a [B] timestep passes). The audio stream (tokens, RoPE, timestep) is small and
+#: stays whole and identical on every rank: audio self-attention, audio-text cross-attention,
+#: audio FFN and ``audio_proj_out`` are replicated; the audio->video cross-attention (video queries,
+#: audio keys) is local; the video->audio one (audio queries over every video key) is merged across
+#: ranks (``merged_attention``). Output: ``proj_out`` gathered (the audio output is already whole).
+SHARD_PLAN = ShardPlan(
+    inputs={"": {"timestep": Shard(1, 2)}, "transformer_blocks.0": {"hidden_states": Shard(1, 3)}},
+    outputs={"rope": {0: _ROPE, 1: _ROPE}, "cross_attn_rope": {0: _ROPE, 1: _ROPE}},
+    gather={"proj_out": Shard(1, 3)},
+    refuse_call=_refuse_call,
+    merged_attention=_merged_attention,
+    merged_calls=merged_calls,
+)
+
+
+def _vae_temporal_factor(vae) -> int:
+    return int(vae.temporal_compression_ratio)  # 8
+
+
+def _clip_window(vae, frames: int, start: int, end: int, overlap: int | None) -> DecodeWindow:
+    if vae.use_framewise_decoding:  # temporal tiles blended across the whole video: decode it whole
+        return DecodeWindow(0, frames, 0)
+    k = _vae_temporal_factor(vae)
+    if vae.decoder.is_causal:
+        return causal_window(vae, frames, start, end, overlap, k=k)
+    return two_sided_window(vae, frames, start, end, overlap, k=k)
+
+
+#: ``AutoencoderKLLTX2Video``'s decoder is LTX-Video's layout (depth-to-space upsamplers dropping the
+#: first frame, so latent frame t > 0 starts at pixel 1 + 8 (t - 1)) with time convolutions that pad
+#: by repeating edge frames: on both sides (``decoder_causal=False``, the checkpoints' setting) or
+#: before only (causal). A pixel frame depends on a bounded window of latent frames; the window
+#: decodes that many around the clip. Its timestep conditioning is per sample.
+CLIP_DECODE = ClipDecode(
+    vae_classes=("AutoencoderKLLTX2Video",),
+    temporal_factor=_vae_temporal_factor,
+    window=_clip_window,
+    exact="with the whole video as context (overlap all), and with any overlap covering the decoder's "
+    "receptive field: equal within float tolerance (the convolutions run on a shorter tensor)",
+)
+
+#: The audio decode runs after the video decode in every LTX-2 pipeline: once, on rank 0.
+MAIN_RANK_DECODE = ("audio_vae.decode", "vocoder.forward")
+
+
 # -- tiny models ------------------------------------------------------------------------------
 
 TINY_AUDIO_CHANNELS = 4  # audio VAE latent channels (2) x latent mel bins (8 / 4)
@@ -386,6 +532,9 @@ def tiny_video_vae():
     return vae
 
 
+tiny_vae = tiny_video_vae  # the name every family's tiny VAE goes by (per-clip decode tests, benchmarks)
+
+
 def tiny_audio_components():
     """(audio VAE, vocoder): ``AutoencoderKLLTX2Audio`` (8 mel bins -> 2 x 2 latents) and ``LTX2Vocoder``."""
     from diffusers import AutoencoderKLLTX2Audio
@@ -502,10 +651,9 @@ FAMILY = Family(
     },
     lora_refusal=LORA_REFUSAL,
     lora_refusals=dict.fromkeys(PIPELINES, LORA_REFUSAL),
-    parallel_refusal=(
-        "its shard plan is not written: besides the packed video tokens (RoPE from video_coords) every rank "
-        "would need the whole audio stream for the audio<->video cross-attention"
-    ),
+    shard_plan=SHARD_PLAN,
+    clip_decode=CLIP_DECODE,
+    main_rank_decode=MAIN_RANK_DECODE,
     tiny={
         "ltx2": TinyVariant("ltx2", _tiny_config, _tiny_inputs),
         "ltx2-gated": TinyVariant("ltx2-gated", _tiny_gated_config, _tiny_inputs),

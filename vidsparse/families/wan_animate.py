@@ -18,6 +18,11 @@ image encoder, a reference image, a pose video and a face video besides the prom
 on a pipeline the caller runs (``pipeline_prefixes`` still names it, so the record, not Wan's,
 describes a ``WanAnimatePipeline`` folder).
 
+Parallel: Wan's shard plan, plus the face adapter's motion vectors [B, T, N, C] cut per latent
+frame (``SHARD_PLAN``): the adapter cross-attends frame t's tokens to motion vector t only, so it
+is clip-local. Through ``vidsparse.parallel.parallelize`` / ``run_parallel`` on the caller's
+pipeline (``generate`` does not drive it, see above).
+
 Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
 (9, 25, 25)).
 """
@@ -34,6 +39,8 @@ from vidsparse.families.base import (
     TINY_LATENT_CHANNELS,
     TINY_TEXT_DIM,
     Family,
+    Shard,
+    ShardPlan,
     TinyRequest,
     TinyVariant,
     VideoGeometry,
@@ -48,6 +55,22 @@ from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs
 def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     """Latents [B, 2C + 4, T + 1, H, W] patchified by ``config.patch_size``."""
     return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- parallel ---------------------------------------------------------------------------------
+
+#: Wan's plan (tokens cut entering ``blocks.0``, RoPE, ``proj_out`` gathered; the pose latents are
+#: added to the patch embeddings before the cut) plus the face adapter's motion vectors: each
+#: ``face_adapter.<i>`` cross-attends the tokens of latent frame t to motion vector t only
+#: ([B, T, N, C], the reference frame's a zero pad), so every rank keeps its clip's frames of them.
+SHARD_PLAN = ShardPlan(
+    inputs={
+        **WAN.require_shard_plan().inputs,
+        "face_adapter.*": {"encoder_hidden_states": Shard(1, 4, per_frame=True)},
+    },
+    outputs=WAN.require_shard_plan().outputs,
+    gather=WAN.require_shard_plan().gather,
+)
 
 
 # -- tiny model -------------------------------------------------------------------------------
@@ -120,9 +143,7 @@ FAMILY = Family(
         "provide; for longer Wan 2.2 clips train WanPipeline (T2V-A14B) or WanImageToVideoPipeline (I2V-A14B), "
         "which train-lora trains"
     ),
-    parallel_refusal=(
-        "the face adapter cross-attends per latent frame, which the sequence-parallel shard plan does not cut"
-    ),
+    shard_plan=SHARD_PLAN,
     tiny={"wan-animate": TinyVariant("wan-animate", _tiny_config, _tiny_inputs)},
     tiny_pipeline=None,
     generate_refusal=(

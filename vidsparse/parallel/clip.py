@@ -24,7 +24,7 @@ import torch
 from vidsparse.layout import VideoLayout
 from vidsparse.lru import LRUCache
 from vidsparse.parallel.comm import all_gather_uneven, exchange
-from vidsparse.parallel.partials import dense_attention_lse, merge_partials, sparse_attention_lse
+from vidsparse.parallel.partials import merge_partials, merged_rows_attention, sparse_attention_lse
 from vidsparse.parallel.partition import FramePartition
 from vidsparse.parallel.runtime import ParallelRuntime
 from vidsparse.patterns.base import Pattern
@@ -315,10 +315,7 @@ def clip_attention(
             valid = torch.cat([torch.ones(B, nv, dtype=torch.bool, device=q.device), text_mask.to(torch.bool)], 1)
     else:
         keys_k, keys_v, valid = k_vid, v_vid, None
-    o_t, l_t = dense_attention_lse(q_txt, keys_k, keys_v, valid, scale)
-    packed = torch.cat([o_t.to(l_t.dtype), l_t.unsqueeze(-1)], dim=-1)  # [B, T, H, D + 1]
-    parts = all_gather_uneven(packed, [T] * runtime.world_size, runtime, dim=1, op="clip_text")
-    out_txt, _ = merge_partials([(p[..., :D], p[..., D]) for p in parts], dtype=q.dtype)
+    out_txt = merged_rows_attention(q_txt, keys_k, keys_v, runtime, valid, scale, op="clip_text")
     pieces = [out_txt, out_vid.to(q.dtype)] if layout.text_position == "before" else [out_vid.to(q.dtype), out_txt]
     return torch.cat(pieces, dim=1)
 

@@ -1,7 +1,7 @@
 """``--parallel ulysses`` through diffusers' own context parallelism where the model has a ``_cp_plan``.
 
 diffusers ships Ulysses for transformers whose class declares a ``_cp_plan`` (in diffusers 0.42.1:
-Wan 2.1 / 2.2, LTX-Video, LTX-2; LTX-Video's fails on its pipeline's prompt mask, ``CP_PLAN_FAILS``): ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
+Wan 2.1 / 2.2, LTX-Video, LTX-2; LTX-Video's and LTX-2's fail on their pipelines' prompt mask, ``CP_PLAN_FAILS``): ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
 cuts the sequence evenly where the plan says, runs every attention with an all-to-all
 (sequence shards -> all tokens for ``H / N`` heads) and gathers the output. ``vidsparse.apply`` composes
 with it (``pipelines/hooks.py``: each sparse self-attention does the all-to-all itself and plans the
@@ -9,7 +9,7 @@ whole video), so for those models vidsparse does not need a second Ulysses. ``ch
 diffusers' where it can run the call exactly and says why not otherwise; vidsparse's own Ulysses
 (``vidsparse.parallel.ulysses``, frame-boundary clips, uneven shards, padded heads, replicated joint
 text) stays for the rest: models without a ``_cp_plan`` (HunyuanVideo, CogVideoX, Mochi, SkyReels-V2,
-Wan VACE, ...), LTX-Video, head counts or token counts that do not divide by the number of ranks.
+Wan VACE, ...), LTX-Video, LTX-2, head counts or token counts that do not divide by the number of ranks.
 
 CPU / gloo: diffusers 0.42.1 derives a device as ``rank % torch.accelerator.device_count()`` while it
 sets the parallel config up, which divides by zero on a machine without an accelerator. That device is
@@ -44,6 +44,13 @@ CP_PLAN_FAILS = {
         "diffusers 0.42.1's LTX-Video _cp_plan cuts the prompt's attention mask with the text, and its Ulysses "
         "cross-attention then fails on the mask's shape (LTXPipeline always passes the mask; even without "
         "vidsparse: 'output with shape [2, 1, 6, 8] doesn't match the broadcast shape [2, 2, 6, 8]')"
+    ),
+    "LTX2VideoTransformer3DModel": (
+        "diffusers 0.42.1's LTX-2 _cp_plan cuts the prompt's attention mask with the text, and its Ulysses "
+        "cross-attention then fails on the mask's shape (LTX2Pipeline always passes the mask; even without "
+        "vidsparse: 'output with shape [2, 1, 96, 8] doesn't match the broadcast shape [2, 2, 96, 8]'); it also "
+        "cuts split-RoPE tables [B, H, S, D/2] (LTX-2.3) along the heads and leaves the video RoPE of the "
+        "audio<->video cross-attention (cross_attn_rope) whole"
     ),
 }
 

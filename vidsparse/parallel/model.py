@@ -11,6 +11,11 @@
   processors see) and records the whole-video layout; ``attention_fn`` runs
   ``clip_attention`` or ``ulysses_attention`` on the whole-video pattern.
 
+Attention modules whose queries every rank holds whole while their keys are the rank's video
+tokens (``ShardPlan.merged_attention``: LTX-2's video->audio cross-attention) get the family's
+processor for the run, attending local keys and merging rows across ranks by log-sum-exp
+(``partials.merged_rows_attention``); ``unparallelize`` sets their original processors back.
+
 Dense steps and dense layers of the ``SparseConfig`` run ``Dense()`` through the same
 distributed path (the model's own processor would only see the rank's clip). ``unparallelize``
 removes everything and gives the model back its original forward and processors.
@@ -19,6 +24,7 @@ removes everything and gives the model back its original forward and processors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from vidsparse.families.base import Shard, ShardPlan
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.parallel.clip import clip_attention
 from vidsparse.parallel.comm import all_gather_uneven
+from vidsparse.parallel.partials import merged_rows_attention
 from vidsparse.parallel.partition import FramePartition
 from vidsparse.parallel.runtime import ParallelRuntime
 from vidsparse.parallel.ulysses import ulysses_attention
@@ -42,6 +49,9 @@ MODES = ("clip", "ulysses")
 
 _SHARD_HOOK = "vidsparse_parallel_shard"
 _GATHER_HOOK = "vidsparse_parallel_gather"
+_MERGED_ORIGINAL = "_vidsparse_parallel_original_processor"
+#: ``CommStats`` name of the partials ``ShardPlan.merged_attention`` modules all-gather (LTX-2's audio rows).
+MERGED_ROWS_OP = "merged_rows"
 
 
 def shard_plans() -> dict[str, ShardPlan]:
@@ -64,19 +74,29 @@ class ParallelContext:
             )
         return FramePartition(self.layout.frames, self.runtime.world_size)
 
-    def cut(self, x: Any, spec: Shard) -> Any:
+    def cut(self, x: Any, spec: Shard | tuple[Shard, ...]) -> Any:
         if isinstance(x, (tuple, list)):
             return type(x)(self.cut(t, spec) for t in x)
-        if not isinstance(x, torch.Tensor) or x.dim() != spec.ndim:
+        if not isinstance(x, torch.Tensor):
+            return x
+        spec = _matching(spec, x)
+        if spec is None:
             return x
         layout = self.layout
         n = x.shape[spec.dim]
+        a, b = self.partition().bounds[self.runtime.rank]
+        if spec.per_frame:
+            if n != layout.frames:
+                raise ValueError(
+                    f"vidsparse.parallel: expected one entry per latent frame ({layout.frames}, {layout}) along dim "
+                    f"{spec.dim}, got a tensor of shape {tuple(x.shape)}."
+                )
+            return x.narrow(spec.dim, a, b - a)
         if n != layout.video_len:
             raise ValueError(
                 f"vidsparse.parallel: expected {layout.video_len} video tokens ({layout}) along dim {spec.dim}, "
                 f"got a tensor of shape {tuple(x.shape)}. This model's token sequence does not match its grid."
             )
-        a, b = self.partition().bounds[self.runtime.rank]
         hw = layout.tokens_per_frame
         return x.narrow(spec.dim, a * hw, (b - a) * hw)
 
@@ -86,6 +106,14 @@ class ParallelContext:
         sizes = list(self.partition().video_token_counts(self.layout))
         parts = all_gather_uneven(x, sizes, self.runtime, dim=spec.dim, op="gather_output")
         return torch.cat(parts, dim=spec.dim)
+
+
+def _matching(spec: Shard | tuple[Shard, ...], x: torch.Tensor) -> Shard | None:
+    """The ``Shard`` (of a spec's alternatives) whose ``ndim`` is the tensor's, else None (left whole)."""
+    for option in spec if isinstance(spec, tuple) else (spec,):
+        if x.dim() == option.ndim:
+            return option
+    return None
 
 
 class _ShardHook(ModelHook):
@@ -297,7 +325,17 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
             return FramePartition(whole.frames, _ctx.runtime.world_size).local_layout(whole, _ctx.runtime.rank)
 
         state.discover_layout = discover
+        if shard_plan.merged_attention is not None:
+            attend = functools.partial(_merged_rows, runtime=runtime)
+            for module, processor in shard_plan.merged_attention(transformer, attend):
+                setattr(module, _MERGED_ORIGINAL, module.processor)
+                module.set_processor(processor)
     return target
+
+
+def _merged_rows(q, k, v, scale=None, *, runtime: ParallelRuntime) -> torch.Tensor:
+    """``ShardPlan.merged_attention``'s ``attend``: replicated queries over every rank's keys."""
+    return merged_rows_attention(q, k, v, runtime, scale=scale, op=MERGED_ROWS_OP)
 
 
 def unparallelize(target: Any) -> Any:
@@ -306,6 +344,9 @@ def unparallelize(target: Any) -> Any:
 
     for _, transformer in transformers_of(target):
         for _, module in transformer.named_modules():
+            original = module.__dict__.pop(_MERGED_ORIGINAL, None)
+            if original is not None:
+                module.set_processor(original)
             registry = getattr(module, "_diffusers_hook", None)
             if isinstance(registry, HookRegistry):
                 for name in (_SHARD_HOOK, _GATHER_HOOK):

@@ -13,6 +13,8 @@ import torch
 
 from vidsparse.attention import backend_for, plan, run_permuted
 from vidsparse.layout import VideoLayout
+from vidsparse.parallel.comm import all_gather_uneven
+from vidsparse.parallel.runtime import ParallelRuntime
 from vidsparse.patterns.base import Pattern
 
 
@@ -71,6 +73,33 @@ def dense_attention_lse(
         return torch.zeros_like(q), torch.full((B, Sq, H), float("-inf"), device=q.device)
     out, lse = merge_partials(parts, dtype=acc_t)
     return out.to(q.dtype), lse
+
+
+def merged_rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    runtime: ParallelRuntime,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    op: str = "merged_rows",
+) -> torch.Tensor:
+    """Dense attention of queries every rank holds over the union of every rank's keys, exactly.
+
+    q [B, T, H, D] is the same on every rank (joint text rows of HunyuanVideo / Mochi / CogVideoX,
+    LTX-2's audio queries of its video->audio cross-attention); k, v [B, S_r, H, D] are this rank's
+    share of the keys (its clip's video tokens, plus whatever keys only one rank adds). Each rank
+    attends its keys with their log-sum-exp, the (out, lse) partials of all ranks are all-gathered
+    (T x H x (D + 1) values per rank, in float32 / float64) and merged (``merge_partials``) in rank
+    order, so every rank gets the same rows, equal to the single-device attention over all keys.
+    ``key_valid`` is bool [B, S_r] (padding masks). Bytes are recorded under ``op``.
+    """
+    D = q.shape[-1]
+    out, lse = dense_attention_lse(q, k, v, key_valid, scale)
+    packed = torch.cat([out.to(lse.dtype), lse.unsqueeze(-1)], dim=-1)  # [B, T, H, D + 1]
+    parts = all_gather_uneven(packed, [q.shape[1]] * runtime.world_size, runtime, dim=1, op=op)
+    merged, _ = merge_partials([(p[..., :D], p[..., D]) for p in parts], dtype=q.dtype)
+    return merged
 
 
 def sparse_attention_lse(

@@ -6,8 +6,9 @@ whole, so it does not depend on the number of ranks); the transformers are paral
 pipeline runs its own decode step (de-normalisation, LTX-Video's decode noise, CogVideoX 1.5's
 padding frames) with ``vae.decode`` replaced by the per-clip decode (``vae.per_clip_decode``)
 when the VAE's family says how to cut it (``Family.clip_decode``: Wan, HunyuanVideo, CogVideoX,
-Mochi, LTX-Video); rank 0 alone holds the finished video. A VAE without a record decodes the
-whole video on every rank (exact, replicated) and rank 0 keeps it.
+Mochi, LTX-Video, LTX-2, ...); rank 0 alone holds the finished video. A VAE without a record decodes
+the whole video on every rank (exact, replicated) and rank 0 keeps it. Decode steps only rank 0
+needs (``Family.main_rank_decode``: LTX-2's audio VAE and vocoder) run on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ParallelResult:
     patterns: dict[int, Any] = field(default_factory=dict)  # layer -> (pattern, block) of its sparse steps
     sparse_steps: int = 0  # denoising steps with at least one sparse self-attention layer
     decode_bytes: int = 0  # this rank's share of the per-clip decode sent to rank 0 (not in ``comm``)
+    audio: Any = None  # rank 0: the pipeline's ``audio`` output (LTX-2), decoded there only; None elsewhere
 
     @property
     def bytes_per_step(self) -> float:
@@ -102,7 +104,7 @@ def run_parallel(
         enable_diffusers_ulysses(pipe, config, runtime)
     else:
         parallelize(pipe, config, mode, runtime)
-    video, decode = None, 0.0
+    video, audio, decode = None, None, 0.0
     try:
         runtime.stats.reset()
         t0 = time.perf_counter()
@@ -116,9 +118,12 @@ def run_parallel(
             if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:  # HunyuanVideo 1.5: none
                 kwargs.update(callback_on_step_end=keep,
                               callback_on_step_end_tensor_inputs=sorted(set(inputs) | {"latents"}))  # fmt: skip
-            decoding = per_clip_decode(vae, runtime, vae_overlap) if per_clip else contextlib.nullcontext()
-            with decoding:
-                video = pipe(**kwargs, output_type=output_type).frames
+            with contextlib.ExitStack() as stack:
+                if per_clip:
+                    stack.enter_context(per_clip_decode(vae, runtime, vae_overlap))
+                stack.enter_context(main_rank_only(pipe, _main_rank_decode(pipe), runtime))
+                output = pipe(**kwargs, output_type=output_type)
+            video, audio = output.frames, getattr(output, "audio", None)
             end = time.perf_counter()
             latents = keep.latents
             denoise = (keep.last_step_at or end) - t0
@@ -139,7 +144,55 @@ def run_parallel(
     if output_type == "latent":
         video = latents
     elif not runtime.is_main:
-        video = None
+        video, audio = None, None
     return ParallelResult(
-        video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps, decode_bytes
-    )
+        video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps, decode_bytes,
+        audio,
+    )  # fmt: skip
+
+
+def _main_rank_decode(pipe) -> tuple[str, ...]:
+    """The pipeline steps only rank 0 runs (``Family.main_rank_decode`` of its transformers' families)."""
+    from vidsparse.families import family_of
+
+    steps: dict[str, None] = {}
+    for _, transformer in transformers_of(pipe):
+        steps.update(dict.fromkeys(family_of(transformer).main_rank_decode))
+    return tuple(steps)
+
+
+@contextlib.contextmanager
+def main_rank_only(pipe, steps: tuple[str, ...], runtime: ParallelRuntime):
+    """While active, each "<component>.<method>" of ``steps`` runs on rank 0 only; the other ranks get
+    an empty tensor (what they return is dropped: rank 0 alone keeps the pipeline's output)."""
+    if runtime.is_main or not steps:
+        yield
+        return
+    patched = []
+    try:
+        for step in steps:
+            name, _, method = step.partition(".")
+            component = getattr(pipe, name, None)
+            if component is None or not method:
+                continue
+
+            def skipped(*args, **kwargs):
+                empty = torch.empty(0, device=runtime.device)
+                if "return_dict" not in kwargs:  # a module's forward (the vocoder)
+                    return empty
+                if not kwargs["return_dict"]:
+                    return (empty,)
+                from diffusers.models.autoencoders.vae import DecoderOutput
+
+                return DecoderOutput(sample=empty)
+
+            shadowed = component.__dict__.get(method)
+            setattr(component, method, skipped)
+            patched.append((component, method, shadowed))
+        yield
+    finally:
+        for component, method, shadowed in reversed(patched):
+            if shadowed is None:
+                delattr(component, method)
+            else:
+                setattr(component, method, shadowed)
