@@ -621,7 +621,7 @@ _FWD_SPACE = {
 # the selection's loads cost registers, and 128x64 forward / 64x64 dQ / 64x64 dK/dV spilled).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
-    # 64x64 with the caller-order row gather and a per-query selection spilled (84 B).
+    # 64x64 with the row gather and a per-query selection: 255 registers as launched, 84 B spilled without launch hints.
     128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather"), (32, 64, 8, 3, "qsel")],
     256: [(32, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3)],
 }
