@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vidsparse.kernels import keyblock as kb
+from vidsparse.kernels.tile_loads import caller_rows, row_tile
 from vidsparse.kernels.triton_backend import unsupported_reason
 from vidsparse.kernels.triton_plan import kernel_rows
 from vidsparse.plan import BlockSparsePlan
@@ -49,10 +50,8 @@ def _fwd_kernel(
     klen = tl.load(Span + 2 * g + 1)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row = tl.load(Rows + offs_m)
-    ok = row >= 0
-    row = tl.maximum(row, 0).to(tl.int64)
-    q = tl.load(Q + b * s_qb + h * s_qh + row[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
+    row, ok = caller_rows(Rows, offs_m)
+    q = row_tile(Q + b * s_qb + h * s_qh, row, ok, s_qs, HEAD_DIM)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     qk_scale = sm_scale * 1.4426950408889634
@@ -109,11 +108,9 @@ def _dq_kernel(
     klen = tl.load(Span + 2 * g + 1)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row = tl.load(Rows + offs_m)
-    ok = row >= 0
-    row = tl.maximum(row, 0).to(tl.int64)
-    q = tl.load(Q + b * s_qb + h * s_qh + row[:, None] * s_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+    row, ok = caller_rows(Rows, offs_m)
+    q = row_tile(Q + b * s_qb + h * s_qh, row, ok, s_qs, HEAD_DIM)
+    do = row_tile(DO + b * s_db + h * s_dh, row, ok, s_ds, HEAD_DIM)
     flat = bh * S + row
     m = tl.load(Lse + flat, mask=ok, other=float("inf")) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
@@ -171,8 +168,8 @@ def _dkdv_kernel(
     if HAS_KV:
         k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
     krow = tl.maximum(krow, 0).to(tl.int64)
-    k = tl.load(K + b * s_kb + h * s_kh + krow[:, None] * s_ks + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + krow[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    k = row_tile(K + b * s_kb + h * s_kh, krow, k_ok, s_ks, HEAD_DIM)
+    v = row_tile(V + b * s_vb + h * s_vh, krow, k_ok, s_vs, HEAD_DIM)
     first = tl.load(TileFirst + bhg)
     count = tl.where(j * BLOCK_N < klen, tl.load(TileCount + bhg), 0)
     q_base = Q + b * s_qb + h * s_qh

@@ -21,13 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from vidsparse.kernels.tile_loads import caller_rows, row_tile
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 # -- per-tile bodies ------------------------------------------------------------------------
 # One jitted call per tile and nothing nested inside: Triton's CPU interpreter pays a large
-# fixed cost per nested call, and on the GPU everything is inlined anyway.
+# fixed cost per nested call (about 0.4 ms), and on the GPU everything is inlined anyway. The
+# once-per-program loads shared with keyblock_triton live in tile_loads.
 
 
 @triton.jit
@@ -273,13 +276,11 @@ def _fwd_kernel(
     r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        q_row = tl.load(Rows + offs_m)
-        q_ok = q_row >= 0
-        q_row = tl.maximum(q_row, 0).to(tl.int64)
+        q_row, q_ok = caller_rows(Rows, offs_m)
     else:
         q_row = offs_m.to(tl.int64)
         q_ok = offs_m >= 0
-    q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    q = row_tile(Q + b * s_qb + h * s_qh, q_row, q_ok, s_qs, HEAD_DIM)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     if USE_TMA:
@@ -361,16 +362,13 @@ def _bwd_preprocess(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        row = tl.load(Rows + offs_m)
-        ok = row >= 0
-        row = tl.maximum(row, 0).to(tl.int64)
+        row, ok = caller_rows(Rows, offs_m)
     else:
         row = offs_m.to(tl.int64)
         ok = offs_m >= 0
-    o = tl.load(Out + b * s_ob + h * s_oh + row[:, None] * s_os + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o = row_tile(Out + b * s_ob + h * s_oh, row, ok, s_os, HEAD_DIM)
+    do = row_tile(DO + b * s_db + h * s_dh, row, ok, s_ds, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + pid_bh.to(tl.int64) * S_PAD + offs_m)
@@ -402,14 +400,12 @@ def _bwd_dkdv_kernel(
     c_in = start_n % BLOCK + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        k_row = tl.load(Rows + offs_n)
-        k_ok = k_row >= 0
-        k_row = tl.maximum(k_row, 0).to(tl.int64)
+        k_row, k_ok = caller_rows(Rows, offs_n)
     else:
         k_row = offs_n.to(tl.int64)
         k_ok = offs_n >= 0
-    k = tl.load(K + b * s_kb + h * s_kh + k_row[:, None] * s_ks + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    k = row_tile(K + b * s_kb + h * s_kh, k_row, k_ok, s_ks, HEAD_DIM)
+    v = row_tile(V + b * s_vb + h * s_vh, k_row, k_ok, s_vs, HEAD_DIM)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
     if USE_TMA:  # contiguous kernel order: Q and dO tiles by the tensor-memory accelerator
@@ -504,14 +500,12 @@ def _bwd_dq_kernel(
     r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        q_row = tl.load(Rows + offs_m)
-        q_ok = q_row >= 0
-        q_row = tl.maximum(q_row, 0).to(tl.int64)
+        q_row, q_ok = caller_rows(Rows, offs_m)
     else:
         q_row = offs_m.to(tl.int64)
         q_ok = offs_m >= 0
-    q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    q = row_tile(Q + b * s_qb + h * s_qh, q_row, q_ok, s_qs, HEAD_DIM)
+    do = row_tile(DO + b * s_db + h * s_dh, q_row, q_ok, s_ds, HEAD_DIM)
     row_base = pid_bh.to(tl.int64) * S_PAD
     m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
