@@ -4,7 +4,8 @@ No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 
 whole pipeline down to a cubin with the ptxas shipped in the triton wheel, and the wheel's
 cuobjdump/nvdisasm disassemble it. For every kernel variant (forward, dK/dV, dQ; caller-order
 gather vs contiguous kernel order; run-time key validity; per-query selection) and every
-shipped autotune config at head dim 128, bf16, plan block 128, it records:
+shipped autotune config at head dim 128, bf16, plan block 128, and for the key-block-major
+kernels (``kb-*``, VMoBA's default path) at the launch shape they ship, it records:
 
 - registers per thread, spill stores/loads and stack frame (ptxas -v, same flags as triton),
 - shared memory (triton's metadata),
@@ -318,6 +319,29 @@ def compile_ours(role, fn, cfg, flags):
     return compile_kernel(fn, _PTR, ("sm_scale",), consts, cfg.num_warps, cfg.num_stages)
 
 
+# The key-block-major kernels (VMoBA's default path, ``vidsparse.kernels.keyblock_triton``) at
+# the launch shape they ship: packed 128-row query tiles, 64-key sub-tiles (bf16), the module's
+# warps and dK/dV row step. Config "MxN": query rows x keys per step (dK/dV: SUB_M x BLOCK_N).
+_KB_PTR = {**_PTR, "OP": "*fp32", "LP": "*fp32", "DQP": "*fp32", "KRows": "*i32", "TileBH": "*i32",
+           "TileGroup": "*i32", "Span": "*i32", "TileFirst": "*i32", "TileCount": "*i32"}  # fmt: skip
+
+
+def keyblock_variants():
+    from vidsparse.kernels import keyblock as kb
+    from vidsparse.kernels import keyblock_triton as kt
+
+    bm, bn, warps, stages = kb.DEFAULT_BLOCK_M, kb.DEFAULT_BLOCK_N, kt._NUM_WARPS, 3
+    sub = min(bm, kt._DKDV_SUB_M)
+    for role, fn in (("fwd", kt._fwd_kernel), ("dq", kt._dq_kernel), ("dkdv", kt._dkdv_kernel)):
+        for has_kv in (False, True):
+            consts = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=has_kv, PREC="tf32")
+            rows = bm
+            if role == "dkdv":
+                consts["SUB_M"] = rows = sub
+            label = "key-block+key-valid" if has_kv else "key-block"
+            yield role, fn, consts, label, f"{rows}x{bn}/w{warps}/s{stages}", warps, stages, rows, bn
+
+
 def compile_baseline(cfg):
     consts = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16"}
@@ -365,6 +389,16 @@ def run(quick: bool, log=print) -> dict:
             f"wgmma {rep.get('wgmma')}, tma {rep.get('tma')}, loops {[lp['instructions_per_tile'] for lp in rep.get('loops', [])]}"
             f"{' vs base ' + str(row.get('whole_loop_vs_baseline')) if 'whole_loop_vs_baseline' in row else ''} "
             f"({time.time() - t0:.1f} s)")  # fmt: skip
+    for role, fn, consts, label, key, warps, stages, rows_per_step, bn in keyblock_variants():
+        t0 = time.time()
+        try:
+            k = compile_kernel(fn, _KB_PTR, ("sm_scale",), consts, warps, stages)
+            rep = analyse(k, _per_tile(role, rows_per_step, bn))
+        except Exception as exc:  # record, keep going
+            rep = {"error": " ".join(str(exc).split())[:400]}
+        rows.append({"kernel": f"kb-{role}", "variant": label, "config": key, "default": True, **rep})
+        log(f"kb-{role:4s} {label:20s} {key:18s} {rep.get('registers')} regs, spill {rep.get('spill_store_bytes')}, "
+            f"loops {[lp['instructions_per_tile'] for lp in rep.get('loops', [])]} ({time.time() - t0:.1f} s)")  # fmt: skip
     from vidsparse.benchmeta import git_commit
 
     commit, dirty = git_commit()
