@@ -4,7 +4,8 @@ No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 
 whole pipeline down to a cubin with the ptxas shipped in the triton wheel, and the wheel's
 cuobjdump/nvdisasm disassemble it. For every kernel variant (forward, dK/dV, dQ; caller-order
 gather vs contiguous kernel order; run-time key validity; per-query selection) and every
-shipped autotune config at head dim 128, bf16, plan block 128, it records:
+shipped autotune config at head dim 128, bf16, plan block 128, and for the key-block-major
+kernels (``kb-*``, VMoBA's default path) at the launch shape they ship, it records:
 
 - registers per thread, spill stores/loads and stack frame (ptxas -v, same flags as triton),
 - shared memory (triton's metadata),
@@ -121,8 +122,31 @@ def _signature(fn, pointers: dict[str, str], floats: tuple[str, ...], consts: di
     return sig
 
 
+# What a real launch tells the compiler: Triton's launcher marks every pointer that is 16-byte
+# aligned and every int argument divisible by 16 with ``tt.divisibility=16`` (``"D"`` in its
+# specialisation key) and compiles that variant. Hinted here: every pointer (fresh or contiguous
+# tensors), the [B, S, H, D] strides at head dim 128, S_PAD / N_CTX (multiples of the block) and
+# the group-major selection's strides (multiples of S_PAD). Not hinted: the head count (12 at
+# Wan2.1-1.3B), the mask count and the list strides (multiples of the block count only).
+DIVISIBLE_INTS = frozenset(
+    {f"s_{t}{d}" for t in "qkvodg" for d in "bsh"} | {"S_PAD", "N_CTX", "s_kvb", "s_sb", "s_sh", "s_sg"}
+)
+LAUNCH_HINTS = True  # --no-launch-hints: compile without them (the figures before 2026-12-02)
+
+
+def _hints(fn, signature: dict[str, str]) -> dict:
+    if not LAUNCH_HINTS:
+        return {}
+    return {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items()
+        if kind.startswith("*") or (kind == "i32" and name in DIVISIBLE_INTS)
+    }
+
+
 def compile_kernel(fn, pointers, floats, consts, num_warps: int, num_stages: int):
-    src = ASTSource(fn=fn, signature=_signature(fn, pointers, floats, consts), constexprs=consts)
+    sig = _signature(fn, pointers, floats, consts)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_hints(fn, sig))
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -269,13 +293,16 @@ def variants(quick: bool):
                "dq": (tk._bwd_dq_kernel, tk._DQ_SPACE)}  # fmt: skip
     flag_sets = [("kernel-order", dict(GATHER=False, HAS_KV=False, HAS_QSEL=False)),
                  ("gather", dict(GATHER=True, HAS_KV=False, HAS_QSEL=False))]  # fmt: skip
+    # Per-query selection (VMoBA's query-tile path) in both orders, every config shipped for it:
+    # its selection loads are the per-tile extra the selection layout decides.
     extra = [("gather+key-valid", dict(GATHER=True, HAS_KV=True, HAS_QSEL=False)),
-             ("gather+query-select", dict(GATHER=True, HAS_KV=False, HAS_QSEL=True))]  # fmt: skip
+             ("gather+query-select", dict(GATHER=True, HAS_KV=False, HAS_QSEL=True)),
+             ("kernel-order+query-select", dict(GATHER=False, HAS_KV=False, HAS_QSEL=True))]  # fmt: skip
     for role, (fn, space) in kernels.items():
         for label, flags in flag_sets + extra:
             # the configs shipped for this path
             configs = tk.candidates(space, HEAD_DIM, BLOCK, 2, flags["GATHER"], flags["HAS_QSEL"])
-            if label in ("gather+key-valid", "gather+query-select") or quick:
+            if label == "gather+key-valid" or quick:
                 configs = configs[:1]
             for i, cfg in enumerate(configs):
                 yield role, fn, cfg, label, flags, i == 0
@@ -290,6 +317,29 @@ def compile_ours(role, fn, cfg, flags):
     if "NEG_SCALE" in fn.arg_names:
         consts["NEG_SCALE"] = False
     return compile_kernel(fn, _PTR, ("sm_scale",), consts, cfg.num_warps, cfg.num_stages)
+
+
+# The key-block-major kernels (VMoBA's default path, ``vidsparse.kernels.keyblock_triton``) at
+# the launch shape they ship: packed 128-row query tiles, 64-key sub-tiles (bf16), the module's
+# warps and dK/dV row step. Config "MxN": query rows x keys per step (dK/dV: SUB_M x BLOCK_N).
+_KB_PTR = {**_PTR, "OP": "*fp32", "LP": "*fp32", "DQP": "*fp32", "KRows": "*i32", "TileBH": "*i32",
+           "TileGroup": "*i32", "Span": "*i32", "TileFirst": "*i32", "TileCount": "*i32"}  # fmt: skip
+
+
+def keyblock_variants():
+    from vidsparse.kernels import keyblock as kb
+    from vidsparse.kernels import keyblock_triton as kt
+
+    bm, bn, warps, stages = kb.DEFAULT_BLOCK_M, kb.DEFAULT_BLOCK_N, kt._NUM_WARPS, 3
+    sub = min(bm, kt._DKDV_SUB_M)
+    for role, fn in (("fwd", kt._fwd_kernel), ("dq", kt._dq_kernel), ("dkdv", kt._dkdv_kernel)):
+        for has_kv in (False, True):
+            consts = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=has_kv, PREC="tf32")
+            rows = bm
+            if role == "dkdv":
+                consts["SUB_M"] = rows = sub
+            label = "key-block+key-valid" if has_kv else "key-block"
+            yield role, fn, consts, label, f"{rows}x{bn}/w{warps}/s{stages}", warps, stages, rows, bn
 
 
 def compile_baseline(cfg):
@@ -339,6 +389,16 @@ def run(quick: bool, log=print) -> dict:
             f"wgmma {rep.get('wgmma')}, tma {rep.get('tma')}, loops {[lp['instructions_per_tile'] for lp in rep.get('loops', [])]}"
             f"{' vs base ' + str(row.get('whole_loop_vs_baseline')) if 'whole_loop_vs_baseline' in row else ''} "
             f"({time.time() - t0:.1f} s)")  # fmt: skip
+    for role, fn, consts, label, key, warps, stages, rows_per_step, bn in keyblock_variants():
+        t0 = time.time()
+        try:
+            k = compile_kernel(fn, _KB_PTR, ("sm_scale",), consts, warps, stages)
+            rep = analyse(k, _per_tile(role, rows_per_step, bn))
+        except Exception as exc:  # record, keep going
+            rep = {"error": " ".join(str(exc).split())[:400]}
+        rows.append({"kernel": f"kb-{role}", "variant": label, "config": key, "default": True, **rep})
+        log(f"kb-{role:4s} {label:20s} {key:18s} {rep.get('registers')} regs, spill {rep.get('spill_store_bytes')}, "
+            f"loops {[lp['instructions_per_tile'] for lp in rep.get('loops', [])]} ({time.time() - t0:.1f} s)")  # fmt: skip
     from vidsparse.benchmeta import git_commit
 
     commit, dirty = git_commit()
@@ -354,9 +414,16 @@ def run(quick: bool, log=print) -> dict:
         "head_dim": HEAD_DIM,
         "plan_block": BLOCK,
         "dtype": "bfloat16",
+        "launch_hints": LAUNCH_HINTS,
         "note": "loops = innermost SASS loops issuing wgmma, in program order; for fwd/dq the first is the masked "
         "loop and the last the whole-block loop. The baseline is our transcription of Triton's 06-fused-attention "
-        "forward inner loop (not the tutorial file itself).",
+        "forward inner loop (not the tutorial file itself)."
+        + (
+            " Compiled with the divisibility hints a real launch gives (16-byte aligned pointers, strides that are "
+            "multiples of 16: see DIVISIBLE_INTS)."
+            if LAUNCH_HINTS
+            else " Compiled without launch hints."
+        ),
         "results": rows,
     }
 
@@ -368,27 +435,42 @@ def markdown(rep: dict) -> str:
         f"triton {rep['triton']}, {rep['ptxas']}, commit `{rep['git_commit'][:12]}`{' (dirty)' if rep['git_dirty'] else ''}; "
         f"head dim {rep['head_dim']}, plan block {rep['plan_block']}, {rep['dtype']}. {rep['note']}",
         "",
-        "| kernel | variant | config | regs | spill st/ld B | smem KB | wgmma | TMA | loop insts/tile (masked .. whole) | whole vs baseline |",
-        "|---|---|---|---:|---:|---:|---|---|---|---:|",
+        "| kernel | variant | config | regs | spill st/ld B | smem KB | wgmma | TMA | loop insts/tile (masked .. whole) | loop global loads | whole vs baseline |",
+        "|---|---|---|---:|---:|---:|---|---|---|---|---:|",
     ]
     for r in rep["results"]:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | error: {r['error'][:80]} |||||||")
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | error: {r['error'][:80]} ||||||||")
             continue
         loops = " / ".join(str(lp["instructions_per_tile"]) for lp in r["loops"]) or "-"
+        loads = " / ".join(str(lp["global_loads"]) for lp in r["loops"]) or "-"
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']}{' (default)' if r['default'] else ''} | "
                      f"{r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
-                     f"{'yes' if r['wgmma'] else 'no'} | {'yes' if r['tma'] else 'no'} | {loops} | "
+                     f"{'yes' if r['wgmma'] else 'no'} | {'yes' if r['tma'] else 'no'} | {loops} | {loads} | "
                      f"{r.get('whole_loop_vs_baseline', '')} |")  # fmt: skip
     if rep.get("before"):
-        lines += ["", "## Before this branch's kernel changes", "", "| kernel | variant | config | regs | spill st B | loop insts/tile |",
-                  "|---|---|---|---:|---:|---|"]  # fmt: skip
-        for r in rep["before"]["results"]:
+        before = rep["before"]
+        label = before.get("label") or "before this branch's kernel changes"
+        lines += ["", f"## Before: {label}", "",
+                  f"Commit `{before.get('git_commit', '?')[:12]}`, same harness"
+                  f"{' and launch hints' if before.get('launch_hints') else ''}. Rows that changed are marked *.", "",
+                  "| kernel | variant | config | regs | spill st B | loop insts/tile | loop global loads |",
+                  "|---|---|---|---:|---:|---|---|"]  # fmt: skip
+        now = {(r["kernel"], r["variant"], r["config"]): r for r in rep["results"] if "error" not in r}
+
+        def figures(r: dict) -> tuple:
+            return (r["registers"], r["spill_store_bytes"], [lp["instructions_per_tile"] for lp in r["loops"]])
+
+        for r in before["results"]:
             if "error" in r:
                 continue
             loops = " / ".join(str(lp["instructions_per_tile"]) for lp in r["loops"]) or "-"
+            loads = " / ".join(str(lp["global_loads"]) for lp in r["loops"]) or "-"
+            after = now.get((r["kernel"], r["variant"], r["config"]))
+            mark = "*" if after is not None and figures(after) != figures(r) else ""
             lines.append(
-                f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['registers']} | {r['spill_store_bytes']} | {loops} |"
+                f"| {r['kernel']} | {r['variant']}{mark} | {r['config']} | {r['registers']} | {r['spill_store_bytes']} | "
+                f"{loops} | {loads} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -400,11 +482,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="default configs only")
     p.add_argument("--before", default=None, help="a JSON of an earlier run to embed as 'before'")
+    p.add_argument("--before-label", default=None, help="what the 'before' run was (Markdown heading)")
+    p.add_argument("--no-launch-hints", action="store_true", help="compile without the launch's divisibility hints")
     args = p.parse_args(argv)
+    global LAUNCH_HINTS
+    LAUNCH_HINTS = not args.no_launch_hints
     rep = run(args.quick, log=lambda m: print(m, flush=True))
     if args.before:
         rep["before"] = json.loads(Path(args.before).read_text())
         rep["before"].pop("before", None)
+        if args.before_label:
+            rep["before"]["label"] = args.before_label
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=1) + "\n", encoding="utf-8")

@@ -34,6 +34,13 @@ def test_dry_run_writes_every_stage_with_pass_fields(tmp_path):
     assert {c["dtype"] for c in done} == {"float16", "float32"}
     assert all(0 <= c["out_err"] <= c["tol"] for c in done)
     assert all("dq_err" in c for c in done if c["pattern"] in gpu_suite.GRAD_PATTERNS)
+    # VMoBA's per-query selection: group-major, checked in caller and kernel order, with gradients.
+    vmoba = [c for c in done if c["pattern"] == "vmoba"]
+    assert vmoba and all(c["query_select_layout"] == "group-major" for c in vmoba)
+    assert all(
+        0 <= c[f"kernel_order_{n}_err"] <= c["tol"] * gpu_suite.GRAD_SLACK for c in vmoba for n in ("dq", "dk", "dv")
+    )
+    assert all(0 <= c["kernel_order_out_err"] <= c["tol"] for c in vmoba)
     att = by["attention-wan-1.3b"]["cases"]
     timed = {(c["plan"], c["backend"], c["direction"]) for c in att if c.get("ms")}
     assert {("dense", "sdpa", "fwd"), ("dense", "triton", "fwd+bwd"), ("radial", "flex", "fwd")} <= timed

@@ -513,8 +513,12 @@ def test_query_select_launches_get_their_own_configs():
         for gather in (True, False):
             plain = tk.candidates(space, 128, 128, 2, gather=gather)
             assert not set(plain) & set(tk.candidates(space, 128, 128, 2, gather=gather, qsel=True))
-    # A space without "qsel" entries (dK/dV) serves selections with its path's own list.
-    assert tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True, True) == tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True)
+    # dK/dV: the gather path's 64x64 spilled with a selection; selections get 32x64 alone, in both orders.
+    for gather in (True, False):
+        assert tk.candidates(tk._DKDV_SPACE, 128, 128, 2, gather, True) == [tk.TileConfig(32, 64, 8, 3)]
+    assert tk.TileConfig(64, 64, 8, 3) in tk.candidates(tk._DKDV_SPACE, 128, 128, 2, True)
+    # A space without "qsel" entries serves selections with its path's own list.
+    assert tk.candidates(tk._DKDV_SPACE, 64, 64, 2, True, True) == tk.candidates(tk._DKDV_SPACE, 64, 64, 2, True)
     # Every shipped config is in the autotuner's list.
     every = {
         (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tk._all_configs(tk._FWD_SPACE)
@@ -570,3 +574,36 @@ def run_permuted_reference(q, k, v, p):
     from vidsparse.attention import run_permuted
 
     return run_permuted(reference.run, q, k, v, p, None, None)
+
+
+def test_query_select_layout_does_not_change_a_bit():
+    """VMoBA's group-major selection (what the kernels load per key tile) and a row-major copy of
+    it (a plan built elsewhere, re-laid by the backend) give bit-identical out and dq/dk/dv, on
+    the caller-order gather path and the kernel-order TMA path; and both equal the reference."""
+    lay = vs.VideoLayout(3, 3, 5, text_len=9, text_position="after")
+    q, k, v = random_qkv(lay, batch=1, heads=2, dim=16)
+    g = torch.randn_like(q)
+    tm = random_text_mask(lay, 1)
+    plan = vs.plan(make("vmoba"), lay, num_heads=2, q=q, k=k, layer=2, block_size=16)
+    assert plan.query_select.stride(2) == 1  # group-major, as built
+    row_major = dataclasses.replace(plan, query_select=plan.query_select.contiguous())
+    assert row_major.query_select.stride(-1) == 1
+    for caller_order in (True, False):
+        results = []
+        for p in (plan, row_major):
+            if caller_order:
+                ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+                out = tb.attention(*ins, p, text_mask=tm)
+                out.backward(g)
+            else:
+                ins = [tb.to_kernel_order(t, p).requires_grad_(True) for t in (q, k, v)]
+                out = tb.attention_kernel_order(*ins, p, text_mask=tm)
+                out.backward(tb.to_kernel_order(g, p))
+            results.append([out.detach()] + [t.grad for t in ins])
+        for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+            assert torch.equal(a, b), f"{name} differs between layouts (caller order: {caller_order})"
+    ref = reference.run(*(tb.to_kernel_order(t, plan).transpose(1, 2) for t in (q, k, v)), plan,
+                        key_valid=plan.key_valid(tm, 1))[0]  # fmt: skip
+    got = results[0][0].transpose(1, 2)
+    valid = plan.order.token_valid
+    torch.testing.assert_close(got[:, :, valid], ref[:, :, valid], atol=ATOL, rtol=RTOL)

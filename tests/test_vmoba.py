@@ -313,6 +313,33 @@ def test_plan_layout_blocks_contiguous_and_lists_minimal():
                     assert (plan.key_group[listed] == G).sum() == plan.text_blocks.sum()
 
 
+def test_query_select_is_group_major_and_equals_the_row_major_oracle():
+    """The plan stores the selection group-major (each group's rows contiguous, the layout the
+    kernels load per key tile) with exactly the values of the per-query oracle; ``group_major``
+    leaves such a tensor alone and re-lays a row-major one without changing a value."""
+    from vidsparse.plan import group_major
+
+    lay = LAYOUTS[1]
+    q, k, _ = random_qkv(lay, batch=2, heads=2, dim=8, dtype=torch.float64)
+    for layer, (mode, scope) in ((0, ("threshold", "query")), (2, ("topk", "head"))):
+        p = pattern(mode, scope, topk=2)
+        plan = p.dynamic_plan(lay, q, k, layer, 16)
+        qs = plan.query_select
+        assert qs.stride(2) == 1 and qs.transpose(2, 3).is_contiguous()
+        assert group_major(qs) is qs
+        # Caller row i keeps caller key j exactly when the oracle says so (text included).
+        pos = plan.order.scatter  # kernel position of each caller token
+        groups = plan.key_group.repeat_interleave(16)[pos].long()  # group of each caller key
+        got = qs[:, :, pos][..., groups]  # [B, H, S, S]
+        want = oracle_mask(lay, q, k, layer, mode, scope, topk=p.layer_topk(layer))
+        assert torch.equal(got, want)
+        row_major = qs.contiguous()
+        assert row_major.stride(-1) == 1 and torch.equal(group_major(row_major), qs)
+        assert group_major(row_major).stride(2) == 1
+    with pytest.raises(ValueError, match="S_pad, G"):
+        group_major(torch.zeros(4, dtype=torch.bool))
+
+
 def test_selection_has_static_shapes_and_runs_on_meta():
     """On the meta device there is no data: any .item(), nonzero or data-dependent shape would raise."""
     lay = vs.VideoLayout(5, 3, 7, text_len=6, text_position="before")

@@ -132,6 +132,26 @@ def test_triton_path_forward_and_backward_equal_masked_attention(layout, layer):
         torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4)
 
 
+def test_triton_dkdv_sub_steps_equal_whole_tiles(monkeypatch):
+    """dK/dV walks each packed query tile in sub-steps of ``_DKDV_SUB_M`` rows (a whole 128-row
+    step spilled on sm_90): 32-row tiles in 16-row steps give the gradients of masked attention."""
+    lay = vs.VideoLayout(3, 4, 4, text_len=5, text_position="after")
+    q, k, v = random_qkv(lay, batch=1, heads=2, dim=16, requires_grad=True)
+    _triton_or_skip(q)
+    keyblock_triton = importlib.import_module("vidsparse.kernels.keyblock_triton")
+    tm = random_text_mask(lay, 1)
+    p = pattern(2, st_chunk=(2, 2, 2))
+    plan = vs.plan(p, lay, num_heads=2, layer=2, q=q.detach(), k=k.detach(), block_size=16)
+    monkeypatch.setattr(keyblock_triton, "_DKDV_SUB_M", 16)
+    out = keyblock.attention(q, k, v, plan, text_mask=tm, backend="triton", block_m=32, block_n=16)
+    ref = masked_attention(q, k, v, natural_mask(p, lay, q.detach(), k.detach(), 2), lay, tm)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (k, v))
+    want = torch.autograd.grad((ref * g.double()).sum(), (k, v))
+    for name, a, b in zip("kv", got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_chunked_partials_equal_one_chunk(monkeypatch):
     """Batch-heads split into several partial buffers (memory bound) merge to the same output."""
     lay = vs.VideoLayout(3, 4, 4, text_len=5, text_position="before")

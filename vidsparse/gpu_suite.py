@@ -14,7 +14,9 @@ Stages, in order (``STAGES``):
 - ``correctness``: the compiled Triton kernels against torch SDPA (dense plan) and the exact
   torch reference (every other registered pattern) on the *same* plan: forward of every
   pattern, dq/dk/dv of radial, tile and vmoba; bf16 and fp16; a small shape and a real one
-  (Wan2.1-1.3B's 480p grid with 2 heads). Relative L2 error against an fp32 reference.
+  (Wan2.1-1.3B's 480p grid with 2 heads). Relative L2 error against an fp32 reference. VMoBA
+  (per-query selection) runs twice: caller order (row gather) and kernel order (TMA tiles), both
+  reading the group-major selection; the case records its layout.
 - ``attention-wan-1.3b``, ``attention-wan-14b``: one attention call at the models' shapes:
   Triton vs SDPA (best fused kernel) vs compiled FlexAttention on the identical plan, forward
   and forward+backward, for dense, radial, tile and a 25 % random block plan. Flex compiles
@@ -380,6 +382,9 @@ def stage_correctness(ctx: Ctx) -> dict[str, Any]:
                                 case[f"d{n}_err"] = rel_err(a.grad, b.grad)
                             case["grad_tol"] = tol * GRAD_SLACK
                             case["pass"] = case["pass"] and all(case[f"d{n}_err"] <= tol * GRAD_SLACK for n in "qkv")
+                        if plan.query_select is not None:
+                            case["pass"] = _check_kernel_order_selection(case, q, k, v, g, plan, text_mask, ref,
+                                                                         leaves if grads else None, tol) and case["pass"]  # fmt: skip
                         case["status"] = "done"
                     except Exception as exc:
                         case.update(status="failed", error=_short(exc))
@@ -393,6 +398,26 @@ def stage_correctness(ctx: Ctx) -> dict[str, Any]:
                     q = k = v = g = out = ref = leaves = None
                     _free(ctx.device)
     return {"pass": ok}
+
+
+def _check_kernel_order_selection(case, q, k, v, g, plan, text_mask, ref, leaves, tol: float) -> bool:
+    """A per-query selection (VMoBA) again in kernel order, as models run it: the contiguous
+    tiles come by TMA and the group-major selection (``vidsparse.plan.group_major``) is read
+    with one contiguous load per key tile. Records the layout and the errors; True if within tol."""
+    from vidsparse.kernels import triton_backend as tb
+
+    case["query_select_layout"] = "group-major" if plan.query_select.stride(2) == 1 else "other"
+    ins = [t.detach().clone().requires_grad_(leaves is not None) for t in (q, k, v)]
+    kin = [tb.to_kernel_order(t, plan) for t in ins]
+    out = tb.from_kernel_order(tb.attention_kernel_order(*kin, plan, text_mask=text_mask), plan)
+    case["kernel_order_out_err"] = rel_err(out, ref)
+    ok = case["kernel_order_out_err"] <= tol
+    if leaves is not None:
+        out.backward(g)
+        for n, a, b in zip("qkv", ins, leaves):
+            case[f"kernel_order_d{n}_err"] = rel_err(a.grad, b.grad)
+            ok = ok and case[f"kernel_order_d{n}_err"] <= tol * GRAD_SLACK
+    return ok and case["query_select_layout"] == "group-major"
 
 
 def _reference_mask(layout, text_mask: torch.Tensor) -> torch.Tensor:
@@ -896,17 +921,22 @@ def render_markdown(doc: dict[str, Any]) -> str:
             continue
         lines += ["", f"## {st['name']}", ""]
         if st["name"] == "correctness":
-            lines += ["| shape | dtype | pattern | density | out err | dq / dk / dv err | tol | pass |",
-                      "|---|---|---|---:|---:|---|---:|---|"]  # fmt: skip
+            lines += ["| shape | dtype | pattern | density | out err | dq / dk / dv err | kernel order: out; dq / dk / dv "
+                      "| tol | pass |", "|---|---|---|---:|---:|---|---|---:|---|"]  # fmt: skip
             for c in cases:
                 if c.get("status") == "skipped":
                     lines.append(
-                        f"| {c['shape']} | {c['dtype']} | {c['pattern']} | - | - | - | - | skipped: {c['reason'][:80]} |"
+                        f"| {c['shape']} | {c['dtype']} | {c['pattern']} | - | - | - | - | - | skipped: {c['reason'][:80]} |"
                     )
                     continue
                 gr = " / ".join(_fmt(c.get(f"d{n}_err"), ".1e") for n in "qkv") if "dq_err" in c else "-"
+                ko = "-"
+                if "kernel_order_out_err" in c:  # per-query selection, group-major, in kernel order
+                    ko = _fmt(c["kernel_order_out_err"], ".1e")
+                    if "kernel_order_dq_err" in c:
+                        ko += "; " + " / ".join(_fmt(c.get(f"kernel_order_d{n}_err"), ".1e") for n in "qkv")
                 lines.append(f"| {c['shape']} | {c['dtype']} | {c['pattern']} | {_fmt(c.get('density'), '.2f')} | "
-                             f"{_fmt(c.get('out_err'), '.1e')} | {gr} | {_fmt(c.get('tol'), '.0e')} | "
+                             f"{_fmt(c.get('out_err'), '.1e')} | {gr} | {ko} | {_fmt(c.get('tol'), '.0e')} | "
                              f"{c.get('pass')}{' ' + c['error'][:80] if c.get('error') else ''} |")  # fmt: skip
         elif st["name"].startswith("attention-"):
             lines += ["| plan | backend | direction | density | ms | TFLOP/s | vs SDPA | triton vs this | first call ms | note |",

@@ -10,7 +10,11 @@ either computed whole (``mask_ids == -1``) or under an element mask ``block_mask
 Two run-time masks complete it:
 - ``text_mask`` [B, text_len] (padding of the text span), applied in ``text_blocks``;
 - ``query_select`` [B, H, S_pad, G] (dynamic patterns such as VMoBA: query row r keeps
-  key block kb only if ``query_select[..., r, key_group[kb]]``).
+  key block kb only if ``query_select[..., r, key_group[kb]]``), indexed [b, h, row, group]
+  but stored group-major (``group_major``: row stride 1, ``query_select.transpose(-1, -2)``
+  contiguous), so the rows of a query tile for one group are one contiguous load. Kernels
+  that walk a query tile's keys read the selection once per key tile; row-major storage made
+  that a gather of one byte every G bytes. Other strides stay valid (backends copy them).
 
 Optional key-block-major extension (per-query selections): ``group_spans`` int32 [G, 2]
 gives, for each selection group g (the last dim of ``query_select``), the kernel position
@@ -114,9 +118,7 @@ def kernel_order(layout: VideoLayout, video_order: torch.Tensor | None, block_si
             "A pattern's video_order must list every video token exactly once (plus -1 padding); "
             f"got {vmask.sum().item()} entries for {layout.video_len} video tokens."
         )
-    identity = padded_len == layout.seq_len and bool(
-        torch.equal(gather, torch.arange(padded_len))
-    )
+    identity = padded_len == layout.seq_len and bool(torch.equal(gather, torch.arange(padded_len)))
     return KernelOrder(gather, scatter, valid, video_index, vp, padded_len, identity)
 
 
@@ -133,7 +135,7 @@ class BlockSparsePlan:
     mask_ids: torch.Tensor  # int32 [Bp, Hp, NQ, MAXK], -1 = whole block
     block_masks: torch.Tensor  # bool [P, bs, bs]
     text_blocks: torch.Tensor  # bool [NK]
-    query_select: torch.Tensor | None = None  # bool [B, H, S_pad, G]
+    query_select: torch.Tensor | None = None  # bool [B, H, S_pad, G], group-major strides (see group_major)
     key_group: torch.Tensor | None = None  # int32 [NK]
     group_spans: torch.Tensor | None = None  # int32 [G, 2]: (first kernel position, keys) per group
     video_density: float = field(default=float("nan"))
@@ -202,6 +204,16 @@ class BlockSparsePlan:
         start = self.order.text_start
         valid[:, start : start + self.layout.text_len] &= text_mask.to(torch.bool)
         return valid
+
+
+def group_major(select: torch.Tensor) -> torch.Tensor:
+    """``select`` [..., S_pad, G] with the same values stored group-major (row stride 1): the
+    query rows of one group are contiguous. No copy when it already is (one copy otherwise)."""
+    if select.dim() < 2:
+        raise ValueError(f"a query selection is [..., S_pad, G], got shape {tuple(select.shape)}.")
+    if select.stride(-2) == 1:
+        return select
+    return select.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -287,8 +299,7 @@ def build_static_plan(
     cand = cand.cpu().to(torch.int8)  # bool True -> 1 (evaluate); 2 = known whole (skip evaluation)
     if cand.shape != (nvb, nvb):
         raise RuntimeError(
-            f"{type(pattern).__name__}.block_candidates returned shape {tuple(cand.shape)}, "
-            f"expected ({nvb}, {nvb})."
+            f"{type(pattern).__name__}.block_candidates returned shape {tuple(cand.shape)}, expected ({nvb}, {nvb})."
         )
 
     table = _MaskTable(bs)
@@ -367,7 +378,9 @@ def build_static_plan(
             sl = slice(start, start + c.numel())
             keep = any_[sl]
             kw, mw = whole_blocks(qb)
-            rows.append(_video_row(torch.cat([kbs[sl][keep], kw]), torch.cat([mids[sl][keep], mw]), text_cols, text_mids))
+            rows.append(
+                _video_row(torch.cat([kbs[sl][keep], kw]), torch.cat([mids[sl][keep], mw]), text_cols, text_mids)
+            )
             video_blocks_computed += int(keep.sum()) + kw.numel()
             start += c.numel()
 

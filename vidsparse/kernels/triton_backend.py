@@ -27,7 +27,7 @@ from vidsparse.kernels.triton_plan import (
     split_lists,
     transpose_lists,
 )
-from vidsparse.plan import BlockSparsePlan
+from vidsparse.plan import BlockSparsePlan, group_major
 
 DEFAULT_BLOCK_SIZE = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,7 +101,8 @@ def _plan_args(
     masks = _cached("masks", (block_masks,), lambda: mask_table(block_masks, block_size), dyn, (block_size,))
     qs = kg = None
     if query_select is not None:
-        qs = _as_u8(query_select).expand(B, H, padded, query_select.shape[-1])
+        # Group-major (VMoBA builds it so: no copy): a tile's rows of one group are one load.
+        qs = group_major(_as_u8(query_select)).expand(B, H, padded, query_select.shape[-1])
         kg = key_group.to(torch.int32).contiguous()
     kv = None if key_valid is None else _as_u8(key_valid).expand(B, padded).contiguous()
     order = _cached("query-order", (kv_counts,), lambda: tk.longest_first(lists), dyn)

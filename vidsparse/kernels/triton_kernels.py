@@ -21,19 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
+from vidsparse.kernels.tile_loads import caller_rows, row_tile
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 # -- per-tile bodies ------------------------------------------------------------------------
 # One jitted call per tile and nothing nested inside: Triton's CPU interpreter pays a large
-# fixed cost per nested call, and on the GPU everything is inlined anyway.
+# fixed cost per nested call (about 0.4 ms), and on the GPU everything is inlined anyway. The
+# once-per-program loads shared with keyblock_triton live in tile_loads.
 
 
 @triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid,
-    Rows, Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
+    Rows, Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, s_sg, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
     USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
@@ -43,6 +46,9 @@ def _fwd_tile(
     ``MASKED``: 0 whole block; 1 element mask (``Mid``, or only run-time masks when -1);
     2 padding only: the block is whole but for padding rows / columns, tested on the 1-D
     validity of the keys (and of the queries, mask code -3) instead of a 2-D mask tile.
+    ``HAS_QSEL``: ``qs_ptr`` points at the tile's rows of group 0 of the group-major selection
+    (rows contiguous, groups ``s_sg`` apart), so a key tile's selection is one contiguous
+    ``BLOCK_M``-byte load at ``qs_ptr + group * s_sg``.
     """
     SUB: tl.constexpr = BLOCK // BLOCK_N
     j = it // SUB
@@ -88,9 +94,9 @@ def _fwd_tile(
             if HAS_KV:
                 keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
             if HAS_QSEL:
-                keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None]
+                keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None]
         else:
-            keep = (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None] & k_ok[None, :]
+            keep = (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None] & k_ok[None, :]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
@@ -114,7 +120,7 @@ def _fwd_tile(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, it, lst, c_in, c_in0, q_base, do_base, row_base, qs_ptr, m_desc, k_valid,
-    Rows, Valid, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale,
+    Rows, Valid, Idx, Mid, Masks, Lse, Delta, s_qs, s_ds, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -123,6 +129,8 @@ def _dkdv_tile(
 
     With ``USE_TMA`` (contiguous kernel order) ``q_base`` / ``do_base`` are tensor descriptors:
     the Q and dO tiles come in whole through TMA, with no per-row address registers.
+    ``HAS_QSEL``: ``qs_ptr`` is this key tile's group row of the group-major selection, so a
+    query sub-tile's selection is one contiguous ``BLOCK_M``-byte load at ``qs_ptr + offs_m``.
     """
     SUB: tl.constexpr = BLOCK // BLOCK_M
     j = it // SUB
@@ -163,10 +171,10 @@ def _dkdv_tile(
             has = (r_in[None, :] * 0 + c_in[:, None] * 0 + mid) >= 0
             keepT = tl.load(m_ptr, mask=has, other=1) != 0
         if HAS_QSEL:
-            keepT = keepT & (tl.load(qs_ptr + offs_m * s_ss) != 0)[None, :]
+            keepT = keepT & (tl.load(qs_ptr + offs_m) != 0)[None, :]
         pT = tl.where(keepT, pT, 0.0)
     elif HAS_QSEL:
-        keepT = (tl.load(qs_ptr + offs_m * s_ss) != 0)[None, :] & (c_in >= 0)[:, None]
+        keepT = (tl.load(qs_ptr + offs_m) != 0)[None, :] & (c_in >= 0)[:, None]
         pT = tl.where(keepT, pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -178,7 +186,7 @@ def _dkdv_tile(
 @triton.jit
 def _dq_tile(
     dq, q, do, m, di, it, lst, r_in, r_in0, k_base, v_base, kv_ptr, qs_ptr, m_desc, q_valid,
-    Rows, Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale,
+    Rows, Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, s_sg, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
     MASKED: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -225,10 +233,10 @@ def _dq_tile(
         if HAS_KV:
             keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
         if HAS_QSEL:
-            keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None]
+            keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None]
         p = tl.where(keep, p, 0.0)
     elif HAS_QSEL:
-        keep = (tl.load(qs_ptr + tl.load(KGroup + kb)) != 0)[:, None] & k_ok[None, :]
+        keep = (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None] & k_ok[None, :]
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, vT, input_precision=PREC)
     ds = p * (dp - di[:, None])
@@ -244,7 +252,7 @@ def _fwd_kernel(
     Idx, Mid, NElem, NMask, NAll, Masks, KeyValid, QSel, KGroup, QOrder,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
+    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_sg,
     H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr,
@@ -268,13 +276,11 @@ def _fwd_kernel(
     r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        q_row = tl.load(Rows + offs_m)
-        q_ok = q_row >= 0
-        q_row = tl.maximum(q_row, 0).to(tl.int64)
+        q_row, q_ok = caller_rows(Rows, offs_m)
     else:
         q_row = offs_m.to(tl.int64)
         q_ok = offs_m >= 0
-    q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    q = row_tile(Q + b * s_qb + h * s_qh, q_row, q_ok, s_qs, HEAD_DIM)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     if USE_TMA:
@@ -299,7 +305,7 @@ def _fwd_kernel(
     n_elem = tl.load(NElem + cnt)
     n_mask = tl.load(NMask + cnt)
     n_all = tl.load(NAll + cnt)
-    qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
+    qs_ptr = QSel + b * s_sb + h * s_sh + offs_m  # group-major selection: the tile's rows are contiguous
     kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -315,7 +321,7 @@ def _fwd_kernel(
     for it in range(0, n_elem * SUB):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid, Rows,
-            Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 1, HAS_KV, HAS_QSEL,
+            Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, s_sg, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 1, HAS_KV, HAS_QSEL,
             PREC, USE_TMA, MASK_TMA, NEG_SCALE,
         )  # fmt: skip
     # Padding-only blocks (kernel order only: with a row gather they stay in the element
@@ -324,13 +330,13 @@ def _fwd_kernel(
         for it in range(n_elem * SUB, n_mask * SUB):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid, Rows,
-                Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 2, HAS_KV, HAS_QSEL,
+                Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, s_sg, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 2, HAS_KV, HAS_QSEL,
                 PREC, USE_TMA, MASK_TMA, NEG_SCALE,
             )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, it, lst, r_in, r_in0, k_base, v_base, k_desc, v_desc, m_desc, kv_ptr, qs_ptr, q_valid, Rows,
-            Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 0, HAS_KV, HAS_QSEL,
+            Valid, Idx, Mid, Masks, KGroup, s_ks, s_vs, s_sg, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 0, HAS_KV, HAS_QSEL,
             PREC, USE_TMA, MASK_TMA, NEG_SCALE,
         )  # fmt: skip
 
@@ -356,16 +362,13 @@ def _bwd_preprocess(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        row = tl.load(Rows + offs_m)
-        ok = row >= 0
-        row = tl.maximum(row, 0).to(tl.int64)
+        row, ok = caller_rows(Rows, offs_m)
     else:
         row = offs_m.to(tl.int64)
         ok = offs_m >= 0
-    o = tl.load(Out + b * s_ob + h * s_oh + row[:, None] * s_os + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + row[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o = row_tile(Out + b * s_ob + h * s_oh, row, ok, s_os, HEAD_DIM)
+    do = row_tile(DO + b * s_db + h * s_dh, row, ok, s_ds, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + pid_bh.to(tl.int64) * S_PAD + offs_m)
@@ -379,7 +382,7 @@ def _bwd_dkdv_kernel(
     Idx, Mid, NElem, NMask, NAll, Masks, KeyValid, QSel, KGroup,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
-    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
+    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_sg,
     H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
@@ -397,14 +400,12 @@ def _bwd_dkdv_kernel(
     c_in = start_n % BLOCK + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        k_row = tl.load(Rows + offs_n)
-        k_ok = k_row >= 0
-        k_row = tl.maximum(k_row, 0).to(tl.int64)
+        k_row, k_ok = caller_rows(Rows, offs_n)
     else:
         k_row = offs_n.to(tl.int64)
         k_ok = offs_n >= 0
-    k = tl.load(K + b * s_kb + h * s_kh + k_row[:, None] * s_ks + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    k = row_tile(K + b * s_kb + h * s_kh, k_row, k_ok, s_ks, HEAD_DIM)
+    v = row_tile(V + b * s_vb + h * s_vh, k_row, k_ok, s_vs, HEAD_DIM)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
     if USE_TMA:  # contiguous kernel order: Q and dO tiles by the tensor-memory accelerator
@@ -424,7 +425,7 @@ def _bwd_dkdv_kernel(
     n_mask = tl.load(NMask + cnt)
     n_all = tl.load(NAll + cnt)
     if HAS_QSEL:
-        qs_ptr = QSel + b * s_sb + h * s_sh + tl.load(KGroup + kb)
+        qs_ptr = QSel + b * s_sb + h * s_sh + tl.load(KGroup + kb) * s_sg  # this key tile's group row
     else:
         qs_ptr = QSel
     qk_scale = sm_scale * 1.4426950408889634
@@ -445,7 +446,7 @@ def _bwd_dkdv_kernel(
     for it in range(0, n_elem * SUB):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, k_valid, Rows, Valid, Idx, Mid,
-            Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 1, HAS_QSEL, PREC,
+            Masks, Lse, Delta, s_qs, s_ds, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 1, HAS_QSEL, PREC,
             MASK_TMA, USE_TMA,
         )  # fmt: skip
     # Padding-only blocks (kernel order only: with a row gather they stay in the element
@@ -454,13 +455,13 @@ def _bwd_dkdv_kernel(
         for it in range(n_elem * SUB, n_mask * SUB):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, k_valid, Rows, Valid, Idx, Mid,
-                Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 2, HAS_QSEL, PREC,
+                Masks, Lse, Delta, s_qs, s_ds, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 2, HAS_QSEL, PREC,
                 MASK_TMA, USE_TMA,
             )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, it, lst, c_in, c_in0, q_src, do_src, row_base, qs_ptr, m_desc, k_valid, Rows, Valid, Idx, Mid,
-            Masks, Lse, Delta, s_qs, s_ds, s_ss, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 0, HAS_QSEL, PREC,
+            Masks, Lse, Delta, s_qs, s_ds, qk_scale, HEAD_DIM, BLOCK, BLOCK_M, GATHER, 0, HAS_QSEL, PREC,
             MASK_TMA, USE_TMA,
         )  # fmt: skip
 
@@ -481,7 +482,7 @@ def _bwd_dq_kernel(
     Idx, Mid, NElem, NMask, NAll, Masks, KeyValid, QSel, KGroup,
     sm_scale,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh,
-    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_ss,
+    s_ib, s_ih, s_iq, s_nb, s_nh, s_kvb, s_sb, s_sh, s_sg,
     H, S_PAD, N_MASKS,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr, HAS_KV: tl.constexpr, HAS_QSEL: tl.constexpr, PREC: tl.constexpr, MASK_TMA: tl.constexpr,
@@ -499,14 +500,12 @@ def _bwd_dq_kernel(
     r_in = start_m % BLOCK + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER:
-        q_row = tl.load(Rows + offs_m)
-        q_ok = q_row >= 0
-        q_row = tl.maximum(q_row, 0).to(tl.int64)
+        q_row, q_ok = caller_rows(Rows, offs_m)
     else:
         q_row = offs_m.to(tl.int64)
         q_ok = offs_m >= 0
-    q = tl.load(Q + b * s_qb + h * s_qh + q_row[:, None] * s_qs + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + q_row[:, None] * s_ds + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    q = row_tile(Q + b * s_qb + h * s_qh, q_row, q_ok, s_qs, HEAD_DIM)
+    do = row_tile(DO + b * s_db + h * s_dh, q_row, q_ok, s_ds, HEAD_DIM)
     row_base = pid_bh.to(tl.int64) * S_PAD
     m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
@@ -528,7 +527,7 @@ def _bwd_dq_kernel(
     n_elem = tl.load(NElem + cnt)
     n_mask = tl.load(NMask + cnt)
     n_all = tl.load(NAll + cnt)
-    qs_ptr = QSel + b * s_sb + h * s_sh + offs_m.to(tl.int64) * s_ss
+    qs_ptr = QSel + b * s_sb + h * s_sh + offs_m  # group-major selection: the tile's rows are contiguous
     kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
     if MASK_TMA:
@@ -547,7 +546,7 @@ def _bwd_dq_kernel(
     for it in range(0, n_elem * SUB):
         dq = _dq_tile(
             dq, q, do, m, di, it, lst, r_in, r_in0, k_src, v_src, kv_ptr, qs_ptr, m_desc, q_valid, Rows, Valid, Idx, Mid,
-            Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 1, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
+            Masks, KGroup, s_ks, s_vs, s_sg, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 1, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
         )  # fmt: skip
     # Padding-only blocks (kernel order only: with a row gather they stay in the element
     # loop, whose 2-loop build is spill-free at the shipped configs; a third loop is not).
@@ -555,12 +554,12 @@ def _bwd_dq_kernel(
         for it in range(n_elem * SUB, n_mask * SUB):
             dq = _dq_tile(
                 dq, q, do, m, di, it, lst, r_in, r_in0, k_src, v_src, kv_ptr, qs_ptr, m_desc, q_valid, Rows, Valid, Idx, Mid,
-                Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 2, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
+                Masks, KGroup, s_ks, s_vs, s_sg, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 2, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
             )  # fmt: skip
     for it in range(n_mask * SUB, n_all * SUB):
         dq = _dq_tile(
             dq, q, do, m, di, it, lst, r_in, r_in0, k_src, v_src, kv_ptr, qs_ptr, m_desc, q_valid, Rows, Valid, Idx, Mid,
-            Masks, KGroup, s_ks, s_vs, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 0, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
+            Masks, KGroup, s_ks, s_vs, s_sg, qk_scale, HEAD_DIM, BLOCK, BLOCK_N, GATHER, 0, HAS_KV, HAS_QSEL, PREC, MASK_TMA, USE_TMA,
         )  # fmt: skip
 
     dq *= sm_scale
@@ -613,10 +612,11 @@ _FWD_SPACE = {
 # (results/offline_sm90.json); a 5th element ships an entry for one path only: "order"
 # (contiguous kernel order), "gather" (caller-order rows) or "qsel" (per-query selection,
 # either order; where a space has "qsel" entries they replace the others for that path:
-# the selection's row pointers cost registers, and 128x64 forward / 64x64 dQ spilled).
+# the selection's loads cost registers, and 128x64 forward / 64x64 dQ / 64x64 dK/dV spilled).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
-    128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather")],
+    # 64x64 with the row gather and a per-query selection: 255 registers as launched, 84 B spilled without launch hints.
+    128: [(32, 64, 8, 3), (64, 64, 8, 3, "gather"), (32, 64, 8, 3, "qsel")],
     256: [(32, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3)],
 }
 _DQ_SPACE = {
@@ -820,7 +820,7 @@ class PlanArgs:
     lists: object  # BlockLists, query-major
     masks: torch.Tensor  # uint8 [P, bs, bs]
     key_valid: torch.Tensor | None  # uint8 [B, S_pad]
-    query_select: torch.Tensor | None  # uint8 [B, H, S_pad, G] (any strides, G contiguous)
+    query_select: torch.Tensor | None  # uint8 [B, H, S_pad, G], group-major: row stride 1 (``group_major``)
     key_group: torch.Tensor | None  # int32 [NK]
     block: int
     padded_len: int
@@ -844,11 +844,16 @@ def _common(p: PlanArgs, lists, dummy: torch.Tensor):
     rows = p.rows if p.rows is not None else dummy
     s_kvb = kv.stride(0) if p.key_valid is not None else 0
     if p.query_select is not None:
-        s_sb, s_sh, s_ss = qs.stride(0), qs.stride(1), qs.stride(2)
+        if qs.stride(2) != 1:
+            raise ValueError(
+                f"query_select must be group-major (row stride 1; triton_backend builds that view), got strides "
+                f"{tuple(qs.stride())}."
+            )
+        s_sb, s_sh, s_sg = qs.stride(0), qs.stride(1), qs.stride(3)
     else:
-        s_sb = s_sh = s_ss = 0
+        s_sb = s_sh = s_sg = 0
     tensors = (lists.idx, lists.mid, lists.n_elem, lists.n_masked, lists.n_total, p.masks, kv, qs, kg)
-    strides = (*_list_strides(lists), s_kvb, s_sb, s_sh, s_ss)
+    strides = (*_list_strides(lists), s_kvb, s_sb, s_sh, s_sg)
     return rows, tensors, strides
 
 

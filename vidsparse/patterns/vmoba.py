@@ -31,7 +31,8 @@ Deliberate deviations from the released ``src/vmoba.py`` (see shared/reference/v
 
 Kernel plan: each VMoBA block is made contiguous in kernel order and padded to whole kernel
 blocks, so a kernel block belongs to exactly one VMoBA block (``key_group``); text blocks share
-one extra group that is always kept. ``query_select[b, h, row, g]`` carries the per-query choice
+one extra group that is always kept. ``query_select[b, h, row, g]`` carries the per-query choice,
+stored group-major (each group's rows contiguous: one load per key tile in the kernels),
 and ``kv_indices`` the union over each kernel query block, built on the device with fixed shapes
 (MAXK = number of key blocks): no ``.item()``, ``nonzero`` or ``unique`` in the per-call path.
 ``granularity="tile"`` selects once per kernel query tile instead (no ``query_select``).
@@ -250,7 +251,8 @@ class VMoBA(Pattern):
             qs = None
             group_any = blk.tile_template.expand(B, H, *blk.tile_template.shape).clone()  # [B, H, NQ, G]
         else:
-            qs = blk.row_template.expand(B, H, *blk.row_template.shape).clone()  # [B, H, S_pad, G]
+            # Group-major [B, H, G, S_pad] (rows contiguous per group): the layout the kernels read.
+            qs_gm = blk.row_template.expand(B, H, *blk.row_template.shape).clone()
         with torch.no_grad():
             hc = max(1, min(H, _SELECT_ELEMENTS // max(1, Sv * Gv)))
             rows = Sv if (self.scope == "head" or hc > 1) else max(1, _SELECT_ELEMENTS // Gv)
@@ -269,9 +271,11 @@ class VMoBA(Pattern):
                         qv = q[b, vo + r0 : vo + r1, h0:h1].detach().to(acc)  # [rows, hc, D]
                         gate = torch.einsum("rhd,ghd->hrg", qv, means)  # [hc, rows, Gv]
                         own = blk.token_group[r0:r1, None] == blk.group_ids[None, :]  # [rows, Gv]
-                        qs[b, h0:h1, blk.video_pos[r0:r1], :Gv] = select(gate, own)
-        if qs is not None:
-            group_any = qs.view(B, H, blk.key_group.numel(), block_size, qs.shape[-1]).any(dim=3)
+                        qs_gm[b, h0:h1, :Gv, blk.video_pos[r0:r1]] = select(gate, own).transpose(1, 2)
+        if not tiles:
+            nk = blk.key_group.numel()
+            group_any = qs_gm.view(B, H, -1, nk, block_size).any(dim=-1).transpose(2, 3)  # [B, H, NQ, G]
+            qs = qs_gm.transpose(2, 3)  # [B, H, S_pad, G], group-major (vidsparse.plan.group_major)
         counts, indices, mids = _pack_union(group_any, blk)
         return BlockSparsePlan(
             layout=layout,
@@ -377,7 +381,7 @@ class _Blocks:
     col_mid: torch.Tensor  # int64 [NK]: column-padding mask id, -1 = whole block
     block_masks: torch.Tensor  # bool [P, bs, bs]
     text_blocks: torch.Tensor  # bool [NK]
-    row_template: torch.Tensor  # bool [S_pad, G]: text rows keep all, video rows keep text
+    row_template: torch.Tensor  # bool [G, S_pad] (group-major): text rows keep all, video rows keep text
     tile_of: torch.Tensor  # int64 [Sv]: kernel query tile of each natural video token
     tile_size: torch.Tensor  # int64 [NQv]: valid rows per video tile
     tile_group: torch.Tensor  # int64 [NQv]: VMoBA block of each video tile
@@ -447,7 +451,7 @@ def _block_structure(layout: VideoLayout, shape: tuple[int, int, int], bs: int, 
         col_mid=col_mid.to(dev),
         block_masks=block_masks.to(dev),
         text_blocks=text_blocks.to(dev),
-        row_template=row_template.to(dev),
+        row_template=row_template.T.contiguous().to(dev),
         tile_of=tile_of.to(dev),
         tile_size=torch.bincount(tile_of, minlength=nvb).to(dev),
         tile_group=key_group[:nvb].long().to(dev),
