@@ -116,7 +116,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(version, frames, monke
         finally:
             handle.remove()
         mine = seen.pop()
-        assert set(mine) == set(call), (set(mine) ^ set(call))
+        assert set(mine) == set(call), set(mine) ^ set(call)
         for key, value in call.items():
             if key == "timestep":  # s * 1000 / 1000 may differ from s in the last bit
                 torch.testing.assert_close(mine[key], value, rtol=1e-6, atol=0)
@@ -178,7 +178,6 @@ def test_the_other_cosmos_pipelines_are_refused_with_the_reason(name, why):
     assert message is not None and why in message and "Cosmos2VideoToWorldPipeline" in message
 
 
-@pytest.mark.slow  # two LoRA training runs and generations (~30 s)
 @pytest.mark.parametrize(("model", "frames"), [("tiny-cosmos", None), ("tiny-cosmos2-video2world", 1)])
 def test_train_then_generate(model, frames, tmp_path):
     import json

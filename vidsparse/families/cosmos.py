@@ -346,6 +346,7 @@ PIPELINES = (
     "CosmosVideoToWorldPipeline",
 )
 
+
 def _lora_adapter() -> tuple[type, ...]:
     """Predict2 video2world and Predict2.5 (``vidsparse.lora.adapters.cosmos``: their pipelines' own inputs)."""
     from vidsparse.lora.adapters.cosmos import CosmosPredict2Model, CosmosPredict25Model
@@ -359,8 +360,9 @@ FAMILY = Family(
     name="cosmos",
     aliases=("cosmos2", "cosmos2.5", "cosmos-predict2", "cosmos-predict2.5"),
     transformer_classes=("CosmosTransformer3DModel",),
-    # Not "Cosmos": Cosmos3Omni* pipelines hold another transformer (Cosmos3OmniTransformer).
-    pipeline_prefixes=("Cosmos2", "CosmosTextToWorld", "CosmosVideoToWorld"),
+    # Not "Cosmos": Cosmos3Omni* pipelines hold another transformer (Cosmos3OmniTransformer). The first
+    # prefix + "Pipeline" is the class of the default tiny pipeline (tiny-cosmos: Predict2.5).
+    pipeline_prefixes=("Cosmos2_5_PredictBase", "Cosmos2", "CosmosTextToWorld", "CosmosVideoToWorld"),
     processor_names=("CosmosAttnProcessor2_0",),
     processor=CosmosSparseProcessor,
     attention_paths=indexed_paths("transformer_blocks", "attn1"),
