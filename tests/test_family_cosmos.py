@@ -198,15 +198,19 @@ def test_pattern_defaults_are_fitted_to_the_grid():
     assert FAMILY.default_schedule("gna") == (0.25, ()) and FAMILY.default_schedule("dense") == (0, ())
 
 
-def test_lora_refuses_with_the_reason_and_the_shard_plan_runs():
+def test_lora_trains_predict2_and_2_5_refuses_the_rest_and_the_shard_plan_runs():
+    from vidsparse.lora.adapters.cosmos import CosmosPredict2Model, CosmosPredict25Model
     from vidsparse.lora.models import adapter_for
     from vidsparse.parallel.model import parallelize, unparallelize
 
-    with pytest.raises(ValueError, match="train-lora does not train cosmos: Cosmos trains with its own objectives"):
-        FAMILY.lora_adapter_class()
+    assert set(FAMILY.lora_adapter_class()) == {CosmosPredict2Model, CosmosPredict25Model}
+    assert set(FAMILY.lora_refusals) == {"Cosmos2_5_TransferPipeline", "Cosmos2TextToImagePipeline",
+                                         "CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline"}  # fmt: skip
     pipe = FAMILY.tiny_pipeline(version="2")
-    with pytest.raises(ValueError, match="does not train Cosmos2VideoToWorldPipeline: Cosmos trains"):
-        adapter_for(pipe, "tiny-cosmos")
+    assert isinstance(adapter_for(pipe, "tiny-cosmos2-video2world"), CosmosPredict2Model)
+    assert isinstance(adapter_for(FAMILY.tiny_pipeline(), "tiny-cosmos"), CosmosPredict25Model)
+    with pytest.raises(ValueError, match="does not train Cosmos2_5_TransferPipeline: Transfer2.5 adds a ControlNet"):
+        adapter_for(type("Cosmos2_5_TransferPipeline", (), {})(), "some/transfer")
     # vidsparse.parallel runs it (tests/test_parallel_new_families.py); removal leaves no hook
     parallelize(pipe, "radial", mode="clip", runtime=None)
     unparallelize(pipe)

@@ -1,6 +1,6 @@
 """The newer LoRA adapters train under the sparse pattern: it is active in the objective, and a short run learns.
 
-For HunyuanVideo 1.5, Kandinsky 5 (T2V, I2V) and Wan VACE on their tiny pipelines, at a clip whose
+For Cosmos-Predict2 / 2.5, HunyuanVideo 1.5, Kandinsky 5 (T2V, I2V) and Wan VACE on their tiny pipelines, at a clip whose
 latent grid is 3 x 8 x 8 tokens (5 x 8 x 8 for Kandinsky I2V) so radial is visibly sparse: the
 loss under radial differs from dense (the pattern runs in the self-attention the LoRA targets,
 with no dense fallback: only the family's own dense layers run dense), and 15 Adam steps on a fixed batch, with vidsparse's gradient
@@ -22,6 +22,8 @@ from vidsparse.pipelines import apply, get_state
 pytestmark = pytest.mark.slow  # LoRA training runs
 
 CASES = {
+    "tiny-cosmos": ClipSpec(9, 128, 128),  # Predict2.5 (text2world)
+    "tiny-cosmos2-video2world": ClipSpec(9, 128, 128),  # Predict2, first frame as the condition
     "tiny-hunyuan15": ClipSpec(9, 128, 128),
     "tiny-kandinsky5": ClipSpec(9, 128, 128),
     "tiny-kandinsky5-i2v": ClipSpec(17, 128, 128),

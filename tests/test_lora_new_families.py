@@ -32,6 +32,10 @@ CASES = sorted(
 def test_every_new_family_has_its_pipelines_here():
     assert {fam for fam, _ in CASES} == set(NEW)
     assert {"SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline"} <= {n for _, n in CASES} & TRAINED
+    cosmos = {n for fam, n in CASES if fam == "cosmos"}
+    assert cosmos & TRAINED == {"Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline"}
+    assert cosmos - TRAINED == {"Cosmos2_5_TransferPipeline", "Cosmos2TextToImagePipeline",
+                                "CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline"}  # fmt: skip
 
 
 @pytest.mark.parametrize(("family", "pipeline"), CASES)
@@ -69,3 +73,5 @@ def test_tiny_names_are_checked_by_the_class_they_build(tmp_path):
     check_trainable("tiny-hunyuan15-i2v")
     check_trainable("tiny-wan-i2v")
     check_trainable("tiny-skyreels-v2-i2v")
+    check_trainable("tiny-cosmos")  # Predict2.5
+    check_trainable("tiny-cosmos2-video2world")

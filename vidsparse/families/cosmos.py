@@ -31,7 +31,9 @@ Defaults, fitted to the 24x44x80 grid:
   pairs, in STA's 10-20 % range.
 - Radial: the paper's base setting (decay 1.0, no attention sink; it publishes no Cosmos tuning).
 
-LoRA training refuses (``LORA_REFUSAL``: each pipeline's objective, and what to train instead); ``--parallel clip|ulysses`` cuts the video tokens and the
+LoRA (``vidsparse.lora.adapters.cosmos``): Predict2 video2world and Predict2.5 train their flow
+velocity with the conditioning frames held as their pipelines hold them; Transfer2.5, text-to-image and
+Cosmos 1.0 are refused (``LORA_REFUSALS``: why, and what to train instead). ``--parallel clip|ulysses`` cuts the video tokens and the
 per-token embeddings every block takes (``SHARD_PLAN``).
 
 Tiny model: a 2-layer, 2-head random-init transformer with a 4-channel Wan VAE. It leaves out the
@@ -65,16 +67,36 @@ from vidsparse.families.base import (
 from vidsparse.families.processor import SparseProcessor
 from vidsparse.layout import VideoLayout
 
-LORA_REFUSAL = (
-    "Cosmos trains with its own objectives, which vidsparse's trainer does not implement: Predict2 "
-    "(Cosmos2VideoToWorld / Cosmos2TextToImage) preconditions the transformer on sigma (input c_in x at "
-    "timestep sigma / (sigma + 1), output mixed as c_skip x + c_out F) and video2world holds its conditioning "
-    "frames clean at their own per-frame timestep (cond_indicator); Predict2.5 (Cosmos2_5_PredictBase / Transfer) "
-    "replaces the conditioning frames' velocity by the ground truth under a condition mask (Transfer adds a "
-    "ControlNet branch); Cosmos 1.0 (TextToWorld / VideoToWorld) is EDM on its own scheduler. Post-train Cosmos "
-    "with NVIDIA's cosmos-predict2 / cosmos-predict2.5 scripts, or train the LoRA on a flow-matching model "
-    "train-lora supports (WanPipeline: Wan 2.1 / 2.2; HunyuanVideo15Pipeline; Kandinsky5T2VPipeline)"
+#: The tiny Predict2 video2world pipeline's name (``--model tiny-cosmos2-video2world``; ``tiny-cosmos`` is Predict2.5).
+PREDICT2_TINY = "cosmos2-video2world"
+
+_TRAIN_INSTEAD = (
+    "train Cosmos2VideoToWorldPipeline (Predict2 video2world) or Cosmos2_5_PredictBasePipeline (Predict2.5 "
+    "text/image/video2world), or post-train with NVIDIA's cosmos-predict2 / cosmos-predict2.5 scripts"
 )
+#: Why train-lora refuses the Cosmos pipelines it has no adapter for (``vidsparse.lora.adapters.cosmos``
+#: trains Predict2 video2world and Predict2.5).
+LORA_REFUSALS = {
+    "Cosmos2_5_TransferPipeline": (
+        "Transfer2.5 adds a ControlNet (CosmosControlNetModel) whose residuals from control videos (edge, depth, "
+        "segmentation, blur) enter every block; a LoRA of the base transformer trained without those residuals "
+        f"is not what Transfer samples, and train-lora builds no control inputs; {_TRAIN_INSTEAD}"
+    ),
+    "Cosmos2TextToImagePipeline": (
+        "it generates single images (one latent frame): there is no video length to extend; " + _TRAIN_INSTEAD
+    ),
+    "CosmosTextToWorldPipeline": (
+        "Cosmos 1.0 is an EDM model on EDMEulerScheduler (its scheduler preconditions input and output, "
+        "x0 = c_skip x + c_out F with EDM's c_skip, c_out and c_noise) with the Cosmos tokenizer "
+        f"(AutoencoderKLCosmos), an objective train-lora does not implement; {_TRAIN_INSTEAD}"
+    ),
+    "CosmosVideoToWorldPipeline": (
+        "Cosmos 1.0 video2world is EDM on EDMEulerScheduler (x0 = c_skip x + c_out F with EDM's coefficients) and "
+        "re-noises its conditioning frames with an augmentation sigma, an objective train-lora does not "
+        f"implement; {_TRAIN_INSTEAD}"
+    ),
+}
+
 #: Where the sequence is cut: the video tokens at the first block's input, RoPE (cos, sin) [S, D]
 #: where ``rope`` returns them, and what the forward builds per token and hands whole to every block
 #: and to ``norm_out``: the timestep embeddings ``temb`` / ``embedded_timestep`` [B, S, C] of a
@@ -249,19 +271,26 @@ class TinySafetyChecker(torch.nn.Module):
         return frames
 
 
-def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, version: str = "2.5"):
+def tiny_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, version: str = "2.5", variant: str | None = None
+):
     """A tiny random-init Cosmos video2world pipeline (no tokenizer / text encoder).
 
     ``version="2.5"`` (default) builds ``Cosmos2_5_PredictBasePipeline`` (text2world without a
     ``video``, video2world with one) and its UniPC flow scheduler; ``"2"`` builds
     ``Cosmos2VideoToWorldPipeline`` (Predict2: needs an ``image`` or ``video``) with its Karras-sigma
-    flow-matching Euler scheduler. Prompts are passed as ``prompt_embeds`` /
+    flow-matching Euler scheduler (``variant=PREDICT2_TINY``, ``--model tiny-cosmos2-video2world``, is
+    ``version="2"``). Prompts are passed as ``prompt_embeds`` /
     ``negative_prompt_embeds`` [B, L, 16] (``vidsparse.models.tiny.encode_prompt_tiny``).
     """
     import diffusers
 
     from vidsparse.families.wan import tiny_vae
 
+    if variant is not None:
+        if variant != PREDICT2_TINY:
+            raise ValueError(f"tiny Cosmos pipeline variant must be {PREDICT2_TINY!r} or none, got {variant!r}.")
+        version = "2"
     if version not in ("2", "2.5"):
         raise ValueError(f"tiny Cosmos pipeline version must be '2' (Predict2) or '2.5' (Predict2.5), got {version!r}.")
     with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
@@ -307,7 +336,7 @@ def tiny_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", *, batch: i
     )
 
 
-#: The Cosmos pipelines of diffusers 0.42 (``train-lora`` refuses each with ``LORA_REFUSAL``).
+#: The Cosmos pipelines of diffusers 0.42.
 PIPELINES = (
     "Cosmos2VideoToWorldPipeline",
     "Cosmos2_5_PredictBasePipeline",
@@ -317,14 +346,23 @@ PIPELINES = (
     "CosmosVideoToWorldPipeline",
 )
 
+
+def _lora_adapter() -> tuple[type, ...]:
+    """Predict2 video2world and Predict2.5 (``vidsparse.lora.adapters.cosmos``: their pipelines' own inputs)."""
+    from vidsparse.lora.adapters.cosmos import CosmosPredict2Model, CosmosPredict25Model
+
+    return CosmosPredict25Model, CosmosPredict2Model
+
+
 # -- the record -------------------------------------------------------------------------------
 
 FAMILY = Family(
     name="cosmos",
     aliases=("cosmos2", "cosmos2.5", "cosmos-predict2", "cosmos-predict2.5"),
     transformer_classes=("CosmosTransformer3DModel",),
-    # Not "Cosmos": Cosmos3Omni* pipelines hold another transformer (Cosmos3OmniTransformer).
-    pipeline_prefixes=("Cosmos2", "CosmosTextToWorld", "CosmosVideoToWorld"),
+    # Not "Cosmos": Cosmos3Omni* pipelines hold another transformer (Cosmos3OmniTransformer). The first
+    # prefix + "Pipeline" is the class of the default tiny pipeline (tiny-cosmos: Predict2.5).
+    pipeline_prefixes=("Cosmos2_5_PredictBase", "Cosmos2", "CosmosTextToWorld", "CosmosVideoToWorld"),
     processor_names=("CosmosAttnProcessor2_0",),
     processor=CosmosSparseProcessor,
     attention_paths=indexed_paths("transformer_blocks", "attn1"),
@@ -342,10 +380,11 @@ FAMILY = Family(
         "gna": _gna,
     },
     dense_first_steps=0.25,
-    lora_refusal=LORA_REFUSAL,
-    lora_refusals={name: LORA_REFUSAL for name in PIPELINES},
+    lora_adapter=_lora_adapter,
+    lora_refusals=LORA_REFUSALS,
     shard_plan=SHARD_PLAN,
     tiny={"cosmos": TinyVariant("cosmos", tiny_transformer_kwargs, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
+    tiny_pipelines={PREDICT2_TINY: "Cosmos2VideoToWorldPipeline"},
     tiny_prompt_kwargs=tiny_prompt_kwargs,
 )

@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers pipeline folder: "
                            "text-to-video Wan 2.1 / 2.2, SkyReels-V2, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5, "
                            "Wan VACE, LTX-Video, Mochi, CogVideoX; image-to-video Wan, SkyReels-V2, CogVideoX, "
-                           "LTX-Video, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5; LTXConditionPipeline "
-                           "(docs/lora.md lists what is refused and why)")
+                           "LTX-Video, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5; LTXConditionPipeline; "
+                           "Cosmos-Predict2 video2world and Cosmos-Predict2.5 (e.g. tiny-cosmos, "
+                           "tiny-cosmos2-video2world) (docs/lora.md lists what is refused and why)")
     data.add_argument("--cache-dir", default=None, help="latent/text cache (default <data-dir>/.vidsparse-cache)")
     data.add_argument("--caption-column", default=None,
                       help="caption column of metadata.jsonl/.csv (default: text, caption or prompt)")
@@ -56,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="take every n-th source frame (default %(default)s)")
     data.add_argument("--condition-frames", type=int, default=None, metavar="N",
                       help="LTXConditionPipeline: condition each clip on its first N frames, 1 (an image, the "
-                           "default) or 8k + 1 (a video prefix, to extend videos); refused for other pipelines")
+                           "default) or 8k + 1 (a video prefix, to extend videos); Cosmos-Predict2 video2world: 1 "
+                           "(default) or 4k + 1; Cosmos-Predict2.5: 1 or 5 (default: text2world); refused for "
+                           "other pipelines")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=_default("rank"), help="LoRA rank (default %(default)s)")

@@ -35,8 +35,9 @@ class TrainConfig:
     a name takes the model family's defaults (as ``vidsparse.apply`` at inference), overridden by
     ``pattern_options`` as (name, value) pairs. ``dense_layers=None`` keeps the family's dense
     layers (Radial on Wan: block 0), a tuple lists the blocks that stay dense.
-    ``condition_frames`` (LTXConditionPipeline only): the clip's first frames that condition it, 1
-    (an image) or ``8k + 1`` (a video prefix); None is the pipeline's default (1). ``alpha=None`` means alpha = rank (scale 1).
+    ``condition_frames`` (LTXConditionPipeline, Cosmos-Predict2 / 2.5): the clip's first frames that
+    condition it, 1 (an image) or a video prefix (LTX ``8k + 1``, Predict2 ``4k + 1``, Predict2.5 5);
+    None is the adapter's default (1; Predict2.5: none, text2world). ``alpha=None`` means alpha = rank (scale 1).
     ``target_modules=None`` takes the model family's self-attention q/k/v/o projections.
     """
 
@@ -49,7 +50,7 @@ class TrainConfig:
     height: int = 480
     width: int = 832
     frame_stride: int = 1
-    condition_frames: int | None = None  # LTXConditionPipeline: the clip's first N frames condition it
+    condition_frames: int | None = None  # LTXConditionPipeline, Cosmos: the clip's first N frames condition it
     pattern: Any = "radial"
     pattern_options: tuple[tuple[str, Any], ...] = ()
     attention_backend: str = "auto"

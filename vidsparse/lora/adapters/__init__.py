@@ -5,7 +5,8 @@ image-to-video pipelines), CogVideoX (``cogvideox``: v-prediction on its schedul
 and I2V, see that module) and the flow-matching table below (``hunyuan`` with HunyuanVideo I2V,
 ``ltx`` with LTX-Video I2V and ``LTXConditionPipeline``, ``mochi``), HunyuanVideo 1.5 T2V / I2V,
 Kandinsky 5 T2V / I2V and Wan VACE without control (``hunyuan15``, ``kandinsky5``, ``wan_vace``:
-every input from their pipelines' own methods); the interface is ``base`` (with
+every input from their pipelines' own methods), Cosmos-Predict2 video2world and Cosmos-Predict2.5
+(``cosmos``: flow velocity at their own time scale, conditioning frames from ``prepare_latents``); the interface is ``base`` (with
 ``ClipConditionMixin`` for the per-clip image conditions). docs/lora.md, "Image-to-video", lists
 each first-frame condition.
 

@@ -11,7 +11,8 @@ Adapters: Wan text-to-video, one transformer or Wan 2.2 A14B's two experts, and 
 HunyuanVideo (and its image-to-video), LTX-Video (and its image-to-video and condition pipelines)
 and Mochi (``adapters.hunyuan``, ``adapters.ltx``, ``adapters.mochi``); CogVideoX 1.0 / 1.5 text-
 and image-to-video with its v-prediction objective (``adapters.cogvideox``, which overrides
-``sample_levels`` / ``training_inputs``). Image-to-video adapters (``ClipConditionMixin``) cache
+``sample_levels`` / ``training_inputs``); Cosmos-Predict2 video2world and Predict2.5
+(``adapters.cosmos``, flow time in [0, 1]). Image-to-video adapters (``ClipConditionMixin``) cache
 each clip's own condition (``encode_clip``: its first frame, LTX's condition pipeline a video
 prefix, HunyuanVideo I2V's LLaVA prompt embeddings with the caption) and may leave the clean
 condition frames out of the loss (``loss``). Refused with a reason (each family record's
@@ -187,7 +188,8 @@ class TrainableVideoModel:
         if frames is not None:
             raise ValueError(
                 f"--condition-frames {frames}: {self.display_name} ({type(self.pipe).__name__}) takes no conditioning "
-                "video; it is for LTXConditionPipeline (e.g. --model tiny-ltx-condition). Drop --condition-frames."
+                "video; it is for LTXConditionPipeline and Cosmos-Predict2 / 2.5 (e.g. --model tiny-ltx-condition). "
+                "Drop --condition-frames."
             )
 
     def encoders_to(self, device: torch.device | str) -> None:
