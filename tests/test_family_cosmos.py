@@ -274,3 +274,13 @@ def test_generate_runs_the_tiny_cosmos_pipeline():
     assert not (other.frames == result.frames).all()
     pipe = FAMILY.tiny_pipeline()
     assert "prompt_embeds" in tiny_prompt_kwargs(pipe, "a cat", "blurry")
+
+
+def test_generate_asks_video2world_for_its_first_frame_before_loading(tmp_path, capsys):
+    """Cosmos2VideoToWorldPipeline's ``image`` defaults to None but its call fails without an image or
+    video: generate says so up front (Family.needs_first_frame), and writes nothing."""
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", "tiny-cosmos2-video2world", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Cosmos2VideoToWorldPipeline is an image-to-video pipeline: pass --image PATH" in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

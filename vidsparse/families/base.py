@@ -311,6 +311,10 @@ class Family:
     patch, and why; ``vidsparse.apply`` raises it, the supported-families text leaves it out.
     ``generate_refusal`` (non-empty): ``vs.apply`` works, but ``vidsparse generate`` cannot drive the
     family's pipelines (inputs it does not build), and why.
+
+    ``needs_first_frame``: pipeline classes whose ``__call__`` gives ``image`` a default of ``None``
+    but fails without an image or video (Cosmos video2world), so ``generate`` asks for ``--image``
+    before any weight loads instead of letting the pipeline fail after them.
     """
 
     name: str
@@ -343,6 +347,7 @@ class Family:
     aliases: tuple[str, ...] = ()
     unsupported: str = ""
     generate_refusal: str = ""
+    needs_first_frame: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.text_position not in ("none", "before", "after"):

@@ -381,6 +381,7 @@ FAMILY = Family(
     },
     dense_first_steps=0.25,
     lora_adapter=_lora_adapter,
+    needs_first_frame=("Cosmos2VideoToWorldPipeline", "CosmosVideoToWorldPipeline"),
     lora_refusals=LORA_REFUSALS,
     shard_plan=SHARD_PLAN,
     tiny={"cosmos": TinyVariant("cosmos", tiny_transformer_kwargs, _tiny_inputs)},

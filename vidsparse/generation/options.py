@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vidsparse.families import Family
 from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model
 from vidsparse.generation.result import LoraSummary
 from vidsparse.video_io import check_video_path
@@ -190,22 +191,25 @@ def _lora_summary(
     return LoraSummary(str(path), float(options.lora_scale), trained, tuple(warnings))
 
 
-def image_input(pipeline_class: str) -> str | None:
+def image_input(pipeline_class: str, family: Family | None = None) -> str | None:
     """How a diffusers pipeline class takes a first-frame ``image`` in ``__call__``: "required"
-    (image-to-video: Wan, CogVideoX, HunyuanVideo I2V), "optional" (LTX-Video's condition pipelines,
-    Cosmos) or ``None`` (text-to-video)."""
+    (image-to-video: Wan, CogVideoX, HunyuanVideo I2V; and the family's ``needs_first_frame``
+    pipelines, e.g. Cosmos video2world, whose ``image=None`` default fails without a video),
+    "optional" (LTX-Video's condition pipelines, Cosmos-Predict2.5) or ``None`` (text-to-video)."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class, None)
     param = inspect.signature(cls.__call__).parameters.get("image") if cls is not None else None
     if param is None:
         return None
-    return "required" if param.default is inspect.Parameter.empty else "optional"
+    if param.default is inspect.Parameter.empty or (family is not None and pipeline_class in family.needs_first_frame):
+        return "required"
+    return "optional"
 
 
 def _check_image(path: str | None, info: ModelInfo) -> Path | None:
     """``--image`` for an image-conditioned pipeline (required by image-to-video ones), refused for any other."""
-    takes = image_input(info.pipeline_class)
+    takes = image_input(info.pipeline_class, info.model_family)
     if path is None:
         if takes == "required":
             raise ValueError(
