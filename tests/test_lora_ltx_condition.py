@@ -194,6 +194,19 @@ def test_condition_frames_are_checked():
     check_condition_frames("tiny-ltx-condition", 9)
 
 
+def test_a_refused_condition_frame_count_leaves_no_output_folder(tmp_path, capsys):
+    from test_lora_data import make_dataset
+
+    from vidsparse.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["train-lora", "--model", "tiny-ltx-condition", "--data-dir", str(make_dataset(tmp_path / "data")),
+               "--output-dir", str(out), "--num-frames", "17", "--height", "64", "--width", "64",
+               "--condition-frames", "5", "--max-train-steps", "1", "--no-progress"])  # fmt: skip
+    assert rc == 2 and "--condition-frames" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_train_then_generate_end_to_end(tmp_path, monkeypatch):
     from diffusers import LTXConditionPipeline
     from test_lora_data import make_dataset

@@ -246,8 +246,6 @@ def _start_run(cfg: TrainConfig) -> _Run:
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     run = _Run(cfg, out, precision, accelerator, accelerator.process_index, accelerator.num_processes,
                accelerator.device, accelerator.is_main_process)  # fmt: skip
-    if run.main:
-        out.mkdir(parents=True, exist_ok=True)
     if precision == "bf16" and run.device.type == "cpu":
         logger.warning("vidsparse: bf16 mixed precision on CPU is slow; use --mixed-precision no for CPU runs.")
     return run
@@ -494,6 +492,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
     adapter.check_sampling(sampler)  # before any encoding: e.g. CogVideoX refuses a flow shift
     transformer = _prepare_transformer(cfg, adapter)
+    if run.main:  # only now: a flag the model refuses (--condition-frames, a flow shift, ...) leaves no folder
+        run.out.mkdir(parents=True, exist_ok=True)
     report, samples, data_id = _cache_samples(run, adapter)
     opt = _optimization(run, transformer)
     start_step = _restore(run, opt, resume_path, data_id)
