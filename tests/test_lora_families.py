@@ -12,6 +12,7 @@ pipeline through diffusers and reproduces the trained transformer's output.
 
 import pytest
 import torch
+from lora_checks import lora_module_names, sparse_objective, square_clip, train_steps, train_tiny
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import family_of, get_family
@@ -20,7 +21,6 @@ from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
 from vidsparse.lora.flow import shift_sigmas
 from vidsparse.lora.models import TrainableVideoModel, adapter_for
-from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
 from vidsparse.models.tiny import build_tiny_pipeline
 from vidsparse.pipelines import apply
@@ -46,19 +46,8 @@ def tiny_family_pipeline(family: str, seed: int = 0, **kwargs):
     return get_family(family).tiny_pipeline(seed=seed, **kwargs)
 
 
-def _clip(spec: ClipSpec, direction: int) -> torch.Tensor:
-    """A bright square moving right (0) or down (1) on a dark background: [1, 3, F, H, W] in [-1, 1]."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), -0.8)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        off = f * (spec.width - side) // max(1, spec.num_frames - 1)
-        y, x = (spec.height // 3, off) if direction == 0 else (off, spec.width // 3)
-        video[0, direction, f, y : y + side, x : x + side] = 0.9
-    return video
-
-
 def _batch(adapter: TrainableVideoModel, spec: ClipSpec):
-    x0 = torch.cat([adapter.encode_video(_clip(spec, d)) for d in (0, 1)])
+    x0 = torch.cat([adapter.encode_video(square_clip(spec, d)) for d in (0, 1)])
     text = _collate_text([adapter.encode_text(c) for c in CAPTIONS])
     return x0, text
 
@@ -77,7 +66,7 @@ def family(request):
 def test_latents_and_text_follow_the_pipeline(family):
     fam, pipe, adapter, x0, text = family
     assert x0.shape == (2, *LATENT[fam]) and x0.dtype == torch.float32
-    vae, raw = pipe.vae, adapter._vae_mode(_clip(SPECS[fam], 0))
+    vae, raw = pipe.vae, adapter._vae_mode(square_clip(SPECS[fam], 0))
     # the pipeline's own decode-side denormalization gives back the raw VAE latents
     if fam == "hunyuan":
         back = x0[:1] / vae.config.scaling_factor
@@ -183,17 +172,13 @@ def _expected_lora_modules(fam: str, transformer) -> set[str]:
     return {f"transformer_blocks.{i}.attn1.{m}" for i in range(len(transformer.transformer_blocks)) for m in qkvo}
 
 
-def _lora_modules(transformer) -> set[str]:
-    return {n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
-
-
 def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(family, tmp_path):
     fam, pipe, adapter, x0, text = family
     transformer = adapter.transformer
     transformer.requires_grad_(False)
     cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4, pattern="radial")
     transformer.add_adapter(_lora_config(cfg, adapter))
-    lora = _lora_modules(transformer)
+    lora = lora_module_names(transformer)
     assert lora == _expected_lora_modules(fam, transformer)
     attn = {path for path, _, _ in family_of(transformer).attention_paths(transformer)}
     assert {n.rsplit(".", 2 if n.endswith("to_out.0") else 1)[0] for n in lora} <= attn  # vidsparse's self-attention
@@ -205,29 +190,17 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(family, tmp_path)
     def loss() -> torch.Tensor:
         return flow_loss(adapter, transformer, x0, text, sigma, noise)
 
-    with torch.no_grad():
-        dense = loss().item()
-        apply(transformer, SPARSE)
-        before = loss().item()
+    dense, before = sparse_objective(transformer, loss, SPARSE)
     assert abs(before - dense) > 1e-5  # the pattern is active (and not dense) in the objective trained
-    enable_gradient_checkpointing(transformer)
-    transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=2e-2)
-    for _ in range(20):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    transformer.eval()
+    after = train_steps(transformer, loss, 20)
     with torch.no_grad():
-        after = loss().item()
         trained = adapter.predict(transformer, x0, sigma * 1000, text)
     assert after < 0.9 * before, (before, after)  # on CPU: hunyuan 1.48 -> 1.09, ltx 1.61 -> 1.31
 
     save_lora(tmp_path, type(pipe), transformer)
     fresh = tiny_family_pipeline(fam)
     fresh.load_lora_weights(str(tmp_path))  # plain diffusers loading
-    assert _lora_modules(fresh.transformer) == lora
+    assert lora_module_names(fresh.transformer) == lora
     apply(fresh.transformer, SPARSE)
     with torch.no_grad():
         reloaded = adapter.predict(fresh.transformer, x0, sigma * 1000, text)
@@ -243,27 +216,19 @@ def test_train_lora_end_to_end(fam, tmp_path, monkeypatch):
     """
     import json
 
-    from test_lora_data import make_dataset
-
     import vidsparse.lora.train as train_mod
-    from vidsparse.lora import train_lora
 
     pipe = tiny_family_pipeline(fam)
     monkeypatch.setattr(train_mod, "load_model", lambda model, dtype: adapter_for(pipe, model))
     frames = {"hunyuan": 17, "ltx": 17, "mochi": 13}[fam]
     size = 64 if fam == "ltx" else 48
-    data = make_dataset(tmp_path / "data")
-    result = train_lora(TrainConfig(
-        data_dir=str(data), output_dir=str(tmp_path / "out"), model=f"tiny-{fam}", num_frames=frames, height=size,
-        width=size, rank=4, batch_size=2, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", progress=False,
-    ))
-    assert result.cache.latents_computed == 3 and result.cache.text_computed == 3 and len(result.losses) == 2
-    info = json.loads((tmp_path / "out" / "vidsparse_lora.json").read_text())
+    result, out = train_tiny(tmp_path, f"tiny-{fam}", ClipSpec(frames, size, size), batch_size=2)
+    assert result.cache.latents_computed == 3 and result.cache.text_computed == 3
+    info = json.loads((out / "vidsparse_lora.json").read_text())
     assert info["family"] == fam and set(info["target_modules"]) == set(adapter_for(pipe, fam).default_target_modules)
     fresh = tiny_family_pipeline(fam)
-    fresh.load_lora_weights(str(tmp_path / "out"))
-    assert _lora_modules(fresh.transformer) == _expected_lora_modules(fam, fresh.transformer)
+    fresh.load_lora_weights(str(out))
+    assert lora_module_names(fresh.transformer) == _expected_lora_modules(fam, fresh.transformer)
 
 
 def test_ltx_default_shift_is_the_pipelines_resolution_shift():

@@ -13,6 +13,7 @@ empty caption's encoding. Then ``train_lora`` followed by ``generate --lora`` on
 
 import pytest
 import torch
+from lora_checks import generate_tiny, lora_module_names, stepping_square_8bit, train_tiny
 
 from vidsparse.families.hunyuan15 import tiny_pipeline
 from vidsparse.lora.adapters.wan_i2v import first_frame_image
@@ -22,13 +23,6 @@ from vidsparse.lora.train import _collate_text
 
 SPECS = {"hunyuan15": ClipSpec(9, 32, 48), "hunyuan15-i2v": ClipSpec(9, 48, 64)}  # I2V: a 64-pixel bucket
 CAPTION = 'a sign reading "OPEN"'  # quoted text: the ByT5 glyph encoder runs (its mask is not all zero)
-
-
-def _clip(spec: ClipSpec) -> torch.Tensor:
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 25.0)
-    for f in range(spec.num_frames):
-        video[0, 0, f, 8:24, 2 * f : 2 * f + 16] = 220.0
-    return video / 127.5 - 1.0
 
 
 def _tensors(kwargs: dict) -> dict[str, torch.Tensor]:
@@ -42,7 +36,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     assert adapter.default_flow_shift() == pipe.scheduler.config.shift == 5.0
     spec = SPECS[variant]
     adapter.validate_clip(spec)
-    clip = _clip(spec)
+    clip = stepping_square_8bit(spec)
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
     cond = {k: v for k, v in enc.items() if k != "latents"}
@@ -138,29 +132,15 @@ def test_refuses_pipelines_it_cannot_train():
 def test_train_then_generate(variant, tmp_path):
     import json
 
-    from test_lora_data import make_dataset
+    from vidsparse.lora import load_lora
 
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, load_lora, train_lora
-
-    spec, model, out = SPECS[variant], f"tiny-{variant}", tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model=model, num_frames=spec.num_frames,
-        height=spec.height, width=spec.width, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    spec, model = SPECS[variant], f"tiny-{variant}"
+    _, out = train_tiny(tmp_path, model, spec)
     info = json.loads((out / "vidsparse_lora.json").read_text())
     assert info["family"] == "hunyuan15"
     fresh = tiny_pipeline(variant=variant)
     load_lora(fresh, out)  # HunyuanVideo15 pipelines have no load_lora_weights: the transformer loads it
     blocks = len(fresh.transformer.transformer_blocks)
     expected = {f"transformer_blocks.{i}.attn.{p}" for i in range(blocks) for p in ("to_q", "to_k", "to_v", "to_out.0")}
-    assert {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)} == expected
-    kwargs = {}
-    if variant.endswith("i2v"):
-        first_frame_image(_clip(spec)[0]).save(tmp_path / "first.png")
-        kwargs["image"] = str(tmp_path / "first.png")
-    res = generate(GenerateOptions(model=model, lora=str(out), frames=spec.num_frames, height=spec.height,
-                                   width=spec.width, steps=2, backend="torch", progress=False, **kwargs))  # fmt: skip
-    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
+    assert lora_module_names(fresh.transformer) == expected
+    generate_tiny(model, out, spec, image_of=stepping_square_8bit(spec) if variant.endswith("i2v") else None)

@@ -16,6 +16,7 @@ step and the other frames reach the clip. Then ``train_lora`` and ``generate --l
 
 import pytest
 import torch
+from lora_checks import generate_tiny, lora_module_names, stepping_square_8bit, train_tiny
 
 import vidsparse as vs
 from vidsparse.families.kandinsky5 import tiny_pipeline, tiny_prompt_kwargs
@@ -25,13 +26,6 @@ from vidsparse.lora.train import _collate_text
 
 SPECS = {False: ClipSpec(9, 32, 48), True: ClipSpec(9, 128, 128)}  # NABLA: whole 8x8-token tiles
 CAPTION = "a red square"
-
-
-def _clip(spec: ClipSpec) -> torch.Tensor:
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 25.0)
-    for f in range(spec.num_frames):
-        video[0, 0, f, 8:24, 2 * f : 2 * f + 16] = 220.0
-    return video / 127.5 - 1.0
 
 
 def _captured(kwargs: dict) -> dict:
@@ -62,7 +56,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(nabla):
     assert adapter.default_flow_shift() == pipe.scheduler.config.shift == 5.0
     spec = SPECS[nabla]
     adapter.validate_clip(spec)
-    x0 = adapter.encode_video(_clip(spec))  # [1, C, f, h, w]; the pipeline's latents are channel-last
+    x0 = adapter.encode_video(stepping_square_8bit(spec))  # [1, C, f, h, w]; the pipeline's latents are channel-last
     text = _collate_text([adapter.encode_text(CAPTION)])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     last = lambda t: t.permute(0, 2, 3, 4, 1)  # noqa: E731
@@ -145,7 +139,7 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     with pytest.raises(ValueError, match="at least 17 frames"):
         adapter.validate_clip(ClipSpec(9, 32, 48))
     adapter.validate_clip(spec)
-    clip = _clip(spec)
+    clip = stepping_square_8bit(spec)
     enc = adapter.encode_clip(clip)
     x0, made = enc["latents"], enc["image_condition"]
     c = x0.shape[1]
@@ -278,49 +272,24 @@ def test_refusals_name_what_to_train():
 
 @pytest.mark.slow  # a LoRA training run and a generation
 def test_train_then_generate_i2v(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-    from vidsparse.lora.adapters.wan_i2v import first_frame_image
-
-    spec, out = ClipSpec(17, 32, 48), tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-kandinsky5-i2v",
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, rank=4, max_train_steps=2,
-        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    first_frame_image(_clip(spec)[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-kandinsky5-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=spec.num_frames, height=spec.height, width=spec.width, steps=2,
-                                   backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
+    spec = ClipSpec(17, 32, 48)
+    _, out = train_tiny(tmp_path, "tiny-kandinsky5-i2v", spec)
+    generate_tiny("tiny-kandinsky5-i2v", out, spec, image_of=stepping_square_8bit(spec))
 
 
 @pytest.mark.slow  # a LoRA training run and a generation
 def test_train_then_generate(tmp_path):
     import json
 
-    from test_lora_data import make_dataset
+    from vidsparse.lora import load_lora
 
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, load_lora, train_lora
-
-    spec, out = SPECS[False], tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-kandinsky5",
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, rank=4, batch_size=2, max_train_steps=2,
-        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    spec = SPECS[False]
+    _, out = train_tiny(tmp_path, "tiny-kandinsky5", spec, batch_size=2)
     assert json.loads((out / "vidsparse_lora.json").read_text())["family"] == "kandinsky5"
     fresh = tiny_pipeline()
     load_lora(fresh, out)
     blocks = len(fresh.transformer.visual_transformer_blocks)
     expected = {f"visual_transformer_blocks.{i}.self_attention.{p}" for i in range(blocks)
                 for p in ("to_query", "to_key", "to_value", "out_layer")}  # fmt: skip
-    assert {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)} == expected
-    res = generate(GenerateOptions(model="tiny-kandinsky5", lora=str(out), frames=spec.num_frames, height=spec.height,
-                                   width=spec.width, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
+    assert lora_module_names(fresh.transformer) == expected
+    generate_tiny("tiny-kandinsky5", out, spec)

@@ -12,6 +12,7 @@ first frame out; then ``train-lora --model tiny-ltx-i2v`` and ``generate --image
 
 import pytest
 import torch
+from lora_checks import generate_tiny, square_clip_8bit, train_tiny
 
 from vidsparse.families.ltx import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -25,22 +26,12 @@ pytestmark = pytest.mark.slow
 SPEC = ClipSpec(17, 128, 128)  # 3 latent frames of 4 x 4 tokens
 
 
-def _clip(spec: ClipSpec = SPEC) -> torch.Tensor:
-    """[1, 3, F, H, W] in [-1, 1] on 8-bit levels (its first frame is exactly a PIL image)."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 40.0)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        x = f * (spec.width - side) // (spec.num_frames - 1)
-        video[0, 0, f, side : 2 * side, x : x + side] = 210.0
-    return video / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module")
 def ltx():
     pipe = tiny_pipeline(variant="ltx-i2v")
     adapter = adapter_for(pipe, "tiny-ltx-i2v")
     adapter.validate_clip(SPEC)
-    clip = _clip()
+    clip = square_clip_8bit(SPEC)
     enc = adapter.encode_clip(clip)
     text = {**_collate_text([adapter.encode_text("a red square")]), "image_latents": enc["image_latents"]}
     return pipe, adapter, clip, enc["latents"], text
@@ -126,19 +117,7 @@ def test_ideal_model_reaches_the_clip_and_predict_is_the_pipelines_call(ltx):
 
 
 def test_train_then_generate_end_to_end(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-ltx-i2v", num_frames=17,
-        height=64, width=64, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and result.cache.latents_computed == 3
-    first_frame_image(_clip(ClipSpec(17, 64, 64))[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-ltx-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=17, height=64, width=64, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (17, 64, 64)
+    spec = ClipSpec(17, 64, 64)
+    result, out = train_tiny(tmp_path, "tiny-ltx-i2v", spec)
+    assert result.cache.latents_computed == 3
+    generate_tiny("tiny-ltx-i2v", out, spec, image_of=square_clip_8bit(spec))

@@ -10,6 +10,7 @@ then ``generate --image --lora`` on ``tiny-skyreels-v2-i2v``.
 
 import pytest
 import torch
+from lora_checks import generate_tiny, stepping_square_8bit, train_tiny
 
 from vidsparse.families.skyreels import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -23,20 +24,13 @@ pytestmark = pytest.mark.slow
 SPEC = ClipSpec(9, 32, 32)
 
 
-def _clip() -> torch.Tensor:
-    video = torch.full((1, 3, SPEC.num_frames, SPEC.height, SPEC.width), 25.0)
-    for f in range(SPEC.num_frames):
-        video[0, 0, f, 8:20, 2 * f : 2 * f + 12] = 220.0
-    return video / 127.5 - 1.0
-
-
 @pytest.mark.parametrize("variant", ["skyreels-v2", "skyreels-v2-i2v"])
 def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     pipe = tiny_pipeline(variant=variant)
     adapter = adapter_for(pipe, f"tiny-{variant}")
     assert adapter.default_flow_shift() == 8.0
     adapter.validate_clip(SPEC)
-    clip = _clip()
+    clip = stepping_square_8bit(SPEC, side=12)
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
     text = {**_collate_text([adapter.encode_text("a red square")]), **{k: v for k, v in enc.items() if k != "latents"}}
@@ -71,19 +65,5 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
 
 
 def test_train_then_generate_i2v(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-skyreels-v2-i2v",
-        num_frames=9, height=32, width=32, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2
-    first_frame_image(_clip()[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-skyreels-v2-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=9, height=32, width=32, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (9, 32, 32)
+    _, out = train_tiny(tmp_path, "tiny-skyreels-v2-i2v", SPEC)
+    generate_tiny("tiny-skyreels-v2-i2v", out, SPEC, image_of=stepping_square_8bit(SPEC, side=12))

@@ -11,6 +11,7 @@ Then ``train_lora`` and ``generate --lora`` on ``tiny-wan-vace``.
 
 import pytest
 import torch
+from lora_checks import generate_tiny, lora_module_names, stepping_square_8bit, train_tiny
 
 from vidsparse.families.wan_vace import tiny_pipeline
 from vidsparse.lora.data import ClipSpec
@@ -19,13 +20,6 @@ from vidsparse.lora.train import _collate_text
 from vidsparse.models.tiny import encode_prompt_tiny
 
 SPEC = ClipSpec(9, 32, 48)
-
-
-def _clip() -> torch.Tensor:
-    video = torch.full((1, 3, SPEC.num_frames, SPEC.height, SPEC.width), 25.0)
-    for f in range(SPEC.num_frames):
-        video[0, 0, f, 8:24, 2 * f : 2 * f + 16] = 220.0
-    return video / 127.5 - 1.0
 
 
 def _tensors(kwargs: dict) -> dict[str, torch.Tensor]:
@@ -37,7 +31,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
     adapter = adapter_for(pipe, "tiny-wan-vace")
     assert adapter.default_flow_shift() == pipe.scheduler.config.shift == 3.0
     adapter.validate_clip(SPEC)
-    enc = adapter.encode_clip(_clip())
+    enc = adapter.encode_clip(stepping_square_8bit(SPEC))
     x0, control = enc["latents"], enc["control"]
     z = pipe.vae.config.z_dim
     assert control.shape == (1, 2 * z + 64, *x0.shape[2:])
@@ -91,24 +85,13 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
 
 @pytest.mark.slow  # a LoRA training run and a generation
 def test_train_then_generate(tmp_path):
-    from test_lora_data import make_dataset
+    from vidsparse.lora import load_lora
 
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, load_lora, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-wan-vace",
-        num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, rank=4, batch_size=2, max_train_steps=2,
-        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    _, out = train_tiny(tmp_path, "tiny-wan-vace", SPEC, batch_size=2)
     fresh = tiny_pipeline()
     load_lora(fresh, out)
     t = fresh.transformer
     expected = {f"{blocks}.{i}.attn1.{p}" for blocks in ("blocks", "vace_blocks") for i in range(len(getattr(t, blocks)))
                 for p in ("to_q", "to_k", "to_v", "to_out.0")}  # fmt: skip
-    assert {n for n, m in t.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)} == expected
-    res = generate(GenerateOptions(model="tiny-wan-vace", lora=str(out), frames=SPEC.num_frames, height=SPEC.height,
-                                   width=SPEC.width, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (SPEC.num_frames, SPEC.height, SPEC.width)
+    assert lora_module_names(t) == expected
+    generate_tiny("tiny-wan-vace", out, SPEC)
