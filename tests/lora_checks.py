@@ -117,3 +117,41 @@ def generate_tiny(model: str, lora: Path, spec: ClipSpec, image_of: torch.Tensor
                                    width=spec.width, steps=2, backend="torch", progress=False, **options))  # fmt: skip
     assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
     return res
+
+
+def snapshot(kwargs: dict[str, Any], tensors_only: bool = False) -> dict[str, Any]:
+    """A copy of a module call's keyword arguments (tensors detached and cloned; others as they are,
+    or left out with ``tensors_only``), so a later call cannot change what was recorded."""
+    return {
+        k: v.detach().clone() if torch.is_tensor(v) else v
+        for k, v in kwargs.items()
+        if torch.is_tensor(v) or not tensors_only
+    }
+
+
+def predict_inputs(adapter, transformer: torch.nn.Module, noisy, timestep, text, tensors_only: bool = False) -> dict:
+    """What ``adapter.predict`` hands ``transformer`` (its last call's keyword arguments, ``snapshot``):
+    the oracle tests compare it to what the real pipeline's sampler fed the transformer."""
+    seen = []
+    handle = transformer.register_forward_hook(lambda m, a, k, o: seen.append(snapshot(k, tensors_only)),
+                                               with_kwargs=True)  # fmt: skip
+    try:
+        with torch.no_grad():
+            adapter.predict(transformer, noisy, timestep, text)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def check_on_flow_path(adapter, hidden, x0, noise, timestep=None, atol: float = 2e-4, timestep_atol: float = 1e-3):
+    """The noise level ``s`` of a sampler's transformer input ``hidden``, checked to lie on the training's
+    straight path ``x0 + s (noise - x0)`` (within ``atol``) and, given the ``timestep`` it was fed, that
+    this is the adapter's ``transformer_timestep(s)`` (within ``timestep_atol``)."""
+    d = noise - x0
+    s = float(((hidden - x0) * d).sum() / (d * d).sum())
+    torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=atol)
+    if timestep is not None:
+        torch.testing.assert_close(
+            timestep, adapter.transformer_timestep(torch.tensor([s])), rtol=0, atol=timestep_atol
+        )
+    return s

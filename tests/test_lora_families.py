@@ -12,7 +12,7 @@ pipeline through diffusers and reproduces the trained transformer's output.
 
 import pytest
 import torch
-from lora_checks import lora_module_names, sparse_objective, square_clip, train_steps, train_tiny
+from lora_checks import check_on_flow_path, lora_module_names, sparse_objective, square_clip, train_steps, train_tiny
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import family_of, get_family
@@ -132,12 +132,8 @@ def test_flow_convention_matches_the_pipeline_sampler(family):
     final, calls = _sample_with_oracle(fam, pipe, text, x0, noise, adapter.transformer_output(noise_p - x0_p))
     torch.testing.assert_close(final.float(), x0_p, rtol=0, atol=2e-4)
     assert len(calls) == 4
-    d = noise_p - x0_p
-    for hidden, t in calls:
-        s = float(((hidden.float() - x0_p) * d).sum() / (d * d).sum())  # the noise level of the input
-        torch.testing.assert_close(hidden.float(), x0_p + s * d, rtol=0, atol=2e-4)  # on the path
-        expected = adapter.transformer_timestep(torch.tensor([s]))
-        torch.testing.assert_close(t.float().view(-1)[:1], expected, rtol=0, atol=0.05)
+    for hidden, t in calls:  # each input on the path, fed the timestep of its noise level
+        check_on_flow_path(adapter, hidden.float(), x0_p, noise_p, t.float().view(-1)[:1], timestep_atol=0.05)
     if fam == "mochi":  # the unconverted convention (output = velocity) walks away from the data
         wrong, _ = _sample_with_oracle(fam, pipe, text, x0, noise, noise_p - x0_p)
         assert (wrong - x0_p).abs().max() > 0.5

@@ -13,7 +13,15 @@ empty caption's encoding. Then ``train_lora`` followed by ``generate --lora`` on
 
 import pytest
 import torch
-from lora_checks import generate_tiny, lora_module_names, stepping_square_8bit, train_tiny
+from lora_checks import (
+    check_on_flow_path,
+    generate_tiny,
+    lora_module_names,
+    predict_inputs,
+    snapshot,
+    stepping_square_8bit,
+    train_tiny,
+)
 
 from vidsparse.families.hunyuan15 import tiny_pipeline
 from vidsparse.lora.adapters.wan_i2v import first_frame_image
@@ -23,10 +31,6 @@ from vidsparse.lora.train import _collate_text
 
 SPECS = {"hunyuan15": ClipSpec(9, 32, 48), "hunyuan15-i2v": ClipSpec(9, 48, 64)}  # I2V: a 64-pixel bucket
 CAPTION = 'a sign reading "OPEN"'  # quoted text: the ByT5 glyph encoder runs (its mask is not all zero)
-
-
-def _tensors(kwargs: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
 
 
 @pytest.mark.parametrize("variant", ["hunyuan15", "hunyuan15-i2v"])
@@ -48,7 +52,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     calls = []
 
     def hook(module, args, kwargs, out):
-        calls.append(_tensors(kwargs))
+        calls.append(snapshot(kwargs, tensors_only=True))
         return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
 
     kwargs = (
@@ -64,28 +68,13 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
         handle.remove()
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     assert len(calls) == 8  # the guider's conditional then unconditional call, each of 4 steps
-    z, d = x0.shape[1], noise - x0
-    seen = []
-
-    def probe(module, args, kwargs, out):
-        seen.append(_tensors(kwargs))
-        return out
-
+    z = x0.shape[1]
     for step in range(4):
         call, uncond = calls[2 * step], calls[2 * step + 1]
-        hidden = call["hidden_states"][:, :z].float()
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)  # on the training path
-        torch.testing.assert_close(call["timestep"], adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1e-3)  # fmt: skip
+        check_on_flow_path(adapter, call["hidden_states"][:, :z].float(), x0, noise, call["timestep"])
         # predict() at that input and timestep feeds the transformer exactly what the pipeline did
-        handle = pipe.transformer.register_forward_hook(probe, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, call["hidden_states"][:, :z], call["timestep"], text)
-        finally:
-            handle.remove()
-        mine = seen.pop()
+        mine = predict_inputs(adapter, pipe.transformer, call["hidden_states"][:, :z], call["timestep"], text,
+                              tensors_only=True)  # fmt: skip
         assert set(mine) == set(call)
         for key in call:
             torch.testing.assert_close(mine[key], call[key], rtol=0, atol=0, msg=key)

@@ -16,7 +16,15 @@ step and the other frames reach the clip. Then ``train_lora`` and ``generate --l
 
 import pytest
 import torch
-from lora_checks import generate_tiny, lora_module_names, stepping_square_8bit, train_tiny
+from lora_checks import (
+    check_on_flow_path,
+    generate_tiny,
+    lora_module_names,
+    predict_inputs,
+    snapshot,
+    stepping_square_8bit,
+    train_tiny,
+)
 
 import vidsparse as vs
 from vidsparse.families.kandinsky5 import tiny_pipeline, tiny_prompt_kwargs
@@ -26,10 +34,6 @@ from vidsparse.lora.train import _collate_text
 
 SPECS = {False: ClipSpec(9, 32, 48), True: ClipSpec(9, 128, 128)}  # NABLA: whole 8x8-token tiles
 CAPTION = "a red square"
-
-
-def _captured(kwargs: dict) -> dict:
-    return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
 
 
 def _assert_same_inputs(mine: dict, theirs: dict) -> None:
@@ -63,7 +67,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(nabla):
     calls = []
 
     def hook(module, args, kwargs, out):
-        calls.append(_captured(kwargs))
+        calls.append(snapshot(kwargs))
         return type(out)(sample=last(adapter.transformer_output(noise - x0)).to(out.sample.dtype))
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
@@ -77,27 +81,11 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(nabla):
     torch.testing.assert_close(final.float(), last(x0), rtol=0, atol=2e-4)
     assert len(calls) == 8  # conditional and unconditional call per step (guidance 5)
     assert (calls[0]["sparse_params"] is not None) == nabla
-    d = noise - x0
-    seen = []
-
-    def probe(module, args, kwargs, out):
-        seen.append(_captured(kwargs))
-        return out
-
     for step in range(4):
         call = calls[2 * step]
         hidden = call["hidden_states"].permute(0, 4, 1, 2, 3).float()
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)  # on the training path
-        torch.testing.assert_close(call["timestep"], adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1e-3)  # fmt: skip
-        handle = pipe.transformer.register_forward_hook(probe, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, hidden, call["timestep"], text)
-        finally:
-            handle.remove()
-        _assert_same_inputs(seen.pop(), call)
+        check_on_flow_path(adapter, hidden, x0, noise, call["timestep"])  # on the training path
+        _assert_same_inputs(predict_inputs(adapter, pipe.transformer, hidden, call["timestep"], text), call)
 
 
 def _text_encoders():
@@ -154,7 +142,7 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     calls, last = [], {}
 
     def hook(module, args, kwargs, out):
-        calls.append(_captured(kwargs))
+        calls.append(snapshot(kwargs))
         return type(out)(sample=velocity.to(out.sample.dtype))
 
     def at_step_end(pipe_, i, t, kwargs):
@@ -172,22 +160,13 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     final = last["latents"].permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(final[:, :c, 1:], x0[:, :, 1:], rtol=0, atol=2e-4)  # the sampled frames
     assert len(calls) == 8
-    seen = []
     for step in range(4):
         call = calls[2 * step]
         torch.testing.assert_close(call["hidden_states"][:, :1], made[:, :1], rtol=0, atol=0)  # clean image frame
         torch.testing.assert_close(call["hidden_states"][..., c:], made[..., c:], rtol=0, atol=0)
         hidden = call["hidden_states"][..., :c].permute(0, 4, 1, 2, 3).float()
-        d = (noise - x0)[:, :, 1:]
-        s = float(((hidden[:, :, 1:] - x0[:, :, 1:]) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden[:, :, 1:], x0[:, :, 1:] + s * d, rtol=0, atol=2e-4)
-        handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_captured(k)), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, hidden, call["timestep"], text)
-        finally:
-            handle.remove()
-        _assert_same_inputs(seen.pop(), call)
+        check_on_flow_path(adapter, hidden[:, :, 1:], x0[:, :, 1:], noise[:, :, 1:])
+        _assert_same_inputs(predict_inputs(adapter, pipe.transformer, hidden, call["timestep"], text), call)
     pred = torch.randn(x0.shape)
     target = pred.clone()
     target[:, :, 0] += 1.0
@@ -214,7 +193,7 @@ def test_text_is_the_pipelines_encode_prompt_unpadded():
     # the pipeline's own call with the caption feeds the transformer those unpadded tokens
     spec = SPECS[False]
     seen = []
-    handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_captured(k)), with_kwargs=True)
+    handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(snapshot(k)), with_kwargs=True)
     try:
         pipe(prompt=captions[1], num_frames=spec.num_frames, height=spec.height, width=spec.width,
              num_inference_steps=1, guidance_scale=1.0, output_type="latent")  # fmt: skip

@@ -11,7 +11,15 @@ Then ``train_lora`` and ``generate --lora`` on ``tiny-wan-vace``.
 
 import pytest
 import torch
-from lora_checks import generate_tiny, lora_module_names, stepping_square_8bit, train_tiny
+from lora_checks import (
+    check_on_flow_path,
+    generate_tiny,
+    lora_module_names,
+    predict_inputs,
+    snapshot,
+    stepping_square_8bit,
+    train_tiny,
+)
 
 from vidsparse.families.wan_vace import tiny_pipeline
 from vidsparse.lora.data import ClipSpec
@@ -20,10 +28,6 @@ from vidsparse.lora.train import _collate_text
 from vidsparse.models.tiny import encode_prompt_tiny
 
 SPEC = ClipSpec(9, 32, 48)
-
-
-def _tensors(kwargs: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
 
 
 def test_ideal_model_in_the_real_sampler_reaches_the_clip():
@@ -41,7 +45,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
     calls = []
 
     def hook(module, args, kwargs, out):
-        calls.append(_tensors(kwargs))
+        calls.append(snapshot(kwargs, tensors_only=True))
         return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
@@ -53,26 +57,15 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
         handle.remove()
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     assert len(calls) == 8
-    d = noise - x0
-    seen = []
     for step in range(4):
         call = calls[2 * step]
         torch.testing.assert_close(call["control_hidden_states"], control, rtol=0, atol=0)
         # the pipeline's default conditioning_scale: ones over vace_layers, the transformer's default for None
         assert call["control_hidden_states_scale"].eq(1).all()
         assert len(call["control_hidden_states_scale"]) == len(pipe.transformer.config.vace_layers)
-        hidden = call["hidden_states"].float()
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)
-        torch.testing.assert_close(call["timestep"].float(), adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1e-3)  # fmt: skip
-        handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_tensors(k)), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, call["hidden_states"], call["timestep"], text)
-        finally:
-            handle.remove()
-        mine = seen.pop()
+        check_on_flow_path(adapter, call["hidden_states"].float(), x0, noise, call["timestep"].float())
+        mine = predict_inputs(adapter, pipe.transformer, call["hidden_states"], call["timestep"], text,
+                              tensors_only=True)  # fmt: skip
         assert set(mine) == set(call) - {"control_hidden_states_scale"}
         for key in mine:
             torch.testing.assert_close(mine[key], call[key], rtol=0, atol=0, msg=key)
