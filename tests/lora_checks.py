@@ -155,3 +155,30 @@ def check_on_flow_path(adapter, hidden, x0, noise, timestep=None, atol: float = 
             timestep, adapter.transformer_timestep(torch.tensor([s])), rtol=0, atol=timestep_atol
         )
     return s
+
+
+def pipeline_calls(
+    transformer: torch.nn.Module,
+    run: Callable[[], Any],
+    output: torch.Tensor | Callable[[int, dict[str, Any]], torch.Tensor] | None = None,
+    tensors_only: bool = False,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """``run()`` (a real pipeline's ``__call__``) with every call of ``transformer`` recorded (``snapshot``
+    of its keyword arguments). ``output``: what the transformer returns instead of its own output (an
+    ideal model of the trained objective put into the sampler): a tensor, or ``f(call index, kwargs)``.
+    Returns (what ``run`` returned, the calls)."""
+    calls: list[dict[str, Any]] = []
+
+    def hook(module, args, kwargs, out):
+        calls.append(snapshot(kwargs, tensors_only))
+        if output is None:
+            return out
+        value = output(len(calls) - 1, kwargs) if callable(output) else output
+        return (value.to(out[0].dtype),)
+
+    handle = transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, calls

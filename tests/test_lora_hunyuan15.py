@@ -17,8 +17,8 @@ from lora_checks import (
     check_on_flow_path,
     generate_tiny,
     lora_module_names,
+    pipeline_calls,
     predict_inputs,
-    snapshot,
     stepping_square_8bit,
     train_tiny,
 )
@@ -49,23 +49,15 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     assert text["prompt_embeds_mask_2"].any() and not empty["prompt_embeds_mask_2"].any()
     assert not text["prompt_embeds_mask"].all() or not empty["prompt_embeds_mask"].all()  # padding exercised
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append(snapshot(kwargs, tensors_only=True))
-        return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
-
     kwargs = (
         dict(image=first_frame_image(clip[0]))
         if variant.endswith("i2v")
         else dict(height=spec.height, width=spec.width)
     )
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(prompt=CAPTION, num_frames=spec.num_frames, num_inference_steps=4, latents=noise.clone(),
-                     output_type="latent", return_dict=False, **kwargs)[0]  # fmt: skip
-    finally:
-        handle.remove()
+    final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
+        prompt=CAPTION, num_frames=spec.num_frames, num_inference_steps=4, latents=noise.clone(),
+        output_type="latent", return_dict=False, **kwargs,
+    )[0], adapter.transformer_output(noise - x0), tensors_only=True)  # fmt: skip
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     assert len(calls) == 8  # the guider's conditional then unconditional call, each of 4 steps
     z = x0.shape[1]

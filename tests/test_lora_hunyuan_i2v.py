@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from lora_checks import square_clip_8bit
+from lora_checks import pipeline_calls, square_clip_8bit
 
 from vidsparse.families.hunyuan import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -57,20 +57,10 @@ def test_tokenizer_has_the_templates_offsets():
 
 
 def _run(pipe, clip, latents, output=None, steps=3):
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out if output is None else (output.to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(image=first_frame_image(clip[0]), prompt=CAPTION, num_frames=SPEC.num_frames, height=SPEC.height,
-                     width=SPEC.width, num_inference_steps=steps, latents=latents, output_type="latent",
-                     return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
-    return final, calls
+    return pipeline_calls(pipe.transformer, lambda: pipe(
+        image=first_frame_image(clip[0]), prompt=CAPTION, num_frames=SPEC.num_frames, height=SPEC.height,
+        width=SPEC.width, num_inference_steps=steps, latents=latents, output_type="latent", return_dict=False,
+    )[0], output)  # fmt: skip
 
 
 def test_condition_is_the_pipelines(hunyuan):

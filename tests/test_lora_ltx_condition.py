@@ -18,7 +18,7 @@ import json
 
 import pytest
 import torch
-from lora_checks import square_clip_8bit
+from lora_checks import pipeline_calls, square_clip_8bit
 
 from vidsparse.families.ltx import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -66,22 +66,12 @@ def _condition_kwargs(adapter, clip):
 
 def _run(pipe, adapter, clip, text, output=None, steps=3, seed=0):
     """The real pipeline; ``output(call_index, hidden_states)`` replaces the transformer's output."""
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out if output is None else (output(len(calls) - 1, kwargs["hidden_states"]).to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(**_condition_kwargs(adapter, clip),
-                     prompt_embeds=text["prompt_embeds"], prompt_attention_mask=text["prompt_attention_mask"],
-                     num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, num_inference_steps=steps,
-                     guidance_scale=1.0, image_cond_noise_scale=NOISE_SCALE, generator=torch.Generator().manual_seed(seed),
-                     output_type="latent", return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
-    return final, calls
+    return pipeline_calls(pipe.transformer, lambda: pipe(
+        **_condition_kwargs(adapter, clip), prompt_embeds=text["prompt_embeds"],
+        prompt_attention_mask=text["prompt_attention_mask"], num_frames=SPEC.num_frames, height=SPEC.height,
+        width=SPEC.width, num_inference_steps=steps, guidance_scale=1.0, image_cond_noise_scale=NOISE_SCALE,
+        generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False,
+    )[0], None if output is None else lambda i, kwargs: output(i, kwargs["hidden_states"]))  # fmt: skip
 
 
 def _unpack(pipe, tokens, like):

@@ -12,7 +12,7 @@ first frame out; then ``train-lora --model tiny-ltx-i2v`` and ``generate --image
 
 import pytest
 import torch
-from lora_checks import check_on_flow_path, generate_tiny, square_clip_8bit, train_tiny
+from lora_checks import check_on_flow_path, generate_tiny, pipeline_calls, square_clip_8bit, train_tiny
 
 from vidsparse.families.ltx import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -46,22 +46,12 @@ def posterior_mode(monkeypatch):
 
 
 def _run(pipe, clip, text, latents=None, output=None, steps=3):
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out if output is None else (output.to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(image=first_frame_image(clip[0]), prompt_embeds=text["prompt_embeds"],
-                     prompt_attention_mask=text["prompt_attention_mask"], num_frames=SPEC.num_frames,
-                     height=SPEC.height, width=SPEC.width, num_inference_steps=steps, guidance_scale=1.0,
-                     generator=torch.Generator().manual_seed(0), latents=latents, output_type="latent",
-                     return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
-    return final, calls
+    return pipeline_calls(pipe.transformer, lambda: pipe(
+        image=first_frame_image(clip[0]), prompt_embeds=text["prompt_embeds"],
+        prompt_attention_mask=text["prompt_attention_mask"], num_frames=SPEC.num_frames, height=SPEC.height,
+        width=SPEC.width, num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+        latents=latents, output_type="latent", return_dict=False,
+    )[0], output)  # fmt: skip
 
 
 def _unpack(pipe, tokens, like):

@@ -10,7 +10,7 @@ then ``generate --image --lora`` on ``tiny-skyreels-v2-i2v``.
 
 import pytest
 import torch
-from lora_checks import check_on_flow_path, generate_tiny, stepping_square_8bit, train_tiny
+from lora_checks import check_on_flow_path, generate_tiny, pipeline_calls, stepping_square_8bit, train_tiny
 
 from vidsparse.families.skyreels import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -35,20 +35,12 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     x0 = enc["latents"]
     text = {**_collate_text([adapter.encode_text("a red square")]), **{k: v for k, v in enc.items() if k != "latents"}}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)})
-        return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
-
     kwargs = dict(image=first_frame_image(clip[0])) if variant.endswith("i2v") else {}
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(prompt_embeds=text["prompt_embeds"], num_frames=SPEC.num_frames, height=SPEC.height,
-                     width=SPEC.width, num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
-                     output_type="latent", return_dict=False, **kwargs)[0]  # fmt: skip
-    finally:
-        handle.remove()
+    final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
+        prompt_embeds=text["prompt_embeds"], num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width,
+        num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(), output_type="latent", return_dict=False,
+        **kwargs,
+    )[0], adapter.transformer_output(noise - x0), tensors_only=True)  # fmt: skip
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     z = x0.shape[1]
     for call in calls:

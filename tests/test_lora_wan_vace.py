@@ -15,8 +15,8 @@ from lora_checks import (
     check_on_flow_path,
     generate_tiny,
     lora_module_names,
+    pipeline_calls,
     predict_inputs,
-    snapshot,
     stepping_square_8bit,
     train_tiny,
 )
@@ -42,19 +42,11 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
     assert control[:, 2 * z :].eq(1).all()  # the all-ones mask, folded to 64 channels
     text = {**_collate_text([adapter.encode_text("a red square")]), "control": control}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append(snapshot(kwargs, tensors_only=True))
-        return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(prompt_embeds=text["prompt_embeds"], negative_prompt_embeds=encode_prompt_tiny("", dim=16),
-                     num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, num_inference_steps=4,
-                     latents=noise.clone(), output_type="latent", return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
+    final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
+        prompt_embeds=text["prompt_embeds"], negative_prompt_embeds=encode_prompt_tiny("", dim=16),
+        num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, num_inference_steps=4,
+        latents=noise.clone(), output_type="latent", return_dict=False,
+    )[0], adapter.transformer_output(noise - x0), tensors_only=True)  # fmt: skip
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     assert len(calls) == 8
     for step in range(4):
