@@ -89,11 +89,22 @@ def test_latents_and_text_follow_the_pipeline(family):
 
 
 def _pipeline_kwargs(fam: str, pipe, text, spec: ClipSpec, noise: torch.Tensor) -> dict:
-    kw = dict(prompt_embeds=text["prompt_embeds"][:1], num_frames=spec.num_frames, height=spec.height,
-              width=spec.width, num_inference_steps=4, output_type="latent", return_dict=False)
+    kw = dict(
+        prompt_embeds=text["prompt_embeds"][:1],
+        num_frames=spec.num_frames,
+        height=spec.height,
+        width=spec.width,
+        num_inference_steps=4,
+        output_type="latent",
+        return_dict=False,
+    )
     if fam == "hunyuan":
-        return dict(kw, prompt_attention_mask=text["prompt_attention_mask"][:1].long(),
-                    pooled_prompt_embeds=text["pooled_prompt_embeds"][:1], latents=noise)
+        return dict(
+            kw,
+            prompt_attention_mask=text["prompt_attention_mask"][:1].long(),
+            pooled_prompt_embeds=text["pooled_prompt_embeds"][:1],
+            latents=noise,
+        )
     kw.update(prompt_attention_mask=text["prompt_attention_mask"][:1], guidance_scale=1.0)
     return dict(kw, latents=pipe._pack_latents(noise) if fam == "ltx" else noise)
 
@@ -150,8 +161,9 @@ def test_flow_convention_matches_the_pipeline_sampler(family):
     handle = pipe.transformer.register_forward_hook(probe, with_kwargs=True)
     try:
         with torch.no_grad():
-            v = adapter.predict(pipe.transformer, (1 - sigma) * x0 + sigma * noise, sigma * 1000.0,
-                                {k: t[:1] for k, t in text.items()})
+            v = adapter.predict(
+                pipe.transformer, (1 - sigma) * x0 + sigma * noise, sigma * 1000.0, {k: t[:1] for k, t in text.items()}
+            )
     finally:
         handle.remove()
     torch.testing.assert_close(v, noise - x0, rtol=0, atol=1e-5)
@@ -162,8 +174,11 @@ def _expected_lora_modules(fam: str, transformer) -> set[str]:
     qkvo = ("to_q", "to_k", "to_v", "to_out.0")
     if fam == "hunyuan":
         double = {f"transformer_blocks.{i}.attn.{m}" for i in range(len(transformer.transformer_blocks)) for m in qkvo}
-        single = {f"single_transformer_blocks.{i}.attn.{m}" for i in range(len(transformer.single_transformer_blocks))
-                  for m in qkvo[:3]}  # single-stream blocks have no attention output projection
+        single = {
+            f"single_transformer_blocks.{i}.attn.{m}"
+            for i in range(len(transformer.single_transformer_blocks))
+            for m in qkvo[:3]
+        }  # single-stream blocks have no attention output projection
         return double | single
     return {f"transformer_blocks.{i}.attn1.{m}" for i in range(len(transformer.transformer_blocks)) for m in qkvo}
 
@@ -243,7 +258,9 @@ def test_ltx_default_shift_is_the_pipelines_resolution_shift():
     sched = FlowMatchEulerDiscreteScheduler.from_config(cfg, shift_terminal=None)
     base = torch.linspace(1.0, 1 / 8, 8)
     sched.set_timesteps(sigmas=base.tolist(), mu=mu)
-    torch.testing.assert_close(shift_sigmas(base, adapter.default_flow_shift()), sched.sigmas[:-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        shift_sigmas(base, adapter.default_flow_shift()), sched.sigmas[:-1], rtol=1e-5, atol=1e-6
+    )
     assert adapter_for(tiny_family_pipeline("hunyuan"), "h").default_flow_shift() == 7.0
 
 
