@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from lora_checks import lora_module_names, sparse_objective, square_clip, train_steps
 
 from vidsparse.config import SparseConfig
 from vidsparse.families.cogvideox import tiny_pipeline
@@ -21,7 +22,6 @@ from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
 from vidsparse.lora.flow import NoiseSampler
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
 from vidsparse.pipelines import apply
 
@@ -36,22 +36,12 @@ CAPTIONS = ("a red square slides to the right", "a blue square")
 SPARSE = SparseConfig("radial", dense_first_steps=0, backend="torch", block_size=16)
 
 
-def _clip(direction: int, spec: ClipSpec = SPEC) -> torch.Tensor:
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), -0.8)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        off = f * (spec.width - side) // (spec.num_frames - 1)
-        y, x = (spec.height // 3, off) if direction == 0 else (off, spec.width // 3)
-        video[0, direction, f, y : y + side, x : x + side] = 0.9
-    return video
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["1.0", "1.5"])
 def cog(request):
     pipe = tiny_pipeline(v15=request.param)
     adapter = adapter_for(pipe, "tiny-cogvideox")
     adapter.validate_clip(SPECS[request.param])
-    x0 = torch.cat([adapter.encode_video(_clip(d, SPECS[request.param])) for d in (0, 1)])
+    x0 = torch.cat([adapter.encode_video(square_clip(SPECS[request.param], d)) for d in (0, 1)])
     text = _collate_text([adapter.encode_text(c) for c in CAPTIONS])
     return request.param, pipe, adapter, x0, text
 
@@ -59,7 +49,7 @@ def cog(request):
 def test_latents_pad_for_patch_t_and_match_the_decoder(cog):
     v15, pipe, adapter, x0, _ = cog
     assert x0.shape == (2, 4, 6 if v15 else 3, 16, 16)  # 1.5: 5 latent frames padded in front to 6
-    raw = adapter._vae_mode(_clip(0, SPECS[v15]))
+    raw = adapter._vae_mode(square_clip(SPECS[v15], 0))
     back = x0[:1] / pipe.vae.config.scaling_factor  # CogVideoXPipeline.decode_latents
     torch.testing.assert_close(back[:, :, -raw.shape[2] :], raw, rtol=1e-5, atol=1e-6)
     if v15:
@@ -160,7 +150,7 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(cog, tmp_path):
     transformer.requires_grad_(False)
     cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4, pattern="radial")
     transformer.add_adapter(_lora_config(cfg, adapter))
-    lora = {n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    lora = lora_module_names(transformer)
     assert lora == {f"transformer_blocks.{i}.attn1.{m}" for i in range(2) for m in ("to_q", "to_k", "to_v", "to_out.0")}
     t = torch.tensor([300.0, 700.0])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
@@ -168,21 +158,10 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(cog, tmp_path):
     def loss():
         return flow_loss(adapter, transformer, x0, text, t, noise)
 
-    with torch.no_grad():
-        dense = loss().item()
-        apply(transformer, SPARSE)
-        before = loss().item()
+    dense, before = sparse_objective(transformer, loss, SPARSE)
     assert abs(before - dense) > 1e-6  # radial is active in the trained objective
-    enable_gradient_checkpointing(transformer)
-    transformer.train()
-    opt = torch.optim.Adam([p for p in transformer.parameters() if p.requires_grad], lr=2e-2)
-    for _ in range(15):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    transformer.eval()
+    after = train_steps(transformer, loss, 15)
     with torch.no_grad():
-        after = loss().item()
         trained = adapter.predict(transformer, x0, t, text)
     assert after < 0.9 * before, (before, after)
     save_lora(tmp_path, type(pipe), transformer)

@@ -12,6 +12,7 @@ tiny-cogvideox-i2v`` and ``generate --model tiny-cogvideox-i2v --image --lora`` 
 
 import pytest
 import torch
+from lora_checks import generate_tiny, square_clip_8bit, train_tiny
 
 from vidsparse.families.cogvideox import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -27,13 +28,8 @@ SPECS = {False: ClipSpec(9, 64, 64), True: ClipSpec(17, 64, 64)}
 
 
 def _clip(spec: ClipSpec) -> torch.Tensor:
-    """[1, 3, F, H, W] in [-1, 1] on 8-bit levels (its first frame is exactly a PIL image)."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 30.0)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        x = f * (spec.width - side) // (spec.num_frames - 1)
-        video[0, 1, f, side : 2 * side, x : x + side] = 220.0
-    return video / 127.5 - 1.0
+    """A green square crossing the frame, on 8-bit levels (its first frame is exactly a PIL image)."""
+    return square_clip_8bit(spec, background=30.0, level=220.0, channel=1)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["1.0", "1.5"])
@@ -136,19 +132,7 @@ def test_ideal_model_samples_the_clip_and_predict_is_the_pipelines_call(cog, pos
 
 
 def test_train_then_generate_end_to_end(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-cogvideox-i2v",
-        num_frames=9, height=32, width=32, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and result.cache.latents_computed == 3
-    first_frame_image(_clip(ClipSpec(9, 32, 32))[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-cogvideox-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=9, height=32, width=32, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (9, 32, 32)
+    spec = ClipSpec(9, 32, 32)
+    result, out = train_tiny(tmp_path, "tiny-cogvideox-i2v", spec)
+    assert result.cache.latents_computed == 3
+    generate_tiny("tiny-cogvideox-i2v", out, spec, image_of=_clip(spec))

@@ -12,6 +12,7 @@ pipeline through diffusers and reproduces the trained transformer's output.
 
 import pytest
 import torch
+from lora_checks import check_on_flow_path, lora_module_names, sparse_objective, square_clip, train_steps, train_tiny
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import family_of, get_family
@@ -20,7 +21,6 @@ from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
 from vidsparse.lora.flow import shift_sigmas
 from vidsparse.lora.models import TrainableVideoModel, adapter_for
-from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
 from vidsparse.models.tiny import build_tiny_pipeline
 from vidsparse.pipelines import apply
@@ -46,19 +46,8 @@ def tiny_family_pipeline(family: str, seed: int = 0, **kwargs):
     return get_family(family).tiny_pipeline(seed=seed, **kwargs)
 
 
-def _clip(spec: ClipSpec, direction: int) -> torch.Tensor:
-    """A bright square moving right (0) or down (1) on a dark background: [1, 3, F, H, W] in [-1, 1]."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), -0.8)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        off = f * (spec.width - side) // max(1, spec.num_frames - 1)
-        y, x = (spec.height // 3, off) if direction == 0 else (off, spec.width // 3)
-        video[0, direction, f, y : y + side, x : x + side] = 0.9
-    return video
-
-
 def _batch(adapter: TrainableVideoModel, spec: ClipSpec):
-    x0 = torch.cat([adapter.encode_video(_clip(spec, d)) for d in (0, 1)])
+    x0 = torch.cat([adapter.encode_video(square_clip(spec, d)) for d in (0, 1)])
     text = _collate_text([adapter.encode_text(c) for c in CAPTIONS])
     return x0, text
 
@@ -77,7 +66,7 @@ def family(request):
 def test_latents_and_text_follow_the_pipeline(family):
     fam, pipe, adapter, x0, text = family
     assert x0.shape == (2, *LATENT[fam]) and x0.dtype == torch.float32
-    vae, raw = pipe.vae, adapter._vae_mode(_clip(SPECS[fam], 0))
+    vae, raw = pipe.vae, adapter._vae_mode(square_clip(SPECS[fam], 0))
     # the pipeline's own decode-side denormalization gives back the raw VAE latents
     if fam == "hunyuan":
         back = x0[:1] / vae.config.scaling_factor
@@ -100,11 +89,22 @@ def test_latents_and_text_follow_the_pipeline(family):
 
 
 def _pipeline_kwargs(fam: str, pipe, text, spec: ClipSpec, noise: torch.Tensor) -> dict:
-    kw = dict(prompt_embeds=text["prompt_embeds"][:1], num_frames=spec.num_frames, height=spec.height,
-              width=spec.width, num_inference_steps=4, output_type="latent", return_dict=False)
+    kw = dict(
+        prompt_embeds=text["prompt_embeds"][:1],
+        num_frames=spec.num_frames,
+        height=spec.height,
+        width=spec.width,
+        num_inference_steps=4,
+        output_type="latent",
+        return_dict=False,
+    )
     if fam == "hunyuan":
-        return dict(kw, prompt_attention_mask=text["prompt_attention_mask"][:1].long(),
-                    pooled_prompt_embeds=text["pooled_prompt_embeds"][:1], latents=noise)
+        return dict(
+            kw,
+            prompt_attention_mask=text["prompt_attention_mask"][:1].long(),
+            pooled_prompt_embeds=text["pooled_prompt_embeds"][:1],
+            latents=noise,
+        )
     kw.update(prompt_attention_mask=text["prompt_attention_mask"][:1], guidance_scale=1.0)
     return dict(kw, latents=pipe._pack_latents(noise) if fam == "ltx" else noise)
 
@@ -143,12 +143,8 @@ def test_flow_convention_matches_the_pipeline_sampler(family):
     final, calls = _sample_with_oracle(fam, pipe, text, x0, noise, adapter.transformer_output(noise_p - x0_p))
     torch.testing.assert_close(final.float(), x0_p, rtol=0, atol=2e-4)
     assert len(calls) == 4
-    d = noise_p - x0_p
-    for hidden, t in calls:
-        s = float(((hidden.float() - x0_p) * d).sum() / (d * d).sum())  # the noise level of the input
-        torch.testing.assert_close(hidden.float(), x0_p + s * d, rtol=0, atol=2e-4)  # on the path
-        expected = adapter.transformer_timestep(torch.tensor([s]))
-        torch.testing.assert_close(t.float().view(-1)[:1], expected, rtol=0, atol=0.05)
+    for hidden, t in calls:  # each input on the path, fed the timestep of its noise level
+        check_on_flow_path(adapter, hidden.float(), x0_p, noise_p, t.float().view(-1)[:1], timestep_atol=0.05)
     if fam == "mochi":  # the unconverted convention (output = velocity) walks away from the data
         wrong, _ = _sample_with_oracle(fam, pipe, text, x0, noise, noise_p - x0_p)
         assert (wrong - x0_p).abs().max() > 0.5
@@ -165,8 +161,9 @@ def test_flow_convention_matches_the_pipeline_sampler(family):
     handle = pipe.transformer.register_forward_hook(probe, with_kwargs=True)
     try:
         with torch.no_grad():
-            v = adapter.predict(pipe.transformer, (1 - sigma) * x0 + sigma * noise, sigma * 1000.0,
-                                {k: t[:1] for k, t in text.items()})
+            v = adapter.predict(
+                pipe.transformer, (1 - sigma) * x0 + sigma * noise, sigma * 1000.0, {k: t[:1] for k, t in text.items()}
+            )
     finally:
         handle.remove()
     torch.testing.assert_close(v, noise - x0, rtol=0, atol=1e-5)
@@ -177,14 +174,13 @@ def _expected_lora_modules(fam: str, transformer) -> set[str]:
     qkvo = ("to_q", "to_k", "to_v", "to_out.0")
     if fam == "hunyuan":
         double = {f"transformer_blocks.{i}.attn.{m}" for i in range(len(transformer.transformer_blocks)) for m in qkvo}
-        single = {f"single_transformer_blocks.{i}.attn.{m}" for i in range(len(transformer.single_transformer_blocks))
-                  for m in qkvo[:3]}  # single-stream blocks have no attention output projection
+        single = {
+            f"single_transformer_blocks.{i}.attn.{m}"
+            for i in range(len(transformer.single_transformer_blocks))
+            for m in qkvo[:3]
+        }  # single-stream blocks have no attention output projection
         return double | single
     return {f"transformer_blocks.{i}.attn1.{m}" for i in range(len(transformer.transformer_blocks)) for m in qkvo}
-
-
-def _lora_modules(transformer) -> set[str]:
-    return {n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
 
 
 def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(family, tmp_path):
@@ -193,7 +189,7 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(family, tmp_path)
     transformer.requires_grad_(False)
     cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4, pattern="radial")
     transformer.add_adapter(_lora_config(cfg, adapter))
-    lora = _lora_modules(transformer)
+    lora = lora_module_names(transformer)
     assert lora == _expected_lora_modules(fam, transformer)
     attn = {path for path, _, _ in family_of(transformer).attention_paths(transformer)}
     assert {n.rsplit(".", 2 if n.endswith("to_out.0") else 1)[0] for n in lora} <= attn  # vidsparse's self-attention
@@ -205,29 +201,17 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(family, tmp_path)
     def loss() -> torch.Tensor:
         return flow_loss(adapter, transformer, x0, text, sigma, noise)
 
-    with torch.no_grad():
-        dense = loss().item()
-        apply(transformer, SPARSE)
-        before = loss().item()
+    dense, before = sparse_objective(transformer, loss, SPARSE)
     assert abs(before - dense) > 1e-5  # the pattern is active (and not dense) in the objective trained
-    enable_gradient_checkpointing(transformer)
-    transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=2e-2)
-    for _ in range(20):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    transformer.eval()
+    after = train_steps(transformer, loss, 20)
     with torch.no_grad():
-        after = loss().item()
         trained = adapter.predict(transformer, x0, sigma * 1000, text)
     assert after < 0.9 * before, (before, after)  # on CPU: hunyuan 1.48 -> 1.09, ltx 1.61 -> 1.31
 
     save_lora(tmp_path, type(pipe), transformer)
     fresh = tiny_family_pipeline(fam)
     fresh.load_lora_weights(str(tmp_path))  # plain diffusers loading
-    assert _lora_modules(fresh.transformer) == lora
+    assert lora_module_names(fresh.transformer) == lora
     apply(fresh.transformer, SPARSE)
     with torch.no_grad():
         reloaded = adapter.predict(fresh.transformer, x0, sigma * 1000, text)
@@ -243,27 +227,19 @@ def test_train_lora_end_to_end(fam, tmp_path, monkeypatch):
     """
     import json
 
-    from test_lora_data import make_dataset
-
     import vidsparse.lora.train as train_mod
-    from vidsparse.lora import train_lora
 
     pipe = tiny_family_pipeline(fam)
     monkeypatch.setattr(train_mod, "load_model", lambda model, dtype: adapter_for(pipe, model))
     frames = {"hunyuan": 17, "ltx": 17, "mochi": 13}[fam]
     size = 64 if fam == "ltx" else 48
-    data = make_dataset(tmp_path / "data")
-    result = train_lora(TrainConfig(
-        data_dir=str(data), output_dir=str(tmp_path / "out"), model=f"tiny-{fam}", num_frames=frames, height=size,
-        width=size, rank=4, batch_size=2, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", progress=False,
-    ))
-    assert result.cache.latents_computed == 3 and result.cache.text_computed == 3 and len(result.losses) == 2
-    info = json.loads((tmp_path / "out" / "vidsparse_lora.json").read_text())
+    result, out = train_tiny(tmp_path, f"tiny-{fam}", ClipSpec(frames, size, size), batch_size=2)
+    assert result.cache.latents_computed == 3 and result.cache.text_computed == 3
+    info = json.loads((out / "vidsparse_lora.json").read_text())
     assert info["family"] == fam and set(info["target_modules"]) == set(adapter_for(pipe, fam).default_target_modules)
     fresh = tiny_family_pipeline(fam)
-    fresh.load_lora_weights(str(tmp_path / "out"))
-    assert _lora_modules(fresh.transformer) == _expected_lora_modules(fam, fresh.transformer)
+    fresh.load_lora_weights(str(out))
+    assert lora_module_names(fresh.transformer) == _expected_lora_modules(fam, fresh.transformer)
 
 
 def test_ltx_default_shift_is_the_pipelines_resolution_shift():
@@ -282,7 +258,9 @@ def test_ltx_default_shift_is_the_pipelines_resolution_shift():
     sched = FlowMatchEulerDiscreteScheduler.from_config(cfg, shift_terminal=None)
     base = torch.linspace(1.0, 1 / 8, 8)
     sched.set_timesteps(sigmas=base.tolist(), mu=mu)
-    torch.testing.assert_close(shift_sigmas(base, adapter.default_flow_shift()), sched.sigmas[:-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        shift_sigmas(base, adapter.default_flow_shift()), sched.sigmas[:-1], rtol=1e-5, atol=1e-6
+    )
     assert adapter_for(tiny_family_pipeline("hunyuan"), "h").default_flow_shift() == 7.0
 
 

@@ -13,6 +13,15 @@ empty caption's encoding. Then ``train_lora`` followed by ``generate --lora`` on
 
 import pytest
 import torch
+from lora_checks import (
+    check_on_flow_path,
+    generate_tiny,
+    lora_module_names,
+    pipeline_calls,
+    predict_inputs,
+    stepping_square_8bit,
+    train_tiny,
+)
 
 from vidsparse.families.hunyuan15 import tiny_pipeline
 from vidsparse.lora.adapters.wan_i2v import first_frame_image
@@ -24,17 +33,6 @@ SPECS = {"hunyuan15": ClipSpec(9, 32, 48), "hunyuan15-i2v": ClipSpec(9, 48, 64)}
 CAPTION = 'a sign reading "OPEN"'  # quoted text: the ByT5 glyph encoder runs (its mask is not all zero)
 
 
-def _clip(spec: ClipSpec) -> torch.Tensor:
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 25.0)
-    for f in range(spec.num_frames):
-        video[0, 0, f, 8:24, 2 * f : 2 * f + 16] = 220.0
-    return video / 127.5 - 1.0
-
-
-def _tensors(kwargs: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
-
-
 @pytest.mark.parametrize("variant", ["hunyuan15", "hunyuan15-i2v"])
 def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     pipe = tiny_pipeline(variant=variant)
@@ -42,7 +40,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     assert adapter.default_flow_shift() == pipe.scheduler.config.shift == 5.0
     spec = SPECS[variant]
     adapter.validate_clip(spec)
-    clip = _clip(spec)
+    clip = stepping_square_8bit(spec)
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
     cond = {k: v for k, v in enc.items() if k != "latents"}
@@ -51,47 +49,24 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     assert text["prompt_embeds_mask_2"].any() and not empty["prompt_embeds_mask_2"].any()
     assert not text["prompt_embeds_mask"].all() or not empty["prompt_embeds_mask"].all()  # padding exercised
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append(_tensors(kwargs))
-        return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
-
     kwargs = (
         dict(image=first_frame_image(clip[0]))
         if variant.endswith("i2v")
         else dict(height=spec.height, width=spec.width)
     )
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(prompt=CAPTION, num_frames=spec.num_frames, num_inference_steps=4, latents=noise.clone(),
-                     output_type="latent", return_dict=False, **kwargs)[0]  # fmt: skip
-    finally:
-        handle.remove()
+    final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
+        prompt=CAPTION, num_frames=spec.num_frames, num_inference_steps=4, latents=noise.clone(),
+        output_type="latent", return_dict=False, **kwargs,
+    )[0], adapter.transformer_output(noise - x0), tensors_only=True)  # fmt: skip
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     assert len(calls) == 8  # the guider's conditional then unconditional call, each of 4 steps
-    z, d = x0.shape[1], noise - x0
-    seen = []
-
-    def probe(module, args, kwargs, out):
-        seen.append(_tensors(kwargs))
-        return out
-
+    z = x0.shape[1]
     for step in range(4):
         call, uncond = calls[2 * step], calls[2 * step + 1]
-        hidden = call["hidden_states"][:, :z].float()
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)  # on the training path
-        torch.testing.assert_close(call["timestep"], adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1e-3)  # fmt: skip
+        check_on_flow_path(adapter, call["hidden_states"][:, :z].float(), x0, noise, call["timestep"])
         # predict() at that input and timestep feeds the transformer exactly what the pipeline did
-        handle = pipe.transformer.register_forward_hook(probe, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, call["hidden_states"][:, :z], call["timestep"], text)
-        finally:
-            handle.remove()
-        mine = seen.pop()
+        mine = predict_inputs(adapter, pipe.transformer, call["hidden_states"][:, :z], call["timestep"], text,
+                              tensors_only=True)  # fmt: skip
         assert set(mine) == set(call)
         for key in call:
             torch.testing.assert_close(mine[key], call[key], rtol=0, atol=0, msg=key)
@@ -138,29 +113,15 @@ def test_refuses_pipelines_it_cannot_train():
 def test_train_then_generate(variant, tmp_path):
     import json
 
-    from test_lora_data import make_dataset
+    from vidsparse.lora import load_lora
 
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, load_lora, train_lora
-
-    spec, model, out = SPECS[variant], f"tiny-{variant}", tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model=model, num_frames=spec.num_frames,
-        height=spec.height, width=spec.width, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    spec, model = SPECS[variant], f"tiny-{variant}"
+    _, out = train_tiny(tmp_path, model, spec)
     info = json.loads((out / "vidsparse_lora.json").read_text())
     assert info["family"] == "hunyuan15"
     fresh = tiny_pipeline(variant=variant)
     load_lora(fresh, out)  # HunyuanVideo15 pipelines have no load_lora_weights: the transformer loads it
     blocks = len(fresh.transformer.transformer_blocks)
     expected = {f"transformer_blocks.{i}.attn.{p}" for i in range(blocks) for p in ("to_q", "to_k", "to_v", "to_out.0")}
-    assert {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)} == expected
-    kwargs = {}
-    if variant.endswith("i2v"):
-        first_frame_image(_clip(spec)[0]).save(tmp_path / "first.png")
-        kwargs["image"] = str(tmp_path / "first.png")
-    res = generate(GenerateOptions(model=model, lora=str(out), frames=spec.num_frames, height=spec.height,
-                                   width=spec.width, steps=2, backend="torch", progress=False, **kwargs))  # fmt: skip
-    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
+    assert lora_module_names(fresh.transformer) == expected
+    generate_tiny(model, out, spec, image_of=stepping_square_8bit(spec) if variant.endswith("i2v") else None)

@@ -17,6 +17,7 @@ import json
 
 import pytest
 import torch
+from lora_checks import pipeline_calls, square_clip_8bit
 
 from vidsparse.families.hunyuan import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -31,22 +32,12 @@ SPEC = ClipSpec(9, 32, 32)  # 3 latent frames of 4 x 4 latents (2 x 2 tokens)
 CAPTION = "a red square moves right"
 
 
-def _clip(spec: ClipSpec = SPEC) -> torch.Tensor:
-    """[1, 3, F, H, W] in [-1, 1] on 8-bit levels (its first frame is exactly a PIL image)."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 40.0)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        x = f * (spec.width - side) // (spec.num_frames - 1)
-        video[0, 0, f, side : 2 * side, x : x + side] = 210.0
-    return video / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module", params=["hunyuan-i2v", "hunyuan-i2v-concat"])
 def hunyuan(request):
     pipe = tiny_pipeline(variant=request.param)
     adapter = adapter_for(pipe, f"tiny-{request.param}")
     adapter.validate_clip(SPEC)
-    clip = _clip()
+    clip = square_clip_8bit(SPEC)
     enc = adapter.encode_clip(clip, captions=[CAPTION])
     text = {**_collate_text([adapter.encode_text(CAPTION)]), **{k: v for k, v in enc.items() if k != "latents"}}
     return pipe, adapter, clip, enc["latents"], text
@@ -66,20 +57,10 @@ def test_tokenizer_has_the_templates_offsets():
 
 
 def _run(pipe, clip, latents, output=None, steps=3):
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out if output is None else (output.to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(image=first_frame_image(clip[0]), prompt=CAPTION, num_frames=SPEC.num_frames, height=SPEC.height,
-                     width=SPEC.width, num_inference_steps=steps, latents=latents, output_type="latent",
-                     return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
-    return final, calls
+    return pipeline_calls(pipe.transformer, lambda: pipe(
+        image=first_frame_image(clip[0]), prompt=CAPTION, num_frames=SPEC.num_frames, height=SPEC.height,
+        width=SPEC.width, num_inference_steps=steps, latents=latents, output_type="latent", return_dict=False,
+    )[0], output)  # fmt: skip
 
 
 def test_condition_is_the_pipelines(hunyuan):
@@ -150,7 +131,7 @@ def test_condition_needs_the_caption_and_the_text_path():
     pipe = tiny_pipeline(variant="hunyuan-i2v")
     adapter = adapter_for(pipe, "tiny-hunyuan-i2v")
     with pytest.raises(ValueError, match="needs one caption per clip"):
-        adapter.encode_clip(_clip())
+        adapter.encode_clip(square_clip_8bit(SPEC))
     pipe.text_encoder = None
     with pytest.raises(ValueError, match="needs the pipeline's text_encoder"):
         adapter_for(pipe, "tiny-hunyuan-i2v")
@@ -169,7 +150,7 @@ def test_train_then_generate_end_to_end(tmp_path):
     assert rc in (0, None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
-    first_frame_image(_clip()[0]).save(tmp_path / "first.png")
+    first_frame_image(square_clip_8bit(SPEC)[0]).save(tmp_path / "first.png")
     video = tmp_path / "v.gif"
     rc = main(["generate", "--model", "tiny-hunyuan-i2v", "--image", str(tmp_path / "first.png"), "--lora", str(out),
                "--frames", "9", "--height", "32", "--width", "32", "--steps", "2", "--pattern", "radial",

@@ -16,6 +16,15 @@ step and the other frames reach the clip. Then ``train_lora`` and ``generate --l
 
 import pytest
 import torch
+from lora_checks import (
+    check_on_flow_path,
+    generate_tiny,
+    lora_module_names,
+    predict_inputs,
+    snapshot,
+    stepping_square_8bit,
+    train_tiny,
+)
 
 import vidsparse as vs
 from vidsparse.families.kandinsky5 import tiny_pipeline, tiny_prompt_kwargs
@@ -25,17 +34,6 @@ from vidsparse.lora.train import _collate_text
 
 SPECS = {False: ClipSpec(9, 32, 48), True: ClipSpec(9, 128, 128)}  # NABLA: whole 8x8-token tiles
 CAPTION = "a red square"
-
-
-def _clip(spec: ClipSpec) -> torch.Tensor:
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 25.0)
-    for f in range(spec.num_frames):
-        video[0, 0, f, 8:24, 2 * f : 2 * f + 16] = 220.0
-    return video / 127.5 - 1.0
-
-
-def _captured(kwargs: dict) -> dict:
-    return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
 
 
 def _assert_same_inputs(mine: dict, theirs: dict) -> None:
@@ -62,14 +60,14 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(nabla):
     assert adapter.default_flow_shift() == pipe.scheduler.config.shift == 5.0
     spec = SPECS[nabla]
     adapter.validate_clip(spec)
-    x0 = adapter.encode_video(_clip(spec))  # [1, C, f, h, w]; the pipeline's latents are channel-last
+    x0 = adapter.encode_video(stepping_square_8bit(spec))  # [1, C, f, h, w]; the pipeline's latents are channel-last
     text = _collate_text([adapter.encode_text(CAPTION)])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     last = lambda t: t.permute(0, 2, 3, 4, 1)  # noqa: E731
     calls = []
 
     def hook(module, args, kwargs, out):
-        calls.append(_captured(kwargs))
+        calls.append(snapshot(kwargs))
         return type(out)(sample=last(adapter.transformer_output(noise - x0)).to(out.sample.dtype))
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
@@ -83,27 +81,11 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(nabla):
     torch.testing.assert_close(final.float(), last(x0), rtol=0, atol=2e-4)
     assert len(calls) == 8  # conditional and unconditional call per step (guidance 5)
     assert (calls[0]["sparse_params"] is not None) == nabla
-    d = noise - x0
-    seen = []
-
-    def probe(module, args, kwargs, out):
-        seen.append(_captured(kwargs))
-        return out
-
     for step in range(4):
         call = calls[2 * step]
         hidden = call["hidden_states"].permute(0, 4, 1, 2, 3).float()
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)  # on the training path
-        torch.testing.assert_close(call["timestep"], adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1e-3)  # fmt: skip
-        handle = pipe.transformer.register_forward_hook(probe, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, hidden, call["timestep"], text)
-        finally:
-            handle.remove()
-        _assert_same_inputs(seen.pop(), call)
+        check_on_flow_path(adapter, hidden, x0, noise, call["timestep"])  # on the training path
+        _assert_same_inputs(predict_inputs(adapter, pipe.transformer, hidden, call["timestep"], text), call)
 
 
 def _text_encoders():
@@ -145,7 +127,7 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     with pytest.raises(ValueError, match="at least 17 frames"):
         adapter.validate_clip(ClipSpec(9, 32, 48))
     adapter.validate_clip(spec)
-    clip = _clip(spec)
+    clip = stepping_square_8bit(spec)
     enc = adapter.encode_clip(clip)
     x0, made = enc["latents"], enc["image_condition"]
     c = x0.shape[1]
@@ -160,7 +142,7 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     calls, last = [], {}
 
     def hook(module, args, kwargs, out):
-        calls.append(_captured(kwargs))
+        calls.append(snapshot(kwargs))
         return type(out)(sample=velocity.to(out.sample.dtype))
 
     def at_step_end(pipe_, i, t, kwargs):
@@ -178,22 +160,13 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     final = last["latents"].permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(final[:, :c, 1:], x0[:, :, 1:], rtol=0, atol=2e-4)  # the sampled frames
     assert len(calls) == 8
-    seen = []
     for step in range(4):
         call = calls[2 * step]
         torch.testing.assert_close(call["hidden_states"][:, :1], made[:, :1], rtol=0, atol=0)  # clean image frame
         torch.testing.assert_close(call["hidden_states"][..., c:], made[..., c:], rtol=0, atol=0)
         hidden = call["hidden_states"][..., :c].permute(0, 4, 1, 2, 3).float()
-        d = (noise - x0)[:, :, 1:]
-        s = float(((hidden[:, :, 1:] - x0[:, :, 1:]) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden[:, :, 1:], x0[:, :, 1:] + s * d, rtol=0, atol=2e-4)
-        handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_captured(k)), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, hidden, call["timestep"], text)
-        finally:
-            handle.remove()
-        _assert_same_inputs(seen.pop(), call)
+        check_on_flow_path(adapter, hidden[:, :, 1:], x0[:, :, 1:], noise[:, :, 1:])
+        _assert_same_inputs(predict_inputs(adapter, pipe.transformer, hidden, call["timestep"], text), call)
     pred = torch.randn(x0.shape)
     target = pred.clone()
     target[:, :, 0] += 1.0
@@ -220,7 +193,7 @@ def test_text_is_the_pipelines_encode_prompt_unpadded():
     # the pipeline's own call with the caption feeds the transformer those unpadded tokens
     spec = SPECS[False]
     seen = []
-    handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_captured(k)), with_kwargs=True)
+    handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(snapshot(k)), with_kwargs=True)
     try:
         pipe(prompt=captions[1], num_frames=spec.num_frames, height=spec.height, width=spec.width,
              num_inference_steps=1, guidance_scale=1.0, output_type="latent")  # fmt: skip
@@ -278,49 +251,24 @@ def test_refusals_name_what_to_train():
 
 @pytest.mark.slow  # a LoRA training run and a generation
 def test_train_then_generate_i2v(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-    from vidsparse.lora.adapters.wan_i2v import first_frame_image
-
-    spec, out = ClipSpec(17, 32, 48), tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-kandinsky5-i2v",
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, rank=4, max_train_steps=2,
-        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    first_frame_image(_clip(spec)[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-kandinsky5-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=spec.num_frames, height=spec.height, width=spec.width, steps=2,
-                                   backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
+    spec = ClipSpec(17, 32, 48)
+    _, out = train_tiny(tmp_path, "tiny-kandinsky5-i2v", spec)
+    generate_tiny("tiny-kandinsky5-i2v", out, spec, image_of=stepping_square_8bit(spec))
 
 
 @pytest.mark.slow  # a LoRA training run and a generation
 def test_train_then_generate(tmp_path):
     import json
 
-    from test_lora_data import make_dataset
+    from vidsparse.lora import load_lora
 
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, load_lora, train_lora
-
-    spec, out = SPECS[False], tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-kandinsky5",
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, rank=4, batch_size=2, max_train_steps=2,
-        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    spec = SPECS[False]
+    _, out = train_tiny(tmp_path, "tiny-kandinsky5", spec, batch_size=2)
     assert json.loads((out / "vidsparse_lora.json").read_text())["family"] == "kandinsky5"
     fresh = tiny_pipeline()
     load_lora(fresh, out)
     blocks = len(fresh.transformer.visual_transformer_blocks)
     expected = {f"visual_transformer_blocks.{i}.self_attention.{p}" for i in range(blocks)
                 for p in ("to_query", "to_key", "to_value", "out_layer")}  # fmt: skip
-    assert {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)} == expected
-    res = generate(GenerateOptions(model="tiny-kandinsky5", lora=str(out), frames=spec.num_frames, height=spec.height,
-                                   width=spec.width, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (spec.num_frames, spec.height, spec.width)
+    assert lora_module_names(fresh.transformer) == expected
+    generate_tiny("tiny-kandinsky5", out, spec)

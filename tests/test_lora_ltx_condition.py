@@ -18,6 +18,7 @@ import json
 
 import pytest
 import torch
+from lora_checks import pipeline_calls, square_clip_8bit
 
 from vidsparse.families.ltx import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -32,23 +33,13 @@ SPEC = ClipSpec(25, 128, 128)  # 4 latent frames of 4 x 4 tokens
 NOISE_SCALE = 0.15  # LTXConditionPipeline's default image_cond_noise_scale
 
 
-def _clip(spec: ClipSpec = SPEC) -> torch.Tensor:
-    """[1, 3, F, H, W] in [-1, 1] on 8-bit levels (each frame is exactly a PIL image)."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 40.0)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        x = f * (spec.width - side) // (spec.num_frames - 1)
-        video[0, 0, f, side : 2 * side, x : x + side] = 210.0
-    return video / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module", params=[1, 9], ids=["image", "video-prefix"])
 def ltx(request):
     pipe = tiny_pipeline(variant="ltx-condition")
     adapter = adapter_for(pipe, "tiny-ltx-condition")
     adapter.set_condition_frames(request.param)
     adapter.validate_clip(SPEC)
-    clip = _clip()
+    clip = square_clip_8bit(SPEC)
     enc = adapter.encode_clip(clip)
     text = {**_collate_text([adapter.encode_text("a red square")]), "condition_latents": enc["condition_latents"]}
     return pipe, adapter, clip, enc["latents"], text
@@ -75,22 +66,12 @@ def _condition_kwargs(adapter, clip):
 
 def _run(pipe, adapter, clip, text, output=None, steps=3, seed=0):
     """The real pipeline; ``output(call_index, hidden_states)`` replaces the transformer's output."""
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out if output is None else (output(len(calls) - 1, kwargs["hidden_states"]).to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(**_condition_kwargs(adapter, clip),
-                     prompt_embeds=text["prompt_embeds"], prompt_attention_mask=text["prompt_attention_mask"],
-                     num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, num_inference_steps=steps,
-                     guidance_scale=1.0, image_cond_noise_scale=NOISE_SCALE, generator=torch.Generator().manual_seed(seed),
-                     output_type="latent", return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
-    return final, calls
+    return pipeline_calls(pipe.transformer, lambda: pipe(
+        **_condition_kwargs(adapter, clip), prompt_embeds=text["prompt_embeds"],
+        prompt_attention_mask=text["prompt_attention_mask"], num_frames=SPEC.num_frames, height=SPEC.height,
+        width=SPEC.width, num_inference_steps=steps, guidance_scale=1.0, image_cond_noise_scale=NOISE_SCALE,
+        generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False,
+    )[0], None if output is None else lambda i, kwargs: output(i, kwargs["hidden_states"]))  # fmt: skip
 
 
 def _unpack(pipe, tokens, like):
@@ -223,7 +204,7 @@ def test_train_then_generate_end_to_end(tmp_path, monkeypatch):
     assert rc in (0, None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
-    clip = _clip(ClipSpec(17, 64, 64))[0]
+    clip = square_clip_8bit(ClipSpec(17, 64, 64))[0]
     first_frame_image(clip).save(tmp_path / "first.png")
     frames = ((clip[:, :9].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
     write_video(tmp_path / "prefix.gif", frames, fps=8)  # lossless 8-bit frames

@@ -12,6 +12,7 @@ first frame out; then ``train-lora --model tiny-ltx-i2v`` and ``generate --image
 
 import pytest
 import torch
+from lora_checks import check_on_flow_path, generate_tiny, pipeline_calls, square_clip_8bit, train_tiny
 
 from vidsparse.families.ltx import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -25,22 +26,12 @@ pytestmark = pytest.mark.slow
 SPEC = ClipSpec(17, 128, 128)  # 3 latent frames of 4 x 4 tokens
 
 
-def _clip(spec: ClipSpec = SPEC) -> torch.Tensor:
-    """[1, 3, F, H, W] in [-1, 1] on 8-bit levels (its first frame is exactly a PIL image)."""
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), 40.0)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        x = f * (spec.width - side) // (spec.num_frames - 1)
-        video[0, 0, f, side : 2 * side, x : x + side] = 210.0
-    return video / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module")
 def ltx():
     pipe = tiny_pipeline(variant="ltx-i2v")
     adapter = adapter_for(pipe, "tiny-ltx-i2v")
     adapter.validate_clip(SPEC)
-    clip = _clip()
+    clip = square_clip_8bit(SPEC)
     enc = adapter.encode_clip(clip)
     text = {**_collate_text([adapter.encode_text("a red square")]), "image_latents": enc["image_latents"]}
     return pipe, adapter, clip, enc["latents"], text
@@ -55,22 +46,12 @@ def posterior_mode(monkeypatch):
 
 
 def _run(pipe, clip, text, latents=None, output=None, steps=3):
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out if output is None else (output.to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(image=first_frame_image(clip[0]), prompt_embeds=text["prompt_embeds"],
-                     prompt_attention_mask=text["prompt_attention_mask"], num_frames=SPEC.num_frames,
-                     height=SPEC.height, width=SPEC.width, num_inference_steps=steps, guidance_scale=1.0,
-                     generator=torch.Generator().manual_seed(0), latents=latents, output_type="latent",
-                     return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
-    return final, calls
+    return pipeline_calls(pipe.transformer, lambda: pipe(
+        image=first_frame_image(clip[0]), prompt_embeds=text["prompt_embeds"],
+        prompt_attention_mask=text["prompt_attention_mask"], num_frames=SPEC.num_frames, height=SPEC.height,
+        width=SPEC.width, num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+        latents=latents, output_type="latent", return_dict=False,
+    )[0], output)  # fmt: skip
 
 
 def _unpack(pipe, tokens, like):
@@ -104,12 +85,10 @@ def test_ideal_model_reaches_the_clip_and_predict_is_the_pipelines_call(ltx):
     torch.testing.assert_close(final[:, :, :1], text["image_latents"], rtol=0, atol=0)  # never stepped
     seen = []
     handle = pipe.transformer.register_forward_hook(lambda m, a, kw, o: seen.append(kw), with_kwargs=True)
-    d = (noise - x0)[:, :, 1:]
     try:
         for call in calls:
             hidden = _unpack(pipe, call["hidden_states"], x0).float()
-            s = float(((hidden[:, :, 1:] - x0[:, :, 1:]) * d).sum() / (d * d).sum())
-            torch.testing.assert_close(hidden[:, :, 1:], x0[:, :, 1:] + s * d, rtol=0, atol=2e-4)  # on the path
+            s = check_on_flow_path(adapter, hidden[:, :, 1:], x0[:, :, 1:], noise[:, :, 1:])  # on the path
             with torch.no_grad():
                 adapter.predict(pipe.transformer, (1 - s) * x0 + s * noise, adapter.transformer_timestep(
                     torch.tensor([s])), text)  # fmt: skip
@@ -126,19 +105,7 @@ def test_ideal_model_reaches_the_clip_and_predict_is_the_pipelines_call(ltx):
 
 
 def test_train_then_generate_end_to_end(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-ltx-i2v", num_frames=17,
-        height=64, width=64, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and result.cache.latents_computed == 3
-    first_frame_image(_clip(ClipSpec(17, 64, 64))[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-ltx-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=17, height=64, width=64, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (17, 64, 64)
+    spec = ClipSpec(17, 64, 64)
+    result, out = train_tiny(tmp_path, "tiny-ltx-i2v", spec)
+    assert result.cache.latents_computed == 3
+    generate_tiny("tiny-ltx-i2v", out, spec, image_of=square_clip_8bit(spec))

@@ -9,15 +9,15 @@ checkpointing, lower it.
 
 import pytest
 import torch
+from lora_checks import sparse_objective, square_clip, train_steps
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import family_of
 from vidsparse.lora import TrainConfig
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import load_model
-from vidsparse.lora.sparse import enable_gradient_checkpointing
 from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
-from vidsparse.pipelines import apply, get_state
+from vidsparse.pipelines import get_state
 
 pytestmark = pytest.mark.slow  # LoRA training runs
 
@@ -32,22 +32,12 @@ CASES = {
 SPARSE = SparseConfig("radial", dense_first_steps=0, backend="torch", block_size=16)
 
 
-def _clip(spec: ClipSpec, direction: int) -> torch.Tensor:
-    video = torch.full((1, 3, spec.num_frames, spec.height, spec.width), -0.8)
-    side = spec.height // 4
-    for f in range(spec.num_frames):
-        off = f * (spec.width - side) // max(1, spec.num_frames - 1)
-        y, x = (spec.height // 3, off) if direction == 0 else (off, spec.width // 3)
-        video[0, direction, f, y : y + side, x : x + side] = 0.9
-    return video
-
-
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_sparse_pattern_is_trained(model, tmp_path):
     adapter = load_model(model)
     spec = CASES[model]
     adapter.validate_clip(spec)
-    encoded = [adapter.encode_clip(_clip(spec, d)) for d in (0, 1)]
+    encoded = [adapter.encode_clip(square_clip(spec, d)) for d in (0, 1)]
     x0 = torch.cat([e["latents"] for e in encoded])
     cond = {k: torch.cat([e[k] for e in encoded]) for k in encoded[0] if k != "latents"}
     text = {**_collate_text([adapter.encode_text(c) for c in ("a red square slides", "a blue square")]), **cond}
@@ -61,23 +51,10 @@ def test_sparse_pattern_is_trained(model, tmp_path):
     def loss() -> torch.Tensor:
         return flow_loss(adapter, transformer, x0, text, sigma, noise)
 
-    with torch.no_grad():
-        dense = loss().item()
-        apply(transformer, SPARSE)
-        before = loss().item()
+    dense, before = sparse_objective(transformer, loss, SPARSE)
     state = get_state(transformer)
     kept_dense = len(family_of(transformer).default_schedule("radial")[1])  # the family's dense layers (Wan: 0)
     assert state.calls["sparse"] > 0 and state.calls["dense"] == kept_dense  # no dense fallback
     assert abs(before - dense) > 1e-5  # the pattern changes the objective trained
-    enable_gradient_checkpointing(transformer)
-    transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=2e-2)
-    for _ in range(15):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    transformer.eval()
-    with torch.no_grad():
-        after = loss().item()
+    after = train_steps(transformer, loss, 15)
     assert after < 0.9 * before, (before, after)

@@ -10,6 +10,7 @@ then ``generate --image --lora`` on ``tiny-skyreels-v2-i2v``.
 
 import pytest
 import torch
+from lora_checks import check_on_flow_path, generate_tiny, pipeline_calls, stepping_square_8bit, train_tiny
 
 from vidsparse.families.skyreels import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
@@ -23,67 +24,34 @@ pytestmark = pytest.mark.slow
 SPEC = ClipSpec(9, 32, 32)
 
 
-def _clip() -> torch.Tensor:
-    video = torch.full((1, 3, SPEC.num_frames, SPEC.height, SPEC.width), 25.0)
-    for f in range(SPEC.num_frames):
-        video[0, 0, f, 8:20, 2 * f : 2 * f + 12] = 220.0
-    return video / 127.5 - 1.0
-
-
 @pytest.mark.parametrize("variant", ["skyreels-v2", "skyreels-v2-i2v"])
 def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     pipe = tiny_pipeline(variant=variant)
     adapter = adapter_for(pipe, f"tiny-{variant}")
     assert adapter.default_flow_shift() == 8.0
     adapter.validate_clip(SPEC)
-    clip = _clip()
+    clip = stepping_square_8bit(SPEC, side=12)
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
     text = {**_collate_text([adapter.encode_text("a red square")]), **{k: v for k, v in enc.items() if k != "latents"}}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)})
-        return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
-
     kwargs = dict(image=first_frame_image(clip[0])) if variant.endswith("i2v") else {}
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(prompt_embeds=text["prompt_embeds"], num_frames=SPEC.num_frames, height=SPEC.height,
-                     width=SPEC.width, num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
-                     output_type="latent", return_dict=False, **kwargs)[0]  # fmt: skip
-    finally:
-        handle.remove()
+    final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
+        prompt_embeds=text["prompt_embeds"], num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width,
+        num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(), output_type="latent", return_dict=False,
+        **kwargs,
+    )[0], adapter.transformer_output(noise - x0), tensors_only=True)  # fmt: skip
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     z = x0.shape[1]
     for call in calls:
         if variant.endswith("i2v"):
             torch.testing.assert_close(call["hidden_states"][:, z:], enc["condition"], rtol=0, atol=0)
             torch.testing.assert_close(call["encoder_hidden_states_image"], enc["image_embeds"], rtol=0, atol=0)
-        hidden = call["hidden_states"][:, :z].float()
-        d = noise - x0
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)  # on the training path
-        # UniPC feeds integer timesteps (int(1000 s), capped at 999): within 1 of the training's 1000 s
-        torch.testing.assert_close(call["timestep"].float(), adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1.0)  # fmt: skip
+        # on the training path; UniPC feeds integer timesteps (int(1000 s), capped at 999): within 1 of 1000 s
+        check_on_flow_path(adapter, call["hidden_states"][:, :z].float(), x0, noise, call["timestep"].float(),
+                           timestep_atol=1.0)  # fmt: skip
 
 
 def test_train_then_generate_i2v(tmp_path):
-    from test_lora_data import make_dataset
-
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-skyreels-v2-i2v",
-        num_frames=9, height=32, width=32, rank=4, max_train_steps=2, checkpointing_steps=2, mixed_precision="no",
-        attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2
-    first_frame_image(_clip()[0]).save(tmp_path / "first.png")
-    res = generate(GenerateOptions(model="tiny-skyreels-v2-i2v", image=str(tmp_path / "first.png"), lora=str(out),
-                                   frames=9, height=32, width=32, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (9, 32, 32)
+    _, out = train_tiny(tmp_path, "tiny-skyreels-v2-i2v", SPEC)
+    generate_tiny("tiny-skyreels-v2-i2v", out, SPEC, image_of=stepping_square_8bit(SPEC, side=12))

@@ -11,6 +11,15 @@ Then ``train_lora`` and ``generate --lora`` on ``tiny-wan-vace``.
 
 import pytest
 import torch
+from lora_checks import (
+    check_on_flow_path,
+    generate_tiny,
+    lora_module_names,
+    pipeline_calls,
+    predict_inputs,
+    stepping_square_8bit,
+    train_tiny,
+)
 
 from vidsparse.families.wan_vace import tiny_pipeline
 from vidsparse.lora.data import ClipSpec
@@ -21,64 +30,34 @@ from vidsparse.models.tiny import encode_prompt_tiny
 SPEC = ClipSpec(9, 32, 48)
 
 
-def _clip() -> torch.Tensor:
-    video = torch.full((1, 3, SPEC.num_frames, SPEC.height, SPEC.width), 25.0)
-    for f in range(SPEC.num_frames):
-        video[0, 0, f, 8:24, 2 * f : 2 * f + 16] = 220.0
-    return video / 127.5 - 1.0
-
-
-def _tensors(kwargs: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
-
-
 def test_ideal_model_in_the_real_sampler_reaches_the_clip():
     pipe = tiny_pipeline()
     adapter = adapter_for(pipe, "tiny-wan-vace")
     assert adapter.default_flow_shift() == pipe.scheduler.config.shift == 3.0
     adapter.validate_clip(SPEC)
-    enc = adapter.encode_clip(_clip())
+    enc = adapter.encode_clip(stepping_square_8bit(SPEC))
     x0, control = enc["latents"], enc["control"]
     z = pipe.vae.config.z_dim
     assert control.shape == (1, 2 * z + 64, *x0.shape[2:])
     assert control[:, 2 * z :].eq(1).all()  # the all-ones mask, folded to 64 channels
     text = {**_collate_text([adapter.encode_text("a red square")]), "control": control}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append(_tensors(kwargs))
-        return (adapter.transformer_output(noise - x0).to(out[0].dtype),)
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        final = pipe(prompt_embeds=text["prompt_embeds"], negative_prompt_embeds=encode_prompt_tiny("", dim=16),
-                     num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, num_inference_steps=4,
-                     latents=noise.clone(), output_type="latent", return_dict=False)[0]  # fmt: skip
-    finally:
-        handle.remove()
+    final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
+        prompt_embeds=text["prompt_embeds"], negative_prompt_embeds=encode_prompt_tiny("", dim=16),
+        num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, num_inference_steps=4,
+        latents=noise.clone(), output_type="latent", return_dict=False,
+    )[0], adapter.transformer_output(noise - x0), tensors_only=True)  # fmt: skip
     torch.testing.assert_close(final.float(), x0, rtol=0, atol=2e-4)
     assert len(calls) == 8
-    d = noise - x0
-    seen = []
     for step in range(4):
         call = calls[2 * step]
         torch.testing.assert_close(call["control_hidden_states"], control, rtol=0, atol=0)
         # the pipeline's default conditioning_scale: ones over vace_layers, the transformer's default for None
         assert call["control_hidden_states_scale"].eq(1).all()
         assert len(call["control_hidden_states_scale"]) == len(pipe.transformer.config.vace_layers)
-        hidden = call["hidden_states"].float()
-        s = float(((hidden - x0) * d).sum() / (d * d).sum())
-        torch.testing.assert_close(hidden, x0 + s * d, rtol=0, atol=2e-4)
-        torch.testing.assert_close(call["timestep"].float(), adapter.transformer_timestep(torch.tensor([s])),
-                                   rtol=0, atol=1e-3)  # fmt: skip
-        handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(_tensors(k)), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.predict(pipe.transformer, call["hidden_states"], call["timestep"], text)
-        finally:
-            handle.remove()
-        mine = seen.pop()
+        check_on_flow_path(adapter, call["hidden_states"].float(), x0, noise, call["timestep"].float())
+        mine = predict_inputs(adapter, pipe.transformer, call["hidden_states"], call["timestep"], text,
+                              tensors_only=True)  # fmt: skip
         assert set(mine) == set(call) - {"control_hidden_states_scale"}
         for key in mine:
             torch.testing.assert_close(mine[key], call[key], rtol=0, atol=0, msg=key)
@@ -91,24 +70,13 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
 
 @pytest.mark.slow  # a LoRA training run and a generation
 def test_train_then_generate(tmp_path):
-    from test_lora_data import make_dataset
+    from vidsparse.lora import load_lora
 
-    from vidsparse.generation import GenerateOptions, generate
-    from vidsparse.lora import TrainConfig, load_lora, train_lora
-
-    out = tmp_path / "out"
-    result = train_lora(TrainConfig(
-        data_dir=str(make_dataset(tmp_path / "data")), output_dir=str(out), model="tiny-wan-vace",
-        num_frames=SPEC.num_frames, height=SPEC.height, width=SPEC.width, rank=4, batch_size=2, max_train_steps=2,
-        checkpointing_steps=2, mixed_precision="no", attention_backend="torch", pattern="radial", progress=False,
-    ))  # fmt: skip
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    _, out = train_tiny(tmp_path, "tiny-wan-vace", SPEC, batch_size=2)
     fresh = tiny_pipeline()
     load_lora(fresh, out)
     t = fresh.transformer
     expected = {f"{blocks}.{i}.attn1.{p}" for blocks in ("blocks", "vace_blocks") for i in range(len(getattr(t, blocks)))
                 for p in ("to_q", "to_k", "to_v", "to_out.0")}  # fmt: skip
-    assert {n for n, m in t.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)} == expected
-    res = generate(GenerateOptions(model="tiny-wan-vace", lora=str(out), frames=SPEC.num_frames, height=SPEC.height,
-                                   width=SPEC.width, steps=2, backend="torch", progress=False))  # fmt: skip
-    assert res.frames.shape[:3] == (SPEC.num_frames, SPEC.height, SPEC.width)
+    assert lora_module_names(t) == expected
+    generate_tiny("tiny-wan-vace", out, SPEC)

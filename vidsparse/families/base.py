@@ -407,6 +407,18 @@ class Family:
         cls = PATTERNS.get(name)
         return cls.fit_defaults(opts, layout, block_size) if cls is not None else opts
 
+    def sparse_settings(self) -> dict[str, Any]:
+        """This record's sparse-schedule fields, copied: ``pattern_defaults``, ``dense_first_steps``, ``dense_layers``.
+
+        For a family that runs another's attention unchanged (SkyReels-V2, Wan VACE on Wan's), so its
+        record takes them from that one home: ``Family(..., **WAN.sparse_settings())``.
+        """
+        return dict(
+            pattern_defaults=dict(self.pattern_defaults),
+            dense_first_steps=self.dense_first_steps,
+            dense_layers=dict(self.dense_layers),
+        )
+
     def default_schedule(self, pattern_name: str) -> tuple[int | float, tuple[int, ...]]:
         """(dense_first_steps, dense_layers) defaults of this family for a pattern."""
         from vidsparse.patterns import normalize_pattern_name

@@ -210,9 +210,7 @@ FAMILY = Family(
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("skyreels-v2", 4, 8, (1, 2, 2), (97, 544, 960), fps=24),),
-    pattern_defaults=dict(WAN.pattern_defaults),
-    dense_first_steps=WAN.dense_first_steps,
-    dense_layers=dict(WAN.dense_layers),
+    **WAN.sparse_settings(),  # Wan's attention, so Wan's pattern defaults and dense schedule
     lora_adapter=_lora_adapter,
     lora_refusals={
         name: _DF_REFUSAL

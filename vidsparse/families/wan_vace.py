@@ -135,9 +135,7 @@ FAMILY = Family(
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("wan-vace", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),
-    pattern_defaults=dict(WAN.pattern_defaults),
-    dense_first_steps=WAN.dense_first_steps,
-    dense_layers=dict(WAN.dense_layers),
+    **WAN.sparse_settings(),  # Wan's attention, so Wan's pattern defaults and dense schedule
     lora_adapter=_lora_adapter,
     shard_plan=SHARD_PLAN,
     tiny={"wan-vace": TinyVariant("wan-vace", _tiny_config, _tiny_inputs)},

@@ -230,6 +230,41 @@ class TrainableVideoModel:
         f = (spec.num_frames - 1) // temporal + 1
         self._latent_tokens = f * (spec.height // spatial) * (spec.width // spatial)
 
+    def _check_patched_clip(
+        self, spec: ClipSpec, patch_t: int, patch_h: int, patch_w: int, tile: int = 1, tile_why: str = ""
+    ) -> None:
+        """``validate_clip`` of a VAE + patchifying transformer (``self._temporal`` / ``self._spatial`` set).
+
+        Frames ``temporal * patch_t k + 1``; sides divisible by the VAE's spatial factor times the
+        patch (times ``tile`` tokens, ``tile_why`` saying why); then the latent size is recorded
+        (the dynamic shift reads it). One home for what every family's clip check is built from.
+        """
+        t, s = self._temporal, self._spatial
+        why = f"VAE {s}x times patch {patch_h}x{patch_w}" + (f", and {tile_why}" if tile_why else "")
+        self._check_clip(spec, t * patch_t, tile * s * patch_h, tile * s * patch_w, why)
+        self._record_latent_size(spec, t, s)
+
+    def _scaled_vae_mode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``_vae_mode`` times ``vae.config.scaling_factor``: latents of a pipeline that decodes
+        ``latents / scaling_factor`` (no mean / std)."""
+        return self._vae_mode(pixels) * float(self.pipe.vae.config.scaling_factor)
+
+    def _attention_targets(self, blocks: Sequence[str], attn: str, projections: Sequence[str]) -> tuple[str, ...]:
+        """Per-layer full paths ``{blocks}.{i}.{attn}.{proj}`` of the transformer's video attention.
+
+        Full paths, not short names, for a transformer whose text refiner / text blocks have
+        attention modules of the same short names; a projection a block lacks (a single-stream
+        block's ``to_out``) is left out.
+        """
+        names = dict(self.transformer.named_modules())
+        return tuple(
+            path
+            for block in blocks
+            for i in range(len(getattr(self.transformer, block)))
+            for proj in projections
+            if (path := f"{block}.{i}.{attn}.{proj}") in names
+        )
+
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, F, H, W] in [-1, 1] -> normalized latents [B, C, f, h, w] (float32)."""
         raise NotImplementedError

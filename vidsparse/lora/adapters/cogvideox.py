@@ -93,9 +93,7 @@ class CogVideoXModel(TrainableVideoModel):
 
     def validate_clip(self, spec: ClipSpec) -> None:
         p = self.transformer.config.patch_size
-        s = self._spatial
-        self._check_clip(spec, self._temporal, s * p, s * p, f"VAE {s}x times patch {p}x{p}")
-        self._record_latent_size(spec, self._temporal, s)
+        self._check_patched_clip(spec, 1, p, p)
 
     def check_sampling(self, sampler: NoiseSampler) -> None:
         if sampler.mode == "logit_normal" or sampler.shift is not None:
@@ -131,7 +129,7 @@ class CogVideoXModel(TrainableVideoModel):
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self._vae_mode(pixels) * float(self.pipe.vae.config.scaling_factor)
+        z = self._scaled_vae_mode(pixels)
         p_t = self.patch_size_t
         if p_t and z.shape[2] % p_t:  # CogVideoX 1.5: pad in front, as the pipeline drops its first frames
             pad = p_t - z.shape[2] % p_t

@@ -29,27 +29,18 @@ class HunyuanVideoModel(TextEncodersMixin, TrainableVideoModel):
         self.check_flow_matching()
         self._temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
         self._spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-        names = dict(self.transformer.named_modules())
-        self.default_target_modules = tuple(
-            f"{blocks}.{i}.attn.{proj}"
-            for blocks in ("transformer_blocks", "single_transformer_blocks")
-            for i in range(len(getattr(self.transformer, blocks)))
-            for proj in ("to_q", "to_k", "to_v", "to_out.0")
-            if f"{blocks}.{i}.attn.{proj}" in names  # single-stream blocks have no to_out
+        self.default_target_modules = self._attention_targets(  # single-stream blocks have no to_out
+            ("transformer_blocks", "single_transformer_blocks"), "attn", ("to_q", "to_k", "to_v", "to_out.0")
         )
 
     def validate_clip(self, spec: ClipSpec) -> None:
         cfg = self.transformer.config
-        p, pt = int(cfg.patch_size), int(cfg.patch_size_t)
-        self._check_clip(
-            spec, self._temporal * pt, self._spatial * p, self._spatial * p, f"VAE {self._spatial}x times patch {p}x{p}"
-        )
-        self._record_latent_size(spec, self._temporal, self._spatial)
+        p = int(cfg.patch_size)
+        self._check_patched_clip(spec, int(cfg.patch_size_t), p, p)
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        # the pipeline decodes ``latents / scaling_factor``
-        return self._vae_mode(pixels) * float(self.pipe.vae.config.scaling_factor)
+        return self._scaled_vae_mode(pixels)
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> dict[str, torch.Tensor]:

@@ -67,12 +67,8 @@ class HunyuanVideo15Model(TextEncodersMixin, TrainableVideoModel):
             )
         self._temporal = int(pipe.vae_scale_factor_temporal)
         self._spatial = int(pipe.vae_scale_factor_spatial)
-        names = dict(self.transformer.named_modules())
-        self.default_target_modules = tuple(
-            f"transformer_blocks.{i}.attn.{proj}"
-            for i in range(len(self.transformer.transformer_blocks))
-            for proj in ("to_q", "to_k", "to_v", "to_out.0")
-            if f"transformer_blocks.{i}.attn.{proj}" in names
+        self.default_target_modules = self._attention_targets(
+            ("transformer_blocks",), "attn", ("to_q", "to_k", "to_v", "to_out.0")
         )
 
     @property
@@ -92,15 +88,12 @@ class HunyuanVideo15Model(TextEncodersMixin, TrainableVideoModel):
 
     def validate_clip(self, spec: ClipSpec) -> None:
         cfg = self.transformer.config
-        p, pt = int(cfg.patch_size), int(cfg.patch_size_t)
-        self._check_clip(
-            spec, self._temporal * pt, self._spatial * p, self._spatial * p, f"VAE {self._spatial}x times patch {p}x{p}"
-        )
-        self._record_latent_size(spec, self._temporal, self._spatial)
+        p = int(cfg.patch_size)
+        self._check_patched_clip(spec, int(cfg.patch_size_t), p, p)
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._vae_mode(pixels) * float(self.pipe.vae.config.scaling_factor)
+        return self._scaled_vae_mode(pixels)
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> dict[str, torch.Tensor]:

@@ -69,12 +69,8 @@ class Kandinsky5Model(TrainableVideoModel):
             self._text_len = int(tiny_prompt_kwargs(pipe, "")["prompt_embeds_qwen"].shape[1])
         else:
             self._text_len = self.max_sequence_length
-        names = dict(self.transformer.named_modules())
-        self.default_target_modules = tuple(
-            f"visual_transformer_blocks.{i}.self_attention.{proj}"
-            for i in range(len(self.transformer.visual_transformer_blocks))
-            for proj in ("to_query", "to_key", "to_value", "out_layer")
-            if f"visual_transformer_blocks.{i}.self_attention.{proj}" in names
+        self.default_target_modules = self._attention_targets(
+            ("visual_transformer_blocks",), "self_attention", ("to_query", "to_key", "to_value", "out_layer")
         )
 
     def _compute_text_identity(self) -> str:
@@ -95,15 +91,14 @@ class Kandinsky5Model(TrainableVideoModel):
 
     def validate_clip(self, spec: ClipSpec) -> None:
         _, ph, pw = (int(p) for p in self.transformer.config.patch_size)
-        mult_h, mult_w, why = self._spatial * ph, self._spatial * pw, f"VAE {self._spatial}x times patch {ph}x{pw}"
         if self.transformer.config.attention_type == "nabla":  # NABLA tiles the token grid in 8x8 blocks
-            mult_h, mult_w, why = 8 * mult_h, 8 * mult_w, why + ", and NABLA's 8x8-token tiles"
-        self._check_clip(spec, self._temporal, mult_h, mult_w, why)
-        self._record_latent_size(spec, self._temporal, self._spatial)
+            self._check_patched_clip(spec, 1, ph, pw, tile=8, tile_why="NABLA's 8x8-token tiles")
+        else:
+            self._check_patched_clip(spec, 1, ph, pw)
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._vae_mode(pixels) * float(self.pipe.vae.config.scaling_factor)
+        return self._scaled_vae_mode(pixels)
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> dict[str, torch.Tensor]:

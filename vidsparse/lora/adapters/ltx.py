@@ -29,14 +29,7 @@ class LTXVideoModel(T5TextMixin, TrainableVideoModel):
         self._pt = int(pipe.transformer_temporal_patch_size)
 
     def validate_clip(self, spec: ClipSpec) -> None:
-        self._check_clip(
-            spec,
-            self._temporal * self._pt,
-            self._spatial * self._p,
-            self._spatial * self._p,
-            f"VAE {self._spatial}x times patch {self._p}x{self._p}",
-        )
-        self._record_latent_size(spec, self._temporal, self._spatial)  # the pipeline's video_sequence_length
+        self._check_patched_clip(spec, self._pt, self._p, self._p)  # records the pipeline's video_sequence_length
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,7 @@ class MochiModel(T5TextMixin, TrainableVideoModel):
 
     def validate_clip(self, spec: ClipSpec) -> None:
         p = int(self.transformer.config.patch_size)
-        self._check_clip(
-            spec, self._temporal, self._spatial * p, self._spatial * p, f"VAE {self._spatial}x times patch {p}x{p}"
-        )
-        self._record_latent_size(spec, self._temporal, self._spatial)
+        self._check_patched_clip(spec, 1, p, p)
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:

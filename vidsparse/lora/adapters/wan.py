@@ -122,10 +122,8 @@ class WanModel(TrainableVideoModel):
         return module_fingerprint(self.pipe.text_encoder, extra)
 
     def validate_clip(self, spec: ClipSpec) -> None:
-        t, s = self._temporal, self._spatial
         p = self.pipe.transformer.config.patch_size
-        self._check_clip(spec, t, s * p[1], s * p[2], f"VAE {s}x times patch {p[1]}x{p[2]}")
-        self._record_latent_size(spec, t, s)
+        self._check_patched_clip(spec, 1, p[1], p[2])
 
     def _vae_stats(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.pipe.vae.config
