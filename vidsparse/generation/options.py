@@ -320,7 +320,7 @@ def _check_animate(options: GenerateOptions, info: ModelInfo, frames: int) -> An
     replace_only = [f for f, attr in ANIMATE_FLAGS[3:] if getattr(options, attr) is not None]
     if mode == "animate" and replace_only:
         raise ValueError(
-            f"{' and '.join(replace_only)} apply to --animate-mode replace (replace the person of a background "
+            f"{' and '.join(replace_only)} {'applies' if len(replace_only) == 1 else 'apply'} to --animate-mode replace (replace the person of a background "
             "video); add --animate-mode replace, or drop them to animate the character on its own."
         )
     if mode == "replace":
