@@ -50,7 +50,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("animate")
     rng = np.random.default_rng(7)
     Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(d / "ref.png")
-    x = np.arange(W)[None, :, None]  # white (generated) right of a moving edge: distinct frames (a GIF merges equal ones)
+    # white (generated) right of a moving edge: distinct frames (a GIF writer merges equal ones)
+    x = np.arange(W)[None, :, None]
     mask = [np.broadcast_to(255 * (x >= W // 2 + 4 * t), (H, W, 3)).astype(np.uint8) for t in range(POSE_FRAMES)]
     imageio.mimwrite(d / "mask.gif", mask, duration=0.1, loop=0)
     return dict(

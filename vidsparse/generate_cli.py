@@ -13,6 +13,8 @@ Examples:
   vidsparse generate --model tiny --prompt "a red ball bouncing" --out outputs/tiny.mp4
   vidsparse generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --pattern radial \\
       --prompt "a cat surfing" --frames 81 --height 480 --width 832 --out cat.mp4 --compare-dense
+  vidsparse generate --model tiny-wan-animate --image character.png --pose-video pose.mp4 \\
+      --face-video face.mp4 --out animated.mp4   # as long as pose.mp4, in segments of --frames
 """
 
 from __future__ import annotations
