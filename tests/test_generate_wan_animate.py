@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -174,6 +175,35 @@ def test_bad_input_is_refused_before_loading(inputs, capsys, monkeypatch, tmp_pa
     assert "--pose-video: Video" in err and "cannot be read" in err
 
 
+def test_vae_overlap_is_refused_for_wan_animate_under_parallel(inputs, capsys, monkeypatch):
+    err = _fails(_argv(inputs, "--parallel", "clip", "--vae-overlap", "2"), capsys, monkeypatch)
+    assert "--vae-overlap sets the per-clip decode" in err and "decodes whole on every rank" in err
+
+
+def test_prepare_counts_the_pipelines_segments_and_warns_on_unaligned_videos(inputs, tmp_path):
+    """``segment_count`` against the pipeline itself: its step callbacks over a 1-step run, per pose length."""
+    from vidsparse.families.wan_animate import segment_count
+    from vidsparse.generation import prepare
+
+    family = get_family("wan-animate")
+    pipe = family.tiny_pipeline(seed=0)
+    image = Image.open(inputs["image"]).convert("RGB")
+    pose, face = read_frames(inputs["pose"]), read_frames(inputs["face"])
+    for frames in (2, 9, 10, 13):
+        steps: list[int] = []
+        with torch.no_grad():
+            pipe(image=image, pose_video=pose[:frames], face_video=face[:frames], height=H, width=W,
+                 segment_frame_length=5, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+                 callback_on_step_end=lambda p, i, t, kw, seen=steps: seen.append(i) or kw,
+                 **family.tiny_prompt_kwargs(pipe, "a", ""))  # fmt: skip
+        assert len(steps) == segment_count(frames, 5), frames
+    plan = prepare(_options(inputs))
+    assert plan.grid == (4, 6, 10) and plan.animate.segments == 2 and plan.animate.frames == POSE_FRAMES
+    nine = _video(tmp_path / "face9.gif", 9, FACE, FACE, 5)
+    with pytest.warns(UserWarning, match="--face-video has 9 frames, the --pose-video 13: .*reflect-pads or cuts"):
+        prepare(dataclasses.replace(_options(inputs), face_video=nine))
+
+
 def test_a_wan_animate_folder_needs_its_videos_before_loading(tmp_path, capsys, monkeypatch):
     """A real checkpoint's folder: the pipeline's defaults (77-frame segments of 720x1280) and the same check."""
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanAnimatePipeline"}))
@@ -227,8 +257,6 @@ def parallel_suite(argv: list[str]) -> dict[str, Any]:
 
 
 def replace_dense(options: GenerateOptions) -> GenerateOptions:
-    import dataclasses
-
     return dataclasses.replace(options, pattern="dense", pattern_options={})
 
 
