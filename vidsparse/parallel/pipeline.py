@@ -83,7 +83,8 @@ def run_parallel(
 
     ``call_kwargs`` must not contain ``output_type`` (pass it here). The pipeline decodes with its
     own code; ``vae.decode`` is per clip (``vae_overlap`` latent frames of context, ``None`` = full
-    context) for VAEs with a ``ClipDecode`` record, whole on every rank otherwise.
+    context) for VAEs with a ``ClipDecode`` record, whole on every rank otherwise and for pipelines whose
+    family reads the decode back (``Family.replicated_decode``: Wan-Animate; ``vae_overlap`` is unused there).
     ``output_type="latent"`` skips decoding and returns the latents on every rank. ``ulysses``
     ("auto" | "diffusers" | "vidsparse"): which Ulysses runs ``mode="ulysses"``; "auto" takes
     diffusers' context parallelism for transformers with a ``_cp_plan`` (``diffusers_cp.choose_ulysses``),
