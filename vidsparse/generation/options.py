@@ -319,8 +319,9 @@ def _check_animate(options: GenerateOptions, info: ModelInfo, frames: int) -> An
         raise ValueError(f"--animate-mode must be one of {', '.join(ANIMATE_MODES)}, got {mode!r}.")
     replace_only = [f for f, attr in ANIMATE_FLAGS[3:] if getattr(options, attr) is not None]
     if mode == "animate" and replace_only:
+        verb = "applies" if len(replace_only) == 1 else "apply"
         raise ValueError(
-            f"{' and '.join(replace_only)} {'applies' if len(replace_only) == 1 else 'apply'} to --animate-mode replace (replace the person of a background "
+            f"{' and '.join(replace_only)} {verb} to --animate-mode replace (replace the person of a background "
             "video); add --animate-mode replace, or drop them to animate the character on its own."
         )
     if mode == "replace":
