@@ -13,6 +13,8 @@ Examples:
   vidsparse generate --model tiny --prompt "a red ball bouncing" --out outputs/tiny.mp4
   vidsparse generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --pattern radial \\
       --prompt "a cat surfing" --frames 81 --height 480 --width 832 --out cat.mp4 --compare-dense
+  vidsparse generate --model tiny-wan-animate --image character.png --pose-video pose.mp4 \\
+      --face-video face.mp4 --out animated.mp4   # as long as pose.mp4, in segments of --frames
 """
 
 from __future__ import annotations
@@ -93,15 +95,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)")
     model.add_argument(
         "--image", default=None, metavar="PATH",
-        help="first frame of an image-to-video pipeline (e.g. Wan I2V, tiny-wan-i2v); refused for text-to-video",
+        help="first frame of an image-to-video pipeline (e.g. Wan I2V, tiny-wan-i2v), the character of Wan-Animate; "
+             "refused for text-to-video",
     )  # fmt: skip
     model.add_argument(
         "--condition-video", default=None, metavar="PATH",
         help="LTXConditionPipeline (e.g. tiny-ltx-condition): a video whose first 8k + 1 frames start the clip "
              "(extend a video); refused for other pipelines",
     )  # fmt: skip
+    animate = parser.add_argument_group(
+        "Wan-Animate (WanAnimatePipeline, e.g. tiny-wan-animate; --image is the character to animate)"
+    )
+    animate.add_argument(
+        "--pose-video", default=None, metavar="PATH",
+        help="the driving pose video (skeleton renders; required for Wan-Animate, refused for other pipelines): "
+             "the output has its frame count, generated in segments of --frames",
+    )  # fmt: skip
+    animate.add_argument(
+        "--face-video", default=None, metavar="PATH",
+        help="the driving face crops, frame-aligned with --pose-video (required for Wan-Animate; resized to the "
+             "motion encoder's size)",
+    )  # fmt: skip
+    animate.add_argument(
+        "--animate-mode", default=None, choices=("animate", "replace"),
+        help="animate: the --image character performs the motion (default, the pipeline's); replace: it replaces "
+             "the person of --background-video where --mask-video is white",
+    )  # fmt: skip
+    animate.add_argument(
+        "--background-video", default=None, metavar="PATH",
+        help="--animate-mode replace: the video whose person is replaced (required there, refused otherwise)",
+    )  # fmt: skip
+    animate.add_argument(
+        "--mask-video", default=None, metavar="PATH",
+        help="--animate-mode replace: white where the character goes, black where the background stays "
+             "(required there, refused otherwise)",
+    )  # fmt: skip
     video = parser.add_argument_group("video")
-    video.add_argument("--frames", type=int, default=None, help="number of frames (default: the pipeline's; tiny 33)")
+    video.add_argument(
+        "--frames", type=int, default=None,
+        help="number of frames (default: the pipeline's; tiny 33). Wan-Animate: the frames of one segment "
+             "(segment_frame_length, 4k + 1; default 77, tiny 9): the video is as long as --pose-video, denoised "
+             "segment by segment, each starting from the last frame of the one before",
+    )  # fmt: skip
     video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 96)")
     video.add_argument("--width", type=int, default=None, help="width in pixels (default: the pipeline's; tiny 160)")
     video.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's; tiny 8)")
@@ -240,6 +275,11 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         lora_scale=args.lora_scale,
         image=args.image,
         condition_video=args.condition_video,
+        pose_video=args.pose_video,
+        face_video=args.face_video,
+        animate_mode=args.animate_mode,
+        background_video=args.background_video,
+        mask_video=args.mask_video,
         dense_first_steps=None
         if args.dense_first_steps is None
         else _parse_steps(args.dense_first_steps, "--dense-first-steps"),

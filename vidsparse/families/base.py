@@ -287,6 +287,9 @@ class Family:
     pipeline steps ("<component>.<method>") that decode what only rank 0 keeps and that the pipeline
     runs after the video decode (LTX-2's audio: ``audio_vae.decode``, ``vocoder.forward``): under
     ``run_parallel`` they run on rank 0 only, the other ranks get an empty tensor.
+    ``replicated_decode`` (non-empty: why): the family's pipelines read their own decoded frames
+    back (Wan-Animate's next segment starts from the last one's end), so ``run_parallel`` decodes
+    the whole video on every rank instead of per clip on rank 0.
 
     Kernel order: ``kernel_order=True`` says that between the shard plan's cut points (its
     ``inputs`` / ``outputs`` in, its ``gather`` modules out) every operation but self-attention
@@ -338,6 +341,7 @@ class Family:
     parallel_refusal: str = "not supported yet"
     clip_decode: ClipDecode | None = None
     main_rank_decode: tuple[str, ...] = ()
+    replicated_decode: str = ""
     kernel_order: bool = False
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None

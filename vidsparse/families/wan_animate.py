@@ -12,16 +12,18 @@ the call's (T + 1) x H/2 x W/2 tokens. Geometry: Wan 2.1's VAE (4x time, 8x spac
 pipeline's default segment is 77 frames at 720x1280, 30 fps, i.e. 20 + 1 latent frames;
 ``VideoGeometry.latent_grid`` gives the 20 video frames, the reference frame comes on top.
 
-Not provided: a tiny pipeline (``tiny_pipeline=None``). ``WanAnimatePipeline`` needs a CLIP
-image encoder, a reference image, a pose video and a face video besides the prompt, which
-``vidsparse generate`` does not pass; the family is used through ``vidsparse.apply(pipe, ...)``
-on a pipeline the caller runs (``pipeline_prefixes`` still names it, so the record, not Wan's,
-describes a ``WanAnimatePipeline`` folder).
+Generate: ``vidsparse generate --image REF --pose-video P --face-video F`` (``--animate-mode
+replace`` with ``--background-video`` / ``--mask-video``) calls ``WanAnimatePipeline``, whose facts
+are here: the call's ``mode`` values, the reference latent frame on top of the segment's, and the
+segment arithmetic (``segment_count``): the output is as long as the pose video, denoised in
+segments of ``segment_frame_length`` (generate's ``--frames``) overlapping by one frame. The tiny
+pipeline (``tiny_pipeline``, ``--model tiny-wan-animate``) is diffusers' own classes at tiny sizes.
 
 Parallel: Wan's shard plan, plus the face adapter's motion vectors [B, T, N, C] cut per latent
 frame (``SHARD_PLAN``): the adapter cross-attends frame t's tokens to motion vector t only, so it
-is clip-local. Through ``vidsparse.parallel.parallelize`` / ``run_parallel`` on the caller's
-pipeline (``generate`` does not drive it, see above).
+is clip-local. The pipeline conditions each segment on the decoded last frame of the one before,
+so under ``run_parallel`` every rank decodes every segment whole (``replicated_decode``), not per
+clip: the ranks keep identical conditioning, and the video equals one device's.
 
 Defaults: Wan's (Radial decay 0.2, sink, layer 0 dense; Tile (2, 8, 8) / (5, 3, 3); GNA
 (9, 25, 25)).
@@ -45,16 +47,52 @@ from vidsparse.families.base import (
     TinyVariant,
     VideoGeometry,
     bcfhw_grid,
+    finish_tiny_pipeline,
     indexed_paths,
     no_text,
 )
 from vidsparse.families.wan import FAMILY as WAN
-from vidsparse.families.wan import WanSparseProcessor, tiny_transformer_kwargs
+from vidsparse.families.wan import (
+    WanSparseProcessor,
+    tiny_image_encoder,
+    tiny_prompt_kwargs,
+    tiny_transformer_kwargs,
+    tiny_vae,
+)
 
 
 def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
     """Latents [B, 2C + 4, T + 1, H, W] patchified by ``config.patch_size``."""
     return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
+
+
+# -- the pipeline's call (what ``vidsparse generate`` passes it) ------------------------------
+
+#: The pipeline class ``vidsparse generate --pose-video / --face-video`` drives.
+ANIMATE_PIPELINE = "WanAnimatePipeline"
+#: ``mode`` of ``WanAnimatePipeline.__call__``: animate the reference character with the pose / face
+#: motion, or replace the person of a background video (``background_video`` + ``mask_video``).
+ANIMATE_MODES = ("animate", "replace")
+#: Latent frames the transformer call has besides the segment's: the reference image's, first.
+REFERENCE_LATENT_FRAMES = 1
+#: The pipeline's ``prev_segment_conditioning_frames`` default: pixel frames of a segment's end that
+#: start the next segment (its conditioning); generate keeps the default.
+PREV_SEGMENT_FRAMES = 1
+
+
+def segment_count(video_frames: int, segment_frames: int, prev: int = PREV_SEGMENT_FRAMES) -> int:
+    """Segments ``WanAnimatePipeline`` denoises for a pose video of ``video_frames`` frames.
+
+    The pipeline's own arithmetic (diffusers 0.42 ``__call__``, step 2): segments of
+    ``segment_frames`` overlapping by ``prev`` frames, the conditioning videos reflect-padded up
+    to whole segments and the output cut back to ``video_frames``.
+    """
+    if video_frames <= prev:
+        raise ValueError(f"a Wan-Animate pose video needs more than {prev} frame(s), got {video_frames}.")
+    effective = segment_frames - prev
+    last = (video_frames - prev) % effective
+    target = video_frames + (effective - last if last else 0)
+    return target // effective
 
 
 # -- parallel ---------------------------------------------------------------------------------
@@ -119,6 +157,34 @@ def _tiny_inputs(r: TinyRequest) -> dict[str, Any]:
     )
 
 
+def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random-init ``diffusers.WanAnimatePipeline`` (no tokenizer / text encoder).
+
+    diffusers' own classes at tiny sizes: the ``WanAnimateTransformer3DModel`` of ``_tiny_config``
+    (2 Wan blocks, a face adapter on each, a 16 px motion encoder), Wan's tiny VAE, Wan I2V's tiny
+    CLIP vision tower and image processor (the reference image's context), and the flow-matching
+    Euler scheduler the other tiny Wan pipelines use. Prompts are passed as 512-token
+    ``prompt_embeds`` (``tiny_prompt_kwargs``: the image context makes the attention split at 512).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):  # seeded build; the caller's RNG stream is untouched
+        torch.manual_seed(seed)
+        transformer = WanAnimateTransformer3DModel(**_tiny_config())
+        image_encoder, image_processor = tiny_image_encoder()
+        vae = tiny_vae()
+    pipe = WanAnimatePipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
+    )
+    return finish_tiny_pipeline(pipe, dtype)
+
+
 # -- the record -------------------------------------------------------------------------------
 
 FAMILY = Family(
@@ -145,9 +211,10 @@ FAMILY = Family(
     ),
     shard_plan=SHARD_PLAN,
     tiny={"wan-animate": TinyVariant("wan-animate", _tiny_config, _tiny_inputs)},
-    tiny_pipeline=None,
-    generate_refusal=(
-        "its pipeline needs a reference image, a pose video and a face video (and a CLIP image encoder), which "
-        "generate does not take; apply vidsparse to your own WanAnimatePipeline with vs.apply(pipe, 'radial')"
+    tiny_pipeline=tiny_pipeline,
+    tiny_prompt_kwargs=tiny_prompt_kwargs,
+    replicated_decode=(
+        "WanAnimatePipeline starts each segment from the decoded last frame of the one before, so every rank "
+        "needs the whole decode of every segment"
     ),
 )

@@ -18,12 +18,18 @@ from vidsparse.video_io import as_uint8_frames
 
 
 class StepClock:
-    """Per-step wall times: from the first transformer forward, then between step ends."""
+    """Per-step wall times: each step from its first transformer forward to its end (the step callback).
+
+    Time between a step's end and the next step's first forward is left out: the scheduler's few
+    operations, and for Wan-Animate the decode and encodes between two segments (counted in the
+    VAE decode time, not twice).
+    """
 
     def __init__(self, pipe, device: torch.device, on_step=None) -> None:
         self.device = device
         self.on_step = on_step
         self.start: float | None = None
+        self._starts: list[float] = []
         self.ends: list[float] = []
         self.handles = []
         for attr in ("transformer", "transformer_2"):
@@ -36,13 +42,18 @@ class StepClock:
             torch.cuda.synchronize(self.device)
 
     def _pre(self, module, args) -> None:
-        if self.start is None:
+        if len(self._starts) == len(self.ends):  # the first forward of a step
             self._sync()
-            self.start = time.perf_counter()
+            self._starts.append(time.perf_counter())
+            if self.start is None:
+                self.start = self._starts[0]
 
     def callback(self, pipe, step, timestep, callback_kwargs):
         self._sync()
-        self.ends.append(time.perf_counter())
+        now = time.perf_counter()
+        if len(self._starts) == len(self.ends):  # a step without a transformer forward
+            self._starts.append(self.ends[-1] if self.ends else now)
+        self.ends.append(now)
         if self.on_step is not None:
             self.on_step()
         return callback_kwargs
@@ -56,8 +67,7 @@ class StepClock:
     def step_times(self) -> tuple[float, ...]:
         if self.start is None or not self.ends:
             return ()
-        marks = [self.start, *self.ends]
-        return tuple(b - a for a, b in zip(marks, marks[1:]))
+        return tuple(b - a for a, b in zip(self._starts, self.ends))
 
 
 def call_kwargs(
@@ -119,8 +129,16 @@ def call_kwargs(
 
         frames = read_frames(plan.condition_video, max_frames=plan.frames)  # the pipeline cuts to 8k + 1
         kwargs["conditions"] = [LTXVideoCondition(video=frames, frame_index=0, strength=1.0)]
+    if plan.animate is not None:  # WanAnimatePipeline: --frames is the segment length, the video the pose's
+        from vidsparse.video_io import read_frames
+
+        a = plan.animate
+        kwargs.update(segment_frame_length=plan.frames, mode=a.mode, pose_video=read_frames(a.pose_video),
+                      face_video=read_frames(a.face_video))  # fmt: skip
+        if a.mode == "replace":
+            kwargs.update(background_video=read_frames(a.background_video), mask_video=read_frames(a.mask_video))
     accepted = inspect.signature(pipe.__call__).parameters
-    if "num_frames" not in accepted:
+    if "num_frames" not in accepted and "segment_frame_length" not in accepted:
         raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")
     return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
 

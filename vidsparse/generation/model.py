@@ -160,7 +160,8 @@ def _call_defaults(class_name: str) -> dict[str, Any]:
     if cls is None:
         return {}
     params = inspect.signature(cls.__call__).parameters
-    names = {"num_frames": "frames", "height": "height", "width": "width"}
+    # WanAnimatePipeline has no num_frames: its frames per transformer call are segment_frame_length.
+    names = {"num_frames": "frames", "segment_frame_length": "frames", "height": "height", "width": "width"}
     names.update({"num_inference_steps": "steps", "guidance_scale": "guidance"})
     out = {}
     for src, dst in names.items():

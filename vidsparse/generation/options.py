@@ -64,6 +64,13 @@ class GenerateOptions:
     lora_scale: float = 1.0
     image: str | None = None  # the first frame of an image-to-video pipeline (an image file)
     condition_video: str | None = None  # LTXConditionPipeline: a video whose frames start the clip (8k + 1 used)
+    # WanAnimatePipeline (with --image, the reference character): the motion videos, the mode (None = the
+    # pipeline's "animate") and, for mode "replace", the video whose person is replaced and its mask.
+    pose_video: str | None = None
+    face_video: str | None = None
+    animate_mode: str | None = None
+    background_video: str | None = None
+    mask_video: str | None = None
     dense_first_steps: int | float | None = None
     dense_last_steps: int | float = 0
     dense_layers: tuple[int, ...] | None = None
@@ -107,6 +114,23 @@ class GenerationPlan:
     lora_summary: LoraSummary | None = None  # the LoRA, what it was trained for, and mismatches
     image: Path | None = None  # image-to-video: the first frame (checked readable)
     condition_video: Path | None = None  # LTXConditionPipeline: the conditioning video prefix (checked readable)
+    animate: AnimateInputs | None = None  # WanAnimatePipeline: its videos (checked readable) and segments
+
+
+@dataclass(frozen=True)
+class AnimateInputs:
+    """The videos of a ``WanAnimatePipeline`` call, checked before loading (``frames``: the pose video's).
+
+    The output has ``frames`` frames, denoised in ``segments`` segments of ``GenerationPlan.frames``.
+    """
+
+    pose_video: Path
+    face_video: Path
+    mode: str
+    background_video: Path | None
+    mask_video: Path | None
+    frames: int
+    segments: int
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -212,9 +236,11 @@ def _check_image(path: str | None, info: ModelInfo) -> Path | None:
     takes = image_input(info.pipeline_class, info.model_family)
     if path is None:
         if takes == "required":
-            raise ValueError(
-                f"{info.pipeline_class} is an image-to-video pipeline: pass --image PATH (the first frame)."
-            )
+            from vidsparse.families.wan_animate import ANIMATE_PIPELINE
+
+            what = "the character to animate" if info.pipeline_class == ANIMATE_PIPELINE else "the first frame"
+            kind = "a character-animation" if info.pipeline_class == ANIMATE_PIPELINE else "an image-to-video"
+            raise ValueError(f"{info.pipeline_class} is {kind} pipeline: pass --image PATH ({what}).")
         return None
     if takes is None:
         raise ValueError(
@@ -249,6 +275,110 @@ def _check_condition_video(path: str | None, image: Path | None, info: ModelInfo
 
     read_frames(path, max_frames=1)  # a clear error now, not after the weights are loaded
     return Path(path).expanduser()
+
+
+#: (flag, GenerateOptions field) of the Wan-Animate inputs, in the order --help lists them.
+ANIMATE_FLAGS = (
+    ("--pose-video", "pose_video"),
+    ("--face-video", "face_video"),
+    ("--animate-mode", "animate_mode"),
+    ("--background-video", "background_video"),
+    ("--mask-video", "mask_video"),
+)
+
+
+def _count_frames(path: str, flag: str) -> int:
+    """Frames of a conditioning video (a ValueError naming the flag when it cannot be read)."""
+    from vidsparse.video_io import read_frames
+
+    try:
+        return len(read_frames(path))
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def _check_animate(options: GenerateOptions, info: ModelInfo, frames: int) -> AnimateInputs | None:
+    """The Wan-Animate flags: all refused for another pipeline; for ``WanAnimatePipeline`` the pose and
+    face videos required, the mode's videos present and readable, and frame counts the pipeline takes."""
+    from vidsparse.families.wan_animate import ANIMATE_MODES, ANIMATE_PIPELINE, PREV_SEGMENT_FRAMES, segment_count
+
+    given = [flag for flag, attr in ANIMATE_FLAGS if getattr(options, attr) is not None]
+    if info.pipeline_class != ANIMATE_PIPELINE:
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} {'is an input' if len(given) == 1 else 'are inputs'} of {ANIMATE_PIPELINE} "
+                f"(Wan 2.2-Animate, --model tiny-wan-animate); {info.source!r} is a {info.pipeline_class}. "
+                f"Drop {'it' if len(given) == 1 else 'them'}, or use a Wan-Animate model."
+            )
+        return None
+    missing = [f for f, attr in ANIMATE_FLAGS[:2] if getattr(options, attr) is None]
+    if missing:
+        raise ValueError(
+            f"{info.source!r} is a {ANIMATE_PIPELINE}: it animates the --image character with the motion of a pose "
+            f"video and a face video; pass {' and '.join(f'{m} PATH' for m in missing)} (the pose skeleton render "
+            "and the face crops of the driving video, from Wan-Animate's preprocessing)."
+        )
+    mode = options.animate_mode if options.animate_mode is not None else ANIMATE_MODES[0]
+    if mode not in ANIMATE_MODES:
+        raise ValueError(f"--animate-mode must be one of {', '.join(ANIMATE_MODES)}, got {mode!r}.")
+    replace_only = [f for f, attr in ANIMATE_FLAGS[3:] if getattr(options, attr) is not None]
+    if mode == "animate" and replace_only:
+        verb = "applies" if len(replace_only) == 1 else "apply"
+        raise ValueError(
+            f"{' and '.join(replace_only)} {verb} to --animate-mode replace (replace the person of a background "
+            "video); add --animate-mode replace, or drop them to animate the character on its own."
+        )
+    if mode == "replace":
+        missing = [f for f, attr in ANIMATE_FLAGS[3:] if getattr(options, attr) is None]
+        if missing:
+            raise ValueError(
+                f"--animate-mode replace puts the --image character into a background video where a mask video is "
+                f"white; pass {' and '.join(f'{m} PATH' for m in missing)}."
+            )
+    counts = {
+        flag: _count_frames(getattr(options, attr), flag)
+        for flag, attr in ANIMATE_FLAGS
+        if attr != "animate_mode" and getattr(options, attr) is not None
+    }
+    pose = counts["--pose-video"]
+    if pose <= PREV_SEGMENT_FRAMES:
+        raise ValueError(
+            f"--pose-video {options.pose_video!r} has {pose} frame(s); {ANIMATE_PIPELINE} generates as many frames as "
+            f"the pose video has and starts each segment from {PREV_SEGMENT_FRAMES} frame(s) of the one before, so it "
+            f"needs at least {PREV_SEGMENT_FRAMES + 1}. Pass a longer pose video."
+        )
+    if frames <= PREV_SEGMENT_FRAMES:
+        raise ValueError(
+            f"--frames {frames}: for {ANIMATE_PIPELINE} --frames is the segment length (segment_frame_length), which "
+            f"must exceed the {PREV_SEGMENT_FRAMES} frame(s) a segment takes from the one before; e.g. --frames "
+            f"{1 + 4 * max(1, PREV_SEGMENT_FRAMES)}."
+        )
+    short = {f: n for f, n in counts.items() if f != "--pose-video" and n < 2}
+    if short:
+        raise ValueError(
+            f"{', '.join(f'{f} has {n} frame' for f, n in short.items())}: {ANIMATE_PIPELINE} pads its conditioning "
+            f"videos to the pose video's {pose} frames by reflection, which needs at least 2 frames each."
+        )
+    differ = {f: n for f, n in counts.items() if n != pose}
+    if differ:
+        import warnings
+
+        warnings.warn(
+            f"{', '.join(f'{f} has {n} frames' for f, n in differ.items())}, the --pose-video {pose}: "
+            f"{ANIMATE_PIPELINE} reflect-pads or cuts them to {pose} frames, so they are not frame-aligned with the "
+            "pose; pass videos cut from the same driving video.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def path(attr: str) -> Path | None:
+        value = getattr(options, attr)
+        return None if value is None else Path(value).expanduser()
+
+    return AnimateInputs(
+        path("pose_video"), path("face_video"), mode, path("background_video"), path("mask_video"), pose,
+        segment_count(pose, frames),
+    )  # fmt: skip
 
 
 def _steps_value(value: Any, name: str) -> Any:
@@ -341,6 +471,16 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     if isinstance(options.seed, bool) or not isinstance(options.seed, int) or options.seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {options.seed!r}.")
     grid = info.grid.latent_grid(frames, height, width)  # ValueError naming the nearest valid sizes
+    animate = _check_animate(options, info, frames)
+    if animate is not None:  # the reference image's latent frame comes first in every transformer call
+        from vidsparse.families.wan_animate import REFERENCE_LATENT_FRAMES
+
+        grid = (grid[0] + REFERENCE_LATENT_FRAMES, *grid[1:])
+        if options.vae_overlap is not None:
+            raise ValueError(
+                "--vae-overlap sets the per-clip decode, and WanAnimatePipeline decodes whole on every rank (each "
+                "segment starts from the decoded end of the one before, so every rank needs it): drop --vae-overlap."
+            )
     device = _resolve_device(options.device)
     dtype = _resolve_dtype(options.dtype, device)
     if options.cpu_offload and device.type != "cuda":
@@ -393,7 +533,17 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         lora_summary=lora_summary,
         image=image,
         condition_video=condition_video,
+        animate=animate,
     )
 
 
-__all__ = ["DTYPES", "PARALLEL_MODES", "TINY_DEFAULTS", "GenerateOptions", "GenerationPlan", "prepare"]
+__all__ = [
+    "ANIMATE_FLAGS",
+    "DTYPES",
+    "PARALLEL_MODES",
+    "TINY_DEFAULTS",
+    "AnimateInputs",
+    "GenerateOptions",
+    "GenerationPlan",
+    "prepare",
+]

@@ -134,6 +134,8 @@ class GenerateResult:
     # Process start to the generate() call (Python, torch, the CLI); set by the command line, 0 elsewhere.
     startup_s: float = 0.0
     lora: LoraSummary | None = None
+    # Wan-Animate: segments denoised one after the other (``steps`` each); 1 for every other pipeline.
+    segments: int = 1
 
     @property
     def total_s(self) -> float:
@@ -150,6 +152,7 @@ class GenerateResult:
             "video_shape": list(self.frames.shape),
             "fps": self.fps,
             "steps": self.steps,
+            "segments": self.segments,
             "total_s": self.total_s,
             "startup_s": self.startup_s,
             "wall_s": self.wall_s,
@@ -245,12 +248,14 @@ def time_lines(result: GenerateResult) -> list[str]:
 def format_summary(result: GenerateResult) -> str:
     t, h, w = result.frames.shape[:3]
     f, gh, gw = result.grid
+    n = result.segments
+    steps = f"{result.steps} steps" + (f" in each of {n} segments" if n > 1 else "")
     lines = [
         f"model      {result.model} ({result.family})",
         f"video      {t} frames of {w}x{h} pixels (WxH) -> token grid {f}x{gh}x{gw} (FxHxW, {f * gh * gw} tokens), "
-        f"{result.steps} steps",
+        + steps,
         f"pattern    {result.pattern}"
-        + (f"; sparse in {result.sparse_steps} of {result.steps} steps" if result.pattern != "dense" else ""),
+        + (f"; sparse in {result.sparse_steps} of {result.steps * n} steps" if result.pattern != "dense" else ""),
         *time_lines(result),
     ]
     if result.lora is not None:

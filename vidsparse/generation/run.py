@@ -108,6 +108,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         write_s=write_s,
         computed_work=computed_work,
         lora=plan.lora_summary,
+        segments=plan.animate.segments if plan.animate is not None else 1,
     )
 
 

@@ -222,6 +222,7 @@ def generate_parallel(options: Any):
         attention_work=summary["work"],
         decode_s=summary["decode_s"],
         lora=plan.lora_summary,
+        segments=plan.animate.segments if plan.animate is not None else 1,
     )
 
 

@@ -6,8 +6,9 @@ whole, so it does not depend on the number of ranks); the transformers are paral
 pipeline runs its own decode step (de-normalisation, LTX-Video's decode noise, CogVideoX 1.5's
 padding frames) with ``vae.decode`` replaced by the per-clip decode (``vae.per_clip_decode``)
 when the VAE's family says how to cut it (``Family.clip_decode``: Wan, HunyuanVideo, CogVideoX,
-Mochi, LTX-Video, LTX-2, ...); rank 0 alone holds the finished video. A VAE without a record decodes
-the whole video on every rank (exact, replicated) and rank 0 keeps it. Decode steps only rank 0
+Mochi, LTX-Video, LTX-2, ...); rank 0 alone holds the finished video. A VAE without a record, or a
+pipeline that reads its decoded frames back (``Family.replicated_decode``: Wan-Animate's segments),
+decodes the whole video on every rank (exact, replicated) and rank 0 keeps it. Decode steps only rank 0
 needs (``Family.main_rank_decode``: LTX-2's audio VAE and vocoder) run on rank 0 alone.
 """
 
@@ -82,7 +83,8 @@ def run_parallel(
 
     ``call_kwargs`` must not contain ``output_type`` (pass it here). The pipeline decodes with its
     own code; ``vae.decode`` is per clip (``vae_overlap`` latent frames of context, ``None`` = full
-    context) for VAEs with a ``ClipDecode`` record, whole on every rank otherwise.
+    context) for VAEs with a ``ClipDecode`` record, whole on every rank otherwise and for pipelines whose
+    family reads the decode back (``Family.replicated_decode``: Wan-Animate; ``vae_overlap`` is unused there).
     ``output_type="latent"`` skips decoding and returns the latents on every rank. ``ulysses``
     ("auto" | "diffusers" | "vidsparse"): which Ulysses runs ``mode="ulysses"``; "auto" takes
     diffusers' context parallelism for transformers with a ``_cp_plan`` (``diffusers_cp.choose_ulysses``),
@@ -96,6 +98,7 @@ def run_parallel(
         )
     vae = getattr(pipe, "vae", None)
     per_clip = output_type != "latent" and vae is not None and clip_decode_of(vae) is not None
+    per_clip = per_clip and not _replicated_decode(pipe)
     check_overlap(vae_overlap)  # before any work
     impl = "vidsparse"
     if mode == "ulysses":
@@ -149,6 +152,14 @@ def run_parallel(
         video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps, decode_bytes,
         audio,
     )  # fmt: skip
+
+
+def _replicated_decode(pipe) -> bool:
+    """True when a transformer's family reads the pipeline's decoded frames back
+    (``Family.replicated_decode``: Wan-Animate's segments): every rank then decodes whole."""
+    from vidsparse.families import family_of
+
+    return any(family_of(t).replicated_decode for _, t in transformers_of(pipe))
 
 
 def _main_rank_decode(pipe) -> tuple[str, ...]:
