@@ -199,9 +199,7 @@ FAMILY = Family(
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("wan-animate", 4, 8, (1, 2, 2), (77, 720, 1280), fps=30),),
-    pattern_defaults=dict(WAN.pattern_defaults),
-    dense_first_steps=WAN.dense_first_steps,
-    dense_layers=dict(WAN.dense_layers),
+    **WAN.sparse_settings(),  # Wan's attention, so Wan's pattern defaults and dense schedule
     lora_refusal=(
         "Wan-Animate is trained on (video, reference image, pose video, face video) sets: its transformer takes "
         "pose latents added to the patch embeddings, per-frame face motion vectors (face_adapter cross-attention) "
