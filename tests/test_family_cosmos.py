@@ -282,5 +282,48 @@ def test_generate_asks_video2world_for_its_first_frame_before_loading(tmp_path, 
     out = tmp_path / "v.mp4"
     assert main(["generate", "--model", "tiny-cosmos2-video2world", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "Cosmos2VideoToWorldPipeline is an image-to-video pipeline: pass --image PATH" in err, err
+    assert "Cosmos2VideoToWorldPipeline is an image-to-video pipeline: pass --image PATH (the first frame) or --condition-video PATH" in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "model, cls, frames, conditioned",
+    [("tiny-cosmos2-video2world", "Cosmos2VideoToWorldPipeline", 5, 5),  # every given frame conditions
+     ("tiny-cosmos", "Cosmos2_5_PredictBasePipeline", 7, 5),  # its last 5 frames (2 latent frames)
+     ("tiny-cosmos", "Cosmos2_5_PredictBasePipeline", 3, 1)],  # fewer than 5: its last frame
+)  # fmt: skip
+def test_generate_condition_video_reaches_the_pipelines_latents(model, cls, frames, conditioned, tmp_path, monkeypatch):
+    """``--condition-video`` gives Cosmos its video the way each pipeline takes it (Family.condition_video):
+    the pixels reaching ``prepare_latents`` are the video's frames (Predict2.5: its last 1 or 5)."""
+    import diffusers
+    import numpy as np
+
+    from vidsparse.video_io import write_video
+
+    levels = np.linspace(20, 235, frames)  # one flat colour per frame: survives the mp4 round trip
+    clip = np.broadcast_to(np.stack([levels, levels[::-1], np.full(frames, 128.0)], -1)[:, None, None], (frames, 32, 32, 3))
+    clip = np.ascontiguousarray(clip).astype(np.uint8)
+    path = tmp_path / "prefix.mp4"
+    write_video(path, clip)
+    pipeline = getattr(diffusers, cls)
+    seen = []
+    prepare = pipeline.prepare_latents
+
+    def record(self, video, *args, **kwargs):
+        seen.append((video.detach().clone(), args, kwargs))
+        return prepare(self, video, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_latents", record)
+    out = tmp_path / "v.mp4"
+    rc = main(["generate", "--model", model, "--condition-video", str(path), "--frames", "9", "--height", "32",
+               "--width", "32", "--steps", "1", "--no-progress", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and out.is_file()
+    (video, args, kwargs) = seen[0]
+    # Predict2 pads inside prepare_latents; Predict2.5 hands it the clip already padded to --frames
+    assert video.shape[2] == (9 if cls.startswith("Cosmos2_5") else frames)
+    if cls == "Cosmos2_5_PredictBasePipeline":
+        assert kwargs.get("num_frames_in", args[4] if len(args) > 4 else None) == conditioned
+    # the conditioning frames are the video's (mp4 round trip: compare loosely), the given ones first
+    got = ((video[0, :, :conditioned].float().permute(1, 2, 3, 0) + 1) * 127.5).clamp(0, 255)
+    want = torch.from_numpy(clip[-conditioned:] if cls.startswith("Cosmos2_5") else clip[:conditioned]).float()
+    assert (got - want).abs().mean() < 6, (got - want).abs().mean()

@@ -100,8 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     model.add_argument(
         "--condition-video", default=None, metavar="PATH",
-        help="LTXConditionPipeline (e.g. tiny-ltx-condition): a video whose first 8k + 1 frames start the clip "
-             "(extend a video); refused for other pipelines",
+        help="a video that starts the clip (extend a video): LTXConditionPipeline (e.g. tiny-ltx-condition) takes "
+             "its first 8k + 1 frames, Cosmos-Predict2 video2world all of them, Cosmos-Predict2.5 (tiny-cosmos) its "
+             "last 5 (or last 1 if shorter); refused for other pipelines (default: none)",
     )  # fmt: skip
     animate = parser.add_argument_group(
         "Wan-Animate (WanAnimatePipeline, e.g. tiny-wan-animate; --image is the character to animate)"

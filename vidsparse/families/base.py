@@ -315,6 +315,10 @@ class Family:
     ``generate_refusal`` (non-empty): ``vs.apply`` works, but ``vidsparse generate`` cannot drive the
     family's pipelines (inputs it does not build), and why.
 
+    ``condition_video``: pipeline class -> the ``__call__`` kwargs that carry a conditioning video's
+    frames (RGB PIL images, ``generate --condition-video``): each pipeline takes them its own way
+    (LTX-Video's ``conditions=[LTXVideoCondition]``, Cosmos' ``video=``).
+
     ``needs_first_frame``: pipeline classes whose ``__call__`` gives ``image`` a default of ``None``
     but fails without an image or video (Cosmos video2world), so ``generate`` asks for ``--image``
     before any weight loads instead of letting the pipeline fail after them.
@@ -352,6 +356,7 @@ class Family:
     unsupported: str = ""
     generate_refusal: str = ""
     needs_first_frame: tuple[str, ...] = ()
+    condition_video: Mapping[str, Callable[[list], dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.text_position not in ("none", "before", "after"):

@@ -356,6 +356,17 @@ def _lora_adapter() -> tuple[type, ...]:
 
 # -- the record -------------------------------------------------------------------------------
 
+def predict2_condition_video(frames: list) -> dict[str, Any]:
+    """Cosmos-Predict2 video2world: every given frame conditions the clip (``video=``), as the first frames."""
+    return {"video": frames}
+
+
+def predict2_5_condition_video(frames: list) -> dict[str, Any]:
+    """Cosmos-Predict2.5: it conditions on the video's last ``4 (k - 1) + 1`` frames for k latent frames,
+    k = 2 (5 frames, its default) when the video has them, else 1 (its last frame)."""
+    return {"video": frames, "num_latent_conditional_frames": 2 if len(frames) >= 5 else 1}
+
+
 FAMILY = Family(
     name="cosmos",
     aliases=("cosmos2", "cosmos2.5", "cosmos-predict2", "cosmos-predict2.5"),
@@ -381,6 +392,10 @@ FAMILY = Family(
     },
     dense_first_steps=0.25,
     lora_adapter=_lora_adapter,
+    condition_video={
+        "Cosmos2VideoToWorldPipeline": predict2_condition_video,
+        "Cosmos2_5_PredictBasePipeline": predict2_5_condition_video,
+    },
     needs_first_frame=("Cosmos2VideoToWorldPipeline", "CosmosVideoToWorldPipeline"),
     lora_refusals=LORA_REFUSALS,
     shard_plan=SHARD_PLAN,

@@ -175,6 +175,13 @@ CONDITION_TINY = "ltx-condition"
 CONDITION_VIDEO_PIPELINE = "LTXConditionPipeline"
 
 
+def condition_video_kwargs(frames: list) -> dict[str, Any]:
+    """``LTXConditionPipeline``'s video prefix: frame 0, strength 1 (the pipeline cuts it to 8k + 1 frames)."""
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+    return {"conditions": [LTXVideoCondition(video=frames, frame_index=0, strength=1.0)]}
+
+
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, variant: str = "ltx"):
     """A tiny random-init ``diffusers.LTXPipeline`` (no tokenizer / text encoder).
 
@@ -278,6 +285,7 @@ FAMILY = Family(
         "tile": dict(tile=(2, 4, 4), window=(5, 3, 3)),
         "gna": dict(kernel_size=(9, 9, 13), stride=1),
     },
+    condition_video={CONDITION_VIDEO_PIPELINE: condition_video_kwargs},
     lora_adapter=_lora_adapter,
     lora_refusals={
         "LTXI2VLongMultiPromptPipeline": "long multi-prompt image-to-video chains conditioned windows (clean "

@@ -122,13 +122,12 @@ def call_kwargs(
 
         with Image.open(plan.image) as im:
             kwargs["image"] = im.convert("RGB")
-    if plan.condition_video is not None:  # LTXConditionPipeline: the video prefix at frame 0, strength 1
-        from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
-
+    if plan.condition_video is not None:  # as the family's record says this pipeline takes it
+        from vidsparse.families import family_of_pipeline
         from vidsparse.video_io import read_frames
 
-        frames = read_frames(plan.condition_video, max_frames=plan.frames)  # the pipeline cuts to 8k + 1
-        kwargs["conditions"] = [LTXVideoCondition(video=frames, frame_index=0, strength=1.0)]
+        frames = read_frames(plan.condition_video, max_frames=plan.frames)
+        kwargs.update(family_of_pipeline(type(pipe).__name__).condition_video[type(pipe).__name__](frames))
     if plan.animate is not None:  # WanAnimatePipeline: --frames is the segment length, the video the pose's
         from vidsparse.video_io import read_frames
 

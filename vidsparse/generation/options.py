@@ -231,16 +231,19 @@ def image_input(pipeline_class: str, family: Family | None = None) -> str | None
     return "optional"
 
 
-def _check_image(path: str | None, info: ModelInfo) -> Path | None:
-    """``--image`` for an image-conditioned pipeline (required by image-to-video ones), refused for any other."""
+def _check_image(path: str | None, info: ModelInfo, condition_video: str | None = None) -> Path | None:
+    """``--image`` for an image-conditioned pipeline (required by image-to-video ones, unless a
+    ``--condition-video`` the pipeline takes stands in for it), refused for any other."""
     takes = image_input(info.pipeline_class, info.model_family)
+    takes_video = info.pipeline_class in info.model_family.condition_video
     if path is None:
-        if takes == "required":
+        if takes == "required" and not (condition_video and takes_video):
             from vidsparse.families.wan_animate import ANIMATE_PIPELINE
 
             what = "the character to animate" if info.pipeline_class == ANIMATE_PIPELINE else "the first frame"
             kind = "a character-animation" if info.pipeline_class == ANIMATE_PIPELINE else "an image-to-video"
-            raise ValueError(f"{info.pipeline_class} is {kind} pipeline: pass --image PATH ({what}).")
+            video = " or --condition-video PATH" if takes_video else ""
+            raise ValueError(f"{info.pipeline_class} is {kind} pipeline: pass --image PATH ({what}){video}.")
         return None
     if takes is None:
         raise ValueError(
@@ -258,16 +261,22 @@ def _check_image(path: str | None, info: ModelInfo) -> Path | None:
     return p
 
 
+def condition_video_pipelines() -> tuple[str, ...]:
+    """Every pipeline class that ``--condition-video`` can drive (``Family.condition_video``)."""
+    from vidsparse.families import families
+
+    return tuple(name for fam in families() for name in fam.condition_video)
+
+
 def _check_condition_video(path: str | None, image: Path | None, info: ModelInfo) -> Path | None:
-    """``--condition-video`` for LTX-Video's condition pipeline only: a readable video, not with ``--image``."""
+    """``--condition-video`` for a pipeline whose family says how it takes one: a readable video, not with ``--image``."""
     if path is None:
         return None
-    from vidsparse.families.ltx import CONDITION_VIDEO_PIPELINE
-
-    if info.pipeline_class != CONDITION_VIDEO_PIPELINE:
+    if info.pipeline_class not in info.model_family.condition_video:
         raise ValueError(
-            f"--condition-video is the video prefix of {CONDITION_VIDEO_PIPELINE} (LTX-Video 0.9.5+, --model "
-            f"tiny-ltx-condition); {info.source!r} is a {info.pipeline_class}. Drop --condition-video."
+            f"--condition-video conditions {', '.join(condition_video_pipelines())} (e.g. --model tiny-ltx-condition "
+            f"or tiny-cosmos); {info.source!r} is a {info.pipeline_class}, which takes no conditioning video. "
+            "Drop --condition-video."
         )
     if image is not None:
         raise ValueError("--condition-video and --image both condition the first frames; pass one of them.")
@@ -488,7 +497,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     fps = options.fps if options.fps is not None else info.grid.fps
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
-    image = _check_image(options.image, info)
+    image = _check_image(options.image, info, options.condition_video)
     condition_video = _check_condition_video(options.condition_video, image, info)
     if options.freeswim is not None and (image is not None or condition_video is not None):
         raise ValueError("--freeswim runs text-to-video pipelines; drop --image / --condition-video or --freeswim.")
