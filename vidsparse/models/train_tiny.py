@@ -418,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             f"--{name}", type=int, default=getattr(d, attr), help=f"{help_} (default {getattr(d, attr)})"
         )
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    parser.add_argument("--train-shift", type=float, default=d.train_shift,
-                        help=f"noise-level shift of training (default {d.train_shift})")
+    parser.add_argument(
+        "--train-shift",
+        type=float,
+        default=d.train_shift,
+        help=f"noise-level shift of training (default {d.train_shift})",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = TrainTinyConfig(
