@@ -102,6 +102,33 @@ def test_collapsed_pad_cross_attention_equals_the_pipelines_512_padding():
     assert not torch.allclose(full, wrong, atol=1e-3)
 
 
+def test_tiny_transformer_is_wan_plus_an_absolute_position_code(tmp_path):
+    """Zero position code: exactly diffusers' WanTransformer3DModel with the same weights (the
+    oracle); a non-zero code changes the output. Saved and reloaded through from_pretrained, and
+    vidsparse sees a Wan transformer (its patterns and hooks apply)."""
+    from diffusers import WanTransformer3DModel
+
+    from vidsparse.families import family_of
+    from vidsparse.models import train_tiny as tt
+    from vidsparse.models.tiny_transformer import TinyWanTransformer3DModel
+
+    torch.manual_seed(0)
+    tiny = TinyWanTransformer3DModel(**tt.transformer_config(tt.Z_DIM, tt.TEXT_DIM)).eval()
+    plain = WanTransformer3DModel(**tt.transformer_config(tt.Z_DIM, tt.TEXT_DIM)).eval()
+    missing, unexpected = plain.load_state_dict(tiny.state_dict(), strict=False)
+    assert not missing and unexpected == ["position_embedding.proj.weight", "position_embedding.proj.bias"]
+    x, ts, text = torch.randn(1, tt.Z_DIM, 3, 4, 6), torch.tensor([700.0]), torch.randn(1, 8, tt.TEXT_DIM)
+    with torch.no_grad():
+        assert torch.equal(tiny(x, ts, text, return_dict=False)[0], plain(x, ts, text, return_dict=False)[0])
+        torch.nn.init.normal_(tiny.position_embedding.proj.weight, std=0.5)
+        out = tiny(x, ts, text, return_dict=False)[0]
+        assert not torch.allclose(out, plain(x, ts, text, return_dict=False)[0], atol=1e-3)
+        tiny.save_pretrained(tmp_path)
+        again = TinyWanTransformer3DModel.from_pretrained(tmp_path).eval()
+        assert torch.equal(again(x, ts, text, return_dict=False)[0], out)
+    assert family_of(again).name == "wan"
+
+
 @pytest.mark.slow
 def test_training_script_runs_a_few_steps_and_writes_a_loadable_pipeline(tmp_path):
     from vidsparse.models.tiny_trained import REFERENCE_FILE, load_trained_tiny
