@@ -41,11 +41,12 @@ def load_trained_tiny(dtype: torch.dtype = torch.float32, folder: str | Path | N
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
-    import vidsparse.models.tiny_vae  # noqa: F401  diffusers loads custom classes only from imported modules
+    import vidsparse.models.tiny_transformer  # noqa: F401  diffusers loads custom classes only from imported modules
+    import vidsparse.models.tiny_vae  # noqa: F401
 
     key = "dtype" if hasattr(dep, "_resolve_dtype") else "torch_dtype"  # torch_dtype is deprecated in 0.42
     level, bars = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()
-    dlogging.set_verbosity_error()  # no "Expected types for vae" line: TinyVideoVAE is the VAE by design
+    dlogging.set_verbosity_error()  # no "Expected types for vae / transformer" line: the tiny classes by design
     dlogging.disable_progress_bar()  # no "Loading pipeline components" bar for a 1 MB model
     tbars = tlogging.is_progress_bar_enabled()
     tlogging.disable_progress_bar()  # nor transformers' "Loading weights" one (the text encoder)
