@@ -312,8 +312,6 @@ class Family:
 
     Refused: ``unsupported`` (non-empty) records a transformer vidsparse recognises but cannot
     patch, and why; ``vidsparse.apply`` raises it, the supported-families text leaves it out.
-    ``generate_refusal`` (non-empty): ``vs.apply`` works, but ``vidsparse generate`` cannot drive the
-    family's pipelines (inputs it does not build), and why.
 
     ``condition_video``: pipeline class -> the ``__call__`` kwargs that carry a conditioning video's
     frames (RGB PIL images, ``generate --condition-video``): each pipeline takes them its own way
@@ -354,7 +352,6 @@ class Family:
     tiny_pipelines: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     unsupported: str = ""
-    generate_refusal: str = ""
     needs_first_frame: tuple[str, ...] = ()
     condition_video: Mapping[str, Callable[[list], dict[str, Any]]] = field(default_factory=dict)
 

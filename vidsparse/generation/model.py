@@ -142,8 +142,6 @@ def _family_from_class(class_name: str, transformer_config: dict[str, Any] | Non
     family = family_of_pipeline(class_name)
     if family is not None and family.unsupported:  # refuse before loading any weights
         raise ValueError(f"vidsparse generate cannot run a {class_name}: {family.unsupported}.")
-    if family is not None and family.generate_refusal:
-        raise ValueError(f"vidsparse generate cannot run a {class_name}: {family.generate_refusal}.")
     if family is not None:
         return family.geometry_for(transformer_config)
     supported = ", ".join(f"{p}*Pipeline" for p in pipeline_prefixes())
