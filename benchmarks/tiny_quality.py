@@ -44,8 +44,8 @@ PATTERNS_AT_GRID = (
 )
 #: Above this PSNR vs dense a pattern's video is the dense one up to rounding (it kept every key).
 DENSE_PSNR_DB = 60.0
-#: The frame strip of docs/tiny_model.md: dense, seed 0, every 4th frame, one row per prompt (three
-#: the model gets right, the third a held-out combination, and one it gets wrong).
+#: The frame strip of docs/tiny_model.md: dense, seed 0, every 4th frame, one row per prompt (four
+#: motions; the third is a held-out combination).
 STRIP_PROMPTS = ("a blue ball moving left", "a blue ball bouncing", "a red square moving left",
                  "a red ball moving right")  # fmt: skip
 

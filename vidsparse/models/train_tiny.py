@@ -60,7 +60,7 @@ class TrainTinyConfig:
     variants: int = 4  # jittered clips per (trained combination, background)
     vae_steps: int = 800
     vae_batch: int = 4  # 5-frame clips (2 latent frames) per VAE step
-    steps: int = 5000  # transformer steps
+    steps: int = 12000  # transformer steps
     batch: int = 8
     lr: float = 3e-3
     # Noise-level shift of training (the scheduler samples with FLOW_SHIFT): where the video's
