@@ -63,7 +63,7 @@ class GenerateOptions:
     lora: str | None = None
     lora_scale: float = 1.0
     image: str | None = None  # the first frame of an image-to-video pipeline (an image file)
-    condition_video: str | None = None  # LTXConditionPipeline: a video whose frames start the clip (8k + 1 used)
+    condition_video: str | None = None  # a video whose frames start the clip (pipelines in Family.condition_video)
     # WanAnimatePipeline (with --image, the reference character): the motion videos, the mode (None = the
     # pipeline's "animate") and, for mode "replace", the video whose person is replaced and its mask.
     pose_video: str | None = None
@@ -113,7 +113,7 @@ class GenerationPlan:
     freeswim: Any = None  # generation.freeswim.FreeSwimPrepared with GenerateOptions.freeswim
     lora_summary: LoraSummary | None = None  # the LoRA, what it was trained for, and mismatches
     image: Path | None = None  # image-to-video: the first frame (checked readable)
-    condition_video: Path | None = None  # LTXConditionPipeline: the conditioning video prefix (checked readable)
+    condition_video: Path | None = None  # the conditioning video (checked readable; Family.condition_video)
     animate: AnimateInputs | None = None  # WanAnimatePipeline: its videos (checked readable) and segments
 
 

@@ -83,11 +83,10 @@ def load_transformer_lora(pipe, folder: str | os.PathLike, weight_name: str | No
 
 def set_lora_scale(pipe, adapter_name: str, scale: float) -> None:
     """``pipe.set_adapters`` (or the transformer's, for a pipeline without LoRA loading) at ``scale``."""
-    target = pipe if hasattr(pipe, "set_adapters") else pipe.transformer
-    if target is pipe:
+    if hasattr(pipe, "set_adapters"):
         pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
     else:
-        target.set_adapters([adapter_name], weights=[float(scale)])
+        pipe.transformer.set_adapters([adapter_name], weights=[float(scale)])
 
 
 def save_lora(
