@@ -129,19 +129,25 @@ def _mean_compare(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
+def _versus_dense(prompts, dense_frames, pattern: str, options: dict[str, Any], frames: int | None,
+                  lora: str | None) -> tuple[dict[str, Any], list[float]]:  # fmt: skip
+    """One pattern's mean PSNR / SSIM against the dense videos and each video's attention work, or
+    ``{"error": ...}`` when the pattern cannot run on this grid (the report says why and goes on)."""
+    rows, work = [], []
+    try:
+        for prompt, seed, _ in prompts:
+            res = _run(prompt, seed, pattern, frames, lora, options)
+            rows.append(_compare(res.frames, dense_frames[(prompt, seed)]))
+            work.append(res.attention_work)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}, []
+    return _mean_compare(rows), work
+
+
 def patterns_vs_dense(prompts, dense_frames, frames: int | None, lora: str | None, log) -> dict[str, Any]:
     out = {}
     for pattern in PATTERNS_AT_DEFAULTS:
-        rows = []
-        try:
-            for prompt, seed, _ in prompts:
-                video = _generate(prompt, seed, pattern, frames, lora)
-                rows.append(_compare(video, dense_frames[(prompt, seed)]))
-        except Exception as exc:  # a pattern that cannot run on this grid: say why, keep going
-            out[pattern] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-            log(f"  {pattern}: {out[pattern]['error']}")
-            continue
-        out[pattern] = _mean_compare(rows)
+        out[pattern], _ = _versus_dense(prompts, dense_frames, pattern, {}, frames, lora)
         log(f"  {pattern}: {out[pattern]}")
     return out
 
@@ -151,17 +157,8 @@ def patterns_at_grid(prompts, dense_frames, log) -> dict[str, Any]:
     out = {}
     for pattern, options in PATTERNS_AT_GRID:
         key = f"{pattern} {json.dumps(options, separators=(',', '='))}"
-        rows, work = [], []
-        try:
-            for prompt, seed, _ in prompts:
-                res = _run(prompt, seed, pattern, options=options)
-                rows.append(_compare(res.frames, dense_frames[(prompt, seed)]))
-                work.append(res.attention_work)
-        except Exception as exc:  # an option set this grid refuses: say why, keep going
-            out[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-            log(f"  {key}: {out[key]['error']}")
-            continue
-        out[key] = {**_mean_compare(rows), "attention_work": round(float(np.mean(work)), 3)}
+        result, work = _versus_dense(prompts, dense_frames, pattern, options, None, None)
+        out[key] = result if "error" in result else {**result, "attention_work": round(float(np.mean(work)), 3)}
         log(f"  {key}: {out[key]}")
     return out
 
