@@ -129,13 +129,8 @@ def call_kwargs(
         frames = read_frames(plan.condition_video, max_frames=plan.frames)
         kwargs.update(family_of_pipeline(type(pipe).__name__).condition_video[type(pipe).__name__](frames))
     if plan.animate is not None:  # WanAnimatePipeline: --frames is the segment length, the video the pose's
-        from vidsparse.video_io import read_frames
-
-        a = plan.animate
-        kwargs.update(segment_frame_length=plan.frames, mode=a.mode, pose_video=read_frames(a.pose_video),
-                      face_video=read_frames(a.face_video))  # fmt: skip
-        if a.mode == "replace":
-            kwargs.update(background_video=read_frames(a.background_video), mask_video=read_frames(a.mask_video))
+        a = plan.animate  # its videos were decoded once, when the options were checked
+        kwargs.update(segment_frame_length=plan.frames, mode=a.mode, **a.decoded)
     accepted = inspect.signature(pipe.__call__).parameters
     if "num_frames" not in accepted and "segment_frame_length" not in accepted:
         raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")

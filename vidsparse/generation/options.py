@@ -122,6 +122,8 @@ class AnimateInputs:
     """The videos of a ``WanAnimatePipeline`` call, checked before loading (``frames``: the pose video's).
 
     The output has ``frames`` frames, denoised in ``segments`` segments of ``GenerationPlan.frames``.
+    ``decoded`` holds each given video's frames (PIL images, keyed by field name), read once while
+    checking them, so the call does not decode them again.
     """
 
     pose_video: Path
@@ -131,6 +133,7 @@ class AnimateInputs:
     mask_video: Path | None
     frames: int
     segments: int
+    decoded: dict[str, list] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -296,12 +299,12 @@ ANIMATE_FLAGS = (
 )
 
 
-def _count_frames(path: str, flag: str) -> int:
-    """Frames of a conditioning video (a ValueError naming the flag when it cannot be read)."""
+def _read_video(path: str, flag: str) -> list:
+    """The frames of a conditioning video (a ValueError naming the flag when it cannot be read)."""
     from vidsparse.video_io import read_frames
 
     try:
-        return len(read_frames(path))
+        return read_frames(path)
     except ValueError as exc:
         raise ValueError(f"{flag}: {exc}") from None
 
@@ -344,11 +347,12 @@ def _check_animate(options: GenerateOptions, info: ModelInfo, frames: int) -> An
                 f"--animate-mode replace puts the --image character into a background video where a mask video is "
                 f"white; pass {' and '.join(f'{m} PATH' for m in missing)}."
             )
-    counts = {
-        flag: _count_frames(getattr(options, attr), flag)
+    decoded = {
+        attr: _read_video(getattr(options, attr), flag)
         for flag, attr in ANIMATE_FLAGS
         if attr != "animate_mode" and getattr(options, attr) is not None
     }
+    counts = {flag: len(decoded[attr]) for flag, attr in ANIMATE_FLAGS if attr in decoded}
     pose = counts["--pose-video"]
     if pose <= PREV_SEGMENT_FRAMES:
         raise ValueError(
@@ -386,7 +390,7 @@ def _check_animate(options: GenerateOptions, info: ModelInfo, frames: int) -> An
 
     return AnimateInputs(
         path("pose_video"), path("face_video"), mode, path("background_video"), path("mask_video"), pose,
-        segment_count(pose, frames),
+        segment_count(pose, frames), decoded,
     )  # fmt: skip
 
 
