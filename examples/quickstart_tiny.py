@@ -1,6 +1,6 @@
 """Offline quick start: sparse attention on the embedded tiny Wan pipeline (CPU, seconds).
 
-    python examples/quickstart_tiny.py
+python examples/quickstart_tiny.py
 """
 
 import torch

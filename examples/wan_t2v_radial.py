@@ -1,6 +1,6 @@
 """Wan 2.1 text-to-video with Radial attention (GPU; downloads the model on first use).
 
-    python examples/wan_t2v_radial.py --prompt "A cat walks on the grass" --out cat.mp4
+python examples/wan_t2v_radial.py --prompt "A cat walks on the grass" --out cat.mp4
 """
 
 import argparse

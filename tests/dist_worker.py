@@ -209,7 +209,9 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
     # An option only one rank rejects stops every rank (generate_parallel checks collectively).
     from vidsparse.parallel import generate_parallel
 
-    bad = GenerateOptions(model="tiny-random", parallel="clip", steps=0 if rt.rank == 1 else 2, out=None, progress=False)
+    bad = GenerateOptions(
+        model="tiny-random", parallel="clip", steps=0 if rt.rank == 1 else 2, out=None, progress=False
+    )
     try:
         generate_parallel(bad)
     except ValueError as exc:

@@ -357,7 +357,9 @@ def test_parallel_mode_is_handed_to_vidsparse_parallel(monkeypatch):
     assert generate(GenerateOptions(parallel="clip", steps=0)) == "done"
     from vidsparse.generate_cli import options_from_args
 
-    args = _full_parser("generate").parse_args([*SMALL, "--parallel", "clip", "--vae-overlap", "all", "--dist-timeout", "90"])
+    args = _full_parser("generate").parse_args(
+        [*SMALL, "--parallel", "clip", "--vae-overlap", "all", "--dist-timeout", "90"]
+    )
     assert generate(options_from_args(args)) == "done"
     assert (seen[-1].vae_overlap, seen[-1].dist_timeout) == ("all", 90.0)
 

@@ -1,7 +1,6 @@
 """Per-family processors on tiny random-init transformers: dense equivalence, the discovered
 layout, token locality under local patterns, and every registered sparse pattern."""
 
-
 import pytest
 import torch
 from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
@@ -23,8 +22,16 @@ GRID_INPUT = {
     "ltx": (4, 4, 4),
     "mochi": (4, 8, 8),
 }
-TEXT = {"wan": (0, "none"), "wan-i2v": (0, "none"), "ltx": (0, "none"), "cogvideox": (8, "before"),
-        "cogvideox-1.5": (8, "before"), "hunyuan": (8, "after"), "hunyuan-i2v": (8, "after"), "mochi": (8, "after")}
+TEXT = {
+    "wan": (0, "none"),
+    "wan-i2v": (0, "none"),
+    "ltx": (0, "none"),
+    "cogvideox": (8, "before"),
+    "cogvideox-1.5": (8, "before"),
+    "hunyuan": (8, "after"),
+    "hunyuan-i2v": (8, "after"),
+    "mochi": (8, "after"),
+}
 FAMILIES = list(GRID_INPUT)
 MAIN_FAMILIES = ["wan", "hunyuan", "cogvideox", "ltx", "mochi"]
 
@@ -211,8 +218,10 @@ def test_fused_qkv_projections_are_mirrored():
 def test_bf16_dense_matches_unpatched():
     model, inputs = _setup("wan")
     model = model.to(torch.bfloat16)
-    inputs = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-              for k, v in inputs.items()}
+    inputs = {
+        k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
     ref = _run(model, inputs)
     vs.apply(model, _config("dense"))
     out = _run(model, inputs)
@@ -226,14 +235,18 @@ def test_ltx_grid_from_video_coords():
     model, inputs = _setup("ltx", batch=1)
     f, h, w = torch.meshgrid(torch.arange(4), torch.arange(4), torch.arange(4), indexing="ij")
     coords = torch.stack([f.flatten() * 8.0 - 7.0, h.flatten() * 32.0, w.flatten() * 32.0])[None]
-    by_coords = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width", "rope_interpolation_scale")}
+    by_coords = {
+        k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width", "rope_interpolation_scale")
+    }
     by_coords["video_coords"] = coords
     plain = _run(model, by_coords)
     vs.apply(model, _config("dense"))
     state = get_state(model)
     seen = []
     attention = state.attention_fn
-    state.attention_fn = lambda q, k, v, layout, pattern, **kw: seen.append(layout) or attention(q, k, v, layout, pattern, **kw)
+    state.attention_fn = lambda q, k, v, layout, pattern, **kw: (
+        seen.append(layout) or attention(q, k, v, layout, pattern, **kw)
+    )
     torch.testing.assert_close(_run(model, by_coords), plain, atol=2e-5, rtol=1e-5)
     assert seen == [vs.VideoLayout(4, 4, 4)] * 2
     shuffled = {**by_coords, "video_coords": coords[:, :, torch.randperm(64)]}

@@ -282,7 +282,10 @@ def test_generate_asks_video2world_for_its_first_frame_before_loading(tmp_path, 
     out = tmp_path / "v.mp4"
     assert main(["generate", "--model", "tiny-cosmos2-video2world", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "Cosmos2VideoToWorldPipeline is an image-to-video pipeline: pass --image PATH (the first frame) or --condition-video PATH" in err, err
+    assert (
+        "Cosmos2VideoToWorldPipeline is an image-to-video pipeline: pass --image PATH (the first frame) or --condition-video PATH"
+        in err
+    ), err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -301,7 +304,9 @@ def test_generate_condition_video_reaches_the_pipelines_latents(model, cls, fram
     from vidsparse.video_io import write_video
 
     levels = np.linspace(20, 235, frames)  # one flat colour per frame: survives the mp4 round trip
-    clip = np.broadcast_to(np.stack([levels, levels[::-1], np.full(frames, 128.0)], -1)[:, None, None], (frames, 32, 32, 3))
+    clip = np.broadcast_to(
+        np.stack([levels, levels[::-1], np.full(frames, 128.0)], -1)[:, None, None], (frames, 32, 32, 3)
+    )
     clip = np.ascontiguousarray(clip).astype(np.uint8)
     path = tmp_path / "prefix.mp4"
     write_video(path, clip)

@@ -115,6 +115,8 @@ def test_tiny_model_names_come_from_the_registry():
 
     assert tiny_models()[:3] == ("tiny", "tiny-random", "tiny-wan")
     info = resolve_model("tiny-wan")
-    assert info.kind == "tiny" and info.model_family is FAMILY and info.defaults == resolve_model("tiny-random").defaults
+    assert (
+        info.kind == "tiny" and info.model_family is FAMILY and info.defaults == resolve_model("tiny-random").defaults
+    )
     with pytest.raises(ValueError, match="no such tiny pipeline. Embedded ones: tiny, tiny-random, tiny-wan"):
         resolve_model("tiny-sora")

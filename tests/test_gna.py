@@ -122,7 +122,9 @@ def test_kernel_one_and_full_axis_against_formula(grid, kernel, stride, dil, cau
         [
             [
                 all(
-                    _formula_axis(a[i], b[i], grid[i], ks[i], pattern.stride[i], pattern.dilation[i], pattern.is_causal[i])
+                    _formula_axis(
+                        a[i], b[i], grid[i], ks[i], pattern.stride[i], pattern.dilation[i], pattern.is_causal[i]
+                    )
                     for i in range(3)
                 )
                 for b in coords

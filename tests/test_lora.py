@@ -25,14 +25,36 @@ from vidsparse.pipelines import apply, get_state
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 8, 4
-FLAGS = dict(num_frames=17, height=48, width=48, rank=8, learning_rate=2e-2, max_train_steps=STEPS,
-             checkpointing_steps=EVERY, mixed_precision="no", attention_backend="torch", pattern="radial",
-             seed=1, progress=False, log_every=4)
+FLAGS = dict(
+    num_frames=17,
+    height=48,
+    width=48,
+    rank=8,
+    learning_rate=2e-2,
+    max_train_steps=STEPS,
+    checkpointing_steps=EVERY,
+    mixed_precision="no",
+    attention_backend="torch",
+    pattern="radial",
+    seed=1,
+    progress=False,
+    log_every=4,
+)
 
 
 def _argv(cfg: dict, data, out, cache):
-    argv = ["train-lora", "--model", "tiny-random", "--data-dir", str(data), "--output-dir", str(out),
-            "--cache-dir", str(cache), "--no-progress"]
+    argv = [
+        "train-lora",
+        "--model",
+        "tiny-random",
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+    ]
     for key, value in cfg.items():
         if key == "progress":
             continue
@@ -95,9 +117,11 @@ def test_loss_decreases_and_lora_loads_into_pipeline(run):
     root, data, out = run
     cfg = TrainConfig(data_dir=str(data), output_dir=str(out), **FLAGS)
     adapter = load_model("tiny-random")
-    samples = LatentCache(root / "cache").prepare(
-        scan_dataset(data).samples, ClipSpec(17, 48, 48), adapter, progress=False
-    ).samples
+    samples = (
+        LatentCache(root / "cache")
+        .prepare(scan_dataset(data).samples, ClipSpec(17, 48, 48), adapter, progress=False)
+        .samples
+    )
     pipe = adapter.pipe
     apply(pipe.transformer, sparse_config(cfg))  # the objective trained
     before = _eval_loss(pipe.transformer, samples, adapter)
@@ -140,8 +164,9 @@ def test_resume_reproduces_the_uninterrupted_run(run):
     # an interrupted run may have logged past its last checkpoint: those rows are dropped on resume
     rows_a = _metrics(out)
     (out_b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_a[:6]) + '{"step": 7, "lo')
-    cfg = TrainConfig(data_dir=str(data), output_dir=str(out_b), cache_dir=str(root / "cache"), resume="latest",
-                      **FLAGS)
+    cfg = TrainConfig(
+        data_dir=str(data), output_dir=str(out_b), cache_dir=str(root / "cache"), resume="latest", **FLAGS
+    )
     result = train_lora(cfg)
     assert (result.start_step, result.final_step, len(result.losses)) == (EVERY, STEPS, STEPS - EVERY)
     assert result.cache.latents_computed == 0 and result.cache.text_computed == 0  # cache reused
@@ -153,8 +178,13 @@ def test_resume_reproduces_the_uninterrupted_run(run):
     assert [r["step"] for r in rows_b] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows_b[EVERY:]] == pytest.approx([r["loss"] for r in rows_a[EVERY:]], abs=1e-6)
 
-    changed = TrainConfig(data_dir=str(data), output_dir=str(out_b), cache_dir=str(root / "cache"),
-                          resume="latest", **{**FLAGS, "rank": 4})
+    changed = TrainConfig(
+        data_dir=str(data),
+        output_dir=str(out_b),
+        cache_dir=str(root / "cache"),
+        resume="latest",
+        **{**FLAGS, "rank": 4},
+    )
     with pytest.raises(ValueError, match=r"settings differ.*rank: checkpoint 8, now 4"):
         train_lora(changed)
 
@@ -195,10 +225,14 @@ def test_gradient_checkpointing_recomputes_the_sparse_pattern():
 
 def test_train_lora_rejects_bad_targets_and_models(tmp_path, run):
     _, data, _ = run
-    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
-                      **{**FLAGS, "max_train_steps": 1}, target_modules=("attn9.to_q",))
+    cfg = TrainConfig(
+        data_dir=str(data),
+        output_dir=str(tmp_path / "o"),
+        cache_dir=str(tmp_path / "c"),
+        **{**FLAGS, "max_train_steps": 1},
+        target_modules=("attn9.to_q",),
+    )
     with pytest.raises(ValueError, match=r"attn9\.to_q.*match no module"):
         train_lora(cfg)
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        train_lora(TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "o"), resume=str(tmp_path / "x"),
-                               **FLAGS))
+        train_lora(TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "o"), resume=str(tmp_path / "x"), **FLAGS))

@@ -176,7 +176,10 @@ def test_cache_reuse_and_invalidation(tmp_path, dataset, tiny):
     assert load_text(first.samples[0].text_file)["prompt_embeds"].shape == (8, 16)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert len(manifest["latents"]) == 3 and {v["video"] for v in manifest["latents"].values()} == {
-        "a.mp4", "b.gif", "c.webm"}
+        "a.mp4",
+        "b.gif",
+        "c.webm",
+    }
 
     again = cache.prepare(samples, SMALL, tiny, progress=False)
     assert (again.latents_computed, again.text_computed) == (0, 0)
@@ -199,8 +202,15 @@ def test_cache_reuse_and_invalidation(tmp_path, dataset, tiny):
 def test_corrupt_video_is_skipped_and_cache_kept(tmp_path, dataset, tiny, caplog):
     data = tmp_path / "d"
     shutil.copytree(dataset, data)
-    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "out"), num_frames=9, height=32, width=32,
-                      cache_dir=str(tmp_path / "cache"), progress=False)
+    cfg = TrainConfig(
+        data_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        num_frames=9,
+        height=32,
+        width=32,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     prepare_cache(cfg, tiny, device=torch.device("cpu"))
     before = _snapshot(tmp_path / "cache")
     (data / "broken.mp4").write_bytes(b"\x00garbage" * 200)
@@ -218,13 +228,23 @@ def test_corrupt_video_is_skipped_and_cache_kept(tmp_path, dataset, tiny, caplog
     only_bad.mkdir()
     shutil.copy(data / "broken.mp4", only_bad / "broken.mp4")
     shutil.copy(data / "broken.txt", only_bad / "broken.txt")
-    bad_cfg = TrainConfig(data_dir=str(only_bad), output_dir=str(tmp_path / "o2"), num_frames=9, height=32,
-                          width=32, cache_dir=str(tmp_path / "cache"), progress=False)
+    bad_cfg = TrainConfig(
+        data_dir=str(only_bad),
+        output_dir=str(tmp_path / "o2"),
+        num_frames=9,
+        height=32,
+        width=32,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     with pytest.raises(ValueError, match=r"No usable training videos.*broken\.mp4: cannot be decoded"):
         prepare_cache(bad_cfg, tiny, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="4k \\+ 1"):
-        prepare_cache(TrainConfig(data_dir=str(data), output_dir="o", num_frames=16, height=32, width=32), tiny,
-                      device=torch.device("cpu"))
+        prepare_cache(
+            TrainConfig(data_dir=str(data), output_dir="o", num_frames=16, height=32, width=32),
+            tiny,
+            device=torch.device("cpu"),
+        )
 
 
 def test_distributed_cache_shares_do_not_depend_on_timing(tmp_path, dataset, tiny):
@@ -248,8 +268,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         model(torch.randn(4, 3)).sum().backward()
         opt.step()
         sched.step()
-        return ckpt.save_checkpoint(tmp_path, step, lora_state={"w": model.weight.detach().clone()}, optimizer=opt,
-                                    lr_scheduler=sched, generator=gen, state={"config": {}}, keep=2)
+        return ckpt.save_checkpoint(
+            tmp_path,
+            step,
+            lora_state={"w": model.weight.detach().clone()},
+            optimizer=opt,
+            lr_scheduler=sched,
+            generator=gen,
+            state={"config": {}},
+            keep=2,
+        )
 
     good = save(3)
     good_bytes = {p.name: p.read_bytes() for p in good.iterdir()}
@@ -274,15 +302,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".tmp-*"))
     # a restored RNG state replays the same draws
     gen2 = torch.Generator().manual_seed(123)
-    state, lora = ckpt.load_checkpoint(tmp_path / ckpt.checkpoint_name(9), optimizer=opt, lr_scheduler=sched,
-                                       generator=gen2)
+    state, lora = ckpt.load_checkpoint(
+        tmp_path / ckpt.checkpoint_name(9), optimizer=opt, lr_scheduler=sched, generator=gen2
+    )
     assert state["step"] == 9 and set(lora) == {"w"}
     assert torch.equal(torch.rand(3, generator=gen2), torch.rand(3, generator=gen))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(ValueError, match="this run has 2"):
-        ckpt.load_checkpoint(tmp_path / ckpt.checkpoint_name(9), optimizer=opt, lr_scheduler=sched,
-                             generator=gen2, world_size=2)
+        ckpt.load_checkpoint(
+            tmp_path / ckpt.checkpoint_name(9), optimizer=opt, lr_scheduler=sched, generator=gen2, world_size=2
+        )
     # numpy's and python's streams come back too
     import random
 
@@ -290,8 +320,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     np.random.seed(5)
     random.seed(5)
-    ckpt.save_checkpoint(tmp_path, 12, lora_state={"w": torch.ones(1)}, optimizer=opt, lr_scheduler=sched,
-                         generator=gen, state={})
+    ckpt.save_checkpoint(
+        tmp_path, 12, lora_state={"w": torch.ones(1)}, optimizer=opt, lr_scheduler=sched, generator=gen, state={}
+    )
     expected = (np.random.rand(2), random.random())
     ckpt.load_checkpoint(tmp_path / ckpt.checkpoint_name(12), optimizer=opt, lr_scheduler=sched, generator=gen2)
     assert np.array_equal(np.random.rand(2), expected[0]) and random.random() == expected[1]
@@ -323,11 +354,32 @@ def test_cli_flags_build_the_config():
 
     parser, subs = build_parser("train-lora")
     cli.add_arguments(subs["train-lora"])
-    args = parser.parse_args([
-        "train-lora", "--model", "tiny-random", "--data-dir", "d", "--output-dir", "o", "--num-frames", "33",
-        "--pattern", "radial", "--decay-factor", "0.5", "--dense-layers", "0-1,-1", "--target-modules",
-        "attn1.to_q, attn1.to_v", "--resume", "--checkpoints-total-limit", "0", "--lr", "3e-4",
-    ])
+    args = parser.parse_args(
+        [
+            "train-lora",
+            "--model",
+            "tiny-random",
+            "--data-dir",
+            "d",
+            "--output-dir",
+            "o",
+            "--num-frames",
+            "33",
+            "--pattern",
+            "radial",
+            "--decay-factor",
+            "0.5",
+            "--dense-layers",
+            "0-1,-1",
+            "--target-modules",
+            "attn1.to_q, attn1.to_v",
+            "--resume",
+            "--checkpoints-total-limit",
+            "0",
+            "--lr",
+            "3e-4",
+        ]
+    )
     cfg = cli.config_from_args(args)
     assert (cfg.num_frames, cfg.pattern, dict(cfg.pattern_options)) == (33, "radial", {"decay_factor": 0.5})
     assert cfg.dense_layers == (-1, 0, 1) and cfg.target_modules == ("attn1.to_q", "attn1.to_v")

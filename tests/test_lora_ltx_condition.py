@@ -229,7 +229,9 @@ def test_train_then_generate_end_to_end(tmp_path, monkeypatch):
                str(tmp_path / "prefix.gif"), "--frames", "17", "--height", "64", "--width", "64", "--steps", "2",
                "--pattern", "radial", "--backend", "torch", "--out", str(video)])  # fmt: skip
     assert rc in (0, None) and video.is_file() and video.stat().st_size > 0
-    with pytest.raises(ValueError, match="--condition-video conditions LTXConditionPipeline, .*which takes no conditioning video"):
+    with pytest.raises(
+        ValueError, match="--condition-video conditions LTXConditionPipeline, .*which takes no conditioning video"
+    ):
         generate(GenerateOptions(**{**common, "model": "tiny-ltx", "lora": None},
                                  condition_video=str(tmp_path / "prefix.gif")))  # fmt: skip
     with pytest.raises(ValueError, match="pass one of them"):

@@ -46,7 +46,9 @@ def test_dual_scope_mask_definition():
     assert vs.make_pattern("dual-scope", local_frames=1, global_stride=3) == pat
 
 
-@pytest.mark.parametrize("layout", [vs.VideoLayout(9, 3, 5), vs.VideoLayout(6, 4, 3, text_len=5, text_position="after")], ids=str)
+@pytest.mark.parametrize(
+    "layout", [vs.VideoLayout(9, 3, 5), vs.VideoLayout(6, 4, 3, text_len=5, text_position="after")], ids=str
+)
 @pytest.mark.parametrize("pattern", [vs.DualScope(1, 4), vs.DualScope(0, 1), vs.DualScope(2, 0)], ids=repr)
 @pytest.mark.parametrize("backend", ["torch", "flex"])
 def test_dual_scope_backends_match_oracle(layout, pattern, backend):
@@ -221,10 +223,28 @@ def test_parallel_without_a_launcher_is_a_clear_user_error(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "vidsparse", "generate", "--model", "tiny-random", "--parallel", "clip",
-         "--pattern", "dual-scope", "--out", str(tmp_path / "x.mp4")],
-        capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+        [
+            sys.executable,
+            "-m",
+            "vidsparse",
+            "generate",
+            "--model",
+            "tiny-random",
+            "--parallel",
+            "clip",
+            "--pattern",
+            "dual-scope",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            k: v
+            for k, v in __import__("os").environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        },
     )
     assert proc.returncode == 2, proc.stderr
     assert "torchrun" in proc.stderr and "Traceback" not in proc.stderr

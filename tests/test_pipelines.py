@@ -54,9 +54,7 @@ def test_sequential_cfg_steps_batch_two_and_reset_after_the_call():
     state = _spy(pipe.transformer, log)
     run_tiny_pipeline(pipe, num_inference_steps=5, num_videos_per_prompt=2)
     # Steps 1..3 sparse (first and last dense), layer 0 only, both CFG branches, batch 2.
-    assert [(s, b, layer) for s, b, layer, _, _ in log] == [
-        (s, b, 0) for s in (1, 2, 3) for b in ("cond", "uncond")
-    ]
+    assert [(s, b, layer) for s, b, layer, _, _ in log] == [(s, b, 0) for s in (1, 2, 3) for b in ("cond", "uncond")]
     assert {bs for *_, bs in log} == {2}
     assert state.calls["dense"] == 5 * 2 * 2 - len(log)
     assert state.current is None and not state.tracker._branches  # reset by maybe_free_model_hooks
@@ -337,7 +335,10 @@ def test_plain_gradient_checkpointing_recomputes_under_the_same_pattern():
         model = tiny_transformer("wan", num_layers=2)
         if inputs is None:
             inputs = tiny_inputs("wan", model, 3, 4, 4)
-        vs.apply(model, _cfg(vs.make_pattern("radial", block_size=16, decay_factor=0.2), dense_first_steps=0, dense_layers=()))
+        vs.apply(
+            model,
+            _cfg(vs.make_pattern("radial", block_size=16, decay_factor=0.2), dense_first_steps=0, dense_layers=()),
+        )
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.train()

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 def test_tiny_pipeline_full_call_decodes_frames():
     pipe = build_tiny_pipeline(seed=0)
     assert pipe.tokenizer is None and pipe.text_encoder is None
-    frames = run_tiny_pipeline(pipe, "a cat", num_frames=9, height=32, width=32, num_inference_steps=2, output_type="np")
+    frames = run_tiny_pipeline(
+        pipe, "a cat", num_frames=9, height=32, width=32, num_inference_steps=2, output_type="np"
+    )
     assert frames.shape == (1, 9, 32, 32, 3)
     assert bool((frames >= 0).all() and (frames <= 1).all())
 

@@ -29,13 +29,20 @@ def _as_pattern(pattern: Pattern | str) -> Pattern:
 
 def _check_layer(layer: Any) -> None:
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int (the transformer block index, 0-based), got {type(layer).__name__} {layer!r}.")
+        raise TypeError(
+            f"layer must be an int (the transformer block index, 0-based), got {type(layer).__name__} {layer!r}."
+        )
     if layer < 0:
         raise ValueError(f"layer must be >= 0 (the transformer block index, 0-based), got {layer}.")
 
 
 def _check_block_size(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 1
+        or block_size & (block_size - 1)
+    ):
         raise ValueError(f"block_size must be a power of two (e.g. 64 or 128), got {block_size!r}.")
 
 
@@ -76,9 +83,7 @@ def plan(
         block_size,
         str(device),
     )
-    return _PLANS.get_or_build(
-        key, lambda: build_static_plan(pattern, layout, num_heads, layer, block_size, device)
-    )
+    return _PLANS.get_or_build(key, lambda: build_static_plan(pattern, layout, num_heads, layer, block_size, device))
 
 
 def clear_plan_cache() -> None:
@@ -114,8 +119,16 @@ def token_mask(
     """
     pattern = _as_pattern(pattern)
     num_heads = q.shape[2] if q is not None else 1
-    p = plan(pattern, layout, num_heads=num_heads, layer=layer, q=q, k=k, block_size=block_size,
-             device=q.device if q is not None else "cpu")
+    p = plan(
+        pattern,
+        layout,
+        num_heads=num_heads,
+        layer=layer,
+        q=q,
+        k=k,
+        block_size=block_size,
+        device=q.device if q is not None else "cpu",
+    )
     m = plan_to_token_mask(p)
     return m[0] if m.shape[0] == 1 else m
 

@@ -31,16 +31,12 @@ class VideoLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
-                    f"VideoLayout.{name} must be a positive int (latent grid after patchify), "
-                    f"got {value!r}."
+                    f"VideoLayout.{name} must be a positive int (latent grid after patchify), got {value!r}."
                 )
         if not isinstance(self.text_len, int) or isinstance(self.text_len, bool) or self.text_len < 0:
             raise ValueError(f"VideoLayout.text_len must be an int >= 0, got {self.text_len!r}.")
         if self.text_position not in _TEXT_POSITIONS:
-            raise ValueError(
-                f"VideoLayout.text_position must be one of {_TEXT_POSITIONS}, "
-                f"got {self.text_position!r}."
-            )
+            raise ValueError(f"VideoLayout.text_position must be one of {_TEXT_POSITIONS}, got {self.text_position!r}.")
         if self.text_len > 0 and self.text_position == "none":
             raise ValueError(
                 f"VideoLayout has text_len={self.text_len} but text_position='none'; "

@@ -356,6 +356,7 @@ def _lora_adapter() -> tuple[type, ...]:
 
 # -- the record -------------------------------------------------------------------------------
 
+
 def predict2_condition_video(frames: list) -> dict[str, Any]:
     """Cosmos-Predict2 video2world: every given frame conditions the clip (``video=``), as the first frames."""
     return {"video": frames}

@@ -14,7 +14,9 @@ import torch
 from vidsparse.atomic import atomic_path, fsync_dir, write_json
 
 
-def save_tensors(dest: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    dest: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save_file
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -187,8 +187,12 @@ class LatentCache:
         report.latents_reused = len(share_lat) - len(mine_lat)
         report.text_reused = len(share_txt) - len(mine_txt)
         failed: dict[str, str] = {}
-        bar = tqdm(total=len(mine_lat) + len(mine_txt), desc="caching latents/text", unit="item",
-                   disable=not progress or not (mine_lat or mine_txt))
+        bar = tqdm(
+            total=len(mine_lat) + len(mine_txt),
+            desc="caching latents/text",
+            unit="item",
+            disable=not progress or not (mine_lat or mine_txt),
+        )
         with bar:
             for s, lk, linfo, _, _ in mine_lat:
                 bar.set_postfix_str(s.relpath[-40:], refresh=False)

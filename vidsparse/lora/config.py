@@ -20,10 +20,34 @@ SAVE_DTYPES = ("fp32", "bf16", "fp16")
 # Settings a resumed run must share with the run that wrote the checkpoint: changing any of
 # them would make the continuation a different run (``max_train_steps`` may grow; see train.py).
 RESUME_KEYS = (
-    "model", "num_frames", "height", "width", "frame_stride", "pattern", "attention_backend", "dense_layers",
-    "rank", "alpha", "dropout", "target_modules", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "batch_size", "gradient_accumulation_steps",
-    "timestep_sampling", "flow_shift", "logit_mean", "logit_std", "seed", "condition_frames",
+    "model",
+    "num_frames",
+    "height",
+    "width",
+    "frame_stride",
+    "pattern",
+    "attention_backend",
+    "dense_layers",
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "timestep_sampling",
+    "flow_shift",
+    "logit_mean",
+    "logit_std",
+    "seed",
+    "condition_frames",
 )
 
 
@@ -91,8 +115,18 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}.")
 
-        for name in ("num_frames", "height", "width", "frame_stride", "rank", "max_train_steps", "batch_size",
-                     "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
+        for name in (
+            "num_frames",
+            "height",
+            "width",
+            "frame_stride",
+            "rank",
+            "max_train_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "log_every",
+        ):
             positive_int(name)
         for name in ("lr_warmup_steps", "seed"):
             positive_int(name, allow_zero=True)
@@ -143,8 +177,8 @@ class TrainConfig:
     def resume_view(self) -> dict[str, Any]:
         """The settings a resume must match, as JSON-friendly values."""
         view = {k: getattr(self, k) for k in RESUME_KEYS}
-        view["pattern"] = repr(self.pattern) if not isinstance(self.pattern, str) else (
-            f"{self.pattern}{dict(self.pattern_options)}"
+        view["pattern"] = (
+            repr(self.pattern) if not isinstance(self.pattern, str) else (f"{self.pattern}{dict(self.pattern_options)}")
         )
         view["alpha"] = self.lora_alpha
         view["target_modules"] = list(self.target_modules) if self.target_modules else None

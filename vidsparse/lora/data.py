@@ -126,9 +126,7 @@ def _iter_videos(root: Path, exclude: Iterable[Path]) -> Iterator[Path]:
     excluded = [p.resolve() for p in exclude]
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
-        )
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_EXTENSIONS:
                 yield here / name

@@ -47,7 +47,9 @@ class NoiseSampler:
             return float(self.shift)
         return float(model_default) if self.mode == "shifted" else 1.0
 
-    def sample(self, n: int, generator: torch.Generator, shift: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator, shift: float, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """``n`` noise levels in [min_sigma, 1] (float32), drawn from ``generator``."""
         if self.mode == "logit_normal":
             u = torch.sigmoid(torch.randn(n, generator=generator) * self.logit_std + self.logit_mean)

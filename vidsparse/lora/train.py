@@ -156,7 +156,9 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     if state.get("max_train_steps") != cfg.max_train_steps and cfg.lr_scheduler != "constant":
         logger.warning(
             "vidsparse: max_train_steps changed (%s -> %s); the %s LR schedule continues on the new length.",
-            state.get("max_train_steps"), cfg.max_train_steps, cfg.lr_scheduler,
+            state.get("max_train_steps"),
+            cfg.max_train_steps,
+            cfg.lr_scheduler,
         )
 
 
@@ -172,23 +174,36 @@ def _lora_config(cfg: TrainConfig, adapter: TrainableVideoModel):
             f"LoRA target modules {missing} match no module of the {adapter.family} transformer; "
             f"module names look like {examples}. Pass --target-modules with such names."
         )
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
-                      init_lora_weights=True, target_modules=targets)
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, init_lora_weights=True, target_modules=targets
+    )
 
 
 def prepare_cache(
-    cfg: TrainConfig, adapter: TrainableVideoModel, *, device: torch.device, rank: int = 0, world_size: int = 1,
+    cfg: TrainConfig,
+    adapter: TrainableVideoModel,
+    *,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
     barrier=None,
 ) -> CacheReport:
     """Scan the dataset and bring the latent/text cache up to date (encoders on ``device``)."""
     spec = ClipSpec(cfg.num_frames, cfg.height, cfg.width, cfg.frame_stride)
     adapter.validate_clip(spec)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cfg.data_dir).expanduser() / DEFAULT_CACHE_DIRNAME
+    cache_dir = (
+        Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cfg.data_dir).expanduser() / DEFAULT_CACHE_DIRNAME
+    )
     scan = scan_dataset(cfg.data_dir, cfg.caption_column, exclude=[cache_dir, Path(cfg.output_dir)])
     adapter.encoders_to(device)
     try:
         report = LatentCache(cache_dir).prepare(
-            scan.samples, spec, adapter, rank=rank, world_size=world_size, barrier=barrier,
+            scan.samples,
+            spec,
+            adapter,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
             progress=cfg.progress and rank == 0,
         )
     finally:
@@ -258,7 +273,8 @@ def _resume_path(run: _Run) -> Path | None:
     if resume_path is None and run.main and list_checkpoints(out):
         logger.warning(
             "vidsparse: %s already has checkpoints; this run starts from step 0 and replaces its files. "
-            "Pass --resume to continue the earlier run instead.", out,
+            "Pass --resume to continue the earlier run instead.",
+            out,
         )
     if cfg.resume == "latest" and resume_path is None and run.main:
         logger.info("vidsparse: no checkpoint in %s yet; starting from step 0.", out)
@@ -348,7 +364,9 @@ def _restore(run: _Run, opt: _Optimization, resume_path: Path | None, data_id: s
                        resume_path)  # fmt: skip
     missing = [n for n in opt.names if n not in lora]
     if missing:
-        raise ValueError(f"Checkpoint {str(resume_path)!r} lacks LoRA weights {missing[:3]}...; it belongs to another run.")
+        raise ValueError(
+            f"Checkpoint {str(resume_path)!r} lacks LoRA weights {missing[:3]}...; it belongs to another run."
+        )
     with torch.no_grad():
         for n, p in zip(opt.names, opt.params):
             p.copy_(lora[n].to(p.device, p.dtype))
@@ -372,8 +390,13 @@ def _start_metrics(run: _Run, start_step: int, shift: float, num_samples: int) -
 
 
 def _train_step(
-    run: _Run, opt: _Optimization, adapter: TrainableVideoModel, samples: list[CachedSample],
-    sampler: NoiseSampler, shift: float, step: int,
+    run: _Run,
+    opt: _Optimization,
+    adapter: TrainableVideoModel,
+    samples: list[CachedSample],
+    sampler: NoiseSampler,
+    shift: float,
+    step: int,
 ) -> tuple[float, float, int, Any]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches: (loss, lr, epoch, grad norm)."""
     cfg, accelerator, world = run.cfg, run.accelerator, run.world
@@ -408,7 +431,9 @@ def _train_step(
     return mean_loss, lr, epoch, grad_norm
 
 
-def _log_step(run: _Run, metrics, bar, done: int, mean_loss: float, lr: float, epoch: int, grad_norm, t0: float) -> None:
+def _log_step(
+    run: _Run, metrics, bar, done: int, mean_loss: float, lr: float, epoch: int, grad_norm, t0: float
+) -> None:
     """A metrics.jsonl row, the progress bar, and every ``log_every`` steps a line (main process)."""
     cfg = run.cfg
     row = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch,
@@ -467,7 +492,9 @@ def _check_inputs(cfg: TrainConfig) -> None:
     videos and the output folder can be written. Decoding problems surface later, per video."""
     from vidsparse.video_io import check_writable_dir
 
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cfg.data_dir).expanduser() / DEFAULT_CACHE_DIRNAME
+    cache_dir = (
+        Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(cfg.data_dir).expanduser() / DEFAULT_CACHE_DIRNAME
+    )
     scan = scan_dataset(cfg.data_dir, cfg.caption_column, exclude=[cache_dir, Path(cfg.output_dir)])
     if not scan.samples:
         details = "; ".join(f"{r}: {why}" for r, why in list(scan.skipped)[:10]) or "no video files found"
@@ -520,9 +547,15 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     lora_path = _export(run, adapter, opt, final_step, bar)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
-    return TrainResult(lora_path=lora_path, output_dir=run.out, final_step=final_step, start_step=start_step,
-                       losses=losses, cache=report, is_main_process=run.main)
+    return TrainResult(
+        lora_path=lora_path,
+        output_dir=run.out,
+        final_step=final_step,
+        start_step=start_step,
+        losses=losses,
+        cache=report,
+        is_main_process=run.main,
+    )
 
 
 __all__ = ["METRICS_FILE", "TrainResult", "flow_loss", "prepare_cache", "sample_order", "train_lora"]
-

@@ -114,6 +114,7 @@ def run_tiny_pipeline(
 # Tiny transformers of every supported family, with matching forward kwargs.
 # ---------------------------------------------------------------------------------------------
 
+
 def tiny_variants() -> dict[str, tuple[Family, TinyVariant]]:
     """Variant name -> (family, tiny variant) of every registered family, in registry order."""
     from vidsparse.families import families

@@ -58,8 +58,14 @@ class ClipView(Pattern):
         return self.inner.uses_layer
 
     def validate(self, layout: VideoLayout) -> None:
-        if layout.frames != len(self.frames) or layout.height != self.layout.height or layout.width != self.layout.width:
-            raise ValueError(f"ClipView expects a {len(self.frames)}x{self.layout.height}x{self.layout.width} sequence, got {layout}.")
+        if (
+            layout.frames != len(self.frames)
+            or layout.height != self.layout.height
+            or layout.width != self.layout.width
+        ):
+            raise ValueError(
+                f"ClipView expects a {len(self.frames)}x{self.layout.height}x{self.layout.width} sequence, got {layout}."
+            )
 
     def _abs(self, idx: torch.Tensor, hw: int) -> tuple[torch.Tensor, torch.Tensor]:
         f = idx // hw
@@ -151,7 +157,9 @@ def frame_reach(pattern: Pattern, layout: VideoLayout, layer: int = 0, block_siz
         )
     video = VideoLayout(layout.frames, layout.height, layout.width)
     layer_key = layer if pattern.uses_layer else None
-    return _REACH.get_or_build((pattern, video, layer_key, block_size), lambda: _frame_reach(pattern, video, layer, block_size))
+    return _REACH.get_or_build(
+        (pattern, video, layer_key, block_size), lambda: _frame_reach(pattern, video, layer, block_size)
+    )
 
 
 def _frame_reach(pattern: Pattern, video: VideoLayout, layer: int, block_size: int) -> torch.Tensor:
@@ -192,7 +200,9 @@ def exchange_plan(
     return _EXCHANGES.get_or_build(key, lambda: _exchange_plan(pattern, video, partition, rank, layer))
 
 
-def _exchange_plan(pattern: Pattern, layout: VideoLayout, partition: FramePartition, rank: int, layer: int) -> ClipExchange:
+def _exchange_plan(
+    pattern: Pattern, layout: VideoLayout, partition: FramePartition, rank: int, layer: int
+) -> ClipExchange:
     reach = frame_reach(pattern, layout, layer)
     bounds = partition.bounds
     need = []
@@ -279,9 +289,7 @@ def clip_attention(
 
     # 2. Meanwhile: own clip (and text keys) under the pattern.
     own_view = ClipView(pattern, _video_only(layout), tuple(range(a, b)), n_own, 0)
-    out_a, lse_a = sparse_attention_lse(
-        q, k, v, local, own_view, backend, layer, text_mask, scale, block_size
-    )
+    out_a, lse_a = sparse_attention_lse(q, k, v, local, own_view, backend, layer, text_mask, scale, block_size)
 
     # 3. Received frames, in ascending frame order.
     received: dict[int, torch.Tensor] = {}
@@ -301,7 +309,9 @@ def clip_attention(
         raise RuntimeError(f"clip_attention: frames {missing} were not received on rank {rank}.")
 
     remote_kv = torch.cat([received[f] for f in ex.remote], dim=2) if ex.remote else None
-    out_vid = _with_remote(q, k_vid, v_vid, out_a, lse_a, remote_kv, ex, layout, local, pattern, backend, layer, scale, block_size)
+    out_vid = _with_remote(
+        q, k_vid, v_vid, out_a, lse_a, remote_kv, ex, layout, local, pattern, backend, layer, scale, block_size
+    )
 
     if not layout.text_len:
         return out_vid.to(q.dtype)
@@ -320,7 +330,9 @@ def clip_attention(
     return torch.cat(pieces, dim=1)
 
 
-def _with_remote(q, k_vid, v_vid, out_a, lse_a, remote_kv, ex, layout, local, pattern, backend, layer, scale, block_size):
+def _with_remote(
+    q, k_vid, v_vid, out_a, lse_a, remote_kv, ex, layout, local, pattern, backend, layer, scale, block_size
+):
     """Own-clip rows merged with the attention over the received frames ``remote_kv`` [2, B, nr*hw, H, D]."""
     hw = layout.tokens_per_frame
     a, b = ex.own

@@ -44,7 +44,9 @@ class Pending:
 
 
 # -- Ulysses: sequence shards <-> head shards ---------------------------------------------
-def seq_to_heads(x: torch.Tensor, seq_sizes: Sequence[int], runtime: ParallelRuntime, op: str = "ulysses_qkv") -> torch.Tensor:
+def seq_to_heads(
+    x: torch.Tensor, seq_sizes: Sequence[int], runtime: ParallelRuntime, op: str = "ulysses_qkv"
+) -> torch.Tensor:
     """[..., S_r, Hp, D] sequence shard -> [..., sum(seq_sizes), Hp / N, D]: every rank's tokens, my heads.
 
     The sequence dimension is dim -3; ``seq_sizes[j]`` is rank j's shard length (uneven
@@ -71,7 +73,9 @@ def seq_to_heads(x: torch.Tensor, seq_sizes: Sequence[int], runtime: ParallelRun
     return torch.cat(parts, dim=-3)
 
 
-def heads_to_seq(y: torch.Tensor, seq_sizes: Sequence[int], runtime: ParallelRuntime, op: str = "ulysses_out") -> torch.Tensor:
+def heads_to_seq(
+    y: torch.Tensor, seq_sizes: Sequence[int], runtime: ParallelRuntime, op: str = "ulysses_out"
+) -> torch.Tensor:
     """Inverse of ``seq_to_heads``: [..., sum(seq_sizes), h, D] -> [..., S_r, h * N, D]."""
     n, r = runtime.world_size, runtime.rank
     *lead, s, h, d = y.shape
@@ -126,7 +130,12 @@ def exchange(
 
 # -- all-gather with uneven sizes -----------------------------------------------------------
 def all_gather_uneven(
-    x: torch.Tensor, sizes: Sequence[int], runtime: ParallelRuntime, dim: int = 0, op: str = "all_gather", async_op: bool = False
+    x: torch.Tensor,
+    sizes: Sequence[int],
+    runtime: ParallelRuntime,
+    dim: int = 0,
+    op: str = "all_gather",
+    async_op: bool = False,
 ) -> Pending | list[torch.Tensor]:
     """Gather every rank's ``x`` whose length along ``dim`` is ``sizes[rank]`` (padded to the max).
 

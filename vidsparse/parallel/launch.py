@@ -48,8 +48,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _worker(fn: Callable, rank: int, nprocs: int, port: int, args: Sequence[Any], results, env: dict[str, str]) -> None:
     os.environ.update(env)
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     start = time.monotonic()
     try:
@@ -112,9 +116,15 @@ def spawn(
             _, status, value, etype, msg, secs = got[r]
             out.append(RankResult(r, status, value, etype, msg, p.exitcode, secs))
         elif r in hung:
-            out.append(RankResult(r, "hung", message=f"rank {r} did not finish within {timeout_s:g} s", exitcode=p.exitcode))
+            out.append(
+                RankResult(r, "hung", message=f"rank {r} did not finish within {timeout_s:g} s", exitcode=p.exitcode)
+            )
         else:
-            out.append(RankResult(r, "died", message=f"rank {r} exited with code {p.exitcode} without a result", exitcode=p.exitcode))
+            out.append(
+                RankResult(
+                    r, "died", message=f"rank {r} exited with code {p.exitcode} without a result", exitcode=p.exitcode
+                )
+            )
     results.close()
     return out
 

@@ -159,7 +159,10 @@ def guard(runtime: ParallelRuntime, operation: str) -> Iterator[None]:
 def _canonical(value: Any) -> Any:
     """JSON-able, order-stable form of configs (dataclasses, mappings, tensors, dtypes, paths)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"__type__": type(value).__name__, **{f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        return {
+            "__type__": type(value).__name__,
+            **{f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)},
+        }
     if isinstance(value, Mapping):
         return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):

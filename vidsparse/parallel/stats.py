@@ -26,7 +26,11 @@ class CommStats:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"total_bytes": sum(self.bytes_sent.values()), "bytes_sent": dict(self.bytes_sent), "calls": dict(self.calls)}
+            return {
+                "total_bytes": sum(self.bytes_sent.values()),
+                "bytes_sent": dict(self.bytes_sent),
+                "calls": dict(self.calls),
+            }
 
     def reset(self) -> None:
         with self._lock:

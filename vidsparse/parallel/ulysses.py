@@ -89,8 +89,16 @@ def ulysses_attention(
             out[:, :, :real] = _dense(sel[0], sel[1], sel[2], layout, text_mask, scale)
         else:
             out[:, :, :real] = attention(
-                sel[0], sel[1], sel[2], layout, pattern, backend=backend, layer=layer,
-                text_mask=text_mask, scale=scale, block_size=block_size,
+                sel[0],
+                sel[1],
+                sel[2],
+                layout,
+                pattern,
+                backend=backend,
+                layer=layer,
+                text_mask=text_mask,
+                scale=scale,
+                block_size=block_size,
             )
     gvo = layout.video_offset
     out_video = heads_to_seq(out[:, gvo : gvo + layout.video_len], seq_sizes, runtime, op="ulysses_out")[:, :, :H]

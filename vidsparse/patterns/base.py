@@ -70,9 +70,7 @@ class Pattern:
         """
         return None
 
-    def video_mask(
-        self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0
-    ) -> torch.Tensor:
+    def video_mask(self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0) -> torch.Tensor:
         """Element semantics: bool, broadcast of ``qi`` and ``ki`` (natural video indices)."""
         raise NotImplementedError(f"{type(self).__name__} does not define video_mask")
 
@@ -146,8 +144,10 @@ def per_axis(value: int | tuple[int, ...] | list[int], name: str, minimum: int =
         raise TypeError(f"{name} must be an int or a (t, h, w) tuple of ints, got a bool.")
     if isinstance(value, int):
         values = (value, value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         values = tuple(value)
     else:

@@ -17,9 +17,7 @@ class Dense(Pattern):
 
     name: ClassVar[str] = "dense"
 
-    def video_mask(
-        self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0
-    ) -> torch.Tensor:
+    def video_mask(self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(qi.shape, ki.shape), dtype=torch.bool, device=qi.device)
 
     def attended_frames(self, layout: VideoLayout, fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,7 @@ class DualScope(Pattern):
     def key_global_frames(self, layout: VideoLayout) -> list[int]:
         return self.global_frames(layout)
 
-    def video_mask(
-        self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0
-    ) -> torch.Tensor:
+    def video_mask(self, layout: VideoLayout, qi: torch.Tensor, ki: torch.Tensor, layer: int = 0) -> torch.Tensor:
         hw = layout.tokens_per_frame
         return self.frame_mask(layout, qi // hw, ki // hw)
 

@@ -82,6 +82,7 @@ class Radial(Pattern):
         if layout.tokens_per_frame < block:
             block = block_size or auto_block_size(layout) or block
         return {**options, "block_size": block}
+
     uses_layer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -161,8 +162,11 @@ class Radial(Pattern):
         if expected is None:
             expected = torch.arange(layout.video_len, dtype=torch.int64)
         n = order.numel()
-        if n % bs or n < expected.numel() or not torch.equal(order[: expected.numel()].cpu(), expected) or bool(
-            (order[expected.numel() :] >= 0).any()
+        if (
+            n % bs
+            or n < expected.numel()
+            or not torch.equal(order[: expected.numel()].cpu(), expected)
+            or bool((order[expected.numel() :] >= 0).any())
         ):
             return None  # not our order: let the builder evaluate video_mask element by element
         mask = self._block_mask(layout)
