@@ -177,13 +177,26 @@ def frame_strip(path: Path, log) -> None:
     log(f"wrote {path}")
 
 
-def write_world_dataset(folder: Path, frames: int, seed: int) -> int:
+#: Jittered copies of every trained (colour, shape, motion, background) in the LoRA's dataset: 768 clips,
+#: as many as the base model trained on.
+LORA_VARIANTS = 4
+#: Every projection the LoRA adapts: self- and cross-attention, FFN, and the position code's linear layer
+#: (``TinyWanTransformer3DModel``): the code indexes frames, so at 2x the frames it is what must change
+#: (Wan's default, self-attention q/k/v/o alone, reached 21/32 instead of 24/32 in the measurement of
+#: docs/tiny_model.md).
+LORA_TARGETS = (
+    "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0,"
+    "ffn.net.0.proj,ffn.net.2,position_embedding.proj"
+)
+
+
+def write_world_dataset(folder: Path, frames: int, seed: int, variants: int = LORA_VARIANTS) -> int:
     """World clips (trained combinations only) as GIF + caption .txt, train-lora's dataset layout."""
     from vidsparse.models import synthetic_world as world
     from vidsparse.video_io import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = world.training_scenes(1, seed=seed)
+    scenes = world.training_scenes(variants, seed=seed)
     for i, scene in enumerate(scenes):
         video = (world.render(scene, frames) * 255).round().astype(np.uint8)
         write_video(folder / f"clip_{i:04d}.gif", video, fps=16)
@@ -192,12 +205,16 @@ def write_world_dataset(folder: Path, frames: int, seed: int) -> int:
 
 
 def train_lora(data: Path, out: Path, frames: int, steps: int, log) -> dict[str, Any]:
+    """``vidsparse train-lora`` under radial with the base model's recipe (lr 3e-3 with a cosine decay, noise
+    levels shifted by 8: the motion is decided at high noise), rank 16 on ``LORA_TARGETS``."""
     from vidsparse.models.synthetic_world import HEIGHT, WIDTH
 
     cmd = [sys.executable, "-m", "vidsparse", "train-lora", "--model", "tiny", "--data-dir", str(data),
            "--output-dir", str(out), "--num-frames", str(frames), "--height", str(HEIGHT), "--width", str(WIDTH),
-           "--pattern", "radial", "--rank", "8", "--learning-rate", "1e-3", "--batch-size", "2",
-           "--max-train-steps", str(steps), "--seed", "0", "--no-progress"]  # fmt: skip
+           "--pattern", "radial", "--rank", "16", "--target-modules", LORA_TARGETS, "--learning-rate", "3e-3",
+           "--lr-scheduler", "cosine", "--lr-warmup-steps", str(min(100, steps // 10)), "--flow-shift", "8",
+           "--batch-size", "4", "--max-train-steps", str(steps), "--no-gradient-checkpointing",
+           "--checkpointing-steps", str(steps), "--seed", "0", "--no-progress"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # fmt: skip
     t0, c0 = time.time(), os.times()
@@ -293,6 +310,12 @@ def _markdown(doc: dict[str, Any]) -> str:
             cmp = s["radial_vs_dense"] if attn == "radial" else {"psnr_db": "-", "ssim": "-"}
             lines.append(f"| {tag.replace('_', ' ')} | {attn} | {s[f'{attn}_held_out']['pass']} | "
                          f"{s[f'{attn}_trained']['pass']} | {cmp['psnr_db']} | {cmp['ssim']} |")  # fmt: skip
+    lines += [
+        "",
+        "The LoRA is trained under radial attention and meant to run with it (Radial Attention's recipe: the "
+        "sparse mask is part of the model the LoRA adapts); dense attention with the same LoRA is shown for "
+        "completeness. Chance for the motion is 1/6.",
+    ]
     lines += ["", "Per-pattern PSNR / SSIM vs dense at this length:", "", "| LoRA | pattern | PSNR (dB) | SSIM |",
               "|---|---|---|---|"]  # fmt: skip
     for tag in ("without_lora", "with_lora"):
@@ -305,7 +328,7 @@ def _markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiny_quality"))
-    parser.add_argument("--lora-steps", type=int, default=400)
+    parser.add_argument("--lora-steps", type=int, default=1500)
     parser.add_argument("--quick", action="store_true", help="four prompts, one seed, 4 LoRA steps (smoke run)")
     parser.add_argument(
         "--strip",
@@ -333,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     base = TRAINED_DEFAULTS["frames"]
     long = 2 * (base - 1) + 1
     few = prompts[: 2 if args.quick else 4]
-    long_prompts = _prompts(args.quick, seeds=(0,))  # one seed at 33 frames (CPU time)
+    long_prompts = prompts
     log(f"(a) prompt check, {len(prompts)} prompts x seeds")
     a = prompt_check(prompts, None, None, log)
     log("(b) patterns vs dense")
@@ -343,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"(c) {long} frames")
     with tempfile.TemporaryDirectory() as tmp:
         data, lora_dir = Path(tmp) / "world", Path(tmp) / "lora"
-        clips = write_world_dataset(data, long, seed=100)
+        clips = write_world_dataset(data, long, seed=100, variants=1 if args.quick else LORA_VARIANTS)
         lora = train_lora(data, lora_dir, long, 4 if args.quick else args.lora_steps, log)
         c: dict[str, Any] = {"frames": long, "lora": lora, "lora_clips": clips}
         for tag, path in (("without_lora", None), ("with_lora", str(lora_dir))):
