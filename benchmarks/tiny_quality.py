@@ -163,17 +163,38 @@ def patterns_at_grid(prompts, dense_frames, log) -> dict[str, Any]:
     return out
 
 
+#: The length-extension strip: radial at 2x the trained frames, without and with the LoRA, seed 0.
+LENGTH_STRIP_PROMPTS = ("a blue ball moving left", "a red square moving left")
+
+
+def _strip_image(rows: list[np.ndarray], step: int) -> np.ndarray:
+    """Frames [F, H, W, 3] (uint8 or [0, 1]) of each video -> one uint8 picture: every ``step``-th frame per row."""
+    out = []
+    for video in rows:
+        video = np.asarray(video, dtype=np.float32)
+        video = video / 255.0 if video.max() > 1.5 else video
+        out.append(np.concatenate(list(video[::step]), axis=1))
+    return (np.concatenate(out, axis=0) * 255).round().astype(np.uint8)
+
+
+def length_strip(path: Path, frames: int, lora: str, log) -> None:
+    """docs/images/tiny_length_extension.png: every 4th of ``frames`` frames under radial; rows: each
+    ``LENGTH_STRIP_PROMPTS`` prompt without, then with, the LoRA."""
+    from PIL import Image
+
+    rows = [_generate(p, 0, "radial", frames, adapter) for p in LENGTH_STRIP_PROMPTS for adapter in (None, lora)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_strip_image(rows, 4)).save(path)
+    log(f"wrote {path}")
+
+
 def frame_strip(path: Path, log) -> None:
     """docs/images/tiny_model_frames.png: every 4th frame (columns) of each ``STRIP_PROMPTS`` video (rows)."""
     from PIL import Image
 
-    rows = []
-    for prompt in STRIP_PROMPTS:
-        video = np.asarray(_generate(prompt, 0, "dense"), dtype=np.float32)
-        video = video / 255.0 if video.max() > 1.5 else video
-        rows.append(np.concatenate(list(video[::4]), axis=1))
+    rows = [_generate(prompt, 0, "dense") for prompt in STRIP_PROMPTS]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)).save(path)
+    Image.fromarray(_strip_image(rows, 4)).save(path)
     log(f"wrote {path}")
 
 
@@ -336,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the frame strip of docs/tiny_model.md ('' for none)",
     )
     parser.add_argument(
+        "--length-strip",
+        default=str(ROOT / "docs" / "images" / "tiny_length_extension.png"),
+        help="where to write the 2x-length strip (radial without / with the LoRA; '' for none)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -375,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             dense = res.pop("dense_frames")
             res["patterns"] = patterns_vs_dense(few, dense, long, path, log)
             c[tag] = res
+        if args.length_strip and not args.quick:
+            length_strip(Path(args.length_strip), long, str(lora_dir), log)
     commit, dirty = git_commit()
     training = json.loads((WEIGHTS_DIR / "training.json").read_text())
     doc = {
