@@ -462,7 +462,8 @@ def markdown(rep: dict) -> str:
         label = before.get("label") or "before this branch's kernel changes"
         lines += ["", f"## Before: {label}", "",
                   f"Commit `{before.get('git_commit', '?')[:12]}`, same harness"
-                  f"{' and launch hints' if before.get('launch_hints') else ''}. Rows that changed are marked *.", "",
+                  f"{' and launch hints' if before.get('launch_hints') else ''}: the rows whose registers, spills or "
+                  "loops differ now (* changed, - gone).", "",
                   "| kernel | variant | config | regs | spill st B | loop insts/tile | loop global loads |",
                   "|---|---|---|---:|---:|---|---|"]  # fmt: skip
         now = {(r["kernel"], r["variant"], r["config"]): r for r in rep["results"] if "error" not in r}
@@ -476,7 +477,9 @@ def markdown(rep: dict) -> str:
             loops = " / ".join(str(lp["instructions_per_tile"]) for lp in r["loops"]) or "-"
             loads = " / ".join(str(lp["global_loads"]) for lp in r["loops"]) or "-"
             after = now.get((r["kernel"], r["variant"], r["config"]))
-            mark = "*" if after is not None and figures(after) != figures(r) else ""
+            if after is not None and figures(after) == figures(r):
+                continue
+            mark = "*" if after is not None else "-"
             lines.append(
                 f"| {r['kernel']} | {r['variant']}{mark} | {r['config']} | {r['registers']} | {r['spill_store_bytes']} | "
                 f"{loops} | {loads} |"
