@@ -425,8 +425,10 @@ def run(quick: bool, log=print) -> dict:
         "dtype": "bfloat16",
         "launch_hints": LAUNCH_HINTS,
         "note": "loops = innermost SASS loops issuing wgmma, in program order; for fwd/dq the first is the masked "
-        "loop and the last the whole-block loop. The baseline is our transcription of Triton's 06-fused-attention "
-        "forward inner loop (not the tutorial file itself)."
+        "loop and the last real one the whole-block loop; for kb-fwd/kb-dq the first is the whole sub-tile loop and "
+        "the second the masked tail. Entries after those (e.g. the baseline's 694 / 437) are mbarrier-wait slow paths "
+        "placed after the exit that branch back into a loop, not loops of their own. The baseline is our "
+        "transcription of Triton's 06-fused-attention forward inner loop (not the tutorial file itself)."
         + (
             " Compiled with the divisibility hints a real launch gives (16-byte aligned pointers, strides that are "
             "multiples of 16: see DIVISIBLE_INTS)."
