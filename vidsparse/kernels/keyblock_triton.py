@@ -11,6 +11,9 @@ Three kernels on caller-order q, k, v [B, S, H, D]:
 - ``_dkdv_kernel``: one program per (key sub-tile, batch-head-group); walks the group's
   query tiles and accumulates dK, dV in registers: no atomics, each key written once.
 
+Forward and dQ walk a group's keys in unmasked whole sub-tiles, then a masked tail; where
+every group's keys are one run of consecutive caller rows (VMoBA's temporal partition, text)
+they read K/V through tensor descriptors (TMA on Hopper; ``VIDSPARSE_TRITON_TMA=0`` gathers).
 Softmax runs in base 2; stored log-sum-exps are natural-log. CPU tensors run under Triton's
 interpreter (``TRITON_INTERPRET=1`` before Triton is imported): slow, for tests.
 """
@@ -39,13 +42,12 @@ LOG2E = 1.4426950408889634
 # merge (target -1), and in the backward their lse is +inf (p = 0). With ``KV_TMA`` (every
 # group's keys one contiguous run of caller tokens: the temporal VMoBA partition, text) the
 # K and V sub-tiles come in whole through tensor descriptors; rows past the group are
-# masked in the tail like any invalid key. One jitted call per step and nothing nested
-# inside (Triton's interpreter pays about 0.4 ms per nested call).
+# masked in the tail like any invalid key. At most two jitted calls per step (the step and its
+# key rows): Triton's interpreter pays about 0.4 ms per nested call.
 
 
 @triton.jit
-def _key_step(j, kstart, klen, kv_ptr, KRows, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, HAS_KV: tl.constexpr):  # fmt: skip
+def _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KV: tl.constexpr):
     """(caller rows int64, valid) of sub-tile ``j`` of a group's keys; unmasked when whole."""
     c = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kpos = (kstart + c).to(tl.int64)
@@ -73,9 +75,9 @@ def _fwd_step(
         kT = k_src.load([k0 + j * BLOCK_N, 0]).T
         v = v_src.load([k0 + j * BLOCK_N, 0])
         if MASKED:
-            _, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, HEAD_DIM, BLOCK_N, MASKED, HAS_KV)
+            _, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
     else:
-        krow, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, HEAD_DIM, BLOCK_N, MASKED, HAS_KV)
+        krow, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
         offs_d = tl.arange(0, HEAD_DIM)
         kT = tl.load(k_src + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         v = tl.load(v_src + krow[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
@@ -111,9 +113,9 @@ def _dq_step(
         kT = k_src.load([k0 + j * BLOCK_N, 0]).T
         vT = v_src.load([k0 + j * BLOCK_N, 0]).T
         if MASKED:
-            _, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, HEAD_DIM, BLOCK_N, MASKED, HAS_KV)
+            _, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
     else:
-        krow, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, HEAD_DIM, BLOCK_N, MASKED, HAS_KV)
+        krow, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
         offs_d = tl.arange(0, HEAD_DIM)
         kT = tl.load(k_src + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         vT = tl.load(v_src + krow[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
