@@ -11,6 +11,9 @@ Three kernels on caller-order q, k, v [B, S, H, D]:
 - ``_dkdv_kernel``: one program per (key sub-tile, batch-head-group); walks the group's
   query tiles and accumulates dK, dV in registers: no atomics, each key written once.
 
+Forward and dQ walk a group's keys in unmasked whole sub-tiles, then a masked tail; where
+every group's keys are one run of consecutive caller rows (VMoBA's temporal partition, text)
+they read K/V through tensor descriptors (TMA on Hopper; ``VIDSPARSE_TRITON_TMA=0`` gathers).
 Softmax runs in base 2; stored log-sum-exps are natural-log. CPU tensors run under Triton's
 interpreter (``TRITON_INTERPRET=1`` before Triton is imported): slow, for tests.
 """
@@ -22,22 +25,130 @@ import triton
 import triton.language as tl
 
 from vidsparse.kernels import keyblock as kb
+from vidsparse.kernels import triton_kernels as tk
 from vidsparse.kernels.tile_loads import caller_rows, row_tile
 from vidsparse.kernels.triton_backend import unsupported_reason
-from vidsparse.kernels.triton_plan import kernel_rows
+from vidsparse.kernels.triton_plan import CACHE, kernel_rows
 from vidsparse.plan import BlockSparsePlan
 
 LOG2E = 1.4426950408889634
 
 
+# -- per-step bodies -------------------------------------------------------------------------
+# A group's keys are walked in BLOCK_N sub-tiles: first the whole ones (every key a real key
+# that no run-time mask can hide: ``Lead``), with no mask arithmetic and the scale folded into
+# exp2 as in the Triton tutorial, then the tail (the last ragged sub-tile, run-time masked
+# text keys). Padding rows of a packed tile need no mask: their partials are dropped by the
+# merge (target -1), and in the backward their lse is +inf (p = 0). With ``KV_TMA`` (every
+# group's keys one contiguous run of caller tokens: the temporal VMoBA partition, text) the
+# K and V sub-tiles come in whole through tensor descriptors; rows past the group are
+# masked in the tail like any invalid key. At most two jitted calls per step (the step and its
+# key rows): Triton's interpreter pays about 0.4 ms per nested call.
+
+
+@triton.jit
+def _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KV: tl.constexpr):
+    """(caller rows int64, valid) of sub-tile ``j`` of a group's keys; unmasked when whole."""
+    c = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    kpos = (kstart + c).to(tl.int64)
+    if MASKED:
+        c_ok = c < klen
+        krow = tl.load(KRows + kpos, mask=c_ok, other=-1)
+        k_ok = krow >= 0
+        if HAS_KV:
+            k_ok = k_ok & (tl.load(kv_ptr + kpos, mask=c_ok, other=0) != 0)
+        krow = tl.maximum(krow, 0).to(tl.int64)
+    else:
+        krow = tl.load(KRows + kpos).to(tl.int64)
+        k_ok = c >= 0
+    return krow, k_ok
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, j, kstart, klen, k0, kv_ptr, k_src, v_src, KRows, s_ks, s_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KV: tl.constexpr,
+    KV_TMA: tl.constexpr, PREC: tl.constexpr, NEG_SCALE: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of a packed query tile with key sub-tile ``j`` of its group."""
+    if KV_TMA:
+        kT = k_src.load([k0 + j * BLOCK_N, 0]).T
+        v = v_src.load([k0 + j * BLOCK_N, 0])
+        if MASKED:
+            _, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
+    else:
+        krow, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kT = tl.load(k_src + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        v = tl.load(v_src + krow[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    qk = tl.dot(q, kT, input_precision=PREC)
+    if MASKED:
+        qk = tl.where(k_ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    else:  # whole: the scale rides in exp2, the row max (min for a negative scale) is scaled
+        if NEG_SCALE:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, m, di, j, kstart, klen, k0, kv_ptr, k_src, v_src, KRows, s_ks, s_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KV: tl.constexpr,
+    KV_TMA: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ contribution of key sub-tile ``j`` of the group (``m``: the rows' base-2 lse, +inf
+    on padding rows, so their p is 0 without a row mask)."""
+    if KV_TMA:
+        kT = k_src.load([k0 + j * BLOCK_N, 0]).T
+        vT = v_src.load([k0 + j * BLOCK_N, 0]).T
+        if MASKED:
+            _, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
+    else:
+        krow, k_ok = _key_step(j, kstart, klen, kv_ptr, KRows, BLOCK_N, MASKED, HAS_KV)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kT = tl.load(k_src + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        vT = tl.load(v_src + krow[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+    p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
+    if MASKED:
+        p = tl.where(k_ok[None, :], p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - di[:, None])
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+
+
+@triton.jit
+def _kv_source(base, S, stride, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_TMA: tl.constexpr):
+    """A [S, HEAD_DIM] tensor descriptor of one (batch, head) of K or V (``KV_TMA``), else ``base``."""
+    if KV_TMA:
+        return tl.make_tensor_descriptor(
+            base, shape=[S, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+    else:
+        return base
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OP, LP, Rows, KRows, TileBH, TileGroup, Span, KeyValid,
+    Q, K, V, OP, LP, Rows, KRows, TileBH, TileGroup, Span, Lead, KStart, KeyValid,
     sm_scale, T0,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_kvb,
-    H,
+    H, S,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, KV_TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Partial output and log-sum-exp of one packed query tile against its group's keys."""
     pid = tl.program_id(0)
@@ -48,37 +159,29 @@ def _fwd_kernel(
     g = tl.load(TileGroup + t).to(tl.int64)
     kstart = tl.load(Span + 2 * g)
     klen = tl.load(Span + 2 * g + 1)
+    n_whole = tl.load(Lead + g) // BLOCK_N
+    k0 = tl.load(KStart + g)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row, ok = caller_rows(Rows, offs_m)
     q = row_tile(Q + b * s_qb + h * s_qh, row, ok, s_qs, HEAD_DIM)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    k_src = _kv_source(K + b * s_kb + h * s_kh, S, s_ks, HEAD_DIM, BLOCK_N, KV_TMA)
+    v_src = _kv_source(V + b * s_vb + h * s_vh, S, s_vs, HEAD_DIM, BLOCK_N, KV_TMA)
+    kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for j in range(0, tl.cdiv(klen, BLOCK_N)):
-        c = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_ok = c < klen
-        kpos = (kstart + c).to(tl.int64)
-        krow = tl.load(KRows + kpos, mask=c_ok, other=-1)
-        k_ok = krow >= 0
-        if HAS_KV:
-            k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
-        krow = tl.maximum(krow, 0).to(tl.int64)
-        kT = tl.load(k_base + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
-        v = tl.load(v_base + krow[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
-        qk = tl.where(k_ok[None, :] & ok[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+    for j in range(0, n_whole):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, j, kstart, klen, k0, kv_ptr, k_src, v_src, KRows, s_ks, s_vs, qk_scale,
+            HEAD_DIM, BLOCK_N, False, HAS_KV, KV_TMA, PREC, NEG_SCALE,
+        )  # fmt: skip
+    for j in range(n_whole, tl.cdiv(klen, BLOCK_N)):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, j, kstart, klen, k0, kv_ptr, k_src, v_src, KRows, s_ks, s_vs, qk_scale,
+            HEAD_DIM, BLOCK_N, True, HAS_KV, KV_TMA, PREC, NEG_SCALE,
+        )  # fmt: skip
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -90,12 +193,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQP, Lse, Delta, Rows, KRows, TileBH, TileGroup, Span, KeyValid,
+    Q, K, V, DO, DQP, Lse, Delta, Rows, KRows, TileBH, TileGroup, Span, Lead, KStart, KeyValid,
     sm_scale, T0,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_kvb,
     H, S,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, KV_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ of one packed query tile from its group's keys (merged lse and delta)."""
     pid = tl.program_id(0)
@@ -106,6 +209,8 @@ def _dq_kernel(
     g = tl.load(TileGroup + t).to(tl.int64)
     kstart = tl.load(Span + 2 * g)
     klen = tl.load(Span + 2 * g + 1)
+    n_whole = tl.load(Lead + g) // BLOCK_N
+    k0 = tl.load(KStart + g)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row, ok = caller_rows(Rows, offs_m)
@@ -115,26 +220,21 @@ def _dq_kernel(
     m = tl.load(Lse + flat, mask=ok, other=float("inf")) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
     di = tl.load(Delta + flat, mask=ok, other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    k_src = _kv_source(K + b * s_kb + h * s_kh, S, s_ks, HEAD_DIM, BLOCK_N, KV_TMA)
+    v_src = _kv_source(V + b * s_vb + h * s_vh, S, s_vs, HEAD_DIM, BLOCK_N, KV_TMA)
+    kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for j in range(0, tl.cdiv(klen, BLOCK_N)):
-        c = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_ok = c < klen
-        kpos = (kstart + c).to(tl.int64)
-        krow = tl.load(KRows + kpos, mask=c_ok, other=-1)
-        k_ok = krow >= 0
-        if HAS_KV:
-            k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
-        krow = tl.maximum(krow, 0).to(tl.int64)
-        kT = tl.load(k_base + krow[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
-        vT = tl.load(v_base + krow[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
-        p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
-        p = tl.where(k_ok[None, :] & ok[:, None], p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PREC)
-        ds = p * (dp - di[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+    for j in range(0, n_whole):
+        dq = _dq_step(
+            dq, q, do, m, di, j, kstart, klen, k0, kv_ptr, k_src, v_src, KRows, s_ks, s_vs, qk_scale,
+            HEAD_DIM, BLOCK_N, False, HAS_KV, KV_TMA, PREC,
+        )  # fmt: skip
+    for j in range(n_whole, tl.cdiv(klen, BLOCK_N)):
+        dq = _dq_step(
+            dq, q, do, m, di, j, kstart, klen, k0, kv_ptr, k_src, v_src, KRows, s_ks, s_vs, qk_scale,
+            HEAD_DIM, BLOCK_N, True, HAS_KV, KV_TMA, PREC,
+        )  # fmt: skip
     dq *= sm_scale
     local = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(DQP + local[:, None] * HEAD_DIM + offs_d[None, :], dq)
@@ -150,7 +250,10 @@ def _dkdv_kernel(
     PREC: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys of one group, over every packed query tile of that (batch, head, group),
-    ``SUB_M`` packed rows at a time (the tiles' rows are consecutive: a whole 128-row step spilled)."""
+    ``SUB_M`` packed rows at a time (the tiles' rows are consecutive: a whole 128-row step spilled).
+
+    No mask in the loop: a padding query row has lse +inf (p = 0), and an invalid key's row of
+    p only reaches its own dK/dV row, zeroed once at the end."""
     j = tl.program_id(0)
     bhg = tl.program_id(1).to(tl.int64)
     g = bhg % G
@@ -191,12 +294,12 @@ def _dkdv_kernel(
         m = tl.where(m == float("-inf"), float("inf"), m)
         di = tl.load(Delta + flat, mask=ok, other=0.0)
         pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
-        pT = tl.where(k_ok[:, None] & ok[None, :], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - di[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
-    dk *= sm_scale
+    dk = tl.where(k_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(k_ok[:, None], dv, 0.0)
     g_off = b * s_gb + h * s_gh + krow[:, None] * s_gs + offs_d[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
@@ -207,7 +310,7 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # Launch shape at the GPU defaults (128-row tiles, 64-key sub-tiles, head dim 128, sm_90 offline
 # compile with launch hints): Triton's default 4 warps spilled 216-400 B in every kernel and
 # dK/dV spilled 308-364 B even at 8 warps when it took a whole 128-row tile per step. 8 warps
-# and 64-row dK/dV steps: fwd 190-213, dQ 202-228, dK/dV 217-222 registers, no spill.
+# and 64-row dK/dV steps: fwd 144-180, dQ 167-179, dK/dV 209-210 registers, no spill (gather and TMA).
 _NUM_WARPS = 8
 _DKDV_SUB_M = 64
 
@@ -225,7 +328,12 @@ def _bsh(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 class _Static:
-    """Per-call device tensors shared by forward and backward."""
+    """Per-call device tensors shared by forward and backward.
+
+    ``lead`` [G]: the leading keys of each group's span that are real keys no run-time mask
+    can hide (the kernels' unmasked sub-tiles); ``kstart`` [G]: the caller row of each
+    group's first key; ``contiguous``: every group's keys are one run of consecutive caller
+    rows (K/V sub-tiles can come through tensor descriptors)."""
 
     def __init__(self, plan: BlockSparsePlan, pk: kb.Packing, key_valid: torch.Tensor | None, device) -> None:
         self.krows = kernel_rows(plan.order.gather, plan.order.token_valid).to(device)
@@ -234,6 +342,49 @@ class _Static:
         self.max_sub_len = int(plan.group_spans[:, 1].max()) if plan.group_spans.numel() else 0
         self.num_groups = plan.group_spans.shape[0]
         self.pk = pk
+        sources = (plan.order.gather, plan.order.token_valid, plan.group_spans)
+        self.kstart, self.contiguous = CACHE.get(
+            "keyblock_key_runs", sources, lambda: _key_runs(self.krows, self.span, self.max_sub_len), (str(device),)
+        )
+        self.lead = _lead(self.krows, self.span, self.max_sub_len, self.kv)
+
+
+def _span_rows(krows: torch.Tensor, span: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caller row int32 [G, width] of each group's keys (-1 = none), live bool [G, width])."""
+    col = torch.arange(max(width, 1), device=span.device)
+    live = col < span[:, 1:].long()
+    pos = (span[:, :1].long() + col).clamp(0, krows.numel() - 1)
+    return torch.where(live, krows[pos], -1), live
+
+
+def _key_runs(krows: torch.Tensor, span: torch.Tensor, width: int) -> tuple[torch.Tensor, bool]:
+    """(caller row of each group's first key int32 [G], whether every group's keys are one run of
+    consecutive caller rows); one host read, cached per static plan."""
+    rows, live = _span_rows(krows, span, width)
+    first = rows[:, :1].clamp_min(0)
+    col = torch.arange(rows.shape[1], device=rows.device)
+    run = (rows == first + col) | ~live
+    return first.squeeze(1).to(torch.int32).contiguous(), bool(run.all())
+
+
+def _lead(krows: torch.Tensor, span: torch.Tensor, width: int, kv: torch.Tensor | None) -> torch.Tensor:
+    """int32 [G]: leading keys of each span that are real and valid in every batch row of ``kv``."""
+    rows, live = _span_rows(krows, span, width)
+    good = rows >= 0
+    if kv is not None:
+        sure = kv.bool().all(0)
+        col = torch.arange(rows.shape[1], device=rows.device)
+        pos = (span[:, :1].long() + col).clamp(0, sure.numel() - 1)
+        good = good & sure[pos]
+    return torch.cumprod(good.to(torch.int32), dim=1).sum(dim=1).to(torch.int32).contiguous()
+
+
+def _kv_tma(st: _Static, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this call reads K/V sub-tiles through tensor descriptors (see ``_Static``)."""
+    ok = st.contiguous and tk.tma_enabled(k.device) and tk._tma_ok(k) and tk._tma_ok(v)
+    if ok:
+        tk._ensure_allocator()
+    return ok
 
 
 def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
@@ -243,15 +394,17 @@ def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
     kv = st.kv if st.kv is not None else dummy
     s_kvb = st.kv.stride(0) if st.kv is not None else 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    kv_tma = _kv_tma(st, k, v)
     outs, lses = [], []
     for t0, t1, bh0, bh1 in kb.chunks(pk):
         n = t1 - t0
         op = torch.empty(n * bm, D, dtype=torch.float32, device=q.device)
         lp = torch.empty(n * bm, dtype=torch.float32, device=q.device)
         _fwd_kernel[(n,)](
-            q, k, v, op, lp, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, kv, scale, t0,
-            *_bsh(q), *_bsh(k), *_bsh(v), s_kvb, H,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, num_warps=_NUM_WARPS,
+            q, k, v, op, lp, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, st.kstart, kv, scale, t0,
+            *_bsh(q), *_bsh(k), *_bsh(v), s_kvb, H, S,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kv_tma,
+            NEG_SCALE=scale < 0, num_warps=_NUM_WARPS,
         )  # fmt: skip
         tgt = pk.targets(t0, t1)
         o_c, l_c = kb.merge(op, lp, torch.where(tgt >= 0, tgt - bh0 * S, tgt), (bh1 - bh0) * S)
@@ -280,13 +433,15 @@ def _backward(do, q, k, v, out, lse, st: _Static, scale: float, bm: int, bn: int
             num_warps=_NUM_WARPS,
         )  # fmt: skip
     dq = torch.zeros(B * H * S + 1, D, dtype=torch.float32, device=q.device)
+    kv_tma = _kv_tma(st, k, v)
     for t0, t1, _, _ in kb.chunks(pk):
         n = t1 - t0
         dqp = torch.empty(n * bm, D, dtype=torch.float32, device=q.device)
         _dq_kernel[(n,)](
-            q, k, v, do, dqp, lse, delta, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, kv, scale, t0,
-            *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), s_kvb, H, S,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, num_warps=_NUM_WARPS,
+            q, k, v, do, dqp, lse, delta, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, st.kstart, kv,
+            scale, t0, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), s_kvb, H, S,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kv_tma,
+            num_warps=_NUM_WARPS,
         )  # fmt: skip
         tgt = pk.targets(t0, t1)
         dq.index_add_(0, torch.where(tgt >= 0, tgt, torch.full_like(tgt, B * H * S)), dqp)

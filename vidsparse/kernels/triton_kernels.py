@@ -48,9 +48,13 @@ def _fwd_tile(
     validity of the keys (and of the queries, mask code -3) instead of a 2-D mask tile.
     ``HAS_QSEL``: ``qs_ptr`` points at the tile's rows of group 0 of the group-major selection
     (rows contiguous, groups ``s_sg`` apart), so a key tile's selection is one contiguous
-    ``BLOCK_M``-byte load at ``qs_ptr + group * s_sg``.
+    ``BLOCK_M``-byte load at ``qs_ptr + group * s_sg``. On a whole block the selection is a
+    per-row test (``+inf`` subtracted in exp2 for rows that do not select it), so the block
+    keeps the tutorial's folded-scale FMA and has no 2-D select; masked blocks fold it into
+    their element mask. Same bits as a per-score ``where`` for finite scores.
     """
     SUB: tl.constexpr = BLOCK // BLOCK_N
+    tl.assume(it >= 0)  # the sub-tile split below is then a shift and a mask, not a signed division
     j = it // SUB
     c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
     kb = tl.load(Idx + lst + j)
@@ -72,31 +76,26 @@ def _fwd_tile(
         kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         v = tl.load(v_base + k_row[:, None] * s_vs + offs_d[None, :], mask=k_ok[:, None], other=0.0)
     qk = tl.dot(q, kT, input_precision=PREC)
-    if MASKED or HAS_QSEL:
+    if MASKED:
         qk = qk * qk_scale
-        if MASKED:
-            mid = tl.load(Mid + lst + j)
-            if MASKED == 2:  # padding only: 1-D key (and query) validity, no mask tile
-                if GATHER:
-                    k_in = k_ok
-                else:
-                    k_in = tl.load(Valid + offs_n) != 0
-                keep = k_in[None, :] & (q_valid[:, None] | (mid == -2))
-            elif MASK_TMA:  # the element mask as one TMA tile: no per-element pointers in registers
-                mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
-                keep = (mt != 0) | (mid < 0)
+        mid = tl.load(Mid + lst + j)
+        if MASKED == 2:  # padding only: 1-D key (and query) validity, no mask tile
+            if GATHER:
+                k_in = k_ok
             else:
-                m_ptr = (
-                    Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
-                )
-                has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0  # tensor-shaped (interpreter)
-                keep = tl.load(m_ptr, mask=has, other=1) != 0
-            if HAS_KV:
-                keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
-            if HAS_QSEL:
-                keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None]
+                k_in = tl.load(Valid + offs_n) != 0
+            keep = k_in[None, :] & (q_valid[:, None] | (mid == -2))
+        elif MASK_TMA:  # the element mask as one TMA tile: no per-element pointers in registers
+            mt = m_desc.load([tl.maximum(mid, 0) * BLOCK + r_in0, (it % SUB) * BLOCK_N])
+            keep = (mt != 0) | (mid < 0)
         else:
-            keep = (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None] & k_ok[None, :]
+            m_ptr = Masks + tl.maximum(mid, 0).to(tl.int64) * (BLOCK * BLOCK) + r_in[:, None] * BLOCK + c_in[None, :]
+            has = (r_in[:, None] * 0 + c_in[None, :] * 0 + mid) >= 0  # tensor-shaped (interpreter)
+            keep = tl.load(m_ptr, mask=has, other=1) != 0
+        if HAS_KV:
+            keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
+        if HAS_QSEL:
+            keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
@@ -109,8 +108,17 @@ def _fwd_tile(
             m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if HAS_QSEL:
+            # Per-query selection tested per row, not per score: a row that does not select
+            # this key block subtracts +inf (p = 0) and keeps its max and sum (alpha = 1).
+            sel = tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0
+            m_sub = tl.where(sel, m_new, float("inf"))
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            alpha = tl.where(sel, tl.math.exp2(m_i - m_sub), 1.0)
+            m_new = tl.where(sel, m_new, m_i)
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
@@ -133,6 +141,7 @@ def _dkdv_tile(
     query sub-tile's selection is one contiguous ``BLOCK_M``-byte load at ``qs_ptr + offs_m``.
     """
     SUB: tl.constexpr = BLOCK // BLOCK_M
+    tl.assume(it >= 0)  # the sub-tile split is a shift and a mask
     j = it // SUB
     r_in = (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -154,6 +163,9 @@ def _dkdv_tile(
     m = tl.load(Lse + row_base + offs_m) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
     di = tl.load(Delta + row_base + offs_m)
+    if HAS_QSEL and not MASKED:
+        # Whole block: a query that does not select it subtracts +inf (p = 0), no 2-D select.
+        m = tl.where(tl.load(qs_ptr + offs_m) != 0, m, float("inf"))
     pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - m[None, :])
     if MASKED:
         mid = tl.load(Mid + lst + j)
@@ -173,9 +185,6 @@ def _dkdv_tile(
         if HAS_QSEL:
             keepT = keepT & (tl.load(qs_ptr + offs_m) != 0)[None, :]
         pT = tl.where(keepT, pT, 0.0)
-    elif HAS_QSEL:
-        keepT = (tl.load(qs_ptr + offs_m) != 0)[None, :] & (c_in >= 0)[:, None]
-        pT = tl.where(keepT, pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - di[None, :])
@@ -194,6 +203,7 @@ def _dq_tile(
     """dQ contribution of key sub-tile ``it`` of a query tile's list (with ``USE_TMA``,
     ``k_base`` / ``v_base`` are tensor descriptors of contiguous kernel-order K and V)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
+    tl.assume(it >= 0)  # the sub-tile split is a shift and a mask
     j = it // SUB
     c_in = (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -214,6 +224,9 @@ def _dq_tile(
             k_ok = offs_n >= 0
         kT = tl.load(k_base + k_row[None, :] * s_ks + offs_d[:, None], mask=k_ok[None, :], other=0.0)
         vT = tl.load(v_base + k_row[None, :] * s_vs + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+    if HAS_QSEL and not MASKED:
+        # Whole block: a row that does not select it subtracts +inf (p = 0), no 2-D select.
+        m = tl.where(tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0, m, float("inf"))
     p = tl.math.exp2(tl.dot(q, kT, input_precision=PREC) * qk_scale - m[:, None])
     if MASKED:
         mid = tl.load(Mid + lst + j)
@@ -234,9 +247,6 @@ def _dq_tile(
             keep = keep & (tl.load(kv_ptr + offs_n) != 0)[None, :]
         if HAS_QSEL:
             keep = keep & (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None]
-        p = tl.where(keep, p, 0.0)
-    elif HAS_QSEL:
-        keep = (tl.load(qs_ptr + tl.load(KGroup + kb) * s_sg) != 0)[:, None] & k_ok[None, :]
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, vT, input_precision=PREC)
     ds = p * (dp - di[:, None])
