@@ -130,7 +130,7 @@ def call_kwargs(
         kwargs.update(family_of_pipeline(type(pipe).__name__).condition_video[type(pipe).__name__](frames))
     if plan.animate is not None:  # WanAnimatePipeline: --frames is the segment length, the video the pose's
         a = plan.animate  # its videos were decoded once, when the options were checked
-        kwargs.update(segment_frame_length=plan.frames, mode=a.mode, **a.decoded)
+        kwargs.update(segment_frame_length=plan.frames, mode=a.mode, **a.videos)
     accepted = inspect.signature(pipe.__call__).parameters
     if "num_frames" not in accepted and "segment_frame_length" not in accepted:
         raise ValueError(f"{type(pipe).__name__} is not a video pipeline (its __call__ takes no num_frames).")

@@ -122,18 +122,15 @@ class AnimateInputs:
     """The videos of a ``WanAnimatePipeline`` call, checked before loading (``frames``: the pose video's).
 
     The output has ``frames`` frames, denoised in ``segments`` segments of ``GenerationPlan.frames``.
-    ``decoded`` holds each given video's frames (PIL images, keyed by field name), read once while
-    checking them, so the call does not decode them again.
+    ``videos`` holds the given videos' frames (PIL images) under the pipeline's argument names
+    (``pose_video``, ``face_video``, and for ``replace`` ``background_video`` / ``mask_video``):
+    decoded once while checking them, then passed to the call as they are.
     """
 
-    pose_video: Path
-    face_video: Path
     mode: str
-    background_video: Path | None
-    mask_video: Path | None
     frames: int
     segments: int
-    decoded: dict[str, list] = field(default_factory=dict, repr=False, compare=False)
+    videos: dict[str, list] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -384,14 +381,7 @@ def _check_animate(options: GenerateOptions, info: ModelInfo, frames: int) -> An
             stacklevel=3,
         )
 
-    def path(attr: str) -> Path | None:
-        value = getattr(options, attr)
-        return None if value is None else Path(value).expanduser()
-
-    return AnimateInputs(
-        path("pose_video"), path("face_video"), mode, path("background_video"), path("mask_video"), pose,
-        segment_count(pose, frames), decoded,
-    )  # fmt: skip
+    return AnimateInputs(mode, pose, segment_count(pose, frames), decoded)
 
 
 def _steps_value(value: Any, name: str) -> Any:
