@@ -203,7 +203,7 @@ def frame_strip(path: Path, log) -> None:
 LORA_VARIANTS = 4
 #: Every projection the LoRA adapts: self- and cross-attention, FFN, and the position code's linear layer
 #: (``TinyWanTransformer3DModel``): the code indexes frames, so at 2x the frames it is what must change
-#: (Wan's default, self-attention q/k/v/o alone, reached 21/32 instead of 24/32 in the measurement of
+#: (self-attention q/k/v/o plus the position code reached 21/32 instead of 24/32 in the measurement of
 #: docs/tiny_model.md).
 LORA_TARGETS = (
     "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0,"
