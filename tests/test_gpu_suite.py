@@ -121,3 +121,24 @@ def test_a_stage_stops_at_its_cap_and_keeps_its_cases(tmp_path, monkeypatch):
     assert by["correctness"]["status"] == "partial" and "stage cap" in by["correctness"]["reason"]
     assert by["correctness"]["cap_s"] == pytest.approx(2.25, abs=0.06)
     assert by["environment"]["status"] == "done"
+
+
+def test_device_run_script_imports_the_checkout_and_writes_under_out(tmp_path):
+    """benchmarks/device_run.sh is the one command the device runs: vidsparse is not installed
+    there, so the script must put the checkout on PYTHONPATH itself and write under $OUT."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        ["bash", str(root / "benchmarks" / "device_run.sh"), "--dry-run", "--stages", "environment"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads((tmp_path / "suite" / gpu_suite.JSON_NAME).read_text())
+    env_stage = next(s for s in doc["stages"] if s["name"] == "environment")
+    assert env_stage["status"] == "done" and env_stage["info"]["git_commit"] != "unknown"
+    assert (tmp_path / "suite" / "log.txt").read_text().strip()
