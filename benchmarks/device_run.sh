@@ -8,12 +8,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"  # the device's python3 holds torch; tests pass their own
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/vidsparse-device}/suite"

@@ -124,8 +124,10 @@ def test_a_stage_stops_at_its_cap_and_keeps_its_cases(tmp_path, monkeypatch):
 
 
 def test_device_run_script_imports_the_checkout_and_writes_under_out(tmp_path):
-    """benchmarks/device_run.sh is the one command the device runs: vidsparse is not installed
-    there, so the script must put the checkout on PYTHONPATH itself and write under $OUT."""
+    """benchmarks/device_run.sh, the one command the device runs, runs the suite end to end
+    from the checkout without a caller's PYTHONPATH and writes under $OUT. (Here vidsparse is
+    also pip-installed, so this does not prove that the script's own PYTHONPATH is what finds
+    it, as the device needs.)"""
     import subprocess
     import sys
     from pathlib import Path
