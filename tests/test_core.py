@@ -143,3 +143,80 @@ def test_compiled_attention_builds_a_cold_plan_outside_the_graph():
     q, k, v = random_qkv(lay)
     out = torch.compile(f, backend="eager")(q, k, v)
     torch.testing.assert_close(out, f(q, k, v))
+
+
+# The static patterns that plan on a 4x4x4 grid with their defaults (GNA's default window is larger).
+_SMALL_GRID_PATTERNS = ("dense", "radial", "tile", "dual_scope", "attention_tile", "freeswim")
+
+
+def test_compiled_lookup_with_plans_of_many_pattern_classes_cached():
+    """A compiled call whose plan is cached stays one graph (fullgraph) whatever else the cache
+    holds and in whatever LRU order; after the cache is cleared and refilled it recompiles and
+    still finds the plan. (torch 2.11 failed building its guard on the LRU dict's keys here:
+    "'DualScope' object has no attribute 'tile'".)"""
+    vs.clear_plan_cache()
+    layouts = (vs.VideoLayout(4, 4, 4), vs.VideoLayout(3, 5, 6))
+    for lay in layouts:
+        for heads in (1, 2):
+            for name in _SMALL_GRID_PATTERNS:
+                vs.plan(vs.make_pattern(name), lay, num_heads=heads, block_size=16)
+    lay = layouts[0]
+    radial = vs.make_pattern("radial")
+
+    def f(q, k, v):
+        return vs.attention(q, k, v, lay, radial, backend="torch", block_size=16)
+
+    q, k, v = random_qkv(lay)
+    eager = f(q, k, v)  # a hit: moves radial's plan to the end of the LRU order
+    vs.plan(vs.make_pattern("tile"), lay, num_heads=2, block_size=16)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), eager)
+    vs.clear_plan_cache()
+    f(q, k, v)  # rebuilt eagerly: the compiled graph's guards see a different cache
+    torch.testing.assert_close(compiled(q, k, v), eager)
+    torch._dynamo.reset()
+
+
+def test_plan_cache_compiled_lookup_misses_evicted_plans():
+    """An evicted plan is gone from the compiled lookup too: a compiled call rebuilds it
+    (outside the graph) rather than returning a stale entry."""
+    from vidsparse.plan import PlanCache
+
+    cache = PlanCache(maxsize=2)
+    lay = vs.VideoLayout(2, 4, 4)
+    built = []
+
+    def build(name):
+        built.append(name)
+        return name
+
+    keys = {name: (vs.make_pattern(name), lay, 2, None, 16, "cpu") for name in ("dense", "radial", "tile")}
+    for name, key in keys.items():
+        assert cache.get_or_build(key, lambda n=name: build(n)) == name
+    assert len(cache) == 2 and keys["dense"] not in cache
+
+    def lookup(x, name):
+        return x * len(cache.get_or_build(keys[name], lambda: build(name)))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lookup, backend="eager")
+    x = torch.ones(2)
+    torch.testing.assert_close(compiled(x, "tile"), x * 4)  # a hit: nothing built
+    assert built == ["dense", "radial", "tile"]
+    torch.testing.assert_close(compiled(x, "dense"), x * 5)  # evicted: built again
+    assert built == ["dense", "radial", "tile", "dense"]
+    torch._dynamo.reset()
+
+
+def test_value_token_is_equal_for_equal_values_only():
+    from vidsparse.plan import value_token
+
+    a, b = vs.make_pattern("radial"), vs.make_pattern("radial")
+    assert a is not b and value_token(a) == value_token(b)
+    assert value_token(vs.make_pattern("radial", decay_factor=0.5)) != value_token(a)
+    assert value_token(vs.make_pattern("tile")) != value_token(vs.make_pattern("attention_tile"))
+    lay = vs.VideoLayout(2, 4, 4)
+    assert value_token((a, lay, 2, None, 16, "cpu")) != value_token((a, lay, 1, None, 16, "cpu"))
+    # no token where value equality cannot be read from the fields' text
+    assert value_token(torch.ones(2)) is None and value_token((a, object())) is None

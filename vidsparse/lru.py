@@ -40,12 +40,18 @@ class LRUCache(Generic[V]):
             self._data[key] = value
             self._data.move_to_end(key)
             while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+                self._dropped(self._data.popitem(last=False)[0])
         return value
 
     def clear(self) -> None:
         with self._lock:
+            for key in list(self._data):
+                self._dropped(key)
             self._data.clear()
+
+    def _dropped(self, key: Hashable) -> None:
+        """Called under the lock for each entry evicted or cleared: a subclass that keeps a
+        second index of the same entries (vidsparse.plan.PlanCache) drops it there too."""
 
     def __len__(self) -> int:
         return len(self._data)

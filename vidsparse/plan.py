@@ -30,6 +30,8 @@ must return zeros (not NaN) for a row whose keys are all masked.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -422,20 +424,91 @@ def _video_row(
     return torch.cat([kbs[order], text_cols]), torch.cat([mids[order], text_mids])
 
 
+_TOKEN_ATTR = "_vidsparse_cache_token"
+
+
+def value_token(obj: object) -> str | None:
+    """A string that is the same for equal values, or None where none can be made safely.
+
+    Made of ``None``/bool/int/float/str, tuples of those, and frozen value-compared dataclasses
+    of those (each dataclass's token is cached on the instance, so a compiled graph reads it as
+    one attribute). Anything else (tensors, objects compared by identity) gives None.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return repr(obj)
+    if isinstance(obj, tuple):
+        parts = [value_token(x) for x in obj]
+        return None if None in parts else "(" + ",".join(parts) + ")"
+    params = getattr(obj, "__dataclass_params__", None)
+    if params is None or isinstance(obj, type) or not (params.frozen and params.eq):
+        return None
+    cached = getattr(obj, "__dict__", {}).get(_TOKEN_ATTR)
+    if cached is not None:
+        return cached
+    parts = []
+    for f in dataclasses.fields(obj):
+        token = value_token(getattr(obj, f.name))
+        if token is None:
+            return None
+        parts.append(f"{f.name}={token}")
+    token = f"{type(obj).__module__}.{type(obj).__qualname__}({','.join(parts)})"
+    with contextlib.suppress(AttributeError, TypeError):  # __slots__: not cached, still valid
+        object.__setattr__(obj, _TOKEN_ATTR, token)
+    return token
+
+
+def _traced_token(key: tuple) -> str | None:
+    """``value_token(key)`` as a compiled graph can compute it: the key's objects must carry
+    their cached token already (the eager lookup that built or found the plan cached it)."""
+    parts = []
+    for x in key:
+        if x is None or isinstance(x, (bool, int, float, str)):
+            parts.append(repr(x))
+        else:
+            token = getattr(x, _TOKEN_ATTR, None)
+            if token is None:
+                return None
+            parts.append(token)
+    return "(" + ",".join(parts) + ")"
+
+
 class PlanCache(LRUCache[BlockSparsePlan]):
     """Bounded LRU of static plans keyed by value: (pattern, layout, heads, layer, block, device).
 
-    Inside a torch.compile graph a hit is a plain dict read (dynamo cannot enter a lock); a miss
-    builds the plan outside the graph (one graph break on a cold cache).
+    Inside a torch.compile graph a hit is a read of a second index keyed by ``value_token``
+    strings, not of the LRU dict itself: there dynamo would hash the pattern and layout keys
+    by tracing them and guard on each stored key's fields by its position in the dict, and
+    the LRU reorders and evicts keys (torch 2.11 then fails building the guard:
+    "'DualScope' object has no attribute 'tile'"). A miss builds the plan outside the graph
+    (one graph break on a cold cache).
     """
+
+    def __init__(self, maxsize: int = 64) -> None:
+        super().__init__(maxsize)
+        self._by_token: dict[str, BlockSparsePlan] = {}
 
     def get_or_build(self, key: tuple, build) -> BlockSparsePlan:
         if torch.compiler.is_compiling():
-            hit = self.peek(key)
+            token = _traced_token(key)
+            hit = self._by_token.get(token) if token is not None else None
             if hit is not None:
                 return hit
             # A cold cache costs one graph break. The disable is made here, not as a decorator:
             # decorating at import time would import torch._dynamo (~1.5 s) for every
             # `import vidsparse` and `vidsparse --help`, compiling or not.
-            return torch.compiler.disable(super().get_or_build)(key, build)
-        return super().get_or_build(key, build)
+            return torch.compiler.disable(self._eager_get_or_build)(key, build)
+        return self._eager_get_or_build(key, build)
+
+    def _eager_get_or_build(self, key: tuple, build) -> BlockSparsePlan:
+        value = super().get_or_build(key, build)
+        token = value_token(key)  # also caches the parts' tokens for the compiled lookup
+        if token is not None:
+            with self._lock:
+                if key in self._data:  # not evicted meanwhile by another thread
+                    self._by_token[token] = self._data[key]
+        return value
+
+    def _dropped(self, key: tuple) -> None:
+        token = value_token(key)
+        if token is not None:
+            self._by_token.pop(token, None)
