@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from cp_env import DIFFUSERS_CP_ON_CPU, MESH_DEVICE
 
 from vidsparse.parallel import check_results, spawn
 
@@ -158,6 +159,11 @@ def _cli(rt, out_dir: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not DIFFUSERS_CP_ON_CPU,
+    reason=f"diffusers would build its device mesh on {MESH_DEVICE}, these ranks compute on cpu (a CUDA build of "
+    "torch without a GPU): vidsparse runs its own Ulysses there (tests/test_parallel_new_families.py checks that)",
+)
 def test_ulysses_runs_diffusers_cp_where_the_model_has_a_cp_plan(tmp_path):
     results = spawn(cp_suite, 2, (str(tmp_path),), timeout_s=600)
     survivor = results[0]
