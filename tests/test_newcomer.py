@@ -76,7 +76,7 @@ def _wait_for_torch(pid: int, timeout_s: float = 120.0) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see when torch loads")
-@pytest.mark.parametrize("after_s", [0.0, 3.0])
+@pytest.mark.parametrize("after_s", [0.0, 1.5, 3.0])
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(after_s, tmp_path):
     """SIGINT while torch is being imported (0 s) and later (imports, loading, denoising)."""
     argv = [sys.executable, "-m", "vidsparse", "generate", *SMALL, "--out", str(tmp_path / "v.mp4")]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidsparse.errors import UserError
+from vidsparse.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # command -> module. Order is the order in ``vidsparse --help``.
 COMMANDS: dict[str, str] = {
@@ -40,8 +40,6 @@ COMMANDS: dict[str, str] = {
 }
 
 _IMPORTED_AT = time.perf_counter()
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 
 def _module_docstring(module: str) -> str | None:

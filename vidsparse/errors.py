@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Exit statuses of the command line: 2 as argparse uses for usage errors, 130 = 128 + SIGINT as
+# shells report a Ctrl-C.
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
 
 class UserError(Exception):
     """An error caused by the command line itself (bad value, missing file): no traceback."""
@@ -13,4 +18,4 @@ def brief(exc: BaseException, lines: int = 2) -> str:
     return "; ".join(parts[:lines])
 
 
-__all__ = ["UserError", "brief"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "UserError", "brief"]
