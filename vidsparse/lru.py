@@ -26,10 +26,6 @@ class LRUCache(Generic[V]):
         self._data: OrderedDict[Hashable, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def peek(self, key: Hashable) -> V | None:
-        """The cached value without touching the order or the lock (safe inside torch.compile)."""
-        return self._data.get(key)
-
     def get_or_build(self, key: Hashable, build: Callable[[], V]) -> V:
         with self._lock:
             if key in self._data:
