@@ -21,9 +21,9 @@ def run() -> None:
     # by the signal, with no message and exit status -2 instead of the one just decided.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == EXIT_INTERRUPTED:
-        # After a Ctrl-C, CPython can still end the process by re-raising SIGINT at exit (status
-        # -2, whatever sys.exit was given) once the KeyboardInterrupt has passed through code an
-        # extension module ran; seen in about 1 of 6 interrupts of a loaded 2-core machine. The
+        # After a Ctrl-C the process still ended by SIGINT at exit now and then (status -2 after
+        # the message; about 1 of 6 interrupts on a loaded 2-core machine), most likely CPython's
+        # own re-raise of an interrupt it counts as unhandled, whatever sys.exit was given. The
         # command has already cleaned up (outputs are written atomically), so leave at once.
         sys.stdout.flush()
         sys.stderr.flush()
