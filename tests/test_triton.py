@@ -508,11 +508,14 @@ def test_query_select_launches_get_their_own_configs():
     other paths never get them."""
     fwd_q = tk.candidates(tk._FWD_SPACE, 128, 128, 2, gather=True, qsel=True)
     dq_q = tk.candidates(tk._DQ_SPACE, 128, 128, 2, gather=True, qsel=True)
-    assert fwd_q[0] == tk.TileConfig(64, 64, 8, 3) and dq_q[0] == tk.TileConfig(64, 32, 8, 3)
+    assert fwd_q[0] == tk.TileConfig(128, 64, 8, 2) and dq_q[0] == tk.TileConfig(64, 32, 8, 3)
+    assert fwd_q == tk.candidates(tk._FWD_SPACE, 128, 128, 2, gather=False, qsel=True)
     for space in (tk._FWD_SPACE, tk._DQ_SPACE):
-        for gather in (True, False):
-            plain = tk.candidates(space, 128, 128, 2, gather=gather)
-            assert not set(plain) & set(tk.candidates(space, 128, 128, 2, gather=gather, qsel=True))
+        untagged = {tk.TileConfig(*cfg[:4]) for cfg in space[128] if len(cfg) == 4 or cfg[4] != "qsel"}
+        only_qsel = set(tk.candidates(space, 128, 128, 2, gather=True, qsel=True)) - untagged
+        assert only_qsel  # each space has configs of its own for selections...
+        for gather in (True, False):  # ...that no other launch gets
+            assert not only_qsel & set(tk.candidates(space, 128, 128, 2, gather=gather))
     # dK/dV: the gather path's 64x64 spilled with a selection; selections get 32x64 alone, in both orders.
     for gather in (True, False):
         assert tk.candidates(tk._DKDV_SPACE, 128, 128, 2, gather, True) == [tk.TileConfig(32, 64, 8, 3)]
@@ -524,6 +527,41 @@ def test_query_select_launches_get_their_own_configs():
         (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tk._all_configs(tk._FWD_SPACE)
     }
     assert {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in fwd_q} <= every
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config",
+    tk.candidates(tk._FWD_SPACE, 128, 128, 2, gather=False, qsel=True),
+    ids=lambda c: f"{c.block_m}x{c.block_n}",
+)
+def test_query_select_forward_at_every_shipped_tile(config):
+    """Each forward tile shipped for VMoBA's query-tile path (128-row tiles, 64-row tiles of a
+    128-key block) gives the reference's output and gradients on a 128-block plan with padding
+    and text, in caller order and kernel order."""
+    lay = vs.VideoLayout(4, 8, 12, text_len=9, text_position="after")
+    pattern = vs.make_pattern("vmoba", temporal_chunk=2, spatial_chunk=(4, 6), st_chunk=(2, 4, 6), path="query_tile")
+    q, k, v = random_qkv(lay, batch=1, heads=1, dim=16)
+    tm = random_text_mask(lay, 1)
+    g = torch.randn_like(q)
+    plan = vs.plan(pattern, lay, num_heads=1, q=q, k=k, layer=2, block_size=128)
+    assert plan.query_select is not None and plan.block_size == 128
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = vs.attention(*ins, lay, pattern, backend="torch", layer=2, text_mask=tm, block_size=128)
+    ref.backward(g)
+    want = [ref.detach()] + [t.grad for t in ins]
+    with tk.force_configs(fwd=tk.TileConfig(config.block_m, config.block_n)):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = tb.attention(*ins, plan, text_mask=tm)
+        out.backward(g)
+        got = [out.detach()] + [t.grad for t in ins]
+        kin = [tb.to_kernel_order(t, plan).requires_grad_(True) for t in (q, k, v)]
+        out_k = tb.attention_kernel_order(*kin, plan, text_mask=tm)
+        out_k.backward(tb.to_kernel_order(g, plan))
+        got_k = [tb.from_kernel_order(t, plan) for t in [out_k.detach()] + [t.grad for t in kin]]
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), want, got, got_k):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}, caller order: {m}")
+        torch.testing.assert_close(c, a, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}, kernel order: {m}")
 
 
 def _with_row_and_column_padding_mask(p):

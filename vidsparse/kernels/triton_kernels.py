@@ -612,8 +612,12 @@ _FWD_SPACE = {
         (128, 128, 8, 3, "order"),
         (128, 64, 8, 2),
         (64, 64, 4, 3, "order"),
+        # Per-query selection, whole-block loop in kernel order: 1.04-1.06x the tutorial's at
+        # 128x64/s2 and 64x128/s2 (triton 3.6 and 3.9), 1.11-1.14x at 64x64, kept for the
+        # autotuner (the fewest registers, 128, and 86 KB of shared memory).
+        (128, 64, 8, 2, "qsel"),
+        (64, 128, 8, 2, "qsel"),
         (64, 64, 8, 3, "qsel"),
-        (128, 32, 8, 3, "qsel"),
     ],
     256: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
 }
@@ -622,7 +626,8 @@ _FWD_SPACE = {
 # (results/offline_sm90.json); a 5th element ships an entry for one path only: "order"
 # (contiguous kernel order), "gather" (caller-order rows) or "qsel" (per-query selection,
 # either order; where a space has "qsel" entries they replace the others for that path:
-# the selection's loads cost registers, and 128x64 forward / 64x64 dQ / 64x64 dK/dV spilled).
+# the selection's loads cost registers: with the row gather, 64x64 dK/dV spills 12 B under
+# triton 3.6).
 _DKDV_SPACE = {
     64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 4, 3)],
     # 64x64 with the row gather and a per-query selection: 255 registers as launched, 84 B spilled without launch hints.
