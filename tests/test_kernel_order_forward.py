@@ -52,8 +52,8 @@ def _run(model, inputs, config, kernel_order: bool, grad: bool = False):
 
 
 def test_only_families_whose_blocks_are_per_token_run_in_kernel_order():
-    """The record flag is the one home of the fact; Wan is the family it holds for."""
-    assert [f.name for f in families() if f.kernel_order] == ["wan"]
+    """The record flag is the one home of the fact; Wan, LTX-Video and Cosmos are the families it holds for."""
+    assert sorted(f.name for f in families() if f.kernel_order) == ["cosmos", "ltx", "wan"]
 
 
 @pytest.mark.parametrize("variant", ["wan", "wan-i2v", "wan22-5b"])  # I2V: image context; TI2V-5B: per-token timestep
@@ -80,6 +80,42 @@ def test_wan_kernel_order_gradients_equal_per_layer_gather():
     assert gref.keys() == g.keys() and len(g) > 10
     for name in g:
         torch.testing.assert_close(g[name], gref[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _ltx_per_token_timestep(inputs):
+    inputs["timestep"] = torch.rand(2, 144) * 1000  # the image-to-video pipelines' [B, S] timestep
+
+
+# (variant, transformer overrides, input change, tokens): LTX-Video's RoPE tables [B, S, D] cut
+# where ``rope`` makes them and its per-token timestep cut at the transformer's input; Cosmos'
+# RoPE [S, D] (tokens along dim 0), its per-frame timestep embeddings [B, S, C] and Cosmos 1.0's
+# learnable position embedding cut at every block's input ("transformer_blocks.*").
+PER_TOKEN_FAMILIES = [
+    ("ltx", {}, None, 144),
+    ("ltx", {}, _ltx_per_token_timestep, 144),
+    ("cosmos", {}, None, 36),
+    ("cosmos", {"extra_pos_embed_type": "learnable"}, None, 36),
+]
+
+
+@pytest.mark.parametrize(
+    "variant,overrides,change,tokens", PER_TOKEN_FAMILIES, ids=["ltx", "ltx-per-token-t", "cosmos", "cosmos1-pos-emb"]
+)
+def test_family_forward_and_gradients_in_kernel_order_equal_per_layer_gather(variant, overrides, change, tokens):
+    """Layer 0 dense (the model's own attention, on caller-order tokens and RoPE), layer 1 sparse."""
+    model = tiny_transformer(variant, **overrides)
+    inputs = tiny_inputs(variant, model, 3, 6, 8, batch=2)
+    if change is not None:
+        change(inputs)
+    config = _config(*TILE, dense_layers=(0,))
+    ref, gref, _, gathers0 = _run(model, inputs, config, kernel_order=False, grad=True)
+    out, g, info, gathers = _run(model, inputs, config, kernel_order=True, grad=True)
+    assert isinstance(info.order, KernelOrder) and not info.order.identity and info.order.padded_len > tokens
+    assert info.patterns[0] is None and gathers0 == 1 and gathers == 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert gref.keys() == g.keys() and len(g) > 10
+    for name in g:
+        torch.testing.assert_close(g[name], gref[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow  # ~15 s in the interpreter on a shared 2-core machine

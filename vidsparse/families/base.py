@@ -168,6 +168,44 @@ class ShardPlan:
     merged_calls: Callable[[torch.nn.Module, dict[str, Any]], list[tuple[int, int, int]]] | None = None
 
 
+def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``root``'s submodule at ``path`` ("" is ``root``), or a ValueError naming both."""
+    if not path:
+        return root
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"vidsparse: {type(root).__name__} has no submodule {path!r}.") from None
+
+
+def resolve_path(root: torch.nn.Module, path: str) -> str:
+    """A shard plan's module ``path`` with negative indices ("blocks.-1": the last block) made concrete."""
+    parts, module = [], root
+    for part in path.split(".") if path else []:
+        if part.startswith("-") and part[1:].isdigit():
+            part = str(len(module) + int(part))
+        parts.append(part)
+        module = submodule(module, part)
+    return ".".join(parts)
+
+
+def expand_paths(root: torch.nn.Module, mapping: Mapping[str, Mapping]) -> dict[str, dict]:
+    """A shard plan's path -> specs with ``"<path>.*"`` expanded to every child of ``<path>`` (inputs
+    every block takes, e.g. Cosmos' per-token timestep embedding); entries of one module are merged.
+    Used where the plan cuts the sequence (``vidsparse.parallel``) and where it permutes it
+    (``vidsparse.pipelines.kernel_order``)."""
+    out: dict[str, dict] = {}
+    for path, specs in mapping.items():
+        if path.endswith(".*"):
+            parent = path[:-2]
+            targets = [f"{parent}.{name}" for name, _ in submodule(root, parent).named_children()]
+        else:
+            targets = [resolve_path(root, path)]
+        for target in targets:
+            out.setdefault(target, {}).update(specs)
+    return out
+
+
 # -- tiny random-init models ------------------------------------------------------------------
 
 #: Sizes every tiny model shares, so one hashed prompt embedding fits them all.

@@ -134,7 +134,9 @@ class CosmosSparseProcessor(SparseProcessor):
     ) -> torch.Tensor:
         pattern = self.state.pattern_for(self.layer)
         if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
-            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self._dense_any_order(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, 0
+            )
         query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
@@ -400,6 +402,10 @@ FAMILY = Family(
     needs_first_frame=("Cosmos2VideoToWorldPipeline", "CosmosVideoToWorldPipeline"),
     lora_refusals=LORA_REFUSALS,
     shard_plan=SHARD_PLAN,
+    # Between the cut points a Cosmos block is per token but for attn1 (adaLN from the cut
+    # timestep embeddings, the text cross-attention's queries, FFN, the cut position embedding
+    # and control residuals): a sparse forward runs in the plans' kernel order there.
+    kernel_order=True,
     tiny={"cosmos": TinyVariant("cosmos", tiny_transformer_kwargs, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_pipelines={PREDICT2_TINY: "Cosmos2VideoToWorldPipeline"},

@@ -56,7 +56,7 @@ class LTXSparseProcessor(SparseProcessor):
     ) -> torch.Tensor:
         pattern = self.state.pattern_for(self.layer)
         if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
-            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self._dense_any_order(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -295,6 +295,10 @@ FAMILY = Family(
     },
     shard_plan=SHARD_PLAN,
     clip_decode=CLIP_DECODE,
+    # Between the cut points an LTX block is per token but for attn1 (norms, FFN, the text
+    # cross-attention's queries, the image-to-video pipelines' per-token timestep): a sparse
+    # forward runs in the plans' kernel order there (vidsparse.pipelines.kernel_order).
+    kernel_order=True,
     tiny={"ltx": TinyVariant("ltx", _tiny_config, _tiny_inputs)},
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,

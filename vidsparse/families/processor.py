@@ -68,6 +68,21 @@ class SparseProcessor(WrappedProcessor):
             self.state.calls["dense"] += 1
         return self.original(*args, **kwargs)
 
+    def _dense_any_order(
+        self, attn, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask, rotary, rotary_dim: int = 1
+    ) -> torch.Tensor:
+        """The model's own attention, also in a forward that runs in kernel order (a dense layer
+        of a sparse forward): there it sees the caller's tokens, so no padding row is among its
+        keys, and its output goes back to kernel order. ``rotary``: the processor's RoPE tables
+        (cut at the shard plan's ``outputs``), tokens along ``rotary_dim``, or None."""
+        order = self.state.current.order
+        if order is None:
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary)
+        if rotary is not None:
+            rotary = tuple(order.to_caller(t, rotary_dim) for t in rotary)
+        out = self._dense(attn, order.to_caller(hidden_states), encoder_hidden_states, attention_mask, rotary)
+        return order.to_kernel(out)
+
     def _layout(self, seq_len: int, text_len: int, position: str) -> VideoLayout:
         """The call's layout, checked against this attention's token count (the padded kernel
         sequence when the forward runs in kernel order)."""

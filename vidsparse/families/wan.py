@@ -99,14 +99,7 @@ class WanSparseProcessor(SparseProcessor):
     ) -> torch.Tensor:
         pattern = self.state.pattern_for(self.layer)
         if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
-            order = self.state.current.order
-            if order is None:
-                return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-            # A dense layer of a forward that runs in kernel order: the model's own attention
-            # sees the caller's tokens (no padding rows among its keys), then back.
-            rotary = None if rotary_emb is None else tuple(order.to_caller(t) for t in rotary_emb)
-            out = self._dense(attn, order.to_caller(hidden_states), encoder_hidden_states, attention_mask, rotary)
-            return order.to_kernel(out)
+            return self._dense_any_order(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _wan_qkv(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)

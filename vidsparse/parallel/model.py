@@ -35,7 +35,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import families, family_of
-from vidsparse.families.base import Shard, ShardPlan
+from vidsparse.families.base import Shard, ShardPlan, expand_paths, resolve_path, submodule
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.parallel.clip import clip_attention
 from vidsparse.parallel.comm import all_gather_uneven
@@ -220,41 +220,6 @@ def _resolve_dense_layers(config: SparseConfig, family, num_layers: int) -> froz
     return frozenset(out)
 
 
-def _resolve(root: torch.nn.Module, path: str) -> str:
-    """``path`` with negative indices ("blocks.-1": the last block) made concrete."""
-    parts, module = [], root
-    for part in path.split(".") if path else []:
-        if part.startswith("-") and part[1:].isdigit():
-            part = str(len(module) + int(part))
-        parts.append(part)
-        module = _submodule(module, part)
-    return ".".join(parts)
-
-
-def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    if not path:
-        return root
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        raise ValueError(f"vidsparse.parallel: {type(root).__name__} has no submodule {path!r}.") from None
-
-
-def _expand(root: torch.nn.Module, mapping: Mapping[str, Mapping]) -> dict[str, dict]:
-    """A shard plan's path -> specs with ``"<path>.*"`` expanded to every child of ``<path>`` (inputs
-    every block takes, e.g. Cosmos' per-token timestep embedding); entries of one module are merged."""
-    out: dict[str, dict] = {}
-    for path, specs in mapping.items():
-        if path.endswith(".*"):
-            parent = path[:-2]
-            targets = [f"{parent}.{name}" for name, _ in _submodule(root, parent).named_children()]
-        else:
-            targets = [_resolve(root, path)]
-        for target in targets:
-            out.setdefault(target, {}).update(specs)
-    return out
-
-
 def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, runtime: ParallelRuntime) -> Any:
     """Prepare every transformer of ``target`` (pipeline or transformer) for ``mode`` on ``runtime``.
 
@@ -289,13 +254,15 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
         ctx = ParallelContext(mode, runtime)
         contexts[attr] = ctx
         plan = family_of(transformer).require_shard_plan()
-        inputs, outputs = _expand(transformer, plan.inputs), _expand(transformer, plan.outputs)
+        inputs, outputs = expand_paths(transformer, plan.inputs), expand_paths(transformer, plan.outputs)
         for path in sorted(set(inputs) | set(outputs)):
-            module = _submodule(transformer, path)
+            module = submodule(transformer, path)
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(_ShardHook(ctx, inputs.get(path, {}), outputs.get(path, {})), _SHARD_HOOK)
         for path, spec in plan.gather.items():
-            registry = HookRegistry.check_if_exists_or_initialize(_submodule(transformer, _resolve(transformer, path)))
+            registry = HookRegistry.check_if_exists_or_initialize(
+                submodule(transformer, resolve_path(transformer, path))
+            )
             registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
     # Every step and layer goes through the distributed attention; the user's dense schedule is
     # applied inside it (ParallelAttention) with Dense().

@@ -64,10 +64,10 @@ def _gathered_width(model: torch.nn.Module) -> int:
     """Channels per token of the shard plan's gathered output: an output projection's
     ``out_features``, or a block's output (Kandinsky 5's last visual block): the model width."""
     from vidsparse.families import family_of
-    from vidsparse.parallel.model import _resolve
+    from vidsparse.families.base import resolve_path
 
     (path,) = family_of(model).require_shard_plan().gather
-    module = model.get_submodule(_resolve(model, path))
+    module = model.get_submodule(resolve_path(model, path))
     width = getattr(module, "out_features", None) or getattr(model.config, "model_dim", None)
     if width is None:
         raise ValueError(f"check_forward: cannot tell the width of {type(model).__name__}.{path}'s output.")

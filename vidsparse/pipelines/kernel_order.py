@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vidsparse.families.base import Shard, ShardPlan
+from vidsparse.families.base import Shard, ShardPlan, expand_paths, resolve_path, submodule
 from vidsparse.layout import VideoLayout
 from vidsparse.plan import KernelOrder
 
@@ -52,17 +52,16 @@ def install(
     """Register the permutation hooks of ``plan`` on ``transformer``; ``current()`` gives this
     forward's (order, layout) or ``None`` (then every hook passes its tensors through)."""
     handles = []
-
-    def module(path: str) -> torch.nn.Module:
-        return transformer if not path else transformer.get_submodule(path)
-
-    for path, specs in plan.inputs.items():
-        handles.append(module(path).register_forward_pre_hook(_input_hook(module(path), path, specs, current),
-                                                               with_kwargs=True))  # fmt: skip
-    for path, outs in plan.outputs.items():
-        handles.append(module(path).register_forward_hook(_output_hook(path, outs, current, forward=True)))
+    for path, specs in expand_paths(transformer, plan.inputs).items():
+        mod = submodule(transformer, path)
+        handles.append(mod.register_forward_pre_hook(_input_hook(mod, path, specs, current), with_kwargs=True))
+    for path, outs in expand_paths(transformer, plan.outputs).items():
+        hook = _output_hook(path, outs, current, forward=True)
+        handles.append(submodule(transformer, path).register_forward_hook(hook))
     for path, spec in plan.gather.items():
-        handles.append(module(path).register_forward_hook(_output_hook(path, {0: spec}, current, forward=False)))
+        path = resolve_path(transformer, path)
+        hook = _output_hook(path, {0: spec}, current, forward=False)
+        handles.append(submodule(transformer, path).register_forward_hook(hook))
     return handles
 
 
