@@ -52,8 +52,9 @@ def _run(model, inputs, config, kernel_order: bool, grad: bool = False):
 
 
 def test_only_families_whose_blocks_are_per_token_run_in_kernel_order():
-    """The record flag is the one home of the fact; Wan, LTX-Video and Cosmos are the families it holds for."""
-    assert sorted(f.name for f in families() if f.kernel_order) == ["cosmos", "ltx", "wan"]
+    """The record flag is the one home of the fact; Wan, SkyReels-V2, LTX-Video and Cosmos are the
+    families it holds for."""
+    assert sorted(f.name for f in families() if f.kernel_order) == ["cosmos", "ltx", "skyreels-v2", "wan"]
 
 
 @pytest.mark.parametrize("variant", ["wan", "wan-i2v", "wan22-5b"])  # I2V: image context; TI2V-5B: per-token timestep
@@ -95,11 +96,15 @@ PER_TOKEN_FAMILIES = [
     ("ltx", {}, _ltx_per_token_timestep, 144),
     ("cosmos", {}, None, 36),
     ("cosmos", {"extra_pos_embed_type": "learnable"}, None, 36),
+    ("skyreels-v2", {}, None, 36),
+    ("skyreels-v2-i2v", {}, None, 36),
 ]
 
 
 @pytest.mark.parametrize(
-    "variant,overrides,change,tokens", PER_TOKEN_FAMILIES, ids=["ltx", "ltx-per-token-t", "cosmos", "cosmos1-pos-emb"]
+    "variant,overrides,change,tokens",
+    PER_TOKEN_FAMILIES,
+    ids=["ltx", "ltx-per-token-t", "cosmos", "cosmos1-pos-emb", "skyreels", "skyreels-i2v"],
 )
 def test_family_forward_and_gradients_in_kernel_order_equal_per_layer_gather(variant, overrides, change, tokens):
     """Layer 0 dense (the model's own attention, on caller-order tokens and RoPE), layer 1 sparse."""
@@ -158,6 +163,18 @@ def test_kernel_order_stays_off_where_layers_cannot_share_it(config):
     ref, _, _, _ = _run(model, inputs, config, kernel_order=False)
     out, _, info, _ = _run(model, inputs, config, kernel_order=True)
     assert info.order is None
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_a_forward_the_shard_plan_refuses_keeps_caller_order():
+    """SkyReels-V2 diffusion forcing ([B, F] timesteps, per-token modulation built inside the
+    forward: ``ShardPlan.refuse_call``) runs the per-layer path, the same as without kernel order."""
+    model = tiny_transformer("skyreels-v2-df")
+    inputs = tiny_inputs("skyreels-v2-df", model, 3, 6, 8, batch=1)
+    assert inputs["enable_diffusion_forcing"]
+    ref, _, _, _ = _run(model, inputs, _config(*TILE), kernel_order=False)
+    out, _, info, gathers = _run(model, inputs, _config(*TILE), kernel_order=True)
+    assert info.order is None and gathers == 2
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 

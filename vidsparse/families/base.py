@@ -146,7 +146,8 @@ class ShardPlan:
     HunyuanVideo I2V, whose blocks treat the first tokens of the sequence as the first frame).
     ``refuse_call(transformer, forward_kwargs) -> reason | None``: a forward the plan cannot split,
     known only from the call (SkyReels-V2 diffusion forcing); checked at every parallel forward
-    before anything runs, so every rank raises the same error.
+    before anything runs, so every rank raises the same error. Such a forward also keeps caller
+    order under ``Family.kernel_order`` (the cut points do not hold it).
     A spec may be a tuple of ``Shard`` alternatives: the one whose ``ndim`` matches the tensor is
     used (LTX-2's RoPE tables are [B, S, D] or [B, H, S, D / 2] by ``rope_type``).
     ``merged_attention(transformer, attend) -> [(module, processor), ...]``: attention modules whose

@@ -221,6 +221,9 @@ FAMILY = Family(
         )
     },
     shard_plan=SHARD_PLAN,
+    # Wan's blocks, so Wan's kernel order; a diffusion-forcing forward (refused by the shard plan:
+    # per-token modulation built inside the forward) keeps caller order.
+    kernel_order=True,
     tiny={
         "skyreels-v2": TinyVariant("skyreels-v2", _tiny_config, tiny_inputs),
         "skyreels-v2-df": TinyVariant("skyreels-v2-df", _tiny_df_config, _tiny_df_inputs),

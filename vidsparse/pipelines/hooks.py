@@ -332,11 +332,23 @@ class SparseState:
             patterns = self.layer_patterns(layout, block)
             if self.dense_step(step, total):
                 patterns = (None,) * self.num_layers
-            elif isinstance(hs, torch.Tensor) and not compiling and not _caches_across_steps(transformer):
+            elif (
+                isinstance(hs, torch.Tensor)
+                and not compiling
+                and not _caches_across_steps(transformer)
+                and not self._plan_refuses(transformer, kwargs)
+            ):
                 order = self.shared_order(layout, patterns, block, hs.device)
         info = CallInfo(layout, step, total, branch, batch, patterns, block, order)
         self.current = info
         return info
+
+    def _plan_refuses(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+        """Whether the family's shard plan refuses this forward (``ShardPlan.refuse_call``: SkyReels-V2
+        diffusion forcing): its cut points then do not hold the call's per-token tensors, so the
+        forward is not permuted at them either."""
+        plan = self.family.shard_plan
+        return plan is not None and plan.refuse_call is not None and plan.refuse_call(transformer, kwargs) is not None
 
     def shared_order(
         self, layout: VideoLayout, patterns: tuple[Pattern | None, ...], block: int, device: torch.device
