@@ -123,14 +123,15 @@ def test_family_forward_and_gradients_in_kernel_order_equal_per_layer_gather(var
         torch.testing.assert_close(g[name], gref[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.slow  # ~15 s in the interpreter on a shared 2-core machine
-def test_wan_kernel_order_on_triton_reads_contiguous_tiles(monkeypatch):
+@pytest.mark.slow  # ~15 s each in the interpreter on a shared 2-core machine
+@pytest.mark.parametrize("variant,overrides", [("wan", {}), ("ltx", {"cross_attention_dim": 32})], ids=["wan", "ltx"])
+def test_kernel_order_on_triton_reads_contiguous_tiles(monkeypatch, variant, overrides):
     """With the Triton backend every sparse layer runs the kernel-order path (TMA descriptors,
     no row gather), and the forward equals the caller-order fused-gather path."""
     from vidsparse.kernels import triton_kernels as tk
 
-    model = tiny_transformer("wan", attention_head_dim=16)  # the kernels take head dims 16..256
-    inputs = tiny_inputs("wan", model, 3, 6, 8, batch=1)
+    model = tiny_transformer(variant, attention_head_dim=16, **overrides)  # the kernels take head dims 16..256
+    inputs = tiny_inputs(variant, model, 3, 6, 8, batch=1)
     seen = []
     launch = tk._launch
 
