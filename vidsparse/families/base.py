@@ -168,6 +168,10 @@ class ShardPlan:
     merged_attention: MergedAttention | None = None
     merged_calls: Callable[[torch.nn.Module, dict[str, Any]], list[tuple[int, int, int]]] | None = None
 
+    def call_refusal(self, transformer: torch.nn.Module, forward_kwargs: dict[str, Any]) -> str | None:
+        """Why the plan cannot cut this forward (``refuse_call``), or None."""
+        return None if self.refuse_call is None else self.refuse_call(transformer, forward_kwargs)
+
 
 def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     """``root``'s submodule at ``path`` ("" is ``root``), or a ValueError naming both."""

@@ -277,7 +277,7 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
         shard_plan = state.family.require_shard_plan()
 
         def discover(module, kwargs, _ctx=ctx, _default=default, _plan=shard_plan):
-            reason = _plan.refuse_call(module, kwargs) if _plan.refuse_call is not None else None
+            reason = _plan.call_refusal(module, kwargs)
             if reason:
                 raise ValueError(
                     f"vidsparse.parallel cannot split this {type(module).__name__} call: {reason}. Run it on one GPU."

@@ -348,7 +348,7 @@ class SparseState:
         diffusion forcing): its cut points then do not hold the call's per-token tensors, so the
         forward is not permuted at them either."""
         plan = self.family.shard_plan
-        return plan is not None and plan.refuse_call is not None and plan.refuse_call(transformer, kwargs) is not None
+        return plan is not None and plan.call_refusal(transformer, kwargs) is not None
 
     def shared_order(
         self, layout: VideoLayout, patterns: tuple[Pattern | None, ...], block: int, device: torch.device
