@@ -502,7 +502,7 @@ class PlanCache(LRUCache[BlockSparsePlan]):
     def _eager_get_or_build(self, key: tuple, build) -> BlockSparsePlan:
         value = super().get_or_build(key, build)
         token = value_token(key)  # also caches the parts' tokens for the compiled lookup
-        if token is not None:
+        if token is not None and token not in self._by_token:  # indexed once per stored plan: a hit takes no lock
             with self._lock:
                 if key in self._data:  # not evicted meanwhile by another thread
                     self._by_token[token] = self._data[key]
