@@ -322,9 +322,11 @@ def compile_ours(role, fn, cfg, flags):
 # The key-block-major kernels (VMoBA's default path, ``vidsparse.kernels.keyblock_triton``) at
 # the launch shape they ship: packed 128-row query tiles, 64-key sub-tiles (bf16), the module's
 # warps and dK/dV row step. Config "MxN": query rows x keys per step (dK/dV: SUB_M x BLOCK_N).
-# Forward and dQ in both key sources: rows gathered by index ("key-block") and, where every
-# group's keys are one run of caller rows (temporal partition, text), tensor descriptors
-# ("key-block+tma"). Their loops: whole sub-tiles (no mask), then the masked tail.
+# Forward and dQ in both key sources: rows gathered by index ("key-block", no TMA) and tensor
+# descriptors ("key-block+tma": the launch on Hopper for every partition, reading the caller's
+# K/V where each group is one run of caller rows, else the group-major copy). Their loops:
+# whole sub-tiles (no mask), then the masked tail. dK/dV loads its keys once per program, by
+# caller row or, reading the copy, by kernel position ("key-block+copy").
 _KB_PTR = {**_PTR, "OP": "*fp32", "LP": "*fp32", "DQP": "*fp32", "KRows": "*i32", "TileBH": "*i32",
            "TileGroup": "*i32", "Span": "*i32", "TileFirst": "*i32", "TileCount": "*i32", "Lead": "*i32",
            "KStart": "*i32"}  # fmt: skip
@@ -337,17 +339,19 @@ def keyblock_variants():
     bm, bn, warps, stages = kb.DEFAULT_BLOCK_M, kb.DEFAULT_BLOCK_N, kt._NUM_WARPS, 3
     sub = min(bm, kt._DKDV_SUB_M)
     for role, fn in (("fwd", kt._fwd_kernel), ("dq", kt._dq_kernel), ("dkdv", kt._dkdv_kernel)):
-        for tma in (False, True) if role != "dkdv" else (False,):
+        for tma in (False, True):
             for has_kv in (False, True):
                 consts = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=has_kv, PREC="tf32")
                 rows = bm
                 if role == "dkdv":
                     consts["SUB_M"] = rows = sub
+                    consts["KV_KERNEL_ORDER"] = tma  # the copy exists exactly when TMA is on
                 else:
                     consts["KV_TMA"] = tma
                 if role == "fwd":
                     consts["NEG_SCALE"] = False
-                label = "key-block" + ("+tma" if tma else "") + ("+key-valid" if has_kv else "")
+                source = ("+copy" if role == "dkdv" else "+tma") if tma else ""
+                label = "key-block" + source + ("+key-valid" if has_kv else "")
                 yield role, fn, consts, label, f"{rows}x{bn}/w{warps}/s{stages}", warps, stages, rows, bn
 
 

@@ -135,11 +135,11 @@ def test_triton_path_forward_and_backward_equal_masked_attention(layout, layer):
 @pytest.mark.parametrize("scale,block_n", [(None, 16), (-0.3, 32)])
 def test_triton_temporal_layer_reads_keys_by_tma_and_equals_masked_attention(monkeypatch, scale, block_n):
     """A temporal partition's groups (and the text group) are runs of consecutive caller rows:
-    forward and dQ read their K/V sub-tiles through tensor descriptors, the spatial partition
-    gathers them. 32-key sub-tiles over 16-token blocks leave ragged tails (the masked loop);
+    forward and dQ read their K/V sub-tiles through tensor descriptors straight from the
+    caller's K/V. 32-key sub-tiles over 16-token blocks leave ragged tails (the masked loop);
     run-time text validity keeps the text group out of the unmasked sub-tiles (30-key groups:
-    one whole 16-key sub-tile and a tail, or a 32-key tail only). Both sources equal masked
-    attention, with gradients, for either sign of the scale."""
+    one whole 16-key sub-tile and a tail, or a 32-key tail only). Descriptors and row gathers
+    both equal masked attention, with gradients, for either sign of the scale."""
     lay = vs.VideoLayout(4, 3, 5, text_len=6, text_position="before")
     q, k, v = random_qkv(lay, batch=2, heads=2, dim=16, requires_grad=True)
     _triton_or_skip(q)
@@ -152,8 +152,6 @@ def test_triton_temporal_layer_reads_keys_by_tma_and_equals_masked_attention(mon
     text_sure = plan.key_valid(tm, 2).all(0)[t0 : t0 + tn].int()
     assert bool((~plan.key_valid(tm, 2)).any())  # some text key masked at run time
     assert st.contiguous and st.lead.tolist() == [n for _, n in video] + [int(text_sure.cumprod(0).sum())]
-    spatial = vs.plan(p, lay, num_heads=2, layer=1, q=q.detach(), k=k.detach(), block_size=16)
-    assert not kt._Static(spatial, keyblock.pack(spatial, 16), None, q.device).contiguous
     mask = natural_mask(p, lay, q.detach(), k.detach(), 0)
     c = 1.0 if scale is None else scale * q.shape[-1] ** 0.5  # the oracle scales by dim ** -0.5
     ref = masked_attention(q * c, k, v, mask, lay, tm)
@@ -161,10 +159,49 @@ def test_triton_temporal_layer_reads_keys_by_tma_and_equals_masked_attention(mon
     want = torch.autograd.grad((ref * g).sum(), (q, k, v))
     for tma in ("1", "0"):
         monkeypatch.setenv("VIDSPARSE_TRITON_TMA", tma)
-        assert kt._kv_tma(st, q, q) == (tma == "1")
+        kvo = kt._kv_operands(st, q, q)
+        assert (kvo.tma, kvo.kernel_order, kvo.k is q) == (tma == "1", False, True)
         out = keyblock.attention(
             q, k, v, plan, text_mask=tm, scale=scale, backend="triton", block_m=16, block_n=block_n
         )
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+        grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), (q, k, v))
+        for name, a, b in zip("qkv", grads, want):
+            torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_triton_box_partitions_read_a_group_major_copy_by_tma(monkeypatch, layer):
+    """Spatial and spatio-temporal groups are boxes of the latent grid, runs of a few caller
+    rows: with TMA the call reads a group-major copy of K/V (each group one run starting at its
+    span, padding rows masked), the backward reuses it and writes dK/dV to caller rows; with
+    ``VIDSPARSE_TRITON_TMA=0`` it gathers caller rows. Both equal masked attention, with
+    gradients, on a grid that leaves partial blocks (padding inside the copy) and text after."""
+    lay = vs.VideoLayout(3, 5, 3, text_len=5, text_position="after")
+    q, k, v = random_qkv(lay, batch=2, heads=2, dim=16, requires_grad=True)
+    _triton_or_skip(q)
+    kt = importlib.import_module("vidsparse.kernels.keyblock_triton")
+    tm = random_text_mask(lay, 2)
+    p = pattern(layer, st_chunk=(2, 2, 2))
+    plan = vs.plan(p, lay, num_heads=2, layer=layer, q=q.detach(), k=k.detach(), block_size=16)
+    st = kt._Static(plan, keyblock.pack(plan, 16), plan.key_valid(tm, 2), q.device)
+    assert not st.contiguous
+    krows = st.krows
+    assert bool((krows < 0).any())  # padding rows inside the kernel order
+    ref = masked_attention(q, k, v, natural_mask(p, lay, q.detach(), k.detach(), layer), lay, tm)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for tma in ("1", "0"):
+        monkeypatch.setenv("VIDSPARSE_TRITON_TMA", tma)
+        kvo = kt._kv_operands(st, k.detach(), v.detach())
+        if tma == "1":
+            assert kvo.tma and kvo.kernel_order and kvo.k.shape[1] == krows.numel()
+            real = krows >= 0
+            torch.testing.assert_close(kvo.k[:, real], k.detach()[:, krows[real].long()])
+            assert kvo.start.tolist() == plan.group_spans[:, 0].tolist()
+        else:
+            assert not kvo.tma and not kvo.kernel_order and kvo.k.shape == k.shape
+        out = keyblock.attention(q, k, v, plan, text_mask=tm, backend="triton", block_m=16, block_n=16)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
         grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), (q, k, v))
         for name, a, b in zip("qkv", grads, want):

@@ -11,14 +11,19 @@ Three kernels on caller-order q, k, v [B, S, H, D]:
 - ``_dkdv_kernel``: one program per (key sub-tile, batch-head-group); walks the group's
   query tiles and accumulates dK, dV in registers: no atomics, each key written once.
 
-Forward and dQ walk a group's keys in unmasked whole sub-tiles, then a masked tail; where
-every group's keys are one run of consecutive caller rows (VMoBA's temporal partition, text)
-they read K/V through tensor descriptors (TMA on Hopper; ``VIDSPARSE_TRITON_TMA=0`` gathers).
+Forward and dQ walk a group's keys in unmasked whole sub-tiles, then a masked tail, and read
+K/V sub-tiles through tensor descriptors (TMA on Hopper; ``VIDSPARSE_TRITON_TMA=0`` gathers
+rows): straight from the caller's K/V where every group's keys are one run of consecutive
+caller rows (VMoBA's temporal partition, text), else from a group-major copy of K and V made
+once per call (spatial and spatio-temporal partitions: a group is a box of the latent grid,
+runs of a few rows, so no descriptor box fits it in caller order; see ``_kv_operands``).
 Softmax runs in base 2; stored log-sum-exps are natural-log. CPU tensors run under Triton's
 interpreter (``TRITON_INTERPRET=1`` before Triton is imported): slow, for tests.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,10 +44,10 @@ LOG2E = 1.4426950408889634
 # that no run-time mask can hide: ``Lead``), with no mask arithmetic and the scale folded into
 # exp2 as in the Triton tutorial, then the tail (the last ragged sub-tile, run-time masked
 # text keys). Padding rows of a packed tile need no mask: their partials are dropped by the
-# merge (target -1), and in the backward their lse is +inf (p = 0). With ``KV_TMA`` (every
-# group's keys one contiguous run of caller tokens: the temporal VMoBA partition, text) the
-# K and V sub-tiles come in whole through tensor descriptors; rows past the group are
-# masked in the tail like any invalid key. At most two jitted calls per step (the step and its
+# merge (target -1), and in the backward their lse is +inf (p = 0). With ``KV_TMA`` every
+# group's keys are one run of rows of K/V (the caller's tensors or the group-major copy, see
+# ``_kv_operands``) starting at ``k0``: the K and V sub-tiles come in whole through tensor
+# descriptors; rows past the group are masked in the tail like any invalid key. At most two jitted calls per step (the step and its
 # key rows): Triton's interpreter pays about 0.4 ms per nested call.
 
 
@@ -128,11 +133,11 @@ def _dq_step(
 
 
 @triton.jit
-def _kv_source(base, S, stride, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_TMA: tl.constexpr):
-    """A [S, HEAD_DIM] tensor descriptor of one (batch, head) of K or V (``KV_TMA``), else ``base``."""
+def _kv_source(base, SK, stride, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_TMA: tl.constexpr):
+    """A [SK, HEAD_DIM] tensor descriptor of one (batch, head) of K or V (``KV_TMA``), else ``base``."""
     if KV_TMA:
         return tl.make_tensor_descriptor(
-            base, shape=[S, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
+            base, shape=[SK, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK_N, HEAD_DIM]
         )
     else:
         return base
@@ -146,7 +151,7 @@ def _fwd_kernel(
     Q, K, V, OP, LP, Rows, KRows, TileBH, TileGroup, Span, Lead, KStart, KeyValid,
     sm_scale, T0,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_kvb,
-    H, S,
+    H, SK,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
     PREC: tl.constexpr, KV_TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
@@ -165,8 +170,8 @@ def _fwd_kernel(
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row, ok = caller_rows(Rows, offs_m)
     q = row_tile(Q + b * s_qb + h * s_qh, row, ok, s_qs, HEAD_DIM)
-    k_src = _kv_source(K + b * s_kb + h * s_kh, S, s_ks, HEAD_DIM, BLOCK_N, KV_TMA)
-    v_src = _kv_source(V + b * s_vb + h * s_vh, S, s_vs, HEAD_DIM, BLOCK_N, KV_TMA)
+    k_src = _kv_source(K + b * s_kb + h * s_kh, SK, s_ks, HEAD_DIM, BLOCK_N, KV_TMA)
+    v_src = _kv_source(V + b * s_vb + h * s_vh, SK, s_vs, HEAD_DIM, BLOCK_N, KV_TMA)
     kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -196,7 +201,7 @@ def _dq_kernel(
     Q, K, V, DO, DQP, Lse, Delta, Rows, KRows, TileBH, TileGroup, Span, Lead, KStart, KeyValid,
     sm_scale, T0,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_kvb,
-    H, S,
+    H, S, SK,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
     PREC: tl.constexpr, KV_TMA: tl.constexpr,
 ):  # fmt: skip
@@ -220,8 +225,8 @@ def _dq_kernel(
     m = tl.load(Lse + flat, mask=ok, other=float("inf")) * 1.4426950408889634
     m = tl.where(m == float("-inf"), float("inf"), m)  # rows that saw no key: p = 0
     di = tl.load(Delta + flat, mask=ok, other=0.0)
-    k_src = _kv_source(K + b * s_kb + h * s_kh, S, s_ks, HEAD_DIM, BLOCK_N, KV_TMA)
-    v_src = _kv_source(V + b * s_vb + h * s_vh, S, s_vs, HEAD_DIM, BLOCK_N, KV_TMA)
+    k_src = _kv_source(K + b * s_kb + h * s_kh, SK, s_ks, HEAD_DIM, BLOCK_N, KV_TMA)
+    v_src = _kv_source(V + b * s_vb + h * s_vh, SK, s_vs, HEAD_DIM, BLOCK_N, KV_TMA)
     kv_ptr = KeyValid + b * s_kvb
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -247,10 +252,12 @@ def _dkdv_kernel(
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_gb, s_gs, s_gh, s_kvb,
     H, S, G,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV: tl.constexpr,
-    PREC: tl.constexpr, SUB_M: tl.constexpr,
+    PREC: tl.constexpr, SUB_M: tl.constexpr, KV_KERNEL_ORDER: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys of one group, over every packed query tile of that (batch, head, group),
     ``SUB_M`` packed rows at a time (the tiles' rows are consecutive: a whole 128-row step spilled).
+    K/V rows are kernel positions with ``KV_KERNEL_ORDER`` (the group-major copy), else caller
+    rows; dK/dV are written to the caller's rows either way.
 
     No mask in the loop: a padding query row has lse +inf (p = 0), and an invalid key's row of
     p only reaches its own dK/dV row, zeroed once at the end."""
@@ -272,8 +279,12 @@ def _dkdv_kernel(
     if HAS_KV:
         k_ok = k_ok & (tl.load(KeyValid + b * s_kvb + kpos, mask=c_ok, other=0) != 0)
     krow = tl.maximum(krow, 0).to(tl.int64)
-    k = row_tile(K + b * s_kb + h * s_kh, krow, k_ok, s_ks, HEAD_DIM)
-    v = row_tile(V + b * s_vb + h * s_vh, krow, k_ok, s_vs, HEAD_DIM)
+    if KV_KERNEL_ORDER:
+        lrow = kpos
+    else:
+        lrow = krow
+    k = row_tile(K + b * s_kb + h * s_kh, lrow, k_ok, s_ks, HEAD_DIM)
+    v = row_tile(V + b * s_vb + h * s_vh, lrow, k_ok, s_vs, HEAD_DIM)
     first = tl.load(TileFirst + bhg)
     count = tl.where(j * BLOCK_N < klen, tl.load(TileCount + bhg), 0)
     q_base = Q + b * s_qb + h * s_qh
@@ -379,12 +390,40 @@ def _lead(krows: torch.Tensor, span: torch.Tensor, width: int, kv: torch.Tensor 
     return torch.cumprod(good.to(torch.int32), dim=1).sum(dim=1).to(torch.int32).contiguous()
 
 
-def _kv_tma(st: _Static, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether this call reads K/V sub-tiles through tensor descriptors (see ``_Static``)."""
-    ok = st.contiguous and tk.tma_enabled(k.device) and tk._tma_ok(k) and tk._tma_ok(v)
-    if ok:
-        tk._ensure_allocator()
-    return ok
+class _KV(NamedTuple):
+    """The K/V a call's kernels read: ``k``, ``v`` [B, SK, H, D], the row of each group's first
+    key in them (``start`` int32 [G]), whether forward and dQ read sub-tiles through tensor
+    descriptors (``tma``), and whether rows are kernel positions (``kernel_order``: the
+    group-major copy) rather than caller rows."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: torch.Tensor
+    tma: bool
+    kernel_order: bool
+
+
+def _kv_operands(st: _Static, k: torch.Tensor, v: torch.Tensor) -> _KV:
+    """Where K/V sub-tiles come from. A plan whose groups are runs of caller rows (temporal
+    partition, text) reads the caller's K/V by descriptor. Any other plan (spatial and
+    spatio-temporal partitions: a group is a box of the latent grid, runs of a few rows) gets
+    a group-major copy of K and V, made once per call (one gather of 2·B·S·H·D elements,
+    against the forward's per-tile row gathers of the same keys from every query tile that
+    reads them), so that every group is one run and TMA applies; the backward reuses it.
+    Without TMA (pre-Hopper, ``VIDSPARSE_TRITON_TMA=0``) the kernels gather caller rows."""
+    if not tk.tma_enabled(k.device):
+        return _KV(k, v, st.kstart, False, False)
+    if st.contiguous:
+        if tk._tma_ok(k) and tk._tma_ok(v):
+            tk._ensure_allocator()
+            return _KV(k, v, st.kstart, True, False)
+        return _KV(k, v, st.kstart, False, False)
+    rows = st.krows.clamp_min(0).long()  # caller row of each kernel row (padding: row 0, masked)
+    kc, vc = k.index_select(1, rows), v.index_select(1, rows)
+    if not (tk._tma_ok(kc) and tk._tma_ok(vc)):  # e.g. H·D·itemsize not a multiple of 16 bytes
+        return _KV(k, v, st.kstart, False, False)
+    tk._ensure_allocator()
+    return _KV(kc, vc, st.span[:, 0].contiguous(), True, True)
 
 
 def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
@@ -394,16 +433,16 @@ def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
     kv = st.kv if st.kv is not None else dummy
     s_kvb = st.kv.stride(0) if st.kv is not None else 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    kv_tma = _kv_tma(st, k, v)
+    kvo = _kv_operands(st, k, v)
     outs, lses = [], []
     for t0, t1, bh0, bh1 in kb.chunks(pk):
         n = t1 - t0
         op = torch.empty(n * bm, D, dtype=torch.float32, device=q.device)
         lp = torch.empty(n * bm, dtype=torch.float32, device=q.device)
         _fwd_kernel[(n,)](
-            q, k, v, op, lp, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, st.kstart, kv, scale, t0,
-            *_bsh(q), *_bsh(k), *_bsh(v), s_kvb, H, S,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kv_tma,
+            q, kvo.k, kvo.v, op, lp, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, kvo.start, kv,
+            scale, t0, *_bsh(q), *_bsh(kvo.k), *_bsh(kvo.v), s_kvb, H, kvo.k.shape[1],
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kvo.tma,
             NEG_SCALE=scale < 0, num_warps=_NUM_WARPS,
         )  # fmt: skip
         tgt = pk.targets(t0, t1)
@@ -411,10 +450,10 @@ def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
         outs.append(o_c)  # chunks cover the batch-heads in order
         lses.append(l_c)
     out = torch.cat(outs).view(B, H, S, D).transpose(1, 2).to(q.dtype)
-    return out, torch.cat(lses).contiguous()  # lse: fp32 [B*H*S]
+    return out, torch.cat(lses).contiguous(), kvo  # lse: fp32 [B*H*S]
 
 
-def _backward(do, q, k, v, out, lse, st: _Static, scale: float, bm: int, bn: int):
+def _backward(do, q, kvo: _KV, out, lse, st: _Static, scale: float, bm: int, bn: int):
     B, S, H, D = q.shape
     pk = st.pk
     dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
@@ -422,25 +461,25 @@ def _backward(do, q, k, v, out, lse, st: _Static, scale: float, bm: int, bn: int
     s_kvb = st.kv.stride(0) if st.kv is not None else 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     delta = (do.float() * out.float()).sum(dim=-1).transpose(1, 2).reshape(-1).contiguous()  # [B*H*S]
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    k, v = kvo.k, kvo.v
+    dk = torch.zeros(q.shape, dtype=k.dtype, device=q.device)  # caller order, whatever K/V's layout
+    dv = torch.zeros(q.shape, dtype=v.dtype, device=q.device)
     G = st.num_groups
     if st.max_sub_len and pk.num_tiles:
         _dkdv_kernel[(triton.cdiv(st.max_sub_len, bn), B * H * G)](
             q, k, v, do, dk, dv, lse, delta, pk.rows, st.krows, pk.tile_first, pk.tile_count, st.span, kv, scale,
             *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), s_kvb, H, S, G,
             HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, SUB_M=min(bm, _DKDV_SUB_M),
-            num_warps=_NUM_WARPS,
+            KV_KERNEL_ORDER=kvo.kernel_order, num_warps=_NUM_WARPS,
         )  # fmt: skip
     dq = torch.zeros(B * H * S + 1, D, dtype=torch.float32, device=q.device)
-    kv_tma = _kv_tma(st, k, v)
     for t0, t1, _, _ in kb.chunks(pk):
         n = t1 - t0
         dqp = torch.empty(n * bm, D, dtype=torch.float32, device=q.device)
         _dq_kernel[(n,)](
-            q, k, v, do, dqp, lse, delta, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, st.kstart, kv,
-            scale, t0, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), s_kvb, H, S,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kv_tma,
+            q, k, v, do, dqp, lse, delta, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, kvo.start, kv,
+            scale, t0, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), s_kvb, H, S, k.shape[1],
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kvo.tma,
             num_warps=_NUM_WARPS,
         )  # fmt: skip
         tgt = pk.targets(t0, t1)
@@ -451,15 +490,17 @@ def _backward(do, q, k, v, out, lse, st: _Static, scale: float, bm: int, bn: int
 class _KeyBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, st, scale, bm, bn):
-        out, lse = _forward(q, k, v, st, scale, bm, bn)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, kvo = _forward(q, k, v, st, scale, bm, bn)
+        ctx.save_for_backward(q, kvo.k, kvo.v, out, lse)  # the group-major copy, where one was made
         ctx.st, ctx.scale, ctx.bm, ctx.bn = st, scale, bm, bn
+        ctx.kv_meta = (kvo.start, kvo.tma, kvo.kernel_order)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(_contig(grad_out), q, k, v, out, lse, ctx.st, ctx.scale, ctx.bm, ctx.bn)
+        kvo = _KV(k, v, *ctx.kv_meta)
+        dq, dk, dv = _backward(_contig(grad_out), q, kvo, out, lse, ctx.st, ctx.scale, ctx.bm, ctx.bn)
         return dq, dk, dv, None, None, None, None
 
 
