@@ -477,6 +477,7 @@ def markdown(rep: dict) -> str:
         def figures(r: dict) -> tuple:
             return (r["registers"], r["spill_store_bytes"], [lp["instructions_per_tile"] for lp in r["loops"]])
 
+        changed = 0
         for r in before["results"]:
             if "error" in r:
                 continue
@@ -486,10 +487,13 @@ def markdown(rep: dict) -> str:
             if after is not None and figures(after) == figures(r):
                 continue
             mark = "*" if after is not None else "-"
+            changed += 1
             lines.append(
                 f"| {r['kernel']} | {r['variant']}{mark} | {r['config']} | {r['registers']} | {r['spill_store_bytes']} | "
                 f"{loops} | {loads} |"
             )
+        if not changed:
+            lines[-2:] = ["Every row of that run compiles to the same registers, spills and loops now."]
     return "\n".join(lines) + "\n"
 
 
