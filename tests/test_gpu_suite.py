@@ -24,7 +24,7 @@ def test_dry_run_writes_every_stage_with_pass_fields(tmp_path):
     names = [s["name"] for s in on_disk["stages"]]
     assert names == [s.name for s in gpu_suite.STAGES]
     by = {s["name"]: s for s in on_disk["stages"]}
-    for name in ("environment", "correctness", "attention-wan-1.3b", "step-wan-1.3b"):
+    for name in ("environment", "correctness", "attention-wan-1.3b", "step-wan-1.3b", "vmoba-wan-1.3b"):
         assert by[name]["status"] == "done", by[name]
         assert by[name]["pass"] is True, by[name]
     assert by["attention-wan-14b"]["status"] == "skipped" and "dry run" in by["attention-wan-14b"]["reason"]
@@ -41,16 +41,29 @@ def test_dry_run_writes_every_stage_with_pass_fields(tmp_path):
         0 <= c[f"kernel_order_{n}_err"] <= c["tol"] * gpu_suite.GRAD_SLACK for c in vmoba for n in ("dq", "dk", "dv")
     )
     assert all(0 <= c["kernel_order_out_err"] <= c["tol"] for c in vmoba)
+    # ... and on the key-block-major path, every partition (TMA from the caller's K/V or the copy).
+    for c in vmoba:
+        for layer in gpu_suite.KEY_BLOCK_LAYERS:
+            assert 0 <= c[f"keyblock_l{layer}_out_err"] <= c["tol"]
+            assert all(0 <= c[f"keyblock_l{layer}_{n}_err"] <= c["grad_tol"] for n in ("dq", "dk", "dv"))
     att = by["attention-wan-1.3b"]["cases"]
     timed = {(c["plan"], c["backend"], c["direction"]) for c in att if c.get("ms")}
     assert {("dense", "sdpa", "fwd"), ("dense", "triton", "fwd+bwd"), ("radial", "flex", "fwd")} <= timed
     flex = next(c for c in att if c["backend"] == "flex" and c["plan"] == "radial" and c.get("ms"))
     assert flex["err_vs_triton"] < 1e-2  # the identical plan
+    kb = by["vmoba-wan-1.3b"]["cases"]
+    got = {(c["partition"], c["source"], c["direction"]) for c in kb if c.get("ms")}
+    assert got == {(p, s, d) for _, p in gpu_suite.VMOBA_PARTITIONS for s, _ in gpu_suite.VMOBA_SOURCES
+                   for d in ("fwd", "fwd+bwd")}  # fmt: skip
+    gathered = [c for c in kb if c["source"] == "gather"]
+    assert all(c["tma_speedup"] > 0 for c in gathered)
+    assert all(c["err_vs_tma"] < 1e-2 for c in gathered if c["direction"] == "fwd")
     step = by["step-wan-1.3b"]["cases"]
     assert step[0]["pattern"] == "dense" and step[1]["pattern"] == "radial" and step[1]["finite"]
     assert doc["stages"][-1]["name"] == names[-1]
     md = gpu_suite.write_markdown(tmp_path / gpu_suite.JSON_NAME).read_text()
     assert "DRY RUN" in md and "## correctness" in md and "| radial | triton | fwd |" in md
+    assert "| spatial | gather | fwd+bwd |" in md and "VMoBA spatial fwd: descriptors" in md
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

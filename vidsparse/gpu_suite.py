@@ -26,6 +26,9 @@ Stages, in order (``STAGES``):
   random bf16 weights), dense vs radial and tile at the family defaults (each forward in the
   plans' kernel order), and radial on the per-layer gather path (``kernel_order`` False) for the
   A/B; outputs compared to dense.
+- ``vmoba-wan-1.3b``: VMoBA's default path (key-block-major kernels) at Wan2.1-1.3B 480p on the
+  temporal and spatial partitions, K/V by tensor descriptor (the spatial one from a group-major
+  copy made per call) vs row gathers (``VIDSPARSE_TRITON_TMA=0``), forward and forward+backward.
 - ``attention-hunyuan``: HunyuanVideo 720p shapes, only if budget remains.
 
 ``render_markdown`` turns the JSON into ``gpu_suite.md``: versions, tables, and the issue's
@@ -200,17 +203,23 @@ def time_ms(fn: Callable[[], object], ctx: Ctx, warmup: int, repeats: int) -> fl
 
 
 @contextlib.contextmanager
-def autotune_setting(on: bool):
-    """VIDSPARSE_TRITON_AUTOTUNE for the duration (the kernels read it on every launch)."""
-    saved = os.environ.get("VIDSPARSE_TRITON_AUTOTUNE")
-    os.environ["VIDSPARSE_TRITON_AUTOTUNE"] = "1" if on else "0"
+def env_setting(name: str, value: str):
+    """Environment variable ``name`` = ``value`` for the duration (the kernels read their
+    switches, e.g. VIDSPARSE_TRITON_AUTOTUNE and VIDSPARSE_TRITON_TMA, on every launch)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("VIDSPARSE_TRITON_AUTOTUNE", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["VIDSPARSE_TRITON_AUTOTUNE"] = saved
+            os.environ[name] = saved
+
+
+def autotune_setting(on: bool):
+    """VIDSPARSE_TRITON_AUTOTUNE on or off for the duration."""
+    return env_setting("VIDSPARSE_TRITON_AUTOTUNE", "1" if on else "0")
 
 
 def guard_recompiles(limit: int = 256) -> dict[str, Any]:
@@ -385,6 +394,9 @@ def stage_correctness(ctx: Ctx) -> dict[str, Any]:
                         if plan.query_select is not None:
                             case["pass"] = _check_kernel_order_selection(case, q, k, v, g, plan, text_mask, ref,
                                                                          leaves if grads else None, tol) and case["pass"]  # fmt: skip
+                        if plan.group_spans is not None:
+                            case["pass"] = _check_key_block(case, q, k, v, g, pattern, layout, heads, bs, text_mask,
+                                                            grads, tol, ctx) and case["pass"]  # fmt: skip
                         case["status"] = "done"
                     except Exception as exc:
                         case.update(status="failed", error=_short(exc))
@@ -418,6 +430,37 @@ def _check_kernel_order_selection(case, q, k, v, g, plan, text_mask, ref, leaves
             case[f"kernel_order_d{n}_err"] = rel_err(a.grad, b.grad)
             ok = ok and case[f"kernel_order_d{n}_err"] <= tol * GRAD_SLACK
     return ok and case["query_select_layout"] == "group-major"
+
+
+KEY_BLOCK_LAYERS = (0, 1, 2)  # VMoBA's temporal, spatial, spatio-temporal partitions (layer % 3)
+
+
+def _check_key_block(case, q, k, v, g, pattern, layout, heads, bs, text_mask, grads, tol, ctx) -> bool:
+    """The key-block-major kernels (VMoBA's default path, ``vidsparse.kernels.keyblock``) on each
+    partition: the temporal one reads the caller's K/V by tensor descriptor, the spatial and
+    spatio-temporal ones a group-major copy (``VIDSPARSE_TRITON_TMA=0``: row gathers), against
+    the exact reference of that layer's plan. Records ``keyblock_l{layer}_*`` errors; True if
+    within tol."""
+    import vidsparse as vs
+    from vidsparse.kernels import keyblock
+
+    ok = True
+    for layer in KEY_BLOCK_LAYERS:
+        plan = vs.plan(pattern, layout, num_heads=heads, layer=layer, device=ctx.device, q=q.detach(),
+                       k=k.detach(), block_size=bs)  # fmt: skip
+        ins = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
+        out = keyblock.attention(*ins, plan, text_mask=text_mask, backend="triton")
+        ref, leaves = _reference(*ins, plan, text_mask, dense=False)
+        key = f"keyblock_l{layer}"
+        case[f"{key}_out_err"] = rel_err(out, ref)
+        ok = ok and case[f"{key}_out_err"] <= tol
+        if grads:
+            out.backward(g)
+            ref.backward(g.float())
+            for n, a, b in zip("qkv", ins, leaves):
+                case[f"{key}_d{n}_err"] = rel_err(a.grad, b.grad)
+                ok = ok and case[f"{key}_d{n}_err"] <= tol * GRAD_SLACK
+    return ok
 
 
 def _reference_mask(layout, text_mask: torch.Tensor) -> torch.Tensor:
@@ -659,6 +702,89 @@ def _attention_stage(shape_name: str) -> Callable[[Ctx], dict[str, Any]]:
     return run
 
 
+# -- stage: VMoBA's key-block-major kernels ------------------------------------------------
+
+VMOBA_PARTITIONS = ((0, "temporal"), (1, "spatial"))
+VMOBA_SOURCES = (("tma", "1"), ("gather", "0"))  # (label, VIDSPARSE_TRITON_TMA)
+
+
+def _sdpa_ms(ctx: Ctx, stage: str) -> dict[str, float]:
+    """SDPA's median ms per direction from an earlier stage of this run (same shape), if any."""
+    for st in ctx.record.doc["stages"]:
+        if st["name"] == stage:
+            return {c["direction"]: c["ms"] for c in st.get("cases", []) if c.get("backend") == "sdpa" and c.get("ms")}
+    return {}
+
+
+def stage_vmoba_keyblock(ctx: Ctx) -> dict[str, Any]:
+    """VMoBA's default path (per-query selection, key-block-major kernels) at Wan2.1-1.3B 480p,
+    forward and forward+backward, on the temporal partition (groups are runs of caller rows:
+    K/V by descriptor straight from the caller's tensors) and the spatial one (boxes of the
+    grid: a group-major copy of K/V per call, then descriptors), each against the row gather of
+    ``VIDSPARSE_TRITON_TMA=0``: the A/B that says whether the copy pays for itself."""
+    import vidsparse as vs
+    from vidsparse.kernels import keyblock
+
+    shape = TIMING_SHAPES["tiny" if ctx.dry_run else "wan-1.3b"]
+    layout = shape.layout()
+    dtype = torch.float16 if ctx.dry_run else torch.bfloat16
+    bs = 16 if ctx.dry_run else 128
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    dims = (1, layout.seq_len, shape.heads, shape.head_dim)
+    q, k, v, g = (_randn(dims, ctx.device, dtype, gen) for _ in range(4))
+    pattern = _pattern_for("vmoba", layout, ctx.dry_run)
+    sdpa = _sdpa_ms(ctx, f"attention-{shape.name}")
+    ctx.entry["info"] = {"shape": shape.name, "grid": list(shape.grid), "heads": shape.heads,
+                         "head_dim": shape.head_dim, "dtype": str(dtype).replace("torch.", ""), "block": bs}  # fmt: skip
+    ok = True
+    for layer, partition in VMOBA_PARTITIONS:
+        ctx.need(3.0 if ctx.dry_run else 10.0, f"vmoba plan layer {layer}")
+        t0 = time.perf_counter()
+        plan = vs.plan(pattern, layout, num_heads=shape.heads, layer=layer, device=ctx.device, q=q, k=k, block_size=bs)
+        ctx.sync()
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        dense_pairs = float(layout.seq_len) ** 2 * shape.heads
+        pairs = float(keyblock.computed_pairs(plan).sum())
+        for direction in ("fwd", "fwd+bwd"):
+            grad = g if direction == "fwd+bwd" else None
+            flops = 4.0 * pairs * shape.head_dim * (2.5 if grad is not None else 1.0)
+            times: dict[str, float] = {}
+            outs: dict[str, torch.Tensor] = {}
+            for source, tma in VMOBA_SOURCES:
+                ctx.need(3.0 if ctx.dry_run else 15.0, f"vmoba {partition} {source} {direction}")
+                case: dict[str, Any] = {"partition": partition, "layer": layer, "source": source,
+                                        "direction": direction, "work": pairs / dense_pairs, "plan_ms": plan_ms,
+                                        "flops": flops}  # fmt: skip
+                try:
+                    with env_setting("VIDSPARSE_TRITON_TMA", tma):
+                        leaves = tuple(t.detach().requires_grad_(grad is not None) for t in (q, k, v))
+                        fwd = lambda lv=leaves, p=plan: keyblock.attention(*lv, p, backend="triton")  # noqa: E731
+                        first, ms = _time_case(ctx, _step_fn(fwd, leaves, grad))
+                        if grad is None:
+                            with torch.no_grad():
+                                outs[source] = fwd()
+                    times[source] = ms
+                    case.update(ms=ms, first_ms=first, tflops=flops / ms / 1e9)
+                    if direction in sdpa:
+                        case["speedup_vs_sdpa"] = sdpa[direction] / ms
+                    if source != VMOBA_SOURCES[0][0] and VMOBA_SOURCES[0][0] in times:
+                        case["tma_speedup"] = ms / times[VMOBA_SOURCES[0][0]]
+                    if len(outs) == 2:
+                        case["err_vs_tma"] = rel_err(outs[source], outs[VMOBA_SOURCES[0][0]])
+                        case["pass"] = case["err_vs_tma"] <= TOLERANCE[dtype]
+                        ok = ok and case["pass"]
+                except Exception as exc:
+                    case.update(error=_short(exc), **{"pass": False})
+                    ok = False
+                ctx.add(case)
+                ctx.log(f"  vmoba {partition} {source} {direction}: {case.get('ms', float('nan')):.3f} ms")
+            outs.clear()
+            _free(ctx.device)
+        plan = None
+        _free(ctx.device)
+    return {"pass": ok}
+
+
 # -- stage: one denoising step -------------------------------------------------------------
 
 
@@ -768,9 +894,10 @@ def _est(dry: float, gpu: float) -> Callable[[Ctx], float]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("environment", stage_environment, _est(2, 5), "versions, device, natten kernels"),
-    Stage("correctness", stage_correctness, _est(60, 120), "compiled kernels vs SDPA / exact reference"),
+    Stage("correctness", stage_correctness, _est(60, 140), "compiled kernels vs SDPA / exact reference"),
     Stage("attention-wan-1.3b", _attention_stage("wan-1.3b"), _est(60, 150), "one attention call, Wan2.1-1.3B 480p"),
     Stage("step-wan-1.3b", stage_step, _est(40, 90), "one Wan2.1-1.3B forward, dense vs radial/tile"),
+    Stage("vmoba-wan-1.3b", stage_vmoba_keyblock, _est(30, 70), "VMoBA key-block kernels, TMA (copy) vs gather"),
     Stage("attention-wan-14b", _attention_stage("wan-14b"), _est(10, 170), "one attention call, Wan2.1-14B 720p"),
     Stage("attention-hunyuan", _attention_stage("hunyuan"), _est(10, 170), "HunyuanVideo 720p (if budget remains)"),
 )
@@ -881,6 +1008,13 @@ def _targets(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
                 rows.append((f"{shape} {c['direction']} {c['plan']} >= {TARGET_VS_FLEX}x compiled Flex",
                              f"{c['triton_speedup']:.2f}x", _verdict(c["triton_speedup"], TARGET_VS_FLEX)))  # fmt: skip
     for st in doc["stages"]:
+        if not st["name"].startswith("vmoba-"):
+            continue
+        for c in st.get("cases", []):
+            if c.get("tma_speedup") is not None:
+                rows.append((f"VMoBA {c['partition']} {c['direction']}: descriptors (copy where needed) >= 1.0x "
+                             "row gather", f"{c['tma_speedup']:.2f}x", _verdict(c["tma_speedup"], 1.0)))  # fmt: skip
+    for st in doc["stages"]:
         if st["name"] != "step-wan-1.3b":
             continue
         for c in st.get("cases", []):
@@ -922,11 +1056,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"## {st['name']}", ""]
         if st["name"] == "correctness":
             lines += ["| shape | dtype | pattern | density | out err | dq / dk / dv err | kernel order: out; dq / dk / dv "
-                      "| tol | pass |", "|---|---|---|---:|---:|---|---|---:|---|"]  # fmt: skip
+                      "| key-block, worst of out/dq/dk/dv: temporal / spatial / st | tol | pass |",
+                      "|---|---|---|---:|---:|---|---|---|---:|---|"]  # fmt: skip
             for c in cases:
                 if c.get("status") == "skipped":
                     lines.append(
-                        f"| {c['shape']} | {c['dtype']} | {c['pattern']} | - | - | - | - | - | skipped: {c['reason'][:80]} |"
+                        f"| {c['shape']} | {c['dtype']} | {c['pattern']} | - | - | - | - | - | - | skipped: {c['reason'][:80]} |"
                     )
                     continue
                 gr = " / ".join(_fmt(c.get(f"d{n}_err"), ".1e") for n in "qkv") if "dq_err" in c else "-"
@@ -935,8 +1070,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
                     ko = _fmt(c["kernel_order_out_err"], ".1e")
                     if "kernel_order_dq_err" in c:
                         ko += "; " + " / ".join(_fmt(c.get(f"kernel_order_d{n}_err"), ".1e") for n in "qkv")
+                kb = "-"
+                if "keyblock_l0_out_err" in c:  # VMoBA's default path, per partition
+                    kb = " / ".join(
+                        _fmt(max(v for key, v in c.items() if key.startswith(f"keyblock_l{layer}_")), ".1e")
+                        for layer in KEY_BLOCK_LAYERS
+                    )
                 lines.append(f"| {c['shape']} | {c['dtype']} | {c['pattern']} | {_fmt(c.get('density'), '.2f')} | "
-                             f"{_fmt(c.get('out_err'), '.1e')} | {gr} | {ko} | {_fmt(c.get('tol'), '.0e')} | "
+                             f"{_fmt(c.get('out_err'), '.1e')} | {gr} | {ko} | {kb} | {_fmt(c.get('tol'), '.0e')} | "
                              f"{c.get('pass')}{' ' + c['error'][:80] if c.get('error') else ''} |")  # fmt: skip
         elif st["name"].startswith("attention-"):
             lines += ["| plan | backend | direction | density | ms | TFLOP/s | vs SDPA | triton vs this | first call ms | note |",
@@ -949,6 +1090,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
                              f"{_fmt(c.get('density'), '.3f')} | {_fmt(c.get('ms'), '.3f')} | {_fmt(c.get('tflops'), '.1f')} | "
                              f"{_fmt(c.get('speedup_vs_sdpa'), '.2f')} | {_fmt(c.get('triton_speedup'), '.2f')} | "
                              f"{_fmt(c.get('first_ms'), '.0f')} | {note[:100]} |")  # fmt: skip
+        elif st["name"].startswith("vmoba-"):
+            lines += ["| partition | K/V source | direction | work | ms | TFLOP/s | vs SDPA | gather / tma | err vs tma | note |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+            for c in cases:
+                lines.append(f"| {c.get('partition')} | {c.get('source')} | {c.get('direction')} | "
+                             f"{_fmt(c.get('work'), '.3f')} | {_fmt(c.get('ms'), '.3f')} | {_fmt(c.get('tflops'), '.1f')} | "
+                             f"{_fmt(c.get('speedup_vs_sdpa'), '.2f')} | {_fmt(c.get('tma_speedup'), '.2f')} | "
+                             f"{_fmt(c.get('err_vs_tma'), '.1e')} | {(c.get('error') or '')[:100]} |")  # fmt: skip
         elif st["name"].startswith("step-"):
             lines += ["| pattern | block density | ms / forward | ms / step | speedup | rel err vs dense | cosine | note |",
                       "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
