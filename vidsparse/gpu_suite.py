@@ -1029,6 +1029,23 @@ def _verdict(got: float, want: float) -> str:
     return "met" if got >= want else f"missed by {100 * (1 - got / want):.0f} %"
 
 
+Column = tuple[str, "str | Callable[[dict[str, Any]], str]", "str | None"]
+
+
+def _table(cases: list[dict[str, Any]], columns: list[Column]) -> list[str]:
+    """Markdown rows of ``cases``. A column is (title, case key or cell function, format spec):
+    a spec formats a number (``-`` when absent) in a right-aligned column; no spec, text."""
+
+    def cell(c: dict[str, Any], what, spec: str | None) -> str:
+        if callable(what):
+            return what(c)
+        return _fmt(c.get(what), spec) if spec else str(c.get(what, "-"))
+
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "|".join("---:" if spec else "---" for _, _, spec in columns) + "|"]  # fmt: skip
+    return lines + ["| " + " | ".join(cell(c, what, spec) for _, what, spec in columns) + " |" for c in cases]
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     """Markdown of a gpu_suite.json document: environment, each stage's table, the targets."""
     env = next((s.get("info", {}) for s in doc["stages"] if s["name"] == "environment"), {})
@@ -1080,32 +1097,28 @@ def render_markdown(doc: dict[str, Any]) -> str:
                              f"{_fmt(c.get('out_err'), '.1e')} | {gr} | {ko} | {kb} | {_fmt(c.get('tol'), '.0e')} | "
                              f"{c.get('pass')}{' ' + c['error'][:80] if c.get('error') else ''} |")  # fmt: skip
         elif st["name"].startswith("attention-"):
-            lines += ["| plan | backend | direction | density | ms | TFLOP/s | vs SDPA | triton vs this | first call ms | note |",
-                      "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-            for c in cases:
-                note = c.get("error") or c.get("kernel") or ""
+
+            def note(c: dict[str, Any]) -> str:
                 if c.get("err_vs_triton") is not None:
-                    note = f"err vs triton {c['err_vs_triton']:.1e}"
-                lines.append(f"| {c.get('plan')} | {c.get('backend')} | {c.get('direction', '-')} | "
-                             f"{_fmt(c.get('density'), '.3f')} | {_fmt(c.get('ms'), '.3f')} | {_fmt(c.get('tflops'), '.1f')} | "
-                             f"{_fmt(c.get('speedup_vs_sdpa'), '.2f')} | {_fmt(c.get('triton_speedup'), '.2f')} | "
-                             f"{_fmt(c.get('first_ms'), '.0f')} | {note[:100]} |")  # fmt: skip
+                    return f"err vs triton {c['err_vs_triton']:.1e}"
+                return (c.get("error") or c.get("kernel") or "")[:100]
+
+            lines += _table(cases, [("plan", "plan", None), ("backend", "backend", None), ("direction", "direction", None),
+                                    ("density", "density", ".3f"), ("ms", "ms", ".3f"), ("TFLOP/s", "tflops", ".1f"),
+                                    ("vs SDPA", "speedup_vs_sdpa", ".2f"), ("triton vs this", "triton_speedup", ".2f"),
+                                    ("first call ms", "first_ms", ".0f"), ("note", note, None)])  # fmt: skip
         elif st["name"].startswith("vmoba-"):
-            lines += ["| partition | K/V source | direction | work | ms | TFLOP/s | vs SDPA | gather / tma | err vs tma | note |",
-                      "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-            for c in cases:
-                lines.append(f"| {c.get('partition')} | {c.get('source')} | {c.get('direction')} | "
-                             f"{_fmt(c.get('work'), '.3f')} | {_fmt(c.get('ms'), '.3f')} | {_fmt(c.get('tflops'), '.1f')} | "
-                             f"{_fmt(c.get('speedup_vs_sdpa'), '.2f')} | {_fmt(c.get('tma_speedup'), '.2f')} | "
-                             f"{_fmt(c.get('err_vs_tma'), '.1e')} | {(c.get('error') or '')[:100]} |")  # fmt: skip
+            lines += _table(cases, [("partition", "partition", None), ("K/V source", "source", None),
+                                    ("direction", "direction", None), ("work", "work", ".3f"), ("ms", "ms", ".3f"),
+                                    ("TFLOP/s", "tflops", ".1f"), ("vs SDPA", "speedup_vs_sdpa", ".2f"),
+                                    ("gather / tma", "tma_speedup", ".2f"), ("err vs tma", "err_vs_tma", ".1e"),
+                                    ("note", lambda c: (c.get("error") or "")[:100], None)])  # fmt: skip
         elif st["name"].startswith("step-"):
-            lines += ["| pattern | block density | ms / forward | ms / step | speedup | rel err vs dense | cosine | note |",
-                      "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-            for c in cases:
-                lines.append(f"| {c['pattern']} | {_fmt(c.get('block_density'), '.3f')} | {_fmt(c.get('forward_ms'), '.1f')} | "
-                             f"{_fmt(c.get('step_ms'), '.1f')} | {_fmt(c.get('speedup'), '.2f')} | "
-                             f"{_fmt(c.get('rel_err_vs_dense'), '.2e')} | {_fmt(c.get('cosine_vs_dense'), '.4f')} | "
-                             f"{(c.get('error') or c.get('resolved') or '')[:100]} |")  # fmt: skip
+            lines += _table(cases, [("pattern", "pattern", None), ("block density", "block_density", ".3f"),
+                                    ("ms / forward", "forward_ms", ".1f"), ("ms / step", "step_ms", ".1f"),
+                                    ("speedup", "speedup", ".2f"), ("rel err vs dense", "rel_err_vs_dense", ".2e"),
+                                    ("cosine", "cosine_vs_dense", ".4f"),
+                                    ("note", lambda c: (c.get("error") or c.get("resolved") or "")[:100], None)])  # fmt: skip
     targets = _targets(doc)
     lines += ["", "## Targets (issue 10)", ""]
     if doc.get("dry_run"):
