@@ -744,7 +744,8 @@ def stage_vmoba_keyblock(ctx: Ctx) -> dict[str, Any]:
         ctx.sync()
         plan_ms = (time.perf_counter() - t0) * 1e3
         dense_pairs = float(layout.seq_len) ** 2 * shape.heads
-        pairs = float(keyblock.computed_pairs(plan).sum())
+        tiles = (16, 16) if ctx.dry_run else (keyblock.DEFAULT_BLOCK_M, keyblock.DEFAULT_BLOCK_N)  # the launch's
+        pairs = float(keyblock.computed_pairs(plan, *tiles).sum())
         for direction in ("fwd", "fwd+bwd"):
             grad = g if direction == "fwd+bwd" else None
             flops = 4.0 * pairs * shape.head_dim * (2.5 if grad is not None else 1.0)
