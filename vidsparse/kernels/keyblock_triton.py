@@ -418,12 +418,13 @@ def _kv_operands(st: _Static, k: torch.Tensor, v: torch.Tensor) -> _KV:
             tk._ensure_allocator()
             return _KV(k, v, st.kstart, True, False)
         return _KV(k, v, st.kstart, False, False)
-    rows = st.krows.clamp_min(0).long()  # caller row of each kernel row (padding: row 0, masked)
-    kc, vc = k.index_select(1, rows), v.index_select(1, rows)
-    if not (tk._tma_ok(kc) and tk._tma_ok(vc)):  # e.g. H·D·itemsize not a multiple of 16 bytes
+    B, _, H, D = k.shape
+    copy_shape = torch.empty((B, st.krows.numel(), H, D), dtype=k.dtype, device="meta")  # fresh, contiguous
+    if not tk._tma_ok(copy_shape):  # e.g. H·D·itemsize not a multiple of 16 bytes: no copy either
         return _KV(k, v, st.kstart, False, False)
+    rows = st.krows.clamp_min(0).long()  # caller row of each kernel row (padding: row 0, masked)
     tk._ensure_allocator()
-    return _KV(kc, vc, st.span[:, 0].contiguous(), True, True)
+    return _KV(k.index_select(1, rows), v.index_select(1, rows), st.span[:, 0].contiguous(), True, True)
 
 
 def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
