@@ -394,9 +394,9 @@ def stage_correctness(ctx: Ctx) -> dict[str, Any]:
                         if plan.query_select is not None:
                             case["pass"] = _check_kernel_order_selection(case, q, k, v, g, plan, text_mask, ref,
                                                                          leaves if grads else None, tol) and case["pass"]  # fmt: skip
-                        if plan.group_spans is not None:
-                            case["pass"] = _check_key_block(case, q, k, v, g, pattern, layout, heads, bs, text_mask,
-                                                            grads, tol, ctx) and case["pass"]  # fmt: skip
+                        if plan.group_spans is not None:  # layer 0's plan and reference are this case's
+                            case["pass"] = _check_key_block(case, q, k, v, g, pattern, text_mask, grads, tol, ctx,
+                                                            (plan, ref, leaves)) and case["pass"]  # fmt: skip
                         case["status"] = "done"
                     except Exception as exc:
                         case.update(status="failed", error=_short(exc))
@@ -435,28 +435,34 @@ def _check_kernel_order_selection(case, q, k, v, g, plan, text_mask, ref, leaves
 KEY_BLOCK_LAYERS = (0, 1, 2)  # VMoBA's temporal, spatial, spatio-temporal partitions (layer % 3)
 
 
-def _check_key_block(case, q, k, v, g, pattern, layout, heads, bs, text_mask, grads, tol, ctx) -> bool:
+def _check_key_block(case, q, k, v, g, pattern, text_mask, grads, tol, ctx, layer0) -> bool:
     """The key-block-major kernels (VMoBA's default path, ``vidsparse.kernels.keyblock``) on each
     partition: the temporal one reads the caller's K/V by tensor descriptor, the spatial and
     spatio-temporal ones a group-major copy (``VIDSPARSE_TRITON_TMA=0``: row gathers), against
-    the exact reference of that layer's plan. Records ``keyblock_l{layer}_*`` errors; True if
-    within tol."""
+    the exact reference of that layer's plan. ``layer0``: (plan, reference output, reference
+    leaves with their gradients) of the case, planned at layer 0. Records
+    ``keyblock_l{layer}_*`` errors; True if within tol."""
     import vidsparse as vs
     from vidsparse.kernels import keyblock
 
+    base = layer0[0]
     ok = True
     for layer in KEY_BLOCK_LAYERS:
-        plan = vs.plan(pattern, layout, num_heads=heads, layer=layer, device=ctx.device, q=q.detach(),
-                       k=k.detach(), block_size=bs)  # fmt: skip
+        if layer == 0:
+            plan, ref, leaves = layer0
+        else:
+            plan = vs.plan(pattern, base.layout, num_heads=q.shape[2], layer=layer, device=ctx.device,
+                           q=q.detach(), k=k.detach(), block_size=base.block_size)  # fmt: skip
+            ref, leaves = _reference(q, k, v, plan, text_mask, dense=False)
         ins = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
         out = keyblock.attention(*ins, plan, text_mask=text_mask, backend="triton")
-        ref, leaves = _reference(*ins, plan, text_mask, dense=False)
         key = f"keyblock_l{layer}"
         case[f"{key}_out_err"] = rel_err(out, ref)
         ok = ok and case[f"{key}_out_err"] <= tol
         if grads:
             out.backward(g)
-            ref.backward(g.float())
+            if layer != 0:
+                ref.backward(g.float())
             for n, a, b in zip("qkv", ins, leaves):
                 case[f"{key}_d{n}_err"] = rel_err(a.grad, b.grad)
                 ok = ok and case[f"{key}_d{n}_err"] <= tol * GRAD_SLACK
