@@ -15,8 +15,9 @@ Stages, in order (``STAGES``):
   torch reference (every other registered pattern) on the *same* plan: forward of every
   pattern, dq/dk/dv of radial, tile and vmoba; bf16 and fp16; a small shape and a real one
   (Wan2.1-1.3B's 480p grid with 2 heads). Relative L2 error against an fp32 reference. VMoBA
-  (per-query selection) runs twice: caller order (row gather) and kernel order (TMA tiles), both
-  reading the group-major selection; the case records its layout.
+  (per-query selection) runs on the query-tile path twice, caller order (row gather) and kernel
+  order (TMA tiles), both reading the group-major selection (the case records its layout), and
+  on its default key-block-major path at each of its three partitions.
 - ``attention-wan-1.3b``, ``attention-wan-14b``: one attention call at the models' shapes:
   Triton vs SDPA (best fused kernel) vs compiled FlexAttention on the identical plan, forward
   and forward+backward, for dense, radial, tile and a 25 % random block plan. Flex compiles
