@@ -102,6 +102,12 @@ def test_torch_path_equals_masked_attention_with_gradients(layout):
             torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
+def assert_grads_close(got, want, names: str = "qkv") -> None:
+    """Triton-path gradients against the float64 oracle's, named in the failure message."""
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def _triton_or_skip(q):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed")
@@ -128,8 +134,7 @@ def test_triton_path_forward_and_backward_equal_masked_attention(layout, layer):
     g = torch.randn_like(out)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     want = torch.autograd.grad((ref * g.double()).sum(), (q, k, v))
-    for a, b in zip(grads, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4)
+    assert_grads_close(grads, want)
 
 
 @pytest.mark.parametrize("scale,block_n", [(None, 16), (-0.3, 32)])
@@ -166,8 +171,7 @@ def test_triton_temporal_layer_reads_keys_by_tma_and_equals_masked_attention(mon
         )
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
         grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), (q, k, v))
-        for name, a, b in zip("qkv", grads, want):
-            torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+        assert_grads_close(grads, want)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
@@ -204,8 +208,7 @@ def test_triton_box_partitions_read_a_group_major_copy_by_tma(monkeypatch, layer
         out = keyblock.attention(q, k, v, plan, text_mask=tm, backend="triton", block_m=16, block_n=16)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
         grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), (q, k, v))
-        for name, a, b in zip("qkv", grads, want):
-            torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+        assert_grads_close(grads, want)
 
 
 def test_triton_dkdv_sub_steps_equal_whole_tiles(monkeypatch):
@@ -224,8 +227,7 @@ def test_triton_dkdv_sub_steps_equal_whole_tiles(monkeypatch):
     g = torch.randn_like(out)
     got = torch.autograd.grad((out * g).sum(), (k, v))
     want = torch.autograd.grad((ref * g.double()).sum(), (k, v))
-    for name, a, b in zip("kv", got, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+    assert_grads_close(got, want, "kv")
 
 
 def test_chunked_partials_equal_one_chunk(monkeypatch):

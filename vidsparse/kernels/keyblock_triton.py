@@ -411,17 +411,18 @@ def _kv_operands(st: _Static, k: torch.Tensor, v: torch.Tensor) -> _KV:
     against the forward's per-tile row gathers of the same keys from every query tile that
     reads them), so that every group is one run and TMA applies; the backward reuses it.
     Without TMA (pre-Hopper, ``VIDSPARSE_TRITON_TMA=0``) the kernels gather caller rows."""
+    gather = _KV(k, v, st.kstart, False, False)
     if not tk.tma_enabled(k.device):
-        return _KV(k, v, st.kstart, False, False)
+        return gather
     if st.contiguous:
-        if tk._tma_ok(k) and tk._tma_ok(v):
-            tk._ensure_allocator()
-            return _KV(k, v, st.kstart, True, False)
-        return _KV(k, v, st.kstart, False, False)
+        if not (tk._tma_ok(k) and tk._tma_ok(v)):
+            return gather
+        tk._ensure_allocator()
+        return _KV(k, v, st.kstart, True, False)
     B, _, H, D = k.shape
     copy_shape = torch.empty((B, st.krows.numel(), H, D), dtype=k.dtype, device="meta")  # fresh, contiguous
     if not tk._tma_ok(copy_shape):  # e.g. H·D·itemsize not a multiple of 16 bytes: no copy either
-        return _KV(k, v, st.kstart, False, False)
+        return gather
     rows = st.krows.clamp_min(0).long()  # caller row of each kernel row (padding: row 0, masked)
     tk._ensure_allocator()
     return _KV(k.index_select(1, rows), v.index_select(1, rows), st.span[:, 0].contiguous(), True, True)
