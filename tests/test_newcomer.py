@@ -75,12 +75,21 @@ def _wait_for_torch(pid: int, timeout_s: float = 120.0) -> None:
         time.sleep(0.01)
 
 
+def _default_sigint() -> None:
+    """The child's SIGINT as a terminal gives it: a test run started in the background (``pytest &``)
+    ignores SIGINT and its children inherit that, so Ctrl-C would never reach the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see when torch loads")
 @pytest.mark.parametrize("after_s", [0.0, 1.5, 3.0])
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(after_s, tmp_path):
     """SIGINT while torch is being imported (0 s) and later (imports, loading, denoising)."""
     argv = [sys.executable, "-m", "vidsparse", "generate", *SMALL, "--out", str(tmp_path / "v.mp4")]
-    proc = subprocess.Popen(argv, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint,
+    )  # fmt: skip
     _wait_for_torch(proc.pid)
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
