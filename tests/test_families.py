@@ -187,8 +187,6 @@ def test_sparse_patterns_run_and_differ_from_dense(family, name, shared):
 
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
 def test_gna_window_covering_the_grid_equals_unpatched(family, shared):
-    if "gna" not in vs.PATTERNS:
-        pytest.skip("GNA pattern not registered")
     model, inputs, ref = shared(family)
     vs.apply(model, _config(vs.make_pattern("gna", kernel_size=(4, 4, 4))))
     torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-5)

@@ -314,8 +314,6 @@ def test_foreign_processor_is_refused():
 
 
 def test_pattern_that_does_not_fit_the_grid_fails_before_attention():
-    if "gna" not in vs.PATTERNS:
-        pytest.skip("needs the GNA pattern")
     model = tiny_transformer("wan")
     vs.apply(model, _cfg(vs.make_pattern("gna", kernel_size=(9, 3, 3))))
     log = []
