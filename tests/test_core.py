@@ -106,6 +106,9 @@ def test_bad_inputs_are_clear():
     q, k, v = random_qkv(lay)
     with pytest.raises(ValueError, match="does not match the layout"):
         vs.attention(q[:, :-1], k[:, :-1], v[:, :-1], lay, "dense")
+    bhsd = [t.transpose(1, 2) for t in (q, k, v)]  # SDPA's layout by mistake: named, with the fix
+    with pytest.raises(ValueError, match=r"look like \[B, H, S, D\].*q.transpose\(1, 2\)"):
+        vs.attention(*bhsd, lay, "dense")
     with pytest.raises(ValueError, match="same shape"):
         vs.attention(q, k[:, :, :1], v, lay, "dense")
     with pytest.raises(TypeError, match="share a dtype"):

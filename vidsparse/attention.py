@@ -185,6 +185,12 @@ def _check_inputs(q, k, v, layout: VideoLayout, text_mask) -> None:
             raise ValueError(
                 f"q, k, v [B, S, H, D] must have every dimension >= 1, got {dim}={size} (shape {tuple(q.shape)})."
             )
+    if q.shape[1] != layout.seq_len and q.shape[2] == layout.seq_len:
+        raise ValueError(
+            f"q, k, v have shape {tuple(q.shape)}: the layout's {layout.seq_len} tokens ({layout}) are in "
+            "dim 2, so these look like [B, H, S, D] (SDPA's layout); vs.attention takes diffusers' "
+            "[B, S, H, D]. Pass q.transpose(1, 2) (and k, v), and transpose the output back."
+        )
     layout.check_seq_len(q.shape[1])
     if text_mask is not None:
         if not isinstance(text_mask, torch.Tensor):
