@@ -251,6 +251,8 @@ def test_interrupt_during_denoising_writes_nothing(tmp_path, monkeypatch):
         (["--pattern", "tile", "--decay-factor", "0.5"], "does not apply to --pattern tile"),
         (["--dense-first-steps", "1.5"], "fraction must be below 1"),
         (["--device", "cuda:7"], "cuda"),
+        # under the interpreter (how tests run) CPU float32 is fine, bf16 is not
+        (["--backend", "triton", "--dtype", "bf16"], "--backend triton cannot run on cpu (bfloat16)"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_loading(argv, message, tmp_path, monkeypatch, capsys):
@@ -406,6 +408,26 @@ def test_transformer_benchmark_quick_smoke(tmp_path, capsys):
     assert 0 < rows["radial"]["block_density"] < 1 and rows["dense"]["speedup"] == 1.0
     assert "Radial(" in rows["radial"]["resolved"]
     assert (tmp_path / path.name.replace(".json", ".md")).read_text().startswith("# vidsparse transformer benchmark")
+
+
+def test_backend_check_before_loading_names_the_reason_and_the_fix():
+    from vidsparse.generation.options import prepare
+
+    plan = prepare(GenerateOptions(backend="torch", dtype="bfloat16", **SMALL_OPTS))
+    assert plan.sparse_config.backend == "torch"
+    with pytest.raises(ValueError, match=r"Unknown --backend 'tritn'\. Expected one of: auto, torch, flex, triton"):
+        prepare(GenerateOptions(backend="tritn", **SMALL_OPTS))
+    # Without the interpreter, CPU tensors are refused (a fresh process: the flag is read at import).
+    code = (
+        "import torch\nfrom vidsparse.kernels.backends import get_backend\n"
+        "print(get_backend('triton').can_run_on(torch.device('cpu'), torch.float32))\n"
+        "print(get_backend('torch').can_run_on(torch.device('cpu'), torch.bfloat16))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1"), out.stderr
+    assert lines[1] == "None"
 
 
 def test_transformer_benchmark_refuses_without_cuda(capsys):

@@ -223,6 +223,25 @@ def test_gradient_checkpointing_recomputes_the_sparse_pattern():
     assert max((a - b).abs().max() for a, b in zip(g, g_dense)) > 1e-6
 
 
+def test_attention_backend_that_cannot_run_is_refused_before_loading(tmp_path, monkeypatch):
+    import vidsparse.lora.train as train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a backend that cannot run")
+
+    monkeypatch.setattr(train, "load_model", no_loading)
+    out = tmp_path / "o"
+    cfg = TrainConfig(
+        data_dir=str(make_dataset(tmp_path / "data")),
+        output_dir=str(out),
+        **{**FLAGS, "max_train_steps": 1, "attention_backend": "triton", "mixed_precision": "bf16"},
+    )
+    # the tests run Triton's interpreter, which refuses bf16 (bf16 mixed precision: bf16 attention)
+    with pytest.raises(ValueError, match=r"--attention-backend triton cannot run on cpu \(bfloat16\)"):
+        train_lora(cfg)
+    assert not out.exists()
+
+
 def test_train_lora_rejects_bad_targets_and_models(tmp_path, run):
     _, data, _ = run
     cfg = TrainConfig(

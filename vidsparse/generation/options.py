@@ -21,6 +21,7 @@ import torch
 from vidsparse.families import Family
 from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model
 from vidsparse.generation.result import LoraSummary
+from vidsparse.kernels.backends import check_runs_on
 from vidsparse.video_io import check_video_path
 
 DTYPES = {
@@ -486,6 +487,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
             )
     device = _resolve_device(options.device)
     dtype = _resolve_dtype(options.dtype, device)
+    check_runs_on(options.backend, device, dtype, "--backend")  # before loading, not at the first attention
     if options.cpu_offload and device.type != "cuda":
         raise ValueError("--cpu-offload moves weights between CPU and a GPU; it needs --device cuda (CUDA available).")
     fps = options.fps if options.fps is not None else info.grid.fps

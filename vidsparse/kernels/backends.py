@@ -7,7 +7,8 @@ module with ``hasattr``:
 - ``fused``: the module also has ``attention(q, k, v, plan, text_mask=, scale=)`` taking the
   caller's [B, S, H, D] layout (it fuses the permutation, e.g. a registered custom op);
 - ``can_run(q, k, v, plan)``: ``None`` or the reason this backend cannot run these inputs
-  (the module's ``unsupported_reason(q)`` where ``checks_inputs``);
+  (the module's ``unsupported_reason(q)`` where ``checks_inputs``); ``can_run_on(device, dtype)``
+  the part known before any tensor exists (``device_reason``);
 - ``default_block``: the block size ``vidsparse.attention`` plans with when none is given;
 - ``key_block``: it runs key-block-major plans (``plan.group_spans``, per-query VMoBA) by
   ``vidsparse.kernels.keyblock`` with this backend name, computing only the selected rows.
@@ -61,6 +62,13 @@ class Backend:
             return None
         return self.load().unsupported_reason(q)
 
+    def can_run_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """``None`` if this backend may run ``dtype`` tensors on ``device``, else why not: the part of
+        ``can_run`` known before any tensor exists (the module's ``device_reason``)."""
+        if not self.checks_inputs:
+            return None
+        return self.load().device_reason(device, dtype)
+
     def run(self, q, k, v, plan, key_valid=None, scale=None):
         """Kernel-order attention [B, H, S_pad, D] -> (out, lse)."""
         return self.load().run(q, k, v, plan, key_valid=key_valid, scale=scale)
@@ -113,6 +121,22 @@ def get_backend(name: str) -> Backend:
     return found
 
 
+def check_runs_on(name: str, device: torch.device, dtype: torch.dtype, option: str = "backend") -> None:
+    """Refuse, before any model loads, a backend ``name`` (``option``: how the caller names the
+    setting, e.g. a CLI flag) that cannot run ``dtype`` tensors on ``device``: otherwise the
+    error comes at the first attention call, after weights, text encoding or a latent cache."""
+    if name == AUTO:
+        return
+    if name not in _BACKENDS:
+        raise ValueError(f"Unknown {option} {name!r}. Expected one of: {', '.join(backend_choices())}.")
+    reason = _BACKENDS[name].can_run_on(device, dtype)
+    if reason is not None:
+        raise ValueError(
+            f"{option} {name} cannot run on {device} ({str(dtype).removeprefix('torch.')}): {reason}. "
+            f"Use {option} {AUTO} (it picks one that runs), or another device or dtype."
+        )
+
+
 register_backend(
     Backend(
         "torch",
@@ -140,4 +164,13 @@ register_backend(
     )
 )
 
-__all__ = ["AUTO", "DEFAULT_BLOCK", "Backend", "backend_choices", "backend_names", "get_backend", "register_backend"]
+__all__ = [
+    "AUTO",
+    "DEFAULT_BLOCK",
+    "Backend",
+    "backend_choices",
+    "backend_names",
+    "check_runs_on",
+    "get_backend",
+    "register_backend",
+]

@@ -34,22 +34,31 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 Tensor = torch.Tensor
 
 
-def unsupported_reason(q: Tensor) -> str | None:
-    """Why this backend cannot run ``q`` (None when it can)."""
-    if q.device.type == "cpu":
+def device_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why this backend cannot run tensors of ``dtype`` on ``device`` (None when it can): what is
+    known before a model loads, so ``vidsparse generate`` refuses before loading weights."""
+    if device.type == "cpu":
         if not tk.INTERPRETED:
             return (
                 "CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before "
                 "vidsparse.kernels.triton_backend is first imported (tests only; it is slow)"
             )
-    elif q.device.type != "cuda":
-        return f"tensors on {q.device.type} are not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
-    elif not tk.INTERPRETED and torch.cuda.get_device_capability(q.device) < (8, 0):
+    elif device.type != "cuda":
+        return f"tensors on {device.type} are not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
+    elif not tk.INTERPRETED and torch.cuda.get_device_capability(device) < (8, 0):
         return "the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper, ...)"
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32)"
-    if tk.INTERPRETED and q.dtype == torch.bfloat16:
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported (float16, bfloat16 or float32)"
+    if tk.INTERPRETED and dtype == torch.bfloat16:
         return "Triton's CPU interpreter computes bfloat16 dots wrongly; use float16 or float32 there"
+    return None
+
+
+def unsupported_reason(q: Tensor) -> str | None:
+    """Why this backend cannot run ``q`` (None when it can)."""
+    reason = device_reason(q.device, q.dtype)
+    if reason is not None:
+        return reason
     d = q.shape[-1]
     if d < 16 or d > 256 or d & (d - 1):
         return f"head dim {d} is not supported (a power of two from 16 to 256)"
@@ -385,6 +394,7 @@ __all__ = [
     "attention_kernel_order",
     "block_sparse_attention",
     "clear_cache",
+    "device_reason",
     "from_kernel_order",
     "run",
     "to_kernel_order",

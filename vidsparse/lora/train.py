@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vidsparse.kernels.backends import check_runs_on
 from vidsparse.lora.atomic import atomic_path, write_json
 from vidsparse.lora.cache import (
     CachedSample,
@@ -513,6 +514,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     check_condition_frames(cfg.model, cfg.condition_frames)
     _check_inputs(cfg)
     run = _start_run(cfg)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
+    check_runs_on(cfg.attention_backend, run.device, compute_dtype, "--attention-backend")
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)
     adapter.set_condition_frames(cfg.condition_frames)  # its 8k + 1 rule needs the VAE; before any encoding
