@@ -506,6 +506,15 @@ def _check_inputs(cfg: TrainConfig) -> None:
     check_writable_dir(Path(cfg.output_dir).expanduser(), f"--output-dir {cfg.output_dir!r}")
 
 
+def _check_backend(cfg: TrainConfig) -> None:
+    """The attention backend runs where _start_run's Accelerator will put the model (a GPU when there
+    is one) at the precision attention sees under autocast; checked before the Accelerator exists."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = _resolve_precision(cfg.mixed_precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    check_runs_on(cfg.attention_backend, device, dtype, "--attention-backend")
+
+
 def train_lora(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
     from tqdm.auto import tqdm
@@ -513,9 +522,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     check_trainable(cfg.model)  # a refused pipeline class: said before the data scan, the output folder or weights
     check_condition_frames(cfg.model, cfg.condition_frames)
     _check_inputs(cfg)
+    _check_backend(cfg)
     run = _start_run(cfg)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
-    check_runs_on(cfg.attention_backend, run.device, compute_dtype, "--attention-backend")
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)
     adapter.set_condition_frames(cfg.condition_frames)  # its 8k + 1 rule needs the VAE; before any encoding
