@@ -247,6 +247,7 @@ def test_interrupt_during_denoising_writes_nothing(tmp_path, monkeypatch):
         (["--width", "8"], "nearest valid: 16"),
         (["--model", "./no/such/folder"], "no such folder"),
         (["--out", "video.avi"], ".mp4 or .gif"),
+        (["--json", "."], "--json '.' is a directory; give a file name inside it"),
         (["--lora", "missing.safetensors"], "no such file"),
         (["--pattern", "tile", "--decay-factor", "0.5"], "does not apply to --pattern tile"),
         (["--dense-first-steps", "1.5"], "fraction must be below 1"),

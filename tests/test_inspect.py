@@ -57,6 +57,8 @@ def test_inspect_bad_inputs_exit_2(tmp_path, capsys):
         (["--grid", "4x4x4", "--family", "sora", "--video", "9x64x64"], None),
         (["--video", "9x64x64", "--family", "sora"], "Unknown model family"),
         (["--grid", "4x4x4", "--block-size", "48"], "power of two"),
+        (["--grid", "4x4x4", "--json", str(tmp_path)], "is a directory; give a file name inside it"),
+        (["--grid", "4x4x4", "--out", str(tmp_path / "x.jpg")], "expected a path ending in .png"),
     ]
     for extra, message in cases:
         rc = main([*base, *extra])

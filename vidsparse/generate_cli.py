@@ -311,9 +311,9 @@ def _is_main_rank() -> bool:
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if args.json:  # checked before the work, as --out is
-        from vidsparse.video_io import check_writable_dir
+        from vidsparse.video_io import check_output_file
 
-        check_writable_dir(Path(args.json).expanduser().parent, f"--json {args.json!r}")
+        check_output_file(args.json, "--json")
     startup_s = seconds_since_process_start()
     result = dataclasses.replace(generate(options), startup_s=startup_s)
     if not _is_main_rank():

@@ -29,6 +29,7 @@ from vidsparse.cli import UserError, add_pattern_arguments, pattern_from_args
 from vidsparse.density import token_density, video_block_density
 from vidsparse.families import geometries, video_geometry
 from vidsparse.kernels.backends import backend_choices
+from vidsparse.video_io import check_output_file
 
 #: Computed work at or above this fraction of dense is flagged (as the generate summary does).
 WORK_WARNING = 0.95
@@ -99,37 +100,6 @@ def load_qk(path: str, layout, heads: int) -> tuple[Any, Any]:
         return t.float()
 
     return fix(q, "q"), fix(k, "k")
-
-
-def check_output_path(path: str, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
-    """The output path, or a UserError if it cannot be written (checked by creating a file there).
-
-    Runs before any planning, so an unwritable ``--out`` (a missing directory under a read-only
-    or virtual filesystem such as /proc, a parent that is a file) is one line, not a traceback
-    after the work. Missing directories are fine where they can be created.
-    """
-    import os
-    import tempfile
-
-    p = Path(path).expanduser()
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise UserError(f"{flag} {path!r}: expected a {' or '.join(suffixes)} file, e.g. plan{suffixes[0]}.")
-    if p.is_dir():
-        raise UserError(f"{flag} {path!r} is a directory; give a file name inside it.")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path!r}: {str(parent)!r} is not a directory; choose another output path.")
-    try:  # really try: os.access says yes to root on read-only and virtual filesystems
-        fd, probe = tempfile.mkstemp(prefix=".vidsparse-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(
-            f"{flag} {path!r} cannot be written ({str(parent)!r}: {exc.strerror or exc}); choose another output path."
-        ) from None
-    return p
 
 
 # -- command ----------------------------------------------------------------------------------
@@ -284,15 +254,15 @@ def inspect_pattern(args) -> dict[str, Any]:
 
     # Output paths first: an unwritable one is one line before any planning (issue 18, item 3).
     if args.out and not args.no_plot:
-        check_output_path(args.out, "--out")
+        check_output_file(args.out, "--out", (".png",))
     if args.json:
-        check_output_path(args.json, "--json")
+        check_output_file(args.json, "--json")
     pattern = pattern_from_args(args)
     layout, origin = _layout_from_args(args)
     out_png = None
     if not args.no_plot:
-        out_png = args.out or check_output_path(
-            f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png", "--out"
+        out_png = args.out or check_output_file(
+            f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png", "--out", (".png",)
         )
     pattern.validate(layout)
     bs = _block_size(args, pattern)

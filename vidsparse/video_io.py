@@ -85,22 +85,31 @@ def read_frames(path: str | os.PathLike, max_frames: int | None = None) -> list:
     return frames
 
 
-def check_video_path(path: str | os.PathLike) -> Path:
-    """Validate an output path before any heavy work: known suffix, existing writable directory."""
+def check_output_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """Validate a file the command will write, before any work: a known suffix (when ``suffixes``),
+    not a directory, in a directory where files can be created (made later if missing).
+
+    ``what`` names it in messages (a flag such as ``"--json"``). Nothing is created.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
-        raise ValueError(f"Output path {str(p)!r} is a directory; give a file name such as {str(p / 'video.mp4')!r}.")
-    suffix = p.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
+        example = f", such as {str(p / ('output' + suffixes[0]))!r}" if suffixes else ""
+        raise ValueError(f"{what} {str(p)!r} is a directory; give a file name inside it{example}.")
+    if suffixes and p.suffix.lower() not in suffixes:
         raise ValueError(
-            f"Unsupported video file type {p.suffix or '(none)'!r} for {str(p)!r}; expected a path ending in "
-            f"{' or '.join(VIDEO_SUFFIXES)}, e.g. outputs/video.mp4."
+            f"{what} {str(p)!r}: unsupported file type {p.suffix or '(none)'!r}; expected a path ending in "
+            f"{' or '.join(suffixes)}."
         )
     parent = p.parent if str(p.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
-        raise ValueError(f"Output directory {str(parent)!r} is a file; choose another output path.")
-    check_writable_dir(parent, f"output path {str(p)!r}")
+        raise ValueError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a directory; choose another path.")
+    check_writable_dir(parent, f"{what} {str(p)!r}")
     return p
+
+
+def check_video_path(path: str | os.PathLike) -> Path:
+    """Validate a video output path before any heavy work (``check_output_file`` for .mp4 / .gif)."""
+    return check_output_file(path, "output path", VIDEO_SUFFIXES)
 
 
 def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
@@ -231,6 +240,7 @@ __all__ = [
     "VIDEO_SUFFIXES",
     "as_uint8_frames",
     "atomic_output",
+    "check_output_file",
     "check_video_path",
     "check_writable_dir",
     "psnr",

@@ -227,11 +227,16 @@ def work_warnings(densities) -> list[str]:
     return lines
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 frame``, ``17 frames``: summaries also print single-frame and single-step runs."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def time_lines(result: GenerateResult) -> list[str]:
     """The ``time`` lines: the total and its parts, then the pipeline's denoising and VAE decode."""
     lines = [f"time       {result.total_s:.1f} s total: " + ", ".join(time_parts(result))]
     lines.append(
-        f"           denoise {result.denoise_s:.1f} s ({len(result.step_times_s) or result.steps} steps, "
+        f"           denoise {result.denoise_s:.1f} s ({_count(len(result.step_times_s) or result.steps, 'step')}, "
         f"{result.time_per_step_s:.3f} s/step median)"
     )
     if result.decode_s:
@@ -249,10 +254,10 @@ def format_summary(result: GenerateResult) -> str:
     t, h, w = result.frames.shape[:3]
     f, gh, gw = result.grid
     n = result.segments
-    steps = f"{result.steps} steps" + (f" in each of {n} segments" if n > 1 else "")
+    steps = _count(result.steps, "step") + (f" in each of {n} segments" if n > 1 else "")
     lines = [
         f"model      {result.model} ({result.family})",
-        f"video      {t} frames of {w}x{h} pixels (WxH) -> token grid {f}x{gh}x{gw} (FxHxW, {f * gh * gw} tokens), "
+        f"video      {_count(t, 'frame')} of {w}x{h} pixels (WxH) -> token grid {f}x{gh}x{gw} (FxHxW, {f * gh * gw} tokens), "
         + steps,
         f"pattern    {result.pattern}"
         + (f"; sparse in {result.sparse_steps} of {result.steps * n} steps" if result.pattern != "dense" else ""),
@@ -282,7 +287,7 @@ def format_summary(result: GenerateResult) -> str:
             f"PSNR sparse vs dense {quality}"
         )
     if result.out is not None:
-        lines.append(f"wrote      {result.out} ({t} frames, {w}x{h} pixels, {result.fps} fps)")
+        lines.append(f"wrote      {result.out} ({_count(t, 'frame')}, {w}x{h} pixels, {result.fps} fps)")
     return "\n".join(lines)
 
 
