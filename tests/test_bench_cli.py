@@ -47,6 +47,16 @@ def test_a_failed_measurement_gives_exit_1(tmp_path, monkeypatch, capsys):
     assert "1 measurement(s) failed" in err and "kernel exploded" in err
 
 
+def test_out_dir_that_is_a_file_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    def measured(*args, **kwargs):
+        raise AssertionError("nothing may be measured for an --out-dir that cannot be written")
+
+    monkeypatch.setattr(bench, "run_benchmarks", measured)
+    (tmp_path / "f").write_text("")
+    assert bench.main([*ARGV, "--out-dir", str(tmp_path / "f")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 def test_format_rate_keeps_small_rates_readable():
     assert bench.format_rate(250.0).strip() == "250.0 TFLOP/s"
     assert bench.format_rate(0.0004).strip() == "0.4 GFLOP/s"

@@ -82,6 +82,10 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="budget"):
         gpu_suite.run_suite(tmp_path, 0, dry_run=True)
     assert not list(tmp_path.iterdir())
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"--out-dir .*a-file' is a file, not a directory"):
+        gpu_suite.run_suite(tmp_path / "a-file" / "suite", 10, dry_run=True)
+    assert gpu_suite.main(["--render", str(tmp_path / "none.json")]) == 2
 
 
 def test_targets_met_and_missed_are_rendered():

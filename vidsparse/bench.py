@@ -38,6 +38,7 @@ from vidsparse.benchmeta import device_name, git_commit, json_safe, package_vers
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import Pattern
 from vidsparse.plan import BlockSparsePlan, build_static_plan
+from vidsparse.video_io import check_writable_dir
 
 SCHEMA = "vidsparse.bench.attention/1"
 CPU_CAVEAT = (
@@ -288,6 +289,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     block = 16 if cpu and args.block_size == 128 else args.block_size
     if block < 16 or block & (block - 1):
         raise ValueError(f"--block-size must be a power of two >= 16 (64 or 128 on GPUs), got {block}.")
+    out_dir = Path(args.out_dir).expanduser() if args.out_dir else _default_out_dir()
+    check_writable_dir(out_dir, f"--out-dir {str(out_dir)!r}")  # before the measurements, not after
     return Settings(
         shapes=shapes,
         patterns=tuple(dict.fromkeys(patterns)),
@@ -299,7 +302,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         warmup=warmup,
         block_size=block,
         device=torch.device(args.device),
-        out_dir=Path(args.out_dir) if args.out_dir else _default_out_dir(),
+        out_dir=out_dir,
         quick=bool(args.quick),
         seed=args.seed,
     )

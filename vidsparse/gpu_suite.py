@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
+from vidsparse.video_io import check_writable_dir
 
 SCHEMA = "vidsparse.gpu_suite/1"
 JSON_NAME = "gpu_suite.json"
@@ -924,6 +925,8 @@ def run_suite(out_dir: Path, budget_s: float, dry_run: bool = False, stages: lis
         bad = [s for s in stages if s not in names]
         if bad:
             raise ValueError(f"Unknown stage(s) {bad}; stages are {', '.join(names)}.")
+    out_dir = Path(out_dir)
+    check_writable_dir(out_dir, f"--out-dir {str(out_dir)!r}")  # before any stage, not after the first
     if dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("--dry-run runs the Triton kernels in the CPU interpreter: set TRITON_INTERPRET=1.")
@@ -932,7 +935,6 @@ def run_suite(out_dir: Path, budget_s: float, dry_run: bool = False, stages: lis
         if not torch.cuda.is_available():
             raise ValueError("No CUDA GPU is available; the suite measures GPU kernels. Use --dry-run on a CPU.")
         device = torch.device("cuda")
-    out_dir = Path(out_dir)
     header = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "budget_s": budget_s, "dry_run": dry_run, "autotune": autotune,
               "command": " ".join(sys.argv)}  # fmt: skip
@@ -1170,6 +1172,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_out_dir: bool = True) ->
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.render:
+        if not Path(args.render).is_file():
+            raise ValueError(f"--render {args.render!r}: no such file; pass the gpu_suite.json a suite run wrote.")
         print(f"wrote {write_markdown(Path(args.render))}")
         return 0
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir()
