@@ -14,12 +14,11 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 import vidsparse as vs
-from vidsparse.benchmeta import git_commit
+from vidsparse.benchmeta import checked_out_dir, git_commit
 from vidsparse.families import get_family
 
 
@@ -69,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="benchmarks/results", help="where to write densities.json/.md")
     parser.add_argument("--block-size", type=int, default=128, help="kernel block size (default 128)")
     args = parser.parse_args(argv)
+    out = checked_out_dir(parser, args.out_dir)
     rows = []
     for shape in SHAPES:
         for name in PATTERNS:
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     commit, dirty = git_commit()
     meta = dict(torch=torch.__version__, vidsparse=vs.__version__, commit=commit, dirty=dirty)
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "densities.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     lines = [

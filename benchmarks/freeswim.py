@@ -18,12 +18,11 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 import vidsparse as vs
-from vidsparse.benchmeta import git_commit, json_safe, package_version
+from vidsparse.benchmeta import checked_out_dir, git_commit, json_safe, package_version
 from vidsparse.freeswim.cache import format_bytes
 from vidsparse.freeswim.cost import step_work, wan_cache_bytes, window_work
 
@@ -162,11 +161,12 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--verify-plan", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    out = checked_out_dir(parser, args.out_dir)
     commit, dirty = git_commit()
     results = []
     for shape in SHAPES:
@@ -188,7 +188,6 @@ def main() -> None:
             results=results,
         )
     )
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "freeswim.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "freeswim.md").write_text(to_markdown(report))

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 import vidsparse as vs
-from vidsparse.benchmeta import git_commit
+from vidsparse.benchmeta import checked_out_dir, git_commit
 from vidsparse.layout import VideoLayout
 
 SCHEMA = "vidsparse.bench.parallel/1"
@@ -533,6 +533,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
     args.shape_names = names
+    checked_out_dir(p, args.out_dir)
     return args
 
 

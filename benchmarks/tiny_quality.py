@@ -371,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from vidsparse.atomic import write_json, write_text
-    from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
+    from vidsparse.benchmeta import checked_out_dir, device_name, git_commit, json_safe, package_version
+
+    # the report and the strips are written at the end of a long run: their folders are checked now
+    for flag, path in (("--out", args.out), ("--strip", args.strip), ("--length-strip", args.length_strip)):
+        if path:
+            checked_out_dir(parser, Path(path).expanduser().parent, flag)
     from vidsparse.models.tiny_trained import TRAINED_DEFAULTS, WEIGHTS_DIR
 
     def log(msg: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
+from vidsparse.benchmeta import checked_out_dir, device_name, git_commit, json_safe, package_version
 from vidsparse.families.hunyuan import HUNYUAN_VIDEO_T2V
 from vidsparse.families.wan import WAN21_T2V_1_3B, WAN21_T2V_14B
 
@@ -386,6 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    checked_out_dir(p, args.out_dir)
     return args
 
 

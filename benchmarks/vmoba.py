@@ -40,13 +40,12 @@ import math
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import vidsparse as vs
-from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
+from vidsparse.benchmeta import checked_out_dir, device_name, git_commit, json_safe, package_version
 from vidsparse.kernels import keyblock
 from vidsparse.patterns.vmoba import VMoBA, selection_density
 from vidsparse.work import plan_work
@@ -297,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run, seconds)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
+    out = checked_out_dir(parser, args.out_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -322,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         work=work,
         accuracy=accuracy,
     )
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "vmoba_quick" if args.quick else "vmoba"
     (out / f"{stem}.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")

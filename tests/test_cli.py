@@ -10,6 +10,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_script
 
 from vidsparse import PATTERNS, cli, video_io
 from vidsparse.cli import add_pattern_arguments, main, pattern_field_specs, pattern_from_args
@@ -380,22 +381,10 @@ def test_parallel_only_flags(capsys):
 # -- transformer benchmark ------------------------------------------------------------------------
 
 
-def _load_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_transformer", os.path.join(ROOT, "benchmarks", "transformer.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_transformer_benchmark_quick_smoke(tmp_path, capsys):
     import json
 
-    bench = _load_benchmark()
+    bench = load_script("transformer")
     argv = ["--quick", "--models", "wan-tiny", "--patterns", "radial,vmoba", "--repeats", "1", "--warmup", "0"]
     assert bench.main([*argv, "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("transformer_*.json")
@@ -434,5 +423,5 @@ def test_backend_check_before_loading_names_the_reason_and_the_fix():
 def test_transformer_benchmark_refuses_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the refusal path does not apply")
-    assert _load_benchmark().main(["--models", "wan-1.3b"]) == 2
+    assert load_script("transformer").main(["--models", "wan-1.3b"]) == 2
     assert "--quick" in capsys.readouterr().err

@@ -3,27 +3,15 @@ and the JSON and Markdown it writes carry each section's numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_tiny_quality", ROOT / "benchmarks" / "tiny_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_script
 
 
 @pytest.mark.slow
 def test_quick_report_writes_every_section(tmp_path):
-    bench = _load()
+    bench = load_script("tiny_quality")
     out = tmp_path / "q"
     assert bench.main(["--quick", "--out", str(out), "--strip", "", "--length-strip", ""]) == 0
     doc = json.loads(out.with_suffix(".json").read_text())

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from bench_scripts import load_script
 from oracle import masked_attention, random_qkv, random_text_mask
 
 import vidsparse as vs
@@ -343,14 +344,7 @@ def test_paths_options_and_bad_inputs():
 
 def test_benchmark_measures_work_and_accuracy_at_a_tiny_shape():
     """benchmarks/vmoba.py's CPU stages on a tiny grid: fractions consistent with plan_work and the mask."""
-    import os
-    import sys
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "vmoba.py")
-    spec = importlib.util.spec_from_file_location("bench_vmoba", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_vmoba"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script("vmoba")
     shape = bench.Shape("tiny", (4, 8, 12), heads=2, measured_heads=2, head_dim=16)
     (row,) = bench.measure_work(shape, structured=True, layers=(2,), block_size=16)
     assert 0 < row["token_density"] <= row["key_block_fraction"] and row["key_block_tiles"] > 0

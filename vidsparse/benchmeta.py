@@ -1,4 +1,5 @@
-"""Provenance for benchmark reports: git commit, package versions, device name, JSON-safe values.
+"""Provenance for benchmark reports: git commit, package versions, device name, JSON-safe values;
+and the check of where a report goes, made before the measurements.
 
 One copy for the attention benchmark (:mod:`vidsparse.bench`) and the scripts in ``benchmarks/``,
 so every report records its provenance the same way (schema: benchmarks/README.md).
@@ -6,6 +7,7 @@ so every report records its provenance the same way (schema: benchmarks/README.m
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import subprocess
@@ -58,4 +60,17 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-__all__ = ["device_name", "git_commit", "json_safe", "package_version"]
+def checked_out_dir(parser: argparse.ArgumentParser, path: str | Path, flag: str = "--out-dir") -> Path:
+    """``path`` as a Path once files can be created there; otherwise ``parser.error`` (exit 2)
+    before any measurement, instead of a traceback when the report is written at the end."""
+    from vidsparse.video_io import check_writable_dir
+
+    try:
+        check_writable_dir(path, f"{flag} {str(path)!r}")
+    except ValueError as exc:
+        parser.error(str(exc))
+    return Path(path)
+
+
+__all__ = ["checked_out_dir", "device_name", "git_commit", "json_safe", "package_version"]
+
