@@ -73,4 +73,3 @@ def checked_out_dir(parser: argparse.ArgumentParser, path: str | Path, flag: str
 
 
 __all__ = ["checked_out_dir", "device_name", "git_commit", "json_safe", "package_version"]
-
