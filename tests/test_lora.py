@@ -242,6 +242,22 @@ def test_attention_backend_that_cannot_run_is_refused_before_loading(tmp_path, m
     assert not out.exists()
 
 
+def test_unwritable_cache_dir_is_refused_before_the_output_folder_and_the_model(tmp_path, monkeypatch):
+    import vidsparse.lora.train as train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a cache folder that cannot be written")
+
+    monkeypatch.setattr(train, "load_model", no_loading)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "o"
+    data = make_dataset(tmp_path / "data")
+    cfg = TrainConfig(data_dir=str(data), output_dir=str(out), cache_dir=str(tmp_path / "a-file" / "c"), **FLAGS)
+    with pytest.raises(ValueError, match=r"Cannot write --cache-dir .*a-file' is a file, not a directory"):
+        train_lora(cfg)
+    assert not out.exists()
+
+
 def test_train_lora_rejects_bad_targets_and_models(tmp_path, run):
     _, data, _ = run
     cfg = TrainConfig(

@@ -490,7 +490,7 @@ def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_s
 
 def _check_inputs(cfg: TrainConfig) -> None:
     """Before anything is created (the output folder included): the data folder holds captioned
-    videos and the output folder can be written. Decoding problems surface later, per video."""
+    videos and the output and cache folders can be written. Decoding problems surface later, per video."""
     from vidsparse.video_io import check_writable_dir
 
     cache_dir = (
@@ -504,6 +504,13 @@ def _check_inputs(cfg: TrainConfig) -> None:
             "(mp4, webm, gif) with captions (same-name .txt or metadata.jsonl); nothing was written."
         )
     check_writable_dir(Path(cfg.output_dir).expanduser(), f"--output-dir {cfg.output_dir!r}")
+    # the cache is first written after the model loads and the output folder exists: checked now
+    what = (
+        f"--cache-dir {cfg.cache_dir!r}"
+        if cfg.cache_dir
+        else f"the latent cache {str(cache_dir)!r} (by default inside --data-dir; --cache-dir puts it elsewhere)"
+    )
+    check_writable_dir(cache_dir, what)
 
 
 def _check_backend(cfg: TrainConfig) -> None:
