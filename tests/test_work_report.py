@@ -100,6 +100,14 @@ def test_work_warning_at_95_percent_of_dense():
     assert work_warnings([group(0.94), group(None)]) == []
 
 
+def test_inspect_warns_once_per_run_of_identical_layers(tmp_path, capsys):
+    # a static pattern on a grid far smaller than a block: every layer computes the same, far above dense
+    assert main(["inspect", "--pattern", "radial", "--grid", "4x4x4", "--layers", "5", "--no-plot"]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "layers 0-4: the query-tile path computes" in warnings[0], warnings
+    assert "no attention speedup over dense on this grid" in warnings[0]
+
+
 def test_generate_summary_reports_the_work_of_the_path_it_ran():
     result = generate(GenerateOptions(model="tiny-random", frames=9, height=32, width=48, steps=2, dense_first_steps=0,
                                       dense_layers=(1,), progress=False))  # fmt: skip

@@ -30,9 +30,7 @@ from vidsparse.density import token_density, video_block_density
 from vidsparse.families import geometries, video_geometry
 from vidsparse.kernels.backends import backend_choices
 from vidsparse.video_io import check_output_file
-
-#: Computed work at or above this fraction of dense is flagged (as the generate summary does).
-WORK_WARNING = 0.95
+from vidsparse.work import layer_span, no_speedup_warning
 
 
 def parse_triple(text: str, flag: str, example: str) -> tuple[int, int, int]:
@@ -408,17 +406,31 @@ def format_report(report: dict[str, Any]) -> str:
         mean_b = sum(r["block_density"] for r in rows) / len(rows)
         mean_w = sum(r["work"] for r in rows) / len(rows)
         lines.append(f"{'mean':>5}  {'':<15} {mean_b:>7.1%} {'':>11} {mean:>7.1%} {mean_w:>7.1%}")
-    for r in rows:
-        if r["work"] >= WORK_WARNING:
-            lines.append(
-                f"warning      layer {r['layer']}: the {r['path'].replace('_', '-')} path computes {r['work']:.0%} of "
-                f"dense attention (the mask keeps {r['token_density']:.0%}): no attention speedup over dense here"
-            )
+    lines.extend(f"warning      {w}" for w in _work_warnings(rows))
     if "png" in report:
         f, h, w = report["query"]
         lines.append("")
         lines.append(f"wrote {report['png']}  (block matrix, and keys attended by query token f={f}, h={h}, w={w})")
     return "\n".join(lines)
+
+
+def _work_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One warning per run of consecutive layers with the same path, work and mask density (a
+    static pattern: one line for all its layers, not one per layer)."""
+
+    def same(r: dict[str, Any]) -> tuple:
+        return r["path"], round(r["work"], 4), round(r["token_density"], 4)
+
+    runs: list[tuple[dict[str, Any], int]] = []  # (first row of the run, its last layer)
+    for r in rows:
+        if runs and same(runs[-1][0]) == same(r) and runs[-1][1] == r["layer"] - 1:
+            runs[-1] = (runs[-1][0], r["layer"])
+        else:
+            runs.append((r, r["layer"]))
+    found = (
+        no_speedup_warning(layer_span(r["layer"], last), r["path"], r["work"], r["token_density"]) for r, last in runs
+    )
+    return [w for w in found if w is not None]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,9 @@ from vidsparse.kernels import keyblock
 from vidsparse.plan import BlockSparsePlan
 
 PATHS = ("query_tile", "key_block")
+#: Computed work at or above this fraction of dense is reported as "no attention speedup" (issue 18,
+#: item 10), by ``vidsparse inspect`` and the generate summary alike.
+WORK_WARNING = 0.95
 # Query blocks per step when counting a static plan's kept pairs (bounds memory).
 _ROWS_PER_STEP = 64
 
@@ -158,4 +161,29 @@ def _kept_pairs(plan: BlockSparsePlan) -> torch.Tensor:
     return total
 
 
-__all__ = ["PATHS", "PlanWork", "executed_path", "kernel_tiles", "plan_work"]
+def layer_span(first: int, last: int) -> str:
+    """``layer 3`` or ``layers 1-3``: how reports name a run of consecutive layers."""
+    return f"layer {first}" if first == last else f"layers {first}-{last}"
+
+
+def no_speedup_warning(layers: str, path: str, work: float | None, token_density: float) -> str | None:
+    """The warning for ``layers`` (a ``layer_span``) whose kernel ``path`` computes ``work`` >=
+    ``WORK_WARNING`` of dense; ``None`` below that or where work was not measured."""
+    if work is None or work < WORK_WARNING:
+        return None
+    return (
+        f"{layers}: the {path.replace('_', '-')} path computes {work:.0%} of dense attention "
+        f"(mask keeps {token_density:.0%}): no attention speedup over dense on this grid"
+    )
+
+
+__all__ = [
+    "PATHS",
+    "WORK_WARNING",
+    "PlanWork",
+    "executed_path",
+    "kernel_tiles",
+    "layer_span",
+    "no_speedup_warning",
+    "plan_work",
+]

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from vidsparse.work import layer_span, no_speedup_warning
+
 
 @dataclass(frozen=True)
 class LayerGroupDensity:
@@ -27,8 +29,7 @@ class LayerGroupDensity:
 
     @property
     def label(self) -> str:
-        lo, hi = self.layers[0], self.layers[-1]
-        return f"layer {lo}" if lo == hi else f"layers {lo}-{hi}"
+        return layer_span(self.layers[0], self.layers[-1])
 
 
 @dataclass(frozen=True)
@@ -211,20 +212,10 @@ def time_parts(result: GenerateResult) -> list[str]:
     return parts
 
 
-#: Computed work at or above this fraction of dense is reported as "no speedup" (issue 18, item 10).
-WORK_WARNING = 0.95
-
-
 def work_warnings(densities) -> list[str]:
     """A line per sparse layer group whose kernel path computes >= WORK_WARNING of dense attention."""
-    lines = []
-    for d in densities:
-        if d.work is not None and d.pattern != "dense" and d.work >= WORK_WARNING:
-            lines.append(
-                f"warning    {d.label}: the {d.path.replace('_', '-')} path computes {d.work:.0%} of dense attention "
-                f"(mask keeps {d.token_density:.0%}): no attention speedup over dense on this grid"
-            )
-    return lines
+    found = (no_speedup_warning(d.label, d.path, d.work, d.token_density) for d in densities if d.pattern != "dense")
+    return [f"warning    {w}" for w in found if w is not None]
 
 
 def _count(n: int, noun: str) -> str:
@@ -292,7 +283,6 @@ def format_summary(result: GenerateResult) -> str:
 
 
 __all__ = [
-    "WORK_WARNING",
     "DenseComparison",
     "GenerateResult",
     "LayerGroupDensity",
