@@ -106,6 +106,12 @@ def test_bad_inputs_are_clear():
     q, k, v = random_qkv(lay)
     with pytest.raises(ValueError, match="does not match the layout"):
         vs.attention(q[:, :-1], k[:, :-1], v[:, :-1], lay, "dense")
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
+        vs.plan(vs.Radial(), lay, num_heads=0)
+    with pytest.raises(
+        TypeError, match=r"Pattern 'radial' has no option 'decay'\. Its options: block_size, decay_factor"
+    ):
+        vs.make_pattern("radial", decay=0.5)
     bhsd = [t.transpose(1, 2) for t in (q, k, v)]  # SDPA's layout by mistake: named, with the fix
     with pytest.raises(ValueError, match=r"look like \[B, H, S, D\].*q.transpose\(1, 2\)"):
         vs.attention(*bhsd, lay, "dense")

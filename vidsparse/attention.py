@@ -67,6 +67,8 @@ def plan(
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_block_size(block_size)
     _check_layer(layer)
+    if isinstance(num_heads, bool) or (type(num_heads) is int and num_heads < 1):  # a SymInt (compile) passes
+        raise ValueError(f"num_heads must be an int >= 1 (the attention heads the plan is for), got {num_heads!r}.")
     if pattern.dynamic:
         if q is None or k is None:
             raise ValueError(

@@ -1,5 +1,7 @@
 """Sparse spatiotemporal attention patterns. Each is a frozen dataclass; see ``base.Pattern``."""
 
+import dataclasses
+
 from vidsparse.patterns.attention_tile import AttentionTile
 from vidsparse.patterns.base import Pattern, normalize_pattern_name
 from vidsparse.patterns.dense import Dense
@@ -26,8 +28,16 @@ def make_pattern(name: str, **options) -> Pattern:
     key = normalize_pattern_name(name)
     if key not in PATTERNS:
         raise ValueError(f"Unknown pattern {name!r}. Expected one of: {', '.join(sorted(PATTERNS))}.")
+    cls = PATTERNS[key]
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    unknown = sorted(str(k) for k in options if k not in valid)
+    if unknown:
+        raise TypeError(
+            f"Pattern {key!r} has no option {', '.join(repr(k) for k in unknown)}. "
+            f"Its options: {', '.join(valid) or '(none)'}."
+        )
     try:
-        return PATTERNS[key](**options)
+        return cls(**options)
     except TypeError as exc:
         raise TypeError(f"Bad options for pattern {key!r}: {exc}") from None
 
