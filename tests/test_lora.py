@@ -223,13 +223,18 @@ def test_gradient_checkpointing_recomputes_the_sparse_pattern():
     assert max((a - b).abs().max() for a, b in zip(g, g_dense)) > 1e-6
 
 
-def test_attention_backend_that_cannot_run_is_refused_before_loading(tmp_path, monkeypatch):
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """train_lora fails the test if it gets as far as loading the model."""
     import vidsparse.lora.train as train
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for a backend that cannot run")
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for settings that are refused")
 
-    monkeypatch.setattr(train, "load_model", no_loading)
+    monkeypatch.setattr(train, "load_model", refuse)
+
+
+def test_attention_backend_that_cannot_run_is_refused_before_loading(tmp_path, no_model_load):
     out = tmp_path / "o"
     cfg = TrainConfig(
         data_dir=str(make_dataset(tmp_path / "data")),
@@ -242,13 +247,7 @@ def test_attention_backend_that_cannot_run_is_refused_before_loading(tmp_path, m
     assert not out.exists()
 
 
-def test_unwritable_cache_dir_is_refused_before_the_output_folder_and_the_model(tmp_path, monkeypatch):
-    import vidsparse.lora.train as train
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for a cache folder that cannot be written")
-
-    monkeypatch.setattr(train, "load_model", no_loading)
+def test_unwritable_cache_dir_is_refused_before_the_output_folder_and_the_model(tmp_path, no_model_load):
     (tmp_path / "a-file").write_text("")
     out = tmp_path / "o"
     data = make_dataset(tmp_path / "data")

@@ -100,10 +100,7 @@ def check_output_file(path: str | os.PathLike, what: str, suffixes: tuple[str, .
             f"{what} {str(p)!r}: unsupported file type {p.suffix or '(none)'!r}; expected a path ending in "
             f"{' or '.join(suffixes)}."
         )
-    parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise ValueError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a directory; choose another path.")
-    check_writable_dir(parent, f"{what} {str(p)!r}")
+    check_writable_dir(p.parent, f"{what} {str(p)!r}")  # also refuses a parent (or ancestor) that is a file
     return p
 
 
