@@ -289,8 +289,7 @@ def _per_tile(role: str, bm: int, bn: int) -> int:
 
 
 def variants(quick: bool):
-    kernels = {"fwd": (tk._fwd_kernel, tk._FWD_SPACE), "dkdv": (tk._bwd_dkdv_kernel, tk._DKDV_SPACE),
-               "dq": (tk._bwd_dq_kernel, tk._DQ_SPACE)}  # fmt: skip
+    kernels = tk.KERNELS
     flag_sets = [("kernel-order", dict(GATHER=False, HAS_KV=False, HAS_QSEL=False)),
                  ("gather", dict(GATHER=True, HAS_KV=False, HAS_QSEL=False))]  # fmt: skip
     # Per-query selection (VMoBA's query-tile path) in both orders, every config shipped for it:
@@ -336,9 +335,9 @@ def keyblock_variants():
     from vidsparse.kernels import keyblock as kb
     from vidsparse.kernels import keyblock_triton as kt
 
-    bm, bn, warps, stages = kb.DEFAULT_BLOCK_M, kb.DEFAULT_BLOCK_N, kt._NUM_WARPS, 3
-    sub = min(bm, kt._DKDV_SUB_M)
-    for role, fn in (("fwd", kt._fwd_kernel), ("dq", kt._dq_kernel), ("dkdv", kt._dkdv_kernel)):
+    bm, bn, warps, stages = kb.DEFAULT_BLOCK_M, kb.DEFAULT_BLOCK_N, kt.NUM_WARPS, 3
+    sub = min(bm, kt.DKDV_SUB_M)
+    for role, fn in kt.KERNELS.items():
         for tma in (False, True):
             for has_kv in (False, True):
                 consts = dict(HEAD_DIM=HEAD_DIM, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=has_kv, PREC="tf32")
@@ -363,7 +362,7 @@ def compile_baseline(cfg):
 
 def run(quick: bool, log=print) -> dict:
     rows = []
-    fwd_configs = tk.candidates(tk._FWD_SPACE, HEAD_DIM, BLOCK, 2)
+    fwd_configs = tk.candidates(tk.KERNELS["fwd"][1], HEAD_DIM, BLOCK, 2)
     baseline = {}
     for cfg in fwd_configs[:1] if quick else fwd_configs:
         t0 = time.time()

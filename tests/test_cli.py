@@ -12,9 +12,10 @@ import pytest
 import torch
 from bench_scripts import load_script
 
-from vidsparse import PATTERNS, cli, video_io
-from vidsparse.cli import add_pattern_arguments, main, pattern_field_specs, pattern_from_args
+from vidsparse import PATTERNS, cli, pattern_flags, video_io
+from vidsparse.cli import main
 from vidsparse.generation import GenerateOptions, generate, resolve_model
+from vidsparse.pattern_flags import add_pattern_arguments, pattern_field_specs, pattern_from_args
 
 # Small and fast: 9 frames of 32x48 -> latent token grid 3x2x3 on the tiny Wan pipeline.
 SMALL = ["--model", "tiny-random", "--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
@@ -125,16 +126,16 @@ def test_pattern_flags_parse_types_and_reject_foreign_options():
 
 
 def test_field_spec_parsing():
-    spec = cli.FieldSpec("p", "tile", "int_or_ints", (2, 8, 8))
+    spec = pattern_flags.FieldSpec("p", "tile", "int_or_ints", (2, 8, 8))
     assert spec.parse("4,4,8", "--tile") == (4, 4, 8)
     assert spec.parse("4x4x8", "--tile") == (4, 4, 8)
     assert spec.parse("3", "--tile") == 3
     with pytest.raises(cli.UserError):
         spec.parse("4,x", "--tile")
-    flags = cli.FieldSpec("p", "is_causal", "bool_or_bools", False)
+    flags = pattern_flags.FieldSpec("p", "is_causal", "bool_or_bools", False)
     assert flags.parse("true", "--is-causal") is True
     assert flags.parse("1,0,0", "--is-causal") == (True, False, False)
-    opt = cli.FieldSpec("p", "tile", "ints", None, optional=True)
+    opt = pattern_flags.FieldSpec("p", "tile", "ints", None, optional=True)
     assert opt.parse("none", "--tile") is None
 
 

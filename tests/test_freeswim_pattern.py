@@ -158,7 +158,8 @@ def test_registry_and_describe():
         (dict(base_grid=(0, 52)), ValueError, ">= 1 token"),
         (dict(base_grid=(30.0, 52)), TypeError, "pair of ints"),
         (dict(base_grid=(30, 52), inward="yes"), TypeError, "inward must be a bool"),
-        (dict(base_grid=(30, 52), tile=(2, 2)), TypeError, "tile must be None"),
+        (dict(base_grid=(30, 52), tile=(2, 2)), TypeError, r"tile must be an int or a \(t, h, w\) tuple"),
+        (dict(base_grid=(30, 52), tile=(2, 0, 8)), ValueError, "tile must be >= 1"),
     ],
 )
 def test_bad_inputs(kwargs, exc, match):

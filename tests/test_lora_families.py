@@ -1,4 +1,4 @@
-"""LoRA training adapters for HunyuanVideo, LTX-Video and Mochi (vidsparse/lora/families.py).
+"""LoRA training adapters for HunyuanVideo, LTX-Video and Mochi (vidsparse/lora/adapters/hunyuan.py, ltx.py, mochi.py).
 
 Each family's tiny random-init diffusers pipeline is its record's ``tiny_pipeline`` (tiny
 transformer, a tiny VAE of the family's own class, the family's scheduler config, no text

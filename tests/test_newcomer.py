@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vidsparse import cli
+from vidsparse import cli, pattern_flags
 from vidsparse.cli import main
 from vidsparse.generation import GenerateOptions, generate
 
@@ -257,12 +257,12 @@ def test_block_size_means_the_kernel_block_and_pattern_block_size_radials_everyw
     common = ["--model", "tiny-random", "--data-dir", "d", "--output-dir", "o"]
     for command, extra in (("generate", []), ("inspect", ["--pattern", "radial"]), ("train-lora", common)):
         args = _parser(command).parse_args([command, *extra, "--pattern-block-size", "64"])
-        assert cli.pattern_options_from_args(args)[1] == {"block_size": 64}, command
+        assert pattern_flags.pattern_options_from_args(args)[1] == {"block_size": 64}, command
     gen = _parser("generate").parse_args(["generate", "--block-size", "32"])
-    assert gen.block_size == 32 and cli.pattern_options_from_args(gen)[1] == {}
+    assert gen.block_size == 32 and pattern_flags.pattern_options_from_args(gen)[1] == {}
     # train-lora's old spelling still works, with a warning naming the new one.
     old = _parser("train-lora").parse_args(["train-lora", *common, "--block-size", "64"])
-    assert cli.pattern_options_from_args(old)[1] == {"block_size": 64}
+    assert pattern_flags.pattern_options_from_args(old)[1] == {"block_size": 64}
     assert "--pattern-block-size" in capsys.readouterr().err
 
 
@@ -302,7 +302,7 @@ def test_every_train_lora_flag_has_help():
 def test_choice_values_are_enforced():
     args = _parser("generate").parse_args(["generate", "--pattern", "vmoba", "--granularity", "tiles"])
     with pytest.raises(cli.UserError, match="token|tile"):
-        cli.pattern_options_from_args(args)
+        pattern_flags.pattern_options_from_args(args)
 
 
 # -- item 12: a hub id that cannot be reached --------------------------------------------------

@@ -110,3 +110,71 @@ def test_lru_evicts_the_least_recent_and_caches_no_failure():
     assert "d" not in cache
     with pytest.raises(ValueError, match="positive int"):
         LRUCache(0)
+
+
+def test_register_pattern_makes_a_custom_pattern_reachable_by_name():
+    """A user pattern (only ``video_mask`` defined) plans, runs and matches its own mask."""
+    from typing import ClassVar
+
+    from oracle import masked_attention, random_qkv
+
+    from vidsparse.patterns import register_pattern
+
+    @register_pattern
+    @dataclasses.dataclass(frozen=True)
+    class SameFrame(Pattern):
+        name: ClassVar[str] = "Same_Frame"
+
+        def video_mask(self, layout, qi, ki, layer=0):
+            return layout.coords(qi)[0] == layout.coords(ki)[0]
+
+    try:
+        assert PATTERNS["same-frame"] is SameFrame and isinstance(vs.make_pattern("same_frame"), SameFrame)
+        lay = vs.VideoLayout(3, 4, 4)
+        q, k, v = random_qkv(lay)
+        mask = vs.token_mask("same-frame", lay)
+        assert mask.sum() == 3 * 16 * 16
+        out = vs.attention(q, k, v, lay, "same-frame", backend="torch", block_size=16)
+        torch.testing.assert_close(out, masked_attention(q, k, v, mask, lay).float())
+        assert register_pattern(SameFrame) is SameFrame  # the same class again: a no-op
+    finally:
+        PATTERNS.pop("same-frame", None)
+
+
+def test_register_pattern_refuses_what_it_cannot_register():
+    from typing import ClassVar
+
+    from vidsparse.patterns import register_pattern
+
+    with pytest.raises(TypeError, match="expects a vidsparse.Pattern subclass"):
+        register_pattern(object)
+
+    class Unnamed(Pattern):
+        pass
+
+    with pytest.raises(ValueError, match="needs its own name"):
+        register_pattern(Unnamed)
+
+    class MyRadial(Pattern):
+        name: ClassVar[str] = "RADIAL"
+
+    with pytest.raises(ValueError, match="'radial' already names Radial"):
+        register_pattern(MyRadial)
+    assert PATTERNS["radial"] is vs.Radial
+
+
+def test_clear_plan_cache_also_drops_what_the_backends_derived_from_plans():
+    """The Triton block lists and Flex BlockMasks hold plan tensors alive: clearing the plans
+    alone would free nothing."""
+    from oracle import random_qkv
+
+    from vidsparse.kernels import flex
+    from vidsparse.kernels.triton_plan import CACHE
+
+    lay = vs.VideoLayout(2, 4, 4)
+    q, k, v = random_qkv(lay)
+    vs.attention(q, k, v, lay, "radial", backend="flex", block_size=16)
+    CACHE.get("test-entry", (torch.zeros(1),), lambda: 1)
+    assert len(flex.BLOCK_MASKS) and len(CACHE)
+    vs.clear_plan_cache()
+    assert len(flex.BLOCK_MASKS) == 0 and len(CACHE) == 0

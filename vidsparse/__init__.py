@@ -42,6 +42,7 @@ _LAZY: dict[str, str] = {
             "Tile",
             "VMoBA",
             "make_pattern",
+            "register_pattern",
         )
     },
 }

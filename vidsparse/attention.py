@@ -89,7 +89,18 @@ def plan(
 
 
 def clear_plan_cache() -> None:
+    """Drop every cached static plan and what the backends derived from plans (the Triton
+    kernel's block lists, FlexAttention's BlockMasks): those hold plan tensors alive, so
+    clearing the plans alone would free no memory. All are rebuilt on the next call."""
+    import sys
+
+    from vidsparse.kernels.triton_plan import CACHE
+
     _PLANS.clear()
+    CACHE.clear()
+    flex = sys.modules.get("vidsparse.kernels.flex")  # not imported: nothing of it cached
+    if flex is not None:
+        flex.BLOCK_MASKS.clear()
 
 
 def plan_to_token_mask(p: BlockSparsePlan) -> torch.Tensor:

@@ -26,16 +26,12 @@ import math
 import re
 from pathlib import Path
 
-from vidsparse.cli import (
-    UserError,
-    add_pattern_arguments,
-    parse_dense_layers,
-    pattern_options_from_args,
-    seconds_since_process_start,
-)
+from vidsparse.cli import seconds_since_process_start
+from vidsparse.errors import UserError
 from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_options_from_args
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
 from vidsparse.kernels.backends import backend_choices
+from vidsparse.pattern_flags import add_pattern_arguments, parse_dense_layers, pattern_options_from_args
 
 
 def _parse_vae_overlap(text: str) -> int | str:

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from vidsparse.cli import UserError, add_pattern_arguments, pattern_from_args
 from vidsparse.density import token_density, video_block_density
+from vidsparse.errors import UserError
 from vidsparse.families import geometries, video_geometry
 from vidsparse.kernels.backends import backend_choices
+from vidsparse.pattern_flags import add_pattern_arguments, pattern_from_args
 from vidsparse.video_io import check_output_file
 from vidsparse.work import layer_span, no_speedup_warning
 

@@ -256,14 +256,4 @@ def selection_matrix(plan: BlockSparsePlan, head: int = 0, batch: int = 0) -> np
     return frac[:, plan.key_group.cpu().long()].numpy()  # [NQ, NK]
 
 
-def block_matrix_summary(matrix: np.ndarray) -> dict[str, float]:
-    """Fractions of whole, partial and skipped blocks in a ``dense_block_matrix``."""
-    m = np.asarray(matrix)
-    return {
-        "whole": float((m == 2).mean()),
-        "partial": float((m == 1).mean()),
-        "skipped": float((m == 0).mean()),
-    }
-
-
-__all__ = ["BLOCK_COLORS", "block_matrix_summary", "plot_plan", "query_index", "query_row", "selection_matrix"]
+__all__ = ["BLOCK_COLORS", "plot_plan", "query_index", "query_row", "selection_matrix"]

@@ -46,10 +46,6 @@ def families() -> tuple[Family, ...]:
     return tuple(_REGISTRY.values())
 
 
-def family_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
 def supported_families_text() -> str:
     """ "wan (WanTransformer3DModel), hunyuan (...)" for error messages."""
     return ", ".join(f.describe() for f in _REGISTRY.values() if not f.unsupported)
@@ -182,7 +178,6 @@ __all__ = [
     "VideoGeometry",
     "clip_decode_of",
     "families",
-    "family_names",
     "family_of",
     "family_of_geometry",
     "family_of_pipeline",

@@ -272,7 +272,7 @@ def attention(
 ) -> torch.Tensor:
     """Caller-order q, k, v [B, S, H, D] -> out [B, S, H, D] under the plan's per-query selection.
 
-    Exactly softmax attention restricted to ``vidsparse.plan_to_token_mask(plan)`` (and the
+    Exactly softmax attention restricted to ``vidsparse.attention.plan_to_token_mask(plan)`` (and the
     valid text tokens of ``text_mask`` [B, text_len]). ``backend`` is ``"torch"`` (any device,
     autograd through torch ops) or ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     """

@@ -322,8 +322,10 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # compile with launch hints): Triton's default 4 warps spilled 216-400 B in every kernel and
 # dK/dV spilled 308-364 B even at 8 warps when it took a whole 128-row tile per step. 8 warps
 # and 64-row dK/dV steps: fwd 144-180, dQ 167-179, dK/dV 209-210 registers, no spill (gather and TMA).
-_NUM_WARPS = 8
-_DKDV_SUB_M = 64
+NUM_WARPS = 8
+DKDV_SUB_M = 64
+#: role -> JIT kernel, for tools that compile the kernels ahead of time (benchmarks/offline_compile.py).
+KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
 
 
 def _tiles(block_m: int | None, block_n: int | None, dtype: torch.dtype) -> tuple[int, int]:
@@ -415,16 +417,16 @@ def _kv_operands(st: _Static, k: torch.Tensor, v: torch.Tensor) -> _KV:
     if not tk.tma_enabled(k.device):
         return gather
     if st.contiguous:
-        if not (tk._tma_ok(k) and tk._tma_ok(v)):
+        if not (tk.tma_ok(k) and tk.tma_ok(v)):
             return gather
-        tk._ensure_allocator()
+        tk.ensure_allocator()
         return _KV(k, v, st.kstart, True, False)
     B, _, H, D = k.shape
     copy_shape = torch.empty((B, st.krows.numel(), H, D), dtype=k.dtype, device="meta")  # fresh, contiguous
-    if not tk._tma_ok(copy_shape):  # e.g. H·D·itemsize not a multiple of 16 bytes: no copy either
+    if not tk.tma_ok(copy_shape):  # e.g. H·D·itemsize not a multiple of 16 bytes: no copy either
         return gather
     rows = st.krows.clamp_min(0).long()  # caller row of each kernel row (padding: row 0, masked)
-    tk._ensure_allocator()
+    tk.ensure_allocator()
     return _KV(k.index_select(1, rows), v.index_select(1, rows), st.span[:, 0].contiguous(), True, True)
 
 
@@ -445,7 +447,7 @@ def _forward(q, k, v, st: _Static, scale: float, bm: int, bn: int):
             q, kvo.k, kvo.v, op, lp, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, kvo.start, kv,
             scale, t0, *_bsh(q), *_bsh(kvo.k), *_bsh(kvo.v), s_kvb, H, kvo.k.shape[1],
             HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kvo.tma,
-            NEG_SCALE=scale < 0, num_warps=_NUM_WARPS,
+            NEG_SCALE=scale < 0, num_warps=NUM_WARPS,
         )  # fmt: skip
         tgt = pk.targets(t0, t1)
         o_c, l_c = kb.merge(op, lp, torch.where(tgt >= 0, tgt - bh0 * S, tgt), (bh1 - bh0) * S)
@@ -471,8 +473,8 @@ def _backward(do, q, kvo: _KV, out, lse, st: _Static, scale: float, bm: int, bn:
         _dkdv_kernel[(triton.cdiv(st.max_sub_len, bn), B * H * G)](
             q, k, v, do, dk, dv, lse, delta, pk.rows, st.krows, pk.tile_first, pk.tile_count, st.span, kv, scale,
             *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), s_kvb, H, S, G,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, SUB_M=min(bm, _DKDV_SUB_M),
-            KV_KERNEL_ORDER=kvo.kernel_order, num_warps=_NUM_WARPS,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, SUB_M=min(bm, DKDV_SUB_M),
+            KV_KERNEL_ORDER=kvo.kernel_order, num_warps=NUM_WARPS,
         )  # fmt: skip
     dq = torch.zeros(B * H * S + 1, D, dtype=torch.float32, device=q.device)
     for t0, t1, _, _ in kb.chunks(pk):
@@ -482,7 +484,7 @@ def _backward(do, q, kvo: _KV, out, lse, st: _Static, scale: float, bm: int, bn:
             q, k, v, do, dqp, lse, delta, pk.rows, st.krows, pk.tile_bh, pk.tile_group, st.span, st.lead, kvo.start, kv,
             scale, t0, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), s_kvb, H, S, k.shape[1],
             HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_KV=st.kv is not None, PREC=prec, KV_TMA=kvo.tma,
-            num_warps=_NUM_WARPS,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         tgt = pk.targets(t0, t1)
         dq.index_add_(0, torch.where(tgt >= 0, tgt, torch.full_like(tgt, B * H * S)), dqp)
@@ -527,4 +529,4 @@ def attention(q, k, v, plan: BlockSparsePlan, key_valid, scale: float, block_m=N
     return _KeyBlockAttention.apply(q, k, v, st, scale, bm, bn)
 
 
-__all__ = ["INTERPRETED", "attention"]
+__all__ = ["DKDV_SUB_M", "INTERPRETED", "KERNELS", "NUM_WARPS", "attention"]

@@ -383,17 +383,11 @@ def attention_kernel_order(
     return out
 
 
-def clear_cache() -> None:
-    """Drop the cached kernel-side plan views (they are rebuilt on the next call)."""
-    CACHE.clear()
-
-
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "attention",
     "attention_kernel_order",
     "block_sparse_attention",
-    "clear_cache",
     "device_reason",
     "from_kernel_order",
     "run",

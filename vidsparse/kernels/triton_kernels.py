@@ -642,6 +642,15 @@ _DQ_SPACE = {
 }
 
 
+#: role -> (JIT kernel, autotune space), for tools that compile the kernels ahead of time
+#: (benchmarks/offline_compile.py reads registers, spills and SASS per shipped config).
+KERNELS = {
+    "fwd": (_fwd_kernel, _FWD_SPACE),
+    "dkdv": (_bwd_dkdv_kernel, _DKDV_SPACE),
+    "dq": (_bwd_dq_kernel, _DQ_SPACE),
+}
+
+
 def _space_for(space: dict, head_dim: int) -> list[tuple[int, int, int, int]]:
     return space[64 if head_dim <= 64 else 128 if head_dim <= 128 else 256]
 
@@ -787,7 +796,7 @@ def _launch(
     kernel[grid(grid_rows // tile)](*args, **consts, **config.kwargs())
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
+def tma_ok(t: torch.Tensor) -> bool:
     """Whether [B, S, H, D] ``t`` can be read by tensor descriptors: unit last stride, 16-byte
     aligned base and row/head/batch strides (TMA's rules)."""
     es = t.element_size()
@@ -810,7 +819,7 @@ def tma_enabled(device: torch.device) -> bool:
 _ALLOCATOR_SET = False
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Device-side tensor descriptors live in a small global scratch buffer that Triton asks
     the host to allocate; hand it torch's caching allocator (once)."""
     global _ALLOCATOR_SET
@@ -900,10 +909,10 @@ def forward(q, k, v, p: PlanArgs, scale: float, config: TileConfig | None = None
     args = (q, k, v, out, lse, rows, valid, *tensors, order, scale, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(out), *strides, H,
             p.padded_len, p.masks.shape[0])  # fmt: skip
     tma = tma_enabled(q.device)
-    use_tma = p.rows is None and tma and _tma_ok(k) and _tma_ok(v)
+    use_tma = p.rows is None and tma and tma_ok(k) and tma_ok(v)
     mask_tma = tma and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
     if use_tma or mask_tma:
-        _ensure_allocator()
+        ensure_allocator()
     flags = {**_flags(q, p), "USE_TMA": use_tma, "MASK_TMA": mask_tma, "NEG_SCALE": scale < 0}
     _launch(_fwd_kernel, _fwd_tuned, _FWD_SPACE, p.padded_len, B * H, args, flags, q, p.block, config, "BLOCK_M", "fwd",
             heads_first=True)  # fmt: skip
@@ -949,9 +958,9 @@ def backward(
     mask_tma = tma and p.masks.is_contiguous() and p.masks.data_ptr() % 16 == 0
     # dK/dV in contiguous kernel order reads its Q and dO tiles through descriptors (the
     # per-row address registers were what spilled at 32x64/w8).
-    dkdv_tma = p.rows is None and tma and _tma_ok(q) and _tma_ok(do)
+    dkdv_tma = p.rows is None and tma and tma_ok(q) and tma_ok(do)
     if mask_tma or dkdv_tma or p.rows is None:
-        _ensure_allocator()
+        ensure_allocator()
     flags = {**_flags(q, p), "MASK_TMA": mask_tma}
     base = (*_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq))
     n_masks = p.masks.shape[0]
@@ -976,6 +985,6 @@ def backward(
 
     _, tensors, strides = _common(p, p.lists, dummy)
     args = (q, k, v, do, dq, lse, delta, rows, valid, *tensors, scale, *base, *strides, H, S_pad, n_masks)
-    dq_flags = {**flags, "USE_TMA": p.rows is None and tma and _tma_ok(k) and _tma_ok(v)}
+    dq_flags = {**flags, "USE_TMA": p.rows is None and tma and tma_ok(k) and tma_ok(v)}
     _launch(_bwd_dq_kernel, _dq_tuned, _DQ_SPACE, S_pad, B * H, args, dq_flags, q, p.block, dq_config, "BLOCK_M", "dq")
     return dq, dk, dv

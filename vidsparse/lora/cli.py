@@ -242,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from the end), 'none' for no dense block (default: the family's; Radial on Wan keeps "
         "block 0 dense). Use the same value at inference.",
     )
-    from vidsparse.cli import add_pattern_arguments
+    from vidsparse.pattern_flags import add_pattern_arguments
 
     add_pattern_arguments(parser, default="radial", family_defaults=True)
 
@@ -252,13 +252,13 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
     Raises ValueError (the CLI prints it as a usage error) for anything else.
     """
-    from vidsparse.cli import parse_dense_layers
+    from vidsparse.pattern_flags import parse_dense_layers
 
     return parse_dense_layers(text, error=ValueError, noun="block")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from vidsparse.cli import pattern_options_from_args
+    from vidsparse.pattern_flags import pattern_options_from_args
 
     pattern, options = pattern_options_from_args(args)  # a name: family defaults, as vidsparse.apply
     targets = None

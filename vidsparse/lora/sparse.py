@@ -74,10 +74,4 @@ def enable_gradient_checkpointing(transformer: torch.nn.Module) -> None:
     transformer.enable_gradient_checkpointing(checkpoint)
 
 
-def disable_sparse(transformer: torch.nn.Module) -> None:
-    from vidsparse.pipelines import remove
-
-    remove(transformer)
-
-
-__all__ = ["disable_sparse", "enable_gradient_checkpointing", "enable_sparse", "sparse_config"]
+__all__ = ["enable_gradient_checkpointing", "enable_sparse", "sparse_config"]

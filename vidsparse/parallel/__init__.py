@@ -28,7 +28,6 @@ from vidsparse.parallel.ulysses import heads_per_rank, ulysses_attention
 _LAZY = {
     "parallelize": "vidsparse.parallel.model",
     "unparallelize": "vidsparse.parallel.model",
-    "shard_plans": "vidsparse.parallel.model",
     "run_parallel": "vidsparse.parallel.pipeline",
     "ParallelResult": "vidsparse.parallel.pipeline",
     "decode_parallel": "vidsparse.parallel.vae",
@@ -53,7 +52,6 @@ __all__ = [
     "ParallelResult",
     "ParallelRuntime",
     "RankResult",
-    "shard_plans",
     "check_results",
     "check_same_config",
     "choose_ulysses",

@@ -185,10 +185,6 @@ class ClipExchange:
     gathered: tuple[tuple[int, ...], ...]  # per rank: the global frames it contributes
     remote: tuple[int, ...]  # every frame of other ranks this rank attends, ascending
 
-    @property
-    def remote_frames(self) -> int:
-        return len(self.remote)
-
 
 def exchange_plan(
     pattern: Pattern, layout: VideoLayout, partition: FramePartition, rank: int, layer: int = 0

@@ -35,7 +35,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import families, family_of
-from vidsparse.families.base import Shard, ShardPlan, expand_paths, resolve_path, submodule
+from vidsparse.families.base import Shard, expand_paths, resolve_path, submodule
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.parallel.clip import clip_attention
 from vidsparse.parallel.comm import all_gather_uneven
@@ -52,11 +52,6 @@ _GATHER_HOOK = "vidsparse_parallel_gather"
 _MERGED_ORIGINAL = "_vidsparse_parallel_original_processor"
 #: ``CommStats`` name of the partials ``ShardPlan.merged_attention`` modules all-gather (LTX-2's audio rows).
 MERGED_ROWS_OP = "merged_rows"
-
-
-def shard_plans() -> dict[str, ShardPlan]:
-    """Family name -> shard plan of every family ``vidsparse.parallel`` can run (``Family.shard_plan``)."""
-    return {f.name: f.shard_plan for f in families() if f.shard_plan is not None}
 
 
 @dataclass

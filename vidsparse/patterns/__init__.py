@@ -13,13 +13,26 @@ from vidsparse.patterns.tile import Tile
 from vidsparse.patterns.vmoba import VMoBA
 
 # name -> class, for configs, the CLI and ``vidsparse.make_pattern``.
-PATTERNS: dict[str, type[Pattern]] = {"dense": Dense, "dual-scope": DualScope, "radial": Radial, "vmoba": VMoBA}
-PATTERNS.update({"attention-tile": AttentionTile, "gna": GNA, "tile": Tile})
-PATTERNS["freeswim"] = FreeSwim
+PATTERNS: dict[str, type[Pattern]] = {
+    cls.name: cls for cls in (Dense, Radial, Tile, AttentionTile, GNA, VMoBA, DualScope, FreeSwim)
+}
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
-    PATTERNS[cls.name] = cls
+    """Make a ``Pattern`` subclass reachable by its ``name`` (``make_pattern``, ``vs.apply``,
+    ``vs.attention``); usable as a class decorator. Re-registering the same name replaces
+    the class only if it is the same class (a module reloaded), never a built-in."""
+    if not (isinstance(cls, type) and issubclass(cls, Pattern)):
+        raise TypeError(f"register_pattern expects a vidsparse.Pattern subclass, got {cls!r}.")
+    if cls.name == Pattern.name or not isinstance(cls.name, str) or not cls.name.strip():
+        raise ValueError(
+            f'{cls.__name__} needs its own name: set the class attribute `name: ClassVar[str] = "my-pattern"`.'
+        )
+    key = normalize_pattern_name(cls.name)
+    other = PATTERNS.get(key)
+    if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"Pattern name {key!r} already names {other.__name__}; give {cls.__name__} another name.")
+    PATTERNS[key] = cls
     return cls
 
 

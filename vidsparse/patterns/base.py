@@ -138,20 +138,21 @@ def as_triple(value: int | tuple[int, ...] | list[int]) -> tuple[int, int, int]:
     return (value, value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
-def per_axis(value: int | tuple[int, ...] | list[int], name: str, minimum: int = 1) -> tuple[int, int, int]:
-    """Normalise an int or a 3-sequence to a (t, h, w) tuple of ints >= ``minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a (t, h, w) tuple of ints, got a bool.")
-    if isinstance(value, int):
-        values = (value, value, value)
-    elif (
-        isinstance(value, (tuple, list))
-        and len(value) == 3
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        values = tuple(value)
-    else:
+def per_axis(
+    value: int | tuple[int, ...] | list[int], name: str, minimum: int = 1, allow_full: bool = False
+) -> tuple[int, int, int]:
+    """An int or a (t, h, w) sequence of ints >= ``minimum`` as a tuple; ``-1`` (the full
+    axis) passes too if ``allow_full``. Errors name the option and the offending axis."""
+    hint = " or -1 for the full axis" if allow_full else ""
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
         raise TypeError(f"{name} must be an int or a (t, h, w) tuple of 3 ints, got {value!r}.")
-    if any(v < minimum for v in values):
-        raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}.")
+    values = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(
+            f"{name} must be an int or a (t, h, w) tuple of 3 ints (one per axis: frames, height, "
+            f"width), got {value!r}."
+        )
+    for axis, v in zip("thw", values):
+        if v < minimum and not (allow_full and v == -1):
+            raise ValueError(f"{name} must be >= {minimum}{hint} on every axis, got {values} (axis {axis}).")
     return values  # type: ignore[return-value]

@@ -20,25 +20,20 @@ computes fewer blocks (benchmarks/results/freeswim.md).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar
 
 import torch
 
 from vidsparse.layout import VideoLayout
+from vidsparse.patterns.base import per_axis
 from vidsparse.patterns.gna import window_bounds
 from vidsparse.patterns.tiling import (
     SeparableTiledPattern,
     TileGrid,
     Triple,
-    next_power_of_two,
-    power_of_two_shapes,
+    cheapest_tile,
 )
-
-# Same weighting as GNA's tile choice: a partial block costs its FLOPs plus a mask load.
-_PARTIAL_BLOCK_COST = 0.25
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -81,14 +76,7 @@ class FreeSwim(SeparableTiledPattern):
         if not isinstance(self.inward, bool):
             raise TypeError(f"FreeSwim inward must be a bool, got {self.inward!r}.")
         if self.tile is not None:
-            tile = self.tile
-            if (
-                not isinstance(tile, (tuple, list))
-                or len(tile) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in tile)
-            ):
-                raise TypeError(f"FreeSwim tile must be None or a (t, h, w) tuple of 3 ints >= 1, got {tile!r}.")
-            object.__setattr__(self, "tile", tuple(tile))
+            object.__setattr__(self, "tile", per_axis(self.tile, "FreeSwim tile"))
 
     # -- the window on a grid --------------------------------------------------------
     @property
@@ -124,36 +112,10 @@ class FreeSwim(SeparableTiledPattern):
 
     # -- kernel order ----------------------------------------------------------------
     def tile_grid(self, layout: VideoLayout, block_size: int) -> TileGrid:
-        tile = self.tile if self.tile is not None else _auto_tile(self, layout, block_size)
+        tile = self.tile if self.tile is not None else cheapest_tile(self, layout, block_size)
         return TileGrid(layout.grid, tile)
-
-    def tile_cost(self, layout: VideoLayout, tile: Triple) -> tuple[int, int]:
-        """(non-empty, partial) tile pairs in the tile-major order with ``tile``."""
-        tg = TileGrid(layout.grid, tile)
-        nonempty, whole = 1, 1
-        for axis in range(3):
-            any_, full, _ = tg.tile_relation(axis, self.axis_table(layout, axis))
-            nonempty *= int(any_.sum())
-            whole *= int((any_ & full).sum())
-        return nonempty, nonempty - whole
 
     def describe(self) -> str:
         dh, dw = self.half_window
         mode = "inward" if self.inward else "clipped"
         return f"FreeSwim({mode} window {2 * dh + 1}x{2 * dw + 1} of base {self.base_grid[0]}x{self.base_grid[1]})"
-
-
-@lru_cache(maxsize=64)
-def _auto_tile(pattern: FreeSwim, layout: VideoLayout, block_size: int) -> Triple:
-    """Power-of-two tile of ``block_size`` tokens (fewer on tiny grids) with the lowest block
-    cost; ties prefer wider tiles along w, then h (longer contiguous raster runs)."""
-    caps: Triple = tuple(next_power_of_two(n) for n in layout.grid)  # type: ignore[assignment]
-    volume = min(1 << (block_size.bit_length() - 1), math.prod(caps))
-    best, best_key = None, None
-    for tile in power_of_two_shapes(volume, caps):
-        nonempty, partial = pattern.tile_cost(layout, tile)
-        key = (nonempty + _PARTIAL_BLOCK_COST * partial, -tile[2], -tile[1])
-        if best_key is None or key < best_key:
-            best, best_key = tile, key
-    assert best is not None
-    return best

@@ -19,45 +19,22 @@ and ``GNA(kernel=w * T, stride=T)`` is Sliding Tile Attention with tile ``T``, `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar
 
 import torch
 
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns.base import as_triple
+from vidsparse.patterns.base import as_triple, per_axis
 from vidsparse.patterns.tiling import (
     SeparableTiledPattern,
     TileGrid,
     Triple,
     ceil_div,
-    next_power_of_two,
-    power_of_two_shapes,
+    cheapest_tile,
 )
 
 AXES = ("t", "h", "w")
-# Weight of a partially masked block relative to a whole one in the tile choice (mask
-# load and select in the kernel; the FLOPs are the same).
-_PARTIAL_BLOCK_COST = 0.25
-
-
-def _triple(value, name: str, minimum: int, allow_full: bool = False) -> Triple:
-    """An int or a (t, h, w) sequence of ints -> tuple; ``-1`` (full axis) only if allowed."""
-    hint = " or -1 for the full axis" if allow_full else ""
-    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
-        raise TypeError(f"{name} must be an int or a (t, h, w) tuple of 3 ints, got {value!r}.")
-    values = (value,) * 3 if isinstance(value, int) else tuple(value)
-    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(
-            f"{name} must be an int or a (t, h, w) tuple of 3 ints (one per axis: frames, height, "
-            f"width), got {value!r}."
-        )
-    for axis, v in zip(AXES, values):
-        if v < minimum and not (allow_full and v == -1):
-            raise ValueError(f"{name} must be >= {minimum}{hint} on every axis, got {values} (axis {axis}).")
-    return values  # type: ignore[return-value]
 
 
 def _causal_triple(value) -> tuple[bool, bool, bool]:
@@ -126,11 +103,11 @@ class GNA(SeparableTiledPattern):
         return {**options, "kernel_size": k, "stride": s}
 
     def __post_init__(self) -> None:
-        kernel = _triple(self.kernel_size, "GNA kernel_size", 1, allow_full=True)
-        stride = _triple(self.stride, "GNA stride", 1)
-        dilation = _triple(self.dilation, "GNA dilation", 1)
+        kernel = per_axis(self.kernel_size, "GNA kernel_size", 1, allow_full=True)
+        stride = per_axis(self.stride, "GNA stride", 1)
+        dilation = per_axis(self.dilation, "GNA dilation", 1)
         causal = _causal_triple(self.is_causal)
-        tile = None if self.tile is None else _triple(self.tile, "GNA tile", 1)
+        tile = None if self.tile is None else per_axis(self.tile, "GNA tile", 1)
         for axis, k, s in zip(AXES, kernel, stride):
             if k != -1 and s > k:
                 raise ValueError(
@@ -182,33 +159,8 @@ class GNA(SeparableTiledPattern):
 
     # -- kernel order ----------------------------------------------------------------
     def tile_grid(self, layout: VideoLayout, block_size: int) -> TileGrid:
-        tile = self.tile if self.tile is not None else _auto_tile(self, layout, block_size)
+        tile = self.tile if self.tile is not None else cheapest_tile(self, layout, block_size)
         return TileGrid(layout.grid, tile, self.dilation)
 
-    def tile_cost(self, layout: VideoLayout, tile: Triple) -> tuple[int, int]:
-        """(non-empty, partial) tile pairs of the tile-major order with ``tile`` (per block if
-        a tile is one block): counted per axis, as the mask is a product over axes."""
-        tg = TileGrid(layout.grid, tile, self.dilation)
-        nonempty, whole = 1, 1
-        for axis in range(3):
-            any_, full, valid = tg.tile_relation(axis, self.axis_table(layout, axis))
-            nonempty *= int(any_.sum())
-            whole *= int((any_ & full).sum())
-        return nonempty, nonempty - whole
-
-
-@lru_cache(maxsize=256)
-def _auto_tile(pattern: GNA, layout: VideoLayout, block_size: int) -> Triple:
-    """The power-of-two tile of ``block_size`` tokens (fewer on tiny grids) with the lowest
-    block cost; ties prefer wider tiles along w, then h (longer contiguous raster runs)."""
-    sub = [ceil_div(n, d) for n, d in zip(layout.grid, pattern.dilation)]
-    caps: Triple = tuple(next_power_of_two(m) for m in sub)  # type: ignore[assignment]
-    volume = min(1 << (block_size.bit_length() - 1), math.prod(caps))  # a power of two
-    best, best_key = None, None
-    for tile in power_of_two_shapes(volume, caps):
-        nonempty, partial = pattern.tile_cost(layout, tile)
-        key = (nonempty + _PARTIAL_BLOCK_COST * partial, -tile[2], -tile[1])
-        if best_key is None or key < best_key:
-            best, best_key = tile, key
-    assert best is not None
-    return best
+    def tile_dilation(self) -> Triple:
+        return self.dilation  # type: ignore[return-value]

@@ -21,8 +21,8 @@ from typing import ClassVar
 import torch
 
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns.base import as_triple
-from vidsparse.patterns.gna import _triple, window_bounds
+from vidsparse.patterns.base import as_triple, per_axis
+from vidsparse.patterns.gna import window_bounds
 from vidsparse.patterns.tiling import SeparableTiledPattern, TileGrid, Triple, ceil_div
 
 
@@ -51,8 +51,8 @@ class Tile(SeparableTiledPattern):
         return {**options, "tile": tuple(min(t, n) for t, n in zip(as_triple(options["tile"]), layout.grid))}
 
     def __post_init__(self) -> None:
-        tile = _triple(self.tile, "Tile tile", 1)
-        window = _triple(self.window, "Tile window", 1)
+        tile = per_axis(self.tile, "Tile tile", 1)
+        window = per_axis(self.window, "Tile window", 1)
         object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "window", window)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -21,6 +21,10 @@ from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import Pattern
 
 Triple = tuple[int, int, int]
+
+# Weight of a partially masked block relative to a whole one in the tile choice (a mask load
+# and select in the kernel; the FLOPs are the same).
+PARTIAL_BLOCK_COST = 0.25
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -204,6 +208,21 @@ class SeparableTiledPattern(Pattern):
     def video_order(self, layout: VideoLayout, block_size: int) -> torch.Tensor | None:
         return self.tile_grid(layout, block_size).order()
 
+    def tile_dilation(self) -> Triple:
+        """Dilation of the tile-major order (residue classes per axis); none by default."""
+        return (1, 1, 1)
+
+    def tile_cost(self, layout: VideoLayout, tile: Triple) -> tuple[int, int]:
+        """(non-empty, partial) tile pairs of the tile-major order with ``tile`` (per block if
+        a tile is one block): counted per axis, as the mask is a product over axes."""
+        tg = TileGrid(layout.grid, tile, self.tile_dilation())
+        nonempty, whole = 1, 1
+        for axis in range(3):
+            any_, full, _ = tg.tile_relation(axis, self.axis_table(layout, axis))
+            nonempty *= int(any_.sum())
+            whole *= int((any_ & full).sum())
+        return nonempty, nonempty - whole
+
     def tile_relations(self, layout: VideoLayout, tg: TileGrid) -> tuple[torch.Tensor, torch.Tensor]:
         """(any, whole) bool [NT, NT] over tile pairs in tile-major order."""
         rels = [tg.tile_relation(i, self.axis_table(layout, i)) for i in range(3)]
@@ -252,6 +271,24 @@ class SeparableTiledPattern(Pattern):
         ids_nt[partial] = inverse.to(torch.int32)
         out[: tg.num_tiles, : tg.num_tiles] = ids_nt
         return out, masks
+
+
+@lru_cache(maxsize=256)
+def cheapest_tile(pattern: SeparableTiledPattern, layout: VideoLayout, block_size: int) -> Triple:
+    """The power-of-two tile of ``block_size`` tokens (fewer on tiny grids) with the lowest
+    block cost (``tile_cost``, a partial block at ``PARTIAL_BLOCK_COST``); ties prefer wider
+    tiles along w, then h (longer contiguous raster runs)."""
+    sub = [ceil_div(n, d) for n, d in zip(layout.grid, pattern.tile_dilation())]
+    caps: Triple = tuple(next_power_of_two(m) for m in sub)  # type: ignore[assignment]
+    volume = min(1 << (block_size.bit_length() - 1), math.prod(caps))  # a power of two
+    best, best_key = None, None
+    for tile in power_of_two_shapes(volume, caps):
+        nonempty, partial = pattern.tile_cost(layout, tile)
+        key = (nonempty + PARTIAL_BLOCK_COST * partial, -tile[2], -tile[1])
+        if best_key is None or key < best_key:
+            best, best_key = tile, key
+    assert best is not None
+    return best
 
 
 def power_of_two_shapes(volume: int, caps: Triple) -> list[Triple]:

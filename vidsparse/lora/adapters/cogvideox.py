@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from vidsparse.lora.adapters.base import ClipConditionMixin, TrainableVideoModel, first_frame_image, module_fingerprint
-from vidsparse.lora.adapters.text import tiny_text
+from vidsparse.lora.adapters.text import tiny_text, tiny_text_identity
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.flow import NoiseSampler
 
@@ -81,11 +81,7 @@ class CogVideoXModel(TrainableVideoModel):
     # -- identity / validation ----------------------------------------------------------------
     def _compute_text_identity(self) -> str:
         if self._tiny:
-            from vidsparse.models import tiny
-
-            extra = {"encoder": "tiny_text", "dim": self.transformer.config.text_embed_dim,
-                     "len": tiny.TINY_TEXT_LEN, "family": self.family}  # fmt: skip
-            return module_fingerprint(None, extra)
+            return tiny_text_identity(self.transformer.config.text_embed_dim, self.family)
         tok = getattr(self.pipe, "tokenizer", None)
         extra = {"tokenizer": type(tok).__name__, "vocab": getattr(tok, "vocab_size", None),
                  "max_len": self.max_sequence_length}  # fmt: skip

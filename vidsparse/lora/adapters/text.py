@@ -24,6 +24,14 @@ def tiny_text(caption: str, seq_len: int, dim: int) -> tuple[torch.Tensor, torch
     return emb, mask
 
 
+def tiny_text_identity(dim: int, family: str) -> str:
+    """Cache identity of ``tiny_text`` embeddings of width ``dim`` (no encoder weights to hash)."""
+    from vidsparse.models.tiny import TINY_TEXT_LEN
+
+    extra = {"encoder": "vidsparse.lora.adapters.text.tiny_text", "dim": dim, "len": TINY_TEXT_LEN, "family": family}
+    return module_fingerprint(None, extra)
+
+
 class TextEncodersMixin:
     """Text identity and the tiny (no text encoder) switch shared by the three families."""
 
@@ -41,17 +49,7 @@ class TextEncodersMixin:
     def _compute_text_identity(self) -> str:
         pipe = self.pipe  # type: ignore[attr-defined]
         if self.tiny_text:
-            from vidsparse.models import tiny
-
-            return module_fingerprint(
-                None,
-                {
-                    "encoder": "vidsparse.lora.families.tiny_text",
-                    "dim": self._text_dim(),
-                    "len": tiny.TINY_TEXT_LEN,
-                    "family": self.family,
-                },
-            )  # type: ignore[attr-defined]
+            return tiny_text_identity(self._text_dim(), self.family)  # type: ignore[attr-defined]
         parts = {}
         for name in self.text_encoder_names:
             tok = getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
