@@ -347,7 +347,7 @@ def _bench_args(**overrides):
 
 
 def test_random_blocks_pattern_density():
-    from vidsparse.bench import RandomBlocks
+    from vidsparse.benchcore import RandomBlocks
 
     layout = vs.VideoLayout(4, 8, 8)
     p = vs.plan(RandomBlocks(0.25, seed=3), layout, block_size=16)

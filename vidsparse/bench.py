@@ -29,13 +29,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 import vidsparse as vs
+from vidsparse.benchcore import (
+    QUICK_GPU_SHAPES,
+    SHAPES,
+    BenchShape,
+    RandomBlocks,
+    dense_flops,
+    sdpa_candidates,
+    sparse_flops,
+)
 from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
-from vidsparse.layout import VideoLayout
 from vidsparse.patterns.base import Pattern
 from vidsparse.plan import BlockSparsePlan, build_static_plan
 from vidsparse.video_io import check_writable_dir
@@ -47,67 +54,6 @@ CPU_CAVEAT = (
 )
 BACKENDS = ("triton", "sdpa", "flex", "natten")
 DIRECTIONS = ("fwd", "fwd+bwd")
-BWD_FACTOR = 2.5  # FLOPs of forward+backward relative to forward (FlashAttention convention)
-
-
-@dataclass(frozen=True)
-class BenchShape:
-    """One attention call of a model: latent grid after patchify, heads, head dim, text span."""
-
-    name: str
-    frames: int
-    height: int
-    width: int
-    heads: int
-    head_dim: int = 128
-    text_len: int = 0
-    text_position: str = "none"
-    batch: int = 1
-
-    @property
-    def layout(self) -> VideoLayout:
-        return VideoLayout(self.frames, self.height, self.width, self.text_len, self.text_position)  # type: ignore[arg-type]
-
-
-SHAPES: dict[str, BenchShape] = {
-    # Wan2.1-T2V-1.3B, 81 x 480 x 832: 32,760 tokens, 12 heads.
-    "wan-1.3b": BenchShape("wan-1.3b", 21, 30, 52, heads=12),
-    # Wan2.1-T2V-14B, 81 x 720 x 1280: 75,600 tokens, 40 heads.
-    "wan-14b": BenchShape("wan-14b", 21, 45, 80, heads=40),
-    # HunyuanVideo, 129 x 720 x 1280: 118,800 video tokens + 256 text tokens after, 24 heads.
-    "hunyuan": BenchShape("hunyuan", 33, 45, 80, heads=24, text_len=256, text_position="after"),
-    # CPU smoke run (--device cpu --quick).
-    "tiny": BenchShape("tiny", 2, 4, 6, heads=2, head_dim=16, text_len=8, text_position="after"),
-}
-QUICK_GPU_SHAPES = ("wan-1.3b",)
-
-
-@dataclass(frozen=True)
-class RandomBlocks(Pattern):
-    """Synthetic pattern: each video query block keeps ``density`` of the video key blocks
-    (its own block always included, the others at random), all whole blocks.
-
-    Text rows and columns follow the core semantics (always attended).
-    """
-
-    density: float = 0.25
-    seed: int = 0
-
-    name: ClassVar[str] = "random-blocks"
-
-    def video_mask(self, layout, qi, ki, layer=0):  # only whole (2) or empty (0) candidates
-        return torch.ones(torch.broadcast_shapes(qi.shape, ki.shape), dtype=torch.bool, device=qi.device)
-
-    def block_candidates(self, layout, order, block_size, layer=0):
-        n = order.numel() // block_size
-        keep = min(n, max(1, round(self.density * n)))
-        g = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(n, n, generator=g)
-        scores.fill_diagonal_(-1.0)
-        chosen = torch.topk(scores, keep, dim=1, largest=False).indices
-        cand = torch.zeros(n, n, dtype=torch.int8)
-        cand.scatter_(1, chosen, 2)
-        return cand
 
 
 @dataclass
@@ -364,23 +310,6 @@ def _with_backward(fwd: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, 
 # -- FLOPs ---------------------------------------------------------------------------------
 
 
-def computed_blocks(plan: BlockSparsePlan, batch: int, heads: int) -> float:
-    """Blocks a sparse kernel computes over all (batch, head) pairs."""
-    Bp, Hp = plan.kv_counts.shape[:2]
-    return float(plan.kv_counts.double().sum().item()) * (batch // Bp) * (heads // Hp)
-
-
-def sparse_flops(plan: BlockSparsePlan, shape: BenchShape, direction: str) -> float:
-    f = 4.0 * plan.block_size**2 * shape.head_dim * computed_blocks(plan, shape.batch, shape.heads)
-    return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
-
-
-def dense_flops(shape: BenchShape, direction: str) -> float:
-    s = shape.layout.seq_len
-    f = 4.0 * shape.batch * shape.heads * s * s * shape.head_dim
-    return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
-
-
 def format_rate(tflops: float | None) -> str:
     """TFLOP/s with a unit that keeps small (CPU) rates readable: 0.0004 -> '0.4 GFLOP/s'."""
     if tflops is None:
@@ -409,18 +338,6 @@ def _inputs(shape: BenchShape, s: Settings, grad: bool) -> tuple[torch.Tensor, .
     return q, k, v, do
 
 
-def _sdpa_candidates(device: torch.device):
-    from torch.nn.attention import SDPBackend
-
-    if device.type != "cuda":
-        return [("math", SDPBackend.MATH)]
-    return [
-        ("flash", SDPBackend.FLASH_ATTENTION),
-        ("cudnn", SDPBackend.CUDNN_ATTENTION),
-        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-    ]
-
-
 def bench_sdpa(shape: BenchShape, s: Settings, direction: str) -> Row:
     """Dense SDPA, best of the fused kernels available (which one is in ``note``)."""
     import torch.nn.functional as F
@@ -433,7 +350,7 @@ def bench_sdpa(shape: BenchShape, s: Settings, direction: str) -> Row:
         for t in (qt, kt, vt):
             t.requires_grad_(True)
     best, errors = None, []
-    for name, backend in _sdpa_candidates(s.device):
+    for name, backend in sdpa_candidates(s.device):
         try:
             with sdpa_kernel([backend]):
                 fwd = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from vidsparse.benchcore import BWD_FACTOR, SHAPES, RandomBlocks, dense_flops, sdpa_candidates, sparse_flops
 from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
 from vidsparse.video_io import check_writable_dir
 
@@ -480,47 +481,14 @@ def _reference_mask(layout, text_mask: torch.Tensor) -> torch.Tensor:
 # -- stages: attention timing --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TimingShape:
-    name: str
-    grid: tuple[int, int, int]
-    heads: int
-    head_dim: int = 128
-    text_len: int = 0
-    text_position: str = "none"
-
-    def layout(self):
-        import vidsparse as vs
-
-        return vs.VideoLayout(*self.grid, text_len=self.text_len, text_position=self.text_position)  # type: ignore[arg-type]
-
-
-TIMING_SHAPES = {
-    "wan-1.3b": TimingShape("wan-1.3b", (21, 30, 52), 12),
-    "wan-14b": TimingShape("wan-14b", (21, 45, 80), 40),
-    "hunyuan": TimingShape("hunyuan", (33, 45, 80), 24, text_len=256, text_position="after"),
-    "tiny": TimingShape("tiny", (2, 4, 8), 2, head_dim=16, text_len=8, text_position="after"),
-}
 TIMED_PLANS = ("dense", "radial", "tile", "random-25%")
 DRY_PLANS = ("dense", "radial")  # the interpreter is slow: the dry run times two plans
 
 
 def _timed_pattern(label: str, layout, dry: bool):
-    from vidsparse.bench import RandomBlocks
-
     if label.startswith("random-"):
         return RandomBlocks(float(label[len("random-") : -1]) / 100.0, 0)
     return _pattern_for(label, layout, dry)
-
-
-def _attention_flops(plan, shape: TimingShape, direction: str, dense: bool) -> float:
-    bwd = 2.5 if direction == "fwd+bwd" else 1.0
-    if dense:
-        s = plan.layout.seq_len if plan is not None else shape.layout().seq_len
-        return 4.0 * shape.heads * s * s * shape.head_dim * bwd
-    Hp = plan.kv_counts.shape[1]
-    blocks = float(plan.kv_counts.double().sum().item()) * (shape.heads // Hp)
-    return 4.0 * plan.block_size**2 * shape.head_dim * blocks * bwd
 
 
 def _step_fn(fwd: Callable[[], torch.Tensor], leaves, grad: torch.Tensor | None):
@@ -553,16 +521,13 @@ def _time_case(ctx: Ctx, fn) -> tuple[float, float]:
 
 def _sdpa_best(ctx: Ctx, q, k, v, g) -> tuple[str, float, float]:
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    cands = [("math", SDPBackend.MATH)] if ctx.device.type != "cuda" else [
-        ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-        ("efficient", SDPBackend.EFFICIENT_ATTENTION)]  # fmt: skip
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(g is not None) for t in (q, k, v))
     gt = None if g is None else g.transpose(1, 2).contiguous()
     best = None
     errors = []
-    for name, be in cands:
+    for name, be in sdpa_candidates(ctx.device):
         try:
             with sdpa_kernel([be]):
                 fn = _step_fn(lambda: F.scaled_dot_product_attention(qt, kt, vt), (qt, kt, vt), gt)
@@ -582,8 +547,8 @@ def _attention_stage(shape_name: str) -> Callable[[Ctx], dict[str, Any]]:
         from vidsparse.kernels import flex
         from vidsparse.kernels import triton_backend as tb
 
-        shape = TIMING_SHAPES["tiny" if ctx.dry_run else shape_name]
-        layout = shape.layout()
+        shape = SHAPES["tiny" if ctx.dry_run else shape_name]
+        layout = shape.layout
         dtype = torch.float16 if ctx.dry_run else torch.bfloat16
         bs = 16 if ctx.dry_run else 128
         guards = guard_recompiles()
@@ -601,7 +566,7 @@ def _attention_stage(shape_name: str) -> Callable[[Ctx], dict[str, Any]]:
             case: dict[str, Any] = {"plan": "dense", "backend": "sdpa", "direction": direction, "density": 1.0}
             try:
                 name, ms, first = _sdpa_best(ctx, q, k, v, g if direction == "fwd+bwd" else None)
-                flops = _attention_flops(None, shape, direction, True)
+                flops = dense_flops(shape, direction)
                 sdpa[direction] = ms
                 case.update(ms=ms, first_ms=first, kernel=name, flops=flops, tflops=flops / ms / 1e9)
             except Exception as exc:
@@ -624,7 +589,7 @@ def _attention_stage(shape_name: str) -> Callable[[Ctx], dict[str, Any]]:
                 ref_out = None
                 for direction in ("fwd", "fwd+bwd"):
                     grad = g if direction == "fwd+bwd" else None
-                    flops = _attention_flops(plan, shape, direction, False)
+                    flops = sparse_flops(plan, shape, direction)
                     # triton
                     ctx.need(3.0 if ctx.dry_run else 20.0, f"triton {label} {direction}")
                     case = {"plan": label, "backend": "triton", "direction": direction, "density": density,
@@ -733,8 +698,8 @@ def stage_vmoba_keyblock(ctx: Ctx) -> dict[str, Any]:
     import vidsparse as vs
     from vidsparse.kernels import keyblock
 
-    shape = TIMING_SHAPES["tiny" if ctx.dry_run else "wan-1.3b"]
-    layout = shape.layout()
+    shape = SHAPES["tiny" if ctx.dry_run else "wan-1.3b"]
+    layout = shape.layout
     dtype = torch.float16 if ctx.dry_run else torch.bfloat16
     bs = 16 if ctx.dry_run else 128
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
@@ -756,7 +721,7 @@ def stage_vmoba_keyblock(ctx: Ctx) -> dict[str, Any]:
         pairs = float(keyblock.computed_pairs(plan, *tiles).sum())
         for direction in ("fwd", "fwd+bwd"):
             grad = g if direction == "fwd+bwd" else None
-            flops = 4.0 * pairs * shape.head_dim * (2.5 if grad is not None else 1.0)
+            flops = 4.0 * pairs * shape.head_dim * (BWD_FACTOR if grad is not None else 1.0)
             times: dict[str, float] = {}
             outs: dict[str, torch.Tensor] = {}
             base = VMOBA_SOURCES[0][0]  # the others are compared with it

@@ -332,7 +332,10 @@ class Family:
     ``run_parallel`` they run on rank 0 only, the other ranks get an empty tensor.
     ``replicated_decode`` (non-empty: why): the family's pipelines read their own decoded frames
     back (Wan-Animate's next segment starts from the last one's end), so ``run_parallel`` decodes
-    the whole video on every rank instead of per clip on rank 0.
+    the whole video on every rank instead of per clip on rank 0. ``diffusers_cp_refusal``
+    (non-empty: why): diffusers declares a ``_cp_plan`` for the family's transformer, but its
+    context parallelism fails on what the family's pipelines pass, so ``--parallel ulysses``
+    runs vidsparse's own Ulysses for it.
 
     Kernel order: ``kernel_order=True`` says that between the shard plan's cut points (its
     ``inputs`` / ``outputs`` in, its ``gather`` modules out) every operation but self-attention
@@ -387,6 +390,7 @@ class Family:
     clip_decode: ClipDecode | None = None
     main_rank_decode: tuple[str, ...] = ()
     replicated_decode: str = ""
+    diffusers_cp_refusal: str = ""
     kernel_order: bool = False
     tiny: Mapping[str, TinyVariant] = field(default_factory=dict)
     tiny_pipeline: Callable[..., Any] | None = None
@@ -539,6 +543,18 @@ def bcfhw_grid(patch_t: int, patch_h: int, patch_w: int, hidden_states: torch.Te
     """Token grid of latents [B, C, F, H, W] after a (t, h, w) patchify."""
     _, _, f, h, w = hidden_states.shape
     return (f // patch_t, h // patch_h, w // patch_w)
+
+
+def latent_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> Grid:
+    """Token grid of the call's ``hidden_states`` (latents [B, C, F, H, W]) patchified as the
+    transformer's config says: ``patch_size`` (t, h, w) as Wan's, or an int ``patch_size`` (h = w)
+    with ``patch_size_t`` as HunyuanVideo's (absent: 1, as Mochi's). Extra condition channels
+    (I2V latents, masks) leave the grid unchanged."""
+    cfg = model.config
+    patch = cfg.patch_size
+    if isinstance(patch, int):
+        patch = (cfg.get("patch_size_t") or 1, patch, patch)
+    return bcfhw_grid(*patch, kwargs["hidden_states"])
 
 
 def no_text(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:

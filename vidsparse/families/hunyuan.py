@@ -26,10 +26,10 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
     joint_text,
+    latent_grid,
     tiny_dims,
     tiny_masked_prompt_kwargs,
 )
@@ -139,11 +139,6 @@ class HunyuanSparseProcessor(SparseProcessor):
 def _paths(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
     double = indexed_paths("transformer_blocks", "attn")(model)
     return double + indexed_paths("single_transformer_blocks", "attn", offset=len(double))(model)
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    p, pt = model.config.patch_size, model.config.patch_size_t
-    return bcfhw_grid(pt, p, p, kwargs["hidden_states"])
 
 
 # -- parallel ----------------------------------------------------------------------------------
@@ -448,7 +443,7 @@ FAMILY = Family(
     processor_names=("HunyuanVideoAttnProcessor2_0",),
     processor=HunyuanSparseProcessor,
     attention_paths=_paths,
-    grid=_grid,
+    grid=latent_grid,
     text_len=joint_text,
     text_position="after",
     geometries=(VideoGeometry("hunyuan", 4, 8, (1, 2, 2), (129, 720, 1280), 256, "after", fps=15),),

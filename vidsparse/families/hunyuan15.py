@@ -48,9 +48,9 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
+    latent_grid,
 )
 from vidsparse.families.processor import SparseProcessor, project_qkv
 
@@ -126,12 +126,6 @@ class HunyuanVideo15SparseProcessor(SparseProcessor):
 
 
 # -- grid and condition span discovery --------------------------------------------------------
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    """Latents [B, C, F, H, W] (noisy latents + condition latents + mask as channels), patchified."""
-    p, pt = model.config.patch_size, model.config.patch_size_t
-    return bcfhw_grid(pt, p, p, kwargs["hidden_states"])
 
 
 def _condition_len(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
@@ -394,7 +388,7 @@ FAMILY = Family(
     processor_names=("HunyuanVideo15AttnProcessor2_0",),
     processor=HunyuanVideo15SparseProcessor,
     attention_paths=indexed_paths("transformer_blocks", "attn"),
-    grid=_grid,
+    grid=latent_grid,  # latents [B, C, F, H, W]: noisy + condition latents + mask as channels
     text_len=_condition_len,
     text_position="after",
     geometries=(

@@ -43,7 +43,7 @@ rank. The audio->video cross-attention (video queries, audio keys) is local to e
 video->audio one (audio queries over every video key) runs per rank over its video keys and the
 rows are merged exactly by log-sum-exp (``LTX2MergedCrossProcessor``). Ulysses is vidsparse's own:
 diffusers 0.42.1's ``_cp_plan`` for this model fails on the pipeline's inputs
-(``vidsparse.parallel.diffusers_cp.CP_PLAN_FAILS``). The video VAE decodes per clip
+(its record's ``diffusers_cp_refusal``). The video VAE decodes per clip
 (``CLIP_DECODE``); the audio VAE and vocoder run once, on rank 0 (``MAIN_RANK_DECODE``). A call with
 ``video_self_attention_mask`` (IC-LoRA) is refused.
 
@@ -652,6 +652,13 @@ FAMILY = Family(
     lora_refusal=LORA_REFUSAL,
     lora_refusals=dict.fromkeys(PIPELINES, LORA_REFUSAL),
     shard_plan=SHARD_PLAN,
+    diffusers_cp_refusal=(
+        "diffusers 0.42.1's LTX-2 _cp_plan cuts the prompt's attention mask with the text, and its Ulysses "
+        "cross-attention then fails on the mask's shape (LTX2Pipeline always passes the mask; even without "
+        "vidsparse: 'output with shape [2, 1, 96, 8] doesn't match the broadcast shape [2, 2, 96, 8]'); it also "
+        "cuts split-RoPE tables [B, H, S, D/2] (LTX-2.3) along the heads and leaves the video RoPE of the "
+        "audio<->video cross-attention (cross_attn_rope) whole"
+    ),
     clip_decode=CLIP_DECODE,
     main_rank_decode=MAIN_RANK_DECODE,
     tiny={

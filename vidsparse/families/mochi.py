@@ -29,10 +29,10 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
     joint_text,
+    latent_grid,
     tiny_masked_prompt_kwargs,
 )
 from vidsparse.families.decode import ClipDecode, DecodeWindow, causal_window, first_frame_pixels
@@ -93,14 +93,6 @@ class MochiSparseProcessor(SparseProcessor):
         if hasattr(attn, "to_add_out"):
             encoder_out = attn.to_add_out(encoder_out)
         return out, encoder_out
-
-
-# -- grid -------------------------------------------------------------------------------------
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    p = model.config.patch_size
-    return bcfhw_grid(1, p, p, kwargs["hidden_states"])
 
 
 # -- parallel ----------------------------------------------------------------------------------
@@ -249,7 +241,7 @@ FAMILY = Family(
     processor_names=("MochiAttnProcessor2_0",),
     processor=MochiSparseProcessor,
     attention_paths=indexed_paths("transformer_blocks", "attn1"),
-    grid=_grid,
+    grid=latent_grid,
     text_len=joint_text,
     text_position="after",
     geometries=(VideoGeometry("mochi", 6, 8, (1, 2, 2), (163, 480, 848), 256, "after", fps=30),),

@@ -40,9 +40,9 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
+    latent_grid,
     no_text,
 )
 from vidsparse.families.wan import FAMILY as WAN
@@ -84,11 +84,6 @@ class SkyReelsSparseProcessor(WanSparseProcessor):
                 "the model's own dense attention (use causal_block_size=1 for sparse attention).",
             )
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    """Latents [B, C, F, H, W] patchified by ``config.patch_size`` (t, h, w)."""
-    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
 
 
 # -- parallel ---------------------------------------------------------------------------------
@@ -206,7 +201,7 @@ FAMILY = Family(
     processor_names=("SkyReelsV2AttnProcessor",),
     processor=SkyReelsSparseProcessor,
     attention_paths=indexed_paths("blocks", "attn1"),
-    grid=_grid,
+    grid=latent_grid,
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("skyreels-v2", 4, 8, (1, 2, 2), (97, 544, 960), fps=24),),

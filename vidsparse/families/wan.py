@@ -35,9 +35,9 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
+    latent_grid,
     no_text,
     normalize_name,
     tiny_dims,
@@ -70,7 +70,8 @@ WAN21_T2V_14B = {**WAN21_T2V_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, 
 # -- self-attention processor -----------------------------------------------------------------
 
 
-def _wan_qkv(attn, hidden_states: torch.Tensor):
+def wan_qkv(attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v projections of a Wan attention module (fused ``to_qkv`` when it was fused)."""
     if getattr(attn, "fused_projections", False):
         return attn.to_qkv(hidden_states).chunk(3, dim=-1)
     return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -100,7 +101,7 @@ class WanSparseProcessor(SparseProcessor):
         pattern = self.state.pattern_for(self.layer)
         if pattern is None or encoder_hidden_states is not None or attention_mask is not None:
             return self._dense_any_order(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        query, key, value = _wan_qkv(attn, hidden_states)
+        query, key, value = wan_qkv(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         query = query.unflatten(2, (attn.heads, -1))
@@ -114,14 +115,6 @@ class WanSparseProcessor(SparseProcessor):
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
-
-
-# -- grid discovery ---------------------------------------------------------------------------
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    """Latents [B, C, F, H, W] patchified by ``config.patch_size`` (t, h, w)."""
-    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
 
 
 # -- pattern defaults -------------------------------------------------------------------------
@@ -463,7 +456,7 @@ FAMILY = Family(
     processor_names=("WanAttnProcessor",),
     processor=WanSparseProcessor,
     attention_paths=indexed_paths("blocks", "attn1"),
-    grid=_grid,
+    grid=latent_grid,
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("wan", 4, 8, (1, 2, 2), (81, 480, 832), fps=16), TI2V_GEOMETRY),

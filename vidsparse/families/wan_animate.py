@@ -46,9 +46,9 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
+    latent_grid,
     no_text,
 )
 from vidsparse.families.wan import FAMILY as WAN
@@ -59,12 +59,6 @@ from vidsparse.families.wan import (
     tiny_transformer_kwargs,
     tiny_vae,
 )
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    """Latents [B, 2C + 4, T + 1, H, W] patchified by ``config.patch_size``."""
-    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
-
 
 # -- the pipeline's call (what ``vidsparse generate`` passes it) ------------------------------
 
@@ -195,7 +189,7 @@ FAMILY = Family(
     processor_names=("WanAttnProcessor",),
     processor=WanSparseProcessor,
     attention_paths=indexed_paths("blocks", "attn1"),
-    grid=_grid,
+    grid=latent_grid,  # latents [B, 2C + 4, T + 1, H, W]
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("wan-animate", 4, 8, (1, 2, 2), (77, 720, 1280), fps=30),),

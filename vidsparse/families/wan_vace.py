@@ -34,9 +34,9 @@ from vidsparse.families.base import (
     TinyRequest,
     TinyVariant,
     VideoGeometry,
-    bcfhw_grid,
     finish_tiny_pipeline,
     indexed_paths,
+    latent_grid,
     no_text,
 )
 from vidsparse.families.wan import FAMILY as WAN
@@ -50,11 +50,6 @@ _MASK_CHANNELS = 8 * 8
 def _attention_paths(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
     main = indexed_paths("blocks", "attn1")(model)
     return main + indexed_paths("vace_blocks", "attn1", offset=len(main))(model)
-
-
-def _grid(model: torch.nn.Module, kwargs: dict[str, Any]):
-    """Latents [B, C, F, H, W] patchified by ``config.patch_size``; control tokens share it."""
-    return bcfhw_grid(*model.config.patch_size, kwargs["hidden_states"])
 
 
 # -- parallel ---------------------------------------------------------------------------------
@@ -131,7 +126,7 @@ FAMILY = Family(
     processor_names=("WanAttnProcessor",),
     processor=WanSparseProcessor,
     attention_paths=_attention_paths,
-    grid=_grid,
+    grid=latent_grid,  # control tokens share the video's grid
     text_len=no_text,
     text_position="none",
     geometries=(VideoGeometry("wan-vace", 4, 8, (1, 2, 2), (81, 480, 832), fps=16),),

@@ -40,31 +40,20 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from vidsparse.attention import attention as sparse_attention
+from vidsparse.families import families
 from vidsparse.families.processor import WrappedProcessor
-from vidsparse.families.wan import wan_rope
+from vidsparse.families.wan import wan_qkv, wan_rope
 from vidsparse.freeswim.cache import CacheReport, CrossAttentionCache, cache_bytes
 from vidsparse.freeswim.config import DualPathConfig
 from vidsparse.layout import VideoLayout
 from vidsparse.patterns.freeswim import FreeSwim
+from vidsparse.pipelines.hooks import empty_state_manager
 
 HOOK_NAME = "vidsparse-freeswim"
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")
-
-# Transformers without a cross-attention to override, and why (for the refusal message).
-_NO_CROSS_ATTENTION = {
-    "HunyuanVideoTransformer3DModel": "HunyuanVideo attends text jointly inside self-attention",
-    "CogVideoXTransformer3DModel": "CogVideoX attends text jointly inside self-attention",
-    "MochiTransformer3DModel": "Mochi attends text jointly inside self-attention",
-}
-
-
-class _NoState(BaseState):
-    def reset(self, *args, **kwargs) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -178,12 +167,6 @@ class DualPathState:
 
 
 # -- processors -----------------------------------------------------------------------------
-def _qkv(attn, hidden_states: torch.Tensor):
-    if getattr(attn, "fused_projections", False):
-        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-
-
 class _DualProcessor(WrappedProcessor):
     state: DualPathState
 
@@ -203,7 +186,7 @@ class DualSelfAttnProcessor(_DualProcessor):
         if call is None or encoder_hidden_states is not None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         cfg = self.state.config
-        query, key, value = _qkv(attn, hidden_states)
+        query, key, value = wan_qkv(attn, hidden_states)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -302,7 +285,7 @@ class DualPathHook(ModelHook):
     def __init__(self, state: DualPathState) -> None:
         super().__init__()
         self.state = state
-        self.context_manager = StateManager(_NoState)  # diffusers' cache_context lands here
+        self.context_manager = empty_state_manager()
         self._signature: inspect.Signature | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -362,7 +345,10 @@ def check_wan_transformer(transformer: Any) -> None:
 
     name = type(transformer).__name__
     if not isinstance(transformer, diffusers.WanTransformer3DModel):
-        why = _NO_CROSS_ATTENTION.get(name, "it is not a Wan transformer")
+        why = "it is not a Wan transformer"
+        family = next((f for f in families() if f.matches(transformer)), None)
+        if family is not None and family.text_position != "none":  # joint attention: no cross-attention
+            why = f"the {family.name} family attends text jointly inside self-attention"
         raise ValueError(
             f"FreeSwim's dual path replaces cross-attention outputs and is built for the Wan family "
             f"(WanTransformer3DModel); got a {name} ({why}). Use a Wan 2.1/2.2 pipeline, or a plain vidsparse "

@@ -181,12 +181,18 @@ def tiny_models() -> tuple[str, ...]:
     return tuple(names)
 
 
-def _tiny_model(model: str) -> ModelInfo:
-    """``tiny-<name>``: a family record's random-init pipeline (``families.tiny_pipeline_of``)."""
+def tiny_family_pipeline(model: str) -> tuple[Family, str | None, str]:
+    """(family, variant, pipeline class) of ``--model tiny-<name>`` (``families.tiny_pipeline_of``),
+    or a ValueError listing the embedded ones (``generate`` and ``train-lora`` read it the same)."""
     found = tiny_pipeline_of(model[len(TINY) + 1 :])
     if found is None:
         raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
-    family, variant, pipeline_class = found
+    return found
+
+
+def _tiny_model(model: str) -> ModelInfo:
+    """``tiny-<name>``: a family record's random-init pipeline."""
+    family, variant, pipeline_class = tiny_family_pipeline(model)
     geo = family.geometry
     if variant in family.tiny_geometries:
         geo = next(g for g in family.geometries if g.name == variant)
@@ -276,5 +282,6 @@ __all__ = [
     "pipeline_class_of",
     "read_model_config",
     "resolve_model",
+    "tiny_family_pipeline",
     "tiny_models",
 ]

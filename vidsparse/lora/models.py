@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vidsparse.families import families as registered_families
-from vidsparse.families import family_of_pipeline, tiny_pipeline_of
+from vidsparse.families import family_of_pipeline
 from vidsparse.lora.adapters.base import TrainableVideoModel, module_fingerprint
 
 TINY_MODEL = "tiny"
@@ -70,12 +70,9 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> TrainableVideo
 
 def _tiny_family_pipeline(model: str, dtype: torch.dtype):
     """``tiny-<name>``: a family record's embedded random-init pipeline (as ``vidsparse generate``)."""
-    found = tiny_pipeline_of(model[len(TINY_MODEL) + 1 :])
-    if found is None:
-        from vidsparse.generation.model import tiny_models
+    from vidsparse.generation.model import tiny_family_pipeline
 
-        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
-    family, variant, _ = found
+    family, variant, _ = tiny_family_pipeline(model)
     return family.tiny_pipeline(seed=0, dtype=dtype, **({"variant": variant} if variant is not None else {}))
 
 

@@ -1,7 +1,7 @@
 """``--parallel ulysses`` through diffusers' own context parallelism where the model has a ``_cp_plan``.
 
 diffusers ships Ulysses for transformers whose class declares a ``_cp_plan`` (in diffusers 0.42.1:
-Wan 2.1 / 2.2, LTX-Video, LTX-2; LTX-Video's and LTX-2's fail on their pipelines' prompt mask, ``CP_PLAN_FAILS``): ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
+Wan 2.1 / 2.2, LTX-Video, LTX-2; LTX-Video's and LTX-2's fail on their pipelines' prompt mask, ``Family.diffusers_cp_refusal``): ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
 cuts the sequence evenly where the plan says, runs every attention with an all-to-all
 (sequence shards -> all tokens for ``H / N`` heads) and gathers the output. ``vidsparse.apply`` composes
 with it (``pipelines/hooks.py``: each sparse self-attention does the all-to-all itself and plans the
@@ -30,6 +30,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from vidsparse.attention import attention
+from vidsparse.families import family_of
 from vidsparse.layout import VideoLayout
 from vidsparse.parallel.runtime import ParallelRuntime, guard
 from vidsparse.patterns import Dense, Pattern
@@ -37,30 +38,11 @@ from vidsparse.patterns import Dense, Pattern
 #: ``run_parallel(..., ulysses=...)`` / ``VIDSPARSE_ULYSSES``: which Ulysses implementation runs.
 ULYSSES_IMPLEMENTATIONS = ("auto", "diffusers", "vidsparse")
 
-#: Transformers whose ``_cp_plan`` diffusers declares but whose context parallelism fails on the
-#: inputs their pipeline passes (diffusers 0.42.1, tested on 2 gloo ranks): vidsparse's Ulysses runs them.
-CP_PLAN_FAILS = {
-    "LTXVideoTransformer3DModel": (
-        "diffusers 0.42.1's LTX-Video _cp_plan cuts the prompt's attention mask with the text, and its Ulysses "
-        "cross-attention then fails on the mask's shape (LTXPipeline always passes the mask; even without "
-        "vidsparse: 'output with shape [2, 1, 6, 8] doesn't match the broadcast shape [2, 2, 6, 8]')"
-    ),
-    "LTX2VideoTransformer3DModel": (
-        "diffusers 0.42.1's LTX-2 _cp_plan cuts the prompt's attention mask with the text, and its Ulysses "
-        "cross-attention then fails on the mask's shape (LTX2Pipeline always passes the mask; even without "
-        "vidsparse: 'output with shape [2, 1, 96, 8] doesn't match the broadcast shape [2, 2, 96, 8]'); it also "
-        "cuts split-RoPE tables [B, H, S, D/2] (LTX-2.3) along the heads and leaves the video RoPE of the "
-        "audio<->video cross-attention (cross_attn_rope) whole"
-    ),
-}
-
 _CHECK_HANDLE = "_vidsparse_cp_check"
 _GUARD_HOOK = "vidsparse_cp_guard"
 
 
 def _self_attention_heads(transformer: torch.nn.Module) -> int | None:
-    from vidsparse.families import family_of
-
     paths = family_of(transformer).attention_paths(transformer)
     if not paths:
         return None
@@ -82,8 +64,9 @@ def diffusers_ulysses_refusal(
     name = type(transformer).__name__
     if getattr(type(transformer), "_cp_plan", None) is None:
         return f"{name} has no _cp_plan in diffusers {diffusers.__version__}"
-    if name in CP_PLAN_FAILS:
-        return CP_PLAN_FAILS[name]
+    refusal = family_of(transformer).diffusers_cp_refusal
+    if refusal:
+        return refusal
     n = runtime.world_size
     if runtime.group is not None or not dist.is_initialized() or dist.get_world_size() != n:
         return "the run uses a sub-group of the processes; diffusers' device mesh spans the whole world"
@@ -155,8 +138,6 @@ class _SplitCheck:
     """
 
     def __init__(self, transformer: torch.nn.Module, world_size: int) -> None:
-        from vidsparse.families import family_of
-
         self.world_size = world_size
         self.family = family_of(transformer)
         self.inputs = dict(type(transformer)._cp_plan.get("", {}))

@@ -78,10 +78,14 @@ HOOK_NAME = "vidsparse"
 
 
 class _NoState(BaseState):
-    """diffusers sets the cache context on a hook's StateManager; vidsparse keeps its own state."""
-
     def reset(self, *args, **kwargs) -> None:
         pass
+
+
+def empty_state_manager() -> StateManager:
+    """The ``context_manager`` of a vidsparse hook: diffusers' ``cache_context`` sets the context on
+    every StateManager attribute of a stateful hook, but vidsparse hooks keep their own state."""
+    return StateManager(_NoState)
 
 
 def _caches_across_steps(transformer: torch.nn.Module) -> bool:
@@ -481,8 +485,7 @@ class VidsparseHook(ModelHook):
     def __init__(self, state: SparseState) -> None:
         super().__init__()
         self.state = state
-        # diffusers' cache_context sets the context on every StateManager attribute of a stateful hook.
-        self.context_manager = StateManager(_NoState)
+        self.context_manager = empty_state_manager()
         self._signature: inspect.Signature | None = None
         self._torch_handle: torch.utils.hooks.RemovableHandle | None = None
         self._order_handles: list[torch.utils.hooks.RemovableHandle] = []
