@@ -355,14 +355,14 @@ def markdown(rep: dict[str, Any]) -> str:
 
 
 def write(rep: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    from vidsparse.video_io import atomic_output
+    from vidsparse.atomic import atomic_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", rep["device"].lower()).strip("-") or "device"
     base = out_dir / f"transformer_{slug}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     paths = base.with_suffix(".json"), base.with_suffix(".md")
     for path, text in zip(paths, (json.dumps(rep, indent=1) + "\n", markdown(rep))):
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return paths
 

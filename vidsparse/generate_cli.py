@@ -28,7 +28,7 @@ from pathlib import Path
 
 from vidsparse.cli import seconds_since_process_start
 from vidsparse.errors import UserError
-from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_options_from_args
+from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_settings_from_args
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
 from vidsparse.kernels.backends import backend_choices
 from vidsparse.pattern_flags import add_pattern_arguments, parse_dense_layers, pattern_options_from_args
@@ -232,22 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _freeswim_settings(args: argparse.Namespace) -> dict | None:
     """--freeswim and its flags -> GenerateOptions.freeswim (the FreeSwimOptions fields generate does not own)."""
-    from dataclasses import asdict
-
-    from vidsparse.generation.freeswim import SETTINGS
-
     if not args.freeswim:
         given = [f for f, v in (("--base-size", args.base_size), ("--cache-budget", args.cache_budget)) if v]
         if given:
             raise UserError(f"{' and '.join(given)} apply to --freeswim; add --freeswim or drop them.")
         return None
-    try:  # the command's own values are placeholders here: generate resolves and owns them
-        fs = freeswim_options_from_args(
-            args, height=0, width=0, num_frames=0, num_inference_steps=0, guidance_scale=0.0, seed=args.seed
-        )
+    try:  # generate owns the target size, frames, steps, guidance and seed
+        return freeswim_settings_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return {k: v for k, v in asdict(fs).items() if k in SETTINGS}
 
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
@@ -316,11 +309,11 @@ def run(args: argparse.Namespace) -> int:
         return 0  # --parallel: rank 0 prints the summary and writes --json
     print(format_summary(result), flush=True)
     if args.json:
-        from vidsparse.video_io import atomic_output
+        from vidsparse.atomic import atomic_path
 
         path = Path(args.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return 0
 

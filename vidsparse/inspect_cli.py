@@ -438,11 +438,11 @@ def run(args: argparse.Namespace) -> int:
     report = inspect_pattern(args)
     print(format_report(report))
     if args.json:
-        from vidsparse.video_io import atomic_output
+        from vidsparse.atomic import atomic_path
 
         path = Path(args.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     return 0
 

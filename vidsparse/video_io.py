@@ -1,8 +1,8 @@
 """Video files: atomic writing of generated frames (mp4 via ffmpeg, gif via Pillow).
 
 A generated video is the product of minutes of GPU time, and an output path is often a
-file the user already has. So a video is written through :func:`vidsparse.atomic.atomic_path`
-(here also exported as ``atomic_output``): a temporary file in the destination directory,
+file the user already has. So a video is written through :func:`vidsparse.atomic.atomic_path`:
+a temporary file in the destination directory,
 fsynced, then moved over the destination with ``os.replace``. If anything fails or the user
 presses Ctrl-C, the temporary file is removed and an existing file is left untouched.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidsparse.atomic import atomic_path as atomic_output  # re-exported: callers write reports with it
+from vidsparse.atomic import atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -146,7 +146,7 @@ def write_video(path: str | os.PathLike, frames, fps: int = 16, quality: int = 8
         raise ValueError(f"fps must be a positive number, got {fps!r}.")
     video = as_uint8_frames(frames)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(p) as tmp:
+    with atomic_path(p) as tmp:
         if p.suffix.lower() == ".gif":
             _write_gif(tmp, video, fps)
         else:
@@ -236,7 +236,6 @@ def ssim(a: np.ndarray | Sequence, b: np.ndarray | Sequence, window: int = 7) ->
 __all__ = [
     "VIDEO_SUFFIXES",
     "as_uint8_frames",
-    "atomic_output",
     "check_output_file",
     "check_video_path",
     "check_writable_dir",

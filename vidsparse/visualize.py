@@ -111,7 +111,7 @@ def plot_plan(
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from vidsparse.video_io import atomic_output
+    from vidsparse.atomic import atomic_path
 
     layout, bs = plan.layout, plan.block_size
     p = Path(path).expanduser()
@@ -237,7 +237,7 @@ def plot_plan(
         wrapped = "\n".join(textwrap.fill(line, 110) for line in title.splitlines())
         left.suptitle(wrapped, fontsize=9)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(p) as tmp:
+    with atomic_path(p) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return p

@@ -1,8 +1,10 @@
 """Command-line flags of ``vidsparse generate --freeswim`` and their translation into options.
 
 The command owns ``--height``/``--width`` (the target), ``--frames``, ``--steps``, ``--guidance``,
-``--seed``, ``--backend`` and ``--block-size``; ``freeswim_options_from_args`` takes those values
-from the caller so this module does not depend on the command's attribute names. Bad values
+``--seed``, ``--backend`` and ``--block-size``; ``freeswim_settings_from_args`` gives the other
+``FreeSwimOptions`` fields (what ``GenerateOptions.freeswim`` holds), and ``freeswim_options_from_args``
+takes the command's values from the caller, so this module does not depend on the command's
+attribute names. Bad values
 raise ValueError with the flag's name (the command turns it into its one-line user error).
 This module imports no CLI module.
 """
@@ -91,6 +93,26 @@ def _scale(text: str) -> str | float:
     return value
 
 
+def freeswim_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed FreeSwim flags as ``FreeSwimOptions`` fields: all but the command's own values
+    (target size, frames, steps, guidance, seed, backend), which each command owns and adds."""
+    base: tuple[Any, Any] = (None, None)
+    if args.base_size is not None:
+        base = parse_size(args.base_size)
+    if args.cache_interval is None or args.cache_interval < 1:
+        raise ValueError(f"--cache-interval must be >= 1 (1 = no cache), got {args.cache_interval!r}.")
+    return dict(
+        base_height=base[0],
+        base_width=base[1],
+        strength=args.strength,
+        flow_shift=args.flow_shift,
+        cache_interval=args.cache_interval,
+        attention_scale=_scale(args.freeswim_scale),
+        cache_budget_bytes=None if args.cache_budget is None else parse_bytes(args.cache_budget),
+        cache_overflow=args.cache_overflow,
+    )
+
+
 def freeswim_options_from_args(
     args: argparse.Namespace,
     *,
@@ -107,28 +129,15 @@ def freeswim_options_from_args(
     """``FreeSwimOptions`` from the parsed FreeSwim flags plus the command's own values."""
     from vidsparse.freeswim.two_stage import FreeSwimOptions
 
-    base: tuple[Any, Any] = (None, None)
-    if args.base_size is not None:
-        base = parse_size(args.base_size)
-    if args.cache_interval is None or args.cache_interval < 1:
-        raise ValueError(f"--cache-interval must be >= 1 (1 = no cache), got {args.cache_interval!r}.")
-    budget = None if args.cache_budget is None else parse_bytes(args.cache_budget)
     return FreeSwimOptions(
         height=height,
         width=width,
         num_frames=num_frames,
-        base_height=base[0],
-        base_width=base[1],
-        strength=args.strength,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        flow_shift=args.flow_shift,
-        cache_interval=args.cache_interval,
-        attention_scale=_scale(args.freeswim_scale),
-        cache_budget_bytes=budget,
-        cache_overflow=args.cache_overflow,
         backend=backend,
         block_size=block_size,
         seed=seed,
         output_type=output_type,
+        **freeswim_settings_from_args(args),
     )

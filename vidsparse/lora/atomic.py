@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vidsparse.atomic import atomic_path, fsync_dir, write_json
+from vidsparse.atomic import atomic_path
 
 
 def save_tensors(
@@ -29,4 +29,4 @@ def torch_save(dest: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-__all__ = ["atomic_path", "fsync_dir", "save_tensors", "torch_save", "write_json"]
+__all__ = ["save_tensors", "torch_save"]

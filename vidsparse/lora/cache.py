@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from vidsparse.atomic import write_json
 from vidsparse.lora.adapters.base import TrainableVideoModel
-from vidsparse.lora.atomic import save_tensors, write_json
+from vidsparse.lora.atomic import save_tensors
 from vidsparse.lora.data import ClipSpec, VideoReadError, VideoSample, read_clip
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidsparse.lora.atomic import fsync_dir, save_tensors, torch_save, write_json
+from vidsparse.atomic import fsync_dir, write_json
+from vidsparse.lora.atomic import save_tensors, torch_save
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"

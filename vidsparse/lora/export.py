@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vidsparse.lora.atomic import fsync_dir, write_json
+from vidsparse.atomic import fsync_dir, write_json
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: the low-noise expert's LoRA of a two-expert Wan 2.2 pipeline (``load_into_transformer_2=True``)

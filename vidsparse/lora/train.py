@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from vidsparse.atomic import atomic_path, write_json
 from vidsparse.kernels.backends import check_runs_on
-from vidsparse.lora.atomic import atomic_path, write_json
 from vidsparse.lora.cache import (
     CachedSample,
     CacheReport,
