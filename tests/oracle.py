@@ -43,3 +43,12 @@ def random_text_mask(layout: VideoLayout, batch: int) -> torch.Tensor | None:
     for b in range(1, batch):
         tm[b, layout.text_len - min(layout.text_len - 1, 2 * b) :] = False
     return tm
+
+
+def natural_mask(pattern, layout: VideoLayout, q, k, layer: int, block_size: int = 16) -> torch.Tensor:
+    """The pattern's token mask for these q, k as bool [B or 1, H, S, S] (a dynamic pattern's
+    is per sample already; a static one gets a batch axis of 1)."""
+    import vidsparse as vs
+
+    m = vs.token_mask(pattern, layout, q=q, k=k, layer=layer, block_size=block_size)
+    return m if m.dim() == 4 else m.unsqueeze(0)

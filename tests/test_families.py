@@ -3,7 +3,7 @@ layout, token locality under local patterns, and every registered sparse pattern
 
 import pytest
 import torch
-from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel
+from family_checks import SPARSE_OPTIONS, SameFrame, SamePixel, config
 
 import vidsparse as vs
 from vidsparse.models import tiny_inputs, tiny_transformer
@@ -67,19 +67,12 @@ def shared():
         vs.remove(model)
 
 
-def _config(pattern, **kw):
-    kw.setdefault("backend", "torch")
-    kw.setdefault("dense_first_steps", 0)
-    kw.setdefault("dense_layers", ())
-    return vs.SparseConfig(pattern, **kw)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_pattern_equals_unpatched_and_remove_is_exact(family):
     model, inputs = _setup(family)
     originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     ref = _run(model, inputs)
-    vs.apply(model, _config(vs.Dense()))
+    vs.apply(model, config(vs.Dense()))
     out = _run(model, inputs)
     state = get_state(model)
     assert state.calls["sparse"] == state.num_layers and state.calls["dense"] == 0
@@ -93,7 +86,7 @@ def test_dense_pattern_equals_unpatched_and_remove_is_exact(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_discovered_layout(family):
     model, inputs = _setup(family, batch=1)
-    vs.apply(model, _config("dense"))
+    vs.apply(model, config("dense"))
     state = get_state(model)
     seen = []
     attention = state.attention_fn
@@ -154,13 +147,13 @@ def test_local_patterns_keep_tokens_local(family):
     if family == "hunyuan":
         one_layer["num_single_layers"] = 0
     model, inputs = _setup(family, batch=1, **one_layer)
-    vs.apply(model, _config(SameFrame()))
+    vs.apply(model, config(SameFrame()))
     base = _token_grid(family, _run(model, inputs))
     moved = _token_grid(family, _run(model, _perturb(family, inputs, frame=2)))
     changed = (moved - base).abs().amax(dim=(0, 2, 3, 4)) > 1e-6
     assert changed.tolist() == [False, False, True, False]
 
-    vs.apply(model, _config(SamePixel()))
+    vs.apply(model, config(SamePixel()))
     base = _token_grid(family, _run(model, inputs))
     moved = _token_grid(family, _run(model, _perturb(family, inputs, pixel=(1, 3))))
     changed = (moved - base).abs().amax(dim=(0, 1, 4)) > 1e-6
@@ -178,7 +171,7 @@ def test_sparse_patterns_run_and_differ_from_dense(family, name, shared):
     layout = vs.VideoLayout(4, 4, 4, *TEXT[family])
     if not pattern.dynamic:
         assert not bool(vs.token_mask(pattern, layout).all()), f"{name} options are dense on {layout}"
-    vs.apply(model, _config(pattern))
+    vs.apply(model, config(pattern))
     out = _run(model, inputs)
     assert get_state(model).calls["sparse"] == get_state(model).num_layers
     assert bool(torch.isfinite(out).all())
@@ -188,7 +181,7 @@ def test_sparse_patterns_run_and_differ_from_dense(family, name, shared):
 @pytest.mark.parametrize("family", MAIN_FAMILIES)
 def test_gna_window_covering_the_grid_equals_unpatched(family, shared):
     model, inputs, ref = shared(family)
-    vs.apply(model, _config(vs.make_pattern("gna", kernel_size=(4, 4, 4))))
+    vs.apply(model, config(vs.make_pattern("gna", kernel_size=(4, 4, 4))))
     torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-5)
 
 
@@ -197,7 +190,7 @@ def test_gna_window_covering_the_grid_equals_unpatched(family, shared):
 def test_family_defaults_run_on_tiny_grids(family, name, shared):
     """A pattern *name* gets family defaults adapted to the grid: any registered pattern runs."""
     model, inputs, _ = shared(family)
-    vs.apply(model, _config(name, block_size=16))
+    vs.apply(model, config(name, block_size=16))
     out = _run(model, inputs)
     assert bool(torch.isfinite(out).all())
     assert get_state(model).calls["sparse"] == get_state(model).num_layers
@@ -208,7 +201,7 @@ def test_fused_qkv_projections_are_mirrored():
         model, inputs = _setup(family)
         model.fuse_qkv_projections()
         ref = _run(model, inputs)
-        vs.apply(model, _config("dense"))
+        vs.apply(model, config("dense"))
         torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-5)
         assert get_state(model).calls["sparse"] == get_state(model).num_layers
 
@@ -221,7 +214,7 @@ def test_bf16_dense_matches_unpatched():
         for k, v in inputs.items()
     }
     ref = _run(model, inputs)
-    vs.apply(model, _config("dense"))
+    vs.apply(model, config("dense"))
     out = _run(model, inputs)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
@@ -238,7 +231,7 @@ def test_ltx_grid_from_video_coords():
     }
     by_coords["video_coords"] = coords
     plain = _run(model, by_coords)
-    vs.apply(model, _config("dense"))
+    vs.apply(model, config("dense"))
     state = get_state(model)
     seen = []
     attention = state.attention_fn

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from family_checks import SameFrame, SamePixel, config, sparse_pattern
+from family_checks import SameFrame, SamePixel, config, processors, sparse_pattern
 
 import vidsparse as vs
 from vidsparse.families import family_of_pipeline, get_family
@@ -36,10 +36,6 @@ def _setup(variant="ltx2", grid=(4, 4, 4), batch=2, **overrides):
     if variant == GATED and batch == 2 and overrides.get("num_layers", 2) == 2:
         inputs.update(STG)
     return model, inputs
-
-
-def _processors(model):
-    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
 
 
 def _assert_close(out, ref):
@@ -119,16 +115,16 @@ def test_geometry_uses_the_ltx2_vae_factors():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dense_equals_unpatched_and_remove_is_exact(variant):
     model, inputs = _setup(variant)
-    originals = _processors(model)
+    originals = processors(model)
     ref = _run(model, inputs)
     vs.apply(model, config(vs.Dense()))
-    patched = {n for n, p in _processors(model).items() if p is not originals[n]}
+    patched = {n for n, p in processors(model).items() if p is not originals[n]}
     assert patched == SELF_ATTN  # audio self-attn, text and audio<->video cross-attn keep their processors
     out = _run(model, inputs)
     assert get_state(model).calls == Counter(sparse=2)
     _assert_close(out, ref)  # video and audio outputs
     vs.remove(model)
-    assert all(originals[n] is p for n, p in _processors(model).items())
+    assert all(originals[n] is p for n, p in processors(model).items())
     assert all(torch.equal(o, r) for o, r in zip(_run(model, inputs), ref))
 
 

@@ -22,7 +22,7 @@ from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
 from vidsparse.lora.flow import NoiseSampler
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
+from vidsparse.lora.train import collate_text, flow_loss, lora_config
 from vidsparse.pipelines import apply
 
 # LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
@@ -42,7 +42,7 @@ def cog(request):
     adapter = adapter_for(pipe, "tiny-cogvideox")
     adapter.validate_clip(SPECS[request.param])
     x0 = torch.cat([adapter.encode_video(square_clip(SPECS[request.param], d)) for d in (0, 1)])
-    text = _collate_text([adapter.encode_text(c) for c in CAPTIONS])
+    text = collate_text([adapter.encode_text(c) for c in CAPTIONS])
     return request.param, pipe, adapter, x0, text
 
 
@@ -149,7 +149,7 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(cog, tmp_path):
     transformer = adapter.transformer
     transformer.requires_grad_(False)
     cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4, pattern="radial")
-    transformer.add_adapter(_lora_config(cfg, adapter))
+    transformer.add_adapter(lora_config(cfg, adapter))
     lora = lora_module_names(transformer)
     assert lora == {f"transformer_blocks.{i}.attn1.{m}" for i in range(2) for m in ("to_q", "to_k", "to_v", "to_out.0")}
     t = torch.tensor([300.0, 700.0])

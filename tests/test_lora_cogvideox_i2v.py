@@ -18,7 +18,7 @@ from vidsparse.families.cogvideox import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 # LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def cog(request):
     adapter.validate_clip(spec)
     clip = _clip(spec)
     enc = adapter.encode_clip(clip)
-    text = {**_collate_text([adapter.encode_text("a green square")]), "image_latents": enc["image_latents"]}
+    text = {**collate_text([adapter.encode_text("a green square")]), "image_latents": enc["image_latents"]}
     return v15, pipe, adapter, spec, clip, enc["latents"], text
 
 

@@ -21,7 +21,7 @@ from vidsparse.families.cosmos import tiny_pipeline, tiny_prompt_kwargs
 from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for, refusal
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 SPEC = ClipSpec(9, 32, 48)  # 3 latent frames of 4x6
 CAPTION = "a robot arm stacks blocks"
@@ -70,7 +70,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(version, frames, monke
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
     cond = {k: v for k, v in enc.items() if k != "latents"}
-    text = {**_collate_text([adapter.encode_text(CAPTION)]), **cond}
+    text = {**collate_text([adapter.encode_text(CAPTION)]), **cond}
     n_cond = (frames - 1) // 4 + 1 if frames else 0
     assert cond["condition_indicator"].flatten().tolist() == [1.0] * n_cond + [0.0] * (3 - n_cond)
     # the conditioning frames are the clip's own latent frames (the Wan VAE is causal)

@@ -21,7 +21,7 @@ from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.export import save_lora
 from vidsparse.lora.flow import shift_sigmas
 from vidsparse.lora.models import TrainableVideoModel, adapter_for
-from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
+from vidsparse.lora.train import collate_text, flow_loss, lora_config
 from vidsparse.models.tiny import build_tiny_pipeline
 from vidsparse.pipelines import apply
 
@@ -48,7 +48,7 @@ def tiny_family_pipeline(family: str, seed: int = 0, **kwargs):
 
 def _batch(adapter: TrainableVideoModel, spec: ClipSpec):
     x0 = torch.cat([adapter.encode_video(square_clip(spec, d)) for d in (0, 1)])
-    text = _collate_text([adapter.encode_text(c) for c in CAPTIONS])
+    text = collate_text([adapter.encode_text(c) for c in CAPTIONS])
     return x0, text
 
 
@@ -188,7 +188,7 @@ def test_short_sparse_run_lowers_loss_and_reloads_in_diffusers(family, tmp_path)
     transformer = adapter.transformer
     transformer.requires_grad_(False)
     cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4, pattern="radial")
-    transformer.add_adapter(_lora_config(cfg, adapter))
+    transformer.add_adapter(lora_config(cfg, adapter))
     lora = lora_module_names(transformer)
     assert lora == _expected_lora_modules(fam, transformer)
     attn = {path for path, _, _ in family_of(transformer).attention_paths(transformer)}

@@ -27,7 +27,7 @@ from vidsparse.families.hunyuan15 import tiny_pipeline
 from vidsparse.lora.adapters.wan_i2v import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 SPECS = {"hunyuan15": ClipSpec(9, 32, 48), "hunyuan15-i2v": ClipSpec(9, 48, 64)}  # I2V: a 64-pixel bucket
 CAPTION = 'a sign reading "OPEN"'  # quoted text: the ByT5 glyph encoder runs (its mask is not all zero)
@@ -44,8 +44,8 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
     cond = {k: v for k, v in enc.items() if k != "latents"}
-    text = {**_collate_text([adapter.encode_text(CAPTION)]), **cond}
-    empty = _collate_text([adapter.encode_text("")])
+    text = {**collate_text([adapter.encode_text(CAPTION)]), **cond}
+    empty = collate_text([adapter.encode_text("")])
     assert text["prompt_embeds_mask_2"].any() and not empty["prompt_embeds_mask_2"].any()
     assert not text["prompt_embeds_mask"].all() or not empty["prompt_embeds_mask"].all()  # padding exercised
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))

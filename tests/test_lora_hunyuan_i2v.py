@@ -23,7 +23,7 @@ from vidsparse.families.hunyuan import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 # LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def hunyuan(request):
     adapter.validate_clip(SPEC)
     clip = square_clip_8bit(SPEC)
     enc = adapter.encode_clip(clip, captions=[CAPTION])
-    text = {**_collate_text([adapter.encode_text(CAPTION)]), **{k: v for k, v in enc.items() if k != "latents"}}
+    text = {**collate_text([adapter.encode_text(CAPTION)]), **{k: v for k, v in enc.items() if k != "latents"}}
     return pipe, adapter, clip, enc["latents"], text
 
 

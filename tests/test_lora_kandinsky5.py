@@ -30,7 +30,7 @@ import vidsparse as vs
 from vidsparse.families.kandinsky5 import tiny_pipeline, tiny_prompt_kwargs
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 SPECS = {False: ClipSpec(9, 32, 48), True: ClipSpec(9, 128, 128)}  # NABLA: whole 8x8-token tiles
 CAPTION = "a red square"
@@ -61,7 +61,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(nabla):
     spec = SPECS[nabla]
     adapter.validate_clip(spec)
     x0 = adapter.encode_video(stepping_square_8bit(spec))  # [1, C, f, h, w]; the pipeline's latents are channel-last
-    text = _collate_text([adapter.encode_text(CAPTION)])
+    text = collate_text([adapter.encode_text(CAPTION)])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     last = lambda t: t.permute(0, 2, 3, 4, 1)  # noqa: E731
     calls = []
@@ -134,7 +134,7 @@ def test_i2v_ideal_model_in_the_real_sampler_reaches_the_clip():
     assert made.shape == (1, *x0.shape[2:], 2 * c + 1)
     assert made[:, 1:, ..., :c].eq(0).all() and made[:, 0, ..., :c].abs().max() > 0  # only the image frame
     assert made[:, 0, ..., -1].eq(1).all() and made[:, 1:, ..., -1].eq(0).all() and made[..., c:-1].eq(0).all()
-    text = {**_collate_text([adapter.encode_text(CAPTION)]), "image_condition": made}
+    text = {**collate_text([adapter.encode_text(CAPTION)]), "image_condition": made}
     # the noise the pipeline draws first from a generator seeded as the adapter's (then the image's sample)
     noise = randn_tensor((1, *x0.shape[2:], c), generator=torch.Generator().manual_seed(adapter.image_seed))
     noise = noise.permute(0, 4, 1, 2, 3)
@@ -208,9 +208,9 @@ def test_text_is_the_pipelines_encode_prompt_unpadded():
     x = torch.randn(2, 4, 3, 4, 6, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([300.0, 800.0])
     with torch.no_grad():
-        both = adapter.predict(pipe.transformer, x, t, _collate_text(items))
+        both = adapter.predict(pipe.transformer, x, t, collate_text(items))
         alone = [
-            adapter.predict(pipe.transformer, x[i : i + 1], t[i : i + 1], _collate_text([items[i]])) for i in (0, 1)
+            adapter.predict(pipe.transformer, x[i : i + 1], t[i : i + 1], collate_text([items[i]])) for i in (0, 1)
         ]
     torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-6)
 
@@ -231,7 +231,7 @@ def test_visual_cond_channels_are_the_pipelines():
                                 torch.Generator().manual_seed(0))  # fmt: skip
     assert made.shape[-1] == 2 * c + 1
     torch.testing.assert_close(adapter.model_input(made[..., :c].permute(0, 4, 1, 2, 3), {}), made, rtol=0, atol=0)
-    text = _collate_text([adapter.encode_text(CAPTION)])
+    text = collate_text([adapter.encode_text(CAPTION)])
     with torch.no_grad():
         out = adapter.predict(cond, made[..., :c].permute(0, 4, 1, 2, 3), torch.tensor([500.0]), text)
     assert out.shape == (1, c, *made.shape[1:4])

@@ -18,7 +18,7 @@ from vidsparse.families.ltx import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 # LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def ltx():
     adapter.validate_clip(SPEC)
     clip = square_clip_8bit(SPEC)
     enc = adapter.encode_clip(clip)
-    text = {**_collate_text([adapter.encode_text("a red square")]), "image_latents": enc["image_latents"]}
+    text = {**collate_text([adapter.encode_text("a red square")]), "image_latents": enc["image_latents"]}
     return pipe, adapter, clip, enc["latents"], text
 
 

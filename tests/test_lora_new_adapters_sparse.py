@@ -16,7 +16,7 @@ from vidsparse.families import family_of
 from vidsparse.lora import TrainConfig
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import load_model
-from vidsparse.lora.train import _collate_text, _lora_config, flow_loss
+from vidsparse.lora.train import collate_text, flow_loss, lora_config
 from vidsparse.pipelines import get_state
 
 pytestmark = pytest.mark.slow  # LoRA training runs
@@ -40,10 +40,10 @@ def test_sparse_pattern_is_trained(model, tmp_path):
     encoded = [adapter.encode_clip(square_clip(spec, d)) for d in (0, 1)]
     x0 = torch.cat([e["latents"] for e in encoded])
     cond = {k: torch.cat([e[k] for e in encoded]) for k in encoded[0] if k != "latents"}
-    text = {**_collate_text([adapter.encode_text(c) for c in ("a red square slides", "a blue square")]), **cond}
+    text = {**collate_text([adapter.encode_text(c) for c in ("a red square slides", "a blue square")]), **cond}
     transformer = adapter.transformer
     transformer.requires_grad_(False)
-    transformer.add_adapter(_lora_config(TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4),
+    transformer.add_adapter(lora_config(TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path), rank=4),
                                          adapter))  # fmt: skip
     sigma = torch.tensor([0.35, 0.7])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ from vidsparse.families.skyreels import tiny_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 # LoRA training runs: outside the quick subset (pytest -m "not slow"), always in CI
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip(variant):
     clip = stepping_square_8bit(SPEC, side=12)
     enc = adapter.encode_clip(clip)
     x0 = enc["latents"]
-    text = {**_collate_text([adapter.encode_text("a red square")]), **{k: v for k, v in enc.items() if k != "latents"}}
+    text = {**collate_text([adapter.encode_text("a red square")]), **{k: v for k, v in enc.items() if k != "latents"}}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     kwargs = dict(image=first_frame_image(clip[0])) if variant.endswith("i2v") else {}
     final, calls = pipeline_calls(pipe.transformer, lambda: pipe(

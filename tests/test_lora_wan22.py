@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from lora_checks import lora_module_names
 
 from vidsparse.lora import TrainConfig
 from vidsparse.lora.export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2
@@ -24,10 +25,6 @@ pytestmark = pytest.mark.slow
 
 def _two_expert():
     return build_tiny_pipeline(0, two_stage=True)
-
-
-def _lora_modules(module) -> set[str]:
-    return {n for n, m in module.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
 
 
 def test_routing_is_the_pipelines():
@@ -120,7 +117,7 @@ def test_two_expert_run_trains_each_on_its_side_and_reloads(tmp_path, monkeypatc
     load_lora(ours, out)
     generate_load_lora(gen, out, 1.0)
     for p in (plain, ours, gen):
-        assert _lora_modules(p.transformer) and _lora_modules(p.transformer_2)
+        assert lora_module_names(p.transformer) and lora_module_names(p.transformer_2)
         for got, want in zip(outputs(p), trained):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="transformer_2"):  # a single-transformer Wan cannot take both

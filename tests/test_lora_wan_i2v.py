@@ -20,7 +20,7 @@ from vidsparse.families.wan import tiny_i2v_pipeline
 from vidsparse.lora.adapters.base import first_frame_image
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 
 LAYOUTS = {"wan21": {}, "a14b": {"two_stage": True}, "ti2v": {"ti2v": True}}
 SPECS = {"wan21": ClipSpec(9, 32, 32), "a14b": ClipSpec(9, 32, 32), "ti2v": ClipSpec(9, 64, 64)}
@@ -46,7 +46,7 @@ def layout(request):
     adapter.validate_clip(spec)
     clip = _clip(spec)
     enc = adapter.encode_clip(clip)
-    text = _collate_text([adapter.encode_text("a red square")])
+    text = collate_text([adapter.encode_text("a red square")])
     return name, pipe, adapter, spec, clip, enc, {**text, **{k: v for k, v in enc.items() if k != "latents"}}
 
 

@@ -24,7 +24,7 @@ from lora_checks import (
 from vidsparse.families.wan_vace import tiny_pipeline
 from vidsparse.lora.data import ClipSpec
 from vidsparse.lora.models import adapter_for
-from vidsparse.lora.train import _collate_text
+from vidsparse.lora.train import collate_text
 from vidsparse.models.tiny import encode_prompt_tiny
 
 SPEC = ClipSpec(9, 32, 48)
@@ -40,7 +40,7 @@ def test_ideal_model_in_the_real_sampler_reaches_the_clip():
     z = pipe.vae.config.z_dim
     assert control.shape == (1, 2 * z + 64, *x0.shape[2:])
     assert control[:, 2 * z :].eq(1).all()  # the all-ones mask, folded to 64 channels
-    text = {**_collate_text([adapter.encode_text("a red square")]), "control": control}
+    text = {**collate_text([adapter.encode_text("a red square")]), "control": control}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     final, calls = pipeline_calls(pipe.transformer, lambda: pipe(
         prompt_embeds=text["prompt_embeds"], negative_prompt_embeds=encode_prompt_tiny("", dim=16),

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from oracle import masked_attention, random_qkv, random_text_mask
+from oracle import masked_attention, natural_mask, random_qkv, random_text_mask
 
 import vidsparse as vs
 from vidsparse.patterns import vmoba as vmoba_mod
@@ -136,11 +136,6 @@ def oracle_mask(layout, q, k, layer, mode, scope, tau=0.25, topk=2, chunks=SMALL
 
 def pattern(mode, scope, **extra):
     return VMoBA(**{**SMALL, **extra}, select_mode=mode, scope=scope)
-
-
-def natural_mask(p: VMoBA, layout, q, k, layer, block_size=16):
-    m = vs.token_mask(p, layout, q=q, k=k, layer=layer, block_size=block_size)
-    return m if m.dim() == 4 else m.unsqueeze(0)
 
 
 # -- tests -------------------------------------------------------------------------------

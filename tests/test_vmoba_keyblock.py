@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 from bench_scripts import load_script
-from oracle import masked_attention, random_qkv, random_text_mask
+from oracle import masked_attention, natural_mask, random_qkv, random_text_mask
 
 import vidsparse as vs
 from vidsparse.kernels import keyblock
@@ -21,11 +21,6 @@ LAYOUTS = [
     vs.VideoLayout(3, 5, 4, text_len=5, text_position="after"),
 ]
 MODES = [("threshold", "query"), ("topk", "head"), ("threshold", "head"), ("topk", "query")]
-
-
-def natural_mask(p, layout, q, k, layer, block_size=16):
-    m = vs.token_mask(p, layout, q=q, k=k, layer=layer, block_size=block_size)
-    return m if m.dim() == 4 else m.unsqueeze(0)
 
 
 def pattern(i: int, **extra) -> VMoBA:
@@ -213,7 +208,7 @@ def test_triton_box_partitions_read_a_group_major_copy_by_tma(monkeypatch, layer
 
 
 def test_triton_dkdv_sub_steps_equal_whole_tiles(monkeypatch):
-    """dK/dV walks each packed query tile in sub-steps of ``_DKDV_SUB_M`` rows (a whole 128-row
+    """dK/dV walks each packed query tile in sub-steps of ``DKDV_SUB_M`` rows (a whole 128-row
     step spilled on sm_90): 32-row tiles in 16-row steps give the gradients of masked attention."""
     lay = vs.VideoLayout(3, 4, 4, text_len=5, text_position="after")
     q, k, v = random_qkv(lay, batch=1, heads=2, dim=16, requires_grad=True)
@@ -222,7 +217,7 @@ def test_triton_dkdv_sub_steps_equal_whole_tiles(monkeypatch):
     tm = random_text_mask(lay, 1)
     p = pattern(2, st_chunk=(2, 2, 2))
     plan = vs.plan(p, lay, num_heads=2, layer=2, q=q.detach(), k=k.detach(), block_size=16)
-    monkeypatch.setattr(keyblock_triton, "_DKDV_SUB_M", 16)
+    monkeypatch.setattr(keyblock_triton, "DKDV_SUB_M", 16)
     out = keyblock.attention(q, k, v, plan, text_mask=tm, backend="triton", block_m=32, block_n=16)
     ref = masked_attention(q, k, v, natural_mask(p, lay, q.detach(), k.detach(), 2), lay, tm)
     g = torch.randn_like(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -309,7 +310,17 @@ def _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask,
     return chosen.attention_kernel_order(q, k, v, p, text_mask=text_mask, scale=scale)
 
 
-def run_permuted(run, q, k, v, p: BlockSparsePlan, text_mask, scale, *, return_lse: bool = False):
+def run_permuted(
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: BlockSparsePlan,
+    text_mask: torch.Tensor | None,
+    scale: float | None,
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gather into kernel order, run a backend, scatter back to [B, S, H, D].
 
     ``return_lse=True`` also returns the backend's per-row log-sum-exp scattered to [B, S, H]

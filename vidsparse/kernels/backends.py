@@ -24,9 +24,12 @@ import importlib
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from vidsparse.plan import BlockSparsePlan
 
 AUTO = "auto"
 #: Block size of backends that do not prefer another (``vidsparse.plan.DEFAULT_BLOCK_SIZE``; not
@@ -69,17 +72,42 @@ class Backend:
             return None
         return self.load().device_reason(device, dtype)
 
-    def run(self, q, k, v, plan, key_valid=None, scale=None):
-        """Kernel-order attention [B, H, S_pad, D] -> (out, lse)."""
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: BlockSparsePlan,
+        key_valid: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Kernel-order attention [B, H, S_pad, D] -> (out, lse): the backend-module interface,
+        below ``vidsparse.attention`` (which takes [B, S, H, D] and permutes into ``plan.order``)."""
         return self.load().run(q, k, v, plan, key_valid=key_valid, scale=scale)
 
-    def attention(self, q, k, v, plan, text_mask=None, scale=None) -> torch.Tensor:
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: BlockSparsePlan,
+        text_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Caller-layout attention [B, S, H, D] (``fused`` backends only)."""
         if not self.fused:
             raise TypeError(f"backend {self.name!r} runs kernel-order tensors only; use vidsparse.attention.")
         return self.load().attention(q, k, v, plan, text_mask=text_mask, scale=scale)
 
-    def attention_kernel_order(self, q, k, v, plan, text_mask=None, scale=None) -> torch.Tensor:
+    def attention_kernel_order(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: BlockSparsePlan,
+        text_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Attention of q, k, v [B, S_pad, H, D] already in ``plan.order`` -> out, same order.
 
         ``fused`` backends take these tensors as they are (the Triton kernels then read whole
@@ -96,6 +124,8 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
+    """Add (or replace, by name) a backend: every ``backend=`` option, CLI flag and error
+    message then lists it. Its module loads on first use."""
     if not isinstance(backend, Backend):
         raise TypeError(f"register_backend expects a vidsparse.kernels.backends.Backend, got {type(backend).__name__}.")
     if backend.name == AUTO:
@@ -115,6 +145,7 @@ def backend_choices() -> tuple[str, ...]:
 
 
 def get_backend(name: str) -> Backend:
+    """The backend record named ``name``; a ValueError listing the registered ones otherwise."""
     found = _BACKENDS.get(name)
     if found is None:
         raise ValueError(f"Unknown backend {name!r}. Expected 'auto' or one of {sorted(_BACKENDS)}.")

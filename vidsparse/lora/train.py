@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,9 @@ from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
 from vidsparse.lora.flow import NoiseSampler
 from vidsparse.lora.models import TrainableVideoModel, check_condition_frames, check_trainable, load_model
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,9 @@ def _resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _collate_text(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate_text(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack one batch's cached text tensors (each key: same shape in every clip, else a
+    ValueError saying how to fix it)."""
     keys = items[0].keys()
     out = {}
     for k in keys:
@@ -163,7 +168,9 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
         )
 
 
-def _lora_config(cfg: TrainConfig, adapter: TrainableVideoModel):
+def lora_config(cfg: TrainConfig, adapter: TrainableVideoModel) -> LoraConfig:
+    """peft's ``LoraConfig`` of a run: the rank, alpha and dropout of ``cfg`` on its target
+    modules (default: the adapter's self-attention projections), each checked to exist."""
     from peft import LoraConfig
 
     targets = list(cfg.target_modules or adapter.default_target_modules)
@@ -295,10 +302,10 @@ def _prepare_transformer(cfg: TrainConfig, adapter: TrainableVideoModel) -> torc
     set_seed(cfg.seed)
     transformer = adapter.transformer  # one transformer, or a module holding the experts (Wan 2.2 A14B)
     transformer.requires_grad_(False)
-    lora_config = _lora_config(cfg, adapter)
+    peft_config = lora_config(cfg, adapter)
     experts = _experts(transformer)
     for expert in experts:  # one LoRA per expert, same settings
-        expert.add_adapter(copy.deepcopy(lora_config))
+        expert.add_adapter(copy.deepcopy(peft_config))
     for p in transformer.parameters():
         if p.requires_grad:  # LoRA weights train in fp32 under bf16 autocast
             p.data = p.data.float()
@@ -410,7 +417,7 @@ def _train_step(
         epoch = picks[-1][1]
         batch = [samples[i] for i, _ in picks]
         x0 = torch.stack([load_latents(s.latent_file) for s in batch])
-        text = _collate_text([{**load_text(s.text_file), **load_clip_conditioning(s.latent_file)} for s in batch])
+        text = collate_text([{**load_text(s.text_file), **load_clip_conditioning(s.latent_file)} for s in batch])
         sigma = adapter.sample_levels(sampler, len(batch), opt.generator, shift)
         noise = torch.randn(x0.shape, generator=opt.generator, dtype=x0.dtype)
         last = micro == cfg.gradient_accumulation_steps - 1
@@ -576,4 +583,13 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     )
 
 
-__all__ = ["METRICS_FILE", "TrainResult", "flow_loss", "prepare_cache", "sample_order", "train_lora"]
+__all__ = [
+    "METRICS_FILE",
+    "TrainResult",
+    "collate_text",
+    "flow_loss",
+    "lora_config",
+    "prepare_cache",
+    "sample_order",
+    "train_lora",
+]

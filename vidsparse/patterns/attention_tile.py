@@ -11,7 +11,7 @@ paper reports 45.47 %, 64.38 % and 72.05 % sparsity).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,7 +34,7 @@ class AttentionTile(Pattern):
     name: ClassVar[str] = "attention-tile"
 
     @classmethod
-    def fit_defaults(cls, options, layout, block_size):
+    def fit_defaults(cls, options: dict[str, Any], layout: VideoLayout, block_size: int | None) -> dict[str, Any]:
         """``round(F / 4)`` global frames unless given: the paper's 2:6 at 8 latent frames."""
         if "global_frames" in options:
             return options

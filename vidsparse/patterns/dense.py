@@ -23,6 +23,8 @@ class Dense(Pattern):
     def attended_frames(self, layout: VideoLayout, fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(fq.shape, fk.shape), dtype=torch.bool)
 
-    def block_candidates(self, layout, order, block_size, layer=0):
+    def block_candidates(
+        self, layout: VideoLayout, order: torch.Tensor, block_size: int, layer: int = 0
+    ) -> torch.Tensor:
         n = order.numel() // block_size
         return torch.full((n, n), 2, dtype=torch.int8)

@@ -20,7 +20,7 @@ and ``GNA(kernel=w * T, stride=T)`` is Sliding Tile Attention with tile ``T``, `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -91,7 +91,7 @@ class GNA(SeparableTiledPattern):
     name: ClassVar[str] = "gna"
 
     @classmethod
-    def fit_defaults(cls, options, layout, block_size):
+    def fit_defaults(cls, options: dict[str, Any], layout: VideoLayout, block_size: int | None) -> dict[str, Any]:
         """A kernel larger than an axis covers the axis (-1); strides fit within the kernel."""
         if "kernel_size" not in options:
             return options

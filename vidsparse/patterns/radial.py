@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -73,7 +73,7 @@ class Radial(Pattern):
     name: ClassVar[str] = "radial"
 
     @classmethod
-    def fit_defaults(cls, options, layout, block_size):
+    def fit_defaults(cls, options: dict[str, Any], layout: VideoLayout, block_size: int | None) -> dict[str, Any]:
         """Radial's block is 128 (the paper) or the family's, unless a frame holds fewer tokens:
         then the call's kernel block (or the grid's automatic one)."""
         from vidsparse.layout import auto_block_size

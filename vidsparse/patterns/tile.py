@@ -16,7 +16,7 @@ stride=T)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,7 +44,7 @@ class Tile(SeparableTiledPattern):
     name: ClassVar[str] = "tile"
 
     @classmethod
-    def fit_defaults(cls, options, layout, block_size):
+    def fit_defaults(cls, options: dict[str, Any], layout: VideoLayout, block_size: int | None) -> dict[str, Any]:
         """Tiles larger than an axis shrink to the axis (the window, in tiles, is kept)."""
         if "tile" not in options:
             return options
