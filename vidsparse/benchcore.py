@@ -87,15 +87,21 @@ def computed_blocks(plan: BlockSparsePlan, batch: int, heads: int) -> float:
     return float(plan.kv_counts.double().sum().item()) * (batch // Bp) * (heads // Hp)
 
 
+def attention_flops(pairs: float, head_dim: int, direction: str) -> float:
+    """FLOPs of attention over ``pairs`` (query, key) pairs: QK^T and PV, 2 FLOPs per pair and
+    channel each, forward; ``BWD_FACTOR`` times that for "fwd+bwd"."""
+    return 4.0 * pairs * head_dim * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
+
+
 def sparse_flops(plan: BlockSparsePlan, shape: BenchShape, direction: str) -> float:
-    f = 4.0 * plan.block_size**2 * shape.head_dim * computed_blocks(plan, shape.batch, shape.heads)
-    return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
+    """FLOPs the block-sparse kernel computes: every computed block is block_size^2 pairs."""
+    pairs = plan.block_size**2 * computed_blocks(plan, shape.batch, shape.heads)
+    return attention_flops(pairs, shape.head_dim, direction)
 
 
 def dense_flops(shape: BenchShape, direction: str) -> float:
     s = shape.layout.seq_len
-    f = 4.0 * shape.batch * shape.heads * s * s * shape.head_dim
-    return f * (BWD_FACTOR if direction == "fwd+bwd" else 1.0)
+    return attention_flops(shape.batch * shape.heads * s * s, shape.head_dim, direction)
 
 
 def sdpa_candidates(device: torch.device) -> list[tuple[str, object]]:
@@ -118,6 +124,7 @@ __all__ = [
     "SHAPES",
     "BenchShape",
     "RandomBlocks",
+    "attention_flops",
     "computed_blocks",
     "dense_flops",
     "sdpa_candidates",

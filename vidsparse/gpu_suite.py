@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from vidsparse.benchcore import BWD_FACTOR, SHAPES, RandomBlocks, dense_flops, sdpa_candidates, sparse_flops
+from vidsparse.benchcore import SHAPES, RandomBlocks, attention_flops, dense_flops, sdpa_candidates, sparse_flops
 from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
 from vidsparse.video_io import check_writable_dir
 
@@ -721,7 +721,7 @@ def stage_vmoba_keyblock(ctx: Ctx) -> dict[str, Any]:
         pairs = float(keyblock.computed_pairs(plan, *tiles).sum())
         for direction in ("fwd", "fwd+bwd"):
             grad = g if direction == "fwd+bwd" else None
-            flops = 4.0 * pairs * shape.head_dim * (BWD_FACTOR if grad is not None else 1.0)
+            flops = attention_flops(pairs, shape.head_dim, direction)
             times: dict[str, float] = {}
             outs: dict[str, torch.Tensor] = {}
             base = VMOBA_SOURCES[0][0]  # the others are compared with it

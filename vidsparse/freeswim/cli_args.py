@@ -2,10 +2,10 @@
 
 The command owns ``--height``/``--width`` (the target), ``--frames``, ``--steps``, ``--guidance``,
 ``--seed``, ``--backend`` and ``--block-size``; ``freeswim_settings_from_args`` gives the other
-``FreeSwimOptions`` fields (what ``GenerateOptions.freeswim`` holds), and ``freeswim_options_from_args``
-takes the command's values from the caller, so this module does not depend on the command's
-attribute names. Bad values
-raise ValueError with the flag's name (the command turns it into its one-line user error).
+``FreeSwimOptions`` fields (what ``GenerateOptions.freeswim`` holds), and
+``freeswim_options_from_args`` takes the command's values from the caller, so this module does
+not depend on the command's attribute names. Bad values raise ValueError with the flag's name
+(the command turns it into its one-line user error).
 This module imports no CLI module.
 """
 

@@ -33,6 +33,7 @@ the model computes what it computed before, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from vidsparse.attention import attention as sparse_attention
-from vidsparse.families import families
+from vidsparse.families import family_of
 from vidsparse.families.processor import WrappedProcessor
 from vidsparse.families.wan import wan_qkv, wan_rope
 from vidsparse.freeswim.cache import CacheReport, CrossAttentionCache, cache_bytes
@@ -346,9 +347,10 @@ def check_wan_transformer(transformer: Any) -> None:
     name = type(transformer).__name__
     if not isinstance(transformer, diffusers.WanTransformer3DModel):
         why = "it is not a Wan transformer"
-        family = next((f for f in families() if f.matches(transformer)), None)
-        if family is not None and family.text_position != "none":  # joint attention: no cross-attention
-            why = f"the {family.name} family attends text jointly inside self-attention"
+        with contextlib.suppress(ValueError):  # a transformer of no family: the generic reason
+            family = family_of(transformer)
+            if family.text_position != "none":  # joint attention: no cross-attention
+                why = f"the {family.name} family attends text jointly inside self-attention"
         raise ValueError(
             f"FreeSwim's dual path replaces cross-attention outputs and is built for the Wan family "
             f"(WanTransformer3DModel); got a {name} ({why}). Use a Wan 2.1/2.2 pipeline, or a plain vidsparse "

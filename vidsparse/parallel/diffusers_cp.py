@@ -1,7 +1,8 @@
 """``--parallel ulysses`` through diffusers' own context parallelism where the model has a ``_cp_plan``.
 
 diffusers ships Ulysses for transformers whose class declares a ``_cp_plan`` (in diffusers 0.42.1:
-Wan 2.1 / 2.2, LTX-Video, LTX-2; LTX-Video's and LTX-2's fail on their pipelines' prompt mask, ``Family.diffusers_cp_refusal``): ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
+Wan 2.1 / 2.2, LTX-Video, LTX-2; LTX-Video's and LTX-2's fail on their pipelines' prompt mask,
+``Family.diffusers_cp_refusal``): ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
 cuts the sequence evenly where the plan says, runs every attention with an all-to-all
 (sequence shards -> all tokens for ``H / N`` heads) and gathers the output. ``vidsparse.apply`` composes
 with it (``pipelines/hooks.py``: each sparse self-attention does the all-to-all itself and plans the
