@@ -135,6 +135,7 @@ def oracle_mask(layout, q, k, layer, mode, scope, tau=0.25, topk=2, chunks=SMALL
 
 
 def pattern(mode, scope, **extra):
+    extra.pop("threshold" if mode == "topk" else "topk", None)  # the other mode's option is unused
     return VMoBA(**{**SMALL, **extra}, select_mode=mode, scope=scope)
 
 

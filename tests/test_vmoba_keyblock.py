@@ -25,7 +25,8 @@ MODES = [("threshold", "query"), ("topk", "head"), ("threshold", "head"), ("topk
 
 def pattern(i: int, **extra) -> VMoBA:
     mode, scope = MODES[i % len(MODES)]
-    return VMoBA(**{**SMALL, **extra}, select_mode=mode, scope=scope, topk=(2, 3, 3), threshold=0.3)
+    selection = {"topk": (2, 3, 3)} if mode == "topk" else {"threshold": 0.3}
+    return VMoBA(**{**SMALL, **extra}, select_mode=mode, scope=scope, **selection)
 
 
 def packed_mask(plan, pk: keyblock.Packing) -> tuple[torch.Tensor, int]:

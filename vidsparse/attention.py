@@ -11,15 +11,21 @@ import torch
 
 from vidsparse.kernels.backends import AUTO, Backend, get_backend
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns import Pattern, make_pattern
+from vidsparse.patterns import PATTERNS, Pattern, make_pattern, normalize_pattern_name
 from vidsparse.plan import DEFAULT_BLOCK_SIZE, BlockSparsePlan, PlanCache, build_static_plan
 
 _PLANS = PlanCache(maxsize=64)
 _warned: set[str] = set()
 
 
-def _as_pattern(pattern: Pattern | str) -> Pattern:
+def _as_pattern(pattern: Pattern | str, layout: Any = None, block_size: int | None = None) -> Pattern:
+    """A pattern object as given; a name gets its class defaults fitted to ``layout``
+    (``Pattern.fit_defaults``: windows cover at most an axis, blocks fit a frame), so a name
+    runs on any grid, as it does through ``vs.apply``. An object is used exactly as given."""
     if isinstance(pattern, str):
+        key = normalize_pattern_name(pattern)
+        if key in PATTERNS and isinstance(layout, VideoLayout):
+            return make_pattern(key, **PATTERNS[key].fit_defaults({}, layout, block_size))
         return make_pattern(pattern)
     if not isinstance(pattern, Pattern):
         raise TypeError(
@@ -63,10 +69,10 @@ def plan(
     block size, device); dynamic patterns (VMoBA) need ``q`` and ``k`` [B, S, H, D] and are
     planned per call.
     """
-    pattern = _as_pattern(pattern)
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_block_size(block_size)
+    pattern = _as_pattern(pattern, layout, block_size)
     _check_layer(layer)
     if isinstance(num_heads, bool) or (type(num_heads) is int and num_heads < 1):  # a SymInt (compile) passes
         raise ValueError(f"num_heads must be an int >= 1 (the attention heads the plan is for), got {num_heads!r}.")
@@ -76,8 +82,15 @@ def plan(
                 f"{type(pattern).__name__} depends on the queries and keys: pass q= and k= "
                 "([B, S, H, D]) to vidsparse.plan / token_mask."
             )
+        for name, t in (("q", q), ("k", k)):
+            _check_bshd(name, t, layout)
         return pattern.dynamic_plan(layout, q, k, layer, block_size)
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r}, but this torch has no CUDA device ({torch.__version__}); plan on 'cpu' or "
+            "pass the device of the tensors the plan is for."
+        )
     key = (
         pattern,
         layout,
@@ -131,8 +144,8 @@ def token_mask(
     of it). For dynamic patterns with a batch of several samples the result is
     [B, heads, S, S]. Materialises S x S: for small grids and tests.
     """
-    pattern = _as_pattern(pattern)
-    num_heads = q.shape[2] if q is not None else 1
+    pattern = _as_pattern(pattern, layout, block_size)
+    num_heads = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 1
     p = plan(
         pattern,
         layout,
@@ -199,25 +212,46 @@ def _check_inputs(q, k, v, layout: VideoLayout, text_mask) -> None:
             raise ValueError(
                 f"q, k, v [B, S, H, D] must have every dimension >= 1, got {dim}={size} (shape {tuple(q.shape)})."
             )
-    if q.shape[1] != layout.seq_len and q.shape[2] == layout.seq_len:
+    _check_bshd("q, k, v", q, layout)
+    _check_text_mask(text_mask, q.shape[0], layout)
+
+
+def _check_bshd(name: str, t: Any, layout: VideoLayout) -> None:
+    """``t`` is a 4-D [B, S, H, D] tensor with the layout's S; [B, H, S, D] (SDPA's) is named."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 4-D tensor [B, S, H, D] (diffusers' layout), got {shape}.")
+    if t.shape[1] != layout.seq_len and t.shape[2] == layout.seq_len:
+        several = "," in name
+        fix = "q.transpose(1, 2) (and k, v)" if several else f"{name}.transpose(1, 2)"
         raise ValueError(
-            f"q, k, v have shape {tuple(q.shape)}: the layout's {layout.seq_len} tokens ({layout}) are in "
-            "dim 2, so these look like [B, H, S, D] (SDPA's layout); vs.attention takes diffusers' "
-            "[B, S, H, D]. Pass q.transpose(1, 2) (and k, v), and transpose the output back."
+            f"{name} {'have' if several else 'has'} shape {tuple(t.shape)}: the layout's {layout.seq_len} tokens "
+            f"({layout}) are in dim 2, so {'these look' if several else 'this looks'} like [B, H, S, D] (SDPA's "
+            f"layout); vidsparse takes diffusers' [B, S, H, D]. Pass {fix}, and transpose the output back."
         )
-    layout.check_seq_len(q.shape[1])
-    if text_mask is not None:
-        if not isinstance(text_mask, torch.Tensor):
-            raise TypeError(
-                f"text_mask must be a bool torch.Tensor [B, text_len] (True = real text token), got "
-                f"{type(text_mask).__name__}; e.g. torch.as_tensor(mask, dtype=torch.bool, device=q.device)."
-            )
-        if layout.text_len == 0:
-            raise ValueError("text_mask was given but the layout has no text span (text_len=0).")
-        if tuple(text_mask.shape) != (q.shape[0], layout.text_len):
-            raise ValueError(
-                f"text_mask must be [B, text_len] = [{q.shape[0]}, {layout.text_len}], got {tuple(text_mask.shape)}."
-            )
+    layout.check_seq_len(t.shape[1])
+
+
+def _check_text_mask(text_mask: Any, batch: int, layout: VideoLayout) -> None:
+    if text_mask is None:
+        return
+    if not isinstance(text_mask, torch.Tensor):
+        raise TypeError(
+            f"text_mask must be a bool torch.Tensor [B, text_len] (True = real text token), got "
+            f"{type(text_mask).__name__}; e.g. torch.as_tensor(mask, dtype=torch.bool, device=q.device)."
+        )
+    if text_mask.dtype != torch.bool:
+        # An additive mask (0 keep, -inf drop) read as "nonzero = keep" would invert it silently.
+        raise TypeError(
+            f"text_mask must be bool [B, text_len] (True = real text token), got {text_mask.dtype}. Convert a "
+            "0/1 mask with mask.bool(), an additive one (0 = keep, -inf = drop) with mask == 0."
+        )
+    if layout.text_len == 0:
+        raise ValueError("text_mask was given but the layout has no text span (text_len=0).")
+    if tuple(text_mask.shape) != (batch, layout.text_len):
+        raise ValueError(
+            f"text_mask must be [B, text_len] = [{batch}, {layout.text_len}], got {tuple(text_mask.shape)}."
+        )
 
 
 def _check_call_options(scale: Any, block_size: Any) -> None:
@@ -250,26 +284,34 @@ def attention(
     Exactly softmax attention restricted to ``token_mask(pattern, layout)`` (and to the valid
     text tokens of ``text_mask`` [B, text_len]), whatever the backend.
 
+    Args:
+        q, k, v: [B, S, H, D] (diffusers' layout; SDPA's [B, H, S, D] is refused with a hint),
+            one dtype and device, ``S = layout.seq_len``.
+        layout: the latent grid after patchify and the text span (``VideoLayout``).
+        pattern: a pattern object, used as given, or a name, whose class defaults are fitted
+            to ``layout`` (windows cover at most an axis).
+        backend: "auto" (triton on CUDA when it can run the call, else flex; torch on CPU),
+            "torch" (exact, any device), "flex" (FlexAttention) or "triton" (CUDA).
+        layer: transformer block index, for patterns that vary by layer (VMoBA's partitions).
+        text_mask: bool [B, text_len], True for real text tokens (padding is never attended).
+        scale: softmax scale; ``None`` is ``1 / sqrt(D)``.
+        block_size: kernel block (a power of two); ``None`` is the backend's (128).
+
     ``kernel_order=True``: q, k, v are [B, S_pad, H, D] already in the plan's kernel order
     (``plan(...).order.to_kernel``, padding rows 0), e.g. a transformer forward permuted once
     for all its layers (``vidsparse.pipelines.hooks``); the output comes back in that order
     (padding rows are don't-care). Static patterns only (a dynamic plan reads caller-order q, k).
     """
-    pattern = _as_pattern(pattern)
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
+    pattern = _as_pattern(pattern, layout, block_size)
     if kernel_order:
         return _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask, scale, block_size)
     _check_inputs(q, k, v, layout, text_mask)
     _check_call_options(scale, block_size)
     chosen = backend_for(backend, q)
     if backend != AUTO:
-        reason = chosen.can_run(q, k, v)
-        if reason is not None:
-            raise ValueError(
-                f"backend={chosen.name!r} cannot run this call: {reason}. Use backend='torch' (any device, exact) "
-                "or 'flex', or backend='auto' to pick one."
-            )
+        _raise_if_cannot_run(chosen, q, k, v)
     bs = chosen.default_block if block_size is None else block_size
     B, S, H, D = q.shape
     p = plan(pattern, layout, num_heads=H, layer=layer, device=q.device, q=q, k=k, block_size=bs)
@@ -284,6 +326,16 @@ def attention(
     return run_permuted(chosen.run, q, k, v, p, text_mask, scale)
 
 
+def _raise_if_cannot_run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    reason = chosen.can_run(q, k, v)
+    if reason is not None:
+        other = "'flex'" if chosen.name == "torch" else "'torch' (any device, exact)"
+        raise ValueError(
+            f"backend={chosen.name!r} cannot run this call: {reason}. Use backend={other}, or backend='auto' "
+            "to pick one that runs."
+        )
+
+
 def _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask, scale, block_size) -> torch.Tensor:
     """``attention(..., kernel_order=True)``: q, k, v [B, S_pad, H, D] in the plan's kernel order."""
     if pattern.dynamic:
@@ -292,9 +344,7 @@ def _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask,
         )
     _check_call_options(scale, block_size)
     chosen = backend_for(backend, q)
-    reason = chosen.can_run(q, k, v)
-    if reason is not None:
-        raise ValueError(f"backend={chosen.name!r} cannot run this call: {reason}.")
+    _raise_if_cannot_run(chosen, q, k, v)
     bs = chosen.default_block if block_size is None else block_size
     p = plan(pattern, layout, num_heads=q.shape[2], layer=layer, device=q.device, block_size=bs)
     if q.dim() != 4 or q.shape[1] != p.padded_len or q.shape != k.shape or k.shape != v.shape:
@@ -303,10 +353,7 @@ def _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask,
             f"sequence for {layout}, block {bs}); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}. "
             "Permute with vidsparse.plan(...).order.to_kernel(x)."
         )
-    if text_mask is not None and tuple(text_mask.shape) != (q.shape[0], layout.text_len):
-        raise ValueError(
-            f"text_mask must be [B, text_len] = [{q.shape[0]}, {layout.text_len}], got {tuple(text_mask.shape)}."
-        )
+    _check_text_mask(text_mask, q.shape[0], layout)
     return chosen.attention_kernel_order(q, k, v, p, text_mask=text_mask, scale=scale)
 
 

@@ -63,14 +63,25 @@ def _check_option_names(options: Mapping[str, Any], names: list[str]) -> None:
     pattern is built with the family defaults (they may depend on them, e.g. GNA stride vs kernel)."""
     if not options or not names:
         return
-    known = {f.name for name in names for f in dataclasses.fields(PATTERNS[name])}
+    names = sorted(set(names))
+    fields = {name: {f.name for f in dataclasses.fields(PATTERNS[name]) if f.init} for name in names}
+    known = set().union(*fields.values())
     unknown = sorted(str(k) for k in options if k not in known)
     if unknown:
         raise ValueError(
             f"SparseConfig.pattern_options has {', '.join(repr(k) for k in unknown)}, which "
             f"{'is not an option' if len(unknown) == 1 else 'are not options'} of "
-            f"{' / '.join(sorted(set(names)))}. Valid options: {', '.join(sorted(known)) or '(none)'}."
+            f"{' / '.join(names)}. Valid options: {', '.join(sorted(known)) or '(none)'}."
         )
+    for key in options:
+        owners = [name for name in names if key in fields[name]]
+        if len(owners) > 1:
+            raise ValueError(
+                f"SparseConfig.pattern_options[{key!r}] is an option of {' and '.join(owners)}, which this config "
+                "both names, so it is unclear which one it is for. Give the per-layer pattern as an object "
+                f"with its own options instead, e.g. layer_patterns={{3: vidsparse.make_pattern({owners[-1]!r}, "
+                f"{key}=...)}}."
+            )
 
 
 def steps_from(value: int | float, total: int | None, name: str) -> int:
@@ -108,7 +119,8 @@ class SparseConfig:
         num_inference_steps: total steps, used only when the pipeline cannot tell (bare
             transformer) and a fraction or ``dense_last_steps`` needs it.
         pattern_options: options for a pattern *name*, replacing the family defaults
-            (e.g. ``{"decay_factor": 0.5}`` with ``"radial"``).
+            (e.g. ``{"decay_factor": 0.5}`` with ``"radial"``); with several names (``pattern``
+            and ``layer_patterns``) each pattern takes the keys that are its own options.
     """
 
     pattern: Pattern | str
@@ -190,6 +202,12 @@ class SparseConfig:
                 tuple(sorted((k, repr(v)) for k, v in self.pattern_options.items())),
             )
         )
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        """The entries of ``pattern_options`` that are options of pattern ``name`` (each key
+        belongs to exactly one of the named patterns, checked at construction)."""
+        fields = {f.name for f in dataclasses.fields(PATTERNS[normalize_pattern_name(name)]) if f.init}
+        return {k: v for k, v in self.pattern_options.items() if k in fields}
 
     @property
     def pattern_name(self) -> str:

@@ -73,7 +73,13 @@ def load_qk(path: str, layout, heads: int) -> tuple[Any, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"--qk {path!r}: no such file. Save q and k with torch.save({{'q': q, 'k': k}}, path).")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one holding more than tensors (pickle's many errors)
+        raise ValueError(
+            f"--qk {path!r} is not a torch file holding only tensors, lists and dicts ({type(exc).__name__} from "
+            "torch.load(weights_only=True)). Save q and k with torch.save({'q': q, 'k': k}, path)."
+        ) from None
     if isinstance(obj, dict) and "q" in obj and "k" in obj:
         q, k = obj["q"], obj["k"]
     elif isinstance(obj, (tuple, list)) and len(obj) == 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,11 @@ class VideoLayout:
     text_position: TextPosition = "none"
 
     def __post_init__(self) -> None:
+        for name in ("frames", "height", "width", "text_len"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, bool, float)) and hasattr(type(value), "__index__"):
+                value = operator.index(value)  # numpy and 0-d torch integers: sizes read off arrays
+                object.__setattr__(self, name, value)
         for name in ("frames", "height", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

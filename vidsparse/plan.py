@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -276,6 +276,21 @@ def _pack_lists(
     )
 
 
+def _as_pair_mask(m: Any, pattern: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A pattern's ``video_mask`` as bool of ``shape``; a result that is no bool tensor
+    broadcastable to it (a custom pattern's bug) is named, instead of a torch error deep in planning."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{pattern}.video_mask must return a bool tensor (True = attend), got {type(m).__name__}.")
+    try:
+        return m.to("cpu", torch.bool).expand(shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{pattern}.video_mask returned shape {tuple(m.shape)}, which does not broadcast to {shape} (the "
+            "broadcast of its qi [n, block, 1] and ki [n, 1, block] index arguments): compute it elementwise "
+            "from qi and ki."
+        ) from None
+
+
 def build_static_plan(
     pattern: Pattern,
     layout: VideoLayout,
@@ -364,8 +379,8 @@ def build_static_plan(
         kbs = torch.cat([c for _, c in chunk])
         qi = safe[qbs].unsqueeze(2)  # [n, bs, 1]
         ki = safe[kbs].unsqueeze(1)  # [n, 1, bs]
-        m = pattern.video_mask(layout, qi.to(device), ki.to(device), layer).to("cpu", torch.bool)
-        m = m.expand(qbs.numel(), bs, bs)
+        m = pattern.video_mask(layout, qi.to(device), ki.to(device), layer)
+        m = _as_pair_mask(m, type(pattern).__name__, (qbs.numel(), bs, bs))
         m = m & vvalid[qbs].unsqueeze(2) & vvalid[kbs].unsqueeze(1)
         # Padding query rows are don't-care: judge fullness on valid rows only.
         row_ok = vvalid[qbs].unsqueeze(2)

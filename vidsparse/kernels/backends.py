@@ -7,8 +7,8 @@ module with ``hasattr``:
 - ``fused``: the module also has ``attention(q, k, v, plan, text_mask=, scale=)`` taking the
   caller's [B, S, H, D] layout (it fuses the permutation, e.g. a registered custom op);
 - ``can_run(q, k, v, plan)``: ``None`` or the reason this backend cannot run these inputs
-  (the module's ``unsupported_reason(q)`` where ``checks_inputs``); ``can_run_on(device, dtype)``
-  the part known before any tensor exists (``device_reason``);
+  (the module's ``unsupported_reason(q)`` where ``checks_inputs``); ``can_run_on(device, dtype,
+  backward)`` the part known before any tensor exists (``device_reason``);
 - ``default_block``: the block size ``vidsparse.attention`` plans with when none is given;
 - ``key_block``: it runs key-block-major plans (``plan.group_spans``, per-query VMoBA) by
   ``vidsparse.kernels.keyblock`` with this backend name, computing only the selected rows.
@@ -65,12 +65,13 @@ class Backend:
             return None
         return self.load().unsupported_reason(q)
 
-    def can_run_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        """``None`` if this backend may run ``dtype`` tensors on ``device``, else why not: the part of
-        ``can_run`` known before any tensor exists (the module's ``device_reason``)."""
+    def can_run_on(self, device: torch.device, dtype: torch.dtype, backward: bool = False) -> str | None:
+        """``None`` if this backend may run ``dtype`` tensors on ``device`` (and their backward, with
+        ``backward``), else why not: the part of ``can_run`` known before any tensor exists (the
+        module's ``device_reason``)."""
         if not self.checks_inputs:
             return None
-        return self.load().device_reason(device, dtype)
+        return self.load().device_reason(device, dtype, backward)
 
     def run(
         self,
@@ -148,19 +149,28 @@ def get_backend(name: str) -> Backend:
     """The backend record named ``name``; a ValueError listing the registered ones otherwise."""
     found = _BACKENDS.get(name)
     if found is None:
-        raise ValueError(f"Unknown backend {name!r}. Expected 'auto' or one of {sorted(_BACKENDS)}.")
+        note = (
+            " NATTEN runs GNA under its own na3d, not a vidsparse plan: vidsparse uses it as the GNA/FreeSwim "
+            "test oracle and as a `vidsparse bench --backends natten` row."
+            if name == "natten"
+            else ""
+        )
+        raise ValueError(f"Unknown backend {name!r}. Expected 'auto' or one of {sorted(_BACKENDS)}.{note}")
     return found
 
 
-def check_runs_on(name: str, device: torch.device, dtype: torch.dtype, option: str = "backend") -> None:
+def check_runs_on(
+    name: str, device: torch.device, dtype: torch.dtype, option: str = "backend", backward: bool = False
+) -> None:
     """Refuse, before any model loads, a backend ``name`` (``option``: how the caller names the
-    setting, e.g. a CLI flag) that cannot run ``dtype`` tensors on ``device``: otherwise the
-    error comes at the first attention call, after weights, text encoding or a latent cache."""
+    setting, e.g. a CLI flag) that cannot run ``dtype`` tensors on ``device`` (and, for
+    training, their ``backward``): otherwise the error comes at the first attention call,
+    after weights, text encoding or a latent cache."""
     if name == AUTO:
         return
     if name not in _BACKENDS:
         raise ValueError(f"Unknown {option} {name!r}. Expected one of: {', '.join(backend_choices())}.")
-    reason = _BACKENDS[name].can_run_on(device, dtype)
+    reason = _BACKENDS[name].can_run_on(device, dtype, backward)
     if reason is not None:
         raise ValueError(
             f"{option} {name} cannot run on {device} ({str(dtype).removeprefix('torch.')}): {reason}. "
@@ -181,6 +191,7 @@ register_backend(
         "flex",
         "vidsparse.kernels.flex",
         "torch FlexAttention with a BlockMask built from the plan",
+        checks_inputs=True,
     )
 )
 register_backend(

@@ -18,6 +18,24 @@ except ImportError:  # pragma: no cover - older torch
 
 from vidsparse.plan import BlockSparsePlan
 
+_NO_CPU_BACKWARD = "FlexAttention has no backward on CPU"
+
+
+def device_reason(device: torch.device, dtype: torch.dtype, backward: bool = False) -> str | None:
+    """Why this backend cannot run ``dtype`` tensors on ``device`` (None when it can): the forward
+    runs wherever torch compiles FlexAttention, the backward not on CPU."""
+    if backward and torch.device(device).type == "cpu":
+        return f"{_NO_CPU_BACKWARD}; train with the torch backend on CPU"
+    return None
+
+
+def unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why this backend cannot run ``q`` (None when it can): torch's own error for a CPU backward
+    comes only at ``backward()``, after the forward's work."""
+    if q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
+        return f"{_NO_CPU_BACKWARD} and q requires grad; run under torch.no_grad() for inference"
+    return None
+
 
 def _split_full_partial(plan: BlockSparsePlan, dynamic_text: bool):
     """Per row, the computed blocks that need the mask_mod and those that do not."""

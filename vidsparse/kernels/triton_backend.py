@@ -34,9 +34,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 Tensor = torch.Tensor
 
 
-def device_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+def device_reason(device: torch.device, dtype: torch.dtype, backward: bool = False) -> str | None:
     """Why this backend cannot run tensors of ``dtype`` on ``device`` (None when it can): what is
-    known before a model loads, so ``vidsparse generate`` refuses before loading weights."""
+    known before a model loads, so ``vidsparse generate`` refuses before loading weights. The
+    backward runs wherever the forward does (``backward`` is part of the backend interface)."""
     if device.type == "cpu":
         if not tk.INTERPRETED:
             return (

@@ -200,8 +200,7 @@ class LatentCache:
                 try:
                     clip = read_clip(s.path, spec)
                 except VideoReadError as exc:
-                    failed[s.relpath] = exc.reason
-                    logger.warning("vidsparse: skipping video %s: %s", s.relpath, exc.reason)
+                    failed[s.relpath] = exc.reason  # reported once, by the caller, with the scan's skips
                     bar.update(1)
                     continue
                 captions = {"captions": [s.caption]} if model.condition_reads_caption else {}

@@ -2,7 +2,7 @@
 
 Radial Attention's recipe: a LoRA (rank 128 on the self-attention q/k/v/o projections) trained
 with the sparse mask on lets a model generate 2-4x longer videos at a fraction of full
-fine-tuning's cost. The data is a folder of videos (mp4, webm, gif) with captions (same-name
+fine-tuning's cost. The data is a folder of videos (mp4, webm, gif, mov, mkv, avi, m4v) with captions (same-name
 .txt or metadata.jsonl / metadata.csv); VAE latents and text embeddings are cached once beside
 a manifest (default: <data-dir>/.vidsparse-cache) and reused across runs.
 

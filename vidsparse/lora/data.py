@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
+#: The formats as messages name them ("mp4, webm, ...").
+VIDEO_FORMATS = ", ".join(ext[1:] for ext in VIDEO_EXTENSIONS)
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 FILE_COLUMNS = ("file_name", "video", "path", "file")
 
@@ -140,7 +142,7 @@ def scan_dataset(
     if not root.is_dir():
         raise ValueError(
             f"Dataset folder {str(root)!r} does not exist or is not a directory; pass a folder of videos "
-            "(mp4, webm, gif) with captions (same-name .txt or metadata.jsonl)."
+            f"({VIDEO_FORMATS}) with captions (same-name .txt or metadata.jsonl)."
         )
     meta = _read_metadata(root, caption_column)
     samples, skipped = [], []
@@ -208,7 +210,9 @@ def read_clip(path: str | os.PathLike, spec: ClipSpec) -> torch.Tensor:
             if count >= wanted:
                 break
     except Exception as exc:  # decoders raise many types (OSError, RuntimeError, ValueError, ...)
-        raise VideoReadError(path, f"cannot be decoded ({type(exc).__name__}: {exc})".strip()) from exc
+        # ffmpeg's errors carry its whole version banner: the first line says what went wrong
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise VideoReadError(path, f"cannot be decoded ({type(exc).__name__}: {first.strip()})") from exc
     if count < wanted:
         stride = f" at frame stride {spec.frame_stride}" if spec.frame_stride > 1 else ""
         raise VideoReadError(
@@ -223,6 +227,7 @@ def read_clip(path: str | os.PathLike, spec: ClipSpec) -> torch.Tensor:
 __all__ = [
     "CAPTION_COLUMNS",
     "VIDEO_EXTENSIONS",
+    "VIDEO_FORMATS",
     "ClipSpec",
     "DatasetScan",
     "VideoReadError",

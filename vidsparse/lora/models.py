@@ -113,6 +113,18 @@ def check_trainable(model: str) -> None:
         raise ValueError(why)
 
 
+def check_clip_size(model: str, frames: int, height: int, width: int) -> None:
+    """Refuse a clip size the model's VAE and patchify cannot take, from its configuration files
+    alone (the sizes ``generate`` checks), before the output folder or any weights exist. Rules
+    only an adapter knows (an image-to-video bucket) are checked by it after loading."""
+    from vidsparse.generation.model import resolve_model
+
+    try:
+        resolve_model(model).grid.check_video(frames, height, width)
+    except ValueError as exc:
+        raise ValueError(f"--num-frames/--height/--width: {exc} Train at a size the model generates.") from None
+
+
 def check_condition_frames(model: str, frames: int | None) -> None:
     """Refuse ``--condition-frames`` for a pipeline that takes no conditioning video, from its class alone."""
     if frames is None:

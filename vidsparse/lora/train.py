@@ -43,10 +43,16 @@ from vidsparse.lora.cache import (
 )
 from vidsparse.lora.checkpoint import list_checkpoints, load_checkpoint, read_state, resolve_resume, save_checkpoint
 from vidsparse.lora.config import RESUME_KEYS, TrainConfig
-from vidsparse.lora.data import ClipSpec, scan_dataset
+from vidsparse.lora.data import VIDEO_FORMATS, ClipSpec, scan_dataset
 from vidsparse.lora.export import INFO_NAME, save_lora, unwrap
 from vidsparse.lora.flow import NoiseSampler
-from vidsparse.lora.models import TrainableVideoModel, check_condition_frames, check_trainable, load_model
+from vidsparse.lora.models import (
+    TrainableVideoModel,
+    check_clip_size,
+    check_condition_frames,
+    check_trainable,
+    load_model,
+)
 from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
 
 if TYPE_CHECKING:
@@ -159,6 +165,13 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
             + "; ".join(diffs)
             + ". Use the same settings, or start a new run in another --output-dir."
         )
+    step = int(state.get("step", 0))
+    if cfg.max_train_steps < step:
+        raise ValueError(
+            f"--max-train-steps {cfg.max_train_steps} is below the step of {str(path)!r} ({step}): resuming would "
+            f"train nothing and export the step-{step} LoRA under a config that says {cfg.max_train_steps}. Pass "
+            f"--max-train-steps above {step} to train on, or --resume with an earlier checkpoint folder."
+        )
     if state.get("max_train_steps") != cfg.max_train_steps and cfg.lr_scheduler != "constant":
         logger.warning(
             "vidsparse: max_train_steps changed (%s -> %s); the %s LR schedule continues on the new length.",
@@ -217,14 +230,14 @@ def prepare_cache(
     finally:
         adapter.encoders_to("cpu")
     report.skipped = list(scan.skipped) + report.skipped
-    if rank == 0:
+    if rank == 0 and report.samples:  # with none left, the error below names them
         for rel, reason in report.skipped:
             logger.warning("vidsparse: skipped %s: %s", rel, reason)
     if not report.samples:
         details = "; ".join(f"{r}: {why}" for r, why in report.skipped[:10]) or "no video files found"
         raise ValueError(
             f"No usable training videos in {cfg.data_dir!r} ({details}). Expected video files "
-            "(mp4, webm, gif) with captions (same-name .txt or metadata.jsonl) and at least "
+            f"({VIDEO_FORMATS}) with captions (same-name .txt or metadata.jsonl) and at least "
             f"{spec.source_frames} frames each."
         )
     return report
@@ -278,11 +291,13 @@ def _resume_path(run: _Run) -> Path | None:
     """The checkpoint to resume from (checked against the settings before any encoding), or None."""
     cfg, out = run.cfg, run.out
     resume_path = resolve_resume(cfg.resume, out) if cfg.resume else None
-    if resume_path is None and run.main and list_checkpoints(out):
-        logger.warning(
-            "vidsparse: %s already has checkpoints; this run starts from step 0 and replaces its files. "
-            "Pass --resume to continue the earlier run instead.",
-            out,
+    if resume_path is None and (found := list_checkpoints(out)):
+        # Starting over beside them would mix two runs: pruning would drop the new run's checkpoints,
+        # and a later --resume would pick the old run's latest one.
+        raise ValueError(
+            f"--output-dir {str(out)!r} already holds checkpoints of an earlier run (latest: {found[-1][1].name}). "
+            "Pass --resume to continue that run, or another --output-dir to start a new one (or delete its "
+            "checkpoint-* folders to start over there); nothing was written."
         )
     if cfg.resume == "latest" and resume_path is None and run.main:
         logger.info("vidsparse: no checkpoint in %s yet; starting from step 0.", out)
@@ -508,7 +523,7 @@ def _check_inputs(cfg: TrainConfig) -> None:
         details = "; ".join(f"{r}: {why}" for r, why in list(scan.skipped)[:10]) or "no video files found"
         raise ValueError(
             f"No usable training videos in {cfg.data_dir!r} ({details}). Expected video files "
-            "(mp4, webm, gif) with captions (same-name .txt or metadata.jsonl); nothing was written."
+            f"({VIDEO_FORMATS}) with captions (same-name .txt or metadata.jsonl); nothing was written."
         )
     check_writable_dir(Path(cfg.output_dir).expanduser(), f"--output-dir {cfg.output_dir!r}")
     # the cache is first written after the model loads and the output folder exists: checked now
@@ -526,7 +541,7 @@ def _check_backend(cfg: TrainConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = _resolve_precision(cfg.mixed_precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    check_runs_on(cfg.attention_backend, device, dtype, "--attention-backend")
+    check_runs_on(cfg.attention_backend, device, dtype, "--attention-backend", backward=True)
 
 
 def train_lora(cfg: TrainConfig) -> TrainResult:
@@ -535,6 +550,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
 
     check_trainable(cfg.model)  # a refused pipeline class: said before the data scan, the output folder or weights
     check_condition_frames(cfg.model, cfg.condition_frames)
+    check_clip_size(cfg.model, cfg.num_frames, cfg.height, cfg.width)
     _check_inputs(cfg)
     _check_backend(cfg)
     run = _start_run(cfg)

@@ -203,25 +203,13 @@ class ParallelAttention:
         )
 
 
-def _resolve_dense_layers(config: SparseConfig, family, num_layers: int) -> frozenset[int]:
-    layers = config.dense_layers
-    if layers is None:
-        layers = family.default_schedule(config.pattern_name)[1]
-    out = set()
-    for layer in layers:
-        idx = layer + num_layers if layer < 0 else layer
-        if 0 <= idx < num_layers:
-            out.add(idx)
-    return frozenset(out)
-
-
 def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, runtime: ParallelRuntime) -> Any:
     """Prepare every transformer of ``target`` (pipeline or transformer) for ``mode`` on ``runtime``.
 
     ``config`` is what ``vidsparse.apply`` takes. Every rank must call this with the same
     arguments, then run the same pipeline call with the same seed.
     """
-    from vidsparse.pipelines import apply, as_config, get_state, remove, transformers_of
+    from vidsparse.pipelines import apply, as_config, get_state, layer_schedule, remove, transformers_of
 
     if mode not in MODES:
         raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}.")
@@ -266,7 +254,7 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
     for attr, transformer in found:
         state = get_state(transformer)
         ctx = contexts[attr]
-        dense = _resolve_dense_layers(user_cfg, state.family, state.num_layers)
+        dense = layer_schedule(user_cfg, state.family, state.num_layers)[0]
         state.attention_fn = ParallelAttention(ctx, state, user_cfg, dense)
         default = state.default_discover_layout
         shard_plan = state.family.require_shard_plan()

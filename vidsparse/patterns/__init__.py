@@ -32,6 +32,13 @@ def register_pattern(cls: type[Pattern]) -> type[Pattern]:
     other = PATTERNS.get(key)
     if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"Pattern name {key!r} already names {other.__name__}; give {cls.__name__} another name.")
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
+        raise TypeError(
+            f"{cls.__name__} must be a frozen dataclass (its options are its fields, and plans are cached by "
+            "value, so a pattern must be hashable and immutable): decorate it with @dataclass(frozen=True), "
+            "below @register_pattern."
+        )
     PATTERNS[key] = cls
     return cls
 

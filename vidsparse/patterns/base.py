@@ -47,6 +47,13 @@ class Pattern:
         """
         return options
 
+    @classmethod
+    def merge_options(cls, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """The options a pattern name runs with: a family's ``defaults`` (already fitted to the grid)
+        overridden by the user's ``options``. A class whose options constrain each other adapts
+        the defaults the user did not set to the ones the user did (GNA: stride within kernel)."""
+        return {**defaults, **options}
+
     # -- frame-level structure (clip parallelism) ------------------------------------
     def attended_frames(self, layout: VideoLayout, fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor | None:
         """bool, broadcast of query frames ``fq`` and key frames ``fk``, for patterns whose mask is

@@ -92,15 +92,25 @@ class GNA(SeparableTiledPattern):
 
     @classmethod
     def fit_defaults(cls, options: dict[str, Any], layout: VideoLayout, block_size: int | None) -> dict[str, Any]:
-        """A kernel larger than an axis covers the axis (-1); strides fit within the kernel."""
-        if "kernel_size" not in options:
-            return options
-        kernel = as_triple(options["kernel_size"])
-        stride = as_triple(options.get("stride", 1))
+        """A kernel larger than an axis covers the axis (-1); strides fit within the kernel. The
+        class default kernel when none is given (a pattern name with no family entry)."""
+        kernel = as_triple(options.get("kernel_size", cls.kernel_size))
+        stride = as_triple(options.get("stride", cls.stride))
         grid = layout.grid
         k = tuple(-1 if ki >= n else ki for ki, n in zip(kernel, grid))
         s = tuple(min(si, n if ki == -1 else ki) for si, ki, n in zip(stride, k, grid))
         return {**options, "kernel_size": k, "stride": s}
+
+    @classmethod
+    def merge_options(cls, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """A kernel the user sets narrows the family's default stride to fit within it (a stride
+        larger than the kernel would skip queries); a stride the user sets is kept as given."""
+        merged = {**defaults, **options}
+        if "kernel_size" in options and "stride" not in options and "stride" in defaults:
+            kernel, stride = as_triple(options["kernel_size"]), as_triple(defaults["stride"])
+            if all(isinstance(v, int) for v in (*kernel, *stride)):
+                merged["stride"] = tuple(s if k == -1 else min(s, k) for s, k in zip(stride, kernel))
+        return merged
 
     def __post_init__(self) -> None:
         kernel = per_axis(self.kernel_size, "GNA kernel_size", 1, allow_full=True)

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -161,6 +162,16 @@ class VMoBA(Pattern):
                 raise ValueError(f"VMoBA.topk must be >= 1 (it counts the own block), got {self.topk}.")
         else:
             set_("topk", _int_tuple(self.topk, 3, "topk", 1, "(2, 6, 18)"))
+        # The other selection mode's option is unused. Set alone (the mode's own option left at its
+        # default) it is almost always a forgotten select_mode: VMoBA(topk=3) selects by threshold.
+        unused, used = ("topk", "threshold") if self.select_mode == "threshold" else ("threshold", "topk")
+        if getattr(self, unused) != _DEFAULTS[unused] and getattr(self, used) == _DEFAULTS[used]:
+            warnings.warn(
+                f"VMoBA.{unused}={getattr(self, unused)!r} is used only with select_mode={unused!r}, but "
+                f"select_mode={self.select_mode!r} selects by {used}. Pass select_mode={unused!r} to select by "
+                f"{unused}.",
+                stacklevel=3,
+            )
         if self.scope not in _SCOPES:
             raise ValueError(
                 f"VMoBA.scope must be 'query' (per query and head, released default) or 'head' "
@@ -306,6 +317,9 @@ class VMoBA(Pattern):
 
 
 # -- selection rules (pure, fixed shapes) --------------------------------------------------
+_DEFAULTS = {"topk": VMoBA.topk, "threshold": VMoBA.threshold}  # of the two selection modes
+
+
 def _minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     lo = x.amin(dim=dims, keepdim=True)
     span = x.amax(dim=dims, keepdim=True) - lo

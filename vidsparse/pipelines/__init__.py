@@ -7,7 +7,16 @@ processor, grid discovery, defaults) lives in ``vidsparse.families``, one module
 
 from vidsparse.families import Family, family_of
 from vidsparse.layout import auto_block_size
-from vidsparse.pipelines.apply import apply, as_config, get_state, is_applied, remove, reset_state, transformers_of
+from vidsparse.pipelines.apply import (
+    apply,
+    as_config,
+    get_state,
+    is_applied,
+    layer_schedule,
+    remove,
+    reset_state,
+    transformers_of,
+)
 from vidsparse.pipelines.hooks import HOOK_NAME, CallInfo, SparseState, StepTracker, VidsparseHook
 
 __all__ = [
@@ -23,6 +32,7 @@ __all__ = [
     "family_of",
     "get_state",
     "is_applied",
+    "layer_schedule",
     "remove",
     "reset_state",
     "transformers_of",

@@ -9,6 +9,7 @@ computed before.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -17,6 +18,7 @@ from diffusers.hooks import HookRegistry
 
 from vidsparse.config import SparseConfig
 from vidsparse.families import Family, family_of
+from vidsparse.layout import VideoLayout
 from vidsparse.patterns import PATTERNS, Pattern
 from vidsparse.pipelines.hooks import (
     HOOK_NAME,
@@ -25,6 +27,7 @@ from vidsparse.pipelines.hooks import (
     VidsparseHook,
     check_context_parallel,
     get_hook,
+    named_pattern,
 )
 
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")
@@ -69,16 +72,51 @@ def transformers_of(target: Any) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _resolve_layers(layers: tuple[int, ...], num_layers: int, what: str) -> frozenset[int]:
-    out = set()
-    for layer in layers:
-        idx = layer + num_layers if layer < 0 else layer
-        if not 0 <= idx < num_layers:
+    return frozenset(_layer_index(layer, num_layers, what) for layer in layers)
+
+
+def _layer_index(layer: int, num_layers: int, what: str) -> int:
+    idx = layer + num_layers if layer < 0 else layer
+    if not 0 <= idx < num_layers:
+        raise ValueError(
+            f"SparseConfig.{what} has layer {layer}, but the transformer has {num_layers} self-attention "
+            f"layers (valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)."
+        )
+    return idx
+
+
+def layer_schedule(
+    cfg: SparseConfig, family: Family, num_layers: int
+) -> tuple[frozenset[int], dict[int, Pattern | str]]:
+    """(dense layers, {layer: pattern}) of ``cfg`` on a transformer of ``num_layers``, 0-based.
+
+    Negative indices count from the end in both fields. A layer named twice in
+    ``layer_patterns`` (``1`` and ``-1`` of two layers), or in both fields, is an error; a
+    layer the family keeps dense by default but that ``layer_patterns`` names runs the
+    pattern it was given (the explicit setting wins over the default).
+    """
+    patterns: dict[int, Pattern | str] = {}
+    for layer, pattern in cfg.layer_patterns.items():
+        idx = _layer_index(layer, num_layers, "layer_patterns")
+        if idx in patterns:
             raise ValueError(
-                f"SparseConfig.{what} has layer {layer}, but the transformer has {num_layers} self-attention "
-                f"layers (valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)."
+                f"SparseConfig.layer_patterns names layer {idx} twice (as {idx - num_layers} and {idx} of "
+                f"{num_layers} layers); keep one of the two keys."
             )
-        out.add(idx)
-    return frozenset(out)
+        patterns[idx] = pattern
+    if cfg.dense_layers is None:
+        default = family.default_schedule(cfg.pattern_name)[1]
+        dense = {i + num_layers if i < 0 else i for i in default} - set(patterns)
+        return frozenset(i for i in dense if 0 <= i < num_layers), patterns
+    dense = _resolve_layers(cfg.dense_layers, num_layers, "dense_layers")
+    both = sorted(dense & set(patterns))
+    if both:
+        raise ValueError(
+            f"Layers {both} are both in dense_layers and layer_patterns (negative indices counted from the "
+            f"end of the {num_layers} layers); a layer is either dense or runs its own pattern. Remove them "
+            "from one of the two."
+        )
+    return dense, patterns
 
 
 def _check_pattern_runs(pattern: Pattern | str, family: Family) -> None:
@@ -102,6 +140,41 @@ def _check_pattern_runs(pattern: Pattern | str, family: Family) -> None:
             f"{cls.__name__} handles text spans {tuple(positions)}, but {family.name} attends "
             f"{'text ' + family.text_position + ' the video' if family.text_position != 'none' else 'video only'} "
             "in self-attention. Pick another pattern for this model."
+        )
+
+
+# A grid to build named patterns on at apply time (Wan2.1's 81x480x832 latent): pattern options
+# are checked when the pattern is built, and the call's real grid is not known until the forward.
+_NOMINAL_LAYOUT = VideoLayout(21, 30, 52)
+
+
+def _check_pattern_options(pattern: Pattern | str, cfg: SparseConfig, family: Family) -> None:
+    """Build a named pattern with the config's options once, so a bad value (a negative decay,
+    a zero kernel) fails at ``vs.apply``, before a pipeline encodes its prompt. Only the
+    pattern's own construction is checked here; whether it fits a grid is checked per call."""
+    if isinstance(pattern, str) and cfg.options_for(pattern):
+        named_pattern(cfg, family, pattern, _NOMINAL_LAYOUT, cfg.block_size)
+
+
+def _warn_all_dense(
+    cfg: SparseConfig, dense: frozenset[int], layer_patterns: dict[int, Pattern | str], num_layers: int, what: str
+) -> None:
+    """A schedule that leaves nothing sparse is almost always a mistake (a step count meant as a
+    fraction, the wrong layers): say so once, at apply time, rather than run silently dense."""
+    if cfg.pattern_name == "dense" and not layer_patterns:
+        return
+    if len(dense) >= num_layers:
+        warnings.warn(
+            f"vidsparse: dense_layers cover all {num_layers} self-attention layers of this {what}, so every "
+            "call runs dense attention. Leave some layers out of SparseConfig.dense_layers.",
+            stacklevel=3,
+        )
+    first, last = cfg.dense_first_steps, cfg.dense_last_steps
+    if isinstance(first, float) and isinstance(last, float) and first + last >= 1.0:
+        warnings.warn(
+            f"vidsparse: dense_first_steps={first} and dense_last_steps={last} together cover every denoising "
+            "step, so every call runs dense attention. Lower one of them.",
+            stacklevel=3,
         )
 
 
@@ -143,13 +216,11 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
                 f"{type(transformer).__name__} has no _cp_plan: diffusers' context parallelism does not "
                 "split it, so vidsparse cannot run under it."
             )
-        dense_layers = cfg.dense_layers
-        if dense_layers is None:
-            dense_layers = family.default_schedule(cfg.pattern_name)[1]
-        dense = _resolve_layers(tuple(dense_layers), num_layers, "dense_layers")
-        _resolve_layers(tuple(cfg.layer_patterns), num_layers, "layer_patterns")
+        dense, layer_patterns = layer_schedule(cfg, family, num_layers)
         for pattern in (cfg.pattern, *cfg.layer_patterns.values()):
             _check_pattern_runs(pattern, family)
+            _check_pattern_options(pattern, cfg, family)
+        _warn_all_dense(cfg, dense, layer_patterns, num_layers, type(transformer).__name__)
         explicit_fraction = any(isinstance(v, float) and v > 0 for v in (cfg.dense_first_steps, cfg.dense_last_steps))
         if pipeline is None and cfg.num_inference_steps is None and (cfg.dense_last_steps or explicit_fraction):
             raise ValueError(
@@ -157,18 +228,19 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
                 f"dense_last_steps={cfg.dense_last_steps!r} / dense_first_steps={cfg.dense_first_steps!r} need "
                 "it. Pass SparseConfig(num_inference_steps=...) or apply vidsparse to the pipeline."
             )
-        plans.append((attr, transformer, family, paths, dense))
+        plans.append((attr, transformer, family, paths, dense, layer_patterns))
 
     tracker = StepTracker()
     pipe_ref = weakref.ref(pipeline) if pipeline is not None else None
     two_stage = pipeline is not None and getattr(pipeline, "transformer_2", None) is not None
-    for _, transformer, family, paths, dense in plans:
+    for _, transformer, family, paths, dense, layer_patterns in plans:
         remove_from(transformer)
         state = SparseState(
             config=cfg,
             family=family,
             num_layers=len(paths),
             dense_layers=dense,
+            layer_patterns_by_index=layer_patterns,
             tracker=tracker,
             pipeline_ref=pipe_ref,
             two_stage=two_stage,
@@ -231,9 +303,12 @@ def _unregister(transformer: torch.nn.Module, hook: VidsparseHook) -> None:
 
 
 def remove(target: Any) -> Any:
-    """Give every transformer of ``target`` back its original processors and forward."""
+    """Give every transformer of ``target`` back its original processors and forward. A supported
+    transformer that was never patched is left as it is; any other module is refused, as by
+    ``apply`` (it is a mistake: the wrong object was passed)."""
     for _, transformer in transformers_of(target):
-        remove_from(transformer)
+        if not remove_from(transformer):
+            family_of(transformer)  # raises for a module that is no supported video transformer
     return target
 
 

@@ -55,7 +55,7 @@ import inspect
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +70,7 @@ from vidsparse.families import Family
 from vidsparse.kernels.backends import AUTO, get_backend
 from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.lru import LRUCache
-from vidsparse.patterns import Pattern, make_pattern
+from vidsparse.patterns import PATTERNS, Pattern, make_pattern, normalize_pattern_name
 from vidsparse.pipelines import kernel_order as _kernel_order
 from vidsparse.plan import KernelOrder, kernel_order
 
@@ -167,6 +167,34 @@ class StepTracker:
         self._branches.pop(f"{branch}/frames", None)
 
 
+def named_pattern(
+    config: SparseConfig,
+    family: Family,
+    name: str,
+    layout: VideoLayout,
+    block_size: int | None,
+    two_stage: bool = False,
+) -> Pattern:
+    """The pattern a name runs on this grid: the family's defaults fitted to the grid, then the
+    config's ``pattern_options`` of that pattern (``Pattern.merge_options``). A bad value names
+    both sources, since the user may not have set the one that is wrong."""
+    key = normalize_pattern_name(name)
+    defaults = family.pattern_options(key, layout, block_size, two_stage)
+    user = config.options_for(key)
+    try:
+        return make_pattern(key, **PATTERNS[key].merge_options(defaults, user))
+    except (TypeError, ValueError) as exc:
+        if not user:
+            raise
+        others = {k: v for k, v in defaults.items() if k not in user}
+        origin = (
+            f" The other options are {family.name}'s defaults {others}: set one in pattern_options to change it."
+            if others
+            else ""
+        )
+        raise type(exc)(f"SparseConfig.pattern_options {user} for {key!r}: {exc}{origin}") from None
+
+
 @dataclass
 class SparseState:
     """Everything vidsparse keeps for one patched transformer."""
@@ -176,6 +204,8 @@ class SparseState:
     num_layers: int
     dense_layers: frozenset[int]
     tracker: StepTracker
+    # ``config.layer_patterns`` with 0-based keys (``pipelines.apply.layer_schedule``)
+    layer_patterns_by_index: Mapping[int, Pattern | str] = field(default_factory=dict)
     pipeline_ref: Callable[[], Any] | None = None  # weak reference to the pipeline, if any
     two_stage: bool = False
     attention_fn: Callable[..., torch.Tensor] = _vidsparse_attention
@@ -215,9 +245,7 @@ class SparseState:
     def _resolve(self, spec: Pattern | str, layout: VideoLayout, block_size: int | None) -> Pattern:
         if isinstance(spec, Pattern):
             return spec
-        opts = self.family.pattern_options(spec, layout, block_size, self.two_stage)
-        opts.update(self.config.pattern_options)
-        return make_pattern(spec, **opts)
+        return named_pattern(self.config, self.family, spec, layout, block_size, self.two_stage)
 
     def layer_patterns(self, layout: VideoLayout, block_size: int | None) -> tuple[Pattern | None, ...]:
         """Pattern per layer on this layout (cached per layout), validated once."""
@@ -230,7 +258,7 @@ class SparseState:
             if layer in self.dense_layers:
                 out.append(None)
                 continue
-            spec = cfg.layer_patterns.get(layer, cfg.pattern)
+            spec = self.layer_patterns_by_index.get(layer, cfg.pattern)
             out.append(self._resolve(spec, layout, block_size))
         for pattern in {p for p in out if p is not None}:
             try:
@@ -287,18 +315,22 @@ class SparseState:
                 )
                 first = 0
         n_first = steps_from(first, total, "dense_first_steps")
-        if step < n_first:
-            return True
+        n_last = 0
         if cfg.dense_last_steps:
-            n_last = steps_from(cfg.dense_last_steps, total, "dense_last_steps")
             if total is None:
                 raise ValueError(
                     "SparseConfig.dense_last_steps needs the number of denoising steps: apply vidsparse to the "
                     "pipeline or pass SparseConfig(num_inference_steps=...)."
                 )
-            if step >= total - n_last:
-                return True
-        return False
+            n_last = steps_from(cfg.dense_last_steps, total, "dense_last_steps")
+        if total is not None and n_first + n_last >= total and cfg.pattern_name != "dense":
+            self.warn_once(
+                f"all-dense-{total}",
+                f"vidsparse: {n_first} dense first and {n_last} dense last steps cover all {total} denoising "
+                "steps, so this run computes dense attention throughout. Lower SparseConfig.dense_first_steps "
+                "/ dense_last_steps (or pass a fraction, e.g. 0.25).",
+            )
+        return step < n_first or (total is not None and step >= total - n_last)
 
     # -- per forward ---------------------------------------------------------------------
     def begin_call(

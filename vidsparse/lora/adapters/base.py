@@ -220,10 +220,15 @@ class TrainableVideoModel:
                 f"the first frame), got {spec.num_frames}; use {lo} or {lo + temporal}."
             )
         if spec.height % mult_h or spec.width % mult_w:
+
+            def near(value: int, m: int) -> str:
+                lo = value // m * m
+                return str(value) if lo == value else f"{lo} or {lo + m}" if lo >= m else str(m)
+
             raise ValueError(
                 f"{self.display_name} needs height and width divisible by {mult_h} and {mult_w} ({why}), got "
-                f"{spec.height}x{spec.width}; e.g. {max(mult_h, spec.height // mult_h * mult_h)}x"
-                f"{max(mult_w, spec.width // mult_w * mult_w)}."
+                f"{spec.height}x{spec.width}; nearest valid height {near(spec.height, mult_h)}, width "
+                f"{near(spec.width, mult_w)}."
             )
 
     def _record_latent_size(self, spec: ClipSpec, temporal: int, spatial: int) -> None:
