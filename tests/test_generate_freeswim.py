@@ -92,7 +92,10 @@ def test_bad_input_is_one_line_before_any_weights_load(argv, message, tmp_path, 
 
 def test_freeswim_flags_without_freeswim_are_refused(capsys):
     assert main(["generate", "--model", "tiny-random", "--base-size", "32x32"]) == 2
-    assert "--base-size apply to --freeswim" in capsys.readouterr().err
+    assert "--base-size applies to --freeswim" in capsys.readouterr().err
+    # every FreeSwim flag, not only those without a default (they would be silently ignored)
+    assert main(["generate", "--model", "tiny-random", "--strength", "0.5", "--flow-shift", "3"]) == 2
+    assert "--strength, --flow-shift apply to --freeswim" in capsys.readouterr().err
 
 
 def test_library_options_owned_by_generate_are_refused():

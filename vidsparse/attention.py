@@ -11,7 +11,7 @@ import torch
 
 from vidsparse.kernels.backends import AUTO, Backend, get_backend
 from vidsparse.layout import VideoLayout
-from vidsparse.patterns import PATTERNS, Pattern, make_pattern, normalize_pattern_name
+from vidsparse.patterns import Pattern, fitted_pattern, make_pattern
 from vidsparse.plan import DEFAULT_BLOCK_SIZE, BlockSparsePlan, PlanCache, build_static_plan
 
 _PLANS = PlanCache(maxsize=64)
@@ -23,10 +23,7 @@ def _as_pattern(pattern: Pattern | str, layout: Any = None, block_size: int | No
     (``Pattern.fit_defaults``: windows cover at most an axis, blocks fit a frame), so a name
     runs on any grid, as it does through ``vs.apply``. An object is used exactly as given."""
     if isinstance(pattern, str):
-        key = normalize_pattern_name(pattern)
-        if key in PATTERNS and isinstance(layout, VideoLayout):
-            return make_pattern(key, **PATTERNS[key].fit_defaults({}, layout, block_size))
-        return make_pattern(pattern)
+        return fitted_pattern(pattern, layout, block_size) if isinstance(layout, VideoLayout) else make_pattern(pattern)
     if not isinstance(pattern, Pattern):
         raise TypeError(
             f"pattern must be a vidsparse pattern (e.g. vidsparse.Radial()) or a name, got {type(pattern).__name__}."

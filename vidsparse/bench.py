@@ -43,14 +43,17 @@ from vidsparse.benchcore import (
     sparse_flops,
 )
 from vidsparse.benchmeta import device_name, git_commit, json_safe, package_version
+from vidsparse.cli import flags_given
+from vidsparse.kernels.backends import get_backend
+from vidsparse.patterns import fitted_pattern
 from vidsparse.patterns.base import Pattern
 from vidsparse.plan import BlockSparsePlan, build_static_plan
 from vidsparse.video_io import check_writable_dir
 
 SCHEMA = "vidsparse.bench.attention/1"
 CPU_CAVEAT = (
-    "CPU run: the Triton kernel ran in its interpreter and SDPA/Flex on CPU at a tiny shape; the times and the "
-    "'vs SDPA' ratios check that everything runs and say nothing about GPU speed."
+    "CPU run at a tiny shape (the Triton kernel, where listed, in its interpreter; SDPA and Flex on CPU): the "
+    "times and the 'vs SDPA' ratios check that everything runs and say nothing about GPU speed."
 )
 BACKENDS = ("triton", "sdpa", "flex", "natten")
 DIRECTIONS = ("fwd", "fwd+bwd")
@@ -82,6 +85,42 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_benchmark_flags(parser)
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help=f"where the JSON and Markdown go (default {_default_out_dir()}, outside the checkout)",
+    )
+    suite = parser.add_argument_group("the budgeted GPU suite (--suite; see benchmarks/README.md)")
+    suite.add_argument(
+        "--suite", action="store_true", help="run the staged, budgeted device suite instead (benchmarks/gpu_suite.py)"
+    )
+    _add_suite_flags(suite)
+
+
+def _add_suite_flags(parser: argparse.ArgumentParser) -> None:
+    from vidsparse import gpu_suite
+
+    gpu_suite.add_arguments(parser, with_out_dir=False)
+
+
+def _check_mode_flags(args: argparse.Namespace) -> None:
+    """The kernel benchmark and ``--suite`` take different flags; one of the other mode's would be
+    silently ignored (``--render`` without ``--suite`` would run the GPU benchmark instead)."""
+    if getattr(args, "suite", False):
+        wrong = flags_given(args, _add_benchmark_flags)
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: flags of the kernel benchmark, which --suite does not read (it runs its "
+                "fixed stages; benchmarks/README.md). Drop them, or drop --suite."
+            )
+    else:
+        wrong = flags_given(args, _add_suite_flags)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: flags of the device suite; add --suite (or drop them).")
+
+
+def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shapes",
         default=None,
@@ -90,17 +129,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--patterns",
         default=None,
-        help="comma list of registered patterns at default settings, or 'none' (default: all registered; CPU quick: dense)",
+        help="comma list of registered patterns at their defaults fitted to each shape, 'all' or 'none' "
+        "(default: all; CPU quick: dense)",
     )
     parser.add_argument(
         "--densities",
         default=None,
-        help="synthetic random-block densities in %% (default 10,25,50,100; CPU quick: 50), or 'none'",
+        help="synthetic random-block densities in %% (default 10,25,50,100; quick 25,100; CPU quick: 50), or 'none'",
     )
     parser.add_argument(
-        "--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)} (default: all)"
+        "--backends",
+        default=None,
+        help=f"comma list of {', '.join(BACKENDS)} (default: all; on CPU those that run there)",
     )
-    parser.add_argument("--directions", default=",".join(DIRECTIONS), help="comma list of fwd, fwd+bwd (default: both)")
+    parser.add_argument("--directions", default=None, help="comma list of fwd, fwd+bwd (default: both)")
     parser.add_argument(
         "--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16; fp32 on CPU)"
     )
@@ -111,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed runs per measurement, median reported (default 20; quick 5; CPU 1)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; CPU 1)")
-    parser.add_argument("--block-size", type=int, default=128, help="plan block size (default 128; CPU quick: 16)")
+    parser.add_argument("--block-size", type=int, default=None, help="plan block size (default 128; CPU: 16)")
     parser.add_argument(
         "--batch", type=int, default=None, help="batch size (default 1; e.g. 2 for classifier-free guidance)"
     )
@@ -119,21 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (only with --quick)"
     )
     parser.add_argument(
-        "--out-dir",
-        default=None,
-        help=f"where the JSON and Markdown go (default {_default_out_dir()}, outside the checkout)",
-    )
-    parser.add_argument(
         "--quick", action="store_true", help="fewer shapes, densities and repeats (the only mode on CPU)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and random block plans")
-    suite = parser.add_argument_group("the budgeted GPU suite (--suite; see benchmarks/README.md)")
-    suite.add_argument(
-        "--suite", action="store_true", help="run the staged, budgeted device suite instead (benchmarks/gpu_suite.py)"
-    )
-    from vidsparse import gpu_suite
-
-    gpu_suite.add_arguments(suite, with_out_dir=False)
 
 
 def _default_out_dir() -> Path:
@@ -162,6 +192,15 @@ class Settings:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+#: The largest shape a CPU run takes (tiny's 56): the reference and the interpreter are for smoke runs.
+CPU_MAX_TOKENS = 4096
+
+
+def _triton_cpu_reason() -> str | None:
+    """Why the Triton kernels cannot run on this CPU (no interpreter), or None."""
+    return get_backend("triton").can_run_on(torch.device("cpu"), torch.float32)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Validate the flags (ValueError with the fix on bad input)."""
     cpu = args.device == "cpu"
@@ -174,13 +213,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "No CUDA GPU is available: vidsparse bench measures GPU kernels. Run it on a CUDA machine, "
             "or pass --device cpu --quick for a tiny smoke run."
         )
-    if args.shapes:
+    if args.shapes is not None:
         names = _csv(args.shapes)
+        if not names:
+            raise ValueError(f"--shapes names no shape ({args.shapes!r}); expected some of {', '.join(SHAPES)}.")
     else:
         names = ["tiny"] if cpu else list(QUICK_GPU_SHAPES if args.quick else ("wan-1.3b", "wan-14b", "hunyuan"))
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         raise ValueError(f"Unknown shape(s) {unknown}; expected some of {', '.join(SHAPES)}.")
+    too_big = [n for n in names if cpu and SHAPES[n].layout.seq_len > CPU_MAX_TOKENS]
+    if too_big:
+        raise ValueError(
+            f"--shapes {','.join(too_big)} on CPU: {SHAPES[too_big[0]].layout.seq_len:,} tokens would run for hours in "
+            f"the CPU reference and Triton's interpreter; a CPU run is a smoke test of the tiny shape (at most "
+            f"{CPU_MAX_TOKENS:,} tokens). Drop --shapes, or run on a GPU."
+        )
     batch = args.batch or 1
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}.")
@@ -190,6 +238,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         patterns = ["dense"] if cpu else list(vs.PATTERNS)
     elif args.patterns.strip().lower() == "none":
         patterns = []
+    elif args.patterns.strip().lower() == "all":
+        patterns = list(vs.PATTERNS)
     else:
         patterns = [p.lower().replace("_", "-") for p in _csv(args.patterns)]
     bad = [p for p in patterns if p not in vs.PATTERNS]
@@ -207,13 +257,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ValueError(
                 f"--densities must be numbers in percent like 10,25,50,100, got {args.densities!r}."
             ) from None
+    if args.densities is not None and args.densities.strip().lower() != "none" and not dens:
+        raise ValueError(f"--densities names no density ({args.densities!r}); e.g. 10,25,50,100, or 'none'.")
     if any(not 0 < d <= 100 for d in dens):
         raise ValueError(f"--densities are percentages in (0, 100], got {dens}.")
 
-    backends = [b.lower() for b in _csv(args.backends)]
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad or not backends:
-        raise ValueError(f"--backends must be a comma list of {', '.join(BACKENDS)}, got {args.backends!r}.")
+    if args.backends is None:
+        backends = [b for b in BACKENDS if not (cpu and b == "triton" and _triton_cpu_reason())]
+    else:
+        backends = [b.lower() for b in _csv(args.backends)]
+        bad = [b for b in backends if b not in BACKENDS]
+        if bad or not backends:
+            raise ValueError(f"--backends must be a comma list of {', '.join(BACKENDS)}, got {args.backends!r}.")
+        if cpu and "triton" in backends and (why := _triton_cpu_reason()):
+            raise ValueError(f"--backends triton with --device cpu: {why}; or drop triton from --backends.")
     aliases = {
         "fwd": "fwd",
         "forward": "fwd",
@@ -223,7 +280,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "train": "fwd+bwd",
     }
     directions = []
-    for d in _csv(args.directions):
+    if args.directions is not None and not _csv(args.directions):
+        raise ValueError(f"--directions names no direction ({args.directions!r}); expected fwd, fwd+bwd or both.")
+    for d in _csv(args.directions) if args.directions is not None else DIRECTIONS:
         if d.lower() not in aliases:
             raise ValueError(f"--directions must be a comma list of fwd, fwd+bwd, got {args.directions!r}.")
         directions.append(aliases[d.lower()])
@@ -232,9 +291,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}.")
-    block = 16 if cpu and args.block_size == 128 else args.block_size
+    block = args.block_size if args.block_size is not None else 16 if cpu else 128
     if block < 16 or block & (block - 1):
         raise ValueError(f"--block-size must be a power of two >= 16 (64 or 128 on GPUs), got {block}.")
+    if not patterns and not dens and "sdpa" not in backends:
+        raise ValueError("Nothing to measure: --patterns none, --densities none and no sdpa in --backends.")
     out_dir = Path(args.out_dir).expanduser() if args.out_dir else _default_out_dir()
     check_writable_dir(out_dir, f"--out-dir {str(out_dir)!r}")  # before the measurements, not after
     return Settings(
@@ -523,6 +584,9 @@ def bench_pattern(
             if backend == "flex" and direction == "fwd+bwd" and s.device.type != "cuda":
                 add(backend, direction, None, flops, density, note="not run: FlexAttention has no CPU backward")
                 continue
+            if backend == "natten" and shape.text_len:
+                add(backend, direction, None, flops, density, note="not run: NATTEN's na3d takes no text span")
+                continue
             try:
                 if backend == "triton":
                     ms = bench_triton(q, k, v, do, plan, s, direction)
@@ -554,7 +618,7 @@ def run_benchmarks(s: Settings, log=print) -> list[Row]:
                 _free(s.device)
         for name in s.patterns:
             try:
-                pattern = vs.make_pattern(name)
+                pattern = fitted_pattern(name, shape.layout, s.block_size)
             except Exception as exc:
                 rows.append(Row(shape.name, name, float("nan"), "plan", "build", None, None, error=_short(exc)))
                 continue
@@ -647,6 +711,7 @@ def write(rep: dict, out_dir: Path) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vidsparse bench``: measure, print, write JSON + Markdown (or ``--suite``)."""
+    _check_mode_flags(args)
     if getattr(args, "suite", False):
         from vidsparse import gpu_suite
 

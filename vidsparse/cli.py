@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vidsparse.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
@@ -75,9 +78,73 @@ def _summary(doc: str | None, module: str) -> str:
     return first.rstrip(".") or f"(see vidsparse {module} --help)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the error and where the flags are listed, not the
+    whole usage block (tens of lines for ``generate``), which buries the line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        end = "" if message.endswith((".", "?")) else "."
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{end} Run '{self.prog} --help' for its flags.\n")
+
+
+def unrecognized(extra: Sequence[str], argv: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """The error for arguments ``parser`` does not take, with what was probably meant: the
+    closest flag for a typo, or that a switch takes no value (``--sink false``)."""
+    actions = {o: a for a in parser._actions for o in a.option_strings}
+    notes = []
+    for token in extra:
+        if token.startswith("-"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], list(actions), n=1, cutoff=0.7)
+            if close:
+                notes.append(f"{token}: did you mean {close[0]}?")
+            continue
+        before = argv[argv.index(token) - 1] if token in argv and argv.index(token) > 0 else ""
+        action = actions.get(before)
+        if action is not None and action.nargs == 0:
+            off = next((o for o in action.option_strings if o.startswith("--no-")), None)
+            if off is None and "--no-" + before.removeprefix("--") in actions:
+                off = "--no-" + before.removeprefix("--")
+            notes.append(f"{before} is a switch and takes no value" + (f" ({off} turns it off)" if off else ""))
+    return f"unrecognized arguments: {' '.join(extra)}" + ("; " + "; ".join(notes) if notes else "")
+
+
+def flags_given(args: argparse.Namespace, add: Callable[[argparse.ArgumentParser], None]) -> list[str]:
+    """The flags of the group ``add`` defines that ``args`` sets to other than their defaults: how
+    a command tells that flags of a mode it is not running were given (and would be ignored)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add(probe)
+    defaults = vars(probe.parse_args([]))
+    return [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k, v) != v]
+
+
+def in_flag_terms(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace | None) -> str:
+    """A library error in the command's terms: the Python API's names for a setting
+    (``SparseConfig.dense_layers``, ``Radial.decay_factor``, ``GNA kernel_size``) become the flag
+    that sets it (``--dense-layers``, ``--decay-factor``), where the command has that flag."""
+    options = {o for a in parser._actions for o in a.option_strings}
+
+    def config_field(m: re.Match) -> str:
+        flag = "--" + m.group(1).replace("_", "-")
+        return flag if flag in options else m.group(0)
+
+    message = re.sub(r"SparseConfig\.([a-z_]+)\b", config_field, message)
+    dests = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    # a config dataclass's own message ("rank must be an int >= 1") for a field named as its flag
+    message = re.sub(r"^([a-z][a-z_]*)(?= must\b)", lambda m: dests.get(m.group(1), m.group(1)), message)
+    fields: dict[str, str] = dict(getattr(args, "_pattern_flags", None) or {})
+    patterns = sys.modules.get("vidsparse.patterns")
+    if fields and patterns is not None:
+        classes = "|".join(sorted({cls.__name__ for cls in patterns.PATTERNS.values()}, key=len, reverse=True))
+        names = "|".join(sorted(fields, key=len, reverse=True))
+        message = re.sub(
+            rf"\b({classes})(?:\.| )({names})\b", lambda m: f"{fields[m.group(2)]} ({m.group(1)})", message
+        )
+    return message
+
+
 def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser; only ``command``'s subparser gets its full arguments."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vidsparse",
         description="Sparse spatiotemporal attention for diffusers video models.",
         epilog="Run 'vidsparse <command> --help' for the flags of a command.",
@@ -87,7 +154,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     from vidsparse import __version__
 
     parser.add_argument("--version", action="version", version=f"vidsparse {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands", parser_class=_Parser)
     subparsers: dict[str, argparse.ArgumentParser] = {}
     for name, module in COMMANDS.items():
         doc = _module_docstring(module)
@@ -146,13 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     command = _find_command(argv)
+    parser, subparsers, args = None, {}, None
     try:
         parser, subparsers = build_parser(command)
         module = None
         if command is not None:
             module = _load(command)
             module.add_arguments(subparsers[command])
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            where = subparsers[command] if command is not None else parser
+            where.error(unrecognized(extra, argv, where))
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR
@@ -164,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         prog = f"vidsparse {command}" if command else "vidsparse"
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        where = subparsers.get(command) if command else parser
+        message = in_flag_terms(str(exc), where, args) if where is not None else str(exc)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
@@ -174,5 +247,8 @@ __all__ = [
     "COMMANDS",
     "UserError",
     "build_parser",
+    "flags_given",
+    "in_flag_terms",
     "main",
+    "unrecognized",
 ]

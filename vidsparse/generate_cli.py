@@ -26,7 +26,7 @@ import math
 import re
 from pathlib import Path
 
-from vidsparse.cli import seconds_since_process_start
+from vidsparse.cli import flags_given, seconds_since_process_start
 from vidsparse.errors import UserError
 from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_settings_from_args
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
@@ -233,9 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _freeswim_settings(args: argparse.Namespace) -> dict | None:
     """--freeswim and its flags -> GenerateOptions.freeswim (the FreeSwimOptions fields generate does not own)."""
     if not args.freeswim:
-        given = [f for f, v in (("--base-size", args.base_size), ("--cache-budget", args.cache_budget)) if v]
+        given = [f for f in flags_given(args, add_freeswim_arguments) if f != "--freeswim"]
         if given:
-            raise UserError(f"{' and '.join(given)} apply to --freeswim; add --freeswim or drop them.")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UserError(
+                f"{', '.join(given)} {verb} to --freeswim; add --freeswim or drop {'it' if len(given) == 1 else 'them'}."
+            )
         return None
     try:  # generate owns the target size, frames, steps, guidance and seed
         return freeswim_settings_from_args(args)
@@ -244,7 +247,15 @@ def _freeswim_settings(args: argparse.Namespace) -> dict | None:
 
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
-    name, pattern_options = pattern_options_from_args(args)
+    try:
+        name, pattern_options = pattern_options_from_args(args)
+    except (ValueError, UserError):
+        if args.freeswim:  # the option is not wrong for --pattern: no pattern option applies under --freeswim
+            raise UserError(
+                "--freeswim runs its own attention (stage 1 dense, stage 2 FreeSwim's window of the base grid plus "
+                "the full branch); drop --pattern and its options (the window follows --base-size)."
+            ) from None
+        raise
     return GenerateOptions(
         model=args.model,
         prompt=args.prompt,
@@ -302,7 +313,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # checked before the work, as --out is
         from vidsparse.video_io import check_output_file
 
-        check_output_file(args.json, "--json")
+        json_path = check_output_file(args.json, "--json").resolve()
+        video = Path(options.out).expanduser().resolve() if options.out else None
+        if video is not None and (json_path == video or json_path in video.parents):
+            raise ValueError(
+                f"--json {args.json!r} would overwrite the video --out {options.out!r} writes (or its folder); "
+                "give the summary its own file, e.g. --json " + str(Path(options.out).with_suffix(".json")) + "."
+            )
     startup_s = seconds_since_process_start()
     result = dataclasses.replace(generate(options), startup_s=startup_s)
     if not _is_main_rank():

@@ -92,9 +92,9 @@ def check_output_file(path: str | os.PathLike, what: str, suffixes: tuple[str, .
     ``what`` names it in messages (a flag such as ``"--json"``). Nothing is created.
     """
     p = Path(path).expanduser()
-    if p.is_dir():
-        example = f", such as {str(p / ('output' + suffixes[0]))!r}" if suffixes else ""
-        raise ValueError(f"{what} {str(p)!r} is a directory; give a file name inside it{example}.")
+    if p.is_dir() or str(path).endswith(("/", os.sep)):  # a trailing slash names a folder, existing or not
+        example = f", such as {str(p / ('output' + (suffixes[0] if suffixes else '.json')))!r}"
+        raise ValueError(f"{what} {str(path)!r} is a directory; give a file name inside it{example}.")
     if suffixes and p.suffix.lower() not in suffixes:
         raise ValueError(
             f"{what} {str(p)!r}: unsupported file type {p.suffix or '(none)'!r}; expected a path ending in "

@@ -248,6 +248,9 @@ def prepare_freeswim(
         if native is not None:
             base_h, base_w = native
             source = "the checkpoint's native size"
+        elif info.kind == "tiny" and "height" in info.defaults and "width" in info.defaults:
+            base_h, base_w = int(info.defaults["height"]), int(info.defaults["width"])
+            source = f"{info.source}'s trained size"
         else:
             _, base_h, base_w = geo.default_video
             source = f"the {geo.name} family's default video"

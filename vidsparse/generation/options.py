@@ -181,7 +181,45 @@ def _check_lora(path: str | None) -> Path | None:
         raise ValueError(
             f"--lora {path!r} must be a .safetensors file in diffusers format, got {p.suffix or 'no suffix'}."
         )
+    _check_lora_file(p, path)
     return p
+
+
+def _check_lora_file(p: Path, given: str) -> None:
+    """The file's safetensors header holds tensors: read (a few KB) before the pipeline loads, not
+    found out by ``load_lora_weights`` after it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise ValueError(
+            f"--lora {given!r} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:120]}); pass the "
+            "pytorch_lora_weights.safetensors train-lora wrote, or another diffusers-format LoRA."
+        ) from None
+    if not keys:
+        raise ValueError(f"--lora {given!r} holds no tensors; pass a diffusers-format LoRA file.")
+
+
+# Families whose transformers are built of Wan's blocks: a LoRA trained on one may load into another.
+_WAN_BLOCKS = frozenset({"wan", "wan-vace", "skyreels-v2", "wan-animate"})
+
+
+def _check_lora_family(path: Path, given: str, info: ModelInfo) -> None:
+    """A LoRA that train-lora recorded for another model family cannot load into this one: refused
+    before the pipeline loads (diffusers would load nothing and warn after it)."""
+    from vidsparse.lora.export import read_lora_info
+
+    record = read_lora_info(path) or {}
+    trained, here = record.get("family"), info.model_family.name
+    if trained is None or trained == here or {trained, here} <= _WAN_BLOCKS:
+        return
+    raise ValueError(
+        f"--lora {given!r} was trained for the {trained} family ({record.get('model', 'model unknown')}), but "
+        f"--model {info.source} is a {here} model ({info.pipeline_class}); its weights name modules this "
+        "transformer does not have. Use the model it was trained on, or train a LoRA for this one."
+    )
 
 
 def _lora_summary(
@@ -393,16 +431,35 @@ def _steps_value(value: Any, name: str) -> Any:
     return value
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[int, int, int]):
     """SparseConfig for vidsparse.apply (None for dense), validated on the token grid."""
     from vidsparse.config import SparseConfig
     from vidsparse.layout import VideoLayout, auto_block_size
-    from vidsparse.patterns import Pattern, make_pattern
+    from vidsparse.patterns import Pattern
+    from vidsparse.pipelines.hooks import named_pattern
 
     pattern = options.pattern
     if isinstance(pattern, str):
         name = pattern.strip().lower().replace("_", "-")
         if name == "dense" and not options.pattern_options:
+            given = [
+                flag
+                for flag, value, default in (
+                    ("--dense-first-steps", options.dense_first_steps, None),
+                    ("--dense-last-steps", options.dense_last_steps, 0),
+                    ("--dense-layers", options.dense_layers, None),
+                )
+                if value != default
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} choose where a sparse pattern runs dense, and --pattern dense runs dense "
+                    "everywhere; pick a sparse --pattern or drop them."
+                )
             return None, None
     elif isinstance(pattern, Pattern):
         name = pattern.name
@@ -424,12 +481,15 @@ def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[
     # Resolve the pattern exactly as the hook will on this grid, so option errors and patterns
     # that cannot run on the grid surface now, before any weights are loaded.
     layout = VideoLayout(*grid)
+    block = options.block_size or auto_block_size(layout)
+    if block is not None and block > 2 * _next_pow2(layout.tokens_per_frame) and block > 128:
+        raise ValueError(
+            f"--block-size {block} is larger than this grid needs ({layout}: {layout.tokens_per_frame} tokens a "
+            "frame): a block mostly of padding computes more than dense attention. Drop --block-size (the "
+            "default fits the grid) or use 64 or 128."
+        )
     if isinstance(pattern, str):
-        spec = info.model_family
-        block = options.block_size or auto_block_size(layout)
-        opts = spec.pattern_options(config.pattern, layout, block, info.two_stage)
-        opts.update(options.pattern_options)
-        resolved = make_pattern(config.pattern, **opts)
+        resolved = named_pattern(config, info.model_family, config.pattern, layout, block, info.two_stage)
     else:
         resolved = pattern
     try:
@@ -472,8 +532,8 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         raise ValueError(
             f"--guidance must be a finite number >= 0 (1 disables classifier-free guidance), got {guidance!r}."
         )
-    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or options.seed < 0:
-        raise ValueError(f"--seed must be an integer >= 0, got {options.seed!r}.")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed < 2**64:
+        raise ValueError(f"--seed must be an integer in [0, 2**64) (torch.Generator's range), got {options.seed!r}.")
     grid = info.grid.latent_grid(frames, height, width)  # ValueError naming the nearest valid sizes
     animate = _check_animate(options, info, frames)
     if animate is not None:  # the reference image's latent frame comes first in every transformer call
@@ -493,6 +553,13 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     fps = options.fps if options.fps is not None else info.grid.fps
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
+    scale = options.lora_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"--lora-scale must be a finite number (1 = as trained, 0 = off), got {scale!r}.")
+    if lora is not None:
+        _check_lora_family(lora, options.lora, info)
+    elif options.lora_scale != 1.0:
+        raise ValueError(f"--lora-scale {options.lora_scale} scales a LoRA; pass --lora too, or drop --lora-scale.")
     image = _check_image(options.image, info, options.condition_video)
     condition_video = _check_condition_video(options.condition_video, image, info)
     if options.freeswim is not None and (image is not None or condition_video is not None):

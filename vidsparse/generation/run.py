@@ -50,6 +50,11 @@ def generate(options: GenerateOptions) -> GenerateResult:
 
         return run_freeswim_generation(pipe, plan, options, t_start=t_start, prepare_s=prepare_s, load_s=load_s)
 
+    if plan.sparse_config is not None:  # the checks that need the loaded transformer (its layer count), before any step
+        import vidsparse as vs
+
+        vs.apply(pipe, plan.sparse_config)
+        vs.remove(pipe)
     dense_run = None
     if options.compare_dense:  # the dense baseline first, on the unpatched pipeline
         if options.compile:

@@ -34,11 +34,11 @@ class NoiseSampler:
 
     def __post_init__(self) -> None:
         if self.mode not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.mode!r}.")
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.mode!r}.")
         if self.shift is not None and not self.shift > 0:
-            raise ValueError(f"flow shift must be > 0 (1 = no shift), got {self.shift!r}.")
+            raise ValueError(f"flow_shift must be > 0 (1 = no shift), got {self.shift!r}.")
         if not self.logit_std > 0:
-            raise ValueError(f"logit-normal std must be > 0, got {self.logit_std!r}.")
+            raise ValueError(f"logit_std must be > 0 (the logit-normal's spread), got {self.logit_std!r}.")
         if not 0 <= self.min_sigma < 1:
             raise ValueError(f"min_sigma must be in [0, 1), got {self.min_sigma!r}.")
 

@@ -548,6 +548,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a LoRA training run; see ``TrainConfig`` for the settings."""
     from tqdm.auto import tqdm
 
+    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)  # checks its values
     check_trainable(cfg.model)  # a refused pipeline class: said before the data scan, the output folder or weights
     check_condition_frames(cfg.model, cfg.condition_frames)
     check_clip_size(cfg.model, cfg.num_frames, cfg.height, cfg.width)
@@ -557,7 +558,6 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     resume_path = _resume_path(run)
     adapter = load_model(cfg.model, dtype=run.weight_dtype)
     adapter.set_condition_frames(cfg.condition_frames)  # its 8k + 1 rule needs the VAE; before any encoding
-    sampler = NoiseSampler(cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean, cfg.logit_std)
     adapter.check_sampling(sampler)  # before any encoding: e.g. CogVideoX refuses a flow shift
     transformer = _prepare_transformer(cfg, adapter)
     if run.main:  # only now: a flag the model refuses (--condition-frames, a flow shift, ...) leaves no folder

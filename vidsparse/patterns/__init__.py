@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from vidsparse.layout import VideoLayout
 from vidsparse.patterns.attention_tile import AttentionTile
 from vidsparse.patterns.base import Pattern, normalize_pattern_name
 from vidsparse.patterns.dense import Dense
@@ -62,6 +63,17 @@ def make_pattern(name: str, **options) -> Pattern:
         raise TypeError(f"Bad options for pattern {key!r}: {exc}") from None
 
 
+def fitted_pattern(name: str, layout: VideoLayout, block_size: int | None = None) -> Pattern:
+    """Pattern ``name`` with its class defaults fitted to ``layout`` (``Pattern.fit_defaults``:
+    windows cover at most an axis, blocks fit a frame), so a bare name runs on any grid, as
+    it does through ``vs.apply``: what ``vs.attention`` / ``vs.plan`` and ``vidsparse bench``
+    run for a name."""
+    key = normalize_pattern_name(name)
+    if key not in PATTERNS:
+        return make_pattern(name)  # the unknown-name error
+    return make_pattern(key, **PATTERNS[key].fit_defaults({}, layout, block_size))
+
+
 __all__ = [
     "GNA",
     "PATTERNS",
@@ -73,6 +85,7 @@ __all__ = [
     "Radial",
     "Tile",
     "VMoBA",
+    "fitted_pattern",
     "make_pattern",
     "normalize_pattern_name",
     "register_pattern",

@@ -187,12 +187,8 @@ def named_pattern(
         if not user:
             raise
         others = {k: v for k, v in defaults.items() if k not in user}
-        origin = (
-            f" The other options are {family.name}'s defaults {others}: set one in pattern_options to change it."
-            if others
-            else ""
-        )
-        raise type(exc)(f"SparseConfig.pattern_options {user} for {key!r}: {exc}{origin}") from None
+        rest = f"; {family.name}'s defaults for the rest: {others}" if others else ""
+        raise type(exc)(f"{exc} ({key} options given: {user}{rest}.)") from None
 
 
 @dataclass
