@@ -1,4 +1,8 @@
-"""Offline quick start: sparse attention on the embedded tiny Wan pipeline (CPU, seconds).
+"""Offline quick start: apply, run and remove sparse attention on a tiny Wan pipeline (CPU, seconds).
+
+The pipeline is diffusers' real WanPipeline at tiny sizes with random weights (``tiny-random``,
+built in code, no download), not the trained ``tiny`` model ``vidsparse generate`` uses by
+default; the differences printed are on its output latents.
 
 python examples/quickstart_tiny.py
 """
@@ -18,7 +22,7 @@ def main() -> None:
     vs.remove(pipe)
     restored = run_tiny_pipeline(pipe, num_inference_steps=4)
 
-    print(f"sparse vs dense, max abs difference: {(sparse - dense).abs().max().item():.4f}")
+    print(f"sparse vs dense latents, max abs difference: {(sparse - dense).abs().max().item():.4f}")
     print(f"after remove(), identical to dense: {torch.equal(restored, dense)}")
 
 

@@ -20,6 +20,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -173,8 +174,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
 def seconds_since_process_start() -> float:
     """How long this process has run (Linux: /proc; elsewhere since ``vidsparse.cli`` was imported).
 
-    ``vidsparse generate`` counts it as start-up: the interpreter, torch, diffusers and the
-    command's own imports, which a user waits through as much as through the denoising.
+    ``vidsparse generate`` counts it as start-up: the interpreter, torch and the command's own
+    imports (diffusers' pipeline modules load later, in the option checks: setup), which a user waits through as much as through the denoising.
     """
     try:
         with open("/proc/self/stat", encoding="ascii") as fh:
@@ -208,9 +209,21 @@ def _load(command: str):
         raise
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """vidsparse's own warnings as one line, like its errors; other libraries' keep their origin."""
+    if f"{os.sep}vidsparse{os.sep}" in str(filename) or str(message).startswith("vidsparse:"):
+        text = str(message).removeprefix("vidsparse: ")
+        return f"vidsparse: warning: {text}\n"
+    return _DEFAULT_FORMAT(message, category, filename, lineno, line)
+
+
+_DEFAULT_FORMAT = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vidsparse`` console script and ``python -m vidsparse``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _format_warning
     debug = "--debug" in argv
     command = _find_command(argv)
     parser, subparsers, args = None, {}, None

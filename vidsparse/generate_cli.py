@@ -127,18 +127,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--animate-mode replace: white where the character goes, black where the background stays "
              "(required there, refused otherwise)",
     )  # fmt: skip
+    from vidsparse.generation.model import TINY_DEFAULTS
+    from vidsparse.models.tiny_trained import TRAINED_DEFAULTS
+
+    def tiny(key: str) -> str:  # the defaults of the two embedded models, from their one home
+        return f"tiny {TRAINED_DEFAULTS[key]:g}, tiny-random {TINY_DEFAULTS[key]:g}"
+
     video = parser.add_argument_group("video")
     video.add_argument(
         "--frames", type=int, default=None,
-        help="number of frames (default: the pipeline's; tiny 33). Wan-Animate: the frames of one segment "
+        help=f"number of frames (default: the pipeline's; {tiny('frames')}). Wan-Animate: the frames of one segment "
              "(segment_frame_length, 4k + 1; default 77, tiny 9): the video is as long as --pose-video, denoised "
              "segment by segment, each starting from the last frame of the one before",
     )  # fmt: skip
-    video.add_argument("--height", type=int, default=None, help="height in pixels (default: the pipeline's; tiny 96)")
-    video.add_argument("--width", type=int, default=None, help="width in pixels (default: the pipeline's; tiny 160)")
-    video.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's; tiny 8)")
     video.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the pipeline's; tiny 5)"
+        "--height", type=int, default=None, help=f"height in pixels (default: the pipeline's; {tiny('height')})"
+    )
+    video.add_argument(
+        "--width", type=int, default=None, help=f"width in pixels (default: the pipeline's; {tiny('width')})"
+    )
+    video.add_argument(
+        "--steps", type=int, default=None, help=f"denoising steps (default: the pipeline's; {tiny('steps')})"
+    )
+    video.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale (default: the pipeline's; {tiny('guidance')})",
     )
     video.add_argument(
         "--seed", type=int, default=0, help="random seed; same seed and prompt give the same video (default 0)"

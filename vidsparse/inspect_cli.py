@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help=f"model family: {', '.join(geometries())}; gives --video its VAE and patch factors (default wan) and "
-        "adds the text span of joint-attention families (hunyuan, cogvideox, mochi), also to --grid",
+        "adds the text span of joint-attention families (hunyuan, hunyuan15, cogvideox, cogvideox1.5, mochi), "
+        "also to --grid",
     )
     grid.add_argument(
         "--text-len",
@@ -257,6 +258,8 @@ def inspect_pattern(args) -> dict[str, Any]:
     import vidsparse as vs
     from vidsparse.visualize import plot_plan, query_index
 
+    if args.out and args.no_plot:
+        raise UserError("--out names the PNG, and --no-plot draws none; drop one of them.")
     # Output paths first: an unwritable one is one line before any planning (issue 18, item 3).
     if args.out and not args.no_plot:
         check_output_file(args.out, "--out", (".png",))
@@ -270,6 +273,16 @@ def inspect_pattern(args) -> dict[str, Any]:
             f"{pattern.name}_{layout.frames}x{layout.height}x{layout.width}.png", "--out", (".png",)
         )
     pattern.validate(layout)
+    if not pattern.dynamic:  # q/k flags choose a dynamic pattern's inputs; a static mask ignores them
+        given = [f for f, v, d in (("--qk", args.qk, "random"), ("--heads", args.heads, 2),
+                                   ("--head-dim", args.head_dim, 64), ("--seed", args.seed, 0)) if v != d]  # fmt: skip
+        if given:
+            raise UserError(
+                f"{', '.join(given)} set the q/k of dynamic patterns (vmoba), and {type(pattern).__name__}'s mask "
+                "does not depend on q/k; drop them."
+            )
+    if args.text_position is not None and layout.text_len == 0:
+        raise UserError("--text-position places a text span, and this grid has none; add --text-len N or drop it.")
     bs = _block_size(args, pattern)
     layers = args.layers if args.layers is not None else default_layers(pattern)
     if layers < 1:

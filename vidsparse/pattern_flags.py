@@ -62,7 +62,7 @@ class FieldSpec:
         if isinstance(default, tuple):
             default = ",".join(str(v) for v in default)
         text = f"{self.pattern}: {shape}, default {default}"
-        return f"{text}. {self.help.rstrip('.')}" if self.help and full else text
+        return f"{text}. {_sentence(self.help)}" if self.help and full else text
 
     def parse(self, raw: Any, flag: str) -> Any:
         """Convert the raw command-line value (a str, or a bool for switches)."""
@@ -113,6 +113,12 @@ class FieldSpec:
             "int_or_ints": "3 (or 3,5,5)",
             "float_or_floats": "0.5 (or 0.5,1,1)",
         }.get(self.kind, "")
+
+
+def _sentence(text: str) -> str:
+    """A field description as it follows "default X. " in --help: capitalised, no final period."""
+    text = text.strip().rstrip(".")
+    return text[:1].upper() + text[1:]
 
 
 def _parse_bool(text: str) -> bool | None:
@@ -194,32 +200,52 @@ def _field_docs(cls: type) -> dict[str, str]:
                 if comment and not comment.startswith(("noqa", "type:")):
                     docs.setdefault(name, comment)
     doc = inspect.getdoc(cls) or ""
-    lines = doc.splitlines()
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\s*)[-*]?\s*`{0,2}(\w+)`{0,2}\s*(?:\([^)]*\))?\s*:\s+(\S.*)$", line)
-        if not m:
-            continue
-        indent, text = len(m.group(1)), [m.group(3).strip()]
-        for cont in lines[i + 1 :]:  # continuation lines are indented deeper
-            if not cont.strip() or len(cont) - len(cont.lstrip()) <= indent:
-                break
-            text.append(cont.strip())
-        docs.setdefault(m.group(2), _shorten(" ".join(text).replace("``", "")))
+    for name, text in _docstring_entries(doc):
+        docs.setdefault(name, text)
     # Last resort: the first clause of the class docstring that names the field.
-    for text in (doc,):
-        clauses = re.split(r"(?<=[.;])\s+|\n\s*\n", " ".join(text.split()))
-        for f in dataclasses.fields(cls):
-            if f.name in docs:
-                continue
-            for clause in clauses:
-                if f"``{f.name}``" in clause:
-                    docs[f.name] = _shorten(clause.replace("``", "").rstrip(";"))
-                    break
+    clauses = re.split(r"(?<=[.;])\s+|\n\s*\n", " ".join(doc.split()))
+    for f in dataclasses.fields(cls):
+        if f.name in docs:
+            continue
+        for clause in clauses:
+            if f"``{f.name}``" in clause:
+                docs[f.name] = clause.replace("``", "").rstrip(";")
+                break
     return docs
 
 
-def _shorten(text: str, limit: int = 240) -> str:
-    return text if len(text) <= limit else text[: limit - 3].rsplit(" ", 1)[0] + "..."
+# One entry: "name: text", "- name (type): text" or "``name``: text" (an Args-style list item,
+# or a paragraph that opens with a field name).
+_ENTRY = re.compile(r"^(\s*)[-*]?\s*`{0,2}(\w+)`{0,2}\s*(?:\([^)]*\))?\s*:\s+(\S.*)$")
+# A section header such as "Args:" or "Returns:" (nothing after the colon).
+_SECTION = re.compile(r"^\s*\w[\w ]*:\s*$")
+
+
+def _docstring_entries(doc: str) -> list[tuple[str, str]]:
+    """(name, full description) of every "name: text" entry of a docstring, in order.
+
+    An entry runs over its continuation lines: every line indented deeper than the entry, and
+    lines at the entry's own indent (a paragraph is not indented below its first line) up to the
+    next entry or section header. A blank line or a less indented line ends it.
+    """
+    lines = doc.splitlines()
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(lines):
+        m = _ENTRY.match(lines[i])
+        i += 1
+        if not m:
+            continue
+        indent, text = len(m.group(1)), [m.group(3).strip()]
+        while i < len(lines) and lines[i].strip():
+            cont = lines[i]
+            depth = len(cont) - len(cont.lstrip())
+            if depth < indent or (depth == indent and (_ENTRY.match(cont) or _SECTION.match(cont))):
+                break
+            text.append(cont.strip())
+            i += 1
+        out.append((m.group(2), " ".join(text).replace("``", "")))
+    return out
 
 
 def pattern_field_specs(cls: type) -> dict[str, FieldSpec]:
@@ -314,8 +340,11 @@ def _format_value(value: Any) -> str:
 
 def family_pattern_defaults() -> dict[tuple[str, str], list[tuple[str, Any]]]:
     """(pattern, field) -> [("wan", 0.2), ...]: the option each family's defaults give a pattern
-    named on the command line, at the family's default video size (options that are fitted to
-    the grid can differ at other sizes). Read from the family records, so --help shows what runs."""
+    named on the command line, at the family's default video size (fitted to that grid by the
+    pattern's ``fit_defaults``; fitted options can differ at other sizes). Only the fields a family
+    record sets: a value ``fit_defaults`` derives from the grid alone (Radial's block on small
+    frames, AttentionTile's global frames) is the same rule for every family, and the field's own
+    description says it. Read from the family records, so --help shows what runs."""
     from vidsparse.families import families
     from vidsparse.layout import VideoLayout, auto_block_size
 
@@ -326,14 +355,23 @@ def family_pattern_defaults() -> dict[tuple[str, str], list[tuple[str, Any]]]:
             layout = VideoLayout(*geo.latent_grid(*geo.default_video))
         except (ValueError, TypeError, AttributeError):
             continue
-        for pattern in family.pattern_defaults:
+        for pattern, entry in family.pattern_defaults.items():
             try:
+                own = entry(layout, False) if callable(entry) else (entry or {})
                 options = family.pattern_options(pattern, layout, auto_block_size(layout))
             except (ValueError, TypeError):
                 continue
             for field, value in options.items():
-                out.setdefault((pattern, field), []).append((family.name, value))
+                if field in own:
+                    out.setdefault((pattern, field), []).append((family.name, value))
     return out
+
+
+def _same_value(value: Any, default: Any) -> bool:
+    """``value`` means ``default``: equal, or a per-axis tuple repeating a scalar default (1,1,1 vs 1)."""
+    if value == default:
+        return True
+    return isinstance(value, tuple) and not isinstance(default, tuple) and all(v == default for v in value)
 
 
 def add_pattern_arguments(
@@ -370,11 +408,11 @@ def add_pattern_arguments(
         for s in specs:
             text = s.describe(full=False)
             # A pattern given by name runs its family's value, not the class default: say which.
-            fams = [(f, v) for f, v in by_family.get((s.pattern, field), ()) if v != s.default]
+            fams = [(f, v) for f, v in by_family.get((s.pattern, field), ()) if not _same_value(v, s.default)]
             if fams:
                 values = ", ".join(f"{f} {_format_value(v)}" for f, v in fams)
                 text += f" (family defaults, what runs without this flag: {values}; other families as the default)"
-            parts.append(f"{text}. {s.help.rstrip('.')}" if s.help else text)
+            parts.append(f"{text}. {_sentence(s.help)}" if s.help else text)
         desc = "; ".join(parts).replace("%", "%%")
         if all(s.kind == "bool" for s in specs):
             group.add_argument(

@@ -267,7 +267,13 @@ def format_summary(result: GenerateResult) -> str:
         lines.append(f"           attention work over all steps and layers: {result.attention_work:.1%} of dense")
         if result.computed_work is not None:
             lines.append(f"           computed pairs over all steps and layers: {result.computed_work:.1%} of dense")
-        lines.extend(work_warnings(result.densities))
+        if result.pattern != "dense" and result.sparse_steps == 0:  # not the grid's doing: the schedule's
+            lines.append(
+                "warning    no step ran the sparse pattern: the dense steps (--dense-first-steps / "
+                "--dense-last-steps) cover all of them"
+            )
+        else:
+            lines.extend(work_warnings(result.densities))
     if result.freeswim is not None:
         lines.extend(result.freeswim.summary_lines())
     if result.dense is not None:

@@ -560,9 +560,15 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     adapter.set_condition_frames(cfg.condition_frames)  # its 8k + 1 rule needs the VAE; before any encoding
     adapter.check_sampling(sampler)  # before any encoding: e.g. CogVideoX refuses a flow shift
     transformer = _prepare_transformer(cfg, adapter)
+    created = run.main and not run.out.exists()
     if run.main:  # only now: a flag the model refuses (--condition-frames, a flow shift, ...) leaves no folder
         run.out.mkdir(parents=True, exist_ok=True)
-    report, samples, data_id = _cache_samples(run, adapter)
+    try:
+        report, samples, data_id = _cache_samples(run, adapter)
+    except BaseException:
+        if created and not any(run.out.iterdir()):  # no usable video (too short, undecodable): leave nothing
+            run.out.rmdir()
+        raise
     opt = _optimization(run, transformer)
     start_step = _restore(run, opt, resume_path, data_id)
     shift = sampler.resolved_shift(adapter.default_flow_shift())

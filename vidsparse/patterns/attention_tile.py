@@ -24,9 +24,16 @@ from vidsparse.patterns.tiling import ceil_div
 class AttentionTile(Pattern):
     """Diagonal frame tiles plus ``global_frames`` reference frames (rows and columns).
 
-    Default 2 global frames, the paper's (2:6) example. ``global_frames=0`` is per-frame
-    (spatial-only) attention, ``global_frames=frames`` dense attention. Each frame is padded
-    to whole kernel blocks so every block lies in one frame and no block is partial.
+    Default 2 global frames, the paper's (2:6) example. Each frame is padded to whole kernel
+    blocks so every block lies in one frame and no block is partial.
+
+    Args:
+        global_frames: the first ``global_frames`` latent frames are global: every query attends
+            them and they attend every frame; 0 = per-frame (spatial-only) attention, the number
+            of latent frames = dense. Left unset where a model family's settings apply
+            (vidsparse.apply, vidsparse generate, vidsparse train-lora): round(latent frames / 4),
+            at least 1 (the paper's 2:6 at 8 frames). vidsparse inspect and ``AttentionTile()``
+            keep 2.
     """
 
     global_frames: int = 2

@@ -38,7 +38,14 @@ def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
 
 @dataclass(frozen=True)
 class DualScope(Pattern):
-    """Local temporal window of ``local_frames`` per side + global frames every ``global_stride``."""
+    """Local temporal window of ``local_frames`` per side + global frames every ``global_stride``.
+
+    Args:
+        local_frames: latent frames a query frame sees on each side, all their tokens (a window
+            of 2 * local_frames + 1 frames, cut at the video's ends).
+        global_stride: every query attends the latent frames whose absolute index is a multiple
+            of it (the global frames); 0 = no global frames.
+    """
 
     local_frames: int = 2
     global_stride: int = 4

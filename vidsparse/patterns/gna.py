@@ -70,10 +70,14 @@ def window_bounds(
 class GNA(SeparableTiledPattern):
     """Generalized Neighborhood Attention with NATTEN's exact semantics (see module doc).
 
+    Default kernel (9, 25, 41), the token budget of the ``Tile`` default: 28 % of the pairs of a
+    Wan 480p grid (21x30x52), 12 % at 720p (21x45x80).
+
     Args:
-        kernel_size: window per axis (t, h, w); ``-1`` = the whole axis (Cosmos-Predict2's
-            convention). Default (9, 25, 41), the token budget of the ``Tile`` default: 28 %
-            of the pairs of a Wan 480p grid (21x30x52), 12 % at 720p (21x45x80).
+        kernel_size: window per axis (t, h, w) in tokens; ``-1`` = the whole axis (Cosmos-Predict2's
+            convention). Left unset where a model family's settings apply (vidsparse.apply,
+            vidsparse generate, vidsparse train-lora), a kernel at least as long as an axis
+            becomes -1 there and the stride is cut to fit within the kernel.
         stride: queries per window-sharing group (1 = sliding window, = kernel = blocked).
         dilation: residue classes per axis; ``kernel * dilation`` must fit the axis.
         is_causal: per axis, keys after the query are masked (e.g. causal in time).

@@ -60,9 +60,20 @@ _EMPTY, _DENSE = 0, 1  # tile kinds; bands follow from 2 on
 class Radial(Pattern):
     """Radial Attention: dense for adjacent frames, a log-decaying raster band further away.
 
-    ``decay_factor`` scales the band (the reference scripts use 0.2 for Wan2.1, 0.8 for
-    Wan2.2, 0.95 for HunyuanVideo, 1.0 for the long-video LoRAs); ``sink`` adds the dense
-    latent-frame-0 key column Wan uses. See the module docstring for the exact rule.
+    See the module docstring for the exact rule.
+
+    Args:
+        decay_factor: scales the band width, > 0 (the reference scripts use 0.2 for Wan2.1, 0.8
+            for Wan2.2, 0.95 for HunyuanVideo, 1.0 for the long-video LoRAs).
+        block_size: the radial block in tokens, a power of two >= 16 (128 as in the paper, 64 for
+            Wan2.2). Left unset where a model family's settings apply (vidsparse.apply, vidsparse
+            generate, vidsparse train-lora), frames of fewer than 128 tokens take the kernel block
+            instead: generate's --block-size, else the next power of two >= the tokens per frame
+            (at least 16). vidsparse inspect and ``Radial()`` keep 128.
+        sink: adds the dense latent-frame-0 key column (Wan's attention sink; HunyuanVideo has none).
+        skip_threshold: undecayed band width in tokens below which frame distances are thinned
+            (only every 2nd, 4th, ... distance kept); ``None`` = ``block_size``. The reference
+            hard-codes 128: 128 with a block of 64 reproduces its Wan2.2 processor.
     """
 
     decay_factor: float = 1.0

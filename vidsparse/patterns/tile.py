@@ -36,6 +36,13 @@ class Tile(SeparableTiledPattern):
     (4x4x8 pads 22 % and 31 %); it is also a NATTEN Hopper/Blackwell tile shape. Window
     (5, 3, 5) tiles = 10x24x40 tokens keeps 12 % of the token pairs at Wan 720p, in the range
     of STA's searched windows (10-20 % of tiles for Wan and HunyuanVideo), 26 % at 480p.
+
+    Args:
+        tile: tile shape (t, h, w) in tokens (one int: the same on every axis); the grid is
+            padded to whole tiles. A model family's tile larger than an axis shrinks to the axis.
+        window: key tiles per axis (t, h, w) around the query's tile, the centre clamped at the
+            borders so every window holds as many tiles; an even window w spans w + 1 tiles, a
+            window of at least the axis's tiles covers the axis.
     """
 
     tile: int | Triple = (2, 8, 8)

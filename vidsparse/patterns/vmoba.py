@@ -103,13 +103,9 @@ class VMoBA(Pattern):
     """Video Mixture of Block Attention: per-query block selection on pooled keys.
 
     Defaults follow the paper's Wan 2.1 480p setting (latent 21x30x52: 7 temporal, 24 spatial,
-    72 spatio-temporal blocks) with the released code's selection (threshold 0.25, per query).
-    ``topk`` (int, or one per partition: temporal, spatial, spatio-temporal) is used only with
-    ``select_mode="topk"``; (2, 6, 18) is the paper's training-free 480p choice.
-    Layer ``l`` uses partition ``(l - layer_offset) mod sum(layer_cycle)`` counted against
-    ``layer_cycle`` = consecutive temporal, spatial and spatio-temporal layers (FastVideo's
-    ``first_full_layer`` and ``temporal_layer/spatial_layer/st_layer``); (1, 0, 1) gives the
-    paper's 1-3D ablation.
+    72 spatio-temporal blocks) with the released code's selection (threshold 0.25, per query);
+    (2, 6, 18) is the paper's training-free 480p ``topk``. Layer ``l`` uses partition
+    ``(l - layer_offset) mod sum(layer_cycle)`` counted against ``layer_cycle``.
 
     ``granularity="token"`` is the published rule: every query row selects for itself, so a
     kernel query tile computes the union of its rows' blocks under a per-row mask (with random
@@ -118,8 +114,28 @@ class VMoBA(Pattern):
     query (= the mean of its rows' gates, the gate being linear in q): the kernel then skips
     exactly what the mask drops, but the mask depends on ``block_size``.
 
-    ``path``: ``"auto"`` (key-block-major for ``"token"``, query-tile for ``"tile"``),
-    ``"key_block"`` or ``"query_tile"``; the mask is the same on either path.
+    Args:
+        temporal_chunk: latent frames per key block of the temporal layers (slabs of whole frames).
+        spatial_chunk: (h, w) tokens per key block of the spatial layers (each spans all frames).
+        st_chunk: (t, h, w) tokens per key block of the spatio-temporal layers.
+        select_mode: ``"threshold"`` keeps blocks until their normalised gate mass reaches
+            ``threshold``; ``"topk"`` keeps the ``topk`` blocks with the highest gates.
+        threshold: fraction of the normalised gate mass to keep, in (0, 1], own block included
+            (used only with select_mode="threshold").
+        topk: blocks each query keeps, its own block included: an int, or one per partition
+            (temporal, spatial, spatio-temporal); used only with select_mode="topk".
+        scope: ``"query"`` selects per (query, head), the released code's default
+            (alias ``"query_head"``); ``"head"`` per (sample, head) over all queries, the paper's
+            global selection (alias ``"head_global"``).
+        layer_offset: layer index where the cycle starts (FastVideo's ``first_full_layer``).
+        layer_cycle: consecutive temporal, spatial and spatio-temporal layers of one cycle
+            (FastVideo's ``temporal_layer/spatial_layer/st_layer``); (1, 0, 1) is the paper's
+            1-3D ablation.
+        granularity: ``"token"``: every query row selects its own blocks (published);
+            ``"tile"``: one selection per kernel query tile, from the tile's mean query.
+        path: kernel path, ``"auto"`` (key-block-major for ``"token"``, query-tile for
+            ``"tile"``), ``"key_block"`` (``"token"`` only) or ``"query_tile"``; the mask is
+            the same on either path.
     """
 
     name: ClassVar[str] = "vmoba"

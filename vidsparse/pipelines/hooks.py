@@ -326,7 +326,8 @@ class SparseState:
                 "steps, so this run computes dense attention throughout. Lower SparseConfig.dense_first_steps "
                 "/ dense_last_steps (or pass a fraction, e.g. 0.25).",
             )
-        return step < n_first or (total is not None and step >= total - n_last)
+        # (a step past the end, e.g. a forward after the pipeline's last, is dense only if a tail is asked for)
+        return step < n_first or (n_last > 0 and total is not None and step >= total - n_last)
 
     # -- per forward ---------------------------------------------------------------------
     def begin_call(
