@@ -35,6 +35,10 @@ def main(out_path: str) -> None:
         results[order] = {"out": out, "sparse": get_state(model).calls["sparse"]}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
+    # Every rank's collectives done before teardown: a rank tearing gloo down while its peer's
+    # functional-collective work is still in flight can abort at exit ("terminate called without
+    # an active exception", seen once under a loaded CI machine).
+    dist.barrier()
     dist.destroy_process_group()
 
 

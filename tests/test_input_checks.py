@@ -549,3 +549,30 @@ def test_train_lora_refuses_an_output_dir_with_checkpoints(capsys, tmp_path):
     assert rc == 2
     assert "already holds checkpoints" in err and "checkpoint-00000003" in err and "--resume" in err, err
     assert listing(out) == before and listing(data) == data_before
+
+
+def test_generate_cli_refuses_what_it_would_ignore_or_lose(capsys, tmp_path):
+    """Flags whose effect would be silently dropped, and a --json that would replace the video."""
+    video = tmp_path / "v.mp4"
+    cases = [
+        (["--pattern", "dense", "--dense-layers", "0"], "--pattern dense runs dense everywhere"),
+        (["--lora-scale", "0.5"], "pass --lora too"),
+        (["--strength", "0.5"], "--strength applies to --freeswim"),
+        (["--seed", str(2**64)], "torch.Generator's range"),
+        (["--block-size", "1024"], "larger than this grid needs"),
+        (["--json", str(video)], "would overwrite the video"),
+        (["--json", str(tmp_path / "folder") + "/"], "is a directory"),
+    ]
+    for extra, phrase in cases:
+        rc, out, err = _cli(capsys, ["generate", "--model", "tiny", "--out", str(video), *extra])
+        assert rc == 2 and phrase in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder made
+
+
+def test_generate_library_keeps_a_dense_baseline_of_sparse_options():
+    """GenerateOptions swapped to pattern='dense' for a baseline keeps its schedule fields: not an error."""
+    from vidsparse.generation import GenerateOptions
+    from vidsparse.generation.options import prepare
+
+    plan = prepare(GenerateOptions(model="tiny-random", pattern="dense", dense_first_steps=0, frames=5, steps=1))
+    assert plan.sparse_config is None

@@ -261,6 +261,27 @@ def _freeswim_settings(args: argparse.Namespace) -> dict | None:
         raise UserError(str(exc)) from None
 
 
+def _check_dense_schedule_flags(args: argparse.Namespace, pattern: str) -> None:
+    """--dense-* flags choose where a sparse pattern runs dense: given with --pattern dense they would
+    be silently ignored. (Library callers may keep them when swapping in dense for a baseline.)"""
+    if pattern.strip().lower() != "dense":
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--dense-first-steps", args.dense_first_steps),
+            ("--dense-last-steps", args.dense_last_steps),
+            ("--dense-layers", args.dense_layers),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UserError(
+            f"{', '.join(given)} choose where a sparse pattern runs dense, and --pattern dense runs dense "
+            "everywhere; pick a sparse --pattern or drop them."
+        )
+
+
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
     try:
         name, pattern_options = pattern_options_from_args(args)
@@ -271,6 +292,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
                 "the full branch); drop --pattern and its options (the window follows --base-size)."
             ) from None
         raise
+    _check_dense_schedule_flags(args, name)
     return GenerateOptions(
         model=args.model,
         prompt=args.prompt,

@@ -446,20 +446,6 @@ def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[
     if isinstance(pattern, str):
         name = pattern.strip().lower().replace("_", "-")
         if name == "dense" and not options.pattern_options:
-            given = [
-                flag
-                for flag, value, default in (
-                    ("--dense-first-steps", options.dense_first_steps, None),
-                    ("--dense-last-steps", options.dense_last_steps, 0),
-                    ("--dense-layers", options.dense_layers, None),
-                )
-                if value != default
-            ]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)} choose where a sparse pattern runs dense, and --pattern dense runs dense "
-                    "everywhere; pick a sparse --pattern or drop them."
-                )
             return None, None
     elif isinstance(pattern, Pattern):
         name = pattern.name
