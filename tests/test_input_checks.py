@@ -576,3 +576,22 @@ def test_generate_library_keeps_a_dense_baseline_of_sparse_options():
 
     plan = prepare(GenerateOptions(model="tiny-random", pattern="dense", dense_first_steps=0, frames=5, steps=1))
     assert plan.sparse_config is None
+
+
+def test_lora_pattern_report_says_what_ran_and_when_it_is_dense_in_effect():
+    """train-lora logs the pattern as it ran on the training grid (and records it in vidsparse_lora.json)."""
+    from vidsparse.lora.sparse import pattern_report
+    from vidsparse.models.tiny import tiny_inputs, tiny_transformer
+
+    model = tiny_transformer("wan", seed=0)
+    inputs = tiny_inputs("wan", model, frames=4, height=8, width=8, seed=1)
+    assert pattern_report(model, "torch") == ([], [])  # not patched: nothing ran
+    for pattern, dense_in_effect in (("gna", True), (vs.Tile(tile=(1, 2, 2), window=(1, 1, 1)), False)):
+        vs.apply(model, vs.SparseConfig(pattern, backend="torch", dense_first_steps=0, dense_layers=(0,)))
+        with torch.no_grad():
+            model(**inputs, return_dict=False)
+        lines, warnings = pattern_report(model, "torch")
+        assert lines[0].startswith("token grid") and lines[1] == "layer 0: dense", lines
+        assert "keeps" in lines[2] and "computes" in lines[2], lines
+        assert any("trains as dense" in w for w in warnings) == dense_in_effect, warnings
+        vs.remove(model)

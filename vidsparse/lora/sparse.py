@@ -41,6 +41,47 @@ def sparse_config(cfg: Any):
     )
 
 
+def pattern_report(transformer: torch.nn.Module, backend: str) -> tuple[list[str], list[str]]:
+    """(info lines, warnings) on what the last forward of ``transformer`` trained under: each
+    layer group's pattern as it ran on the training grid (family defaults fitted to it), the
+    pairs it keeps and, for static patterns, the pairs its kernel path computes. A pattern that
+    is dense in effect at this size (a small clip) says so: the LoRA then learns dense attention."""
+    from vidsparse.attention import backend_for, plan
+    from vidsparse.density import token_density
+    from vidsparse.pipelines.hooks import get_hook
+    from vidsparse.work import executed_path, kernel_tiles, layer_span, no_speedup_warning, plan_work
+
+    hook = get_hook(transformer)
+    info = hook.state.current if hook is not None else None
+    if info is None or info.layout is None:
+        return [], []
+    groups: list[tuple[int, int, Any]] = []
+    for layer, pattern in enumerate(info.patterns):
+        if groups and groups[-1][2] == pattern:
+            groups[-1] = (groups[-1][0], layer, pattern)
+        else:
+            groups.append((layer, layer, pattern))
+    lines, warnings = [], []
+    for first, last, pattern in groups:
+        span = layer_span(first, last)
+        if pattern is None:
+            lines.append(f"{span}: dense")
+            continue
+        if pattern.dynamic:
+            lines.append(f"{span}: {pattern!r} (selects per call from q and k)")
+            continue
+        p = plan(pattern, info.layout, layer=first, block_size=info.block_size or 128)
+        kept = float(token_density(p).mean())
+        probe = torch.empty(1, 1, 1, 1)
+        work = plan_work(p, executed_path(p, backend_for(backend, probe).name), **kernel_tiles(p))
+        lines.append(f"{span}: {pattern!r}, keeps {kept:.0%} of pairs, computes {work.computed_fraction:.0%} of dense")
+        if kept >= 0.999:
+            warnings.append(f"{span}: {type(pattern).__name__} keeps every pair on this grid: it trains as dense")
+        elif (w := no_speedup_warning(span, work.path, work.computed_fraction, kept)) is not None:
+            warnings.append(w)
+    return [f"token grid {info.layout}, block {info.block_size}", *lines], warnings
+
+
 def enable_sparse(transformer: torch.nn.Module, cfg: Any) -> None:
     """Patch ``transformer``'s self-attention with the training pattern (validated here, before any step)."""
     from vidsparse.pipelines import apply

@@ -53,7 +53,7 @@ from vidsparse.lora.models import (
     check_trainable,
     load_model,
 )
-from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse
+from vidsparse.lora.sparse import enable_gradient_checkpointing, enable_sparse, pattern_report
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -479,7 +479,24 @@ def _save_step_checkpoint(run: _Run, opt: _Optimization, done: int, checkpoint_s
                     barrier=run.accelerator.wait_for_everyone, keep=run.cfg.checkpoints_total_limit)  # fmt: skip
 
 
-def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_step: int, bar) -> Path:
+def _report_pattern(adapter: TrainableVideoModel, cfg: TrainConfig) -> list[str]:
+    """Log what the first step trained under (per expert), warn where it is dense in effect."""
+    experts = _experts(adapter.transformer)
+    ran = []
+    for i, expert in enumerate(experts):
+        lines, warnings = pattern_report(expert, cfg.attention_backend)
+        prefix = f"expert {i}: " if len(experts) > 1 else ""
+        ran.extend(prefix + line for line in lines)
+        for j, line in enumerate(lines):  # lines[0]: the grid; then one per layer group
+            logger.info("vidsparse: %s%s", prefix, f"the pattern as it trains ({line}):" if j == 0 else f"  {line}")
+        for line in warnings:
+            logger.warning("vidsparse: %s%s", prefix, line)
+    return ran
+
+
+def _export(
+    run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_step: int, bar, ran: list[str] = ()
+) -> Path:
     """The LoRA file (diffusers format) and its vidsparse_lora.json, written by the main process."""
     cfg = run.cfg
     lora_path = run.out / "pytorch_lora_weights.safetensors"
@@ -497,6 +514,8 @@ def _export(run: _Run, adapter: TrainableVideoModel, opt: _Optimization, final_s
             "target_modules": list(cfg.target_modules or adapter.default_target_modules),
             "steps": final_step,
         }
+        if ran:  # the pattern as it ran on the training grid (family defaults fitted to it)
+            info["pattern_ran"] = list(ran)
         model = unwrap(opt.model)
         files = adapter.lora_files
         if len(files) > 1:
@@ -576,6 +595,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
     metrics_path = _start_metrics(run, start_step, shift, len(samples))
     checkpoint_state = {"config": cfg.resume_view(), "data_id": data_id, "max_train_steps": cfg.max_train_steps}
     losses: list[float] = []
+    ran: list[str] = []  # the pattern as it ran, per expert and layer group (vidsparse_lora.json)
     bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train-lora", unit="step",
                disable=not (cfg.progress and run.main))  # fmt: skip
     t0 = time.perf_counter()
@@ -584,6 +604,8 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
             mean_loss, lr, epoch, grad_norm = _train_step(run, opt, adapter, samples, sampler, shift, step)
             losses.append(mean_loss)
             done = step + 1
+            if run.main and step == start_step:  # what the first forward ran: the pattern the LoRA learns
+                ran = _report_pattern(adapter, cfg)
             if run.main:
                 _log_step(run, metrics, bar, done, mean_loss, lr, epoch, grad_norm, t0)
             if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
@@ -591,7 +613,7 @@ def train_lora(cfg: TrainConfig) -> TrainResult:
 
     run.accelerator.wait_for_everyone()
     final_step = max(start_step, cfg.max_train_steps)
-    lora_path = _export(run, adapter, opt, final_step, bar)
+    lora_path = _export(run, adapter, opt, final_step, bar, ran)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return TrainResult(
