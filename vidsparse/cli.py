@@ -88,10 +88,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{end} Run '{self.prog} --help' for its flags.\n")
 
 
+def _actions_by_flag(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every flag spelling of ``parser`` -> its action (argparse keeps no public view of them)."""
+    return {o: a for a in parser._actions for o in a.option_strings}
+
+
 def unrecognized(extra: Sequence[str], argv: Sequence[str], parser: argparse.ArgumentParser) -> str:
     """The error for arguments ``parser`` does not take, with what was probably meant: the
     closest flag for a typo, or that a switch takes no value (``--sink false``)."""
-    actions = {o: a for a in parser._actions for o in a.option_strings}
+    actions = _actions_by_flag(parser)
     notes = []
     for token in extra:
         if token.startswith("-"):
@@ -122,14 +127,16 @@ def in_flag_terms(message: str, parser: argparse.ArgumentParser, args: argparse.
     """A library error in the command's terms: the Python API's names for a setting
     (``SparseConfig.dense_layers``, ``Radial.decay_factor``, ``GNA kernel_size``) become the flag
     that sets it (``--dense-layers``, ``--decay-factor``), where the command has that flag."""
-    options = {o for a in parser._actions for o in a.option_strings}
+    options = _actions_by_flag(parser)
 
     def config_field(m: re.Match) -> str:
         flag = "--" + m.group(1).replace("_", "-")
         return flag if flag in options else m.group(0)
 
     message = re.sub(r"SparseConfig\.([a-z_]+)\b", config_field, message)
-    dests = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    dests: dict[str, str] = {}
+    for flag, action in options.items():
+        dests.setdefault(action.dest, flag)  # a setting's first spelling names it
     # a config dataclass's own message ("rank must be an int >= 1") for a field named as its flag
     message = re.sub(r"^([a-z][a-z_]*)(?= must\b)", lambda m: dests.get(m.group(1), m.group(1)), message)
     fields: dict[str, str] = dict(getattr(args, "_pattern_flags", None) or {})

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vidsparse.cli import flags_given
 from vidsparse.density import token_density, video_block_density
 from vidsparse.errors import UserError
 from vidsparse.families import geometries, video_geometry
@@ -110,6 +111,22 @@ def load_qk(path: str, layout, heads: int) -> tuple[Any, Any]:
 # -- command ----------------------------------------------------------------------------------
 
 
+def _add_qk_arguments(parser: argparse.ArgumentParser) -> None:
+    """The q/k of dynamic patterns: refused with a static one, whose mask ignores them."""
+    parser.add_argument(
+        "--qk",
+        default="random",
+        metavar="random|PATH",
+        help="q and k for dynamic patterns: 'random' (default; Gaussian, seeded) or a torch file with "
+        "{'q': [B,S,H,D], 'k': [B,S,H,D]} recorded from a model",
+    )
+    parser.add_argument("--heads", type=int, default=2, metavar="N", help="heads of random q/k (default 2)")
+    parser.add_argument(
+        "--head-dim", type=int, default=64, metavar="D", help="head dimension of random q/k (default 64)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of random q/k (default 0)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_argument_group("grid")
     grid.add_argument(
@@ -172,17 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="query token (frame, row, column on the token grid) whose attended keys are drawn "
         "(default: the centre token)",
     )
-    dyn = parser.add_argument_group("dynamic patterns (VMoBA)")
-    dyn.add_argument(
-        "--qk",
-        default="random",
-        metavar="random|PATH",
-        help="q and k for dynamic patterns: 'random' (default; Gaussian, seeded) or a torch file with "
-        "{'q': [B,S,H,D], 'k': [B,S,H,D]} recorded from a model",
-    )
-    dyn.add_argument("--heads", type=int, default=2, metavar="N", help="heads of random q/k (default 2)")
-    dyn.add_argument("--head-dim", type=int, default=64, metavar="D", help="head dimension of random q/k (default 64)")
-    dyn.add_argument("--seed", type=int, default=0, help="seed of random q/k (default 0)")
+    _add_qk_arguments(parser.add_argument_group("dynamic patterns (VMoBA)"))
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -274,8 +281,7 @@ def inspect_pattern(args) -> dict[str, Any]:
         )
     pattern.validate(layout)
     if not pattern.dynamic:  # q/k flags choose a dynamic pattern's inputs; a static mask ignores them
-        given = [f for f, v, d in (("--qk", args.qk, "random"), ("--heads", args.heads, 2),
-                                   ("--head-dim", args.head_dim, 64), ("--seed", args.seed, 0)) if v != d]  # fmt: skip
+        given = flags_given(args, _add_qk_arguments)
         if given:
             raise UserError(
                 f"{', '.join(given)} set the q/k of dynamic patterns (vmoba), and {type(pattern).__name__}'s mask "
@@ -325,7 +331,7 @@ def inspect_pattern(args) -> dict[str, Any]:
         return q, k
 
     from vidsparse.attention import backend_for
-    from vidsparse.work import executed_path, kernel_tiles, plan_work
+    from vidsparse.work import executed_work
 
     backend = backend_for(args.backend, torch.empty(0)).name  # auto: torch here, triton on CUDA (same paths)
     static_same = not pattern.dynamic and not pattern.uses_layer
@@ -343,7 +349,7 @@ def inspect_pattern(args) -> dict[str, Any]:
             continue
         td = token_density(p)
         vd = video_block_density(p)
-        work = plan_work(p, executed_path(p, backend), **kernel_tiles(p))
+        work = executed_work(p, backend)
         rows.append(
             {
                 "layer": layer,

@@ -87,6 +87,12 @@ def kernel_tiles(plan: BlockSparsePlan) -> dict[str, int]:
     return {"block_m": min(keyblock.DEFAULT_BLOCK_M, bs), "block_n": min(keyblock.DEFAULT_BLOCK_N, bs)}
 
 
+def executed_work(plan: BlockSparsePlan, backend: str) -> PlanWork:
+    """``plan_work`` of the path and tiles a resolved ``backend`` runs this plan on: what the
+    kernel really computes (reports, warnings)."""
+    return plan_work(plan, executed_path(plan, backend), **kernel_tiles(plan))
+
+
 def plan_work(
     plan: BlockSparsePlan,
     path: str | None = None,
@@ -182,6 +188,7 @@ __all__ = [
     "WORK_WARNING",
     "PlanWork",
     "executed_path",
+    "executed_work",
     "kernel_tiles",
     "layer_span",
     "no_speedup_warning",

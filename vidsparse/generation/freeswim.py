@@ -339,13 +339,13 @@ def _window_density(prepared: FreeSwimPrepared, plan: GenerationPlan, num_layers
     from vidsparse.generation.result import LayerGroupDensity
     from vidsparse.layout import VideoLayout
     from vidsparse.patterns.freeswim import FreeSwim
-    from vidsparse.work import executed_path, kernel_tiles, plan_work
+    from vidsparse.work import executed_work
 
     backend = backend_for(prepared.options.backend, torch.empty(0, device=plan.device))
     block = prepared.options.block_size or backend.default_block
     pattern = FreeSwim(base_grid=prepared.base_grid)
     p = vs.plan(pattern, VideoLayout(*plan.grid), num_heads=1, block_size=block)
-    work = plan_work(p, executed_path(p, backend.name), **kernel_tiles(p))
+    work = executed_work(p, backend.name)
     group = LayerGroupDensity(
         tuple(range(num_layers)), repr(pattern), float(p.density), float(token_density(p).mean()),
         work=work.computed_fraction, path=work.path,

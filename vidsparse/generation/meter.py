@@ -51,7 +51,7 @@ class DensityRecorder:
     def _measure(q, k, layout, pattern, layer, block_size, backend) -> tuple[str, float, float, float, str]:
         import vidsparse as vs
         from vidsparse.attention import backend_for
-        from vidsparse.work import executed_path, kernel_tiles, plan_work
+        from vidsparse.work import executed_work
 
         try:
             chosen = backend_for(backend, q).name
@@ -68,7 +68,7 @@ class DensityRecorder:
             )
         else:
             p = vs.plan(pattern, layout, num_heads=1, layer=layer, block_size=block_size)
-        work = plan_work(p, executed_path(p, chosen), **kernel_tiles(p))  # what the chosen kernel path really computes
+        work = executed_work(p, chosen)  # what the chosen kernel path really computes
         return repr(pattern), float(p.density), float(token_density(p).mean()), work.computed_fraction, work.path
 
 

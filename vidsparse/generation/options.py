@@ -206,12 +206,11 @@ def _check_lora_file(p: Path, given: str) -> None:
 _WAN_BLOCKS = frozenset({"wan", "wan-vace", "skyreels-v2", "wan-animate"})
 
 
-def _check_lora_family(path: Path, given: str, info: ModelInfo) -> None:
-    """A LoRA that train-lora recorded for another model family cannot load into this one: refused
-    before the pipeline loads (diffusers would load nothing and warn after it)."""
-    from vidsparse.lora.export import read_lora_info
-
-    record = read_lora_info(path) or {}
+def _check_lora_family(record: Mapping[str, Any] | None, given: str, info: ModelInfo) -> None:
+    """A LoRA that train-lora recorded (``record``: its ``vidsparse_lora.json``) for another model
+    family cannot load into this one: refused before the pipeline loads (diffusers would load
+    nothing and warn after it)."""
+    record = record or {}
     trained, here = record.get("family"), info.model_family.name
     if trained is None or trained == here or {trained, here} <= _WAN_BLOCKS:
         return
@@ -223,12 +222,15 @@ def _check_lora_family(path: Path, given: str, info: ModelInfo) -> None:
 
 
 def _lora_summary(
-    path: Path, options: GenerateOptions, frames: int, height: int, width: int, pattern: str
+    path: Path,
+    info: Mapping[str, Any] | None,
+    options: GenerateOptions,
+    frames: int,
+    height: int,
+    width: int,
+    pattern: str,
 ) -> LoraSummary:
-    """What the LoRA's ``vidsparse_lora.json`` says it was trained for, and where this run differs."""
-    from vidsparse.lora.export import read_lora_info
-
-    info = read_lora_info(path)
+    """What the LoRA's ``vidsparse_lora.json`` (``info``) says it was trained for, and where this run differs."""
     if info is None:
         return LoraSummary(str(path), float(options.lora_scale), None)
     keys = ("model", "family", "num_frames", "height", "width", "pattern", "rank", "steps")
@@ -431,15 +433,12 @@ def _steps_value(value: Any, name: str) -> Any:
     return value
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[int, int, int]):
     """SparseConfig for vidsparse.apply (None for dense), validated on the token grid."""
     from vidsparse.config import SparseConfig
     from vidsparse.layout import VideoLayout, auto_block_size
     from vidsparse.patterns import Pattern
+    from vidsparse.patterns.tiling import next_power_of_two
     from vidsparse.pipelines.hooks import named_pattern
 
     pattern = options.pattern
@@ -468,7 +467,7 @@ def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[
     # that cannot run on the grid surface now, before any weights are loaded.
     layout = VideoLayout(*grid)
     block = options.block_size or auto_block_size(layout)
-    if block is not None and block > 2 * _next_pow2(layout.tokens_per_frame) and block > 128:
+    if block is not None and block > 2 * next_power_of_two(layout.tokens_per_frame) and block > 128:
         raise ValueError(
             f"--block-size {block} is larger than this grid needs ({layout}: {layout.tokens_per_frame} tokens a "
             "frame): a block mostly of padding computes more than dense attention. Drop --block-size (the "
@@ -542,8 +541,12 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     scale = options.lora_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"--lora-scale must be a finite number (1 = as trained, 0 = off), got {scale!r}.")
+    lora_record = None
     if lora is not None:
-        _check_lora_family(lora, options.lora, info)
+        from vidsparse.lora.export import read_lora_info
+
+        lora_record = read_lora_info(lora)
+        _check_lora_family(lora_record, options.lora, info)
     elif options.lora_scale != 1.0:
         raise ValueError(f"--lora-scale {options.lora_scale} scales a LoRA; pass --lora too, or drop --lora-scale.")
     image = _check_image(options.image, info, options.condition_video)
@@ -572,7 +575,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
             run_pattern = f"{name}{dict(options.pattern_options)}"
         else:
             run_pattern = repr(options.pattern)
-        lora_summary = _lora_summary(lora, options, frames, height, width, run_pattern)
+        lora_summary = _lora_summary(lora, lora_record, options, frames, height, width, run_pattern)
     return GenerationPlan(
         info,
         frames,

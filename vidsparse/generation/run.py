@@ -50,7 +50,9 @@ def generate(options: GenerateOptions) -> GenerateResult:
 
         return run_freeswim_generation(pipe, plan, options, t_start=t_start, prepare_s=prepare_s, load_s=load_s)
 
-    if plan.sparse_config is not None:  # the checks that need the loaded transformer (its layer count), before any step
+    if plan.sparse_config is not None and options.compare_dense:
+        # vs.apply's checks that need the loaded transformer (its layer count), before the dense baseline;
+        # without one, the vs.apply below comes first anyway
         import vidsparse as vs
 
         vs.apply(pipe, plan.sparse_config)

@@ -47,9 +47,8 @@ def pattern_report(transformer: torch.nn.Module, backend: str) -> tuple[list[str
     pairs it keeps and, for static patterns, the pairs its kernel path computes. A pattern that
     is dense in effect at this size (a small clip) says so: the LoRA then learns dense attention."""
     from vidsparse.attention import backend_for, plan
-    from vidsparse.density import token_density
     from vidsparse.pipelines.hooks import get_hook
-    from vidsparse.work import executed_path, kernel_tiles, layer_span, no_speedup_warning, plan_work
+    from vidsparse.work import executed_work, layer_span, no_speedup_warning
 
     hook = get_hook(transformer)
     info = hook.state.current if hook is not None else None
@@ -61,6 +60,7 @@ def pattern_report(transformer: torch.nn.Module, backend: str) -> tuple[list[str
             groups[-1] = (groups[-1][0], layer, pattern)
         else:
             groups.append((layer, layer, pattern))
+    probe = torch.empty(0, device=next(transformer.parameters()).device)  # "auto" resolves per device
     lines, warnings = [], []
     for first, last, pattern in groups:
         span = layer_span(first, last)
@@ -71,9 +71,8 @@ def pattern_report(transformer: torch.nn.Module, backend: str) -> tuple[list[str
             lines.append(f"{span}: {pattern!r} (selects per call from q and k)")
             continue
         p = plan(pattern, info.layout, layer=first, block_size=info.block_size or 128)
-        kept = float(token_density(p).mean())
-        probe = torch.empty(1, 1, 1, 1)
-        work = plan_work(p, executed_path(p, backend_for(backend, probe).name), **kernel_tiles(p))
+        work = executed_work(p, backend_for(backend, probe).name)
+        kept = work.token_density
         lines.append(f"{span}: {pattern!r}, keeps {kept:.0%} of pairs, computes {work.computed_fraction:.0%} of dense")
         if kept >= 0.999:
             warnings.append(f"{span}: {type(pattern).__name__} keeps every pair on this grid: it trains as dense")
