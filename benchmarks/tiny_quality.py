@@ -303,8 +303,8 @@ def _markdown(doc: dict[str, Any]) -> str:
     if doc.get("b_patterns_at_grid"):
         lines += [
             "",
-            "The local patterns sized for this 5x4x6 grid instead (options in the name; attention work = computed / "
-            "dense over all steps and layers, dense-first steps included):",
+            "The local patterns sized for this 5x4x6 grid instead (options in the name; attention work = kept blocks / "
+            "blocks of the padded block grid over all steps and layers, dense-first steps included):",
             "",
             "| pattern | PSNR (dB) | SSIM | attention work | videos |",
             "|---|---|---|---|---|",

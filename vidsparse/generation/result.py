@@ -20,7 +20,7 @@ class LayerGroupDensity:
 
     layers: tuple[int, ...]
     pattern: str  # pattern repr, or "dense"
-    block_density: float  # kernel work: computed blocks / all blocks (1.0 for dense)
+    block_density: float  # kept blocks / all blocks of the plan's block grid, padding blocks included (1.0 for dense)
     token_density: float  # attended (query, key) pairs / all pairs
     # Query-key pairs the executed kernel path computes, padding included, / S^2 (vidsparse.work.plan_work);
     # None where not measured. path: "query_tile" | "key_block" | "dense".
@@ -124,7 +124,8 @@ class GenerateResult:
     time_per_step_s: float  # median step
     sparse_steps: int  # steps with at least one sparse self-attention call
     densities: tuple[LayerGroupDensity, ...]
-    attention_work: float  # over all self-attention calls, computed / dense (1.0 = dense)
+    # block_density averaged over all self-attention calls (1.0 = dense); computed_work is what the kernels computed
+    attention_work: float
     dense: DenseComparison | None = None
     prepare_s: float = 0.0  # option checks and config reading (imports included)
     call_s: float = 0.0  # the whole pipeline call: text encoding, denoising, VAE decode
@@ -257,14 +258,16 @@ def format_summary(result: GenerateResult) -> str:
     if result.lora is not None:
         lines.extend(result.lora.summary_lines())
     if result.densities:
-        lines.append("density    block = kernel work, token = attended pairs (first sparse step)")
-        lines[-1] += "; work = pairs the kernel path computes, padding included"
+        lines.append(
+            "density    block = kept blocks of the padded block grid, token = attended pairs (first sparse step); "
+            "work = pairs the kernel path computes / dense pairs, padding included"
+        )
         for d in result.densities:
             work = f"  work {d.work:6.1%}" if d.work is not None else ""
             lines.append(
                 f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}{work}  {d.pattern}"
             )
-        lines.append(f"           attention work over all steps and layers: {result.attention_work:.1%} of dense")
+        lines.append(f"           kept blocks over all steps and layers: {result.attention_work:.1%} of the block grid")
         if result.computed_work is not None:
             lines.append(f"           computed pairs over all steps and layers: {result.computed_work:.1%} of dense")
         if result.pattern != "dense" and result.sparse_steps == 0:  # not the grid's doing: the schedule's
