@@ -236,11 +236,39 @@ def test_gna_kernel_option_runs_on_tiny_hunyuan():
 def test_all_dense_schedules_warn(pipe):
     with pytest.warns(UserWarning, match="dense_layers cover all 2 self-attention layers"):
         vs.apply(pipe, vs.SparseConfig("radial", dense_layers=(0, 1)))
-    with pytest.warns(UserWarning, match=r"dense_first_steps=0.5 and dense_last_steps=0.5 together cover every"):
+    with pytest.warns(UserWarning, match=r"dense_first_steps=0.5 and SparseConfig.dense_last_steps=0.5 together cover"):
         vs.apply(pipe, vs.SparseConfig("radial", dense_first_steps=0.5, dense_last_steps=0.5))
     vs.apply(pipe, vs.SparseConfig("radial", dense_first_steps=10, backend="torch"))
     with pytest.warns(UserWarning, match="cover all 4 denoising steps"):
         run_tiny_pipeline(pipe, num_inference_steps=4)
+
+
+def test_all_dense_schedule_warns_once_before_the_run(pipe):
+    """Two fractions, or a step count given with the config: vs.apply warns, the run does not again."""
+    cases = [
+        (vs.SparseConfig("radial", dense_first_steps=0.5, dense_last_steps=0.5, backend="torch"), "together cover"),
+        (vs.SparseConfig("radial", dense_first_steps=3, dense_last_steps=1, num_inference_steps=4, backend="torch"),
+         r"3 dense first and 1 dense last steps .* cover all 4 denoising steps"),
+        (vs.SparseConfig("radial", dense_last_steps=0.9, num_inference_steps=4, backend="torch"),
+         r"the family default 0.25, SparseConfig.dense_last_steps=0.9\) cover all 4"),
+    ]  # fmt: skip
+    for config, match in cases:
+        with pytest.warns(UserWarning, match=match):
+            vs.apply(pipe, config)
+        _no_all_dense_warning(lambda: run_tiny_pipeline(pipe, num_inference_steps=4))
+    # a step count that is not the run's: the run's own count decides, and says so
+    vs.apply(pipe, vs.SparseConfig("radial", dense_first_steps=3, num_inference_steps=8, backend="torch"))
+    with pytest.warns(UserWarning, match="3 dense first and 0 dense last steps cover all 3 denoising steps"):
+        run_tiny_pipeline(pipe, num_inference_steps=3)
+
+
+def test_generate_summary_names_the_dense_layers_when_they_are_all_layers():
+    from vidsparse.generation import GenerateOptions, format_summary, generate
+
+    with pytest.warns(UserWarning, match="dense_layers cover all"):
+        result = generate(GenerateOptions(model="tiny", dense_layers=(0, 1, 2, 3), steps=2, out=None))
+    assert result.sparse_steps == 0
+    assert "no layer ran the sparse pattern: the dense layers (--dense-layers)" in format_summary(result)
 
 
 def test_all_dense_schedule_of_the_dense_pattern_does_not_warn(pipe):
@@ -549,6 +577,22 @@ def test_train_lora_refuses_an_output_dir_with_checkpoints(capsys, tmp_path):
     assert rc == 2
     assert "already holds checkpoints" in err and "checkpoint-00000003" in err and "--resume" in err, err
     assert listing(out) == before and listing(data) == data_before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1), got 1.5"),  # TrainConfig.dropout
+        (["--checkpoints-total-limit", "-1"], "--checkpoints-total-limit must be >= 0 (0 keeps every checkpoint)"),
+        (["--rank", "0"], "--rank must be an int >= 1"),
+    ],
+)
+def test_train_lora_config_errors_name_the_flag(capsys, tmp_path, flags, message):
+    out = tmp_path / "out"
+    argv = ["train-lora", "--model", "tiny", "--data-dir", str(tmp_path), "--output-dir", str(out), *flags]
+    rc, _, err = _cli(capsys, argv)
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
 
 
 def test_generate_cli_refuses_what_it_would_ignore_or_lose(capsys, tmp_path):

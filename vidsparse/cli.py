@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import importlib
 import importlib.util
 import os
@@ -134,7 +135,7 @@ def in_flag_terms(message: str, parser: argparse.ArgumentParser, args: argparse.
         return flag if flag in options else m.group(0)
 
     message = re.sub(r"SparseConfig\.([a-z_]+)\b", config_field, message)
-    dests: dict[str, str] = {}
+    dests: dict[str, str] = dict(getattr(args, "_config_flags", None) or {})  # fields spelled otherwise
     for flag, action in options.items():
         dests.setdefault(action.dest, flag)  # a setting's first spelling names it
     # a config dataclass's own message ("rank must be an int >= 1") for a field named as its flag
@@ -216,11 +217,12 @@ def _load(command: str):
         raise
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """vidsparse's own warnings as one line, like its errors; other libraries' keep their origin."""
+def _format_warning(message, category, filename, lineno, line=None, terms=None) -> str:
+    """vidsparse's own warnings as one line, like its errors (in the command's flag terms once
+    its arguments are parsed); other libraries' keep their origin."""
     if f"{os.sep}vidsparse{os.sep}" in str(filename) or str(message).startswith("vidsparse:"):
         text = str(message).removeprefix("vidsparse: ")
-        return f"vidsparse: warning: {text}\n"
+        return f"vidsparse: warning: {terms(text) if terms else text}\n"
     return _DEFAULT_FORMAT(message, category, filename, lineno, line)
 
 
@@ -241,9 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             module = _load(command)
             module.add_arguments(subparsers[command])
         args, extra = parser.parse_known_args(argv)
+        where = subparsers[command] if command is not None else parser
         if extra:
-            where = subparsers[command] if command is not None else parser
             where.error(unrecognized(extra, argv, where))
+        warnings.formatwarning = functools.partial(
+            _format_warning, terms=functools.partial(in_flag_terms, parser=where, args=args)
+        )
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR
@@ -261,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
+    finally:
+        warnings.formatwarning = _DEFAULT_FORMAT
 
 
 __all__ = [

@@ -209,6 +209,24 @@ class SparseConfig:
         fields = {f.name for f in dataclasses.fields(PATTERNS[normalize_pattern_name(name)]) if f.init}
         return {k: v for k, v in self.pattern_options.items() if k in fields}
 
+    def dense_step_counts(self, total: int, default_first: int | float) -> tuple[int, int]:
+        """(dense first, dense last) steps of a run of ``total`` steps; ``default_first`` stands in
+        for ``dense_first_steps=None`` (the family's warm-up)."""
+        first = default_first if self.dense_first_steps is None else self.dense_first_steps
+        return (
+            steps_from(first, total, "dense_first_steps"),
+            steps_from(self.dense_last_steps, total, "dense_last_steps") if self.dense_last_steps else 0,
+        )
+
+    def all_dense_known_at_apply(self, total: int | None, default_first: int | float) -> bool:
+        """The dense steps cover every step, and ``vs.apply`` could tell (and warned): both counts
+        are fractions adding up to 1 or more, or ``num_inference_steps`` is this run's ``total``."""
+        first, last = self.dense_first_steps, self.dense_last_steps
+        if isinstance(first, float) and isinstance(last, float) and first + last >= 1.0:
+            return True
+        n = self.num_inference_steps
+        return n is not None and n == total and sum(self.dense_step_counts(n, default_first)) >= n
+
     @property
     def pattern_name(self) -> str:
         return self.pattern if isinstance(self.pattern, str) else type(self.pattern).name

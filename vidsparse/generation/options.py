@@ -433,7 +433,7 @@ def _steps_value(value: Any, name: str) -> Any:
     return value
 
 
-def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[int, int, int]):
+def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[int, int, int], steps: int):
     """SparseConfig for vidsparse.apply (None for dense), validated on the token grid."""
     from vidsparse.config import SparseConfig
     from vidsparse.layout import VideoLayout, auto_block_size
@@ -461,6 +461,8 @@ def _build_sparse_config(options: GenerateOptions, info: ModelInfo, grid: tuple[
         dense_layers=options.dense_layers,
         backend=options.backend,
         block_size=options.block_size,
+        # the step count is known here, so vs.apply can warn of an all-dense schedule before the run
+        num_inference_steps=steps,
         pattern_options=dict(options.pattern_options),
     )
     # Resolve the pattern exactly as the hook will on this grid, so option errors and patterns
@@ -561,7 +563,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
             info, frames, height, width, steps, float(guidance), dtype, device, grid, "freeswim", None, out, fps,
             lora, freeswim=freeswim,
         )  # fmt: skip
-    config, name = _build_sparse_config(options, info, grid)
+    config, name = _build_sparse_config(options, info, grid, steps)
     if options.compare_dense and config is None:
         raise ValueError(
             "--compare-dense compares a sparse pattern with dense attention; choose a --pattern other than dense."

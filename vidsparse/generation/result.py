@@ -271,10 +271,15 @@ def format_summary(result: GenerateResult) -> str:
         if result.computed_work is not None:
             lines.append(f"           computed pairs over all steps and layers: {result.computed_work:.1%} of dense")
         if result.pattern != "dense" and result.sparse_steps == 0:  # not the grid's doing: the schedule's
-            lines.append(
-                "warning    no step ran the sparse pattern: the dense steps (--dense-first-steps / "
-                "--dense-last-steps) cover all of them"
-            )
+            if all(d.pattern == "dense" for d in result.densities):
+                lines.append(
+                    "warning    no layer ran the sparse pattern: the dense layers (--dense-layers) are all of them"
+                )
+            else:
+                lines.append(
+                    "warning    no step ran the sparse pattern: the dense steps (--dense-first-steps / "
+                    "--dense-last-steps) cover all of them"
+                )
         else:
             lines.extend(work_warnings(result.densities))
     if result.freeswim is not None:

@@ -83,7 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=_default("rank"), help="LoRA rank (default %(default)s)")
     lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, i.e. scale 1)")
-    lora.add_argument("--lora-dropout", type=float, default=_default("dropout"), help="LoRA dropout (default 0)")
+    lora.add_argument(
+        "--lora-dropout", type=float, default=_default("dropout"), help="LoRA dropout (default %(default)s)"
+    )
+    # TrainConfig fields whose flag is spelled otherwise, so its errors name the flag (cli.in_flag_terms)
+    parser.set_defaults(_config_flags={"dropout": "--lora-dropout"})
     lora.add_argument(
         "--target-modules",
         default=None,
@@ -265,6 +269,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.target_modules:
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     limit = args.checkpoints_total_limit
+    if limit < 0:  # 0 is the flag's "keep all" (None in TrainConfig), so its range is the flag's to say
+        raise ValueError(f"--checkpoints-total-limit must be >= 0 (0 keeps every checkpoint), got {limit}.")
     return TrainConfig(
         data_dir=args.data_dir,
         output_dir=args.output_dir,

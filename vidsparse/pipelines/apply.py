@@ -157,7 +157,12 @@ def _check_pattern_options(pattern: Pattern | str, cfg: SparseConfig, family: Fa
 
 
 def _warn_all_dense(
-    cfg: SparseConfig, dense: frozenset[int], layer_patterns: dict[int, Pattern | str], num_layers: int, what: str
+    cfg: SparseConfig,
+    family: Family,
+    dense: frozenset[int],
+    layer_patterns: dict[int, Pattern | str],
+    num_layers: int,
+    what: str,
 ) -> None:
     """A schedule that leaves nothing sparse is almost always a mistake (a step count meant as a
     fraction, the wrong layers): say so once, at apply time, rather than run silently dense."""
@@ -165,15 +170,25 @@ def _warn_all_dense(
         return
     if len(dense) >= num_layers:
         warnings.warn(
-            f"vidsparse: dense_layers cover all {num_layers} self-attention layers of this {what}, so every "
-            "call runs dense attention. Leave some layers out of SparseConfig.dense_layers.",
+            f"vidsparse: SparseConfig.dense_layers cover all {num_layers} self-attention layers of this {what}, "
+            "so every call runs dense attention. Leave some layers out of SparseConfig.dense_layers.",
             stacklevel=3,
         )
-    first, last = cfg.dense_first_steps, cfg.dense_last_steps
-    if isinstance(first, float) and isinstance(last, float) and first + last >= 1.0:
+    default_first = family.default_schedule(cfg.pattern_name)[0]
+    first, last, total = cfg.dense_first_steps, cfg.dense_last_steps, cfg.num_inference_steps
+    if cfg.all_dense_known_at_apply(None, default_first):  # two fractions: any step count
         warnings.warn(
-            f"vidsparse: dense_first_steps={first} and dense_last_steps={last} together cover every denoising "
-            "step, so every call runs dense attention. Lower one of them.",
+            f"vidsparse: SparseConfig.dense_first_steps={first} and SparseConfig.dense_last_steps={last} together "
+            "cover every denoising step, so every call runs dense attention. Lower one of them.",
+            stacklevel=3,
+        )
+    elif cfg.all_dense_known_at_apply(total, default_first):
+        n_first, n_last = cfg.dense_step_counts(total, default_first)
+        warnings.warn(
+            f"vidsparse: {n_first} dense first and {n_last} dense last steps (SparseConfig.dense_first_steps="
+            f"{'the family default ' + str(default_first) if first is None else first}, "
+            f"SparseConfig.dense_last_steps={last}) cover all {total} denoising steps, so every call "
+            "runs dense attention. Lower one of them (or pass a fraction, e.g. 0.25).",
             stacklevel=3,
         )
 
@@ -220,7 +235,7 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
         for pattern in (cfg.pattern, *cfg.layer_patterns.values()):
             _check_pattern_runs(pattern, family)
             _check_pattern_options(pattern, cfg, family)
-        _warn_all_dense(cfg, dense, layer_patterns, num_layers, type(transformer).__name__)
+        _warn_all_dense(cfg, family, dense, layer_patterns, num_layers, type(transformer).__name__)
         explicit_fraction = any(isinstance(v, float) and v > 0 for v in (cfg.dense_first_steps, cfg.dense_last_steps))
         if pipeline is None and cfg.num_inference_steps is None and (cfg.dense_last_steps or explicit_fraction):
             raise ValueError(

@@ -299,32 +299,32 @@ class SparseState:
 
     def dense_step(self, step: int, total: int | None) -> bool:
         cfg = self.config
-        first = cfg.dense_first_steps
-        if first is None:
-            first = self.family.default_schedule(cfg.pattern_name)[0]
-            if isinstance(first, float) and total is None:
-                self.warn_once(
-                    "total",
-                    "vidsparse: the number of denoising steps is unknown (bare transformer without "
-                    "SparseConfig(num_inference_steps=...)), so the family's dense warm-up "
-                    f"({first:.0%} of the steps) is skipped.",
-                )
-                first = 0
-        n_first = steps_from(first, total, "dense_first_steps")
-        n_last = 0
-        if cfg.dense_last_steps:
-            if total is None:
+        default_first = self.family.default_schedule(cfg.pattern_name)[0]
+        if total is None:
+            if cfg.dense_last_steps:
                 raise ValueError(
                     "SparseConfig.dense_last_steps needs the number of denoising steps: apply vidsparse to the "
                     "pipeline or pass SparseConfig(num_inference_steps=...)."
                 )
-            n_last = steps_from(cfg.dense_last_steps, total, "dense_last_steps")
-        if total is not None and n_first + n_last >= total and cfg.pattern_name != "dense":
+            first = cfg.dense_first_steps
+            if first is None and isinstance(default_first, float):
+                self.warn_once(
+                    "total",
+                    "vidsparse: the number of denoising steps is unknown (bare transformer without "
+                    "SparseConfig(num_inference_steps=...)), so the family's dense warm-up "
+                    f"({default_first:.0%} of the steps) is skipped.",
+                )
+                first = 0
+            n_first, n_last = steps_from(default_first if first is None else first, None, "dense_first_steps"), 0
+        else:
+            n_first, n_last = cfg.dense_step_counts(total, default_first)
+        covered = total is not None and n_first + n_last >= total
+        if covered and cfg.pattern_name != "dense" and not cfg.all_dense_known_at_apply(total, default_first):
             self.warn_once(
                 f"all-dense-{total}",
                 f"vidsparse: {n_first} dense first and {n_last} dense last steps cover all {total} denoising "
                 "steps, so this run computes dense attention throughout. Lower SparseConfig.dense_first_steps "
-                "/ dense_last_steps (or pass a fraction, e.g. 0.25).",
+                "/ SparseConfig.dense_last_steps (or pass a fraction, e.g. 0.25).",
             )
         # (a step past the end, e.g. a forward after the pipeline's last, is dense only if a tail is asked for)
         return step < n_first or (n_last > 0 and total is not None and step >= total - n_last)
