@@ -3,6 +3,7 @@ with vidsparse applied; rank 0 writes the output to the path in argv[1]."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -35,11 +36,14 @@ def main(out_path: str) -> None:
         results[order] = {"out": out, "sparse": get_state(model).calls["sparse"]}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
-    # Every rank's collectives done before teardown: a rank tearing gloo down while its peer's
-    # functional-collective work is still in flight can abort at exit ("terminate called without
-    # an active exception", seen once under a loaded CI machine).
+    # Every rank done, then leave without C++ teardown: tearing down gloo with the process groups of
+    # diffusers' device mesh aborted at exit twice under load (torch 2.13 and 2.11, "terminate called
+    # without an active exception"), after the results were saved and a barrier. The abort is in
+    # the destructors of a test process, not in what the test checks.
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
