@@ -347,3 +347,25 @@ def test_train_lora_bad_data_dir_creates_nothing(kind, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ([] if kind == "missing" else ["data"])
     if kind == "empty":
         assert os.listdir(data) == []
+
+
+def test_float16_on_cpu_is_not_moved_to_where_it_is(capfd):
+    """A CPU run leaves the pipeline where it was loaded: diffusers' pipe.to("cpu") of a float16
+    pipeline logs a 'cannot run with cpu' line per module (it runs fine)."""
+    import torch
+
+    from vidsparse.generation import place_pipeline
+
+    result = generate(GenerateOptions(model="tiny", dtype="float16", steps=2, out=None, progress=False))
+    assert result.frames.shape[0] == 17
+    err = capfd.readouterr().err
+    assert "cannot run with `cpu`" not in err, err
+    pipe = torch.nn.Module()  # place_pipeline moves what is elsewhere (here: a module on "meta")
+    pipe.components = {"m": torch.nn.Linear(2, 2, device="meta")}
+    moved = []
+    pipe.to = lambda device: moved.append(torch.device(device))
+    place_pipeline(pipe, "cpu")
+    assert moved == [torch.device("cpu")]
+    pipe.components = {"m": torch.nn.Linear(2, 2)}
+    place_pipeline(pipe, "cpu")
+    assert moved == [torch.device("cpu")]

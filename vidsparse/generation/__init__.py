@@ -15,7 +15,7 @@ config files), ``options`` (``GenerateOptions``, validation, ``prepare`` -> ``Ge
 """
 
 from vidsparse.generation.call import StepClock, call_kwargs, run_pipeline, warmup
-from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline
+from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline, place_pipeline
 from vidsparse.generation.meter import DensityRecorder, SparseMeter, group_densities
 from vidsparse.generation.model import TINY, TINY_DEFAULTS, ModelInfo, resolve_model, tiny_models
 from vidsparse.generation.options import DTYPES, PARALLEL_MODES, GenerateOptions, GenerationPlan, prepare
@@ -43,6 +43,7 @@ __all__ = [
     "group_densities",
     "load_lora",
     "load_pipeline",
+    "place_pipeline",
     "prepare",
     "resolve_model",
     "run_pipeline",

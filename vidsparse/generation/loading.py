@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ def load_pipeline(plan: GenerationPlan, seed: int = 0):
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"Could not load the pipeline {info.source!r}: {brief(exc)}.") from None
     return pipe
+
+
+def place_pipeline(pipe, device) -> None:
+    """``pipe.to(device)``, skipped when every module is already there: pipelines are loaded on
+    the CPU, and diffusers' ``to("cpu")`` of a float16 pipeline logs, per module, that float16
+    cannot run on a CPU (it does, with torch >= 2.1), which a CPU run would print three times."""
+    import torch
+
+    device = torch.device(device)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    params = (p for m in modules for p in itertools.chain(m.parameters(), m.buffers()))
+    if all(p.device == device for p in params):
+        return
+    pipe.to(device)
 
 
 def load_lora(pipe, path: Path, scale: float) -> None:

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import replace
 
 from vidsparse.generation.call import run_pipeline, warmup
-from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline
+from vidsparse.generation.loading import compile_pipeline, load_lora, load_pipeline, place_pipeline
 from vidsparse.generation.meter import SparseMeter, num_layers
 from vidsparse.generation.options import PARALLEL_MODES, GenerateOptions, prepare
 from vidsparse.generation.result import DenseComparison, GenerateResult, LayerGroupDensity, write_output
@@ -42,7 +42,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
     if options.cpu_offload:
         pipe.enable_model_cpu_offload(device=plan.device)
     else:
-        pipe.to(plan.device)
+        place_pipeline(pipe, plan.device)
     pipe.set_progress_bar_config(disable=not options.progress, desc="denoising", leave=False)
     load_s = time.perf_counter() - t0
     if plan.freeswim is not None:  # FreeSwim's two stages (generation.freeswim)

@@ -114,7 +114,7 @@ class _StepClock:
 def generate_parallel(options: Any):
     """Run ``vidsparse generate`` with ``options.parallel`` in ("clip", "ulysses") on every rank."""
     from vidsparse.config import SparseConfig
-    from vidsparse.generation import GenerateResult, call_kwargs, load_lora, load_pipeline, prepare
+    from vidsparse.generation import GenerateResult, call_kwargs, load_lora, load_pipeline, place_pipeline, prepare
     from vidsparse.parallel.pipeline import run_parallel
     from vidsparse.video_io import as_uint8_frames, write_video
 
@@ -159,7 +159,7 @@ def generate_parallel(options: Any):
     pipe = load_pipeline(plan, options.seed)
     if plan.lora is not None:
         load_lora(pipe, plan.lora, options.lora_scale)
-    pipe.to(runtime.device)
+    place_pipeline(pipe, runtime.device)
     pipe.set_progress_bar_config(disable=not (options.progress and runtime.is_main), desc="denoising", leave=False)
     load_s = time.perf_counter() - t0
     if options.parallel == "ulysses":  # diffusers' context parallelism where the model has a _cp_plan
