@@ -95,13 +95,17 @@ def test_targets_met_and_missed_are_rendered():
             {"plan": "dense", "backend": "triton", "direction": "fwd", "density": 1.0, "ms": 10, "speedup_vs_sdpa": 0.9},
             {"plan": "radial", "backend": "triton", "direction": "fwd", "density": 0.2, "ms": 3, "speedup_vs_sdpa": 3.0},
             {"plan": "radial", "backend": "flex", "direction": "fwd", "density": 0.2, "ms": 4, "triton_speedup": 1.33},
+            # a padded plan: the target divides by the work computed, not the padded grid's block density
+            {"plan": "tile", "backend": "triton", "direction": "fwd", "density": 0.24, "work": 0.35, "ms": 4,
+             "speedup_vs_sdpa": 2.5},
         ]},
         {"name": "step-wan-1.3b", "status": "done", "pass": True, "cases": [
             {"pattern": "dense", "forward_ms": 100}, {"pattern": "radial", "forward_ms": 80, "speedup": 1.25}]},
     ]}  # fmt: skip
     md = gpu_suite.render_markdown(doc)
     assert "dense >= 0.8x SDPA | 0.90x | met" in md
-    assert "radial [triton] (d=0.20) >= 4.25x SDPA | 3.00x | missed by 29 %" in md
+    assert "radial [triton] (work 0.20, block density 0.20) >= 4.25x SDPA | 3.00x | missed by 29 %" in md
+    assert "tile [triton] (work 0.35, block density 0.24) >= 2.43x SDPA | 2.50x | met" in md
     assert ">= 1.3x compiled Flex | 1.33x | met" in md
     assert "step radial >= 1.4x dense | 1.25x" in md and "missed by 11 %" in md
 
