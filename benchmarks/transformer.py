@@ -189,8 +189,11 @@ class Row:
     forward_ms: float | None
     step_ms: float | None  # forward_ms x passes per step
     speedup: float | None  # dense forward_ms / this forward_ms
-    block_density: float | None  # computed blocks / all blocks, mean over self-attention layers (dense layers = 1)
+    block_density: (
+        float | None
+    )  # kept blocks / all blocks of the padded grid, mean over self-attention layers (dense = 1)
     token_density: float | None  # attended (query, key) pairs / all pairs, same mean
+    work: float | None = None  # pairs the kernel path computes (padding included) / dense pairs, same mean
     dense_layers: list[int] = field(default_factory=list)
     warmup_ms: float | None = None  # first (untimed) call: plan building, Triton compilation/autotune
     peak_memory_gb: float | None = None
@@ -268,6 +271,7 @@ def bench_model(case: ModelCase, patterns: list[str], args: argparse.Namespace, 
             row.resolved = "; ".join(sorted({v[0] for v in seen.values()})) or "dense"
             row.block_density = (sum(v[1] for v in seen.values()) + (layers - len(seen))) / layers
             row.token_density = (sum(v[2] for v in seen.values()) + (layers - len(seen))) / layers
+            row.work = (sum(v[3] for v in seen.values()) + (layers - len(seen))) / layers
         except Exception as exc:
             row.error = _short(exc)
             log(f"[{case.name}] {name} failed: {row.error}")
@@ -329,8 +333,8 @@ def markdown(rep: dict[str, Any]) -> str:
         f"{rep['git_commit'][:12]}{' (dirty)' if rep['git_dirty'] else ''}, {rep['dtype']}, backend {rep['backend']}, "
         f"median of {rep['repeats']} forwards. One step = forwards per step x one forward (CFG: 2 for Wan).",
         "",
-        "| model | tokens | pattern | block density | token density | ms / forward | ms / step | speedup | first call ms | peak GB | note |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | tokens | pattern | block density | token density | work | ms / forward | ms / step | speedup | first call ms | peak GB | note |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def num(x, fmt):
@@ -344,7 +348,7 @@ def markdown(rep: dict[str, Any]) -> str:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         lines.append(
             f"| {r['model']} | {tokens:,} | {r['pattern']} | {num(r['block_density'], '.1%')} | "
-            f"{num(r['token_density'], '.1%')} | {num(r['forward_ms'], '.1f')} | {num(r['step_ms'], '.1f')} | {speed} | "
+            f"{num(r['token_density'], '.1%')} | {num(r.get('work'), '.1%')} | {num(r['forward_ms'], '.1f')} | {num(r['step_ms'], '.1f')} | {speed} | "
             f"{num(r['warmup_ms'], '.0f')} | {num(r['peak_memory_gb'], '.1f')} | {note} |"
         )
     resolved = {(r["model"], r["pattern"]): r["resolved"] for r in rep["results"] if r["pattern"] != "dense"}

@@ -403,7 +403,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("note         static pattern: the same mask for every layer and head.")
     lines.append("")
     lines.append(
-        "density = computed / all. block: kernel work incl. text and padding; video-block: the pattern's own "
+        "density = kept / all. block: kept blocks of the padded block grid, text included; video-block: the pattern's own "
         "video x video blocks; token: attended (query, key) pairs."
     )
     paths = sorted({r["path"].replace("_", "-") for r in report["layers"]})
