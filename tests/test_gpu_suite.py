@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere below
 
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -165,3 +166,49 @@ def test_device_run_script_imports_the_checkout_and_writes_under_out(tmp_path):
     env_stage = next(s for s in doc["stages"] if s["name"] == "environment")
     assert env_stage["status"] == "done" and env_stage["info"]["git_commit"] != "unknown"
     assert (tmp_path / "suite" / "log.txt").read_text().strip()
+
+
+def test_readme_tables_come_from_the_suite_json(tmp_path, capsys):
+    """--render JSON --readme README replaces only the marked block, with the fastest Triton path
+    per plan against SDPA and Flex, and the step; a README without the markers is refused first."""
+    doc = {"created": "2026-12-04T00:00:00", "budget_s": 480, "elapsed_s": 400, "dry_run": False, "stages": [
+        {"name": "environment", "status": "done", "pass": True,
+         "info": {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "git_commit": "0123456789abcdef"}},
+        {"name": "attention-wan-1.3b", "status": "done", "pass": True, "info": {"shape": "wan-1.3b"}, "cases": [
+            {"plan": "dense", "backend": "sdpa", "direction": "fwd", "ms": 10.0},
+            {"plan": "tile", "backend": "triton", "direction": "fwd", "density": 0.24, "work": 0.35, "ms": 5.0,
+             "speedup_vs_sdpa": 2.0},
+            {"plan": "tile", "backend": "triton-kernel-order", "direction": "fwd", "density": 0.24, "work": 0.35,
+             "ms": 4.0, "speedup_vs_sdpa": 2.5},
+            {"plan": "tile", "backend": "flex", "direction": "fwd", "ms": 6.0, "triton_speedup": 1.2},
+        ]},
+        {"name": "step-wan-1.3b", "status": "done", "pass": True, "cases": [
+            {"pattern": "dense", "step_ms": 2000.0}, {"pattern": "radial", "step_ms": 1000.0, "speedup": 2.0,
+                                                     "work": 0.4, "rel_err_vs_dense": 0.01}]},
+    ]}  # fmt: skip
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "gpu_suite.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{gpu_suite.README_BEGIN}\nold text\n{gpu_suite.README_END}\n\nafter\n")
+    assert gpu_suite.main(["--render", str(results / "gpu_suite.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{gpu_suite.README_END}\n\nafter\n")
+    assert "old text" not in text and "NVIDIA H200" in text and "`benchmarks/results/gpu_suite.json`" in text
+    assert "| wan-1.3b | tile | fwd | 0.350 | 4.000 | 10.000 | 2.50x | 1.50x |" in text  # kernel order, the faster
+    assert "| radial | 0.400 | 1000.0 | 2.00x | 1.0e-02 |" in text and "| dense | 1.000 | 2000.0 | 1.00x | - |" in text
+    # a README without the block: refused before gpu_suite.md is written
+    (results / "gpu_suite.md").unlink()
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# y\n")
+    assert gpu_suite.main(["--render", str(results / "gpu_suite.json"), "--readme", str(plain)]) == 2
+    assert "gpu_suite:begin" in capsys.readouterr().err and not (results / "gpu_suite.md").exists()
+    assert plain.read_text() == "# y\n"
+    assert gpu_suite.main(["--dry-run", "--readme", str(readme)]) == 2  # only with --render
+
+
+def test_the_readme_has_the_generated_block():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert text.count(gpu_suite.README_BEGIN) == 1 and text.index(gpu_suite.README_BEGIN) < text.index(
+        gpu_suite.README_END
+    )

@@ -1121,6 +1121,86 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN = "<!-- gpu_suite:begin (generated: python benchmarks/gpu_suite.py --render JSON --readme README.md) -->"
+README_END = "<!-- gpu_suite:end -->"
+
+
+def readme_section(doc: dict[str, Any], source: str = "benchmarks/results/gpu_suite.json") -> str:
+    """The README's GPU performance tables from a suite document: per attention shape and plan the
+    fastest Triton path against SDPA and compiled Flex, and the whole denoising step."""
+    env = next((s.get("info", {}) for s in doc["stages"] if s["name"] == "environment"), {})
+    lines = [
+        f"Measured on {env.get('device', '?')} (torch {env.get('torch')}, triton {env.get('triton')}, commit "
+        f"`{str(env.get('git_commit', '?'))[:12]}`, {doc['created'][:10]}; `{source}`, every case and the issue-10 "
+        f"targets in `{Path(source).with_name(MD_NAME).as_posix()}`){' - DRY RUN, no performance meaning' if doc.get('dry_run') else ''}. "
+        "Work: pairs the kernel computes / dense pairs; speedups are over torch SDPA's fastest fused kernel and over "
+        "FlexAttention compiled on the identical plan.",
+        "",
+        "| shape | plan | direction | work | Triton ms | SDPA ms | vs SDPA | vs Flex |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for st in doc["stages"]:
+        if not st["name"].startswith("attention-") or st.get("status") not in ("done", "partial"):
+            continue
+        shape = st.get("info", {}).get("shape", st["name"])
+        cases = [c for c in st.get("cases", []) if c.get("ms") is not None]
+        sdpa = {c["direction"]: c["ms"] for c in cases if c.get("backend") == "sdpa"}
+        keys = dict.fromkeys((c["plan"], c["direction"]) for c in cases if c.get("backend") != "sdpa")
+        for plan, direction in keys:
+            mine = [c for c in cases if (c["plan"], c["direction"]) == (plan, direction)]
+            tri = [c for c in mine if c.get("backend") in ("triton", "triton-kernel-order")]
+            if not tri:
+                continue
+            best = min(tri, key=lambda c: c["ms"])
+            flex = next((c for c in mine if c.get("backend") == "flex"), None)
+            vs_flex = flex["ms"] / best["ms"] if flex else None
+            lines.append(f"| {shape} | {plan} | {direction} | {_fmt(best.get('work', best.get('density')), '.3f')} | "
+                         f"{best['ms']:.3f} | {_fmt(sdpa.get(direction), '.3f')} | {_times(best.get('speedup_vs_sdpa'))} | "
+                         f"{_times(vs_flex)} |")  # fmt: skip
+    step = next(
+        (s for s in doc["stages"] if s["name"] == "step-wan-1.3b" and s.get("status") in ("done", "partial")), None
+    )
+    if step is not None:
+        lines += ["", "One Wan2.1-1.3B denoising step at 81x480x832 (random weights, bf16, family defaults):", "",
+                  "| pattern | work | ms / step | speedup vs dense | rel. error vs dense |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for c in step.get("cases", []):
+            if c.get("step_ms") is None:
+                continue
+            dense = c["pattern"] == "dense"
+            lines.append(f"| {c['pattern']} | {_fmt(c.get('work', 1.0 if dense else None), '.3f')} | {c['step_ms']:.1f} | "
+                         f"{_times(c.get('speedup', 1.0 if dense else None))} | {_fmt(c.get('rel_err_vs_dense'), '.1e')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def update_readme(readme: Path, doc: dict[str, Any], source: str = "benchmarks/results/gpu_suite.json") -> Path:
+    """Replace the text between ``README_BEGIN`` and ``README_END`` in ``readme`` with
+    ``readme_section(doc)`` (atomically; nothing else changes)."""
+    from vidsparse.atomic import write_text
+
+    text, begin, end = _readme_block(Path(readme))
+    head, tail = text[: begin + len(README_BEGIN)], text[end:]
+    write_text(readme, f"{head}\n{readme_section(doc, source)}\n{tail}")
+    return Path(readme)
+
+
+def _readme_block(readme: Path) -> tuple[str, int, int]:
+    """(text, start of the begin marker, start of the end marker) of ``readme``, or a ValueError."""
+    if not readme.is_file():
+        raise ValueError(f"--readme {str(readme)!r}: no such file.")
+    text = readme.read_text(encoding="utf-8")
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(
+            f"--readme {readme}: no '{README_BEGIN}' ... '{README_END}' block to replace; put the two marker lines "
+            "where the GPU tables go."
+        )
+    return text, begin, end
+
+
 def write_markdown(json_path: Path, md_path: Path | None = None) -> Path:
     doc = json.loads(Path(json_path).read_text(encoding="utf-8"))
     md_path = Path(md_path) if md_path else Path(json_path).with_name(MD_NAME)
@@ -1145,14 +1225,28 @@ def add_arguments(parser: argparse.ArgumentParser, with_out_dir: bool = True) ->
     )
     parser.add_argument("--autotune", action="store_true", help="let the Triton kernels autotune (costs compile time)")
     parser.add_argument("--render", default=None, metavar="JSON", help="only render JSON into Markdown beside it")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        metavar="README",
+        help="with --render: also replace the README's generated GPU tables (between its gpu_suite markers)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.render:
         if not Path(args.render).is_file():
             raise ValueError(f"--render {args.render!r}: no such file; pass the gpu_suite.json a suite run wrote.")
+        doc = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        if args.readme:
+            _readme_block(Path(args.readme))  # checked before anything is written
         print(f"wrote {write_markdown(Path(args.render))}")
+        if args.readme:
+            source = os.path.relpath(Path(args.render).resolve(), Path(args.readme).resolve().parent)
+            print(f"updated {update_readme(Path(args.readme), doc, Path(source).as_posix())}")
         return 0
+    if args.readme:
+        raise ValueError("--readme rewrites the README's GPU tables from a finished run: use it with --render JSON.")
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     doc = run_suite(out_dir, args.budget_s, args.dry_run, stages, args.autotune, log=lambda m: print(m, flush=True))
