@@ -352,6 +352,19 @@ def test_image_to_video_pipeline_end_to_end():
     vs.remove(pipe)
 
 
+def test_generate_times_and_counts_the_steps_of_a_pipeline_without_a_step_callback():
+    """HunyuanVideo 1.5's __call__ takes no callback_on_step_end: generate hooks the scheduler's
+    step instead, so the summary has step times and counts the sparse steps (it said 0 of 8)."""
+    import inspect
+
+    from vidsparse.generation import GenerateOptions, generate
+
+    assert "callback_on_step_end" not in inspect.signature(h15.tiny_pipeline().__call__).parameters
+    result = generate(GenerateOptions(model="tiny-hunyuan15", steps=4, out=None, progress=False))
+    assert len(result.step_times_s) == 4 and result.denoise_s > 0
+    assert result.sparse_steps == 3  # the family's dense first 25 % of 4 steps: 1
+
+
 # -- HunyuanVideo Framepack -------------------------------------------------------------------
 def test_framepack_is_refused_at_apply_naming_what_is_missing(tmp_path):
     model = tiny_transformer("hunyuan-framepack")

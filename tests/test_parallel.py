@@ -202,6 +202,8 @@ def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
     assert cli[0]["rc"] == 0 and cli[1]["rc"] == 0
     assert "wrote" in cli[0]["stdout"] and cli[1]["stdout"] == ""
     assert "sent per step by the busiest rank" in cli[0]["stdout"] and "clip_global" in cli[0]["stdout"]
+    # its density lines count the work as single-process generate does, and the pipeline call is timed
+    assert "computed pairs over all steps and layers" in cli[0]["stdout"] and "pipeline " in cli[0]["stdout"]
     assert cli[0]["frames"] == 17 and cli[0]["psnr_vs_single"] > 40, cli[0]
     assert cli[0]["files"] == ["summary0.json", "video.gif"]  # --json too is written by rank 0 only
     assert "rank(s) [1] rejected the options" in cli[0]["invalid"]

@@ -6,7 +6,9 @@ so both make the same call with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import itertools
 import time
 from typing import Any, NamedTuple
 
@@ -180,6 +182,35 @@ class DecodeClock:
         self.vae = None
 
 
+@contextlib.contextmanager
+def step_end_callback(pipe, callback):
+    """For a pipeline whose ``__call__`` takes no ``callback_on_step_end`` (HunyuanVideo 1.5's):
+    call ``callback(pipe, step, timestep, {})`` after each ``pipe.scheduler.step`` while the
+    block runs, so step times and sparse-step counts exist for it too. Otherwise does nothing
+    (the pipeline calls the callback itself)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    accepted = inspect.signature(pipe.__call__).parameters
+    if callback is None or "callback_on_step_end" in accepted or not callable(getattr(scheduler, "step", None)):
+        yield
+        return
+    own = vars(scheduler).get("step")  # an instance attribute already there (restored as is)
+    inner, steps = scheduler.step, itertools.count()
+
+    def step(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        callback(pipe, next(steps), args[1] if len(args) > 1 else kwargs.get("timestep"), {})
+        return out
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        if own is not None:
+            scheduler.step = own
+        else:
+            del scheduler.step
+
+
 class PipelineRun(NamedTuple):
     """One timed pipeline call."""
 
@@ -196,7 +227,7 @@ def run_pipeline(pipe, plan: GenerationPlan, options: GenerateOptions, on_step=N
     decode = DecodeClock(pipe, plan.device)
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), step_end_callback(pipe, clock.callback):
             output = pipe(**kwargs)
     finally:
         clock.close()
@@ -214,4 +245,4 @@ def warmup(pipe, plan: GenerationPlan, options: GenerateOptions) -> None:
         pipe(**call_kwargs(pipe, plan, options, 1, "latent", None))
 
 
-__all__ = ["DecodeClock", "PipelineRun", "StepClock", "call_kwargs", "run_pipeline", "warmup"]
+__all__ = ["DecodeClock", "PipelineRun", "StepClock", "call_kwargs", "run_pipeline", "step_end_callback", "warmup"]

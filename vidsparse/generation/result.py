@@ -258,9 +258,10 @@ def format_summary(result: GenerateResult) -> str:
     if result.lora is not None:
         lines.extend(result.lora.summary_lines())
     if result.densities:
+        measured = any(d.work is not None for d in result.densities)
         lines.append(
-            "density    block = kept blocks of the padded block grid, token = attended pairs (first sparse step); "
-            "work = pairs the kernel path computes / dense pairs, padding included"
+            "density    block = kept blocks of the padded block grid, token = attended pairs (first sparse step)"
+            + ("; work = pairs the kernel path computes / dense pairs, padding included" if measured else "")
         )
         for d in result.densities:
             work = f"  work {d.work:6.1%}" if d.work is not None else ""

@@ -115,6 +115,7 @@ def generate_parallel(options: Any):
     """Run ``vidsparse generate`` with ``options.parallel`` in ("clip", "ulysses") on every rank."""
     from vidsparse.config import SparseConfig
     from vidsparse.generation import GenerateResult, call_kwargs, load_lora, load_pipeline, place_pipeline, prepare
+    from vidsparse.generation.call import step_end_callback
     from vidsparse.parallel.pipeline import run_parallel
     from vidsparse.video_io import as_uint8_frames, write_video
 
@@ -177,11 +178,12 @@ def generate_parallel(options: Any):
                           generator_device="cpu")  # fmt: skip
 
     t1 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), step_end_callback(pipe, clock.callback):
         result = run_parallel(
             pipe, kwargs, config, options.parallel, runtime, output_type="np", vae_overlap=vae_overlap,
             ulysses=ulysses,
         )  # fmt: skip
+    call_s = time.perf_counter() - t1
     marks = [t1, *clock.marks]
     step_times = tuple(b - a for a, b in zip(marks, marks[1:]))
     grid = plan.grid
@@ -195,9 +197,10 @@ def generate_parallel(options: Any):
             print(format_comm(comms, plan.steps, options.parallel), flush=True)
         frames = as_uint8_frames(result.video[0])
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
-        densities, step_work = _densities(result.patterns, grid)
-        work = attention_work(step_work, result.sparse_steps, plan.steps)
-        summary = dict(shape=frames.shape, out=written, densities=densities, work=work, load_s=load_s,
+        densities, step_blocks, step_work = _densities(result.patterns, grid, _backend_name(config.backend, runtime))
+        summary = dict(shape=frames.shape, out=written, densities=densities, load_s=load_s, call_s=call_s,
+                       blocks=attention_work(step_blocks, result.sparse_steps, plan.steps),
+                       work=attention_work(step_work, result.sparse_steps, plan.steps),
                        step_times=step_times, decode_s=result.decode_seconds, comm=result.comm,
                        sparse_steps=result.sparse_steps)  # fmt: skip
     summary = _broadcast(summary, runtime)
@@ -219,34 +222,48 @@ def generate_parallel(options: Any):
         time_per_step_s=float(statistics.median(steps)) if steps else 0.0,
         sparse_steps=summary["sparse_steps"],
         densities=summary["densities"],
-        attention_work=summary["work"],
+        attention_work=summary["blocks"],
+        computed_work=summary["work"],
+        call_s=summary["call_s"],
         decode_s=summary["decode_s"],
         lora=plan.lora_summary,
         segments=plan.animate.segments if plan.animate is not None else 1,
     )
 
 
-def _densities(patterns: dict[int, Any], grid: tuple[int, int, int]) -> tuple[Any, float]:
-    """Per layer-group density of the whole-video patterns the run used (as ``generate`` reports)."""
+def _densities(patterns: dict[int, Any], grid: tuple[int, int, int], backend: str) -> tuple[Any, float, float]:
+    """Per layer-group densities and work of the whole-video patterns the run used, as ``generate``
+    reports them (``backend``: the resolved backend, whose kernel path the work counts); and
+    the mean over layers of the kept-block fraction and of the work (dense layers: 1)."""
     import vidsparse as vs
     from vidsparse.density import token_density
-    from vidsparse.generation import LayerGroupDensity
+    from vidsparse.generation.meter import group_densities
     from vidsparse.layout import VideoLayout
+    from vidsparse.work import executed_work
 
     layout = VideoLayout(*grid)
-    groups: list[Any] = []
-    for layer in sorted(patterns):
-        pattern, block = patterns[layer]
-        p = vs.plan(pattern, layout, block_size=block or 128)
-        bd, td = float(p.density), float(token_density(p).mean())
-        name = "dense" if pattern.name == "dense" else repr(pattern)
-        last = groups[-1] if groups else None
-        if last and last.pattern == name and last.layers[-1] == layer - 1:
-            groups[-1] = dataclasses.replace(last, layers=(*last.layers, layer))
-        else:
-            groups.append(LayerGroupDensity((layer,), name, bd, td))
-    work = sum(g.block_density * len(g.layers) for g in groups) / max(1, sum(len(g.layers) for g in groups))
-    return tuple(groups), work
+    seen: dict[int, tuple] = {}
+    for layer, (pattern, block) in patterns.items():
+        if pattern.name != "dense":
+            p = vs.plan(pattern, layout, block_size=block or 128)
+            w = executed_work(p, backend)
+            seen[layer] = (repr(pattern), float(p.density), float(token_density(p).mean()), w.computed_fraction, w.path)
+    dense = frozenset(layer for layer, (pattern, _) in patterns.items() if pattern.name == "dense")
+    groups = group_densities(max(patterns) + 1 if patterns else 0, dense, seen)
+    n = max(1, sum(len(g.layers) for g in groups))
+    blocks = sum(g.block_density * len(g.layers) for g in groups) / n
+    work = sum((1.0 if g.work is None else g.work) * len(g.layers) for g in groups) / n
+    return groups, blocks, work
+
+
+def _backend_name(backend: str, runtime: ParallelRuntime) -> str:
+    """The backend ``backend`` resolves to on this rank's device (the one the ranks ran)."""
+    from vidsparse.attention import backend_for
+
+    try:
+        return backend_for(backend, torch.empty(0, device=runtime.device)).name
+    except (ValueError, ImportError):
+        return "torch"
 
 
 def attention_work(sparse_step_work: float, sparse_steps: int, steps: int) -> float:
