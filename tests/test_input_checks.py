@@ -6,6 +6,7 @@ train-lora refusals."""
 
 import argparse
 import importlib
+import re
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -473,6 +474,12 @@ def test_cli_typo_and_switch_with_value(capsys):
     assert len(err.splitlines()) == 1, err
 
 
+def test_typo_of_a_required_flag_is_named(capsys):
+    rc, _, err = _cli(capsys, ["inspect", "--patern", "radial", "--grid", "4x4x4"])
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "required: --pattern" in err and "--patern: did you mean --pattern?" in err, err
+
+
 def test_unrecognized_directly():
     from vidsparse.cli import unrecognized
 
@@ -639,3 +646,19 @@ def test_lora_pattern_report_says_what_ran_and_when_it_is_dense_in_effect():
         assert "keeps" in lines[2] and "computes" in lines[2], lines
         assert any("trains as dense" in w for w in warnings) == dense_in_effect, warnings
         vs.remove(model)
+
+
+def test_bare_transformer_step_count_error_names_only_what_needs_it():
+    from vidsparse.models import tiny_transformer
+
+    model = tiny_transformer("wan")
+    cases = [
+        (dict(dense_first_steps=0, dense_last_steps=2), "but SparseConfig.dense_last_steps=2 needs it"),
+        (dict(dense_first_steps=0.5), "but SparseConfig.dense_first_steps=0.5 (a fraction) needs it"),
+        (dict(dense_first_steps=0.5, dense_last_steps=2), "dense_last_steps=2 and SparseConfig.dense_first_steps=0.5"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            vs.apply(model, vs.SparseConfig("radial", **options))
+    vs.apply(model, vs.SparseConfig("radial", dense_first_steps=2))  # a count needs no total
+    vs.remove(model)

@@ -84,7 +84,19 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors: the error and where the flags are listed, not the
     whole usage block (tens of lines for ``generate``), which buries the line that matters."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error(): what was typed
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            # argparse stops at a missing flag before it lists the unknown ones: a typo of the
+            # missing flag (--patern for --pattern) would go unnamed
+            argv = getattr(self, "_argv", [])
+            known = _actions_by_flag(self)
+            unknown = [t for t in argv if t.startswith("--") and t.split("=", 1)[0] not in known]
+            if unknown:
+                message = f"{message}; {unrecognized(unknown, argv, self)}"
         end = "" if message.endswith((".", "?")) else "."
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{end} Run '{self.prog} --help' for its flags.\n")
 

@@ -236,12 +236,15 @@ def apply(target: Any, config: SparseConfig | Pattern | str) -> Any:
             _check_pattern_runs(pattern, family)
             _check_pattern_options(pattern, cfg, family)
         _warn_all_dense(cfg, family, dense, layer_patterns, num_layers, type(transformer).__name__)
-        explicit_fraction = any(isinstance(v, float) and v > 0 for v in (cfg.dense_first_steps, cfg.dense_last_steps))
-        if pipeline is None and cfg.num_inference_steps is None and (cfg.dense_last_steps or explicit_fraction):
+        first, last = cfg.dense_first_steps, cfg.dense_last_steps
+        need = [f"SparseConfig.dense_last_steps={last!r}"] if last else []  # counted back from the end
+        if isinstance(first, float) and first > 0:
+            need.append(f"SparseConfig.dense_first_steps={first!r} (a fraction)")
+        if pipeline is None and cfg.num_inference_steps is None and need:
             raise ValueError(
                 "vidsparse was applied to a bare transformer, so the number of denoising steps is unknown, but "
-                f"dense_last_steps={cfg.dense_last_steps!r} / dense_first_steps={cfg.dense_first_steps!r} need "
-                "it. Pass SparseConfig(num_inference_steps=...) or apply vidsparse to the pipeline."
+                f"{' and '.join(need)} {'need' if len(need) > 1 else 'needs'} it. Pass "
+                "SparseConfig(num_inference_steps=...) or apply vidsparse to the pipeline."
             )
         plans.append((attr, transformer, family, paths, dense, layer_patterns))
 
