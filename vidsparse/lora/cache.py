@@ -208,7 +208,13 @@ class LatentCache:
                 save_tensors(self.latent_path(lk), encoded, metadata={k: str(v) for k, v in linfo.items()})
                 report.latents_computed += 1
                 bar.update(1)
+            # A caption only the videos that just failed to read use is not worth encoding (another
+            # rank's videos, not read here, may still use it).
+            wanted = {p[3] for p in plan if p[0].relpath not in failed}
             for _, _, _, tk, tinfo in mine_txt:
+                if tk not in wanted:
+                    bar.update(1)
+                    continue
                 cond = model.encode_text(tinfo["caption"])
                 save_tensors(self.text_path(tk), cond, metadata={"text_encoder": text_id})
                 report.text_computed += 1
