@@ -84,3 +84,19 @@ def test_tiny_transformer_overrides_and_errors():
         tiny_transformer("sora")
     with pytest.raises(ValueError, match="Unknown tiny family"):
         tiny_inputs("sora", model)
+
+
+def test_tiny_transformer_stays_a_function_after_the_trained_model_loads():
+    """No submodule of vidsparse.models is named like one of its functions: importing it (as
+    loading the trained tiny pipeline does) would rebind the package attribute to the module."""
+    import importlib
+    import pkgutil
+
+    import vidsparse.models as models
+
+    names = {m.name for m in pkgutil.iter_modules(models.__path__)}
+    assert not names & set(models.__all__), names & set(models.__all__)
+    importlib.import_module("vidsparse.models.tiny_wan_model")
+    from vidsparse.models import tiny_transformer
+
+    assert callable(tiny_transformer) and not isinstance(tiny_transformer, type(models))

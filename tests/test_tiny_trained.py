@@ -111,7 +111,7 @@ def test_tiny_transformer_is_wan_plus_an_absolute_position_code(tmp_path):
 
     from vidsparse.families import family_of
     from vidsparse.models import train_tiny as tt
-    from vidsparse.models.tiny_transformer import TinyWanTransformer3DModel
+    from vidsparse.models.tiny_wan_model import TinyWanTransformer3DModel
 
     torch.manual_seed(0)
     tiny = TinyWanTransformer3DModel(**tt.transformer_config(tt.Z_DIM, tt.TEXT_DIM)).eval()

@@ -41,8 +41,8 @@ def load_trained_tiny(dtype: torch.dtype = torch.float32, folder: str | Path | N
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
-    import vidsparse.models.tiny_transformer  # noqa: F401  diffusers loads custom classes only from imported modules
     import vidsparse.models.tiny_vae  # noqa: F401
+    import vidsparse.models.tiny_wan_model  # noqa: F401  diffusers loads custom classes only from imported modules
 
     key = "dtype" if hasattr(dep, "_resolve_dtype") else "torch_dtype"  # torch_dtype is deprecated in 0.42
     level, bars = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()

@@ -264,7 +264,7 @@ def collapse_cross_attention(transformer) -> CollapsedPadCrossAttention:
 def train_transformer(latents: torch.Tensor, captions: list[str], cfg: TrainTinyConfig, log):
     from vidsparse.lora.flow import NoiseSampler, add_noise
     from vidsparse.models.tiny_text import build_text_encoder, build_tokenizer
-    from vidsparse.models.tiny_transformer import TinyWanTransformer3DModel
+    from vidsparse.models.tiny_wan_model import TinyWanTransformer3DModel
 
     tokenizer = build_tokenizer()
     torch.manual_seed(cfg.seed + 1)
