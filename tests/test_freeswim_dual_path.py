@@ -272,3 +272,26 @@ def test_window_covering_the_grid_equals_the_dense_model():
     ref = _forward(t, inputs)
     apply_dual_path(t, _cfg(base_grid=(4, 6), cache_interval=1, attention_scale="default"))
     torch.testing.assert_close(_forward(t, inputs), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_window_branch_block_follows_the_small_frame_rule(monkeypatch):
+    """24 tokens a frame: the window runs at auto_block_size's 32 (as vidsparse.apply would), not the
+    backend's 128 (a block of 3 frames, mostly padding); --block-size wins; same output either way."""
+    import vidsparse.freeswim.dual_path as dp
+
+    seen = []
+    inner = dp.sparse_attention
+
+    def spy(*args, block_size=None, **kwargs):
+        seen.append(block_size)
+        return inner(*args, block_size=block_size, **kwargs)
+
+    monkeypatch.setattr(dp, "sparse_attention", spy)
+    t, inputs = _model()  # tokens 3x4x6
+    state = apply_dual_path(t, _cfg(cache_interval=1))[0]
+    auto = _forward(t, inputs)
+    assert set(seen) == {32} and (state.report().window_backend, state.report().window_block) == ("torch", 32)
+    seen.clear()
+    state = apply_dual_path(t, _cfg(cache_interval=1, block_size=128))[0]
+    torch.testing.assert_close(_forward(t, inputs), auto, atol=2e-5, rtol=1e-5)
+    assert set(seen) == {128} and state.report().window_block == 128

@@ -55,7 +55,8 @@ def test_two_stage_on_tiny_writes_a_video_of_the_target_size(tmp_path):
     report = result.dual_path  # 2 refine steps, cache every 2: full branch at step 0, cached at 1
     assert report.full_branch_steps("cond") == [0] and [s for s, _ in report.reuse] == [1]
     assert [s for s, b in report.window if b == "uncond"] == [0, 1]
-    assert "stage 2 (refine): 48x64" in result.describe()
+    assert "stage 2 (refine): 48x64 px (WxH), 5 frames (2x4x3 tokens, FxHxW)" in result.describe()
+    assert "FreeSwim window 3x3 tokens (HxW)" in result.describe()
     # The pipeline is left as it was: its processors, its scheduler.
     assert all(type(p).__name__ == "WanAttnProcessor" for p in pipe.transformer.attn_processors.values())
     assert pipe.scheduler.config.shift == shift_before
@@ -81,7 +82,7 @@ def test_upsample_is_bilinear_per_frame():
         (dict(strength=0.0), r"strength must be in \(0, 1\]"),
         (dict(strength=0.2), "0 refinement steps"),
         (dict(cache_interval=0), "cache_interval must be an int >= 1"),
-        (dict(base_width=None), "Pass both base_height and base_width"),
+        (dict(base_width=None), "Pass both base_height and base_width .* got base_height=32, base_width=None"),
         (dict(flow_shift=-1.0), "flow_shift must be a number > 0"),
     ],
 )
@@ -168,7 +169,10 @@ def test_size_checks_run_without_a_pipeline():
     from vidsparse.freeswim import check_freeswim_sizes
 
     assert check_freeswim_sizes(FreeSwimOptions(height=1088, width=1920), (480, 832)) == 35
-    with pytest.raises(ValueError, match="smaller than the base"):
+    # Both sizes in --base-size's H x W order, said so, with the axis that is too small.
+    with pytest.raises(ValueError, match=r"target 720x1280 px \(HxW\) is smaller than the base 720x1920 px \(HxW"):
+        check_freeswim_sizes(FreeSwimOptions(height=720, width=1280), (720, 1920))
+    with pytest.raises(ValueError, match="in width 1280 < 1920;"):
         check_freeswim_sizes(FreeSwimOptions(height=720, width=1280), (720, 1920))
     with pytest.raises(ValueError, match="multiples of 16 px; use 1072 or 1088"):
         check_freeswim_sizes(FreeSwimOptions(height=1080, width=1920), (480, 832))

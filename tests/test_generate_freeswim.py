@@ -25,14 +25,27 @@ def test_two_stage_command_on_tiny_writes_the_target_size(tmp_path, capsys):
     video = np.stack(imageio.mimread(out))
     assert video.shape == (5, 64, 48, 3)  # the target, not the base
     # One progress bar per stage, labelled with its size.
-    assert "stage 1 (base 32x32)" in captured.err and "stage 2 (refine 48x64)" in captured.err
+    assert "stage 1 (base 32x32 WxH)" in captured.err and "stage 2 (refine 48x64 WxH)" in captured.err
     stdout = captured.out
-    assert "base 32x32 px (the checkpoint's native size) -> target 48x64 px" in stdout
-    assert "stage 1 (base): 32x32" in stdout and "stage 2 (refine): 48x64" in stdout and "dual path:" in stdout
+    # Every size says its order: pixels W x H as the video line, tokens F x H x W.
+    assert "base 32x32 px (WxH; the checkpoint's native size) -> target 48x64 px (WxH)" in stdout
+    assert "stage 1 (base): 32x32 px (WxH), 5 frames (2x2x2 tokens, FxHxW)" in stdout
+    assert "stage 2 (refine): 48x64 px (WxH), 5 frames (2x4x3 tokens, FxHxW)" in stdout and "dual path:" in stdout
     summary = json.loads(js.read_text())
     fs = summary["freeswim"]
     assert fs["base_size"] == [32, 32] and fs["target_size"] == [64, 48]
     assert [s["steps"] for s in fs["stages"]] == [3, 2]  # int(3 * 0.7) = 2 refine steps
+    # The steps the run made: 3 of stage 1 and 2 of stage 2, each timed, in the summary and the JSON.
+    times = summary["step_times_s"]
+    assert len(times) == 5 and all(t > 0 for t in times)
+    assert summary["time_per_step_s"] == pytest.approx(float(np.median(times)))
+    assert summary["denoise_s"] == pytest.approx(sum(times))
+    assert "denoise" in stdout and "(5 steps, " in stdout
+    # The window ran at the block every vidsparse path picks for 12-token frames (16, not 128), and the
+    # summary's figures are at that block: kept blocks per self-attention call never exceed the grid.
+    assert fs["dual_path"]["window_block_size"] == 16 and fs["dual_path"]["window_backend"] == "torch"
+    assert summary["attention_work"] <= 1.0 and "% of the block grid" in stdout
+    assert fs["window_work"] == pytest.approx(32 * 32 / (24 * 24))  # 2 tiles of 16 for 24 tokens
     assert [s["grid"] for s in fs["stages"]] == [[2, 2, 2], [2, 4, 3]]
     # cache every 2: the full branch in the conditional pass of refine step 0 only; 2 steps x 2 passes.
     assert fs["dual_path"]["full_branch_forwards"] == 1 and fs["dual_path"]["cached_forwards"] == 1
@@ -41,6 +54,17 @@ def test_two_stage_command_on_tiny_writes_the_target_size(tmp_path, capsys):
     assert fs["stage2_work"] == pytest.approx((4 * fs["window_work"] + 1) / 4)
     (window,) = summary["densities"]
     assert window["path"] == "query_tile" and window["work"] == pytest.approx(fs["window_work"])
+    # Blocks: 4 window calls at the window's density + 1 dense full-branch call, per call.
+    assert summary["attention_work"] == pytest.approx((4 * window["block_density"] + 1) / 5)
+
+
+def test_base_size_is_printed_in_its_own_order():
+    opts = dict(model="tiny-random", frames=5, height=64, width=96, steps=2, progress=False, backend="torch")
+    result = generate(GenerateOptions(**opts, freeswim={"base_height": 32, "base_width": 48, "strength": 0.5}))
+    assert result.freeswim.base_size == (32, 48) and result.freeswim.target_size == (64, 96)
+    text = format_summary(result)
+    assert "base 48x32 px (WxH; --base-size 32x48, HxW) -> target 96x64 px (WxH)" in text
+    assert "stage 1 (base): 48x32 px (WxH)" in text and "window 3x3 tokens (HxW)" in text
 
 
 def test_compare_dense_runs_dense_at_the_target_size():
@@ -71,6 +95,8 @@ def test_compare_dense_runs_dense_at_the_target_size():
         (["--strength", "0.1"], "0 refinement steps"),
         (["--freeswim-scale", "-1"], "--freeswim-scale expects a number > 0"),
         (["--pattern", "tile"], "drop --pattern"),
+        (["--pattern", "radial"], "drop --pattern"),  # the flag's default, given explicitly
+        (["--base-size", "48x32", "--height", "32"], "target 32x48 px (HxW) is smaller than the base 48x32 px (HxW"),
         (["--dense-layers", "0"], "--dense-layers does not apply to --freeswim"),
         (["--parallel", "clip"], "drop --parallel"),
     ],
@@ -88,6 +114,21 @@ def test_bad_input_is_one_line_before_any_weights_load(argv, message, tmp_path, 
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pattern_given_tells_an_explicit_default_from_none():
+    import argparse
+
+    from vidsparse.generate_cli import add_arguments, options_from_args, pattern_given
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    fs = ["--freeswim", "--frames", "5", "--height", "64", "--width", "48"]
+    assert not pattern_given(parser.parse_args(fs))
+    assert pattern_given(parser.parse_args([*fs, "--pattern", "radial"]))
+    assert options_from_args(parser.parse_args(fs)).freeswim is not None  # no --pattern: runs
+    assert options_from_args(parser.parse_args([*fs, "--pattern", "freeswim"])).pattern == "freeswim"
+    assert options_from_args(parser.parse_args(["--pattern", "radial"])).pattern == "radial"  # without --freeswim
 
 
 def test_freeswim_flags_without_freeswim_are_refused(capsys):

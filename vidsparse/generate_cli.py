@@ -28,10 +28,24 @@ from pathlib import Path
 
 from vidsparse.cli import flags_given, seconds_since_process_start
 from vidsparse.errors import UserError
-from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_settings_from_args
+from vidsparse.freeswim.cli_args import PATTERN_REFUSAL, add_freeswim_arguments, freeswim_settings_from_args
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
 from vidsparse.kernels.backends import backend_choices
 from vidsparse.pattern_flags import add_pattern_arguments, parse_dense_layers, pattern_options_from_args
+
+#: --pattern's default.
+DEFAULT_PATTERN = "radial"
+
+
+class _DefaultPattern(str):
+    """--pattern's default as the parser stores it when the flag is absent. argparse keeps no record
+    of which flags were given, and ``flags_given`` compares values, so it cannot tell an explicit
+    ``--pattern radial`` (stored as a plain str) from none; this type can (``pattern_given``)."""
+
+
+def pattern_given(args: argparse.Namespace) -> bool:
+    """Whether --pattern was on the command line, even with its default value."""
+    return not isinstance(getattr(args, "pattern", None), _DefaultPattern)
 
 
 def _parse_vae_overlap(text: str) -> int | str:
@@ -241,7 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     report.add_argument("--no-progress", action="store_true", help="hide the denoising progress bar")
     report.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
-    add_pattern_arguments(parser, default="radial", family_defaults=True)
+    add_pattern_arguments(parser, default=DEFAULT_PATTERN, family_defaults=True)
+    parser.set_defaults(pattern=_DefaultPattern(DEFAULT_PATTERN))  # the same value, marked as not given
     add_freeswim_arguments(parser)
 
 
@@ -282,15 +297,24 @@ def _check_dense_schedule_flags(args: argparse.Namespace, pattern: str) -> None:
         )
 
 
+def _check_freeswim_pattern(args: argparse.Namespace) -> None:
+    """--freeswim runs its own attention: any --pattern but freeswim is refused, even the default
+    radial when given explicitly (the library sees only the value, so the command checks the flag)."""
+    if not args.freeswim or not pattern_given(args):
+        return
+    from vidsparse.patterns.base import normalize_pattern_name
+
+    if normalize_pattern_name(str(args.pattern)) != "freeswim":
+        raise UserError(PATTERN_REFUSAL)
+
+
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
+    _check_freeswim_pattern(args)
     try:
         name, pattern_options = pattern_options_from_args(args)
     except (ValueError, UserError):
         if args.freeswim:  # the option is not wrong for --pattern: no pattern option applies under --freeswim
-            raise UserError(
-                "--freeswim runs its own attention (stage 1 dense, stage 2 FreeSwim's window of the base grid plus "
-                "the full branch); drop --pattern and its options (the window follows --base-size)."
-            ) from None
+            raise UserError(PATTERN_REFUSAL) from None
         raise
     _check_dense_schedule_flags(args, name)
     return GenerateOptions(

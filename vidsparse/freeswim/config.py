@@ -59,7 +59,9 @@ class DualPathConfig:
         cache_dtype: dtype of stored outputs (``None``: the model's dtype; e.g. torch.bfloat16
             halves an fp32 cache).
         backend: vidsparse backend of the window branch ("auto", "torch", "flex", "triton").
-        block_size: kernel block of the window branch (``None``: the backend's).
+        block_size: kernel block of the window branch (``None``: as every vidsparse path picks it,
+            ``vidsparse.layout.auto_block_size``: the next power of two >= tokens per frame, at
+            least 16, on grids of < 128 tokens a frame, else the backend's default).
     """
 
     base_grid: tuple[int, int]

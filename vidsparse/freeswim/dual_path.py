@@ -44,12 +44,13 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from vidsparse.attention import attention as sparse_attention
+from vidsparse.attention import backend_for
 from vidsparse.families import family_of
 from vidsparse.families.processor import WrappedProcessor
 from vidsparse.families.wan import wan_qkv, wan_rope
 from vidsparse.freeswim.cache import CacheReport, CrossAttentionCache, cache_bytes
 from vidsparse.freeswim.config import DualPathConfig
-from vidsparse.layout import VideoLayout
+from vidsparse.layout import VideoLayout, auto_block_size
 from vidsparse.patterns.freeswim import FreeSwim
 from vidsparse.pipelines.hooks import empty_state_manager
 
@@ -67,6 +68,14 @@ class DualCall:
     step: int
     branch: str  # "cond" | "uncond"
     store: bool  # dual + cache refresh: store the full branch's outputs
+    block_size: int | None = None  # window-branch kernel block (None: the backend's default)
+
+
+def window_block_size(config: DualPathConfig, layout: VideoLayout) -> int | None:
+    """The window branch's kernel block on ``layout``: ``config.block_size``, else the rule of every
+    other vidsparse path (``auto_block_size``: a smaller block on grids of < 128 tokens a frame),
+    else ``None`` (the backend's default, 128)."""
+    return config.block_size or auto_block_size(layout)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,9 @@ class DualPathReport:
     window: tuple[tuple[int, str], ...]
     refreshes: tuple[int, ...]  # conditional steps whose full-branch outputs were stored
     cache: CacheReport
+    # The kernel the window branch really ran (last forward): backend name and block size; None before any.
+    window_backend: str | None = None
+    window_block: int | None = None
 
     def full_branch_steps(self, branch: str = "cond") -> list[int]:
         return [s for s, b in self.dual if b == branch]
@@ -103,6 +115,7 @@ class DualPathState:
     log: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: {"dual": [], "reuse": [], "window": []})
     refreshes: list[int] = field(default_factory=list)
     calls: Counter = field(default_factory=Counter)  # per-processor call counts, for tests
+    window_kernel: tuple[str, int] | None = None  # (backend, block size) of the last window-branch call
     _last_t: float | None = None
     _calls_at_t: int = 0
     _step: int = -1
@@ -118,6 +131,7 @@ class DualPathState:
             v.clear()
         self.refreshes.clear()
         self.calls.clear()
+        self.window_kernel = None
 
     def report(self) -> DualPathReport:
         return DualPathReport(
@@ -126,6 +140,8 @@ class DualPathState:
             window=tuple(self.log["window"]),
             refreshes=tuple(self.refreshes),
             cache=self.cache.report(),
+            window_backend=None if self.window_kernel is None else self.window_kernel[0],
+            window_block=None if self.window_kernel is None else self.window_kernel[1],
         )
 
     # -- per forward ---------------------------------------------------------------------
@@ -163,7 +179,7 @@ class DualPathState:
             else:
                 mode = "reuse"
         self.log[mode].append((step, branch))
-        self.current = DualCall(mode, batch, layout, step, branch, store)
+        self.current = DualCall(mode, batch, layout, step, branch, store, window_block_size(cfg, layout))
         return self.current
 
 
@@ -198,9 +214,12 @@ class DualSelfAttnProcessor(_DualProcessor):
         b = call.rows
         call.layout.check_seq_len(query.shape[1])
         self.state.calls["window"] += 1
+        chosen = backend_for(cfg.backend, query)
+        block = call.block_size or chosen.default_block
+        self.state.window_kernel = (chosen.name, block)
         out = sparse_attention(
             query[:b], key[:b], value[:b], call.layout, self.state.pattern,
-            backend=cfg.backend, layer=self.layer, scale=scale, block_size=cfg.block_size,
+            backend=cfg.backend, layer=self.layer, scale=scale, block_size=block,
         )  # fmt: skip
         if call.mode == "dual":
             self.state.calls["full"] += 1

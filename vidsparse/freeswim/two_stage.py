@@ -93,7 +93,7 @@ class StageSummary:
     def describe(self) -> str:
         f, h, w = self.latent_grid
         return (
-            f"{self.name}: {self.width}x{self.height}, {self.num_frames} frames ({f}x{h}x{w} tokens), "
+            f"{self.name}: {self.width}x{self.height} px (WxH), {self.num_frames} frames ({f}x{h}x{w} tokens, FxHxW), "
             f"{self.steps} steps, {self.seconds:.1f} s, {self.attention}"
         )
 
@@ -190,11 +190,13 @@ def check_freeswim_sizes(
                 f"{name}={value} px: the Wan VAE and patchify need multiples of {m} px; use "
                 f"{value - value % m or m} or {value - value % m + m}."
             )
-    if options.height < base_size[0] or options.width < base_size[1]:
+    (h, w), (bh, bw) = (options.height, options.width), base_size
+    if h < bh or w < bw:
+        axes = " and ".join(f"{n} {t} < {b}" for n, t, b in (("height", h, bh), ("width", w, bw)) if t < b)
         raise ValueError(
-            f"The target {options.width}x{options.height} is smaller than the base {base_size[1]}x{base_size[0]} "
-            "on at least one axis; FreeSwim generates above the native size. Pass a larger --height/--width or a "
-            "smaller --base-size."
+            f"The target {h}x{w} px (HxW) is smaller than the base {bh}x{bw} px (HxW, the order of --base-size) "
+            f"in {axes}; FreeSwim generates above the native size. Pass a larger --height/--width or a "
+            "smaller --base-size HxW."
         )
     frames = _positive_int("num_frames", options.num_frames)
     if (frames - 1) % temporal:
@@ -241,7 +243,7 @@ def check_freeswim(
     if (options.base_height is None) != (options.base_width is None):
         raise ValueError(
             f"Pass both base_height and base_width (or neither for the native size), got "
-            f"{(options.base_height, options.base_width)}."
+            f"base_height={options.base_height!r}, base_width={options.base_width!r}."
         )
     base = (options.base_height, options.base_width) if options.base_height is not None else native_size(transformer)
     refine_steps = check_freeswim_sizes(options, base, multiple=(multiple_h, multiple_w), temporal=vae_t)
@@ -399,6 +401,7 @@ def run_freeswim(
     stage2 = StageSummary(
         "stage 2 (refine)", options.height, options.width, options.num_frames, plan.target_grid, plan.refine_steps,
         time.perf_counter() - start,
-        f"FreeSwim window {2 * (plan.base_grid[0] // 2) + 1}x{2 * (plan.base_grid[1] // 2) + 1} + full branch, {what}",
+        f"FreeSwim window {2 * (plan.base_grid[0] // 2) + 1}x{2 * (plan.base_grid[1] // 2) + 1} tokens (HxW) + full "
+        f"branch, {what}",
     )  # fmt: skip
     return FreeSwimResult(frames, base, (stage1, stage2), report, plan)

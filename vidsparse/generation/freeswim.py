@@ -36,6 +36,7 @@ from vidsparse.freeswim import (
     native_size_of_config,
     run_freeswim,
 )
+from vidsparse.freeswim.cli_args import PATTERN_REFUSAL
 from vidsparse.generation.model import TINY
 
 if TYPE_CHECKING:
@@ -95,8 +96,10 @@ class FreeSwimRun:
         cache = "no cache" if self.cache_interval == 1 else f"full branch every {self.cache_interval} steps"
         r = self.dual_path
         forwards = len(r.dual) + len(r.reuse) + len(r.window)
+        # Pixel sizes W x H like the summary's video line; --base-size in its own H x W order.
+        source = f"--base-size {bh}x{bw}, HxW" if self.base_source == "--base-size" else self.base_source
         return [
-            f"freeswim   base {bw}x{bh} px ({self.base_source}) -> target {tw}x{th} px; strength {self.strength:g}, "
+            f"freeswim   base {bw}x{bh} px (WxH; {source}) -> target {tw}x{th} px (WxH); strength {self.strength:g}, "
             f"flow shift {self.flow_shift:g}, {cache}, softmax scale x{self.scale_factor:.4f}",
             *(f"           {s.describe()}" for s in self.stages),
             f"           {r.describe()}",
@@ -134,6 +137,8 @@ class FreeSwimRun:
                 "refreshes": list(r.refreshes),
                 "cache": r.cache.describe(),
                 "cache_estimate_bytes": self.cache_estimate_bytes,
+                "window_backend": r.window_backend,
+                "window_block_size": r.window_block,
             },
             "window_work": self.window_work,
             "stage2_work": self.stage2_work,
@@ -198,10 +203,7 @@ def check_freeswim_model(options: GenerateOptions, info: ModelInfo) -> None:
         )
     default = GenerateOptions()
     if options.pattern not in (default.pattern, "freeswim") or options.pattern_options:
-        raise ValueError(
-            "--freeswim runs its own attention (stage 1 dense, stage 2 FreeSwim's window of the base grid plus the "
-            "full branch); drop --pattern and its options (the window follows --base-size)."
-        )
+        raise ValueError(PATTERN_REFUSAL)
     schedule = (
         ("--dense-first-steps", options.dense_first_steps, default.dense_first_steps),
         ("--dense-last-steps", options.dense_last_steps, default.dense_last_steps),
@@ -213,6 +215,20 @@ def check_freeswim_model(options: GenerateOptions, info: ModelInfo) -> None:
     for flag, on in (("--compile", options.compile), ("--cpu-offload", options.cpu_offload)):
         if on:
             raise ValueError(f"{flag} is not supported with --freeswim yet; drop one of them.")
+
+
+def _dual_config(fs: FreeSwimOptions, base_grid: tuple[int, int]) -> DualPathConfig:
+    """The dual-path config ``check_freeswim`` builds from these options (ValueError on bad ones)."""
+    return DualPathConfig(
+        base_grid=base_grid,
+        cache_interval=fs.cache_interval,
+        override_uncond=fs.override_uncond,
+        attention_scale=fs.attention_scale,
+        cache_budget_bytes=fs.cache_budget_bytes,
+        cache_overflow=fs.cache_overflow,  # type: ignore[arg-type]
+        backend=fs.backend,
+        block_size=fs.block_size,
+    )
 
 
 def prepare_freeswim(
@@ -239,7 +255,10 @@ def prepare_freeswim(
     geo = info.grid
     base_h, base_w = settings.get("base_height"), settings.get("base_width")
     if (base_h is None) != (base_w is None):
-        raise ValueError(f"Pass both base_height and base_width (--base-size HxW), got {(base_h, base_w)}.")
+        raise ValueError(
+            f"Pass both base_height and base_width (--base-size HxW), got base_height={base_h!r}, "
+            f"base_width={base_w!r}."
+        )
     if base_h is not None:
         source = "--base-size"
     else:
@@ -273,16 +292,7 @@ def prepare_freeswim(
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
         raise ValueError(f"--flow-shift must be a number > 0 (the reference uses 9.0), got {shift!r}.")
     base_grid = (base_h // multiple[0], base_w // multiple[1])
-    DualPathConfig(  # the dual-path options fail here, not after loading
-        base_grid=base_grid,
-        cache_interval=fs.cache_interval,
-        override_uncond=fs.override_uncond,
-        attention_scale=fs.attention_scale,
-        cache_budget_bytes=fs.cache_budget_bytes,
-        cache_overflow=fs.cache_overflow,  # type: ignore[arg-type]
-        backend=fs.backend,
-        block_size=fs.block_size,
-    )
+    _dual_config(fs, base_grid)  # the dual-path options fail here, not after loading
     return FreeSwimPrepared(fs, source, base_grid, refine_steps)
 
 
@@ -290,17 +300,22 @@ def prepare_freeswim(
 
 
 class StageBars:
-    """One progress bar per stage (``StageProgress`` events of ``run_freeswim``), on stderr."""
+    """One progress bar per stage (``StageProgress`` events of ``run_freeswim``), on stderr.
 
-    def __init__(self, labels: dict[str, str], enabled: bool) -> None:
+    ``clock`` (a ``generation.call.StepClock`` on the pipeline) gets each step's end, so it
+    times every step of both stages from its first transformer forward, as ``generate`` does.
+    """
+
+    def __init__(self, labels: dict[str, str], enabled: bool, clock=None) -> None:
         self.labels = labels
         self.enabled = enabled
+        self.clock = clock
         self.bar = None
         self.stage: str | None = None
-        self.events: list[tuple[str, float]] = []  # (stage, time) after each step
 
     def __call__(self, p: StageProgress) -> None:
-        self.events.append((p.stage, time.perf_counter()))
+        if self.clock is not None:
+            self.clock.callback(None, p.step - 1, None, {})
         if not self.enabled:
             return
         if p.stage != self.stage:
@@ -316,10 +331,9 @@ class StageBars:
             self.bar.close()
         self.bar, self.stage = None, None
 
-    def step_times(self, stage: str) -> list[float]:
-        """Intervals between consecutive steps of ``stage`` (the first step has no start mark)."""
-        marks = [t for s, t in self.events if s == stage]
-        return [b - a for a, b in zip(marks, marks[1:])]
+    def step_times(self) -> tuple[float, ...]:
+        """Every step of both stages, in order (``clock``'s; empty without one)."""
+        return self.clock.step_times if self.clock is not None else ()
 
 
 def _text_kwargs(pipe, plan: GenerationPlan, options: GenerateOptions) -> dict[str, Any]:
@@ -331,21 +345,27 @@ def _text_kwargs(pipe, plan: GenerationPlan, options: GenerateOptions) -> dict[s
     return {k: kwargs[k] for k in names if k in kwargs}
 
 
-def _window_density(prepared: FreeSwimPrepared, plan: GenerationPlan, num_layers: int):
-    """The window branch's plan on the target grid: block/token density and the work it computes."""
+def _window_density(prepared: FreeSwimPrepared, plan: GenerationPlan, num_layers: int, report: DualPathReport):
+    """The window branch's plan on the target grid at the kernel it really ran (``report``'s backend
+    and block size): block/token density and the work it computes."""
     import vidsparse as vs
     from vidsparse.attention import backend_for
     from vidsparse.density import token_density
+    from vidsparse.freeswim.dual_path import window_block_size
     from vidsparse.generation.result import LayerGroupDensity
     from vidsparse.layout import VideoLayout
     from vidsparse.patterns.freeswim import FreeSwim
     from vidsparse.work import executed_work
 
-    backend = backend_for(prepared.options.backend, torch.empty(0, device=plan.device))
-    block = prepared.options.block_size or backend.default_block
+    layout = VideoLayout(*plan.grid)
+    backend, block = report.window_backend, report.window_block
+    if backend is None or block is None:  # no window-branch call recorded: the block the run would pick
+        chosen = backend_for(prepared.options.backend, torch.empty(0, device=plan.device))
+        backend = chosen.name
+        block = window_block_size(_dual_config(prepared.options, prepared.base_grid), layout) or chosen.default_block
     pattern = FreeSwim(base_grid=prepared.base_grid)
-    p = vs.plan(pattern, VideoLayout(*plan.grid), num_heads=1, block_size=block)
-    work = executed_work(p, backend.name)
+    p = vs.plan(pattern, layout, num_heads=1, block_size=block)
+    work = executed_work(p, backend)
     group = LayerGroupDensity(
         tuple(range(num_layers)), repr(pattern), float(p.density), float(token_density(p).mean()),
         work=work.computed_fraction, path=work.path,
@@ -357,7 +377,7 @@ def run_freeswim_generation(
     pipe, plan: GenerationPlan, options: GenerateOptions, *, t_start: float, prepare_s: float, load_s: float
 ) -> GenerateResult:
     """Both FreeSwim stages on the loaded pipeline (+ the dense baseline at the target with ``compare_dense``)."""
-    from vidsparse.generation.call import run_pipeline, warmup
+    from vidsparse.generation.call import DecodeClock, StepClock, run_pipeline, warmup
     from vidsparse.generation.meter import num_layers
     from vidsparse.generation.result import DenseComparison, GenerateResult, write_output
     from vidsparse.video_io import as_uint8_frames
@@ -379,23 +399,29 @@ def run_freeswim_generation(
 
     pipe.set_progress_bar_config(disable=True)  # StageBars shows the progress of each stage
     labels = {
-        "base": f"stage 1 (base {fs.base_width}x{fs.base_height})",
-        "refine": f"stage 2 (refine {fs.width}x{fs.height})",
+        "base": f"stage 1 (base {fs.base_width}x{fs.base_height} WxH)",
+        "refine": f"stage 2 (refine {fs.width}x{fs.height} WxH)",
     }
-    bars = StageBars(labels, options.progress)
+    clock, decode = StepClock(pipe, plan.device), DecodeClock(pipe, plan.device)
+    bars = StageBars(labels, options.progress, clock)
     try:
         with torch.inference_mode():
             result = run_freeswim(pipe, fs, **text, progress=bars, generator_device=gen_device)
     finally:
         bars.close()
+        clock.close()
+        decode.close()
     frames = as_uint8_frames(result.frames[0])
 
-    group, window_work = _window_density(prepared, plan, num_layers(pipe))
     report = result.dual_path
+    group, window_work = _window_density(prepared, plan, num_layers(pipe), report)
     forwards = len(report.dual) + len(report.reuse) + len(report.window)
     # Per forward: the window branch, plus one dense self-attention where the full branch ran.
     stage2_work = (forwards * window_work + len(report.dual)) / forwards if forwards else window_work
-    stage2_blocks = (forwards * group.block_density + len(report.dual)) / forwards if forwards else 1.0
+    # Kept blocks over every stage-2 self-attention call: the window branch in each forward and the
+    # full branch's dense one (all blocks of its grid) in each dual forward. Per call, so <= 100%.
+    calls = forwards + len(report.dual)
+    stage2_blocks = (forwards * group.block_density + len(report.dual)) / calls if calls else 1.0
     run = FreeSwimRun(
         base_size=result.plan.base_size,
         target_size=result.plan.target_size,
@@ -410,7 +436,7 @@ def run_freeswim_generation(
         stage2_work=stage2_work,
         cache_estimate_bytes=result.plan.cache_estimate_bytes,
     )
-    step_times = bars.step_times("refine")
+    step_times = bars.step_times()  # both stages: the steps the run really made
     comparison = None if dense_run is None else DenseComparison.of(dense_run, frames, run.seconds, against="call")
     written, write_s = write_output(plan.out, frames, plan.fps)
     return GenerateResult(
@@ -424,7 +450,7 @@ def run_freeswim_generation(
         steps=plan.steps,
         wall_s=time.perf_counter() - t_start,
         load_s=load_s,
-        denoise_s=run.seconds,
+        denoise_s=float(sum(step_times)),
         step_times_s=tuple(step_times),
         time_per_step_s=float(statistics.median(step_times)) if step_times else 0.0,
         sparse_steps=prepared.refine_steps,
@@ -433,6 +459,7 @@ def run_freeswim_generation(
         dense=comparison,
         prepare_s=prepare_s,
         call_s=run.seconds,
+        decode_s=decode.seconds,
         write_s=write_s,
         computed_work=stage2_work,
         freeswim=run,

@@ -252,7 +252,12 @@ def format_summary(result: GenerateResult) -> str:
         f"video      {_count(t, 'frame')} of {w}x{h} pixels (WxH) -> token grid {f}x{gh}x{gw} (FxHxW, {f * gh * gw} tokens), "
         + steps,
         f"pattern    {result.pattern}"
-        + (f"; sparse in {result.sparse_steps} of {result.steps * n} steps" if result.pattern != "dense" else ""),
+        # the steps run (FreeSwim: both stages), else those asked for
+        + (
+            f"; sparse in {result.sparse_steps} of {len(result.step_times_s) or result.steps * n} steps"
+            if result.pattern != "dense"
+            else ""
+        ),
         *time_lines(result),
     ]
     if result.lora is not None:
