@@ -138,7 +138,7 @@ def _versus_dense(prompts, dense_frames, pattern: str, options: dict[str, Any], 
         for prompt, seed, _ in prompts:
             res = _run(prompt, seed, pattern, frames, lora, options)
             rows.append(_compare(res.frames, dense_frames[(prompt, seed)]))
-            work.append(res.attention_work)
+            work.append(res.kept_blocks)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}, []
     return _mean_compare(rows), work

@@ -195,14 +195,14 @@ def test_compare_dense_reports_speedup_and_psnr():
 
 def test_dense_pattern_runs_the_model_unpatched():
     result = generate(GenerateOptions(pattern="dense", **{**SMALL_OPTS, "steps": 1}))
-    assert result.pattern == "dense" and result.attention_work == 1.0 and result.sparse_steps == 0
+    assert result.pattern == "dense" and result.kept_blocks == 1.0 and result.sparse_steps == 0
 
 
 def test_dense_schedule_flags_reach_the_config():
     result = generate(GenerateOptions(dense_first_steps=0, dense_layers=(1,), **SMALL_OPTS))
     assert result.sparse_steps == 2  # no dense warm-up step
     assert [d.pattern == "dense" for d in result.densities] == [False, True]  # layer 0 sparse, layer 1 dense
-    assert result.densities[0].layers == (0,) and 0 < result.attention_work < 1
+    assert result.densities[0].layers == (0,) and 0 < result.kept_blocks < 1
 
 
 @pytest.mark.parametrize("error", [RuntimeError("encoder crashed"), KeyboardInterrupt()])

@@ -44,7 +44,7 @@ def test_two_stage_command_on_tiny_writes_the_target_size(tmp_path, capsys):
     # The window ran at the block every vidsparse path picks for 12-token frames (16, not 128), and the
     # summary's figures are at that block: kept blocks per self-attention call never exceed the grid.
     assert fs["dual_path"]["window_block_size"] == 16 and fs["dual_path"]["window_backend"] == "torch"
-    assert summary["attention_work"] <= 1.0 and "% of the block grid" in stdout
+    assert summary["kept_blocks"] <= 1.0 and "% of the block grid" in stdout
     assert fs["window_work"] == pytest.approx(32 * 32 / (24 * 24))  # 2 tiles of 16 for 24 tokens
     assert [s["grid"] for s in fs["stages"]] == [[2, 2, 2], [2, 4, 3]]
     # cache every 2: the full branch in the conditional pass of refine step 0 only; 2 steps x 2 passes.
@@ -55,7 +55,7 @@ def test_two_stage_command_on_tiny_writes_the_target_size(tmp_path, capsys):
     (window,) = summary["densities"]
     assert window["path"] == "query_tile" and window["work"] == pytest.approx(fs["window_work"])
     # Blocks: 4 window calls at the window's density + 1 dense full-branch call, per call.
-    assert summary["attention_work"] == pytest.approx((4 * window["block_density"] + 1) / 5)
+    assert summary["kept_blocks"] == pytest.approx((4 * window["block_density"] + 1) / 5)
 
 
 def test_base_size_is_printed_in_its_own_order():

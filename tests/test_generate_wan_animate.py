@@ -116,7 +116,7 @@ def test_generate_cli_animates_in_two_segments_with_the_sparse_pattern(inputs, t
     # Radial ran: layer 1 sparse (layer 0 is Wan's dense layer), in all 2 x 2 steps.
     sparse = [d for d in summary["densities"] if d["pattern"].startswith("Radial(")]
     assert sparse and sparse[0]["layers"] == [1] and sparse[0]["block_density"] < 1
-    assert summary["sparse_steps"] == 4 and summary["attention_work"] < 1
+    assert summary["sparse_steps"] == 4 and summary["kept_blocks"] < 1
     assert len(summary["step_times_s"]) == 4
     video = imageio.mimread(out)
     assert np.stack(video).shape == (POSE_FRAMES, H, W, 3)

@@ -143,14 +143,14 @@ def test_decode_clock_restores_the_vae():
 
 
 def test_clip_parallel_work_counts_dense_warm_up_like_single_process(cli_run):
-    from vidsparse.parallel.generate import attention_work
+    from vidsparse.parallel.generate import run_mean
 
     _, data = cli_run
     layers = [d for d in data["densities"] for _ in d["layers"]]
     per_sparse_step = sum(d["block_density"] for d in layers) / len(layers)
     assert 0 < data["sparse_steps"] < data["steps"]  # the family's dense warm-up ran
-    work = attention_work(per_sparse_step, data["sparse_steps"], data["steps"])
-    assert work == pytest.approx(data["attention_work"], abs=1e-6)
+    work = run_mean(per_sparse_step, data["sparse_steps"], data["steps"])
+    assert work == pytest.approx(data["kept_blocks"], abs=1e-6)
     assert work > per_sparse_step  # what the parallel summary reported before
 
 

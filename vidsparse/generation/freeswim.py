@@ -455,7 +455,7 @@ def run_freeswim_generation(
         time_per_step_s=float(statistics.median(step_times)) if step_times else 0.0,
         sparse_steps=prepared.refine_steps,
         densities=(group,),
-        attention_work=stage2_blocks,
+        kept_blocks=stage2_blocks,
         dense=comparison,
         prepare_s=prepare_s,
         call_s=run.seconds,

@@ -125,12 +125,12 @@ class GenerateResult:
     sparse_steps: int  # steps with at least one sparse self-attention call
     densities: tuple[LayerGroupDensity, ...]
     # block_density averaged over all self-attention calls (1.0 = dense); computed_work is what the kernels computed
-    attention_work: float
+    kept_blocks: float
     dense: DenseComparison | None = None
     prepare_s: float = 0.0  # option checks and config reading (imports included)
     call_s: float = 0.0  # the whole pipeline call: text encoding, denoising, VAE decode
     write_s: float = 0.0
-    computed_work: float | None = None  # as attention_work, from each layer's computed pairs (LayerGroupDensity.work)
+    computed_work: float | None = None  # as kept_blocks, from each layer's computed pairs (LayerGroupDensity.work)
     freeswim: Any = None  # generation.freeswim.FreeSwimRun of a --freeswim run: both stages
     decode_s: float = 0.0  # inside pipe.vae.decode (part of call_s, not of denoise_s)
     # Process start to the generate() call (Python, torch, the CLI); set by the command line, 0 elsewhere.
@@ -167,7 +167,7 @@ class GenerateResult:
             "time_per_step_s": self.time_per_step_s,
             "step_times_s": list(self.step_times_s),
             "sparse_steps": self.sparse_steps,
-            "attention_work": self.attention_work,
+            "kept_blocks": self.kept_blocks,
             "densities": [
                 {
                     "layers": list(d.layers),
@@ -273,7 +273,7 @@ def format_summary(result: GenerateResult) -> str:
             lines.append(
                 f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}{work}  {d.pattern}"
             )
-        lines.append(f"           kept blocks over all steps and layers: {result.attention_work:.1%} of the block grid")
+        lines.append(f"           kept blocks over all steps and layers: {result.kept_blocks:.1%} of the block grid")
         if result.computed_work is not None:
             lines.append(f"           computed pairs over all steps and layers: {result.computed_work:.1%} of dense")
         if result.pattern != "dense" and result.sparse_steps == 0:  # not the grid's doing: the schedule's

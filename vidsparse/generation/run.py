@@ -75,7 +75,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         if options.compile and not options.compare_dense:
             compile_pipeline(pipe)
         frames, step_times, call_s, decode_s = run_pipeline(pipe, plan, options, on_step=meter.tick)
-        densities, attention_work = meter.summary()
+        densities, kept_blocks = meter.summary()
         computed_work = meter.computed_work()
         sparse_steps = meter.sparse_steps
     else:
@@ -84,7 +84,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         frames, step_times, call_s, decode_s = run_pipeline(pipe, plan, options)
         n = num_layers(pipe)
         densities = (LayerGroupDensity(tuple(range(n)), "dense", 1.0, 1.0, 1.0, "dense"),) if n else ()
-        attention_work, sparse_steps = 1.0, 0
+        kept_blocks, sparse_steps = 1.0, 0
         computed_work = 1.0
 
     denoise_s = float(sum(step_times))
@@ -107,7 +107,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         time_per_step_s=per_step,
         sparse_steps=sparse_steps,
         densities=densities,
-        attention_work=attention_work,
+        kept_blocks=kept_blocks,
         dense=comparison,
         prepare_s=prepare_s,
         call_s=call_s,

@@ -199,8 +199,8 @@ def generate_parallel(options: Any):
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
         densities, step_blocks, step_work = _densities(result.patterns, grid, _backend_name(config.backend, runtime))
         summary = dict(shape=frames.shape, out=written, densities=densities, load_s=load_s, call_s=call_s,
-                       blocks=attention_work(step_blocks, result.sparse_steps, plan.steps),
-                       work=attention_work(step_work, result.sparse_steps, plan.steps),
+                       blocks=run_mean(step_blocks, result.sparse_steps, plan.steps),
+                       work=run_mean(step_work, result.sparse_steps, plan.steps),
                        step_times=step_times, decode_s=result.decode_seconds, comm=result.comm,
                        sparse_steps=result.sparse_steps)  # fmt: skip
     summary = _broadcast(summary, runtime)
@@ -222,7 +222,7 @@ def generate_parallel(options: Any):
         time_per_step_s=float(statistics.median(steps)) if steps else 0.0,
         sparse_steps=summary["sparse_steps"],
         densities=summary["densities"],
-        attention_work=summary["blocks"],
+        kept_blocks=summary["blocks"],
         computed_work=summary["work"],
         call_s=summary["call_s"],
         decode_s=summary["decode_s"],
@@ -266,14 +266,15 @@ def _backend_name(backend: str, runtime: ParallelRuntime) -> str:
         return "torch"
 
 
-def attention_work(sparse_step_work: float, sparse_steps: int, steps: int) -> float:
-    """Attention work over the whole run, as single-process ``generate`` counts it: the steps that
-    ran no sparse layer (dense warm-up ``dense_first_steps``, ``dense_last_steps``) cost 1 each,
-    a sparse step costs ``sparse_step_work`` (its mean over layers, dense layers counted as 1)."""
+def run_mean(sparse_step_value: float, sparse_steps: int, steps: int) -> float:
+    """A per-step fraction (kept blocks, work) over the whole run, as single-process ``generate``
+    counts it: the steps that ran no sparse layer (dense warm-up ``dense_first_steps``,
+    ``dense_last_steps``) count 1 each, a sparse step ``sparse_step_value`` (its mean over
+    layers, dense layers counted as 1)."""
     if steps <= 0:
         return 1.0
     sparse_steps = min(max(sparse_steps, 0), steps)
-    return (sparse_steps * sparse_step_work + (steps - sparse_steps)) / steps
+    return (sparse_steps * sparse_step_value + (steps - sparse_steps)) / steps
 
 
 def format_comm(comms: list[dict[str, Any]], steps: int, mode: str) -> str:
