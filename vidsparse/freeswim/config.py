@@ -74,6 +74,21 @@ class DualPathConfig:
     backend: str = "auto"
     block_size: int | None = None
 
+    @classmethod
+    def from_options(cls, options: object, base_grid: tuple[int, int]) -> DualPathConfig:
+        """The config of an options object with these fields by name (``TwoStageOptions``,
+        ``generation.FreeSwimOptions``): the one mapping both stage-2 paths use."""
+        return cls(
+            base_grid=base_grid,
+            cache_interval=options.cache_interval,
+            override_uncond=options.override_uncond,
+            attention_scale=options.attention_scale,
+            cache_budget_bytes=options.cache_budget_bytes,
+            cache_overflow=options.cache_overflow,
+            backend=options.backend,
+            block_size=options.block_size,
+        )
+
     def __post_init__(self) -> None:
         from vidsparse.patterns.freeswim import FreeSwim
 

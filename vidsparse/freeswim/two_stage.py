@@ -265,16 +265,7 @@ def check_freeswim(
             "(vidsparse.models.tiny.encode_prompt_tiny) instead of prompt."
         )
     base_grid = (base[0] // multiple_h, base[1] // multiple_w)
-    dual = DualPathConfig(
-        base_grid=base_grid,
-        cache_interval=options.cache_interval,
-        override_uncond=options.override_uncond,
-        attention_scale=options.attention_scale,
-        cache_budget_bytes=options.cache_budget_bytes,
-        cache_overflow=options.cache_overflow,  # type: ignore[arg-type]
-        backend=options.backend,
-        block_size=options.block_size,
-    )
+    dual = DualPathConfig.from_options(options, base_grid)
     latent_frames = (frames - 1) // vae_t + 1
     target_grid = (latent_frames // p_t, options.height // multiple_h, options.width // multiple_w)
     inner = int(transformer.config.num_attention_heads * transformer.config.attention_head_dim)

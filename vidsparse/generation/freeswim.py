@@ -219,16 +219,7 @@ def check_freeswim_model(options: GenerateOptions, info: ModelInfo) -> None:
 
 def _dual_config(fs: FreeSwimOptions, base_grid: tuple[int, int]) -> DualPathConfig:
     """The dual-path config ``check_freeswim`` builds from these options (ValueError on bad ones)."""
-    return DualPathConfig(
-        base_grid=base_grid,
-        cache_interval=fs.cache_interval,
-        override_uncond=fs.override_uncond,
-        attention_scale=fs.attention_scale,
-        cache_budget_bytes=fs.cache_budget_bytes,
-        cache_overflow=fs.cache_overflow,  # type: ignore[arg-type]
-        backend=fs.backend,
-        block_size=fs.block_size,
-    )
+    return DualPathConfig.from_options(fs, base_grid)
 
 
 def prepare_freeswim(
