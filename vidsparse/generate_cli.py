@@ -28,7 +28,8 @@ from pathlib import Path
 
 from vidsparse.cli import flags_given, seconds_since_process_start
 from vidsparse.errors import UserError
-from vidsparse.freeswim.cli_args import PATTERN_REFUSAL, add_freeswim_arguments, freeswim_settings_from_args
+from vidsparse.freeswim.cli_args import add_freeswim_arguments, freeswim_settings_from_args
+from vidsparse.freeswim.config import PATTERN_REFUSAL
 from vidsparse.generation import PARALLEL_MODES, TINY, GenerateOptions, format_summary, generate, tiny_models
 from vidsparse.kernels.backends import backend_choices
 from vidsparse.pattern_flags import add_pattern_arguments, parse_dense_layers, pattern_options_from_args

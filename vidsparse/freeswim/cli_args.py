@@ -20,11 +20,6 @@ if TYPE_CHECKING:  # the options module imports torch; --help must not
 
 #: The refusal of a sparse pattern (other than FreeSwim's own) with --freeswim, one text for the
 #: command (an explicit --pattern, even the default radial) and the library (``GenerateOptions``).
-PATTERN_REFUSAL = (
-    "--freeswim runs its own attention (stage 1 dense, stage 2 FreeSwim's window of the base grid plus the full "
-    "branch); drop --pattern and its options (the window follows --base-size)."
-)
-
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 

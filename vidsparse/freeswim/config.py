@@ -13,6 +13,11 @@ from typing import Literal
 
 CacheOverflow = Literal["cpu", "recompute"]
 _OVERFLOW = ("cpu", "recompute")
+#: Why ``vidsparse generate --freeswim`` takes no --pattern (its library check and its flag check).
+PATTERN_REFUSAL = (
+    "--freeswim runs its own attention (stage 1 dense, stage 2 FreeSwim's window of the base grid plus the full "
+    "branch); drop --pattern and its options (the window follows --base-size)."
+)
 _SCALE_NAMES = ("freeswim", "default")
 
 

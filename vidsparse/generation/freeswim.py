@@ -36,7 +36,7 @@ from vidsparse.freeswim import (
     native_size_of_config,
     run_freeswim,
 )
-from vidsparse.freeswim.cli_args import PATTERN_REFUSAL
+from vidsparse.freeswim.config import PATTERN_REFUSAL
 from vidsparse.generation.model import TINY
 
 if TYPE_CHECKING:
