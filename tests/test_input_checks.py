@@ -662,3 +662,26 @@ def test_bare_transformer_step_count_error_names_only_what_needs_it():
             vs.apply(model, vs.SparseConfig("radial", **options))
     vs.apply(model, vs.SparseConfig("radial", dense_first_steps=2))  # a count needs no total
     vs.remove(model)
+
+
+def test_sizes_a_pipeline_cannot_take_are_refused_before_loading(capsys, tmp_path, monkeypatch):
+    """LTX-2's VAE decodes at least 2 latent pixels a side; Kandinsky5I2VPipeline needs 1 or >= 5
+    latent frames (its first-frame normalisation divides by the frames after the first 4)."""
+    from vidsparse.generation import GenerateOptions, loading, prepare
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_load)
+    with pytest.raises(ValueError, match=r"height=32: the ltx2 VAE decodes at least 2 latent pixels a side"):
+        prepare(GenerateOptions(model="tiny-ltx2", frames=9, height=32, width=64, out=None))
+    assert prepare(GenerateOptions(model="tiny-ltx2", frames=9, height=64, width=64, out=None)).grid == (2, 2, 2)
+    image = tmp_path / "i.png"
+    from PIL import Image
+
+    Image.new("RGB", (160, 96)).save(image)
+    with pytest.raises(ValueError, match=r"--frames 9: Kandinsky5I2VPipeline .* needs 1 or at least 5 latent frames"):
+        prepare(GenerateOptions(model="tiny-kandinsky5-i2v", image=str(image), frames=9, out=None))
+    assert prepare(GenerateOptions(model="tiny-kandinsky5-i2v", image=str(image), out=None)).frames == 17  # its default
+    assert prepare(GenerateOptions(model="tiny-kandinsky5-i2v", image=str(image), frames=1, out=None)).frames == 1
+    assert prepare(GenerateOptions(model="tiny-kandinsky5", frames=9, out=None)).frames == 9  # T2V takes it

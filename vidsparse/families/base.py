@@ -64,6 +64,8 @@ class VideoGeometry:
     text_position: str = "none"
     fps: int = 16
     aliases: tuple[str, ...] = ()
+    # Fewest latent pixels a side the VAE decodes (LTX-2's padded decoder convs need 2).
+    min_latent_side: int = 1
 
     def check_video(self, frames: int, height: int, width: int) -> None:
         """ValueError naming the nearest valid sizes if the VAE and patchify cannot take this video."""
@@ -85,6 +87,12 @@ class VideoGeometry:
                 near = f"{lo} or {hi}" if lo >= m else f"{hi}"
                 problems.append(
                     f"{label}={value}: must be a multiple of {m} ({self.spatial}x VAE x {p} patch); nearest valid: {near}"
+                )
+            elif value // self.spatial < self.min_latent_side:
+                least = -(-self.min_latent_side * self.spatial // m) * m
+                problems.append(
+                    f"{label}={value}: the {self.name} VAE decodes at least {self.min_latent_side} latent pixels a "
+                    f"side ({self.min_latent_side * self.spatial} px); smallest valid: {least}"
                 )
         if problems:
             raise ValueError(
@@ -401,6 +409,8 @@ class Family:
     unsupported: str = ""
     needs_first_frame: tuple[str, ...] = ()
     condition_video: Mapping[str, Callable[[list], dict[str, Any]]] = field(default_factory=dict)
+    # pipeline class -> check of its latent frame count (a problem sentence, or None if it runs)
+    latent_frame_checks: Mapping[str, Callable[[int], str | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.text_position not in ("none", "before", "after"):

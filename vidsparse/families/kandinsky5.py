@@ -341,6 +341,18 @@ def tiny_prompt_kwargs(
 
 
 #: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` trains the first, refuses the rest: ``LORA_REFUSALS``).
+def _i2v_latent_frames(latent_frames: int) -> str | None:
+    """Kandinsky5I2VPipeline rescales its first 4 latent frames to the mean and std of the frames
+    after them (``normalize_first_frame``): with 2-4 latent frames there are none, and the video
+    comes out NaN. One latent frame skips the step."""
+    if 1 < latent_frames < 5:
+        return (
+            f"Kandinsky5I2VPipeline normalises its first 4 latent frames by the frames after them, so it needs 1 or "
+            f"at least 5 latent frames (frames 1 or >= 17 with the 4x VAE), got {latent_frames}"
+        )
+    return None
+
+
 PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
 
 
@@ -410,4 +422,5 @@ FAMILY = Family(
     tiny_pipeline=tiny_pipeline,
     tiny_prompt_kwargs=tiny_prompt_kwargs,
     tiny_pipelines={I2V_TINY: "Kandinsky5I2VPipeline"},
+    latent_frame_checks={"Kandinsky5I2VPipeline": _i2v_latent_frames},
 )

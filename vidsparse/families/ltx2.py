@@ -100,7 +100,7 @@ LORA_REFUSAL = (
     "video-only, so a LoRA would learn half the model's task; train LTX-Video instead (LTXPipeline / "
     "LTXImageToVideoPipeline, which train-lora trains), or LTX-2 with Lightricks' own LTX-2 trainer"
 )
-GEOMETRY = VideoGeometry("ltx2", VAE_TEMPORAL, VAE_SPATIAL, (1, 1, 1), (121, 512, 768), fps=24)
+GEOMETRY = VideoGeometry("ltx2", VAE_TEMPORAL, VAE_SPATIAL, (1, 1, 1), (121, 512, 768), fps=24, min_latent_side=2)
 
 # -- self-attention processor -----------------------------------------------------------------
 

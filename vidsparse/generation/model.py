@@ -198,10 +198,13 @@ def _tiny_model(model: str) -> ModelInfo:
         geo = next(g for g in family.geometries if g.name == variant)
     if family.name == "wan" and geo is family.geometry:
         defaults = dict(TINY_DEFAULTS)
-    else:  # a small valid video: 2 latent frames past the first, a 6x10 token grid
+    else:  # a small valid video: 2 latent frames past the first (or the fewest the pipeline takes), 6x10 tokens
         ph, pw = geo.patch[1:]
-        defaults = dict(frames=1 + 2 * geo.temporal, height=6 * geo.spatial * ph, width=10 * geo.spatial * pw,
-                        steps=TINY_DEFAULTS["steps"], guidance=TINY_DEFAULTS["guidance"])  # fmt: skip
+        latent_frames, check = 3, family.latent_frame_checks.get(pipeline_class)
+        while check is not None and check(latent_frames):
+            latent_frames += 1
+        defaults = dict(frames=1 + (latent_frames - 1) * geo.temporal, height=6 * geo.spatial * ph,
+                        width=10 * geo.spatial * pw, steps=TINY_DEFAULTS["steps"], guidance=TINY_DEFAULTS["guidance"])  # fmt: skip
     return ModelInfo(TINY, model, pipeline_class, geo, defaults, tiny_variant=variant)
 
 

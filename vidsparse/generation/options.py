@@ -522,6 +522,10 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed < 2**64:
         raise ValueError(f"--seed must be an integer in [0, 2**64) (torch.Generator's range), got {options.seed!r}.")
     grid = info.grid.latent_grid(frames, height, width)  # ValueError naming the nearest valid sizes
+    frame_check = info.model_family.latent_frame_checks.get(info.pipeline_class)
+    problem = frame_check((frames - 1) // info.grid.temporal + 1) if frame_check else None
+    if problem:
+        raise ValueError(f"--frames {frames}: {problem}.")
     animate = _check_animate(options, info, frames)
     if animate is not None:  # the reference image's latent frame comes first in every transformer call
         from vidsparse.families.wan_animate import REFERENCE_LATENT_FRAMES
