@@ -273,3 +273,18 @@ def test_parallel_clip_and_ulysses_equal_the_single_process(inputs):
         assert row["max_diff"] <= 1, (mode, row)
         assert row["changed"] > 1, row  # the sparse pattern changed the video: not a dense run compared
         assert results[1][mode]["shape"] == (POSE_FRAMES, H, W, 3)  # a placeholder of the video's shape
+
+
+def test_output_plays_at_the_pose_videos_frame_rate(inputs, tmp_path):
+    """Without --fps the video is written at the pose video's rate (the motion's own timing), with
+    --fps at that; a pose video that declares none (this GIF) keeps the family's."""
+    import imageio.v3 as iio
+
+    from vidsparse.generation import prepare
+
+    frames = [np.asarray(f) for f in read_frames(inputs["pose"])]
+    pose12 = tmp_path / "pose12.mp4"
+    iio.imwrite(pose12, np.stack(frames), fps=12, macro_block_size=1)
+    assert prepare(dataclasses.replace(_options(inputs), pose_video=str(pose12))).fps == 12
+    assert prepare(dataclasses.replace(_options(inputs), pose_video=str(pose12), fps=20)).fps == 20
+    assert prepare(_options(inputs)).fps == get_family("wan-animate").geometry.fps

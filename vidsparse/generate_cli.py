@@ -174,7 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="random seed; same seed and prompt give the same video (default 0)"
     )
     video.add_argument(
-        "--fps", type=int, default=None, help="frame rate of the written video (default: the family's, Wan 16)"
+        "--fps",
+        type=int,
+        default=None,
+        help="frame rate of the written video (default: the family's, Wan 16; Wan-Animate: the pose video's)",
     )
     video.add_argument(
         "--out",

@@ -63,6 +63,17 @@ def as_uint8_frames(video) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def video_fps(path: str | os.PathLike) -> float | None:
+    """The frame rate a video file declares (None when it declares none, as a GIF may not)."""
+    import imageio.v3 as iio
+
+    try:
+        fps = iio.immeta(Path(path).expanduser()).get("fps")
+    except Exception:  # unreadable metadata: the caller falls back to its default
+        return None
+    return float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+
+
 def read_frames(path: str | os.PathLike, max_frames: int | None = None) -> list:
     """The first ``max_frames`` (all if None) frames of a video file as RGB PIL images (a pipeline's video input).
 

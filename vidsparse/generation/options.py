@@ -542,6 +542,10 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     if options.cpu_offload and device.type != "cuda":
         raise ValueError("--cpu-offload moves weights between CPU and a GPU; it needs --device cuda (CUDA available).")
     fps = options.fps if options.fps is not None else info.grid.fps
+    if options.fps is None and animate is not None:  # the output plays at the motion's own rate
+        from vidsparse.video_io import video_fps
+
+        fps = round(video_fps(options.pose_video) or fps)
     _positive_int(fps, "--fps")
     lora = _check_lora(options.lora)
     scale = options.lora_scale
