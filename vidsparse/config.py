@@ -218,11 +218,17 @@ class SparseConfig:
             steps_from(self.dense_last_steps, total, "dense_last_steps") if self.dense_last_steps else 0,
         )
 
+    @property
+    def fractions_cover_every_step(self) -> bool:
+        """Both dense step counts are fractions adding up to 1 or more: every step is dense, whatever
+        the number of steps."""
+        first, last = self.dense_first_steps, self.dense_last_steps
+        return isinstance(first, float) and isinstance(last, float) and first + last >= 1.0
+
     def all_dense_known_at_apply(self, total: int | None, default_first: int | float) -> bool:
         """The dense steps cover every step, and ``vs.apply`` could tell (and warned): both counts
         are fractions adding up to 1 or more, or ``num_inference_steps`` is this run's ``total``."""
-        first, last = self.dense_first_steps, self.dense_last_steps
-        if isinstance(first, float) and isinstance(last, float) and first + last >= 1.0:
+        if self.fractions_cover_every_step:
             return True
         n = self.num_inference_steps
         return n is not None and n == total and sum(self.dense_step_counts(n, default_first)) >= n

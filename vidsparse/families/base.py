@@ -99,10 +99,14 @@ class VideoGeometry:
                 f"Video size {frames}x{height}x{width} does not fit {self.name}: " + "; ".join(problems) + "."
             )
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a ``frames``-frame video (the causal VAE keeps the first frame)."""
+        return (frames - 1) // self.temporal + 1
+
     def latent_grid(self, frames: int, height: int, width: int) -> Grid:
         """Token grid (F, H, W) after the VAE and patchify, as diffusers' pipelines compute it."""
         self.check_video(frames, height, width)
-        latent_frames = (frames - 1) // self.temporal + 1
+        latent_frames = self.latent_frames(frames)
         pt, ph, pw = self.patch
         # diffusers pads latent frames up to a multiple of patch_t (CogVideoX 1.5).
         return (-(-latent_frames // pt), height // (self.spatial * ph), width // (self.spatial * pw))

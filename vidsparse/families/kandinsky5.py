@@ -340,7 +340,6 @@ def tiny_prompt_kwargs(
     return out
 
 
-#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` trains the first, refuses the rest: ``LORA_REFUSALS``).
 def _i2v_latent_frames(latent_frames: int) -> str | None:
     """Kandinsky5I2VPipeline rescales its first 4 latent frames to the mean and std of the frames
     after them (``normalize_first_frame``): with 2-4 latent frames there are none, and the video
@@ -353,6 +352,7 @@ def _i2v_latent_frames(latent_frames: int) -> str | None:
     return None
 
 
+#: The Kandinsky 5 pipelines of diffusers 0.42 (``train-lora`` trains the first, refuses the rest: ``LORA_REFUSALS``).
 PIPELINES = ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline")
 
 

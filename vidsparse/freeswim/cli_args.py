@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the options module imports torch; --help must not
     from vidsparse.freeswim.two_stage import FreeSwimOptions
 
-#: The refusal of a sparse pattern (other than FreeSwim's own) with --freeswim, one text for the
-#: command (an explicit --pattern, even the default radial) and the library (``GenerateOptions``).
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 

@@ -68,14 +68,14 @@ class DualCall:
     step: int
     branch: str  # "cond" | "uncond"
     store: bool  # dual + cache refresh: store the full branch's outputs
-    block_size: int | None = None  # window-branch kernel block (None: the backend's default)
 
 
-def window_block_size(config: DualPathConfig, layout: VideoLayout) -> int | None:
-    """The window branch's kernel block on ``layout``: ``config.block_size``, else the rule of every
-    other vidsparse path (``auto_block_size``: a smaller block on grids of < 128 tokens a frame),
-    else ``None`` (the backend's default, 128)."""
-    return config.block_size or auto_block_size(layout)
+def window_kernel(config: DualPathConfig, layout: VideoLayout, q: torch.Tensor) -> tuple[str, int]:
+    """(backend name, kernel block) the window branch runs on ``layout`` for inputs like ``q``: the
+    block is ``config.block_size``, else the rule of every other vidsparse path (``auto_block_size``:
+    a smaller block on grids of < 128 tokens a frame), else the backend's default."""
+    chosen = backend_for(config.backend, q)
+    return chosen.name, config.block_size or auto_block_size(layout) or chosen.default_block
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class DualPathState:
             else:
                 mode = "reuse"
         self.log[mode].append((step, branch))
-        self.current = DualCall(mode, batch, layout, step, branch, store, window_block_size(cfg, layout))
+        self.current = DualCall(mode, batch, layout, step, branch, store)
         return self.current
 
 
@@ -214,9 +214,8 @@ class DualSelfAttnProcessor(_DualProcessor):
         b = call.rows
         call.layout.check_seq_len(query.shape[1])
         self.state.calls["window"] += 1
-        chosen = backend_for(cfg.backend, query)
-        block = call.block_size or chosen.default_block
-        self.state.window_kernel = (chosen.name, block)
+        self.state.window_kernel = window_kernel(cfg, call.layout, query)
+        block = self.state.window_kernel[1]
         out = sparse_attention(
             query[:b], key[:b], value[:b], call.layout, self.state.pattern,
             backend=cfg.backend, layer=self.layer, scale=scale, block_size=block,

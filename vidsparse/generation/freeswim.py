@@ -217,11 +217,6 @@ def check_freeswim_model(options: GenerateOptions, info: ModelInfo) -> None:
             raise ValueError(f"{flag} is not supported with --freeswim yet; drop one of them.")
 
 
-def _dual_config(fs: FreeSwimOptions, base_grid: tuple[int, int]) -> DualPathConfig:
-    """The dual-path config ``check_freeswim`` builds from these options (ValueError on bad ones)."""
-    return DualPathConfig.from_options(fs, base_grid)
-
-
 def prepare_freeswim(
     options: GenerateOptions, info: ModelInfo, frames: int, height: int, width: int, steps: int, guidance: float
 ) -> FreeSwimPrepared:
@@ -283,7 +278,7 @@ def prepare_freeswim(
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
         raise ValueError(f"--flow-shift must be a number > 0 (the reference uses 9.0), got {shift!r}.")
     base_grid = (base_h // multiple[0], base_w // multiple[1])
-    _dual_config(fs, base_grid)  # the dual-path options fail here, not after loading
+    DualPathConfig.from_options(fs, base_grid)  # the dual-path options fail here, not after loading
     return FreeSwimPrepared(fs, source, base_grid, refine_steps)
 
 
@@ -340,9 +335,8 @@ def _window_density(prepared: FreeSwimPrepared, plan: GenerationPlan, num_layers
     """The window branch's plan on the target grid at the kernel it really ran (``report``'s backend
     and block size): block/token density and the work it computes."""
     import vidsparse as vs
-    from vidsparse.attention import backend_for
     from vidsparse.density import token_density
-    from vidsparse.freeswim.dual_path import window_block_size
+    from vidsparse.freeswim.dual_path import window_kernel
     from vidsparse.generation.result import LayerGroupDensity
     from vidsparse.layout import VideoLayout
     from vidsparse.patterns.freeswim import FreeSwim
@@ -350,10 +344,9 @@ def _window_density(prepared: FreeSwimPrepared, plan: GenerationPlan, num_layers
 
     layout = VideoLayout(*plan.grid)
     backend, block = report.window_backend, report.window_block
-    if backend is None or block is None:  # no window-branch call recorded: the block the run would pick
-        chosen = backend_for(prepared.options.backend, torch.empty(0, device=plan.device))
-        backend = chosen.name
-        block = window_block_size(_dual_config(prepared.options, prepared.base_grid), layout) or chosen.default_block
+    if backend is None or block is None:  # no window-branch call recorded: the kernel the run would pick
+        config = DualPathConfig.from_options(prepared.options, prepared.base_grid)
+        backend, block = window_kernel(config, layout, torch.empty(0, device=plan.device))
     pattern = FreeSwim(base_grid=prepared.base_grid)
     p = vs.plan(pattern, layout, num_heads=1, block_size=block)
     work = executed_work(p, backend)

@@ -15,6 +15,17 @@ from vidsparse.density import token_density
 from vidsparse.generation.result import LayerGroupDensity
 
 
+def backend_name(backend: str, q: torch.Tensor) -> str:
+    """The backend ``backend`` resolves to for inputs like ``q`` (the one whose kernel path the work
+    counts); ``"torch"`` where it cannot resolve (the call itself then reports why)."""
+    from vidsparse.attention import backend_for
+
+    try:
+        return backend_for(backend, q).name
+    except (ValueError, ImportError):
+        return "torch"
+
+
 class DensityRecorder:
     """Wraps ``SparseState.attention_fn``: records the pattern of each layer at its first
     sparse call and measures that call's plan (static plans come from the cache)."""
@@ -53,10 +64,7 @@ class DensityRecorder:
         from vidsparse.attention import backend_for
         from vidsparse.work import executed_work
 
-        try:
-            chosen = backend_for(backend, q).name
-        except (ValueError, ImportError):
-            chosen = "torch"
+        chosen = backend_name(backend, q)
         if block_size is None:  # the backend's default, as vidsparse.attention picks it
             try:
                 block_size = backend_for(backend, q).default_block
@@ -163,4 +171,4 @@ def num_layers(pipe) -> int:
         return 0
 
 
-__all__ = ["DensityRecorder", "SparseMeter", "group_densities", "num_layers"]
+__all__ = ["DensityRecorder", "SparseMeter", "backend_name", "group_densities", "num_layers"]

@@ -523,7 +523,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         raise ValueError(f"--seed must be an integer in [0, 2**64) (torch.Generator's range), got {options.seed!r}.")
     grid = info.grid.latent_grid(frames, height, width)  # ValueError naming the nearest valid sizes
     frame_check = info.model_family.latent_frame_checks.get(info.pipeline_class)
-    problem = frame_check((frames - 1) // info.grid.temporal + 1) if frame_check else None
+    problem = frame_check(info.grid.latent_frames(frames)) if frame_check else None
     if problem:
         raise ValueError(f"--frames {frames}: {problem}.")
     animate = _check_animate(options, info, frames)

@@ -116,6 +116,7 @@ def generate_parallel(options: Any):
     from vidsparse.config import SparseConfig
     from vidsparse.generation import GenerateResult, call_kwargs, load_lora, load_pipeline, place_pipeline, prepare
     from vidsparse.generation.call import step_end_callback
+    from vidsparse.generation.meter import backend_name
     from vidsparse.parallel.pipeline import run_parallel
     from vidsparse.video_io import as_uint8_frames, write_video
 
@@ -197,7 +198,9 @@ def generate_parallel(options: Any):
             print(format_comm(comms, plan.steps, options.parallel), flush=True)
         frames = as_uint8_frames(result.video[0])
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
-        densities, step_blocks, step_work = _densities(result.patterns, grid, _backend_name(config.backend, runtime))
+        densities, step_blocks, step_work = _densities(
+            result.patterns, grid, backend_name(config.backend, torch.empty(0, device=runtime.device))
+        )
         summary = dict(shape=frames.shape, out=written, densities=densities, load_s=load_s, call_s=call_s,
                        blocks=run_mean(step_blocks, result.sparse_steps, plan.steps),
                        work=run_mean(step_work, result.sparse_steps, plan.steps),
@@ -254,16 +257,6 @@ def _densities(patterns: dict[int, Any], grid: tuple[int, int, int], backend: st
     blocks = sum(g.block_density * len(g.layers) for g in groups) / n
     work = sum((1.0 if g.work is None else g.work) * len(g.layers) for g in groups) / n
     return groups, blocks, work
-
-
-def _backend_name(backend: str, runtime: ParallelRuntime) -> str:
-    """The backend ``backend`` resolves to on this rank's device (the one the ranks ran)."""
-    from vidsparse.attention import backend_for
-
-    try:
-        return backend_for(backend, torch.empty(0, device=runtime.device)).name
-    except (ValueError, ImportError):
-        return "torch"
 
 
 def run_mean(sparse_step_value: float, sparse_steps: int, steps: int) -> float:

@@ -176,7 +176,7 @@ def _warn_all_dense(
         )
     default_first = family.default_schedule(cfg.pattern_name)[0]
     first, last, total = cfg.dense_first_steps, cfg.dense_last_steps, cfg.num_inference_steps
-    if cfg.all_dense_known_at_apply(None, default_first):  # two fractions: any step count
+    if cfg.fractions_cover_every_step:
         warnings.warn(
             f"vidsparse: SparseConfig.dense_first_steps={first} and SparseConfig.dense_last_steps={last} together "
             "cover every denoising step, so every call runs dense attention. Lower one of them.",
