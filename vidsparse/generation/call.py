@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -139,6 +140,21 @@ def call_kwargs(
     return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
 
 
+def _wrap_method(obj, name: str, wrapper) -> Callable[[], None]:
+    """Set ``obj.<name>`` to ``wrapper(original bound method)``; returns the undo, which puts back an
+    instance attribute that was there before, else deletes the wrapper (the class's method shows again)."""
+    own = vars(obj).get(name)
+    setattr(obj, name, wrapper(getattr(obj, name)))
+
+    def undo() -> None:
+        if own is not None:
+            setattr(obj, name, own)
+        else:
+            delattr(obj, name)
+
+    return undo
+
+
 class DecodeClock:
     """Seconds spent in ``pipe.vae.decode`` during a pipeline call (the VAE decode is often the
     largest part of a CPU run, so summaries show it apart from the denoising steps).
@@ -148,38 +164,34 @@ class DecodeClock:
 
     def __init__(self, pipe, device: torch.device) -> None:
         self.device, self.seconds, self.calls = device, 0.0, 0
-        self.vae = getattr(pipe, "vae", None)
-        self._own = None
-        if self.vae is None or not callable(getattr(self.vae, "decode", None)):
-            self.vae = None
+        self._undo = None
+        vae = getattr(pipe, "vae", None)
+        if vae is None or not callable(getattr(vae, "decode", None)):
             return
-        self._own = vars(self.vae).get("decode")  # an instance attribute already there (restored as is)
-        inner = self.vae.decode
 
-        def decode(*args, **kwargs):
-            self._sync()
-            t0 = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
+        def timed(inner):
+            def decode(*args, **kwargs):
                 self._sync()
-                self.seconds += time.perf_counter() - t0
-                self.calls += 1
+                t0 = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self._sync()
+                    self.seconds += time.perf_counter() - t0
+                    self.calls += 1
 
-        self.vae.decode = decode
+            return decode
+
+        self._undo = _wrap_method(vae, "decode", timed)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        if self.vae is None:
-            return
-        if self._own is not None:
-            self.vae.decode = self._own
-        else:
-            del self.vae.decode
-        self.vae = None
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
 
 
 @contextlib.contextmanager
@@ -193,22 +205,21 @@ def step_end_callback(pipe, callback):
     if callback is None or "callback_on_step_end" in accepted or not callable(getattr(scheduler, "step", None)):
         yield
         return
-    own = vars(scheduler).get("step")  # an instance attribute already there (restored as is)
-    inner, steps = scheduler.step, itertools.count()
+    steps = itertools.count()
 
-    def step(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        callback(pipe, next(steps), args[1] if len(args) > 1 else kwargs.get("timestep"), {})
-        return out
+    def calling_back(inner):
+        def step(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            callback(pipe, next(steps), args[1] if len(args) > 1 else kwargs.get("timestep"), {})
+            return out
 
-    scheduler.step = step
+        return step
+
+    undo = _wrap_method(scheduler, "step", calling_back)
     try:
         yield
     finally:
-        if own is not None:
-            scheduler.step = own
-        else:
-            del scheduler.step
+        undo()
 
 
 class PipelineRun(NamedTuple):
