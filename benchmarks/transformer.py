@@ -256,7 +256,7 @@ def bench_model(case: ModelCase, patterns: list[str], args: argparse.Namespace, 
         row = Row(case.name, name, "", args.backend, None, None, None, None, None)
         try:
             config = SparseConfig(name, dense_first_steps=0, num_inference_steps=50, backend=args.backend,
-                                  block_size=args.block_size)  # fmt: skip
+                                  block_size=args.block_size, dense_when_full=False)  # fmt: skip
             vs.apply(model, config)
             state = get_state(model)
             recorder = DensityRecorder(state.attention_fn)

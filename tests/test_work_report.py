@@ -4,6 +4,7 @@ computes (padding included) / dense, counted here by brute force; the >= 95 % wa
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,10 +93,12 @@ def test_static_pattern_work_is_its_block_density_with_padding(tmp_path):
 
 
 def test_work_warning_at_95_percent_of_dense():
-    def group(work, pattern="VMoBA()"):
-        return LayerGroupDensity((0, 1), pattern, 1.0, 0.2, work, "query_tile")
+    def group(work, pattern="VMoBA()", path="query_tile"):
+        return LayerGroupDensity((0, 1), pattern, 1.0, 0.2, work, path)
 
-    (line,) = work_warnings([group(0.96), group(0.5), group(1.0, "dense")])
+    # Groups that ran the model's attention (dense layers, plans that keep every pair) warn of nothing.
+    full = replace(group(1.0, "Tile()", "dense"), keeps_every_pair=True)
+    (line,) = work_warnings([group(0.96), group(0.5), group(1.0, "dense", "dense"), full])
     assert "layers 0-1" in line and "query-tile path computes 96% of dense" in line and "no attention speedup" in line
     assert work_warnings([group(0.94), group(None)]) == []
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -121,6 +122,14 @@ class SparseConfig:
         pattern_options: options for a pattern *name*, replacing the family defaults
             (e.g. ``{"decay_factor": 0.5}`` with ``"radial"``); with several names (``pattern``
             and ``layer_patterns``) each pattern takes the keys that are its own options.
+        dense_when_full: a layer whose static plan keeps every query-key pair of the call's grid
+            (a window as large as a small grid) computes exactly dense attention, and the sparse
+            kernel would compute the plan's padding too (up to several times dense on tiny
+            grids); ``True`` runs such layers with the model's own attention, the same result
+            at dense cost. ``False`` runs the sparse kernel anyway (to test or time the kernel
+            inside a model; ``VIDSPARSE_DENSE_WHEN_FULL=0`` makes ``False`` the default, e.g. for
+            ``vidsparse generate``). Dynamic patterns (VMoBA) always run their kernel; vidsparse's
+            clip- and Ulysses-parallel runs keep their distributed kernel.
     """
 
     pattern: Pattern | str
@@ -132,6 +141,7 @@ class SparseConfig:
     block_size: int | None = None
     num_inference_steps: int | None = None
     pattern_options: Mapping[str, Any] = field(default_factory=dict)
+    dense_when_full: bool = field(default_factory=lambda: os.environ.get("VIDSPARSE_DENSE_WHEN_FULL", "1") != "0")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -185,6 +195,11 @@ class SparseConfig:
                 "already carry their options. Pass the name (e.g. 'radial') with pattern_options, or set the "
                 "options on the object."
             )
+        if not isinstance(self.dense_when_full, bool):
+            raise TypeError(
+                f"SparseConfig.dense_when_full must be True or False, got {type(self.dense_when_full).__name__} "
+                f"{self.dense_when_full!r}."
+            )
         _check_option_names(self.pattern_options, [p for p in (self.pattern, *lp.values()) if isinstance(p, str)])
         set_(self, "pattern_options", MappingProxyType(dict(self.pattern_options)))
 
@@ -200,6 +215,7 @@ class SparseConfig:
                 self.block_size,
                 self.num_inference_steps,
                 tuple(sorted((k, repr(v)) for k, v in self.pattern_options.items())),
+                self.dense_when_full,
             )
         )
 

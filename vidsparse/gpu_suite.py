@@ -831,7 +831,8 @@ def stage_step(ctx: Ctx) -> dict[str, Any]:
             ctx.need(5.0 if ctx.dry_run else 40.0, f"step {label}")
             case: dict[str, Any] = {"pattern": label}
             try:
-                vs.apply(model, SparseConfig(name, dense_first_steps=0, num_inference_steps=50, backend="triton"))
+                vs.apply(model, SparseConfig(name, dense_first_steps=0, num_inference_steps=50, backend="triton",
+                                             dense_when_full=False))  # fmt: skip
                 state = get_state(model)
                 state.kernel_order = in_order
                 recorder = DensityRecorder(state.attention_fn)

@@ -32,7 +32,7 @@ from vidsparse.families import geometries, video_geometry
 from vidsparse.kernels.backends import backend_choices
 from vidsparse.pattern_flags import add_pattern_arguments, pattern_from_args
 from vidsparse.video_io import check_output_file
-from vidsparse.work import layer_span, no_speedup_warning
+from vidsparse.work import keeps_every_pair, layer_span, no_speedup_warning
 
 
 def parse_triple(text: str, flag: str, example: str) -> tuple[int, int, int]:
@@ -361,6 +361,7 @@ def inspect_pattern(args) -> dict[str, Any]:
                 "per_head_token_density": [float(x) for x in td],
                 "work": work.computed_fraction,
                 "path": work.path,
+                "keeps_every_pair": keeps_every_pair(p),
                 "work_detail": work.as_dict(),
                 "plan_seconds": time.perf_counter() - t0,
             }
@@ -440,12 +441,16 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# What vs.apply does with a plan that keeps every pair, said where inspect warns of its work.
+_FULL = "; vs.apply and generate run such layers with the model's own attention (SparseConfig.dense_when_full)"
+
+
 def _work_warnings(rows: list[dict[str, Any]]) -> list[str]:
     """One warning per run of consecutive layers with the same path, work and mask density (a
     static pattern: one line for all its layers, not one per layer)."""
 
     def same(r: dict[str, Any]) -> tuple:
-        return r["path"], round(r["work"], 4), round(r["token_density"], 4)
+        return r["path"], round(r["work"], 4), round(r["token_density"], 4), r["keeps_every_pair"]
 
     runs: list[tuple[dict[str, Any], int]] = []  # (first row of the run, its last layer)
     for r in rows:
@@ -453,10 +458,12 @@ def _work_warnings(rows: list[dict[str, Any]]) -> list[str]:
             runs[-1] = (runs[-1][0], r["layer"])
         else:
             runs.append((r, r["layer"]))
-    found = (
-        no_speedup_warning(layer_span(r["layer"], last), r["path"], r["work"], r["token_density"]) for r, last in runs
-    )
-    return [w for w in found if w is not None]
+    found = [
+        (no_speedup_warning(layer_span(r["layer"], last), r["path"], r["work"], r["token_density"]), r)
+        for r, last in runs
+    ]
+    return [w + (_FULL if r["keeps_every_pair"] else "") for w, r in found if w is not None]
+
 
 
 def run(args: argparse.Namespace) -> int:

@@ -167,6 +167,19 @@ def _kept_pairs(plan: BlockSparsePlan) -> torch.Tensor:
     return total
 
 
+def keeps_every_pair(plan: BlockSparsePlan) -> bool:
+    """Whether a static plan keeps every (query, key) pair of valid tokens: its attention is then
+    exactly dense attention, which the model's own attention computes without the plan's padding
+    (``SparseConfig.dense_when_full``). Per-query selections (VMoBA) are never counted as full.
+    One host synchronisation; the exact count runs only when every query block lists every block."""
+    if not isinstance(plan, BlockSparsePlan):
+        raise TypeError(f"plan must be a vidsparse.BlockSparsePlan, got {type(plan).__name__}.")
+    if plan.query_select is not None or not bool((plan.kv_counts == plan.num_blocks).all()):
+        return False
+    S = plan.layout.seq_len
+    return float(_kept_pairs(plan).min()) >= S * S
+
+
 def layer_span(first: int, last: int) -> str:
     """``layer 3`` or ``layers 1-3``: how reports name a run of consecutive layers."""
     return f"layer {first}" if first == last else f"layers {first}-{last}"
@@ -189,6 +202,7 @@ __all__ = [
     "PlanWork",
     "executed_path",
     "executed_work",
+    "keeps_every_pair",
     "kernel_tiles",
     "layer_span",
     "no_speedup_warning",

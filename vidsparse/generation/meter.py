@@ -7,6 +7,7 @@ reports per-layer-group densities and the overall attention work.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -80,19 +81,25 @@ class DensityRecorder:
         return repr(pattern), float(p.density), float(token_density(p).mean()), work.computed_fraction, work.path
 
 
-def group_densities(num_layers: int, dense_layers: frozenset[int], seen: dict[int, tuple]):
-    """Consecutive layers with the same pattern and densities, as ``LayerGroupDensity`` (dense: work 1.0)."""
-    rows = []
+def group_densities(
+    num_layers: int, dense_layers: frozenset[int], seen: dict[int, tuple], full: Mapping[int, str] | None = None
+):
+    """Consecutive layers with the same pattern and densities, as ``LayerGroupDensity`` (dense: work 1.0).
+    ``full``: layer -> pattern repr of the layers that ran the model's attention because their plan
+    kept every pair (``SparseState.full_layers``): their pattern, on the dense path."""
+    full = full or {}
+    rows = []  # (layer, pattern, block density, token density, work, path, keeps every pair)
     for layer in range(num_layers):
         if layer in seen:
-            rows.append((layer, *seen[layer]))
+            rows.append((layer, *seen[layer], False))
+        elif layer in full:
+            rows.append((layer, full[layer], 1.0, 1.0, 1.0, "dense", True))
         elif layer in dense_layers:
-            rows.append((layer, "dense", 1.0, 1.0, 1.0, "dense"))
+            rows.append((layer, "dense", 1.0, 1.0, 1.0, "dense", False))
         else:
-            rows.append((layer, "not run sparse", 1.0, 1.0, 1.0, "dense"))
+            rows.append((layer, "not run sparse", 1.0, 1.0, 1.0, "dense", False))
     groups: list[LayerGroupDensity] = []
-    for layer, pat, bd, td, *measured in rows:
-        work, path = measured if measured else (None, "")
+    for layer, pat, bd, td, work, path, whole in rows:
         last = groups[-1] if groups else None
         same_work = last is not None and (
             last.work == work or (None not in (last.work, work) and abs(last.work - work) < 5e-4)
@@ -104,10 +111,11 @@ def group_densities(num_layers: int, dense_layers: frozenset[int], seen: dict[in
             and abs(last.token_density - td) < 5e-4
             and same_work
             and last.path == path
+            and last.keeps_every_pair == whole
         ):
             groups[-1] = replace(last, layers=(*last.layers, layer))
         else:
-            groups.append(LayerGroupDensity((layer,), pat, bd, td, work, path))
+            groups.append(LayerGroupDensity((layer,), pat, bd, td, work, path, whole))
     return tuple(groups)
 
 
@@ -146,7 +154,11 @@ class SparseMeter:
             if sparse_calls and rec.layers:
                 work += sparse_calls * sum(v[1] for v in rec.layers.values()) / len(rec.layers)
         state0 = self.entries[0][0]
-        groups = group_densities(state0.num_layers, state0.dense_layers, seen)
+        full: dict[int, str] = {}
+        for state, _, _ in self.entries:
+            for layer, pattern in state.full_layers.items():
+                full.setdefault(layer, pattern)
+        groups = group_densities(state0.num_layers, state0.dense_layers, seen, full)
         return groups, (work / total if total else 1.0)
 
     def computed_work(self) -> float:

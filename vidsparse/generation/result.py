@@ -26,6 +26,9 @@ class LayerGroupDensity:
     # None where not measured. path: "query_tile" | "key_block" | "dense".
     work: float | None = None
     path: str = ""
+    # The layers had a pattern, but its plan kept every pair of the grid, so they ran the model's own
+    # attention (path "dense"; ``SparseConfig.dense_when_full``).
+    keeps_every_pair: bool = False
 
     @property
     def label(self) -> str:
@@ -176,6 +179,7 @@ class GenerateResult:
                     "token_density": d.token_density,
                     "work": d.work,
                     "path": d.path,
+                    "keeps_every_pair": d.keeps_every_pair,
                 }
                 for d in self.densities
             ],
@@ -215,7 +219,7 @@ def time_parts(result: GenerateResult) -> list[str]:
 
 def work_warnings(densities) -> list[str]:
     """A line per sparse layer group whose kernel path computes >= WORK_WARNING of dense attention."""
-    found = (no_speedup_warning(d.label, d.path, d.work, d.token_density) for d in densities if d.pattern != "dense")
+    found = (no_speedup_warning(d.label, d.path, d.work, d.token_density) for d in densities if d.path != "dense")
     return [f"warning    {w}" for w in found if w is not None]
 
 
@@ -270,13 +274,22 @@ def format_summary(result: GenerateResult) -> str:
         )
         for d in result.densities:
             work = f"  work {d.work:6.1%}" if d.work is not None else ""
+            ran = " (keeps every pair: ran dense)" if d.keeps_every_pair else ""
             lines.append(
-                f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}{work}  {d.pattern}"
+                f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}{work}  "
+                f"{d.pattern}{ran}"
             )
         lines.append(f"           kept blocks over all steps and layers: {result.kept_blocks:.1%} of the block grid")
         if result.computed_work is not None:
             lines.append(f"           computed pairs over all steps and layers: {result.computed_work:.1%} of dense")
-        if result.pattern != "dense" and result.sparse_steps == 0:  # not the grid's doing: the schedule's
+        full = [d for d in result.densities if d.keeps_every_pair]
+        lines.extend(
+            f"note       {d.label}: the pattern keeps every query-key pair of this {f}x{gh}x{gw} grid, so "
+            f"{'it' if len(d.layers) == 1 else 'they'} ran the model's own attention: the same result, without "
+            "the sparse kernel's padding work (a window smaller than the grid, or a larger video, runs it sparse)"
+            for d in full
+        )
+        if result.pattern != "dense" and result.sparse_steps == 0 and not full:  # the schedule's doing
             if all(d.pattern == "dense" for d in result.densities):
                 lines.append(
                     "warning    no layer ran the sparse pattern: the dense layers (--dense-layers) are all of them"

@@ -56,16 +56,22 @@ def pattern_report(transformer: torch.nn.Module, backend: str) -> tuple[list[str
         return [], []
     groups: list[tuple[int, int, Any]] = []
     for layer, pattern in enumerate(info.patterns):
-        if groups and groups[-1][2] == pattern:
-            groups[-1] = (groups[-1][0], layer, pattern)
+        # (pattern, whether it kept every pair, so the layer ran the model's attention: CallInfo.full)
+        ran = (info.full[layer], True) if layer in info.full else (pattern, False)
+        if groups and groups[-1][2] == ran:
+            groups[-1] = (groups[-1][0], layer, ran)
         else:
-            groups.append((layer, layer, pattern))
+            groups.append((layer, layer, ran))
     probe = torch.empty(0, device=next(transformer.parameters()).device)  # "auto" resolves per device
     lines, warnings = [], []
-    for first, last, pattern in groups:
+    for first, last, (pattern, whole) in groups:
         span = layer_span(first, last)
         if pattern is None:
             lines.append(f"{span}: dense")
+            continue
+        if whole:
+            lines.append(f"{span}: {pattern!r}, keeps every pair on this grid: ran the model's own attention")
+            warnings.append(f"{span}: {type(pattern).__name__} keeps every pair on this grid: it trains as dense")
             continue
         if pattern.dynamic:
             lines.append(f"{span}: {pattern!r} (selects per call from q and k)")

@@ -249,7 +249,9 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
             registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
     # Every step and layer goes through the distributed attention; the user's dense schedule is
     # applied inside it (ParallelAttention) with Dense().
-    all_sparse = dataclasses.replace(user_cfg, dense_first_steps=0, dense_last_steps=0, dense_layers=())
+    all_sparse = dataclasses.replace(
+        user_cfg, dense_first_steps=0, dense_last_steps=0, dense_layers=(), dense_when_full=False
+    )
     apply(target, all_sparse)
     for attr, transformer in found:
         state = get_state(transformer)

@@ -73,6 +73,7 @@ from vidsparse.lru import LRUCache
 from vidsparse.patterns import PATTERNS, Pattern, make_pattern, normalize_pattern_name
 from vidsparse.pipelines import kernel_order as _kernel_order
 from vidsparse.plan import KernelOrder, kernel_order
+from vidsparse.work import keeps_every_pair
 
 HOOK_NAME = "vidsparse"
 
@@ -113,6 +114,9 @@ class CallInfo:
     # The kernel order this forward's token sequence runs in between the family's cut points
     # (``vidsparse.pipelines.kernel_order``); None: caller order, each layer gathers its own.
     order: KernelOrder | None = None
+    # Layers whose plan keeps every pair of this grid, so they run the model's own attention
+    # (patterns None; ``SparseConfig.dense_when_full``): layer -> the pattern they would have run.
+    full: Mapping[int, Pattern] = field(default_factory=dict)
 
 
 class StepTracker:
@@ -211,11 +215,15 @@ class SparseState:
     original_processors: dict[str, Any] = field(default_factory=dict)
     ulysses: int = 1  # diffusers' Ulysses degree on this transformer (read at every forward)
     runs: int = 0  # pipeline calls finished (diffusers resets stateful hooks after each)
+    # Layers that ran the model's own attention because their plan kept every pair of a call's
+    # grid (``SparseConfig.dense_when_full``): layer -> the pattern's repr (the generate summary).
+    full_layers: dict[int, str] = field(default_factory=dict)
     # Permute the whole forward into the plans' kernel order where the family allows it
     # (``Family.kernel_order``); VIDSPARSE_KERNEL_ORDER=0 turns it off for new states.
     kernel_order: bool = field(default_factory=lambda: os.environ.get("VIDSPARSE_KERNEL_ORDER", "1") != "0")
     _patterns: LRUCache = field(default_factory=lambda: LRUCache(16))
     _orders: LRUCache = field(default_factory=lambda: LRUCache(16))
+    _full: LRUCache = field(default_factory=lambda: LRUCache(16))
     _warned: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -357,6 +365,7 @@ class SparseState:
         hs = kwargs.get("hidden_states")
         batch = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
         order = None
+        full: dict[int, Pattern] = {}
         if layout is None:
             patterns: tuple[Pattern | None, ...] = (None,) * self.num_layers
             block = None
@@ -365,14 +374,16 @@ class SparseState:
             patterns = self.layer_patterns(layout, block)
             if self.dense_step(step, total):
                 patterns = (None,) * self.num_layers
-            elif (
-                isinstance(hs, torch.Tensor)
-                and not compiling
-                and not _caches_across_steps(transformer)
-                and not self._plan_refuses(transformer, kwargs)
-            ):
-                order = self.shared_order(layout, patterns, block, hs.device)
-        info = CallInfo(layout, step, total, branch, batch, patterns, block, order)
+            elif isinstance(hs, torch.Tensor):
+                full = self.full_plan_layers(transformer, layout, patterns, block, hs.device)
+                patterns = tuple(None if layer in full else p for layer, p in enumerate(patterns))
+                if (
+                    not compiling
+                    and not _caches_across_steps(transformer)
+                    and not self._plan_refuses(transformer, kwargs)
+                ):
+                    order = self.shared_order(layout, patterns, block, hs.device)
+        info = CallInfo(layout, step, total, branch, batch, patterns, block, order, full)
         self.current = info
         return info
 
@@ -400,6 +411,54 @@ class SparseState:
         key = (sparse, layout, block, str(device))
         return self._orders.get_or_build(key, lambda: (_common_order(sparse, layout, block, device),))[0]
 
+    def full_plan_layers(
+        self,
+        transformer: torch.nn.Module,
+        layout: VideoLayout,
+        patterns: tuple[Pattern | None, ...],
+        block: int,
+        device: torch.device,
+    ) -> dict[int, Pattern]:
+        """Layer -> pattern of every layer whose static plan keeps every query-key pair of ``layout``
+        (``SparseConfig.dense_when_full``; empty when it is off): the forward runs them with the
+        model's own attention, the same result without the plan's padding, which on a small grid
+        costs the sparse kernel up to several times dense. Decided once per (layout, block,
+        device), on the plans the kernels would run (so the check builds nothing they would not);
+        recorded in ``full_layers`` for the run's summary."""
+        if not self.config.dense_when_full:
+            return {}
+        layers = self._full.get_or_build(
+            (layout, block, str(device)), lambda: self._full_plan_layers(transformer, layout, patterns, block, device)
+        )
+        for layer in layers:
+            self.full_layers.setdefault(layer, repr(patterns[layer]))
+        return {layer: patterns[layer] for layer in layers}
+
+    def _full_plan_layers(self, transformer, layout, patterns, block, device) -> frozenset[int]:
+        heads = self.plan_heads(transformer) or 1
+        verdict: dict[tuple, bool] = {}
+        full = set()
+        for layer, pattern in enumerate(patterns):
+            if pattern is None or pattern.dynamic:
+                continue
+            key = (pattern, layer if pattern.uses_layer else None)
+            if key not in verdict:
+                p = _vidsparse_plan(pattern, layout, num_heads=heads, layer=layer, device=device, block_size=block)
+                verdict[key] = keeps_every_pair(p)
+            if verdict[key]:
+                full.add(layer)
+        return frozenset(full)
+
+    def plan_heads(self, transformer: torch.nn.Module) -> int | None:
+        """The heads each patched self-attention call sees (the plans' ``num_heads``): the model's
+        heads, divided by the Ulysses degree under diffusers' context parallelism; None if unknown."""
+        heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None) or _attention_heads(
+            transformer, self
+        )
+        if not heads:
+            return None
+        return int(heads) // ulysses_degree(transformer)
+
     def current_order(self) -> tuple[KernelOrder, VideoLayout] | None:
         """(order, layout) of the running forward when it runs in kernel order, else None."""
         info = self.current
@@ -414,15 +473,9 @@ class SparseState:
         if info is None or info.layout is None or self.attention_fn is not _vidsparse_attention:
             return
         _load_backend(self.config.backend, device)  # importlib cannot run in a graph either
-        heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None) or _attention_heads(
-            transformer, self
-        )
+        heads = self.plan_heads(transformer)
         if not heads:
             return
-        head_counts = {int(heads)}
-        degree = ulysses_degree(transformer)
-        if degree > 1:
-            head_counts = {int(heads) // degree}
         seen = set()
         for layer, pattern in enumerate(info.patterns):
             if pattern is None or pattern.dynamic:
@@ -431,10 +484,9 @@ class SparseState:
             if key in seen:
                 continue
             seen.add(key)
-            for n in head_counts:
-                _vidsparse_plan(
-                    pattern, info.layout, num_heads=n, layer=layer, device=device, block_size=info.block_size
-                )
+            _vidsparse_plan(
+                pattern, info.layout, num_heads=heads, layer=layer, device=device, block_size=info.block_size
+            )
 
     def pattern_for(self, layer: int) -> Pattern | None:
         info = self.current
