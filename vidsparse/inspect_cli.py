@@ -465,7 +465,6 @@ def _work_warnings(rows: list[dict[str, Any]]) -> list[str]:
     return [w + (_FULL if r["keeps_every_pair"] else "") for w, r in found if w is not None]
 
 
-
 def run(args: argparse.Namespace) -> int:
     report = inspect_pattern(args)
     print(format_report(report))
