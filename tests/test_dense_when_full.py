@@ -165,3 +165,26 @@ def test_inspect_says_what_vs_apply_does_with_a_full_plan(tmp_path, capsys):
         out = capsys.readouterr().out
         assert json.loads(js.read_text())["layers"][0]["keeps_every_pair"] is full
         assert ("run such layers with the model's own attention" in out) is full
+
+
+def test_a_nabla_checkpoint_keeps_the_kernel_for_a_full_plan():
+    """Kandinsky 5's NABLA checkpoints attend sparsely in their own processor: a full plan (here
+    Dense()) must give full attention, not the model's NABLA (Family.own_attention_sparse)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from vidsparse.families import get_family
+
+    model = tiny_transformer("kandinsky5-nabla")
+    inputs = tiny_inputs("kandinsky5-nabla", model, 3, 16, 16)
+    assert inputs["sparse_params"] is not None
+    with torch.no_grad():
+        full = model(**dict(inputs, sparse_params=None)).sample  # the model's regular attention
+    for _, attn, _ in get_family("kandinsky5").attention_paths(model):
+        attn.processor._attention_backend = AttentionBackendName.FLEX  # its NABLA path
+    config = vs.SparseConfig(vs.Dense(), backend="torch", dense_first_steps=0)
+    out, (calls, full_layers) = _forward(model, inputs, config)
+    assert calls["sparse"] == model.config.num_visual_blocks and not full_layers
+    torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-5)
+    # The same model called without sparse_params (regular attention): the full plan runs it.
+    _, (calls, full_layers) = _forward(model, dict(inputs, sparse_params=None), config)
+    assert calls.get("sparse", 0) == 0 and len(full_layers) == model.config.num_visual_blocks

@@ -375,6 +375,11 @@ class Family:
     frames (RGB PIL images, ``generate --condition-video``): each pipeline takes them its own way
     (LTX-Video's ``conditions=[LTXVideoCondition]``, Cosmos' ``video=``).
 
+    ``own_attention_sparse(transformer, kwargs)``: why the model's own self-attention is not dense
+    attention in this forward (Kandinsky 5's NABLA checkpoints), else ``None``. Then a layer whose
+    vidsparse plan keeps every pair still runs vidsparse's kernel: ``SparseConfig.dense_when_full``
+    hands such layers to the model's attention only where that computes the same, dense.
+
     ``needs_first_frame``: pipeline classes whose ``__call__`` gives ``image`` a default of ``None``
     but fails without an image or video (Cosmos video2world), so ``generate`` asks for ``--image``
     before any weight loads instead of letting the pipeline fail after them.
@@ -412,6 +417,7 @@ class Family:
     aliases: tuple[str, ...] = ()
     unsupported: str = ""
     needs_first_frame: tuple[str, ...] = ()
+    own_attention_sparse: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
     condition_video: Mapping[str, Callable[[list], dict[str, Any]]] = field(default_factory=dict)
     # pipeline class -> check of its latent frame count (a problem sentence, or None if it runs)
     latent_frame_checks: Mapping[str, Callable[[int], str | None]] = field(default_factory=dict)

@@ -366,6 +366,13 @@ def _lora_adapter() -> tuple[type, ...]:
 # -- parallel ---------------------------------------------------------------------------------
 
 
+def _own_nabla(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+    """A NABLA checkpoint's call (``sparse_params``): the model's own attention is NABLA's block mask."""
+    if kwargs.get("sparse_params") is not None:
+        return "a NABLA checkpoint's call (sparse_params): the model's own self-attention is NABLA, not dense"
+    return None
+
+
 def _refuse_nabla(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
     if kwargs.get("sparse_params") is not None:
         return (
@@ -423,4 +430,5 @@ FAMILY = Family(
     tiny_prompt_kwargs=tiny_prompt_kwargs,
     tiny_pipelines={I2V_TINY: "Kandinsky5I2VPipeline"},
     latent_frame_checks={"Kandinsky5I2VPipeline": _i2v_latent_frames},
+    own_attention_sparse=_own_nabla,
 )

@@ -375,7 +375,7 @@ class SparseState:
             if self.dense_step(step, total):
                 patterns = (None,) * self.num_layers
             elif isinstance(hs, torch.Tensor):
-                full = self.full_plan_layers(transformer, layout, patterns, block, hs.device)
+                full = self.full_plan_layers(transformer, kwargs, layout, patterns, block, hs.device)
                 patterns = tuple(None if layer in full else p for layer, p in enumerate(patterns))
                 if (
                     not compiling
@@ -414,6 +414,7 @@ class SparseState:
     def full_plan_layers(
         self,
         transformer: torch.nn.Module,
+        kwargs: dict[str, Any],
         layout: VideoLayout,
         patterns: tuple[Pattern | None, ...],
         block: int,
@@ -424,8 +425,10 @@ class SparseState:
         model's own attention, the same result without the plan's padding, which on a small grid
         costs the sparse kernel up to several times dense. Decided once per (layout, block,
         device), on the plans the kernels would run (so the check builds nothing they would not);
-        recorded in ``full_layers`` for the run's summary."""
-        if not self.config.dense_when_full:
+        recorded in ``full_layers`` for the run's summary. Not where the model's own attention is
+        itself sparse (``Family.own_attention_sparse``: it would not compute the same)."""
+        own_sparse = self.family.own_attention_sparse
+        if not self.config.dense_when_full or (own_sparse is not None and own_sparse(transformer, kwargs)):
             return {}
         layers = self._full.get_or_build(
             (layout, block, str(device)), lambda: self._full_plan_layers(transformer, layout, patterns, block, device)
