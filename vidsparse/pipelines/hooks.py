@@ -38,7 +38,9 @@ Extension points (used by ``vidsparse.parallel``):
 
 - ``state.attention_fn``: every sparse attention call goes through it, with
   ``vidsparse.attention``'s signature ``(q, k, v, layout, pattern, backend=, layer=,
-  text_mask=, block_size=)``, q/k/v [B, S, H, D]; default ``vidsparse.attention``.
+  text_mask=, block_size=)``, q/k/v [B, S, H, D]; default ``vidsparse.attention``. A layer whose
+  static plan keeps every pair of the call's grid runs the model's own attention instead
+  (``SparseConfig.dense_when_full``; pass ``False`` to have every sparse layer reach it).
 - ``state.discover_layout(transformer, kwargs) -> VideoLayout | None``: the one function
   that reads the layout from the transformer's forward arguments (bound by name); ``None``
   runs that forward dense. Replace it to describe a different (e.g. per-rank) token layout.
