@@ -205,6 +205,14 @@ def _check_cli(rt, out_dir: str) -> dict[str, Any]:
         res["rc"] = main([*args, "--out", path, "--json", os.path.join(out_dir, f"summary{rt.rank}.json"),
                           "--vae-overlap", "4", "--dist-timeout", "300"])  # fmt: skip
         res["rc_mismatch"] = main([*args, "--out", path, "--seed", str(rt.rank)])
+        # Tile at the family defaults keeps every pair of this 5x2x2 grid: with dense_when_full on
+        # (off for the rest of the suite, conftest) those layers run the distributed Dense().
+        os.environ["VIDSPARSE_DENSE_WHEN_FULL"] = "1"
+        try:
+            full = ["generate", "--model", "tiny-random", "--parallel", "clip", "--pattern", "tile", *args[11:]]
+            res["rc_full"] = main([*full, "--out", os.path.join(out_dir, "..", "full.gif")])
+        finally:
+            os.environ["VIDSPARSE_DENSE_WHEN_FULL"] = "0"
     os.sys.stdout = real
     # An option only one rank rejects stops every rank (generate_parallel checks collectively).
     from vidsparse.parallel import generate_parallel

@@ -206,6 +206,10 @@ def test_two_ranks_equal_single_process_and_a_hung_rank_times_out(tmp_path):
     assert "computed pairs over all steps and layers" in cli[0]["stdout"] and "pipeline " in cli[0]["stdout"]
     assert cli[0]["frames"] == 17 and cli[0]["psnr_vs_single"] > 40, cli[0]
     assert cli[0]["files"] == ["summary0.json", "video.gif"]  # --json too is written by rank 0 only
+    # dense_when_full: tile's plan keeps every pair of the whole 5x2x2 video, so its layers ran the
+    # distributed Dense(), and the summary says so as single-process generate does.
+    assert cli[0]["rc_full"] == 0 and cli[1]["rc_full"] == 0
+    assert "(keeps every pair: ran dense)" in cli[0]["stdout"] and "note       layers 0-1" in cli[0]["stdout"]
     assert "rank(s) [1] rejected the options" in cli[0]["invalid"]
     assert "--steps must be a positive integer" in cli[1]["invalid"]
     for c in cli:

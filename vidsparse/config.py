@@ -129,7 +129,7 @@ class SparseConfig:
             at dense cost. ``False`` runs the sparse kernel anyway (to test or time the kernel
             inside a model; ``VIDSPARSE_DENSE_WHEN_FULL=0`` makes ``False`` the default, e.g. for
             ``vidsparse generate``). Dynamic patterns (VMoBA) always run their kernel; vidsparse's
-            clip- and Ulysses-parallel runs keep their distributed kernel.
+            clip- and Ulysses-parallel runs give such layers their distributed dense attention.
     """
 
     pattern: Pattern | str

@@ -285,7 +285,7 @@ def format_summary(result: GenerateResult) -> str:
         full = [d for d in result.densities if d.keeps_every_pair]
         lines.extend(
             f"note       {d.label}: the pattern keeps every query-key pair of this {f}x{gh}x{gw} grid, so "
-            f"{'it' if len(d.layers) == 1 else 'they'} ran the model's own attention: the same result, without "
+            f"{'it' if len(d.layers) == 1 else 'they'} ran dense attention: the same result, without "
             "the sparse kernel's padding work (a window smaller than the grid, or a larger video, runs it sparse)"
             for d in full
         )

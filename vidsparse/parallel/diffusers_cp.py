@@ -214,6 +214,11 @@ class CPAttentionRecorder:
                          block_size=block_size, scale=scale)  # fmt: skip
 
     @property
+    def full_layers(self) -> dict[int, str]:
+        """Layers that ran the model's attention because their plan kept every pair (the state's)."""
+        return self.state.full_layers
+
+    @property
     def used(self) -> dict[int, tuple[Pattern, int | None]]:
         """Layer -> (pattern, block) of its sparse calls; layers that never ran sparse (dense layers, or
         every step dense) ran the model's own attention: ``Dense()``."""

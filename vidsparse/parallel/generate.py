@@ -199,7 +199,10 @@ def generate_parallel(options: Any):
         frames = as_uint8_frames(result.video[0])
         written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
         densities, step_blocks, step_work = _densities(
-            result.patterns, grid, backend_name(config.backend, torch.empty(0, device=runtime.device))
+            result.patterns,
+            grid,
+            backend_name(config.backend, torch.empty(0, device=runtime.device)),
+            result.full_layers,
         )
         summary = dict(shape=frames.shape, out=written, densities=densities, load_s=load_s, call_s=call_s,
                        blocks=run_mean(step_blocks, result.sparse_steps, plan.steps),
@@ -234,10 +237,13 @@ def generate_parallel(options: Any):
     )
 
 
-def _densities(patterns: dict[int, Any], grid: tuple[int, int, int], backend: str) -> tuple[Any, float, float]:
+def _densities(
+    patterns: dict[int, Any], grid: tuple[int, int, int], backend: str, full: dict[int, str] | None = None
+) -> tuple[Any, float, float]:
     """Per layer-group densities and work of the whole-video patterns the run used, as ``generate``
-    reports them (``backend``: the resolved backend, whose kernel path the work counts); and
-    the mean over layers of the kept-block fraction and of the work (dense layers: 1)."""
+    reports them (``backend``: the resolved backend, whose kernel path the work counts; ``full``:
+    layers run dense because their plan kept every pair); and the mean over layers of the
+    kept-block fraction and of the work (dense layers: 1)."""
     import vidsparse as vs
     from vidsparse.density import token_density
     from vidsparse.generation.meter import group_densities
@@ -252,7 +258,7 @@ def _densities(patterns: dict[int, Any], grid: tuple[int, int, int], backend: st
             w = executed_work(p, backend)
             seen[layer] = (repr(pattern), float(p.density), float(token_density(p).mean()), w.computed_fraction, w.path)
     dense = frozenset(layer for layer, (pattern, _) in patterns.items() if pattern.name == "dense")
-    groups = group_densities(max(patterns) + 1 if patterns else 0, dense, seen)
+    groups = group_densities(max(patterns) + 1 if patterns else 0, dense, seen, full)
     n = max(1, sum(len(g.layers) for g in groups))
     blocks = sum(g.block_density * len(g.layers) for g in groups) / n
     work = sum((1.0 if g.work is None else g.work) * len(g.layers) for g in groups) / n

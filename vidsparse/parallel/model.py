@@ -44,6 +44,7 @@ from vidsparse.parallel.partition import FramePartition
 from vidsparse.parallel.runtime import ParallelRuntime
 from vidsparse.parallel.ulysses import ulysses_attention
 from vidsparse.patterns import Dense, Pattern
+from vidsparse.plan import DEFAULT_BLOCK_SIZE
 
 MODES = ("clip", "ulysses")
 
@@ -161,6 +162,10 @@ class ParallelAttention:
         self.ctx, self.state, self.dense_layers = ctx, state, dense_layers
         self.used: dict[int, tuple[Pattern, int | None]] = {}  # layer -> (pattern, block), sparse preferred
         self.sparse_steps: set[int] = set()  # step indices with at least one sparse layer
+        # Layers run as Dense() because their plan kept every pair (SparseConfig.dense_when_full):
+        # layer -> the pattern's repr, for the summary; and the verdict per plan.
+        self.full_layers: dict[int, str] = {}
+        self._full: dict[tuple, bool] = {}
         # The user's schedule decides dense steps; the patched state itself never runs dense.
         self.schedule = SparseState(
             config=user_config,
@@ -178,9 +183,27 @@ class ParallelAttention:
         if layer in self.dense_layers or self.schedule.dense_step(info.step, info.total_steps):
             return Dense(), block
         pattern = self.state.layer_patterns(layout, block)[layer]
+        if self._keeps_every_pair(pattern, layout, block, layer):
+            self.full_layers.setdefault(layer, repr(pattern))
+            return Dense(), block
         if not isinstance(pattern, Dense):
             self.sparse_steps.add(info.step)
         return pattern, block
+
+    def _keeps_every_pair(self, pattern: Pattern, layout: VideoLayout, block: int | None, layer: int) -> bool:
+        """The user's ``dense_when_full``: a static plan that keeps every pair of the whole video runs
+        the distributed Dense() (the same result, none of the plan's padding). Cached per plan."""
+        if not self.schedule.config.dense_when_full or pattern.dynamic or isinstance(pattern, Dense):
+            return False
+        key = (pattern, layout, block, layer if pattern.uses_layer else None)
+        if key not in self._full:
+            from vidsparse.attention import plan
+            from vidsparse.work import keeps_every_pair
+
+            self._full[key] = keeps_every_pair(
+                plan(pattern, layout, layer=layer, block_size=block or DEFAULT_BLOCK_SIZE)
+            )
+        return self._full[key]
 
     def __call__(self, q, k, v, layout, pattern, backend="auto", layer=0, text_mask=None, block_size=None, scale=None):
         whole = self.ctx.layout
@@ -247,8 +270,8 @@ def parallelize(target: Any, config: SparseConfig | Pattern | str, mode: str, ru
                 submodule(transformer, resolve_path(transformer, path))
             )
             registry.register_hook(_GatherHook(ctx, spec), _GATHER_HOOK)
-    # Every step and layer goes through the distributed attention; the user's dense schedule is
-    # applied inside it (ParallelAttention) with Dense().
+    # Every step and layer goes through the distributed attention; the user's dense schedule and
+    # dense_when_full are applied inside it (ParallelAttention) with Dense().
     all_sparse = dataclasses.replace(
         user_cfg, dense_first_steps=0, dense_last_steps=0, dense_layers=(), dense_when_full=False
     )

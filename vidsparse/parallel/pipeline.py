@@ -49,6 +49,9 @@ class ParallelResult:
     sparse_steps: int = 0  # denoising steps with at least one sparse self-attention layer
     decode_bytes: int = 0  # this rank's share of the per-clip decode sent to rank 0 (not in ``comm``)
     audio: Any = None  # rank 0: the pipeline's ``audio`` output (LTX-2), decoded there only; None elsewhere
+    # Layers that ran dense because their plan kept every pair of the video (SparseConfig.dense_when_full):
+    # layer -> the pattern's repr
+    full_layers: dict[int, str] = field(default_factory=dict)
 
     @property
     def bytes_per_step(self) -> float:
@@ -137,6 +140,7 @@ def run_parallel(
         comm["total_bytes"] -= decode_bytes
         fns = [get_state(t).attention_fn for _, t in transformers_of(pipe)]
         patterns = dict(fns[0].used)
+        full_layers = dict(fns[0].full_layers)
         sparse_steps = len(set().union(*(fn.sparse_steps for fn in fns)))
     finally:
         if impl == "diffusers":
@@ -150,7 +154,7 @@ def run_parallel(
         video, audio = None, None
     return ParallelResult(
         video, latents, mode, runtime.world_size, steps, denoise, decode, comm, patterns, sparse_steps, decode_bytes,
-        audio,
+        audio, full_layers,
     )  # fmt: skip
 
 
