@@ -366,15 +366,19 @@ def _lora_adapter() -> tuple[type, ...]:
 # -- parallel ---------------------------------------------------------------------------------
 
 
+def _nabla_call(kwargs: dict[str, Any]) -> bool:
+    """A NABLA checkpoint's call: the pipeline passes ``sparse_params`` (the model's own NABLA mask)."""
+    return kwargs.get("sparse_params") is not None
+
+
 def _own_nabla(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
-    """A NABLA checkpoint's call (``sparse_params``): the model's own attention is NABLA's block mask."""
-    if kwargs.get("sparse_params") is not None:
+    if _nabla_call(kwargs):
         return "a NABLA checkpoint's call (sparse_params): the model's own self-attention is NABLA, not dense"
     return None
 
 
 def _refuse_nabla(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
-    if kwargs.get("sparse_params") is not None:
+    if _nabla_call(kwargs):
         return (
             "a NABLA checkpoint's call (sparse_params): its dense steps and layers run the model's own NABLA "
             "block mask over the whole video on one GPU, which the parallel path, running them as Dense(), "

@@ -163,9 +163,9 @@ class ParallelAttention:
         self.used: dict[int, tuple[Pattern, int | None]] = {}  # layer -> (pattern, block), sparse preferred
         self.sparse_steps: set[int] = set()  # step indices with at least one sparse layer
         # Layers run as Dense() because their plan kept every pair (SparseConfig.dense_when_full):
-        # layer -> the pattern's repr, for the summary; and the verdict per plan.
+        # layer -> the pattern's repr, for the summary; and those layers per (grid, block).
         self.full_layers: dict[int, str] = {}
-        self._full: dict[tuple, bool] = {}
+        self._full: dict[tuple, frozenset[int]] = {}
         # The user's schedule decides dense steps; the patched state itself never runs dense.
         self.schedule = SparseState(
             config=user_config,
@@ -182,27 +182,26 @@ class ParallelAttention:
         block = self.state.config.block_size or auto_block_size(layout)
         if layer in self.dense_layers or self.schedule.dense_step(info.step, info.total_steps):
             return Dense(), block
-        pattern = self.state.layer_patterns(layout, block)[layer]
-        if self._keeps_every_pair(pattern, layout, block, layer):
+        patterns = self.state.layer_patterns(layout, block)
+        pattern = patterns[layer]
+        if isinstance(pattern, Dense):
+            return pattern, block
+        if layer in self._full_layers_of(patterns, layout, block):
             self.full_layers.setdefault(layer, repr(pattern))
             return Dense(), block
-        if not isinstance(pattern, Dense):
-            self.sparse_steps.add(info.step)
+        self.sparse_steps.add(info.step)
         return pattern, block
 
-    def _keeps_every_pair(self, pattern: Pattern, layout: VideoLayout, block: int | None, layer: int) -> bool:
-        """The user's ``dense_when_full``: a static plan that keeps every pair of the whole video runs
-        the distributed Dense() (the same result, none of the plan's padding). Cached per plan."""
-        if not self.schedule.config.dense_when_full or pattern.dynamic or isinstance(pattern, Dense):
-            return False
-        key = (pattern, layout, block, layer if pattern.uses_layer else None)
+    def _full_layers_of(self, patterns, layout: VideoLayout, block: int | None) -> frozenset[int]:
+        """The user's ``dense_when_full``: layers whose static plan keeps every pair of the whole video
+        run the distributed Dense() (the same result, none of the plan's padding). Once per grid."""
+        if not self.schedule.config.dense_when_full:
+            return frozenset()
+        key = (layout, block)
         if key not in self._full:
-            from vidsparse.attention import plan
-            from vidsparse.work import keeps_every_pair
+            from vidsparse.pipelines.hooks import layers_keeping_every_pair
 
-            self._full[key] = keeps_every_pair(
-                plan(pattern, layout, layer=layer, block_size=block or DEFAULT_BLOCK_SIZE)
-            )
+            self._full[key] = layers_keeping_every_pair(patterns, layout, block or DEFAULT_BLOCK_SIZE)
         return self._full[key]
 
     def __call__(self, q, k, v, layout, pattern, backend="auto", layer=0, text_mask=None, block_size=None, scale=None):

@@ -433,26 +433,12 @@ class SparseState:
         if not self.config.dense_when_full or (own_sparse is not None and own_sparse(transformer, kwargs)):
             return {}
         layers = self._full.get_or_build(
-            (layout, block, str(device)), lambda: self._full_plan_layers(transformer, layout, patterns, block, device)
+            (layout, block, str(device)),
+            lambda: layers_keeping_every_pair(patterns, layout, block, device, self.plan_heads(transformer) or 1),
         )
         for layer in layers:
             self.full_layers.setdefault(layer, repr(patterns[layer]))
         return {layer: patterns[layer] for layer in layers}
-
-    def _full_plan_layers(self, transformer, layout, patterns, block, device) -> frozenset[int]:
-        heads = self.plan_heads(transformer) or 1
-        verdict: dict[tuple, bool] = {}
-        full = set()
-        for layer, pattern in enumerate(patterns):
-            if pattern is None or pattern.dynamic:
-                continue
-            key = (pattern, layer if pattern.uses_layer else None)
-            if key not in verdict:
-                p = _vidsparse_plan(pattern, layout, num_heads=heads, layer=layer, device=device, block_size=block)
-                verdict[key] = keeps_every_pair(p)
-            if verdict[key]:
-                full.add(layer)
-        return frozenset(full)
 
     def plan_heads(self, transformer: torch.nn.Module) -> int | None:
         """The heads each patched self-attention call sees (the plans' ``num_heads``): the model's
@@ -635,6 +621,31 @@ class VidsparseHook(ModelHook):
         self.state.current = None
         self.state.runs += 1
         return module
+
+
+def layers_keeping_every_pair(
+    patterns: tuple[Pattern | None, ...],
+    layout: VideoLayout,
+    block: int,
+    device: torch.device | str = "cpu",
+    num_heads: int = 1,
+) -> frozenset[int]:
+    """The layers whose static pattern's plan on ``layout`` keeps every query-key pair
+    (``vidsparse.work.keeps_every_pair``), one verdict per distinct plan; ``None`` and dynamic
+    patterns never count. ``SparseConfig.dense_when_full`` of a single-process forward
+    (``SparseState.full_plan_layers``) and of a parallel run (``parallel.model.ParallelAttention``)."""
+    verdict: dict[tuple, bool] = {}
+    full = set()
+    for layer, pattern in enumerate(patterns):
+        if pattern is None or pattern.dynamic:
+            continue
+        key = (pattern, layer if pattern.uses_layer else None)
+        if key not in verdict:
+            p = _vidsparse_plan(pattern, layout, num_heads=num_heads, layer=layer, device=device, block_size=block)
+            verdict[key] = keeps_every_pair(p)
+        if verdict[key]:
+            full.add(layer)
+    return frozenset(full)
 
 
 def accepts_kernel_order(attention_fn: Callable[..., torch.Tensor]) -> bool:
