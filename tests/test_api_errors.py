@@ -100,3 +100,60 @@ def test_nan_input_shows_in_the_rows_that_attend_it(backend, where):
     else:  # a masked value still meets 0 * NaN inside a computed block, as in SDPA with a mask
         assert nan_rows[sees].all()
     assert torch.isfinite(out[0, :, 1]).all()  # the other head has no NaN
+
+
+@pytest.mark.parametrize("block_size", [48, 16.0, 0])
+def test_a_bad_call_block_size_is_named_as_the_calls_not_the_patterns(block_size):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"^block_size must be a power of two \(e.g. 64 or 128\), got"):
+        vs.attention(q, k, v, LAYOUT, "radial", backend="torch", block_size=block_size)
+
+
+def test_radial_by_name_runs_at_a_kernel_block_below_its_own_smallest():
+    q, k, v = _qkv()  # Radial's block is at least 16; the torch backend plans block 8
+    out = vs.attention(q, k, v, LAYOUT, "radial", backend="torch", block_size=8)
+    assert torch.allclose(out, _masked_sdpa(q, k, v, vs.token_mask("radial", LAYOUT, block_size=8)), atol=1e-5)
+
+
+def _masked_sdpa(q, k, v, mask):
+    """SDPA restricted to a bool [heads or 1, S, S] mask, in [B, S, H, D]."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("pattern", ["radial", vs.VMoBA(granularity="tile"), "tile"])
+def test_token_mask_of_a_name_is_the_mask_attention_runs(pattern):
+    # attention's default block is the backend's (128); token_mask's default used to be 16, and a
+    # name's fitted defaults (Radial's block, VMoBA's tiles) follow the block.
+    layout = vs.VideoLayout(8, 5, 7)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 16) for _ in range(3))
+    out = vs.attention(q, k, v, layout, pattern, backend="torch")
+    assert torch.allclose(out, _masked_sdpa(q, k, v, vs.token_mask(pattern, layout, q=q, k=k)), atol=1e-5)
+
+
+def test_kernel_order_input_prepared_with_plan_of_the_same_name():
+    layout = vs.VideoLayout(8, 5, 7)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 16) for _ in range(3))
+    order = vs.plan("radial", layout, num_heads=2).order
+    out = vs.attention(*(order.to_kernel(t) for t in (q, k, v)), layout, "radial", backend="torch", kernel_order=True)
+    expected = vs.attention(q, k, v, layout, "radial", backend="torch")
+    assert torch.allclose(order.to_caller(out), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cast,exc,match",
+    [
+        (lambda q, k, v: (q, k.half(), v), TypeError, "must share a dtype"),
+        (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "must be a floating tensor"),
+        (lambda q, k, v: (q, k, v[:, :-1]), ValueError, "same shape"),
+    ],
+)
+def test_kernel_order_inputs_are_checked_like_caller_order_ones(cast, exc, match):
+    pattern = vs.Radial(block_size=16)
+    order = vs.plan(pattern, LAYOUT, num_heads=2).order
+    q, k, v = (order.to_kernel(t) for t in _qkv())
+    for backend in ("torch", "flex"):
+        with pytest.raises(exc, match=match):
+            vs.attention(*cast(q, k, v), LAYOUT, pattern, backend=backend, kernel_order=True)

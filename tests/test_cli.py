@@ -167,6 +167,12 @@ def test_generate_in_process_gif_and_json(tmp_path, capsys):
     assert summary["steps"] == 2 and len(summary["step_times_s"]) == 2
     covered = sorted(layer for d in summary["densities"] for layer in d["layers"])
     assert covered == [0, 1]  # the tiny transformer has two layers
+    # Enough to run it again: the options as given and what they resolved to.
+    asked, resolved = summary["settings"]["options"], summary["settings"]["resolved"]
+    assert asked["prompt"] == GenerateOptions().prompt and asked["seed"] == 0 and asked["pattern"] == "tile"
+    assert asked["model"] == "tiny-random" and asked["steps"] == 2 and "progress" not in asked
+    assert resolved["guidance"] == 5.0 and resolved["dtype"] == "float32" and resolved["device"] == "cpu"
+    assert resolved["sparse_config"].startswith("SparseConfig(pattern='tile'")
 
 
 def test_prompt_and_seed_determine_the_video():
@@ -334,8 +340,11 @@ def test_lora_is_loaded_and_a_mismatched_one_is_refused(tmp_path, capsys):
         str(bad),
     )
     assert main(["generate", *SMALL, "--lora", str(bad), "--out", str(tmp_path / "v.mp4")]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # diffusers logs its own error lines before ours
-    assert last.startswith("vidsparse generate: error: --lora") and "does not match" in last
+    err = capsys.readouterr().err.strip().splitlines()
+    # Refused from the file's header before diffusers' loader, which would log a size error per layer first.
+    assert len(err) == 1, err
+    assert err[0].startswith("vidsparse generate: error: --lora") and "other layer sizes" in err[0]
+    assert "lora_A.weight is [4, 999]" in err[0] and "to_q has 16" in err[0]
     assert not (tmp_path / "v.mp4").exists()
 
 
@@ -426,3 +435,74 @@ def test_transformer_benchmark_refuses_without_cuda(capsys):
         pytest.skip("a CUDA GPU is present: the refusal path does not apply")
     assert load_script("transformer").main(["--models", "wan-1.3b"]) == 2
     assert "--quick" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error,says",
+    [
+        (
+            OSError(28, "No space left on device", "out/v.mp4"),
+            "no space left on device writing out/v.mp4. Nothing partial",
+        ),
+        (OSError(122, "Disk quota exceeded", "out/v.gif"), "disk quota exceeded writing out/v.gif"),
+        (MemoryError(), "out of memory (MemoryError). Try fewer frames"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                "allocate 16515334144 bytes"
+            ),
+            "out of memory ([enforce fail at alloc_cpu.cpp:127]",
+        ),
+        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of memory (CUDA out of memory"),
+    ],
+)
+def test_a_full_disk_or_exhausted_memory_is_one_line_and_status_1(monkeypatch, capsys, error, says):
+    from vidsparse import generate_cli
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(generate_cli, "run", run)
+    assert main(["generate", *SMALL]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vidsparse generate: error: ") and says in err[0], err
+
+
+def test_any_other_runtime_error_keeps_its_traceback(monkeypatch):
+    from vidsparse import generate_cli
+
+    monkeypatch.setattr(generate_cli, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["generate", *SMALL])
+
+
+@pytest.mark.parametrize(
+    "model,hint",
+    [("tiny-hunyan", "Did you mean 'tiny-hunyuan'?"), ("Tiny", "Did you mean 'tiny'?"),
+     ("TINY-RANDOM", "Did you mean 'tiny-random'?"), ("tiny-nothing-like-it", None)],
+)  # fmt: skip
+def test_a_near_miss_of_a_tiny_model_name_gets_a_suggestion(capsys, tmp_path, model, hint):
+    assert main(["generate", "--model", model, "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert (hint in err) if hint else ("Did you mean" not in err), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_training_checkpoint_given_as_lora_points_at_the_exported_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    folder = run / "checkpoint-00000006"
+    folder.mkdir(parents=True)
+    save_file({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 16)}, str(folder / "lora.safetensors"))
+    (folder / "state.json").write_text('{"step": 6}')
+    for given in (folder, folder / "lora.safetensors"):
+        assert main(["generate", *SMALL, "--lora", str(given), "--out", str(tmp_path / "v.mp4")]) == 2
+        err = capsys.readouterr().err
+        assert "is a train-lora checkpoint (training state for --resume), not a LoRA" in err
+        assert "finish the run with train-lora's --resume" in err  # nothing exported yet
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 16)},
+              str(run / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    assert main(["generate", *SMALL, "--lora", str(folder), "--out", str(tmp_path / "v.mp4")]) == 2
+    assert f"pass the run's exported LoRA, '{run / 'pytorch_lora_weights.safetensors'}'" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

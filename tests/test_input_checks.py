@@ -497,6 +497,10 @@ def test_unrecognized_directly():
     assert unrecognized(["yes"], ["--quick", "yes"], parser) == (
         "unrecognized arguments: yes; --quick is a switch and takes no value"
     )
+    # the --no- switch itself: no "(--no-sink turns it off)" pointing at the flag just given
+    assert unrecognized(["x"], ["--no-sink", "x"], parser) == (
+        "unrecognized arguments: x; --no-sink is a switch and takes no value"
+    )
     assert unrecognized(["--zzz"], ["--zzz"], parser) == "unrecognized arguments: --zzz"
 
 
@@ -607,6 +611,8 @@ def test_generate_cli_refuses_what_it_would_ignore_or_lose(capsys, tmp_path):
     video = tmp_path / "v.mp4"
     cases = [
         (["--pattern", "dense", "--dense-layers", "0"], "--pattern dense runs dense everywhere"),
+        (["--pattern", "dense", "--backend", "flex"], "--backend choose how a sparse pattern's kernel runs"),
+        (["--pattern", "dense", "--block-size", "32"], "--pattern dense runs the model's own attention"),
         (["--lora-scale", "0.5"], "pass --lora too"),
         (["--strength", "0.5"], "--strength applies to --freeswim"),
         (["--seed", str(2**64)], "torch.Generator's range"),

@@ -46,6 +46,17 @@ def test_inspect_video_uses_family_factors_and_text_span(tmp_path, capsys):
     assert _is_png(png)
 
 
+@pytest.mark.parametrize(
+    "text_len,origin",
+    [([], "(grid 8x8x8, cogvideox text span)"), (["--text-len", "7"], "(grid 8x8x8, 7 text tokens)"),
+     (["--text-len", "0"], "(grid 8x8x8)")],
+)  # fmt: skip
+def test_inspect_grid_names_the_text_span_it_really_has(capsys, text_len, origin):
+    argv = ["inspect", "--pattern", "radial", "--grid", "8x8x8", "--family", "cogvideox", "--no-plot", *text_len]
+    assert main(argv) == 0
+    assert origin in capsys.readouterr().out
+
+
 def test_inspect_bad_inputs_exit_2(tmp_path, capsys):
     base = ["inspect", "--pattern", "radial", "--out", str(tmp_path / "x.png")]
     cases = [

@@ -292,10 +292,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save(6)
     monkeypatch.setattr(ckpt, "torch_save", real)
+    assert not list(tmp_path.glob(".tmp-*"))  # a failed save removes its incomplete folder at once
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
     assert ckpt.resolve_resume("latest", tmp_path) == good
     assert {p.name: p.read_bytes() for p in good.iterdir()} == good_bytes
-    # the next save cleans the interrupted temp folder; keep=2 prunes the oldest
+    # the next save cleans a temp folder a killed save left; keep=2 prunes the oldest
+    (tmp_path / ".tmp-checkpoint-00000005").mkdir()
     save(6)
     save(9)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6, 9]

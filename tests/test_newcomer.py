@@ -217,15 +217,17 @@ def test_generate_reports_the_lora_and_what_it_was_trained_for(tiny_lora, recwar
     result = generate(GenerateOptions(lora=str(folder), lora_scale=0.5, **{**SMALL_OPTS, "steps": 1}))
     assert result.lora is not None and result.lora.path == str(folder) and result.lora.scale == 0.5
     assert result.lora.trained_for["num_frames"] == 17
+    # Its record says --model tiny (this run: tiny-random, whose layer sizes it has, so it loads);
     # 9 frames of 48x32 here, 17 frames of 48x48 in training; the pattern matches.
-    assert len(result.lora.warnings) == 1 and "frames 17 (this run: 9)" in result.lora.warnings[0]
-    assert "height 48 (this run: 32)" in result.lora.warnings[0]
+    model, size = result.lora.warnings
+    assert model.startswith("the LoRA was trained on --model tiny (this run: tiny-random)")
+    assert "frames 17 (this run: 9)" in size and "height 48 (this run: 32)" in size
     assert any("--lora" in str(w.message) for w in recwarn.list)  # said before the work, too
     text = format_summary(result)
-    assert f"lora       {folder} (scale 0.5); trained for 17 frames of 48x48, pattern radial{{}}" in text
+    assert f"lora       {folder} (scale 0.5); trained for 17 frames of 48x48, pattern radial, on tiny" in text
     assert "warning    the LoRA was trained for" in text
     data = result.to_json()["lora"]
-    assert data["path"] == str(folder) and data["trained_for"]["width"] == 48 and len(data["warnings"]) == 1
+    assert data["path"] == str(folder) and data["trained_for"]["width"] == 48 and len(data["warnings"]) == 2
 
 
 def test_lora_without_vidsparse_json_says_so(tiny_lora, tmp_path):

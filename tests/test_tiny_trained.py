@@ -68,6 +68,31 @@ def test_tokenizer_has_one_token_per_word_and_no_unknowns_for_the_grammar():
     assert unk in tok("a red zebra").input_ids
 
 
+@pytest.mark.parametrize(
+    "prompt,says",
+    [
+        ("a red ball bouncing", None),
+        ("A blue square, moving left on a striped background", None),
+        ("a purple elephant flying", "does not know 'purple', 'elephant', 'flying'; it names no colour"),
+        ("a red ball", "it names no motion of the synthetic world"),
+        ("", "it names no colour"),
+        ("a red ball bouncing happily", "does not know 'happily'."),
+    ],
+)
+def test_a_prompt_outside_the_tiny_world_is_named_before_the_run(prompt, says):
+    from vidsparse.generation import GenerateOptions, prepare
+    from vidsparse.models.tiny_text import UNK, build_tokenizer
+
+    note = prepare(GenerateOptions(prompt=prompt, progress=False)).prompt_note
+    assert note is None if says is None else says in note, note
+    if says and "does not know" in says:  # exactly the words its tokenizer maps to the unknown token
+        tok = build_tokenizer()
+        unknown = [w for w in prompt.split() if tok.convert_tokens_to_ids(w) == tok.convert_tokens_to_ids(UNK)]
+        assert says.split(";")[0].removesuffix(".") == "does not know " + ", ".join(repr(w) for w in unknown)
+    # only the trained model reads words: the random-init pipelines make noise for any prompt
+    assert prepare(GenerateOptions(model="tiny-random", prompt=prompt, progress=False)).prompt_note is None
+
+
 # -- the training script ----------------------------------------------------------------------
 
 

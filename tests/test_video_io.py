@@ -116,3 +116,60 @@ def test_psnr():
     assert psnr(a, b) == pytest.approx(20 * np.log10(255.0))
     with pytest.raises(ValueError, match="same shape"):
         psnr(a, a[:1])
+
+
+def _fake_ffmpeg(tmp_path, monkeypatch, stderr: str, code: int):
+    """An ffmpeg that reads its stdin, writes half a file to its output and exits with ``code``."""
+    import imageio_ffmpeg
+
+    exe = tmp_path / "fake-ffmpeg"
+    exe.write_text(
+        f'#!/bin/sh\ncat > /dev/null\nfor last; do :; done\nprintf half > "$last"\necho "{stderr}" >&2\nexit {code}\n'
+    )
+    exe.chmod(0o755)
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(exe))
+
+
+def test_mp4_write_that_ffmpeg_fails_raises_and_keeps_the_old_file(tmp_path, monkeypatch):
+    # imageio's writer ignored ffmpeg's exit status: on a full disk a truncated file took the output's place.
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "v.mp4"
+    dest.write_bytes(b"the previous video")
+    _fake_ffmpeg(tmp_path, monkeypatch, "[out#0/mp4 @ 0x5] Error closing file: No space left on device", 1)
+    with pytest.raises(OSError) as info:
+        write_video(dest, np.zeros((2, 4, 4, 3), np.uint8))
+    import errno
+
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(dest)
+    assert info.value.strerror == "ffmpeg: Error closing file: No space left on device"
+    assert dest.read_bytes() == b"the previous video" and sorted(os.listdir(out)) == ["v.mp4"]
+
+    _fake_ffmpeg(tmp_path, monkeypatch, "Unknown encoder 'libx264'", 8)
+    with pytest.raises(OSError, match=r"ffmpeg could not write the video \(Unknown encoder 'libx264'\)"):
+        write_video(dest, np.zeros((2, 4, 4, 3), np.uint8))
+    assert dest.read_bytes() == b"the previous video" and sorted(os.listdir(out)) == ["v.mp4"]
+
+
+def test_mp4_keeps_a_fractional_frame_rate(tmp_path):
+    out = write_video(tmp_path / "v.mp4", _smooth_video(t=3), fps=12.5)
+    assert imageio.get_reader(out).get_meta_data()["fps"] == pytest.approx(12.5)
+
+
+def test_atomic_write_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    # torch.save reports a full disk as "RuntimeError: ... unexpected pos"; the atomic writer names it.
+    import errno
+
+    from vidsparse import atomic
+
+    monkeypatch.setattr(atomic, "_disk_full", lambda directory: True)
+    dest = tmp_path / "state.pt"
+    with pytest.raises(OSError) as info, atomic.atomic_path(dest) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(dest)
+    assert "unexpected pos 128 vs 0" in info.value.strerror
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(atomic, "_disk_full", lambda directory: False)  # any other error passes unchanged
+    with pytest.raises(RuntimeError, match="a bug"), atomic.atomic_path(dest) as tmp:
+        raise RuntimeError("a bug")

@@ -10,12 +10,15 @@ training state (:mod:`vidsparse.lora.atomic`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from vidsparse.errors import brief
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -54,10 +57,24 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = not isinstance(exc, OSError) and isinstance(exc, Exception) and _disk_full(dest.parent)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if full:  # writers such as torch.save report a full disk as a RuntimeError about file positions
+            raise OSError(errno.ENOSPC, f"{type(exc).__name__}: {brief(exc, 1)}", str(dest)) from exc
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename != str(dest):
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc  # name the file meant, not its temp file
         raise
+
+
+def _disk_full(directory: Path) -> bool:
+    """Whether the filesystem holding ``directory`` has (almost) no space left for an unprivileged write."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs (Windows) or the folder is gone
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def write_text(dest: str | os.PathLike, text: str) -> None:

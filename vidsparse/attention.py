@@ -58,18 +58,23 @@ def plan(
     device: torch.device | str = "cpu",
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> BlockSparsePlan:
     """The block-sparse plan of a pattern on a layout.
 
+    ``block_size``: the kernel block; ``None`` is 128, what ``vidsparse.attention`` plans with
+    by default, and a pattern name is fitted as ``attention`` fits it for the same
+    ``block_size``, so ``plan(name, layout).order.to_kernel`` prepares its ``kernel_order`` input.
     Static plans are cached by value (pattern, layout, heads, layer if the pattern uses it,
     block size, device); dynamic patterns (VMoBA) need ``q`` and ``k`` [B, S, H, D] and are
     planned per call.
     """
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
-    _check_block_size(block_size)
+    if block_size is not None:
+        _check_block_size(block_size)
     pattern = _as_pattern(pattern, layout, block_size)
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     _check_layer(layer)
     if isinstance(num_heads, bool) or (type(num_heads) is int and num_heads < 1):  # a SymInt (compile) passes
         raise ValueError(f"num_heads must be an int >= 1 (the attention heads the plan is for), got {num_heads!r}.")
@@ -133,14 +138,20 @@ def token_mask(
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
     layer: int = 0,
-    block_size: int = 16,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """The reference semantics: bool [heads or 1, S, S] in natural token order.
 
     True where query i may attend key j (text padding, given at call time, is not part
     of it). For dynamic patterns with a batch of several samples the result is
-    [B, heads, S, S]. Materialises S x S: for small grids and tests.
+    [B, heads, S, S]. Materialises S x S: for small grids and tests. ``block_size`` as in
+    ``plan``: with the same value (``None`` included) it is the mask ``attention`` runs, for a
+    pattern name too (whose fitted defaults may depend on it, as VMoBA's tile granularity does).
     """
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
+    if block_size is not None:
+        _check_block_size(block_size)
     pattern = _as_pattern(pattern, layout, block_size)
     num_heads = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 1
     p = plan(
@@ -188,6 +199,13 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _check_inputs(q, k, v, layout: VideoLayout, text_mask) -> None:
+    _check_tensors(q, k, v)
+    _check_bshd("q, k, v", q, layout)
+    _check_text_mask(text_mask, q.shape[0], layout)
+
+
+def _check_tensors(q, k, v) -> None:
+    """q, k, v are 4-D floating tensors of one shape, dtype and device (any sequence length)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, S, H, D], got {type(t).__name__}.")
@@ -209,8 +227,6 @@ def _check_inputs(q, k, v, layout: VideoLayout, text_mask) -> None:
             raise ValueError(
                 f"q, k, v [B, S, H, D] must have every dimension >= 1, got {dim}={size} (shape {tuple(q.shape)})."
             )
-    _check_bshd("q, k, v", q, layout)
-    _check_text_mask(text_mask, q.shape[0], layout)
 
 
 def _check_bshd(name: str, t: Any, layout: VideoLayout) -> None:
@@ -301,11 +317,11 @@ def attention(
     """
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
+    _check_call_options(scale, block_size)  # before a name is fitted: a bad block_size is the call's, not the pattern's
     pattern = _as_pattern(pattern, layout, block_size)
     if kernel_order:
         return _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask, scale, block_size)
     _check_inputs(q, k, v, layout, text_mask)
-    _check_call_options(scale, block_size)
     chosen = backend_for(backend, q)
     if backend != AUTO:
         _raise_if_cannot_run(chosen, q, k, v)
@@ -339,12 +355,12 @@ def _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask,
         raise ValueError(
             f"{type(pattern).__name__} plans from caller-order q and k; call vidsparse.attention without kernel_order."
         )
-    _check_call_options(scale, block_size)
+    _check_tensors(q, k, v)
     chosen = backend_for(backend, q)
     _raise_if_cannot_run(chosen, q, k, v)
     bs = chosen.default_block if block_size is None else block_size
     p = plan(pattern, layout, num_heads=q.shape[2], layer=layer, device=q.device, block_size=bs)
-    if q.dim() != 4 or q.shape[1] != p.padded_len or q.shape != k.shape or k.shape != v.shape:
+    if q.shape[1] != p.padded_len:
         raise ValueError(
             f"kernel_order=True takes q, k, v [B, S_pad, H, D] with S_pad = {p.padded_len} (the plan's kernel "
             f"sequence for {layout}, block {bs}); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}. "

@@ -163,7 +163,7 @@ def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="fewer shapes, densities and repeats (the only mode on CPU)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of inputs and random block plans")
+    parser.add_argument("--seed", type=int, default=0, help="seed of inputs and random block plans (default 0)")
 
 
 def _default_out_dir() -> Path:

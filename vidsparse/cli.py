@@ -5,7 +5,8 @@ docstring (first line: the summary in ``vidsparse --help``; the whole: the descr
 ``vidsparse <command> --help``). Modules are imported only when their command runs, so
 ``vidsparse --help`` stays fast and a subcommand whose module is missing or broken does not
 take the others down. User errors (``ValueError``/``TypeError`` from vidsparse's validation)
-print one clear message and exit with status 2; ``--debug`` shows the traceback.
+print one clear message and exit with status 2; a full disk or exhausted memory one line and
+status 1; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from vidsparse.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from vidsparse.errors import EXIT_INTERRUPTED, EXIT_RESOURCE, EXIT_USER_ERROR, UserError, resource_failure
 
 # command -> module. Order is the order in ``vidsparse --help``.
 COMMANDS: dict[str, str] = {
@@ -123,7 +124,8 @@ def unrecognized(extra: Sequence[str], argv: Sequence[str], parser: argparse.Arg
             off = next((o for o in action.option_strings if o.startswith("--no-")), None)
             if off is None and "--no-" + before.removeprefix("--") in actions:
                 off = "--no-" + before.removeprefix("--")
-            notes.append(f"{before} is a switch and takes no value" + (f" ({off} turns it off)" if off else ""))
+            hint = f" ({off} turns it off)" if off and off != before else ""  # not for the --no- switch itself
+            notes.append(f"{before} is a switch and takes no value{hint}")
     return f"unrecognized arguments: {' '.join(extra)}" + ("; " + "; ".join(notes) if notes else "")
 
 
@@ -276,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = in_flag_terms(str(exc), where, args) if where is not None else str(exc)
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (OSError, RuntimeError, MemoryError) as exc:  # a full disk or exhausted memory: one line, status 1
+        reason = resource_failure(exc)
+        if reason is None or debug:
+            raise
+        print(f"vidsparse {command or ''}".rstrip() + f": error: {reason}", file=sys.stderr)
+        return EXIT_RESOURCE
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
     finally:

@@ -180,7 +180,10 @@ class SparseConfig:
             raise ValueError(f"SparseConfig.backend must be one of {backend_choices()}, got {self.backend!r}.")
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1)):
-            raise ValueError(f"SparseConfig.block_size must be None or a power of two (e.g. 64, 128), got {b!r}.")
+            raise ValueError(
+                f"SparseConfig.block_size must be a power of two (e.g. 64, 128), got {b!r}; leave it unset for the "
+                "block that fits the grid."
+            )
         n = self.num_inference_steps
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"SparseConfig.num_inference_steps must be None or an int >= 1, got {n!r}.")

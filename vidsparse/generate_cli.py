@@ -185,7 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output video, .mp4 or .gif; written only once complete (default outputs/video.mp4)",
     )
     run_group = parser.add_argument_group("execution")
-    run_group.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:N")
+    run_group.add_argument(
+        "--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:N (default auto)"
+    )
     run_group.add_argument(
         "--dtype",
         default="auto",
@@ -204,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         default="auto",
         choices=backend_choices(),
-        help="sparse attention kernel: auto (triton on CUDA, torch on CPU), torch, flex or triton",
+        help="sparse attention kernel: auto (triton on CUDA, torch on CPU), torch, flex or triton (default auto)",
     )
     run_group.add_argument(
         "--block-size",
@@ -217,7 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--parallel",
         default="none",
         choices=PARALLEL_MODES,
-        help="multi-GPU mode: none, clip (Video-Infinity clip parallelism) or ulysses (sequence parallel heads)",
+        help="multi-GPU mode: none, clip (Video-Infinity clip parallelism) or ulysses (sequence parallel heads) "
+        "(default none)",
     )
     run_group.add_argument(
         "--vae-overlap",
@@ -281,8 +284,9 @@ def _freeswim_settings(args: argparse.Namespace) -> dict | None:
 
 
 def _check_dense_schedule_flags(args: argparse.Namespace, pattern: str) -> None:
-    """--dense-* flags choose where a sparse pattern runs dense: given with --pattern dense they would
-    be silently ignored. (Library callers may keep them when swapping in dense for a baseline.)"""
+    """--dense-* flags choose where a sparse pattern runs dense, --backend / --block-size how its kernel
+    runs (on one device): given with --pattern dense they would be silently ignored. (Library callers may keep them
+    when swapping in dense for a baseline.)"""
     if pattern.strip().lower() != "dense":
         return
     given = [
@@ -298,6 +302,14 @@ def _check_dense_schedule_flags(args: argparse.Namespace, pattern: str) -> None:
         raise UserError(
             f"{', '.join(given)} choose where a sparse pattern runs dense, and --pattern dense runs dense "
             "everywhere; pick a sparse --pattern or drop them."
+        )
+    kernel = [
+        flag for flag, given in (("--backend", args.backend != "auto"), ("--block-size", args.block_size)) if given
+    ]
+    if kernel and args.parallel == "none":  # a parallel dense run is vidsparse's distributed Dense(): they apply
+        raise UserError(
+            f"{' and '.join(kernel)} choose how a sparse pattern's kernel runs, and --pattern dense runs the model's "
+            "own attention; pick a sparse --pattern or drop them."
         )
 
 

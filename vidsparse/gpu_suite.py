@@ -858,7 +858,7 @@ def stage_step(ctx: Ctx) -> dict[str, Any]:
                 vs.remove(model)
             ctx.add(case)
             ctx.log(f"  step {label}: {case.get('forward_ms', float('nan')):.1f} ms/forward, "
-                    f"dense {dense_ms:.1f}")  # fmt: skip
+                    f"dense {dense_ms:.1f} ms/forward")  # fmt: skip
     model = inputs = None
     _free(ctx.device)
     return {"pass": ok}

@@ -214,7 +214,7 @@ def _layout_from_args(args) -> tuple[Any, str]:
     text_len, text_pos = (fam.text_len, fam.text_position) if fam is not None else (0, "none")
     if args.grid is not None:
         f, h, w = parse_triple(args.grid, "--grid", "21x30x52")
-        origin = f"grid {f}x{h}x{w}" + (f", {fam.name} text span" if fam is not None and fam.text_len else "")
+        origin = f"grid {f}x{h}x{w}"
     else:
         fam = fam or video_geometry("wan")
         frames, height, width = parse_triple(args.video, "--video", "81x480x832")
@@ -234,6 +234,8 @@ def _layout_from_args(args) -> tuple[Any, str]:
         text_pos = "none"
     elif text_pos == "none":
         text_pos = "after"
+    if args.grid is not None and fam is not None and text_len:  # the span the layout really has, not the family's
+        origin += f", {fam.name} text span" if text_len == fam.text_len else f", {text_len} text tokens"
     return VideoLayout(f, h, w, text_len=text_len, text_position=text_pos), origin
 
 

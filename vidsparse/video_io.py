@@ -9,7 +9,10 @@ presses Ctrl-C, the temporary file is removed and an existing file is left untou
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,24 +177,50 @@ def _even(video: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(tmp: Path, video: np.ndarray, fps: float, quality: int) -> None:
-    import imageio.v2 as imageio
+    """H.264 through the ffmpeg that imageio-ffmpeg ships, fed raw RGB frames on stdin.
 
-    writer = imageio.get_writer(
-        str(tmp),
-        format="FFMPEG",
-        mode="I",
-        fps=fps,
-        codec="libx264",
-        quality=quality,
-        pixelformat="yuv420p",
-        macro_block_size=1,
-        ffmpeg_log_level="error",
-    )
-    try:
-        for frame in _even(video):
-            writer.append_data(frame)
-    finally:
-        writer.close()
+    Run here rather than through imageio's writer, which ignores ffmpeg's exit status: on a full
+    disk it left a truncated file that was then moved over the output as if it were complete.
+    Here a failed encode raises (OSError naming the reason) and ``atomic_path`` removes the file.
+    """
+    import subprocess
+    from fractions import Fraction
+
+    import imageio_ffmpeg
+
+    video = _even(video)
+    t, h, w, _ = video.shape
+    crf = int((1 - quality / 10.0) * 51)  # imageio's quality scale (0-10, 10 best) as x264's CRF
+    rate = Fraction(fps).limit_denominator()
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
+        "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", str(rate),
+        "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), str(tmp),
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: ffmpeg never blocks on its stderr
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            try:
+                for frame in video:
+                    proc.stdin.write(frame.tobytes())
+            except BrokenPipeError:  # ffmpeg stopped early: its exit status and stderr say why
+                pass
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or an error here: do not leave ffmpeg running
+            proc.kill()
+            proc.wait()
+            raise
+        if code != 0:
+            err.seek(0)
+            reason = err.read().decode(errors="replace").strip().splitlines()
+            # the last line, without ffmpeg's "[out#0/mp4 @ 0x...]" source tag
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", reason[-1]) if reason else f"exit status {code}"
+            if "No space left" in detail or "Disk quota" in detail:
+                raise OSError(errno.ENOSPC, f"ffmpeg: {detail}")
+            raise OSError(f"ffmpeg could not write the video ({detail}).")
 
 
 def _write_gif(tmp: Path, video: np.ndarray, fps: float) -> None:

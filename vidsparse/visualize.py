@@ -233,9 +233,10 @@ def plot_plan(
             fontsize=9,
         )
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=7, frameon=False)
-    if title:
-        wrapped = "\n".join(textwrap.fill(line, 110) for line in title.splitlines())
-        left.suptitle(wrapped, fontsize=9)
+    if title:  # above the block matrix's own title, in the same text: constrained layout then
+        # reserves room for every line (a multi-line suptitle of a subfigure overlapped it)
+        wrapped = "\n".join(textwrap.fill(line, 100) for line in title.splitlines())
+        ax.set_title(f"{wrapped}\n\n{ax.get_title()}", fontsize=9)
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(p) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")

@@ -47,8 +47,8 @@ def add_freeswim_arguments(parser: argparse.ArgumentParser) -> None:
         "--freeswim-scale",
         default="freeswim",
         metavar="freeswim|default|FLOAT",
-        help="self-attention softmax scale: the reference's entropy factor (default), the model's 1/sqrt(d), "
-        "or FLOAT x 1/sqrt(d)",
+        help="self-attention softmax scale: freeswim, the reference's entropy factor (the default); 'default', the "
+        "model's own 1/sqrt(d); or FLOAT x 1/sqrt(d)",
     )
     g.add_argument(
         "--cache-budget",

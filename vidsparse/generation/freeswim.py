@@ -447,6 +447,7 @@ def run_freeswim_generation(
         write_s=write_s,
         computed_work=stage2_work,
         freeswim=run,
+        settings=plan.settings(options),
     )
 
 

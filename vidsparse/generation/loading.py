@@ -62,12 +62,31 @@ def load_lora(pipe, path: Path, scale: float) -> None:
     A train-lora folder of a two-expert Wan 2.2 run also holds the low-noise expert's file
     (``LORA_WEIGHT_NAME_2``); it is loaded into ``transformer_2`` (``load_into_transformer_2``).
     """
-    from vidsparse.lora.export import expert_lora_file, load_transformer_lora, resolve_lora_path, set_lora_scale
+    from vidsparse.lora.export import (
+        expert_lora_file,
+        load_transformer_lora,
+        lora_shape_mismatch,
+        read_lora_info,
+        resolve_lora_path,
+        set_lora_scale,
+    )
 
     before = _adapter_count(pipe)
+    folder, weight_name = resolve_lora_path(path)
+    second = expert_lora_file(folder, weight_name)
+    pairs = [(getattr(pipe, "transformer", None), folder / weight_name)]
+    if second is not None and getattr(pipe, "transformer_2", None) is not None:
+        pairs.append((pipe.transformer_2, second))
+    for module, file in pairs:
+        wrong = lora_shape_mismatch(module, file) if module is not None else None
+        if wrong:
+            trained = (read_lora_info(path) or {}).get("model")
+            on = f" It was trained on --model {trained} (its vidsparse_lora.json)." if trained else ""
+            raise ValueError(
+                f"--lora {str(path)!r} was trained for a model with other layer sizes: {wrong}.{on} "
+                "Use the model it was trained on, or train a LoRA for this one."
+            )
     try:
-        folder, weight_name = resolve_lora_path(path)
-        second = expert_lora_file(folder, weight_name)
         if second is not None and getattr(pipe, "transformer_2", None) is None:
             raise ValueError(
                 f"it holds a LoRA per Wan 2.2 expert ({second.name}) and this pipeline has no transformer_2"

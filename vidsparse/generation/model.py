@@ -9,6 +9,7 @@ geometry (``Family.geometry_for``), and the pipeline's own call defaults.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import re
@@ -181,12 +182,21 @@ def tiny_models() -> tuple[str, ...]:
     return tuple(names)
 
 
+def _tiny_hint(model: str) -> str:
+    """The sentence " Did you mean 'tiny-hunyuan'?" for a near miss of an embedded tiny name (case included), else ""."""
+    names = tiny_models()
+    lowered = model.lower()
+    close = [lowered] if lowered in names else difflib.get_close_matches(lowered, names, n=1, cutoff=0.75)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def tiny_family_pipeline(model: str) -> tuple[Family, str | None, str]:
     """(family, variant, pipeline class) of ``--model tiny-<name>`` (``families.tiny_pipeline_of``),
     or a ValueError listing the embedded ones (``generate`` and ``train-lora`` read it the same)."""
     found = tiny_pipeline_of(model[len(TINY) + 1 :])
     if found is None:
-        raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
+        embedded = ", ".join(tiny_models())
+        raise ValueError(f"--model {model!r}: no such tiny pipeline.{_tiny_hint(model)} Embedded ones: {embedded}.")
     return found
 
 
@@ -230,8 +240,8 @@ def read_model_config(model: str) -> tuple[str, dict[str, Any], dict[str, Any] |
         return "local", index, tcfg
     if _looks_like_path(model) or not _HUB_ID.match(model):
         raise ValueError(
-            f"--model {model!r}: no such folder, and it is not a hub id (org/name). Give an existing diffusers "
-            "pipeline folder, a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny'."
+            f"--model {model!r}: no such folder, and it is not a hub id (org/name).{_tiny_hint(model)} Give an "
+            "existing diffusers pipeline folder, a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny'."
         )
     index = _hub_json(model, "model_index.json", required=True)
     tcfg = _hub_json(model, "transformer/config.json", required=False)
@@ -243,10 +253,7 @@ def pipeline_class_of(model: str) -> str:
     if model in (TINY, TINY_RANDOM):
         return "WanPipeline"
     if model.startswith(TINY + "-"):
-        found = tiny_pipeline_of(model[len(TINY) + 1 :])
-        if found is None:
-            raise ValueError(f"--model {model!r}: no such tiny pipeline. Embedded ones: {', '.join(tiny_models())}.")
-        return found[2]
+        return tiny_family_pipeline(model)[2]
     class_name = str(read_model_config(model)[1].get("_class_name", ""))
     if not class_name:
         raise ValueError(f"--model {model!r}: model_index.json names no pipeline class (_class_name).")

@@ -9,6 +9,7 @@ naming what was expected and how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Mapping
@@ -116,6 +117,27 @@ class GenerationPlan:
     image: Path | None = None  # image-to-video: the first frame (checked readable)
     condition_video: Path | None = None  # the conditioning video (checked readable; Family.condition_video)
     animate: AnimateInputs | None = None  # WanAnimatePipeline: its videos (checked readable) and segments
+    prompt_note: str | None = None  # the trained tiny model: what of the prompt it cannot draw
+
+    def settings(self, options: GenerateOptions) -> dict[str, Any]:
+        """What the run was asked (every option but the progress bar) and what that resolved to, for the
+        ``--json`` summary: enough to run it again (prompt, seed, guidance, sizes, dtype, device, sparse config)."""
+        asked = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "progress"}
+        asked = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asked.items()}
+        if not isinstance(asked["pattern"], str):
+            asked["pattern"] = repr(asked["pattern"])
+        resolved = {
+            "frames": self.frames,
+            "height": self.height,
+            "width": self.width,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "fps": self.fps,
+            "sparse_config": None if self.sparse_config is None else repr(self.sparse_config),
+        }
+        return {"options": asked, "resolved": resolved}
 
 
 @dataclass(frozen=True)
@@ -167,6 +189,7 @@ def _check_lora(path: str | None) -> Path | None:
     if path is None:
         return None
     p = Path(path).expanduser()
+    _refuse_checkpoint(p, path)
     if p.is_dir():
         files = sorted(p.glob("*.safetensors"))
         if not files:
@@ -183,6 +206,26 @@ def _check_lora(path: str | None) -> Path | None:
         )
     _check_lora_file(p, path)
     return p
+
+
+def _refuse_checkpoint(p: Path, given: str) -> None:
+    """A train-lora checkpoint folder (or a file in it) is training state for ``--resume``: its
+    weights have PEFT keys without the pipeline's prefix, so diffusers would load nothing."""
+    from vidsparse.lora.checkpoint import STATE_FILE, checkpoint_step
+
+    folder = p if p.is_dir() else p.parent
+    if checkpoint_step(folder.name) is None or not (folder / STATE_FILE).is_file():
+        return
+    from vidsparse.lora.export import LORA_WEIGHT_NAME
+
+    exported = folder.parent / LORA_WEIGHT_NAME
+    use = (
+        f"pass the run's exported LoRA, {str(exported)!r}"
+        if exported.is_file()
+        else f"the run's exported LoRA ({LORA_WEIGHT_NAME} in {str(folder.parent)!r}) is written when training "
+        f"ends: finish the run with train-lora's --resume (same flags)"
+    )
+    raise ValueError(f"--lora {given!r} is a train-lora checkpoint (training state for --resume), not a LoRA; {use}.")
 
 
 def _check_lora_file(p: Path, given: str) -> None:
@@ -236,6 +279,12 @@ def _lora_summary(
     keys = ("model", "family", "num_frames", "height", "width", "pattern", "rank", "steps")
     trained = {k: info.get(k) for k in keys if k in info}
     warnings = []
+    model = trained.get("model")
+    if model is not None and str(model) != str(options.model):  # a local copy of the same weights says so too
+        warnings.append(
+            f"the LoRA was trained on --model {model} (this run: {options.model}); it fits only the weights it was "
+            "trained on."
+        )
     wanted = {"num_frames": frames, "height": height, "width": width}
     differ = [
         f"{k.replace('num_', '')} {trained[k]} (this run: {v})"
@@ -249,8 +298,11 @@ def _lora_summary(
             f"--width {trained.get('width')} to get what it was trained for."
         )
     if trained.get("pattern") not in (None, pattern):
+        from vidsparse.lora.config import pattern_label
+
         warnings.append(
-            f"the LoRA was trained with pattern {trained['pattern']}, this run uses {pattern}; "
+            f"the LoRA was trained with pattern {pattern_label(trained['pattern'])}, this run uses "
+            f"{pattern_label(pattern)}; "
             "use the pattern (and options) it was trained with."
         )
     return LoraSummary(str(path), float(options.lora_scale), trained, tuple(warnings))
@@ -522,6 +574,11 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
     if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed < 2**64:
         raise ValueError(f"--seed must be an integer in [0, 2**64) (torch.Generator's range), got {options.seed!r}.")
     grid = info.grid.latent_grid(frames, height, width)  # ValueError naming the nearest valid sizes
+    prompt_note = None
+    if info.kind == TINY and info.source == TINY:  # the trained one knows only its synthetic world's words
+        from vidsparse.models.synthetic_world import prompt_note as tiny_prompt_note
+
+        prompt_note = tiny_prompt_note(str(options.prompt))
     frame_check = info.model_family.latent_frame_checks.get(info.pipeline_class)
     problem = frame_check(info.grid.latent_frames(frames)) if frame_check else None
     if problem:
@@ -569,7 +626,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         freeswim = prepare_freeswim(options, info, frames, height, width, steps, float(guidance))
         return GenerationPlan(
             info, frames, height, width, steps, float(guidance), dtype, device, grid, "freeswim", None, out, fps,
-            lora, freeswim=freeswim,
+            lora, freeswim=freeswim, prompt_note=prompt_note,
         )  # fmt: skip
     config, name = _build_sparse_config(options, info, grid, steps)
     if options.compare_dense and config is None:
@@ -605,6 +662,7 @@ def prepare(options: GenerateOptions) -> GenerationPlan:
         image=image,
         condition_video=condition_video,
         animate=animate,
+        prompt_note=prompt_note,
     )
 
 

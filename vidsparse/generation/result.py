@@ -58,8 +58,11 @@ class LoraSummary:
         t = self.trained_for
         if t is None:
             return text + "; no vidsparse_lora.json beside it, so what it was trained for is unknown"
+        from vidsparse.lora.config import pattern_label
+
         size = f"{t.get('num_frames')} frames of {t.get('width')}x{t.get('height')}"
-        return text + f"; trained for {size}, pattern {t.get('pattern')}, on {t.get('model')}, {t.get('steps')} steps"
+        pattern = pattern_label(t.get("pattern"))
+        return text + f"; trained for {size}, pattern {pattern}, on {t.get('model')}, {t.get('steps')} steps"
 
     def summary_lines(self) -> list[str]:
         return [f"lora       {self.describe()}", *(f"warning    {w}" for w in self.warnings)]
@@ -141,6 +144,7 @@ class GenerateResult:
     lora: LoraSummary | None = None
     # Wan-Animate: segments denoised one after the other (``steps`` each); 1 for every other pipeline.
     segments: int = 1
+    settings: dict[str, Any] | None = None  # GenerationPlan.settings: the options as given and as resolved
 
     @property
     def total_s(self) -> float:
@@ -185,6 +189,8 @@ class GenerateResult:
             ],
             "computed_work": self.computed_work,
         }
+        if self.settings is not None:
+            out["settings"] = self.settings
         if self.freeswim is not None:
             out["freeswim"] = self.freeswim.to_json()
         if self.dense is not None:
@@ -251,6 +257,9 @@ def format_summary(result: GenerateResult) -> str:
     f, gh, gw = result.grid
     n = result.segments
     steps = _count(result.steps, "step") + (f" in each of {n} segments" if n > 1 else "")
+    if result.freeswim is not None:  # the asked steps at the base size, then the refining ones at the target
+        base, refine = (s.steps for s in result.freeswim.stages)
+        steps = f"{_count(base + refine, 'step')} ({base} at the base size + {refine} refining)"
     lines = [
         f"model      {result.model} ({result.family})",
         f"video      {_count(t, 'frame')} of {w}x{h} pixels (WxH) -> token grid {f}x{gh}x{gw} (FxHxW, {f * gh * gw} tokens), "
@@ -272,12 +281,16 @@ def format_summary(result: GenerateResult) -> str:
             "density    block = kept blocks of the padded block grid, token = attended pairs (first sparse step)"
             + ("; work = pairs the kernel path computes / dense pairs, padding included" if measured else "")
         )
+        first_with: dict[str, str] = {}  # a pattern's text -> the group that printed it
         for d in result.densities:
             work = f"  work {d.work:6.1%}" if d.work is not None else ""
             ran = " (keeps every pair: ran dense)" if d.keeps_every_pair else ""
+            # A long repr once: groups of one pattern split where its layers differ (VMoBA's partitions)
+            said = first_with.setdefault(d.pattern, d.label)
+            text = d.pattern if said == d.label or len(d.pattern) < 40 else f"the pattern of {said}"
             lines.append(
                 f"           {d.label:<13} block {d.block_density:6.1%}  token {d.token_density:6.1%}{work}  "
-                f"{d.pattern}{ran}"
+                f"{text}{ran}"
             )
         lines.append(f"           kept blocks over all steps and layers: {result.kept_blocks:.1%} of the block grid")
         if result.computed_work is not None:

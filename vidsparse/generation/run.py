@@ -34,6 +34,8 @@ def generate(options: GenerateOptions) -> GenerateResult:
     prepare_s = time.perf_counter() - t_start
     for message in plan.lora_summary.warnings if plan.lora_summary else ():
         warnings.warn(f"--lora: {message}", UserWarning, stacklevel=2)  # before the long part: time to stop
+    if plan.prompt_note:
+        warnings.warn(plan.prompt_note, UserWarning, stacklevel=2)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(plan, options.seed)
@@ -116,6 +118,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         computed_work=computed_work,
         lora=plan.lora_summary,
         segments=plan.animate.segments if plan.animate is not None else 1,
+        settings=plan.settings(options),
     )
 
 

@@ -269,7 +269,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan, seq_len: int,
     if plan.block_size < 16:
         raise ValueError(
             f"The triton backend needs block_size >= 16 (tensor-core tiles), the plan has {plan.block_size}. "
-            "Plan with block_size=64 or 128 (the default)."
+            "Plan with a power of two from 16 up (64 or 128 run fastest on GPUs; 128 is the default)."
         )
     if q.shape[1] != seq_len:
         raise ValueError(f"{what} must have {seq_len} tokens for this plan, got {q.shape[1]}.")

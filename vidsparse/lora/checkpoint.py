@@ -38,6 +38,12 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step a folder name ``checkpoint-<step>`` holds, None for any other name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints (those with ``state.json``) in ``output_dir``, oldest first."""
     root = Path(output_dir)
@@ -45,9 +51,9 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in root.iterdir():
-        m = _NAME.match(child.name)
-        if m and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(m.group(1)), child))
+        step = checkpoint_step(child.name)
+        if step is not None and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((step, child))
     return sorted(found)
 
 
@@ -121,14 +127,23 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     sync()
-    torch_save(tmp / f"rng-rank{rank}.pt", rng_state(generator))
+    try:
+        torch_save(tmp / f"rng-rank{rank}.pt", rng_state(generator))
+    except Exception:
+        if rank == 0:  # e.g. a full disk: the incomplete folder goes (a kill leaves it for the next save)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     sync()
     if rank == 0:
-        save_tensors(tmp / "lora.safetensors", lora_state)
-        torch_save(tmp / "optimizer.pt", optimizer.state_dict())
-        torch_save(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
-        write_json(tmp / STATE_FILE, {**state, "step": step, "world_size": world_size})
-        fsync_dir(tmp)
+        try:
+            save_tensors(tmp / "lora.safetensors", lora_state)
+            torch_save(tmp / "optimizer.pt", optimizer.state_dict())
+            torch_save(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
+            write_json(tmp / STATE_FILE, {**state, "step": step, "world_size": world_size})
+            fsync_dir(tmp)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():  # an older run's checkpoint at this step: swap, then delete it
             trash = root / f".trash-{checkpoint_name(step)}"
             shutil.rmtree(trash, ignore_errors=True)
@@ -188,6 +203,7 @@ def _load_plain(path: Path) -> Any:
 __all__ = [
     "STATE_FILE",
     "checkpoint_name",
+    "checkpoint_step",
     "list_checkpoints",
     "load_checkpoint",
     "read_state",

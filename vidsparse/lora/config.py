@@ -190,4 +190,11 @@ class TrainConfig:
         return d
 
 
-__all__ = ["LR_SCHEDULERS", "MIXED_PRECISIONS", "RESUME_KEYS", "SAVE_DTYPES", "TrainConfig"]
+def pattern_label(record: Any) -> str:
+    """A recorded pattern (``resume_view``'s ``"radial{}"``, ``"tile{'window': (3, 3, 3)}"``) as a person
+    reads it: the bare name when it has no options. The record itself keeps its form, which resumes compare."""
+    text = str(record)
+    return text.removesuffix("{}") if text.endswith("{}") else text
+
+
+__all__ = ["LR_SCHEDULERS", "MIXED_PRECISIONS", "RESUME_KEYS", "SAVE_DTYPES", "TrainConfig", "pattern_label"]

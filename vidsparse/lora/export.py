@@ -81,6 +81,42 @@ def load_transformer_lora(pipe, folder: str | os.PathLike, weight_name: str | No
     transformer.load_lora_adapter(str(folder), weight_name=weight_name, prefix="transformer", adapter_name=adapter_name)
 
 
+def lora_shape_mismatch(module: torch.nn.Module, file: str | os.PathLike, prefix: str = "transformer") -> str | None:
+    """The first LoRA tensor of ``file`` whose shape does not fit the layer of ``module`` it names, or None.
+
+    Read from the safetensors header (no tensor loads), before diffusers' loader: a LoRA trained on a
+    model of the same family at other widths (e.g. ``tiny`` vs ``tiny-random``) names the right
+    layers at the wrong sizes, and diffusers reports that as a page of per-layer size errors.
+    Keys in other formats, or naming no layer of ``module``, are left to diffusers' loader.
+    """
+    from safetensors import safe_open
+
+    module = unwrap(module)
+    with safe_open(str(file), framework="pt") as f:
+        names = f.keys()  # a safe_open handle is not iterable
+        for key in names:
+            head, _, rest = key.partition(".")
+            if head != prefix or not rest.endswith((".lora_A.weight", ".lora_B.weight")):
+                continue
+            name, which = rest[: -len(".lora_A.weight")], rest[-len("A.weight")]
+            try:
+                layer = module.get_submodule(name)
+            except AttributeError:
+                continue
+            base = getattr(layer, "base_layer", layer)  # already wrapped by PEFT
+            if not hasattr(base, "in_features"):
+                continue
+            shape = tuple(f.get_slice(key).get_shape())
+            expected, dim = (base.in_features, 1) if which == "A" else (base.out_features, 0)
+            if len(shape) != 2 or shape[dim] != expected:
+                side = "input" if which == "A" else "output"
+                return (
+                    f"{key} is {list(shape)}, for a layer with {shape[dim] if len(shape) == 2 else '?'} {side} "
+                    f"features; this model's {name} has {expected}"
+                )
+    return None
+
+
 def set_lora_scale(pipe, adapter_name: str, scale: float) -> None:
     """``pipe.set_adapters`` (or the transformer's, for a pipeline without LoRA loading) at ``scale``."""
     if hasattr(pipe, "set_adapters"):
@@ -205,6 +241,7 @@ __all__ = [
     "expert_lora_file",
     "load_lora",
     "load_transformer_lora",
+    "lora_shape_mismatch",
     "lora_state_dict",
     "lora_writer",
     "read_lora_info",

@@ -118,6 +118,31 @@ def parse_caption(text: str) -> tuple[str, str, str, str]:
     return found["colour"], found["shape"], found["motion"], bg
 
 
+def prompt_note(text: str) -> str | None:
+    """What the trained tiny model cannot follow in ``text``, as one sentence, or None when it names
+    a colour, a shape and a motion of the synthetic world in its words. Its tokenizer maps any other
+    word to one unknown token, so "a purple elephant flying" asks for nothing it knows."""
+    known = set(vocabulary())
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()  # as the tokenizer splits
+    unknown = [w for w in dict.fromkeys(words) if w not in known]
+    try:
+        parse_caption(text)
+        missing = None
+    except ValueError as exc:
+        missing = str(exc).split(" names ", 1)[1].rstrip(".")
+    if not unknown and missing is None:
+        return None
+    parts = []
+    if unknown:
+        parts.append(f"it does not know {', '.join(repr(w) for w in unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
+    if missing is not None:
+        parts.append(f"it names {missing}")
+    return (
+        f"the tiny model draws only its synthetic world, and of --prompt {text!r} " + "; ".join(parts) + ". "
+        f"Try e.g. {caption('blue', 'ball', 'bouncing')!r} (docs/tiny_model.md lists every word)."
+    )
+
+
 def combinations(held_out: bool | None = False) -> list[tuple[str, str, str]]:
     """(colour, shape, motion) triples: the trained ones (``False``), the held-out ones (``True``) or all."""
     triples = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS]

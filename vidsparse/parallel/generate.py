@@ -117,8 +117,9 @@ def generate_parallel(options: Any):
     from vidsparse.generation import GenerateResult, call_kwargs, load_lora, load_pipeline, place_pipeline, prepare
     from vidsparse.generation.call import step_end_callback
     from vidsparse.generation.meter import backend_name
+    from vidsparse.generation.result import write_output
     from vidsparse.parallel.pipeline import run_parallel
-    from vidsparse.video_io import as_uint8_frames, write_video
+    from vidsparse.video_io import as_uint8_frames
 
     t_start = time.perf_counter()
     if options.parallel not in ("clip", "ulysses"):
@@ -158,6 +159,7 @@ def generate_parallel(options: Any):
     check_same_config(runtime, settings)
 
     t0 = time.perf_counter()
+    prepare_s = t0 - t_start  # option checks on every rank, their agreement and the process group
     pipe = load_pipeline(plan, options.seed)
     if plan.lora is not None:
         load_lora(pipe, plan.lora, options.lora_scale)
@@ -197,7 +199,7 @@ def generate_parallel(options: Any):
         else:
             print(format_comm(comms, plan.steps, options.parallel), flush=True)
         frames = as_uint8_frames(result.video[0])
-        written = write_video(plan.out, frames, fps=plan.fps) if plan.out is not None else None
+        written, write_s = write_output(plan.out, frames, plan.fps)
         densities, step_blocks, step_work = _densities(
             result.patterns,
             grid,
@@ -208,7 +210,7 @@ def generate_parallel(options: Any):
                        blocks=run_mean(step_blocks, result.sparse_steps, plan.steps),
                        work=run_mean(step_work, result.sparse_steps, plan.steps),
                        step_times=step_times, decode_s=result.decode_seconds, comm=result.comm,
-                       sparse_steps=result.sparse_steps)  # fmt: skip
+                       sparse_steps=result.sparse_steps, write_s=write_s)  # fmt: skip
     summary = _broadcast(summary, runtime)
     frames_out = frames if runtime.is_main else np.broadcast_to(np.zeros((), np.uint8), summary["shape"])
     steps = summary["step_times"]
@@ -232,8 +234,11 @@ def generate_parallel(options: Any):
         computed_work=summary["work"],
         call_s=summary["call_s"],
         decode_s=summary["decode_s"],
+        prepare_s=prepare_s,
+        write_s=summary["write_s"],
         lora=plan.lora_summary,
         segments=plan.animate.segments if plan.animate is not None else 1,
+        settings=plan.settings(options),
     )
 
 

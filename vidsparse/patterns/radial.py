@@ -90,8 +90,8 @@ class Radial(Pattern):
         from vidsparse.layout import auto_block_size
 
         block = options.get("block_size", 128)
-        if layout.tokens_per_frame < block:
-            block = block_size or auto_block_size(layout) or block
+        if layout.tokens_per_frame < block:  # not below 16, Radial's smallest block (a kernel block may be)
+            block = max(16, block_size or auto_block_size(layout) or block)
         return {**options, "block_size": block}
 
     uses_layer: ClassVar[bool] = False
