@@ -157,3 +157,14 @@ def test_kernel_order_inputs_are_checked_like_caller_order_ones(cast, exc, match
     for backend in ("torch", "flex"):
         with pytest.raises(exc, match=match):
             vs.attention(*cast(q, k, v), LAYOUT, pattern, backend=backend, kernel_order=True)
+
+
+def test_numpy_scalars_work_as_scale_and_layer_and_a_float_head_count_is_refused():
+    import numpy as np
+
+    q, k, v = _qkv()
+    as_numpy = vs.attention(q, k, v, LAYOUT, "vmoba", backend="torch", scale=np.float32(0.25), layer=np.int64(1))
+    assert torch.equal(as_numpy, vs.attention(q, k, v, LAYOUT, "vmoba", backend="torch", scale=0.25, layer=1))
+    for heads in (2.5, 2.0):
+        with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
+            vs.plan("radial", LAYOUT, num_heads=heads)

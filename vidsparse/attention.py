@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,13 +32,15 @@ def _as_pattern(pattern: Pattern | str, layout: Any = None, block_size: int | No
     return pattern
 
 
-def _check_layer(layer: Any) -> None:
-    if isinstance(layer, bool) or not isinstance(layer, int):
+def _check_layer(layer: Any) -> int:
+    """``layer`` as an int (numpy integers, e.g. from ``np.arange``, included)."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise TypeError(
             f"layer must be an int (the transformer block index, 0-based), got {type(layer).__name__} {layer!r}."
         )
     if layer < 0:
         raise ValueError(f"layer must be >= 0 (the transformer block index, 0-based), got {layer}.")
+    return int(layer)
 
 
 def _check_block_size(block_size: int) -> None:
@@ -75,8 +78,8 @@ def plan(
         _check_block_size(block_size)
     pattern = _as_pattern(pattern, layout, block_size)
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    _check_layer(layer)
-    if isinstance(num_heads, bool) or (type(num_heads) is int and num_heads < 1):  # a SymInt (compile) passes
+    layer = _check_layer(layer)
+    if isinstance(num_heads, (bool, float)) or (type(num_heads) is int and num_heads < 1):  # a SymInt (compile) passes
         raise ValueError(f"num_heads must be an int >= 1 (the attention heads the plan is for), got {num_heads!r}.")
     if pattern.dynamic:
         if q is None or k is None:
@@ -269,7 +272,7 @@ def _check_text_mask(text_mask: Any, batch: int, layout: VideoLayout) -> None:
 
 def _check_call_options(scale: Any, block_size: Any) -> None:
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy floats too
             raise TypeError(
                 f"scale must be None (1/sqrt(head_dim)) or a positive float, got {type(scale).__name__} {scale!r}."
             )
@@ -318,6 +321,7 @@ def attention(
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
     _check_call_options(scale, block_size)  # before a name is fitted: a bad block_size is the call's, not the pattern's
+    scale = None if scale is None else float(scale)
     pattern = _as_pattern(pattern, layout, block_size)
     if kernel_order:
         return _attention_kernel_order(q, k, v, layout, pattern, backend, layer, text_mask, scale, block_size)
