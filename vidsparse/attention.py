@@ -151,11 +151,6 @@ def token_mask(
     ``plan``: with the same value (``None`` included) it is the mask ``attention`` runs, for a
     pattern name too (whose fitted defaults may depend on it, as VMoBA's tile granularity does).
     """
-    if not isinstance(layout, VideoLayout):
-        raise TypeError(f"layout must be a vidsparse.VideoLayout, got {type(layout).__name__}.")
-    if block_size is not None:
-        _check_block_size(block_size)
-    pattern = _as_pattern(pattern, layout, block_size)
     num_heads = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 1
     p = plan(
         pattern,

@@ -93,6 +93,15 @@ class GenerateOptions:
     # height/width are the target; frames, steps, guidance, seed, backend and block_size are generate's own.
     freeswim: dict[str, Any] | None = None
 
+    def record(self) -> dict[str, Any]:
+        """Every option but the progress bar, as plain values (a pattern object as its repr): what the
+        ``--json`` summary records, and what every rank of a parallel run must agree on."""
+        asked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"}
+        asked = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asked.items()}
+        if not isinstance(asked["pattern"], str):
+            asked["pattern"] = repr(asked["pattern"])
+        return asked
+
 
 @dataclass(frozen=True)
 class GenerationPlan:
@@ -122,10 +131,6 @@ class GenerationPlan:
     def settings(self, options: GenerateOptions) -> dict[str, Any]:
         """What the run was asked (every option but the progress bar) and what that resolved to, for the
         ``--json`` summary: enough to run it again (prompt, seed, guidance, sizes, dtype, device, sparse config)."""
-        asked = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "progress"}
-        asked = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asked.items()}
-        if not isinstance(asked["pattern"], str):
-            asked["pattern"] = repr(asked["pattern"])
         resolved = {
             "frames": self.frames,
             "height": self.height,
@@ -137,7 +142,7 @@ class GenerationPlan:
             "fps": self.fps,
             "sparse_config": None if self.sparse_config is None else repr(self.sparse_config),
         }
-        return {"options": asked, "resolved": resolved}
+        return {"options": options.record(), "resolved": resolved}
 
 
 @dataclass(frozen=True)

@@ -129,21 +129,18 @@ def save_checkpoint(
     sync()
     try:
         torch_save(tmp / f"rng-rank{rank}.pt", rng_state(generator))
-    except Exception:
-        if rank == 0:  # e.g. a full disk: the incomplete folder goes (a kill leaves it for the next save)
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    sync()
-    if rank == 0:
-        try:
+        sync()
+        if rank == 0:
             save_tensors(tmp / "lora.safetensors", lora_state)
             torch_save(tmp / "optimizer.pt", optimizer.state_dict())
             torch_save(tmp / "lr_scheduler.pt", lr_scheduler.state_dict())
             write_json(tmp / STATE_FILE, {**state, "step": step, "world_size": world_size})
             fsync_dir(tmp)
-        except Exception:
+    except Exception:
+        if rank == 0:  # e.g. a full disk: the incomplete folder goes (a kill leaves it for the next save)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        raise
+    if rank == 0:
         if final.exists():  # an older run's checkpoint at this step: swap, then delete it
             trash = root / f".trash-{checkpoint_name(step)}"
             shutil.rmtree(trash, ignore_errors=True)

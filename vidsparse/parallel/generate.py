@@ -19,7 +19,6 @@ transformers with a ``_cp_plan`` and vidsparse's own otherwise; rank 0 logs whic
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
@@ -153,7 +152,7 @@ def generate_parallel(options: Any):
         raise ValueError(f"rank(s) {failed} rejected the options ({errors[failed[0]]}); every rank stops.")
     if runtime.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 prints the summary
-    settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "progress"}
+    settings = options.record()
     ulysses = _ulysses_choice(options)
     settings.update(world_size=runtime.world_size, vae_overlap=vae_overlap, ulysses=ulysses, vidsparse=_version())
     check_same_config(runtime, settings)
